@@ -1,0 +1,1 @@
+"""Pure statistics and decisions: observations in, a Decision out; no I/O anywhere here."""

@@ -1,0 +1,101 @@
+"""The decision seam's plain types: what is observed, what the rollout is, what is decided."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Phase(StrEnum):
+    """A rollout's phase; the terminal ones never change again."""
+
+    PENDING = "pending"  # created, canary not yet deployed or given weight
+    PROGRESSING = "progressing"  # canary serving at a step's weight, evaluated every tick
+    PAUSED = "paused"  # an operator froze it: ticks record but do not act
+    PROMOTED = "promoted"  # terminal: the canary became the baseline
+    ROLLED_BACK = "rolled_back"  # terminal: the canary was harmful or worse, weight 0
+    HALTED = "halted"  # terminal: the experiment is broken (sample-ratio mismatch); nothing promoted
+    INCONCLUSIVE = "inconclusive"  # terminal: the time limit passed without a decision
+
+    @property
+    def terminal(self) -> bool:
+        return self in {Phase.PROMOTED, Phase.ROLLED_BACK, Phase.HALTED, Phase.INCONCLUSIVE}
+
+
+class Action(StrEnum):
+    """What one evaluation asks the control plane to do."""
+
+    PROMOTE = "promote"  # canary becomes baseline, default split restored
+    ADVANCE = "advance"  # move the canary to the next step's weight
+    HOLD = "hold"  # keep collecting
+    ROLLBACK = "rollback"  # canary weight to 0 at once
+    HALT = "halt"  # stop the experiment (SRM), canary weight to 0, never promote
+    INCONCLUSIVE = "inconclusive"  # time limit reached, canary weight to 0
+    NO_DATA = "no_data"  # metrics could not be read; nothing decided
+
+
+@dataclass(frozen=True)
+class ArmObservation:
+    """One role's numbers over the evaluation window (weighted traffic only, overrides left out)."""
+
+    version: int | None
+    requests: int  # all weighted requests in the window
+    errors: int  # of those, status >= 500
+    latencies_ms: tuple[float, ...]  # latency of each request in the window (may be a sample)
+    labelled: int  # predictions whose label arrived and whose label window has closed
+    correct: int  # of those, (score >= 0.5) == label
+    log_loss: float | None = None
+    auc: float | None = None
+    step_requests: int = 0  # weighted requests since the current step began (for the SRM check)
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+
+@dataclass(frozen=True)
+class Observations:
+    """All arms at one evaluation; `arms` is keyed by role (baseline, canary, control)."""
+
+    now: float
+    window_start: float
+    arms: dict[str, ArmObservation]
+    step_weights: dict[str, int]  # the weights in force since the current step began
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """What the decision needs to know of the rollout, not how it is stored."""
+
+    phase: Phase
+    step_index: int
+    canary_weight: int
+    started_at: float
+    step_started_at: float
+    evaluations: int = 0  # evaluations so far in this rollout
+
+
+@dataclass(frozen=True)
+class RuleOutcome:
+    """One rule checked at one evaluation: what it compared and whether it held."""
+
+    name: str
+    value: float | None
+    threshold: float | None
+    passed: bool | None  # None: not enough data to judge
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one evaluation, with every number behind it."""
+
+    action: Action
+    reason: str
+    next_weight: int  # the canary weight after acting
+    rules: tuple[RuleOutcome, ...] = ()
+    stats: dict = field(default_factory=dict)  # estimates, intervals, p-values, sample sizes

