@@ -46,6 +46,8 @@ class Settings:
     label_window_s: int = 60
     max_body_bytes: int = 1_000_000
     api_token: str = ""  # empty: read from (or created in) state_dir/api-token
+    embedded_redis_port: int = 6390
+    bentoml_home: Path = Path(".recsys/bentoml")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -71,7 +73,40 @@ class Settings:
             label_window_s=int(env.get("RECSYS_LABEL_WINDOW_S", 60)),
             max_body_bytes=int(env.get("RECSYS_MAX_BODY_BYTES", 1_000_000)),
             api_token=env.get("RECSYS_API_TOKEN", ""),
+            embedded_redis_port=int(env.get("RECSYS_EMBEDDED_REDIS_PORT", 6390)),
+            bentoml_home=Path(env.get("BENTOML_HOME") or state_dir / "bentoml").absolute(),
         )
+
+    @property
+    def effective_redis_url(self) -> str:
+        """REDIS_URL, or the embedded redis-server the local stack runs."""
+        return self.redis_url or f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that gives a child process these same settings."""
+        return {
+            "RECSYS_STATE_DIR": str(self.state_dir),
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": self.effective_redis_url,
+            "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+            "REGISTERED_MODEL_NAME": self.registered_model_name,
+            "TRAFFIC_WEIGHTS": ",".join(f"{k}={v}" for k, v in self.traffic_weights.items()),
+            "RECSYS_BIND_HOST": self.bind_host,
+            "RECSYS_GATEWAY_PORT": str(self.gateway_port),
+            "RECSYS_TRAEFIK_API_PORT": str(self.traefik_api_port),
+            "RECSYS_CONTROL_PLANE_PORT": str(self.control_plane_port),
+            "RECSYS_MLFLOW_PORT": str(self.mlflow_port),
+            "RECSYS_PROMETHEUS_PORT": str(self.prometheus_port),
+            "RECSYS_BENTO_BASE_PORT": str(self.bento_base_port),
+            "RECSYS_EVAL_INTERVAL_S": str(self.eval_interval_s),
+            "RECSYS_WINDOW_S": str(self.window_s),
+            "RECSYS_LABEL_WINDOW_S": str(self.label_window_s),
+            "RECSYS_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "RECSYS_EMBEDDED_REDIS_PORT": str(self.embedded_redis_port),
+            "BENTOML_HOME": str(self.bentoml_home),
+            "BENTOML_DO_NOT_TRACK": "true",
+            "PYTHONUNBUFFERED": "1",
+        }
 
     @property
     def mlflow_artifact_root(self) -> Path:

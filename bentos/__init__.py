@@ -1,0 +1,1 @@
+"""The Bento: one service template, built once per registered model version, and its prediction log."""

@@ -1,0 +1,194 @@
+"""The ASGI middleware in front of the model endpoints: body limit, request id, route, headers, metrics.
+
+It runs before BentoML reads the body, so an oversized request is refused by its Content-Length
+(413) without being read. It fixes the request's id, route and role once, in a context variable
+that the handler and the log lines read, and puts them on every response of the model endpoints,
+errors included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+ROUTES = ("weighted", "override")  # values of X-Recsys-Route set by Traefik; anything else is "direct"
+MAX_REQUEST_ID_CHARS = 128  # predictions.request_id is String(128)
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What is fixed when a request arrives."""
+
+    request_id: str
+    route: str
+    role: str
+    endpoint: str
+    ts: float  # epoch seconds at arrival
+    started: float  # perf_counter at arrival
+    logged: bool = False  # the handler wrote its predictions row
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000.0
+
+
+current_request: ContextVar[RequestInfo | None] = ContextVar("recsys_request", default=None)
+
+
+class ServingState(Protocol):
+    """What the middleware needs from the running service."""
+
+    model_version: int
+
+    def current_role(self) -> str: ...
+
+    def request_finished(self, info: RequestInfo, status: int) -> None: ...
+
+
+def valid_request_id(value: str) -> bool:
+    return 0 < len(value) <= MAX_REQUEST_ID_CHARS and value.isascii() and value.isprintable() and " " not in value
+
+
+class RequestGate:
+    """Pure ASGI middleware (no BaseHTTPMiddleware: it would cost a task and a copy per request)."""
+
+    def __init__(
+        self,
+        app,
+        *,
+        endpoints: dict[str, str],
+        max_body_bytes: int | Callable[[], int],
+        state: Callable[[], ServingState | None],
+    ) -> None:
+        self.app = app
+        self.endpoints = endpoints  # path -> endpoint name
+        self._max_body_bytes = max_body_bytes
+        self._state_getter = state
+        self._state: ServingState | None = None
+
+    @property
+    def max_body_bytes(self) -> int:
+        if callable(self._max_body_bytes):
+            self._max_body_bytes = self._max_body_bytes()
+        return self._max_body_bytes
+
+    def _serving_state(self) -> ServingState | None:
+        if self._state is None:
+            self._state = self._state_getter()
+        return self._state
+
+    async def __call__(self, scope, receive, send) -> None:
+        endpoint = self.endpoints.get(scope["path"]) if scope["type"] == "http" else None
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        state = self._serving_state()
+        headers = _headers(scope)
+        role = state.current_role() if state is not None else "unknown"
+        version = str(state.model_version) if state is not None else ""
+        supplied_id = headers.get("x-request-id")
+        request_id = supplied_id if supplied_id and valid_request_id(supplied_id) else uuid.uuid4().hex
+        route = headers.get("x-recsys-route", "direct")
+        info = RequestInfo(
+            request_id=request_id,
+            route=route if route in ROUTES else "direct",
+            role=role,
+            endpoint=endpoint,
+            ts=time.time(),
+            started=started,
+        )
+        extra_headers = [
+            (b"x-request-id", request_id.encode()),
+            (b"x-model-version", version.encode()),
+            (b"x-model-role", role.encode()),
+        ]
+        status = 500
+
+        async def send_with_headers(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), *extra_headers]
+            await send(message)
+
+        token = current_request.set(info)
+        try:
+            problem = _refusal(scope, headers, supplied_id, self.max_body_bytes)
+            if problem is None and "content-length" not in headers and scope["method"] == "POST":
+                receive, problem = await _buffered(receive, self.max_body_bytes)
+            if problem is not None:
+                await _send_json(send_with_headers, *problem)
+            else:
+                await self.app(scope, receive, send_with_headers)
+        finally:
+            current_request.reset(token)
+            if state is not None:
+                state.request_finished(info, status)
+
+
+def _headers(scope) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _refusal(scope, headers: dict[str, str], supplied_id: str | None, limit: int) -> tuple[int, str] | None:
+    """(status, message) when the request is refused before its body is read."""
+    if supplied_id is not None and not valid_request_id(supplied_id):
+        return 400, (
+            f"X-Request-ID must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces"
+        )
+    if scope["method"] != "POST":
+        return None  # the router answers 405
+    length = headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            return 400, f"Content-Length {length!r} is not a number"
+        if int(length) > limit:
+            return 413, f"request body is {int(length)} bytes; the limit is {limit} (RECSYS_MAX_BODY_BYTES)"
+    media_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if media_type not in ("application/json", ""):
+        return 415, f"Content-Type must be application/json, not {media_type!r}"
+    return None
+
+
+async def _buffered(receive, limit: int):
+    """Read a body sent without Content-Length (chunked), refusing it once it passes `limit`."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return receive, None  # client went away; let the app see it
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return receive, (413, f"request body is over the limit of {limit} bytes (RECSYS_MAX_BODY_BYTES)")
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay, None
+
+
+async def _send_json(send, status: int, message: str, **extra: Any) -> None:
+    body = json.dumps({"error": message, **extra}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,86 @@
+"""The Bento's own `recsys_*` Prometheus metrics, next to BentoML's `bentoml_service_*` ones.
+
+prometheus_client is imported only when the metrics are created, in the worker: BentoML sets
+PROMETHEUS_MULTIPROC_DIR after importing the service module, and prometheus_client picks its
+multiprocess mode when it is first imported. BentoML's /metrics then collects them with the rest.
+"""
+
+from __future__ import annotations
+
+from bentos.predlog import WriterStats
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_REQUEST_LABELS = ("model_version", "role", "endpoint")
+
+_instance: ServiceMetrics | None = None
+
+
+class ServiceMetrics:
+    """Request, model and prediction-log metrics for one model version."""
+
+    def __init__(self, model_version: int) -> None:
+        import prometheus_client as pc
+
+        self.model_version = str(model_version)
+        self.requests = pc.Counter(
+            "recsys_requests", "Model endpoint responses", [*_REQUEST_LABELS, "status"]
+        )
+        self.errors = pc.Counter("recsys_request_errors", "Model endpoint responses with status >= 500", _REQUEST_LABELS)
+        self.latency = pc.Histogram(
+            "recsys_request_duration_seconds",
+            "Time from arrival to the end of the response, model endpoints",
+            _REQUEST_LABELS,
+            buckets=LATENCY_BUCKETS_S,
+        )
+        self.model_load_seconds = pc.Gauge(
+            "recsys_model_load_seconds", "Time to load the model", ["model_version"], multiprocess_mode="livemax"
+        )
+        v = ["model_version"]
+        self.queue_depth = pc.Gauge(
+            "recsys_predlog_queue_depth", "Prediction rows waiting to be written", v, multiprocess_mode="livesum"
+        )
+        self.spill_bytes = pc.Gauge(
+            "recsys_predlog_spill_bytes", "Bytes in spill files waiting for replay", v, multiprocess_mode="livemax"
+        )
+        self.spill_rows = pc.Gauge(
+            "recsys_predlog_spill_rows", "Rows this Bento spilled, not yet replayed", v, multiprocess_mode="livesum"
+        )
+        self.db_up = pc.Gauge(
+            "recsys_predlog_db_up", "1 when the last database write succeeded", v, multiprocess_mode="livemin"
+        )
+        self._counters = {
+            "rows_written": pc.Counter("recsys_predlog_rows_written", "Prediction rows inserted (replays included)", v),
+            "rows_spilled": pc.Counter("recsys_predlog_rows_spilled", "Prediction rows written to a spill file", v),
+            "rows_replayed": pc.Counter("recsys_predlog_rows_replayed", "Prediction rows replayed from spill files", v),
+            "rows_corrupt": pc.Counter("recsys_predlog_rows_corrupt", "Unreadable spill lines skipped", v),
+            "write_failures": pc.Counter("recsys_predlog_write_failures", "Failed database writes", v),
+        }
+        self._last = WriterStats()
+
+    @classmethod
+    def for_version(cls, model_version: int) -> ServiceMetrics:
+        """The process's metrics (a collector can be registered only once per process)."""
+        global _instance
+        if _instance is None:
+            _instance = cls(model_version)
+        return _instance
+
+    def observe_request(self, role: str, endpoint: str, status: int, seconds: float) -> None:
+        labels = (self.model_version, role, endpoint)
+        self.requests.labels(*labels, str(status)).inc()
+        self.latency.labels(*labels).observe(seconds)
+        if status >= 500:
+            self.errors.labels(*labels).inc()
+
+    def observe_writer(self, stats: WriterStats) -> None:
+        """Called by the log writer's thread after every batch."""
+        v = self.model_version
+        self.queue_depth.labels(v).set(stats.queue_depth)
+        self.spill_bytes.labels(v).set(stats.spill_bytes)
+        self.spill_rows.labels(v).set(stats.spill_rows)
+        self.db_up.labels(v).set(1 if stats.db_up else 0)
+        for name, counter in self._counters.items():
+            delta = getattr(stats, name) - getattr(self._last, name)
+            if delta > 0:
+                counter.labels(v).inc(delta)
+        self._last = stats

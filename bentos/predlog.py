@@ -1,0 +1,452 @@
+"""Every served prediction goes to the `predictions` table: batched off the request path, never dropped.
+
+The request thread only puts a row on a bounded queue. One writer thread takes batches off it and
+inserts them with ON CONFLICT DO NOTHING on `request_id`, so writing a row twice is harmless. When
+the queue is full the caller appends the row to the spill file itself; when the database is
+unreachable the writer appends whole batches there. Spill files are fsync'd JSON lines, one file
+per process (locked with flock while its owner has it open), and are replayed into the database
+once it answers again, including the files a dead process left behind.
+
+What is lost: only rows still in memory when the process is killed with SIGKILL (or dies before
+`close()`), and a half-written last line of a spill file after such a death.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypedDict
+
+from sqlalchemy import Engine, text
+
+from control_plane.db.schema import predictions
+
+log = logging.getLogger("recsys.predlog")
+
+SPILL_GLOB = "predlog-*.jsonl"
+_WAKE = object()  # put on the queue to wake the writer thread without a row
+
+
+class PredictionRow(TypedDict):
+    """One row of `predictions`, exactly as inserted."""
+
+    request_id: str
+    ts: float
+    model_version: int
+    role: str
+    route: str
+    endpoint: str
+    features: list[float] | None
+    score: float | None
+    latency_ms: float
+    status: int
+
+
+@dataclass(frozen=True)
+class WriterStats:
+    """Counters since the writer started, and gauges as of now."""
+
+    queue_depth: int = 0
+    rows_written: int = 0  # inserted into the database, replays included
+    rows_spilled: int = 0  # appended to a spill file (by the caller or the writer)
+    rows_replayed: int = 0  # read back from spill files and inserted
+    rows_corrupt: int = 0  # unreadable spill lines (a process killed mid-write)
+    write_failures: int = 0  # failed database round trips
+    spill_bytes: int = 0  # size of the spill files waiting in the spill directory
+    spill_rows: int = 0  # rows this process spilled that no one has replayed yet
+    db_up: bool = True
+
+
+def default_engine_factory(url: str) -> Callable[[], Engine]:
+    """An engine factory for `url` whose statements cannot hang the writer for long."""
+
+    def factory() -> Engine:
+        from control_plane.db.engine import make_engine
+
+        if url.startswith("postgresql"):
+            return make_engine(url, pool_size=2, connect_args={"options": "-c statement_timeout=10000"})
+        return make_engine(url)
+
+    return factory
+
+
+def _insert_statement(engine: Engine):
+    """INSERT ... ON CONFLICT (request_id) DO NOTHING in the engine's dialect."""
+    name = engine.dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise NotImplementedError(f"prediction log: no ON CONFLICT insert for dialect {name!r}")
+    return insert(predictions).on_conflict_do_nothing(index_elements=["request_id"])
+
+
+class PredictionLogWriter:
+    """Bounded queue → batches → `predictions`; spill file when full or when the database is down."""
+
+    def __init__(
+        self,
+        engine_factory: Callable[[], Engine] | str,
+        spill_dir: Path | str,
+        *,
+        batch_size: int = 500,
+        flush_interval_s: float = 0.2,
+        max_queue: int = 10_000,
+        retry_interval_s: float = 2.0,
+        scan_interval_s: float = 30.0,
+        on_stats: Callable[[WriterStats], None] | None = None,
+    ) -> None:
+        self._engine_factory = (
+            default_engine_factory(engine_factory) if isinstance(engine_factory, str) else engine_factory
+        )
+        self.spill_dir = Path(spill_dir)
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.retry_interval_s = retry_interval_s
+        self.scan_interval_s = scan_interval_s
+        self._on_stats = on_stats
+        self._queue: queue.Queue[PredictionRow | object] = queue.Queue(maxsize=max_queue)
+        self._engine: Engine | None = None
+        self._stmt = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._closed = False
+        self._inflight: list[PredictionRow] = []
+        # Spill file state, shared by the writer thread and callers that find the queue full.
+        self._spill_lock = threading.Lock()
+        self._spill_file = None
+        self._spill_name = ""
+        self._spill_seq = 0
+        self._spill_prefix = f"predlog-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+        self._own_files: dict[str, int] = {}  # spill file name -> rows in it
+        # Database state, writer thread only.
+        self._db_down = False
+        self._next_attempt = 0.0
+        self._next_scan = 0.0  # scan at once: a dead process may have left files
+        self._spill_pending = False
+        # Counters.
+        self._rows_written = 0
+        self._rows_spilled = 0
+        self._rows_replayed = 0
+        self._rows_corrupt = 0
+        self._write_failures = 0
+        self._spill_bytes = 0
+
+    # ---- the caller's side -------------------------------------------------------------------
+
+    def start(self) -> PredictionLogWriter:
+        """Start the writer thread (the engine is created on it, on first use)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="predlog-writer", daemon=True)
+            self._thread.start()
+        return self
+
+    def log(self, row: PredictionRow) -> None:
+        """Queue `row`; never blocks on the database and never drops: a full queue spills here."""
+        if not self._closed:
+            try:
+                self._queue.put_nowait(row)
+                return
+            except queue.Full:
+                pass
+        self._spill([row])
+
+    def close(self, timeout_s: float = 15.0) -> None:
+        """Write or spill everything queued, then stop the thread. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.set()
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(_WAKE)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if self._thread is None or self._thread.is_alive():
+            # The thread is stuck (or never ran): spill what it holds and what is queued. A row
+            # that also reaches the database is deduplicated by ON CONFLICT when replayed.
+            self._spill([*self._inflight, *self._drain_queue()])
+        with self._spill_lock:
+            self._close_spill_file()
+        if self._engine is not None and (self._thread is None or not self._thread.is_alive()):
+            self._engine.dispose()
+        self._publish_stats()
+
+    def stats(self) -> WriterStats:
+        return WriterStats(
+            queue_depth=self._queue.qsize(),
+            rows_written=self._rows_written,
+            rows_spilled=self._rows_spilled,
+            rows_replayed=self._rows_replayed,
+            rows_corrupt=self._rows_corrupt,
+            write_failures=self._write_failures,
+            spill_bytes=self._spill_bytes,
+            spill_rows=sum(self._own_files.values()),
+            db_up=not self._db_down,
+        )
+
+    def __enter__(self) -> PredictionLogWriter:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- the writer thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch:
+                self._inflight = batch
+                self._write(batch)
+                self._inflight = []
+            if self._replay_due():
+                self._replay_all()
+            self._publish_stats()
+            if self._stopping.is_set() and self._queue.empty():
+                return
+
+    def _take_batch(self) -> list[PredictionRow]:
+        try:
+            first = self._queue.get(timeout=self.flush_interval_s)
+        except queue.Empty:
+            return []
+        batch = [] if first is _WAKE else [first]
+        while len(batch) < self.batch_size:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _WAKE:
+                batch.append(item)
+        return batch
+
+    def _write(self, batch: list[PredictionRow]) -> None:
+        if self._db_down and time.monotonic() < self._next_attempt:
+            self._spill(batch)
+            return
+        try:
+            self._insert(batch)
+        except Exception as exc:
+            self._mark_down(exc)
+            self._spill(batch)
+            return
+        self._rows_written += len(batch)
+        self._mark_up()
+
+    def _insert(self, rows: list[PredictionRow]) -> None:
+        if self._engine is None:
+            self._engine = self._engine_factory()
+            self._stmt = _insert_statement(self._engine)
+        with self._engine.begin() as conn:
+            conn.execute(self._stmt, rows)
+
+    def _mark_down(self, exc: BaseException) -> None:
+        self._write_failures += 1
+        if not self._db_down:
+            log.warning("prediction log: database unreachable, spilling to %s: %s", self.spill_dir, exc)
+        self._db_down = True
+        self._next_attempt = time.monotonic() + self.retry_interval_s
+
+    def _mark_up(self) -> None:
+        if self._db_down:
+            log.warning("prediction log: database is back; replaying spill files")
+            self._db_down = False
+            self._spill_pending = True
+
+    def _replay_due(self) -> bool:
+        if self._stopping.is_set():
+            return False
+        now = time.monotonic()
+        if now >= self._next_scan:
+            return True
+        return self._spill_pending and (not self._db_down or now >= self._next_attempt)
+
+    def _replay_all(self) -> None:
+        self._next_scan = time.monotonic() + self.scan_interval_s
+        if not self.spill_dir.is_dir():
+            return
+        if not any(self.spill_dir.glob(SPILL_GLOB)):
+            self._spill_pending = False
+            self._refresh_spill_size()
+            return
+        if self._db_down and not self._probe():
+            return
+        with self._spill_lock:
+            self._close_spill_file()  # our own file becomes claimable like anyone else's
+        for path in sorted(self.spill_dir.glob(SPILL_GLOB)):
+            if not self._replay_file(path):
+                break
+        else:
+            self._spill_pending = False
+        self._forget_vanished_files()
+        self._refresh_spill_size()
+
+    def _probe(self) -> bool:
+        try:
+            if self._engine is None:
+                self._engine = self._engine_factory()
+                self._stmt = _insert_statement(self._engine)
+            with self._engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            self._mark_down(exc)
+            return False
+        self._mark_up()
+        return True
+
+    def _replay_file(self, path: Path) -> bool:
+        """Insert every row of one spill file, then delete it; False when the database fails."""
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - held open across the lock and the unlink
+        except FileNotFoundError:
+            return True
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True  # a live writer still owns it
+            try:
+                if os.stat(path).st_ino != os.fstat(f.fileno()).st_ino:
+                    return True  # replayed and deleted by someone else while we waited
+            except FileNotFoundError:
+                return True
+            replayed = 0
+            try:
+                for chunk in _chunks(self._read_rows(f, path), self.batch_size):
+                    self._insert(chunk)
+                    replayed += len(chunk)
+            except Exception as exc:
+                self._mark_down(exc)
+                return False
+            path.unlink()
+        self._rows_replayed += replayed
+        self._rows_written += replayed
+        with self._spill_lock:
+            self._own_files.pop(path.name, None)
+        if replayed:
+            log.info("prediction log: replayed %d rows from %s", replayed, path.name)
+        return True
+
+    def _read_rows(self, f, path: Path) -> Iterator[PredictionRow]:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except ValueError:
+                self._rows_corrupt += 1
+                log.warning("prediction log: unreadable line %d of %s skipped: %r", lineno, path.name, line[:200])
+
+    def _forget_vanished_files(self) -> None:
+        with self._spill_lock:
+            for name in list(self._own_files):
+                if not (self.spill_dir / name).exists():
+                    del self._own_files[name]
+
+    def _refresh_spill_size(self) -> None:
+        total = 0
+        for p in self.spill_dir.glob(SPILL_GLOB):
+            with contextlib.suppress(FileNotFoundError):
+                total += p.stat().st_size
+        self._spill_bytes = total
+
+    def _publish_stats(self) -> None:
+        if self._on_stats is not None:
+            try:
+                self._on_stats(self.stats())
+            except Exception:  # metrics must never stop the log
+                log.exception("prediction log: stats callback failed")
+
+    def _drain_queue(self) -> list[PredictionRow]:
+        rows = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return rows
+            if item is not _WAKE:
+                rows.append(item)
+
+    # ---- the spill file ----------------------------------------------------------------------
+
+    def _spill(self, rows: Iterable[PredictionRow]) -> None:
+        data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in rows)
+        if not data:
+            return
+        n = data.count(b"\n")
+        with self._spill_lock:
+            f = self._open_spill_file()
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+            self._own_files[self._spill_name] = self._own_files.get(self._spill_name, 0) + n
+            self._rows_spilled += n
+            self._spill_bytes += len(data)
+            self._spill_pending = True
+
+    def _open_spill_file(self):
+        """This process's current spill file, created locked under a name no replayer matches yet."""
+        if self._spill_file is None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            self._spill_seq += 1
+            name = f"{self._spill_prefix}-{self._spill_seq:04d}.jsonl"
+            tmp = self.spill_dir / f".{name}.new"
+            f = open(tmp, "ab")  # noqa: SIM115 - stays open (and locked) until rotated
+            fcntl.flock(f, fcntl.LOCK_EX)
+            os.rename(tmp, self.spill_dir / name)
+            _fsync_dir(self.spill_dir)
+            self._spill_file = f
+            self._spill_name = name
+            self._own_files[name] = 0
+        return self._spill_file
+
+    def _close_spill_file(self) -> None:
+        if self._spill_file is not None:
+            self._spill_file.close()  # releases the flock: the file can now be replayed
+            self._spill_file = None
+
+
+class NullLogWriter:
+    """Stands in for the writer when RECSYS_PREDLOG=off: accepts rows and keeps none."""
+
+    def start(self) -> NullLogWriter:
+        return self
+
+    def log(self, row: PredictionRow) -> None:
+        pass
+
+    def close(self, timeout_s: float = 0.0) -> None:
+        pass
+
+    def stats(self) -> WriterStats:
+        return WriterStats()
+
+
+def _chunks(rows: Iterable[PredictionRow], size: int) -> Iterator[list[PredictionRow]]:
+    chunk: list[PredictionRow] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,220 @@
+"""`recsys`: the command line; each command is a thin call into the service layer or the local stack."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from control_plane.settings import Settings
+
+
+def _settings() -> Settings:
+    settings = Settings.from_env()
+    os.environ.setdefault("BENTOML_HOME", str(settings.bentoml_home))
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    return settings
+
+
+def _ctx():
+    from control_plane.context import bootstrap
+
+    return bootstrap(_settings())
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_up(args) -> int:
+    from control_plane.stack.local import up
+
+    up(_settings())
+    return 0
+
+
+def cmd_down(args) -> int:
+    from control_plane.stack.local import down
+
+    down(_settings())
+    return 0
+
+
+def cmd_status(args) -> int:
+    from control_plane.stack.local import print_urls, status
+
+    settings = _settings()
+    st = status(settings)
+    if args.json:
+        _print(st)
+        return 0
+    if not st["running"]:
+        print("The local stack is not running (recsys up starts it).")
+        return 1
+    print(f"{'process':<16} {'state':<10} description")
+    for name, p in st["processes"].items():
+        print(f"{name:<16} {p['state']:<10} {p['description']}")
+    print(f"\n{'role':<10} {'version':>7} {'weight':>6}  health   url")
+    for v in st["versions"]:
+        health = "ready" if v["healthy"] else ("-" if v["version"] is None else "DOWN")
+        print(f"{v['role']:<10} {str(v['version'] or '-'):>7} {v['weight']:>6}  {health:<8} {v['url'] or ''}")
+    print()
+    print_urls(settings)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from training.train import main
+
+    argv = ["--profile", args.profile]
+    if args.rows:
+        argv += ["--rows", str(args.rows)]
+    if args.iterations:
+        argv += ["--iterations", str(args.iterations)]
+    return main(argv)
+
+
+def cmd_build(args) -> int:
+    from bentos.build import build_bento
+
+    s = _settings()
+    print(build_bento(args.version, tracking_uri=s.mlflow_tracking_uri, model_name=s.registered_model_name))
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    from control_plane import services
+
+    _print(services.deploy_role(_ctx(), args.version, args.role, actor="cli"))
+    return 0
+
+
+def cmd_canary(args) -> int:
+    from control_plane import services
+
+    ctx = _ctx()
+    if args.action == "start":
+        if args.version is None:
+            print("recsys canary start needs --version N", file=sys.stderr)
+            return 2
+        policy = json.loads(args.policy) if args.policy else {}
+        if args.policy_name:
+            policy["name"] = args.policy_name
+        _print(services.start_canary(ctx, args.version, policy, actor="cli").to_dict())
+        return 0
+    rollout = ctx.ledger.active() if args.rollout is None else ctx.ledger.get(args.rollout)
+    if args.action == "status":
+        _print({"rollout": rollout.to_dict() if rollout else None,
+                "decisions": ctx.ledger.decisions(rollout.id, limit=5) if rollout else []})
+        return 0
+    if rollout is None:
+        print("No rollout is running.", file=sys.stderr)
+        return 1
+    fn = {"pause": services.pause, "resume": services.resume, "promote": services.promote_now,
+          "rollback": services.rollback_now}[args.action]
+    _print(fn(ctx, rollout.id, actor="cli").to_dict())
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from control_plane import services
+
+    _print(services.restore_previous_baseline(_ctx(), actor="cli"))
+    return 0
+
+
+def cmd_weights(args) -> int:
+    from control_plane import services
+    from control_plane.settings import parse_weights
+
+    ctx = _ctx()
+    if args.set:
+        _print(services.set_weights(ctx, parse_weights(args.set), actor="cli"))
+    else:
+        _print(services.traffic(ctx))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from control_plane import services
+
+    _print(services.evaluate(_ctx(), actor="cli"))
+    return 0
+
+
+def cmd_migrate(args) -> int:
+    from control_plane.db.engine import migrate
+
+    migrate(_settings().database_url)
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from control_plane.analysis.simulate import main
+
+    return main(args.rest)
+
+
+def cmd_demo(args) -> int:
+    from load.demo import main
+
+    return main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recsys", description="Serve model versions side by side; canary them safely.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start the local stack (trains and builds on first run)").set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop the local stack").set_defaults(fn=cmd_down)
+    s = sub.add_parser("status", help="processes, versions, roles, weights, health")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+    s = sub.add_parser("train", help="train a profile and register a new version")
+    s.add_argument("--profile", default="baseline")
+    s.add_argument("--rows", type=int)
+    s.add_argument("--iterations", type=int)
+    s.set_defaults(fn=cmd_train)
+    s = sub.add_parser("build", help="build the Bento recsys:vN for registry version N")
+    s.add_argument("--version", type=int, required=True)
+    s.set_defaults(fn=cmd_build)
+    s = sub.add_parser("deploy", help="build, start and route a version in a role")
+    s.add_argument("--version", type=int, required=True)
+    s.add_argument("--role", choices=["baseline", "canary", "control"], required=True)
+    s.set_defaults(fn=cmd_deploy)
+    s = sub.add_parser("canary", help="start or steer a canary rollout")
+    s.add_argument("action", choices=["start", "status", "pause", "resume", "promote", "rollback"])
+    s.add_argument("--version", type=int)
+    s.add_argument("--rollout", type=int)
+    s.add_argument("--policy-name", choices=["sequential", "threshold"])
+    s.add_argument("--policy", help="policy parameters as JSON")
+    s.set_defaults(fn=cmd_canary)
+    sub.add_parser("rollback", help="restore the previous baseline in one step").set_defaults(fn=cmd_rollback)
+    s = sub.add_parser("weights", help="show or set the role weights")
+    s.add_argument("--set", help="e.g. baseline=85,canary=10,control=5")
+    s.set_defaults(fn=cmd_weights)
+    sub.add_parser("evaluate", help="evaluate the active rollout now").set_defaults(fn=cmd_evaluate)
+    sub.add_parser("migrate", help="bring the database schema up to date").set_defaults(fn=cmd_migrate)
+    for name, fn, help_ in (("simulate", cmd_simulate, "replay both policies on synthetic streams"),
+                            ("demo", cmd_demo, "the whole story: a better canary promoted, a worse one rolled back")):
+        s = sub.add_parser(name, help=help_, add_help=False)
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+        s.set_defaults(fn=fn)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("RECSYS_LOG_LEVEL", "WARNING"))
+    args = build_parser().parse_args(argv)
+    from control_plane.errors import RecsysError
+
+    try:
+        return args.fn(args)
+    except RecsysError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Local processes: one `bentoml serve` per version, supervised (restarted if it dies) by supervisord."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import urllib.error
+import urllib.request
+
+from control_plane.errors import DeployFailed
+from control_plane.settings import Settings
+from control_plane.stack import programs
+from control_plane.stack.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+BENTO_NAME = re.compile(r"^bento-v(\d+)$")
+
+
+def is_ready(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=timeout_s) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+class LocalDeployer:
+    """Builds the version's Bento if needed, runs it under supervisord, waits for /readyz."""
+
+    def __init__(self, settings: Settings, supervisor: Supervisor | None = None, ready_timeout_s: float = 180):
+        self.settings = settings
+        self.supervisor = supervisor or Supervisor(settings.state_dir)
+        self.ready_timeout_s = ready_timeout_s
+
+    def url(self, version: int) -> str:
+        return f"http://{self.settings.bind_host}:{programs.bento_port(self.settings, version)}"
+
+    def build(self, version: int) -> str:
+        from bentos.build import build_bento
+
+        try:
+            return build_bento(
+                version,
+                tracking_uri=self.settings.mlflow_tracking_uri,
+                model_name=self.settings.registered_model_name,
+            )
+        except Exception as exc:  # the registry or BentoML refused: nothing was started
+            raise DeployFailed(f"could not build the Bento for version {version}: {exc}") from exc
+
+    def deploy(self, version: int) -> str:
+        self.build(version)
+        self.supervisor.add(programs.bento(self.settings, version))
+        url = self.url(version)
+        deadline = time.monotonic() + self.ready_timeout_s
+        while not is_ready(url):
+            if time.monotonic() > deadline:
+                self.undeploy(version)
+                raise DeployFailed(f"version {version} did not answer {url}/readyz within {self.ready_timeout_s:.0f} s")
+            time.sleep(0.5)
+        log.info("deployed", extra={"version": version, "url": url})
+        return url
+
+    def start_many(self, versions: list[int]) -> dict[int, str]:
+        """Start several versions at once (they load in parallel) and wait for all of them."""
+        for v in versions:
+            self.build(v)
+        for v in versions:
+            self.supervisor.add(programs.bento(self.settings, v))
+        return {v: self.deploy(v) for v in versions}
+
+    def undeploy(self, version: int) -> None:
+        self.supervisor.remove(f"bento-v{version}")
+
+    def endpoints(self) -> dict[int, str]:
+        out = {}
+        for name in self.supervisor.processes():
+            m = BENTO_NAME.match(name)
+            if m:
+                out[int(m.group(1))] = self.url(int(m.group(1)))
+        return out

@@ -1,0 +1,42 @@
+"""Specific errors, each naming the thing; the web layer maps them to HTTP in one place."""
+
+from __future__ import annotations
+
+
+class RecsysError(Exception):
+    """Base of every error the service layer raises on purpose."""
+
+    http_status = 400
+
+
+class InvalidRequest(RecsysError):
+    """The caller sent something malformed or out of range."""
+
+    http_status = 400
+
+
+class RolloutNotFound(RecsysError):
+    http_status = 404
+
+    def __init__(self, rollout_id: int):
+        super().__init__(f"rollout {rollout_id} does not exist")
+        self.rollout_id = rollout_id
+
+
+class RolloutConflict(RecsysError):
+    """The request contradicts the rollout's state (one already running, already ended, ...)."""
+
+    http_status = 409
+
+
+class DeployFailed(RecsysError):
+    """A version could not be built or started, so it received no traffic."""
+
+    http_status = 502
+
+
+class NoPreviousBaseline(RecsysError):
+    http_status = 409
+
+    def __init__(self):
+        super().__init__("no version holds the previous_baseline alias: nothing to restore")

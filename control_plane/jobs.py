@@ -1,0 +1,64 @@
+"""RQ jobs and their schedule: the scheduled tick is services.evaluate, nothing more."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+
+log = logging.getLogger(__name__)
+
+QUEUE = "recsys"
+EVALUATE_JOB_ID = "recsys-evaluate"
+_ctx = None  # one Context per worker process, built on the first job
+
+
+def _context():
+    global _ctx
+    if _ctx is None:
+        from control_plane.context import bootstrap
+
+        _ctx = bootstrap()
+    return _ctx
+
+
+def tick_for(when: float, interval_s: int) -> int:
+    """The scheduled tick a time belongs to; two runs of one tick share the number."""
+    return int(when // interval_s)
+
+
+def evaluate_job() -> dict | None:
+    """The scheduled evaluation: the tick comes from when the scheduler enqueued the job."""
+    from rq import get_current_job
+
+    from control_plane import services
+
+    ctx = _context()
+    job = get_current_job()
+    enqueued = job.enqueued_at.timestamp() if job is not None and job.enqueued_at else time.time()
+    result = services.evaluate(ctx, tick=tick_for(enqueued, ctx.settings.eval_interval_s), actor="scheduler")
+    log.info("evaluation", extra={"result": result})
+    return result
+
+
+def schedule_evaluations(redis_url: str, interval_s: int) -> None:
+    """Register (or re-register) the periodic evaluation with rq-scheduler; safe to call on every start."""
+    from redis import Redis
+    from rq_scheduler import Scheduler
+
+    conn = Redis.from_url(redis_url)
+    scheduler = Scheduler(queue_name=QUEUE, connection=conn)
+    for job in scheduler.get_jobs():
+        if job.id == EVALUATE_JOB_ID:
+            scheduler.cancel(job)
+    scheduler.schedule(
+        scheduled_time=datetime.now(UTC),
+        func=evaluate_job,
+        interval=interval_s,
+        repeat=None,
+        id=EVALUATE_JOB_ID,
+        result_ttl=max(600, interval_s * 10),
+        timeout=max(120, interval_s * 2),
+        queue_name=QUEUE,
+    )
+    conn.close()

@@ -1,0 +1,163 @@
+"""Rollouts and the decision ledger: every read and write of those two tables."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from control_plane.analysis.types import Phase, RolloutState
+from control_plane.db.schema import decisions, rollouts
+from control_plane.errors import RolloutNotFound
+
+ACTIVE_PHASES = (Phase.PENDING, Phase.PROGRESSING, Phase.PAUSED)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One rollout as stored."""
+
+    id: int
+    candidate_version: int
+    baseline_version: int | None
+    policy: str
+    policy_params: dict[str, Any]
+    phase: Phase
+    step_index: int
+    canary_weight: int
+    started_at: float
+    step_started_at: float
+    updated_at: float
+    ended_at: float | None
+    reason: str | None
+    pending_action: dict[str, Any] | None
+
+    def state(self, evaluations: int = 0) -> RolloutState:
+        return RolloutState(
+            phase=self.phase,
+            step_index=self.step_index,
+            canary_weight=self.canary_weight,
+            started_at=self.started_at,
+            step_started_at=self.step_started_at,
+            evaluations=evaluations,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["phase"] = str(self.phase)
+        return d
+
+
+def _rollout(row) -> Rollout:
+    m = dict(row._mapping)
+    m["phase"] = Phase(m["phase"])
+    return Rollout(**m)
+
+
+class Ledger:
+    """Persistence for rollouts and decisions over one SQLAlchemy engine."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    # rollouts -------------------------------------------------------------
+    def create_rollout(
+        self,
+        conn: Connection,
+        *,
+        candidate_version: int,
+        baseline_version: int | None,
+        policy: str,
+        policy_params: dict,
+        now: float,
+    ) -> int:
+        result = conn.execute(
+            insert(rollouts).values(
+                candidate_version=candidate_version,
+                baseline_version=baseline_version,
+                policy=policy,
+                policy_params=policy_params,
+                phase=str(Phase.PENDING),
+                step_index=0,
+                canary_weight=0,
+                started_at=now,
+                step_started_at=now,
+                updated_at=now,
+            )
+        )
+        return int(result.inserted_primary_key[0])
+
+    def get(self, rollout_id: int, conn: Connection | None = None) -> Rollout:
+        stmt = select(rollouts).where(rollouts.c.id == rollout_id)
+        if conn is None:
+            with self.engine.connect() as c:
+                row = c.execute(stmt).first()
+        else:
+            row = conn.execute(stmt).first()
+        if row is None:
+            raise RolloutNotFound(rollout_id)
+        return _rollout(row)
+
+    def active(self, conn: Connection | None = None) -> Rollout | None:
+        stmt = (
+            select(rollouts)
+            .where(rollouts.c.phase.in_([str(p) for p in ACTIVE_PHASES]))
+            .order_by(rollouts.c.id.desc())
+            .limit(1)
+        )
+        if conn is None:
+            with self.engine.connect() as c:
+                row = c.execute(stmt).first()
+        else:
+            row = conn.execute(stmt).first()
+        return None if row is None else _rollout(row)
+
+    def with_pending_action(self) -> list[Rollout]:
+        with self.engine.connect() as c:
+            rows = c.execute(select(rollouts).where(rollouts.c.pending_action.is_not(None))).all()
+        return [_rollout(r) for r in rows if r.pending_action]
+
+    def list(self, limit: int = 50) -> list[Rollout]:
+        with self.engine.connect() as c:
+            rows = c.execute(select(rollouts).order_by(rollouts.c.id.desc()).limit(limit)).all()
+        return [_rollout(r) for r in rows]
+
+    def update(self, conn: Connection, rollout_id: int, **values) -> None:
+        if "phase" in values:
+            values["phase"] = str(values["phase"])
+        values.setdefault("updated_at", time.time())
+        conn.execute(update(rollouts).where(rollouts.c.id == rollout_id).values(**values))
+
+    def clear_pending(self, rollout_id: int) -> None:
+        with self.engine.begin() as c:
+            c.execute(update(rollouts).where(rollouts.c.id == rollout_id).values(pending_action=None))
+
+    # decisions ------------------------------------------------------------
+    def record(self, conn: Connection, **row) -> int:
+        """Insert one ledger row; raises IntegrityError if this rollout already has a row for the tick."""
+        result = conn.execute(insert(decisions).values(**row))
+        return int(result.inserted_primary_key[0])
+
+    def decisions(self, rollout_id: int | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        stmt = select(decisions).order_by(decisions.c.id.desc()).limit(limit)
+        if rollout_id is not None:
+            stmt = stmt.where(decisions.c.rollout_id == rollout_id)
+        with self.engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(stmt).all()]
+
+    def evaluations(self, conn: Connection, rollout_id: int) -> tuple[int, int | None]:
+        """How many scheduled evaluations the rollout has had, and the newest tick."""
+        from sqlalchemy import func
+
+        row = conn.execute(
+            select(func.count(decisions.c.tick), func.max(decisions.c.tick)).where(
+                decisions.c.rollout_id == rollout_id
+            )
+        ).one()
+        return int(row[0]), (None if row[1] is None else int(row[1]))
+
+
+__all__ = ["ACTIVE_PHASES", "IntegrityError", "Ledger", "Rollout"]

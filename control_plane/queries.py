@@ -1,0 +1,181 @@
+"""Where the numbers come from: every read of predictions and labels lives here."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+from sqlalchemy import Connection, and_, case, func, select
+
+from control_plane.analysis.types import ArmObservation, Observations
+from control_plane.db.schema import labels, predictions
+
+WEIGHTED = "weighted"
+
+
+def _count_requests(conn: Connection, version: int, since: float, until: float) -> tuple[int, int]:
+    p = predictions
+    row = conn.execute(
+        select(func.count(), func.coalesce(func.sum(case((p.c.status >= 500, 1), else_=0)), 0)).where(
+            p.c.model_version == version, p.c.route == WEIGHTED, p.c.ts >= since, p.c.ts < until
+        )
+    ).one()
+    return int(row[0]), int(row[1])
+
+
+def _latencies(conn: Connection, version: int, since: float, until: float, limit: int) -> tuple[float, ...]:
+    p = predictions
+    rows = conn.execute(
+        select(p.c.latency_ms)
+        .where(p.c.model_version == version, p.c.route == WEIGHTED, p.c.ts >= since, p.c.ts < until)
+        .order_by(p.c.ts.desc())
+        .limit(limit)
+    ).scalars()
+    return tuple(float(x) for x in rows)
+
+
+def _labelled_pairs(conn: Connection, version: int, since: float, closed_before: float) -> np.ndarray:
+    """(score, label) for served predictions whose label arrived and whose label window has closed."""
+    p, lab = predictions, labels
+    rows = conn.execute(
+        select(p.c.score, lab.c.label)
+        .select_from(p.join(lab, lab.c.request_id == p.c.request_id))
+        .where(
+            p.c.model_version == version,
+            p.c.route == WEIGHTED,
+            p.c.status < 500,
+            p.c.score.is_not(None),
+            p.c.ts >= since,
+            p.c.ts < closed_before,
+        )
+    ).all()
+    return np.asarray(rows, dtype=float).reshape(-1, 2)
+
+
+def log_loss(scores: np.ndarray, y: np.ndarray) -> float | None:
+    if len(y) == 0:
+        return None
+    p = np.clip(scores, 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def auc(scores: np.ndarray, y: np.ndarray) -> float | None:
+    """Area under the ROC curve by ranks (Mann-Whitney); None when one class is absent."""
+    pos, neg = int(y.sum()), int(len(y) - y.sum())
+    if pos == 0 or neg == 0:
+        return None
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores)
+    return float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def arm_observation(
+    conn: Connection,
+    version: int | None,
+    *,
+    since: float,
+    step_since: float,
+    now: float,
+    label_window_s: float,
+    max_latency_samples: int = 20_000,
+) -> ArmObservation:
+    """One version's window: counts, latencies, and label metrics over closed label windows."""
+    if version is None:
+        return ArmObservation(version=None, requests=0, errors=0, latencies_ms=(), labelled=0, correct=0)
+    requests, errors = _count_requests(conn, version, since, now)
+    step_requests, _ = _count_requests(conn, version, max(step_since, since), now)
+    pairs = _labelled_pairs(conn, version, since, now - label_window_s)
+    scores, y = pairs[:, 0], pairs[:, 1]
+    correct = int(((scores >= 0.5) == (y == 1)).sum())
+    return ArmObservation(
+        version=version,
+        requests=requests,
+        errors=errors,
+        latencies_ms=_latencies(conn, version, since, now, max_latency_samples),
+        labelled=len(y),
+        correct=correct,
+        log_loss=log_loss(scores, y),
+        auc=auc(scores, y),
+        step_requests=step_requests,
+    )
+
+
+def read_observations(
+    conn: Connection,
+    *,
+    versions: Mapping[str, int | None],
+    since: float,
+    step_since: float,
+    now: float,
+    label_window_s: float,
+    step_weights: Mapping[str, int],
+) -> Observations:
+    """Every role's window, as the decision function takes it."""
+    arms = {
+        role: arm_observation(
+            conn, version, since=since, step_since=step_since, now=now, label_window_s=label_window_s
+        )
+        for role, version in versions.items()
+    }
+    return Observations(now=now, window_start=since, arms=arms, step_weights=dict(step_weights))
+
+
+def summarize(arm: ArmObservation) -> dict:
+    """The numbers a person reads for one arm (the ledger and the API show these)."""
+    lat = np.asarray(arm.latencies_ms, dtype=float)
+    pct = (lambda q: round(float(np.percentile(lat, q)), 3)) if len(lat) else (lambda q: None)
+    return {
+        "version": arm.version,
+        "requests": arm.requests,
+        "errors": arm.errors,
+        "error_rate": round(arm.error_rate, 6),
+        "p50_ms": pct(50),
+        "p95_ms": pct(95),
+        "p99_ms": pct(99),
+        "labelled": arm.labelled,
+        "accuracy": None if arm.accuracy is None else round(arm.accuracy, 6),
+        "log_loss": None if arm.log_loss is None else round(arm.log_loss, 6),
+        "auc": None if arm.auc is None else round(arm.auc, 6),
+    }
+
+
+def timeseries(conn: Connection, *, since: float, now: float, bucket_s: int, label_window_s: float) -> list[dict]:
+    """Per time bucket and logged role: request rate, error rate, p99 latency and accuracy (for charts)."""
+    p, lab = predictions, labels
+    bucket = func.floor(p.c.ts / bucket_s).label("bucket")
+    rows = conn.execute(
+        select(bucket, p.c.role, p.c.latency_ms, p.c.status, p.c.score, lab.c.label)
+        .select_from(p.outerjoin(lab, lab.c.request_id == p.c.request_id))
+        .where(and_(p.c.ts >= since, p.c.ts < now, p.c.route == WEIGHTED))
+    ).all()
+    groups: dict[tuple[int, str], list] = {}
+    for b, role, latency, status, score, label in rows:
+        groups.setdefault((int(b), role), []).append((latency, status, score, label))
+    out = []
+    for (b, role), items in sorted(groups.items()):
+        lat = np.array([i[0] for i in items], dtype=float)
+        errors = sum(1 for i in items if i[1] >= 500)
+        closed = (b + 1) * bucket_s <= now - label_window_s
+        lab_items = [(s, y) for _, st, s, y in items if y is not None and s is not None and st < 500]
+        acc = (
+            sum(1 for s, y in lab_items if (s >= 0.5) == (y == 1)) / len(lab_items)
+            if lab_items and closed
+            else None
+        )
+        out.append(
+            {
+                "t": b * bucket_s,
+                "role": role,
+                "rps": round(len(items) / bucket_s, 3),
+                "error_rate": round(errors / len(items), 6),
+                "p99_ms": round(float(np.percentile(lat, 99)), 3),
+                "accuracy": None if acc is None or math.isnan(acc) else round(acc, 6),
+            }
+        )
+    return out
+
+
+def prediction_count(conn: Connection, *, since: float = 0.0) -> int:
+    return int(conn.execute(select(func.count()).select_from(predictions).where(predictions.c.ts >= since)).scalar())

@@ -1,0 +1,444 @@
+"""The service layer: what views, RQ jobs and the CLI all call. Each write is read → decide → apply → record."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from control_plane import queries
+from control_plane.analysis.decide import decide
+from control_plane.analysis.policy import Policy
+from control_plane.analysis.types import Action, Decision, Phase
+from control_plane.context import Context
+from control_plane.errors import InvalidRequest, NoPreviousBaseline, RolloutConflict
+from control_plane.ledger import Rollout
+from control_plane.settings import ROLES
+from control_plane.traffic.base import InvalidWeights, validate_weights
+from control_plane.traffic_ops import apply_assignment, split
+
+log = logging.getLogger(__name__)
+
+TERMINAL_FOR = {
+    Action.PROMOTE: Phase.PROMOTED,
+    Action.ROLLBACK: Phase.ROLLED_BACK,
+    Action.HALT: Phase.HALTED,
+    Action.INCONCLUSIVE: Phase.INCONCLUSIVE,
+}
+
+
+# --- reading -----------------------------------------------------------------
+def versions(ctx: Context) -> list[dict[str, Any]]:
+    """Every registered version with its aliases, stage, role, weight and endpoint."""
+    assignment = ctx.traffic_store.load()
+    role_of = {v: r for r, (v, _) in assignment.items() if v is not None}
+    endpoints = ctx.deployer.endpoints()
+    out = []
+    for info in ctx.registry.versions():
+        role = role_of.get(info.version)
+        out.append(
+            {
+                "version": info.version,
+                "aliases": list(info.aliases),
+                "stage": info.stage,
+                "profile": info.profile,
+                "metrics": info.metrics,
+                "role": role,
+                "weight": assignment[role][1] if role else 0,
+                "endpoint": endpoints.get(info.version),
+            }
+        )
+    return out
+
+
+def traffic(ctx: Context) -> dict[str, Any]:
+    assignment = ctx.traffic_store.load()
+    return {
+        "weights": {r: w for r, (_, w) in assignment.items()},
+        "versions": {r: v for r, (v, _) in assignment.items()},
+        "router_weights": ctx.router.get_weights(),
+    }
+
+
+def window_metrics(ctx: Context, window_s: int | None = None) -> dict[str, Any]:
+    """Per role over the rolling window: requests, errors, latency percentiles, label metrics."""
+    now = ctx.clock()
+    since = now - (window_s or ctx.settings.window_s)
+    assignment = ctx.traffic_store.load()
+    with ctx.engine.connect() as conn:
+        obs = queries.read_observations(
+            conn,
+            versions={r: v for r, (v, _) in assignment.items()},
+            since=since,
+            step_since=since,
+            now=now,
+            label_window_s=ctx.settings.label_window_s,
+            step_weights={r: w for r, (_, w) in assignment.items()},
+        )
+    return {"since": since, "now": now, "roles": {r: queries.summarize(a) for r, a in obs.arms.items()}}
+
+
+# --- traffic -----------------------------------------------------------------
+def set_weights(ctx: Context, weights: dict[str, Any], actor: str) -> dict[str, Any]:
+    """Set the role weights by hand; refused while a rollout is moving the canary."""
+    try:
+        clean = validate_weights(weights)
+    except InvalidWeights as exc:
+        raise InvalidRequest(str(exc)) from None
+    active = ctx.ledger.active()
+    if active is not None and active.phase is Phase.PROGRESSING:
+        raise RolloutConflict(f"rollout {active.id} is progressing; pause it before changing weights by hand")
+    assignment = ctx.traffic_store.load()
+    for role, weight in clean.items():
+        if weight and assignment.get(role, (None, 0))[0] is None:
+            raise InvalidRequest(f"role {role!r} has no deployed version, so it cannot take weight {weight}")
+    new = {r: (assignment.get(r, (None, 0))[0], clean.get(r, 0)) for r in ROLES}
+    try:
+        apply_assignment(ctx, new)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    log.info("weights set", extra={"weights": clean, "actor": actor})
+    return traffic(ctx)
+
+
+def deploy_role(ctx: Context, version: int, role: str, actor: str) -> dict[str, Any]:
+    """Start `version`, route it at weight 0, move the alias, then give it the role's weight; retire the old one."""
+    if role not in ROLES:
+        raise InvalidRequest(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+    ctx.registry.get(version)
+    active = ctx.ledger.active()
+    if active is not None and role in ("baseline", "canary"):
+        raise RolloutConflict(f"rollout {active.id} is running; end it before redeploying the {role}")
+    ctx.deployer.deploy(version)
+    assignment = ctx.traffic_store.load()
+    replaced, weight = assignment.get(role, (None, 0))
+    others = {r: a for r, a in assignment.items() if r != role}
+    apply_assignment(ctx, {**others, role: (version, 0)} if any(w for _, w in others.values()) else
+                     {**others, role: (version, weight)})
+    ctx.registry.set_alias(role, version)
+    apply_assignment(ctx, {**others, role: (version, weight)})
+    if replaced not in (None, version):
+        _retire(ctx, replaced, archive=role != "baseline")
+    log.info("deployed", extra={"version": version, "role": role, "actor": actor})
+    return traffic(ctx)
+
+
+# --- rollouts ----------------------------------------------------------------
+def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) -> Rollout:
+    """Deploy `version` as the canary at the first step's weight, under a new rollout."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InvalidRequest(f"version must be a positive integer, got {version!r}")
+    try:
+        pol = Policy.from_dict(policy or {})
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(f"invalid policy: {exc}") from None
+    ctx.registry.get(version)  # raises VersionNotFound
+    assignment = ctx.traffic_store.load()
+    baseline_version = assignment.get("baseline", (None, 0))[0]
+    if version == baseline_version:
+        raise InvalidRequest(f"version {version} is already the baseline")
+    if ctx.ledger.active() is not None:
+        raise RolloutConflict("a rollout is already running; end it before starting another")
+    now = ctx.clock()
+    with ctx.engine.begin() as conn:
+        rollout_id = ctx.ledger.create_rollout(
+            conn,
+            candidate_version=version,
+            baseline_version=baseline_version,
+            policy=pol.name,
+            policy_params=pol.to_dict(),
+            now=now,
+        )
+    try:
+        ctx.deployer.deploy(version)  # raises DeployFailed: the canary never gets weight
+    except Exception as exc:
+        _finish(ctx, ctx.ledger.get(rollout_id), Phase.ROLLED_BACK, f"canary {version} failed to start: {exc}", actor)
+        raise
+    previous_canary = assignment.get("canary", (None, 0))[0]
+    control_version, control_weight = assignment.get("control", (None, 0))
+    weights = split(pol.steps[0], control_weight, True, control_version is not None)
+    apply_assignment(
+        ctx,
+        {
+            "baseline": (baseline_version, weights["baseline"]),
+            "canary": (version, weights["canary"]),
+            "control": (control_version, weights["control"]),
+        },
+    )
+    ctx.registry.set_alias("canary", version)
+    with ctx.engine.begin() as conn:
+        ctx.ledger.update(
+            conn, rollout_id, phase=Phase.PROGRESSING, canary_weight=weights["canary"], step_started_at=ctx.clock()
+        )
+        _record(ctx, conn, ctx.ledger.get(rollout_id, conn), Phase.PENDING, Phase.PROGRESSING, "start",
+                actor, f"canary {version} deployed at {weights['canary']}% under policy {pol.name}", weights["canary"])
+    if previous_canary not in (None, version, baseline_version, control_version):
+        _retire(ctx, previous_canary)
+    return ctx.ledger.get(rollout_id)
+
+
+def evaluate(ctx: Context, tick: int | None = None, actor: str = "scheduler") -> dict[str, Any] | None:
+    """One evaluation of the active rollout: read → decide → apply → record. Safe to run twice."""
+    for stuck in ctx.ledger.with_pending_action():
+        _complete_pending(ctx, stuck)
+    rollout = ctx.ledger.active()
+    if rollout is None or rollout.phase is Phase.PENDING:
+        return None
+    policy = Policy.from_dict(rollout.policy_params)
+    now = ctx.clock()
+    assignment = ctx.traffic_store.load()
+    versions_by_role = {
+        "baseline": rollout.baseline_version,
+        "canary": rollout.candidate_version,
+        "control": assignment.get("control", (None, 0))[0],
+    }
+    since = rollout.started_at if policy.name == "sequential" else max(now - policy.window_s, rollout.started_at)
+    with ctx.engine.connect() as conn:
+        evaluations, last_tick = ctx.ledger.evaluations(conn, rollout.id)
+        if tick is not None and last_tick is not None and tick <= last_tick:
+            return None  # this tick (or a later one) already ran
+        try:
+            obs = queries.read_observations(
+                conn,
+                versions=versions_by_role,
+                since=since,
+                step_since=rollout.step_started_at,
+                now=now,
+                label_window_s=ctx.settings.label_window_s,
+                step_weights={r: w for r, (_, w) in assignment.items()},
+            )
+        except SQLAlchemyError as exc:
+            obs = None
+            failure = f"metrics could not be read: {exc.__class__.__name__}"
+    if rollout.phase is Phase.PAUSED:
+        decision = Decision(Action.HOLD, "rollout is paused by an operator", rollout.canary_weight)
+    elif obs is None:
+        decision = Decision(Action.NO_DATA, failure, rollout.canary_weight)
+    else:
+        decision = decide(rollout.state(evaluations), obs, policy)
+    missed = 0 if tick is None or last_tick is None else max(0, tick - last_tick - 1)
+    return _act(ctx, rollout, decision, policy, actor, tick=tick, obs=obs, missed_ticks=missed)
+
+
+def pause(ctx: Context, rollout_id: int, actor: str) -> Rollout:
+    rollout = ctx.ledger.get(rollout_id)
+    if rollout.phase is not Phase.PROGRESSING:
+        raise RolloutConflict(f"rollout {rollout_id} is {rollout.phase}, only a progressing rollout can be paused")
+    with ctx.engine.begin() as conn:
+        ctx.ledger.update(conn, rollout_id, phase=Phase.PAUSED)
+        _record(ctx, conn, rollout, rollout.phase, Phase.PAUSED, "pause", actor, "paused by an operator",
+                rollout.canary_weight)
+    return ctx.ledger.get(rollout_id)
+
+
+def resume(ctx: Context, rollout_id: int, actor: str) -> Rollout:
+    rollout = ctx.ledger.get(rollout_id)
+    if rollout.phase is not Phase.PAUSED:
+        raise RolloutConflict(f"rollout {rollout_id} is {rollout.phase}, only a paused rollout can be resumed")
+    with ctx.engine.begin() as conn:
+        ctx.ledger.update(conn, rollout_id, phase=Phase.PROGRESSING)
+        _record(ctx, conn, rollout, rollout.phase, Phase.PROGRESSING, "resume", actor, "resumed by an operator",
+                rollout.canary_weight)
+    return ctx.ledger.get(rollout_id)
+
+
+def promote_now(ctx: Context, rollout_id: int, actor: str) -> Rollout:
+    """An operator promotes the canary without waiting for the analysis."""
+    rollout = _require_active(ctx, rollout_id)
+    decision = Decision(Action.PROMOTE, f"promoted by {actor}", 100)
+    _act(ctx, rollout, decision, Policy.from_dict(rollout.policy_params), actor)
+    return ctx.ledger.get(rollout_id)
+
+
+def rollback_now(ctx: Context, rollout_id: int, actor: str) -> Rollout:
+    """An operator rolls the canary back at once."""
+    rollout = _require_active(ctx, rollout_id)
+    decision = Decision(Action.ROLLBACK, f"rolled back by {actor}", 0)
+    _act(ctx, rollout, decision, Policy.from_dict(rollout.policy_params), actor)
+    return ctx.ledger.get(rollout_id)
+
+
+def restore_previous_baseline(ctx: Context, actor: str) -> dict[str, Any]:
+    """`recsys rollback`: the previous baseline serves as baseline again, in one step, no analysis."""
+    previous = ctx.registry.version_for("previous_baseline")
+    if previous is None:
+        raise NoPreviousBaseline()
+    active = ctx.ledger.active()
+    if active is not None:
+        rollback_now(ctx, active.id, actor)
+    assignment = ctx.traffic_store.load()
+    current = assignment.get("baseline", (None, 0))[0]
+    ctx.deployer.deploy(previous)
+    control_version, control_weight = assignment.get("control", (None, 0))
+    canary_version, canary_weight = assignment.get("canary", (None, 0))
+    apply_assignment(
+        ctx,
+        {
+            "baseline": (previous, 100 - control_weight - canary_weight),
+            "canary": (canary_version, canary_weight),
+            "control": (control_version, control_weight),
+        },
+    )
+    ctx.registry.promote(previous)
+    if current is not None and current != previous:
+        ctx.registry.set_alias("previous_baseline", current)
+        _retire(ctx, current, archive=False)
+    log.info("previous baseline restored", extra={"version": previous, "actor": actor})
+    return {"baseline": previous, "previous_baseline": current}
+
+
+# --- acting ------------------------------------------------------------------
+def _require_active(ctx: Context, rollout_id: int) -> Rollout:
+    rollout = ctx.ledger.get(rollout_id)
+    if rollout.phase.terminal:
+        raise RolloutConflict(f"rollout {rollout_id} has already ended ({rollout.phase})")
+    return rollout
+
+
+def _target(ctx: Context, rollout: Rollout, decision: Decision, policy: Policy) -> dict[str, Any] | None:
+    """The traffic/registry action a decision asks for, as a plain dict stored before it is applied."""
+    assignment = ctx.traffic_store.load()
+    control_version, control_weight = assignment.get("control", (None, 0))
+    has_control = control_version is not None
+    if decision.action is Action.ADVANCE:
+        w = split(decision.next_weight, control_weight, True, has_control)
+        return {"kind": "weights", "canary_weight": w["canary"], "weights": w}
+    if decision.action is Action.PROMOTE:
+        return {"kind": "promote", "weights": split(0, control_weight, False, has_control)}
+    if decision.action in (Action.ROLLBACK, Action.HALT, Action.INCONCLUSIVE):
+        return {"kind": "retire_canary", "weights": split(0, control_weight, False, has_control)}
+    return None
+
+
+def _act(ctx: Context, rollout: Rollout, decision: Decision, policy: Policy, actor: str, *, tick=None,
+         obs=None, missed_ticks: int = 0) -> dict[str, Any] | None:
+    """Record the decision and the intended action in one transaction, then apply it, then clear it."""
+    target = _target(ctx, rollout, decision, policy)
+    new_phase = TERMINAL_FOR.get(decision.action, rollout.phase)
+    now = ctx.clock()
+    updates: dict[str, Any] = {"phase": new_phase}
+    if target is not None:
+        updates["pending_action"] = {**target, "rollout_id": rollout.id}
+        updates["canary_weight"] = target["weights"]["canary"] if target["kind"] == "weights" else 0
+        if decision.action is Action.ADVANCE:
+            updates["step_index"] = rollout.step_index + 1
+            updates["step_started_at"] = now
+        else:
+            updates["canary_weight"] = 100 if decision.action is Action.PROMOTE else 0
+    if new_phase.terminal:
+        updates["ended_at"] = now
+        updates["reason"] = decision.reason
+    reason = decision.reason + (f" ({missed_ticks} scheduled evaluations were missed before this one)"
+                                if missed_ticks else "")
+    try:
+        with ctx.engine.begin() as conn:
+            _record(ctx, conn, rollout, rollout.phase, new_phase, str(decision.action), actor, reason,
+                    updates.get("canary_weight", rollout.canary_weight), tick=tick, decision=decision, obs=obs,
+                    missed_ticks=missed_ticks)
+            ctx.ledger.update(conn, rollout.id, **updates)
+    except IntegrityError:
+        return None  # this tick was already recorded by another run
+    if target is not None:
+        _apply(ctx, ctx.ledger.get(rollout.id), updates["pending_action"])
+        ctx.ledger.clear_pending(rollout.id)
+    return {"rollout_id": rollout.id, "action": str(decision.action), "phase": str(new_phase), "reason": reason}
+
+
+def _apply(ctx: Context, rollout: Rollout, action: dict[str, Any]) -> None:
+    """Carry out a recorded action; every step is idempotent so a crash half-way is finished by a redo."""
+    assignment = ctx.traffic_store.load()
+    control = assignment.get("control", (None, 0))[0]
+    w = action["weights"]
+    if action["kind"] == "weights":
+        apply_assignment(ctx, {"baseline": (rollout.baseline_version, w["baseline"]),
+                               "canary": (rollout.candidate_version, w["canary"]),
+                               "control": (control, w["control"])})
+    elif action["kind"] == "promote":
+        apply_assignment(ctx, {"baseline": (rollout.candidate_version, w["baseline"]),
+                               "canary": (None, 0), "control": (control, w["control"])})
+        ctx.registry.promote(rollout.candidate_version)
+        if rollout.baseline_version not in (None, rollout.candidate_version, control):
+            _retire(ctx, rollout.baseline_version, archive=False)
+    elif action["kind"] == "retire_canary":
+        apply_assignment(ctx, {"baseline": (rollout.baseline_version, w["baseline"]),
+                               "canary": (None, 0), "control": (control, w["control"])})
+        if ctx.registry.version_for("canary") == rollout.candidate_version:
+            ctx.registry.remove_alias("canary")
+        ctx.registry.archive(rollout.candidate_version)
+        _retire(ctx, rollout.candidate_version, archive=False)
+
+
+def _complete_pending(ctx: Context, rollout: Rollout) -> None:
+    """A previous run recorded an action and died before finishing it: finish it now."""
+    log.warning("completing a half-applied action", extra={"rollout_id": rollout.id})
+    _apply(ctx, rollout, rollout.pending_action)
+    ctx.ledger.clear_pending(rollout.id)
+    with ctx.engine.begin() as conn:
+        _record(ctx, conn, rollout, rollout.phase, rollout.phase, "recover", "recovery",
+                f"completed the half-applied {rollout.pending_action['kind']} action", rollout.canary_weight)
+
+
+def _retire(ctx: Context, version: int, archive: bool = True) -> None:
+    """Drain a version that lost its role (Traefik reloads within ~2 s), then stop its Bento."""
+    still_used = {v for v, _ in ctx.traffic_store.load().values() if v is not None}
+    if version in still_used:
+        return
+    ctx.sleep(ctx.drain_s)
+    ctx.deployer.undeploy(version)
+    if archive:
+        ctx.registry.archive(version)
+
+
+def _finish(ctx: Context, rollout: Rollout, phase: Phase, reason: str, actor: str) -> None:
+    with ctx.engine.begin() as conn:
+        ctx.ledger.update(conn, rollout.id, phase=phase, ended_at=ctx.clock(), reason=reason, canary_weight=0)
+        _record(ctx, conn, rollout, rollout.phase, phase, "rollback", actor, reason, 0)
+
+
+def _record(ctx: Context, conn, rollout: Rollout, before: Phase, after: Phase, action: str, actor: str,
+            reason: str, canary_weight: int, *, tick=None, decision: Decision | None = None, obs=None,
+            missed_ticks: int = 0) -> int:
+    arms = {} if obs is None else {r: queries.summarize(a) for r, a in obs.arms.items()}
+    sizes = {} if obs is None else {
+        r: {"requests": a.requests, "labelled": a.labelled, "step_requests": a.step_requests}
+        for r, a in obs.arms.items()
+    }
+    rules = [] if decision is None else [
+        {"name": r.name, "value": r.value, "threshold": r.threshold, "passed": r.passed, "detail": r.detail}
+        for r in decision.rules
+    ]
+    stats = dict(decision.stats) if decision is not None else {}
+    if missed_ticks:
+        stats["missed_ticks"] = missed_ticks
+    return ctx.ledger.record(
+        conn,
+        rollout_id=rollout.id,
+        ts=ctx.clock(),
+        tick=tick,
+        phase_before=str(before),
+        phase_after=str(after),
+        action=action,
+        actor=actor,
+        reason=reason,
+        canary_weight=canary_weight,
+        sample_sizes=sizes,
+        metrics=arms,
+        rules=rules,
+        stats=_jsonable(stats),
+    )
+
+
+def _jsonable(value):
+    """Numbers from numpy and infinities become plain JSON values."""
+    import math
+
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,1 @@
+"""The local stack: every process under supervisord, state under one directory."""

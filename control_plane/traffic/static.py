@@ -1,0 +1,97 @@
+"""Traefik's static configuration: entry points, the file provider, metrics, logs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+GATEWAY_ENTRYPOINT = "web"
+# Traefik serves the API and dashboard (`api.insecure`) on the entry point named "traefik" only,
+# so they never share a port with the gateway.
+ADMIN_ENTRYPOINT = "traefik"
+
+# Latency buckets in seconds, from 5 ms: model calls take a few ms, so Traefik's defaults (0.1 s up) are too coarse.
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def static_config(
+    *,
+    dynamic_dir: Path | str,
+    gateway_host: str = "127.0.0.1",
+    gateway_port: int = 8080,
+    api_host: str = "127.0.0.1",
+    api_port: int = 8081,
+    access_log_path: Path | str | None = None,
+    log_level: str = "INFO",
+    providers_throttle: str = "500ms",
+) -> dict[str, Any]:
+    """The static configuration as a dict; an empty host binds every interface (as in a container)."""
+    access_log: dict[str, Any] = {
+        "format": "json",
+        "fields": {
+            "defaultMode": "keep",
+            "headers": {
+                "defaultMode": "drop",
+                "names": {
+                    "X-Recsys-Route": "keep",
+                    "X-Model-Version": "keep",
+                    "X-Model-Role": "keep",
+                    "X-Request-Id": "keep",
+                },
+            },
+        },
+    }
+    if access_log_path:
+        access_log["filePath"] = str(access_log_path)
+    return {
+        "global": {"checkNewVersion": False, "sendAnonymousUsage": False},
+        "log": {"level": log_level},
+        "entryPoints": {
+            GATEWAY_ENTRYPOINT: {"address": f"{gateway_host}:{gateway_port}"},
+            ADMIN_ENTRYPOINT: {"address": f"{api_host}:{api_port}"},
+        },
+        # A rewrite is applied at once; a burst of rewrites is folded into one reload per interval.
+        "providers": {
+            "providersThrottleDuration": providers_throttle,
+            "file": {"directory": str(dynamic_dir), "watch": True},
+        },
+        "api": {"dashboard": True, "insecure": True},
+        "ping": {"entryPoint": ADMIN_ENTRYPOINT},
+        "metrics": {
+            "prometheus": {
+                "entryPoint": ADMIN_ENTRYPOINT,
+                "addEntryPointsLabels": True,
+                "addRoutersLabels": True,
+                "addServicesLabels": True,
+                "buckets": list(LATENCY_BUCKETS_S),
+            }
+        },
+        "accessLog": access_log,
+    }
+
+
+def render_static_config(
+    *,
+    dynamic_dir: Path | str,
+    gateway_host: str = "127.0.0.1",
+    gateway_port: int = 8080,
+    api_host: str = "127.0.0.1",
+    api_port: int = 8081,
+    access_log_path: Path | str | None = None,
+    log_level: str = "INFO",
+    providers_throttle: str = "500ms",
+) -> str:
+    """The static configuration as YAML text, for `traefik --configFile=...`."""
+    config = static_config(
+        dynamic_dir=dynamic_dir,
+        gateway_host=gateway_host,
+        gateway_port=gateway_port,
+        api_host=api_host,
+        api_port=api_port,
+        access_log_path=access_log_path,
+        log_level=log_level,
+        providers_throttle=providers_throttle,
+    )
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,304 @@
+"""TrafficRouter over Traefik's file provider: the dynamic file is the state, rewritten whole and atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from control_plane.traffic.base import (
+    ROLES,
+    Backend,
+    TrafficStateUnreadable,
+    check_assignment,
+    merge_backends,
+    validate_weights,
+)
+
+DYNAMIC_FILENAME = "recsys.yml"
+
+# Names in the dynamic config; Prometheus labels (router, service) and dashboards use them.
+GATEWAY_ROUTER = "gateway"
+FEEDBACK_ROUTER = "feedback"
+SPLIT_SERVICE = "recsys-split"
+CONTROL_PLANE_SERVICE = "control-plane"
+ROUTE_WEIGHTED_MIDDLEWARE = "recsys-route-weighted"
+ROUTE_OVERRIDE_MIDDLEWARE = "recsys-route-override"
+RETRY_MIDDLEWARE = "recsys-retry"
+BODY_LIMIT_MIDDLEWARE = "recsys-body-limit"
+ROUTE_HEADER = "X-Recsys-Route"
+VERSION_HEADER = "X-Model-Version"
+ROLE_HEADER = "X-Model-Role"
+
+PREDICTION_PATHS_RULE = "Path(`/predict`) || Path(`/recommend`)"
+
+# A tester's header beats the weighted split; a version header beats a role header.
+GATEWAY_PRIORITY = 100
+ROLE_OVERRIDE_PRIORITY = 200
+VERSION_OVERRIDE_PRIORITY = 300
+
+_HEADER_COMMENT = (
+    "# Written by control_plane.traffic.traefik_file: the whole file is replaced atomically on every change.\n"
+    "# Do not edit by hand while the control plane runs; change weights through it instead.\n"
+)
+_SERVICE_RE = re.compile(r"^recsys-v(\d+)$")
+
+
+def version_service(version: int) -> str:
+    return f"recsys-v{version}"
+
+
+def version_router(version: int) -> str:
+    return f"override-version-{version}"
+
+
+def role_router(role: str) -> str:
+    return f"override-role-{role}"
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    """What the dynamic config holds besides the state: entry point, limits, health checks, extras."""
+
+    entrypoint: str = "web"
+    control_plane_url: str | None = None
+    # Versions deployed without a role (e.g. a previous baseline kept warm), reachable by header only.
+    extra_versions: Mapping[int, str] = field(default_factory=dict)
+    max_body_bytes: int = 1_000_000
+    retry_attempts: int = 3
+    retry_initial_interval: str = "10ms"
+    health_path: str = "/readyz"
+    health_interval: str = "1s"
+    health_timeout: str = "1s"
+
+
+def render_dynamic_config(
+    backends: Mapping[str, Backend], weights: Mapping[str, int], options: GatewayOptions | None = None
+) -> dict[str, Any]:
+    """The dynamic configuration (as a dict) for these role assignments and weights."""
+    opts = options or GatewayOptions()
+    routers: dict[str, Any] = {}
+    services: dict[str, Any] = {}
+    middlewares: dict[str, Any] = {
+        ROUTE_WEIGHTED_MIDDLEWARE: {"headers": {"customRequestHeaders": {ROUTE_HEADER: "weighted"}}},
+        ROUTE_OVERRIDE_MIDDLEWARE: {"headers": {"customRequestHeaders": {ROUTE_HEADER: "override"}}},
+        # Retries only happen when a backend could not be reached, so a dead one costs one hop.
+        RETRY_MIDDLEWARE: {
+            "retry": {"attempts": opts.retry_attempts, "initialInterval": opts.retry_initial_interval}
+        },
+        # Oversized bodies get 413 from Traefik; the body is buffered, so a retry can resend it.
+        BODY_LIMIT_MIDDLEWARE: {"buffering": {"maxRequestBodyBytes": opts.max_body_bytes}},
+    }
+
+    urls = {version: url for version, url in opts.extra_versions.items()}
+    urls.update({b.version: b.url for b in backends.values()})
+    for version in sorted(urls):
+        services[version_service(version)] = {
+            "loadBalancer": {
+                "servers": [{"url": urls[version]}],
+                "passHostHeader": True,
+                "healthCheck": {
+                    "path": opts.health_path,
+                    "interval": opts.health_interval,
+                    "timeout": opts.health_timeout,
+                },
+            }
+        }
+        routers[version_router(version)] = {
+            "entryPoints": [opts.entrypoint],
+            "rule": f"({PREDICTION_PATHS_RULE}) && Header(`{VERSION_HEADER}`, `{version}`)",
+            "priority": VERSION_OVERRIDE_PRIORITY,
+            "middlewares": [ROUTE_OVERRIDE_MIDDLEWARE, BODY_LIMIT_MIDDLEWARE],
+            "service": version_service(version),
+        }
+
+    if backends:
+        services[SPLIT_SERVICE] = {
+            "weighted": {
+                "services": [
+                    {"name": version_service(backends[role].version), "weight": weights.get(role, 0)}
+                    for role in ROLES
+                    if role in backends
+                ],
+                # Follow the children's health checks: a dead version's share goes to the live ones.
+                "healthCheck": {},
+            }
+        }
+        routers[GATEWAY_ROUTER] = {
+            "entryPoints": [opts.entrypoint],
+            "rule": PREDICTION_PATHS_RULE,
+            "priority": GATEWAY_PRIORITY,
+            "middlewares": [ROUTE_WEIGHTED_MIDDLEWARE, BODY_LIMIT_MIDDLEWARE, RETRY_MIDDLEWARE],
+            "service": SPLIT_SERVICE,
+        }
+        for role in ROLES:
+            if role in backends:
+                routers[role_router(role)] = {
+                    "entryPoints": [opts.entrypoint],
+                    "rule": f"({PREDICTION_PATHS_RULE}) && Header(`{ROLE_HEADER}`, `{role}`)",
+                    "priority": ROLE_OVERRIDE_PRIORITY,
+                    "middlewares": [ROUTE_OVERRIDE_MIDDLEWARE, BODY_LIMIT_MIDDLEWARE],
+                    "service": version_service(backends[role].version),
+                }
+
+    if opts.control_plane_url:
+        services[CONTROL_PLANE_SERVICE] = {
+            "loadBalancer": {"servers": [{"url": opts.control_plane_url}], "passHostHeader": True}
+        }
+        routers[FEEDBACK_ROUTER] = {
+            "entryPoints": [opts.entrypoint],
+            "rule": "PathPrefix(`/feedback`)",
+            "middlewares": [BODY_LIMIT_MIDDLEWARE],
+            "service": CONTROL_PLANE_SERVICE,
+        }
+
+    return {"http": {"routers": routers, "services": services, "middlewares": middlewares}}
+
+
+def dump_dynamic_config(config: Mapping[str, Any]) -> str:
+    """YAML text of a rendered config, with the do-not-edit header."""
+    return _HEADER_COMMENT + yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=False, width=1000)
+
+
+def parse_dynamic_config(config: Mapping[str, Any] | None) -> tuple[dict[str, Backend], dict[str, int]]:
+    """Read role assignments and weights back out of a rendered config."""
+    weights = dict.fromkeys(ROLES, 0)
+    if not config:
+        return {}, weights
+    http = config.get("http") or {}
+    routers, services = http.get("routers") or {}, http.get("services") or {}
+    split = {
+        entry["name"]: int(entry["weight"])
+        for entry in ((services.get(SPLIT_SERVICE) or {}).get("weighted") or {}).get("services") or []
+    }
+    backends: dict[str, Backend] = {}
+    for role in ROLES:
+        router = routers.get(role_router(role))
+        if not router:
+            continue
+        name = router["service"]
+        match = _SERVICE_RE.match(name)
+        if not match:
+            raise TrafficStateUnreadable(f"router {role_router(role)!r} points at unexpected service {name!r}")
+        url = services[name]["loadBalancer"]["servers"][0]["url"]
+        backends[role] = Backend(version=int(match.group(1)), url=url)
+        weights[role] = split.get(name, 0)
+    return backends, weights
+
+
+class TraefikFileRouter:
+    """Keeps role assignments and weights in `<dynamic_dir>/recsys.yml`, which Traefik watches."""
+
+    def __init__(
+        self,
+        dynamic_dir: Path | str,
+        *,
+        control_plane_url: str | None = None,
+        extra_versions: Mapping[int, str] | None = None,
+        max_body_bytes: int = 1_000_000,
+        entrypoint: str = "web",
+        tmp_dir: Path | str | None = None,
+        options: GatewayOptions | None = None,
+    ) -> None:
+        self.dynamic_dir = Path(dynamic_dir)
+        # Outside the watched directory, or Traefik would load the half-written temp file as config;
+        # beside it, so that os.replace stays on one filesystem.
+        self.tmp_dir = Path(tmp_dir) if tmp_dir else self.dynamic_dir.parent / ".tmp"
+        self.options = options or GatewayOptions(
+            entrypoint=entrypoint,
+            control_plane_url=control_plane_url,
+            extra_versions=dict(extra_versions or {}),
+            max_body_bytes=max_body_bytes,
+        )
+
+    @property
+    def path(self) -> Path:
+        return self.dynamic_dir / DYNAMIC_FILENAME
+
+    def get_weights(self) -> dict[str, int]:
+        return self._read()[1]
+
+    def get_backends(self) -> dict[str, Backend]:
+        return self._read()[0]
+
+    def set_weights(self, weights: Mapping[str, int]) -> None:
+        clean = validate_weights(weights)
+        with self._locked():
+            backends, _ = self._read()
+            self._write(backends, clean)
+
+    def set_backends(self, backends: Mapping[str, Backend | None]) -> None:
+        with self._locked():
+            current, weights = self._read()
+            self._write(merge_backends(current, backends), weights)
+
+    def apply(self, backends: Mapping[str, Backend | None], weights: Mapping[str, int]) -> None:
+        clean = validate_weights(weights)
+        with self._locked():
+            current, _ = self._read()
+            self._write(merge_backends(current, backends), clean)
+
+    def rewrite(self) -> None:
+        """Write the file again from its own state, e.g. after the options (extra versions) changed."""
+        with self._locked():
+            self._write(*self._read())
+
+    def _read(self) -> tuple[dict[str, Backend], dict[str, int]]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return parse_dynamic_config(None)
+        try:
+            return parse_dynamic_config(yaml.safe_load(text))
+        except (yaml.YAMLError, KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise TrafficStateUnreadable(f"cannot read routing state from {self.path}: {exc}") from exc
+
+    def _write(self, backends: dict[str, Backend], weights: dict[str, int]) -> None:
+        check_assignment(weights, backends)
+        text = dump_dynamic_config(render_dynamic_config(backends, weights, self.options))
+        with contextlib.suppress(FileNotFoundError):
+            if self.path.read_text() == text:
+                return  # unchanged: spare Traefik a reload
+        atomic_write(self.path, text, self.tmp_dir)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise read-modify-write across processes (the web app and the worker both write)."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.tmp_dir / f"{DYNAMIC_FILENAME}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def atomic_write(path: Path, text: str, tmp_dir: Path) -> None:
+    """Write `text` to a temp file in `tmp_dir`, fsync it, rename it over `path`, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it 0600; Traefik may run as another user
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

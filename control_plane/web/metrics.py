@@ -1,0 +1,203 @@
+"""/metrics: rollout state read from the database at scrape time, plus per-process HTTP counters.
+
+Rollout metrics come from the database on every scrape, so every gunicorn worker answers the same
+and no worker-local state can go stale. The HTTP counters are per process; when
+PROMETHEUS_MULTIPROC_DIR is set (gunicorn), they are written there and summed at scrape time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from flask import Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from control_plane import services
+from control_plane.analysis.types import Action, Phase
+from control_plane.context import Context
+from control_plane.db.schema import decisions
+
+log = logging.getLogger(__name__)
+
+# Ledger actions that are evaluations (the analysis or an operator deciding), not pause/resume/start.
+EVALUATION_ACTIONS = tuple(str(a) for a in Action)
+
+
+class RolloutCollector(Collector):
+    """Reads traffic, the latest rollout, the ledger and the window metrics when Prometheus scrapes."""
+
+    def __init__(self, get_ctx: Callable[[], Context]):
+        self._get_ctx = get_ctx
+
+    def describe(self):
+        return []  # nothing is read at registration time
+
+    def collect(self) -> Iterator:
+        up = GaugeMetricFamily("recsys_control_plane_database_up", "1 if the last scrape could read the database")
+        started = time.perf_counter()
+        try:
+            families = list(self._families(self._get_ctx()))
+        except Exception as exc:  # a scrape must still answer when the database is down
+            log.warning("metrics scrape could not read state", extra={"error": repr(exc)[:200]})
+            families, ok = [], 0
+        else:
+            ok = 1
+        up.add_metric([], ok)
+        yield up
+        yield GaugeMetricFamily(
+            "recsys_control_plane_scrape_duration_seconds",
+            "Time spent reading state for this scrape",
+            value=time.perf_counter() - started,
+        )
+        yield from families
+
+    def _families(self, ctx: Context) -> Iterator:
+        traffic = services.traffic(ctx)
+        weights, versions = traffic["weights"], traffic["versions"]
+        yield GaugeMetricFamily(
+            "recsys_canary_weight", "Current canary weight (percent)", value=weights.get("canary", 0)
+        )
+        tw = GaugeMetricFamily("recsys_traffic_weight", "Weight in force per role (percent)", labels=["role", "version"])
+        for role, weight in sorted(weights.items()):
+            version = versions.get(role)
+            tw.add_metric([role, "" if version is None else str(version)], weight)
+        yield tw
+
+        latest = ctx.ledger.list(1)
+        phase = GaugeMetricFamily(
+            "recsys_rollout_phase", "1 for the latest rollout's current phase", labels=["rollout_id", "phase"]
+        )
+        if latest:
+            for p in Phase:
+                phase.add_metric([str(latest[0].id), str(p)], 1 if latest[0].phase is p else 0)
+        yield phase
+
+        counts, last_eval = _ledger_summary(ctx)
+        total = CounterMetricFamily("recsys_decisions", "Ledger rows by action", labels=["action"])
+        for action, n in sorted(counts.items()):
+            total.add_metric([action], n)
+        yield total
+
+        last_ts = GaugeMetricFamily(
+            "recsys_rollout_last_evaluation_timestamp_seconds", "When the latest evaluation was recorded"
+        )
+        stat = GaugeMetricFamily(
+            "recsys_last_evaluation_stat", "Numeric statistics behind the latest evaluation", labels=["name"]
+        )
+        rule_value = GaugeMetricFamily(
+            "recsys_last_evaluation_rule_value", "Value each rule compared at the latest evaluation", labels=["rule"]
+        )
+        rule_threshold = GaugeMetricFamily(
+            "recsys_last_evaluation_rule_threshold", "Threshold of each rule at the latest evaluation", labels=["rule"]
+        )
+        rule_passed = GaugeMetricFamily(
+            "recsys_last_evaluation_rule_passed", "1 if the rule held, 0 if not (absent: no data)", labels=["rule"]
+        )
+        if last_eval is not None:
+            last_ts.add_metric([], last_eval["ts"])
+            for name, value in flatten_numbers(last_eval["stats"] or {}):
+                stat.add_metric([name], value)
+            for rule in last_eval["rules"] or []:
+                name = str(rule.get("name"))
+                for family, key in ((rule_value, "value"), (rule_threshold, "threshold")):
+                    if _is_number(rule.get(key)):
+                        family.add_metric([name], float(rule[key]))
+                if rule.get("passed") is not None:
+                    rule_passed.add_metric([name], 1 if rule["passed"] else 0)
+        yield from (last_ts, stat, rule_value, rule_threshold, rule_passed)
+
+        window = services.window_metrics(ctx)
+        coverage = GaugeMetricFamily(
+            "recsys_label_coverage", "Labelled predictions / requests over the window", labels=["role"]
+        )
+        accuracy = GaugeMetricFamily("recsys_accuracy", "Accuracy of labelled predictions over the window", labels=["role"])
+        requests = GaugeMetricFamily("recsys_window_requests", "Weighted requests over the window", labels=["role"])
+        errors = GaugeMetricFamily("recsys_window_error_rate", "Share of 5xx over the window", labels=["role"])
+        for role, arm in sorted(window["roles"].items()):
+            if arm["version"] is None:
+                continue
+            requests.add_metric([role], arm["requests"])
+            errors.add_metric([role], arm["error_rate"])
+            coverage.add_metric([role], arm["labelled"] / arm["requests"] if arm["requests"] else 0.0)
+            if arm["accuracy"] is not None:
+                accuracy.add_metric([role], arm["accuracy"])
+        yield from (coverage, accuracy, requests, errors)
+
+
+def _ledger_summary(ctx: Context) -> tuple[dict[str, int], dict[str, Any] | None]:
+    """Ledger rows per action, and the newest evaluation row (with its stats and rules)."""
+    with ctx.engine.connect() as conn:
+        counts = dict(conn.execute(select(decisions.c.action, func.count()).group_by(decisions.c.action)).all())
+        row = conn.execute(
+            select(decisions.c.ts, decisions.c.stats, decisions.c.rules)
+            .where(decisions.c.action.in_(EVALUATION_ACTIONS))
+            .order_by(decisions.c.id.desc())
+            .limit(1)
+        ).first()
+    return {str(k): int(v) for k, v in counts.items()}, None if row is None else dict(row._mapping)
+
+
+def flatten_numbers(value: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Numeric leaves of nested stats as (dotted name, value); intervals become name.lo / name.hi."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from flatten_numbers(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, list | tuple):
+        names = ("lo", "hi") if len(value) == 2 else tuple(str(i) for i in range(len(value)))
+        for name, v in zip(names, value, strict=True):
+            yield from flatten_numbers(v, f"{prefix}.{name}")
+    elif _is_number(value) and prefix:
+        yield prefix, float(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not (isinstance(value, float) and not math.isfinite(value))
+
+
+def install_metrics(app: Flask, get_ctx: Callable[[], Context]) -> None:
+    """Count requests per endpoint and status, and serve /metrics."""
+    multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    registry = CollectorRegistry()
+    # In multiprocess mode the values live in files, so the metric objects belong to no registry.
+    http_registry = None if multiproc_dir else registry
+    http_requests = Counter(
+        "recsys_http_requests",
+        "HTTP requests answered by this control plane",
+        ["endpoint", "status"],
+        registry=http_registry,
+    )
+    http_seconds = Histogram(
+        "recsys_http_request_duration_seconds",
+        "Time to answer an HTTP request",
+        ["endpoint"],
+        registry=http_registry,
+    )
+    registry.register(RolloutCollector(get_ctx))
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        endpoint = request.endpoint or "unmatched"
+        http_requests.labels(endpoint, str(response.status_code)).inc()
+        if "started" in g:
+            http_seconds.labels(endpoint).observe(time.perf_counter() - g.started)
+        return response
+
+    @app.get("/metrics")
+    def metrics():
+        if multiproc_dir:
+            from prometheus_client import multiprocess
+
+            scrape = CollectorRegistry()
+            multiprocess.MultiProcessCollector(scrape)
+            body = generate_latest(scrape) + generate_latest(registry)
+        else:
+            body = generate_latest(registry)
+        return Response(body, content_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,142 @@
+"""`make demo`: a better canary promoted, a worse one rolled back, on the real local stack, narrated."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from control_plane.analysis.types import Phase
+from control_plane.settings import Settings
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+
+
+def _say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def start_load(settings: Settings, users: int, log_path: Path) -> subprocess.Popen:
+    """Locust, headless, through the gateway, labels drawn from the ground truth."""
+    cmd = [
+        str(Path(sys.executable).with_name("locust")), "-f", str(LOCUSTFILE), "--headless",
+        "-u", str(users), "-r", str(users), "--host", f"http://127.0.0.1:{settings.gateway_port}",
+        "--only-summary", "--label-delay-min", "0.2", "--label-delay-max", "1.5",
+        "--think-min", "0.01", "--think-max", "0.05",
+    ]
+    log = log_path.open("w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def describe(ctx, rollout_id: int) -> str:
+    r = ctx.ledger.get(rollout_id)
+    weights = ctx.traffic_store.load()
+    last = ctx.ledger.decisions(rollout_id, limit=1)
+    sizes = last[0]["sample_sizes"] if last else {}
+    n = " ".join(f"{role}:{s.get('requests', 0)}/{s.get('labelled', 0)}" for role, s in sizes.items())
+    w = " ".join(f"{role}={wt}" for role, (_, wt) in sorted(weights.items()))
+    reason = last[0]["reason"] if last else "-"
+    return f"[{r.phase:<12}] weights {w} | requests/labelled {n or '-'} | {reason}"
+
+
+def run_story(ctx, version: int, expect: Phase, policy: dict, timeout_s: float) -> tuple[bool, int]:
+    from control_plane import services
+
+    rollout = services.start_canary(ctx, version, policy, actor="demo")
+    _say(f"Started rollout {rollout.id}: version {version} as canary, expecting it to end {expect}.")
+    deadline = time.monotonic() + timeout_s
+    last_line = ""
+    while time.monotonic() < deadline:
+        line = describe(ctx, rollout.id)
+        if line != last_line:
+            _say("  " + line)
+            last_line = line
+        phase = ctx.ledger.get(rollout.id).phase
+        if phase.terminal:
+            return phase is expect, rollout.id
+        time.sleep(2)
+    _say(f"  timed out after {timeout_s:.0f} s")
+    return False, rollout.id
+
+
+def ensure_stack(settings: Settings) -> None:
+    from control_plane.stack.local import gateway_answers, up
+
+    if not gateway_answers(settings):
+        _say("The local stack is not up: starting it (recsys up).")
+        up(settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="recsys demo")
+    p.add_argument("--users", type=int, default=30)
+    p.add_argument("--timeout", type=float, default=420, help="seconds allowed for each story")
+    p.add_argument("--interval", type=int, default=3, help="seconds between evaluations during the demo")
+    args = p.parse_args(argv)
+
+    from control_plane.analysis.policy import Policy
+    from control_plane.context import bootstrap
+    from control_plane.jobs import schedule_evaluations
+    from training.train import train_and_register
+
+    settings = Settings.from_env()
+    os.environ.setdefault("BENTOML_HOME", str(settings.bentoml_home))
+    ensure_stack(settings)
+    ctx = bootstrap(settings)
+    schedule_evaluations(settings.effective_redis_url, args.interval)
+    policy = Policy.fast().to_dict()
+    load = start_load(settings, args.users, settings.log_dir / "demo-locust.log")
+    ok = True
+    try:
+        active = ctx.ledger.active()
+        if active is not None:
+            services_rollback(ctx, active.id)
+        better = _version_with_profile(ctx, "better") or train_and_register(
+            tracking_uri=settings.mlflow_tracking_uri, artifact_location=str(settings.mlflow_artifact_root),
+            model_name=settings.registered_model_name, profile="better")
+        _say(f"\n1) The better candidate (version {better}) as a canary.")
+        good, r1 = run_story(ctx, better, Phase.PROMOTED, policy, args.timeout)
+        ok &= good
+        _say("\n2) Training a worse candidate and trying it as a canary.")
+        worse = train_and_register(
+            tracking_uri=settings.mlflow_tracking_uri, artifact_location=str(settings.mlflow_artifact_root),
+            model_name=settings.registered_model_name, profile="worse", progress=False)
+        bad, r2 = run_story(ctx, worse, Phase.ROLLED_BACK, policy, args.timeout)
+        ok &= bad
+    finally:
+        load.terminate()
+        load.wait(30)
+        schedule_evaluations(settings.effective_redis_url, settings.eval_interval_s)
+    _say("\nSummary")
+    for rid in (r1, r2):
+        r = ctx.ledger.get(rid)
+        _say(f"  rollout {rid}: version {r.candidate_version} {r.phase} — {r.reason}")
+    _say(f"  baseline is now version {ctx.registry.version_for('baseline')} in MLflow")
+    _say(f"\nLook at: control plane http://127.0.0.1:{settings.control_plane_port}/ , "
+         f"MLflow http://127.0.0.1:{settings.mlflow_port}/ , Grafana (compose) http://127.0.0.1:3000/")
+    _say("The story ended as expected." if ok else "The story did NOT end as expected.")
+    return 0 if ok else 1
+
+
+def services_rollback(ctx, rollout_id: int) -> None:
+    from control_plane import services
+
+    _say(f"Rollout {rollout_id} was still running: rolling it back first.")
+    services.rollback_now(ctx, rollout_id, actor="demo")
+
+
+def _version_with_profile(ctx, profile: str) -> int | None:
+    """The newest version of `profile` that is not already the baseline and never failed a rollout."""
+    baseline = ctx.registry.version_for("baseline")
+    ended = {r.candidate_version for r in ctx.ledger.list() if r.phase.terminal}
+    for info in sorted(ctx.registry.versions(), key=lambda i: -i.version):
+        if info.profile == profile and info.version != baseline and info.version not in ended:
+            return info.version
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Locust users that ask for predictions through the gateway and, later, click by the ground truth.
+
+Headless:  locust -f load/locustfile.py --headless -u 20 -r 10 -t 2m --host http://127.0.0.1:8080
+Web UI:    locust -f load/locustfile.py --host http://127.0.0.1:8080   (then open http://127.0.0.1:8089)
+Knobs (command line or LOCUST_* environment variables): --predict-weight, --recommend-weight,
+--candidates, --label-share, --label-delay-min, --label-delay-max, --think-min, --think-max.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+import gevent
+import numpy as np
+from locust import FastHttpUser, events, task
+
+from training.data import click_probability, sample_features
+
+
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser) -> None:
+    parser.add_argument("--predict-weight", type=int, default=4, help="relative share of /predict calls")
+    parser.add_argument("--recommend-weight", type=int, default=1, help="relative share of /recommend calls")
+    parser.add_argument("--candidates", type=int, default=20, help="candidates per /recommend call")
+    parser.add_argument("--label-share", type=float, default=1.0, help="share of predictions that get a label")
+    parser.add_argument("--label-delay-min", type=float, default=0.5, help="seconds before a label, at least")
+    parser.add_argument("--label-delay-max", type=float, default=3.0, help="seconds before a label, at most")
+    parser.add_argument("--think-min", type=float, default=0.05, help="seconds a user waits between calls")
+    parser.add_argument("--think-max", type=float, default=0.2)
+
+
+class RecsysUser(FastHttpUser):
+    """One simulated client: predictions now, labels drawn from the truth a little later."""
+
+    def on_start(self) -> None:
+        opts = self.environment.parsed_options
+        self.opts = opts
+        self.rng = np.random.default_rng(random.randrange(2**32))
+        self.tasks = [RecsysUser.predict] * max(0, opts.predict_weight) + [RecsysUser.recommend] * max(
+            0, opts.recommend_weight
+        )
+
+    def wait_time(self) -> float:
+        return random.uniform(self.opts.think_min, self.opts.think_max)
+
+    @task
+    def predict(self) -> None:
+        x = sample_features(self.rng, 1)[0]
+        rid = uuid.uuid4().hex
+        with self.client.post(
+            "/predict", json={"features": x.tolist()}, headers={"X-Request-ID": rid}, catch_response=True
+        ) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"/predict answered {resp.status_code}: {resp.text[:200]}")
+                return
+        self._label_later(rid, x)
+
+    @task
+    def recommend(self) -> None:
+        xs = sample_features(self.rng, self.opts.candidates)
+        cands = [{"item_id": f"item-{i}", "features": row.tolist()} for i, row in enumerate(xs)]
+        rid = uuid.uuid4().hex
+        with self.client.post(
+            "/recommend", json={"candidates": cands, "k": 5}, headers={"X-Request-ID": rid}, catch_response=True
+        ) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"/recommend answered {resp.status_code}: {resp.text[:200]}")
+                return
+            top = resp.json()["items"][0]["item_id"]
+        self._label_later(rid, xs[int(top.split("-")[1])])
+
+    def _label_later(self, rid: str, x: np.ndarray) -> None:
+        if random.random() >= self.opts.label_share:
+            return
+        clicked = int(self.rng.random() < float(click_probability(x)))
+        delay = random.uniform(self.opts.label_delay_min, self.opts.label_delay_max)
+        gevent.spawn_later(delay, self._send_label, rid, clicked)
+
+    def _send_label(self, rid: str, label: int) -> None:
+        with self.client.post(
+            "/feedback", json={"request_id": rid, "label": label}, name="/feedback", catch_response=True
+        ) as resp:
+            if resp.status_code not in (200, 201, 202):
+                resp.failure(f"/feedback answered {resp.status_code}: {resp.text[:200]}")

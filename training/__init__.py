@@ -1,0 +1,1 @@
+"""Synthetic click data with a known truth, named training profiles, training into MLflow."""
