@@ -8,6 +8,7 @@ errors included.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -30,6 +31,7 @@ class RequestInfo:
     endpoint: str
     ts: float  # epoch seconds at arrival
     started: float  # perf_counter at arrival
+    in_handler: bool = False  # the model endpoint's code started (past body parsing and validation)
     logged: bool = False  # the handler wrote its predictions row
 
     def elapsed_ms(self) -> float:
@@ -50,7 +52,12 @@ class ServingState(Protocol):
 
 
 def valid_request_id(value: str) -> bool:
-    return 0 < len(value) <= MAX_REQUEST_ID_CHARS and value.isascii() and value.isprintable() and " " not in value
+    return (
+        0 < len(value) <= MAX_REQUEST_ID_CHARS
+        and value.isascii()
+        and value.isprintable()
+        and " " not in value
+    )
 
 
 class RequestGate:
@@ -125,6 +132,9 @@ class RequestGate:
                 await _send_json(send_with_headers, *problem)
             else:
                 await self.app(scope, receive, send_with_headers)
+        except asyncio.CancelledError:
+            status = 504  # BentoML's traffic timeout cancelled us and answers 504 itself
+            raise
         finally:
             current_request.reset(token)
             if state is not None:

@@ -7,9 +7,27 @@ multiprocess mode when it is first imported. BentoML's /metrics then collects th
 
 from __future__ import annotations
 
+import threading
+
 from bentos.predlog import WriterStats
 
-LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
 _REQUEST_LABELS = ("model_version", "role", "endpoint")
 
 _instance: ServiceMetrics | None = None
@@ -25,7 +43,9 @@ class ServiceMetrics:
         self.requests = pc.Counter(
             "recsys_requests", "Model endpoint responses", [*_REQUEST_LABELS, "status"]
         )
-        self.errors = pc.Counter("recsys_request_errors", "Model endpoint responses with status >= 500", _REQUEST_LABELS)
+        self.errors = pc.Counter(
+            "recsys_request_errors", "Model endpoint responses with status >= 500", _REQUEST_LABELS
+        )
         self.latency = pc.Histogram(
             "recsys_request_duration_seconds",
             "Time from arrival to the end of the response, model endpoints",
@@ -33,29 +53,48 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS_S,
         )
         self.model_load_seconds = pc.Gauge(
-            "recsys_model_load_seconds", "Time to load the model", ["model_version"], multiprocess_mode="livemax"
+            "recsys_model_load_seconds",
+            "Time to load the model",
+            ["model_version"],
+            multiprocess_mode="livemax",
         )
         v = ["model_version"]
         self.queue_depth = pc.Gauge(
-            "recsys_predlog_queue_depth", "Prediction rows waiting to be written", v, multiprocess_mode="livesum"
+            "recsys_predlog_queue_depth",
+            "Prediction rows waiting to be written",
+            v,
+            multiprocess_mode="livesum",
         )
         self.spill_bytes = pc.Gauge(
-            "recsys_predlog_spill_bytes", "Bytes in spill files waiting for replay", v, multiprocess_mode="livemax"
+            "recsys_predlog_spill_bytes",
+            "Bytes in spill files waiting for replay",
+            v,
+            multiprocess_mode="livemax",
         )
         self.spill_rows = pc.Gauge(
-            "recsys_predlog_spill_rows", "Rows this Bento spilled, not yet replayed", v, multiprocess_mode="livesum"
+            "recsys_predlog_spill_rows",
+            "Rows this Bento spilled, not yet replayed",
+            v,
+            multiprocess_mode="livesum",
         )
         self.db_up = pc.Gauge(
             "recsys_predlog_db_up", "1 when the last database write succeeded", v, multiprocess_mode="livemin"
         )
         self._counters = {
-            "rows_written": pc.Counter("recsys_predlog_rows_written", "Prediction rows inserted (replays included)", v),
-            "rows_spilled": pc.Counter("recsys_predlog_rows_spilled", "Prediction rows written to a spill file", v),
-            "rows_replayed": pc.Counter("recsys_predlog_rows_replayed", "Prediction rows replayed from spill files", v),
+            "rows_written": pc.Counter(
+                "recsys_predlog_rows_written", "Prediction rows inserted (replays included)", v
+            ),
+            "rows_spilled": pc.Counter(
+                "recsys_predlog_rows_spilled", "Prediction rows written to a spill file", v
+            ),
+            "rows_replayed": pc.Counter(
+                "recsys_predlog_rows_replayed", "Prediction rows replayed from spill files", v
+            ),
             "rows_corrupt": pc.Counter("recsys_predlog_rows_corrupt", "Unreadable spill lines skipped", v),
             "write_failures": pc.Counter("recsys_predlog_write_failures", "Failed database writes", v),
         }
         self._last = WriterStats()
+        self._lock = threading.Lock()
 
     @classmethod
     def for_version(cls, model_version: int) -> ServiceMetrics:
@@ -74,6 +113,10 @@ class ServiceMetrics:
 
     def observe_writer(self, stats: WriterStats) -> None:
         """Called by the log writer's thread after every batch."""
+        with self._lock:
+            self._observe_writer(stats)
+
+    def _observe_writer(self, stats: WriterStats) -> None:
         v = self.model_version
         self.queue_depth.labels(v).set(stats.queue_depth)
         self.spill_bytes.labels(v).set(stats.spill_bytes)

@@ -346,7 +346,9 @@ class PredictionLogWriter:
                 yield json.loads(line)
             except ValueError:
                 self._rows_corrupt += 1
-                log.warning("prediction log: unreadable line %d of %s skipped: %r", lineno, path.name, line[:200])
+                log.warning(
+                    "prediction log: unreadable line %d of %s skipped: %r", lineno, path.name, line[:200]
+                )
 
     def _forget_vanished_files(self) -> None:
         with self._spill_lock:

@@ -39,6 +39,7 @@ class Context:
 def bootstrap(settings: Settings | None = None) -> Context:
     """Build the real Context from settings: database, MLflow registry, Traefik file, local deployer."""
     from control_plane.db.engine import make_engine
+    from control_plane.deployer.fixed import FixedDeployer
     from control_plane.deployer.local import LocalDeployer
     from control_plane.registry.mlflow_registry import MlflowRegistry
     from control_plane.traffic.traefik_file import TraefikFileRouter
@@ -51,8 +52,8 @@ def bootstrap(settings: Settings | None = None) -> Context:
         registry=MlflowRegistry(settings.mlflow_tracking_uri, settings.registered_model_name),
         router=TraefikFileRouter(
             settings.traefik_dynamic_dir,
-            control_plane_url=f"http://{settings.bind_host}:{settings.control_plane_port}",
+            control_plane_url=settings.effective_control_plane_url,
             max_body_bytes=settings.max_body_bytes,
         ),
-        deployer=LocalDeployer(settings),
+        deployer=FixedDeployer(settings.bento_urls) if settings.bento_urls else LocalDeployer(settings),
     )

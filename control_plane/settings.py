@@ -24,6 +24,17 @@ def parse_weights(text: str) -> dict[str, int]:
     return weights
 
 
+def parse_bento_urls(text: str) -> dict[int, str]:
+    """Parse `1=http://bento-control:3000,2=http://bento-baseline:3000` (fixed Bento endpoints)."""
+    out: dict[int, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        version, sep, url = part.partition("=")
+        if not sep or not version.strip().isdigit():
+            raise ValueError(f"RECSYS_BENTO_URLS entry {part!r} is not version=url")
+        out[int(version)] = url.strip()
+    return out
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, with embedded defaults under one state directory."""
@@ -48,6 +59,8 @@ class Settings:
     api_token: str = ""  # empty: read from (or created in) state_dir/api-token
     embedded_redis_port: int = 6390
     bentoml_home: Path = Path(".recsys/bentoml")
+    control_plane_url: str = ""  # how Traefik reaches the control plane; empty: bind_host:control_plane_port
+    bento_urls: dict[int, str] = field(default_factory=dict)  # fixed endpoints (compose): version -> URL
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -75,7 +88,13 @@ class Settings:
             api_token=env.get("RECSYS_API_TOKEN", ""),
             embedded_redis_port=int(env.get("RECSYS_EMBEDDED_REDIS_PORT", 6390)),
             bentoml_home=Path(env.get("BENTOML_HOME") or state_dir / "bentoml").absolute(),
+            control_plane_url=env.get("RECSYS_CONTROL_PLANE_URL", ""),
+            bento_urls=parse_bento_urls(env.get("RECSYS_BENTO_URLS", "")),
         )
+
+    @property
+    def effective_control_plane_url(self) -> str:
+        return self.control_plane_url or f"http://{self.bind_host}:{self.control_plane_port}"
 
     @property
     def effective_redis_url(self) -> str:
@@ -105,6 +124,7 @@ class Settings:
             "RECSYS_EMBEDDED_REDIS_PORT": str(self.embedded_redis_port),
             "BENTOML_HOME": str(self.bentoml_home),
             "BENTOML_DO_NOT_TRACK": "true",
+            **({"RECSYS_CONTROL_PLANE_URL": self.control_plane_url} if self.control_plane_url else {}),
             "PYTHONUNBUFFERED": "1",
         }
 

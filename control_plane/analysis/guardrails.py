@@ -7,65 +7,98 @@ than the margin) rolls back at once. Both are always-valid, so they can be check
 from __future__ import annotations
 
 import numpy as np
+from scipy import special
 
 from control_plane.analysis import sequential as seq
 
 Array = np.ndarray | float
 
 
+HARM_PRIOR = (
+    1.0,
+    19.0,
+)  # Beta prior over the canary's error rate (mean 5%): most sensitive to a few points worse
+
+
+def log_rate_evidence(x: Array, n: Array, p0: Array, prior: tuple[float, float] = HARM_PRIOR) -> np.ndarray:
+    """log e-value that a Bernoulli rate exceeds p0: a Beta mixture, truncated to (p0, 1], of likelihood ratios.
+
+    Each ratio against p0 is a supermartingale whenever the true rate is at most p0, so the mixture is too:
+    by Ville's inequality it exceeds 1/alpha with probability at most alpha, at any look, exactly (no CLT),
+    which matters for rare events such as errors in the first minutes of a canary.
+    """
+    x, n = np.asarray(x, dtype=float), np.asarray(n, dtype=float)
+    p0 = np.clip(np.asarray(p0, dtype=float), 1e-9, 1 - 1e-9)
+    a, b = prior
+    with np.errstate(divide="ignore"):
+        num = special.betaln(x + a, n - x + b) + np.log(special.betaincc(x + a, n - x + b, p0))
+        den = (
+            special.betaln(a, b)
+            + np.log(special.betaincc(a, b, p0))
+            + x * np.log(p0)
+            + (n - x) * np.log1p(-p0)
+        )
+    return num - den
+
+
 def restricted_variance(x_b: Array, n_b: Array, n_c: Array, theta0: Array) -> np.ndarray:
     """Variance of the error-rate difference if the canary's rate were exactly the baseline's plus theta0."""
     x_b, n_b, n_c = (np.asarray(a, dtype=float) for a in (x_b, n_b, n_c))
-    # Farrington-Manning style: judging a margin with the variance the margin implies keeps rare-event
-    # tests calibrated at the boundary and far more sensitive than the canary's own noisy variance.
+    # Farrington-Manning style: judging a margin with the variance the margin implies keeps the test
+    # calibrated at the boundary; for non-inferiority it is conservative when the canary has few errors.
     pb = (x_b + 0.5) / (n_b + 1.0)
     pc = np.clip(pb + theta0, 1e-6, 1 - 1e-6)
     return pc * (1 - pc) / np.maximum(n_c, 1) + pb * (1 - pb) / np.maximum(n_b, 1)
 
 
+def _rates(x_c: Array, n_c: Array, x_b: Array, n_b: Array) -> tuple[np.ndarray, ...]:
+    x_c, n_c, x_b, n_b = (np.asarray(a, dtype=float) for a in (x_c, n_c, x_b, n_b))
+    return x_c, n_c, x_b, n_b, x_c / np.maximum(n_c, 1), x_b / np.maximum(n_b, 1)
+
+
 def rate_tests(
-    x_c: Array, n_c: Array, x_b: Array, n_b: Array, margin: float, alpha: float, expected_n: float, harm_expected_n: float
+    x_c: Array, n_c: Array, x_b: Array, n_b: Array, margin: float, alpha: float, expected_n: float
 ) -> dict[str, np.ndarray]:
-    """Error-rate difference with its always-valid p-values: harm (diff > margin) and non-inferiority (< margin)."""
-    x_c, n_c = np.asarray(x_c, dtype=float), np.asarray(n_c, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        diff = np.where((n_c > 0) & (np.asarray(n_b) > 0), x_c / np.maximum(n_c, 1) - np.asarray(x_b) / np.maximum(n_b, 1), 0.0)
+    """Error-rate difference with always-valid p-values for harm (diff > margin) and non-inferiority (< margin)."""
+    x_c, n_c, x_b, n_b, rc, rb = _rates(x_c, n_c, x_b, n_b)
     v0 = restricted_variance(x_b, n_b, n_c, margin)
-    unit = v0 * np.maximum(n_c, 1)
-    tau2_harm = seq.mixing_variance(unit, harm_expected_n, alpha)
-    tau2_ni = seq.mixing_variance(unit, expected_n, alpha)
+    tau2 = seq.mixing_variance(v0 * np.maximum(n_c, 1), expected_n, alpha)
     return {
-        "diff": diff,
-        "p_harm": seq.one_sided_p(diff, v0, tau2_harm, margin, +1),
-        "p_noninferior": seq.one_sided_p(diff, v0, tau2_ni, margin, -1),
-        "tau2_harm": tau2_harm,
-        "tau2_noninferior": tau2_ni,
+        "diff": rc - rb,
+        "p_harm": np.minimum(1.0, np.exp(-log_rate_evidence(x_c, n_c, rb + margin))),
+        "p_noninferior": seq.one_sided_p(rc - rb, v0, tau2, margin, -1),
+        "tau2": tau2,
     }
 
 
-def rate_bound(
-    x_c: Array, n_c: Array, x_b: Array, n_b: Array, tau2: Array, alpha: float, side: int
-) -> np.ndarray:
-    """The always-valid bound on the rate difference that matches `rate_tests` (side=+1 lower, -1 upper)."""
-    x_c, n_c, x_b, n_b = (np.asarray(a, dtype=float) for a in (x_c, n_c, x_b, n_b))
-    diff = x_c / np.maximum(n_c, 1) - x_b / np.maximum(n_b, 1)
-    pb = (x_b + 0.5) / (n_b + 1.0)
+def rate_bounds(
+    x_c: Array, n_c: Array, x_b: Array, n_b: Array, tau2: Array, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The always-valid lower (harm) and upper (non-inferiority) bounds on the difference matching `rate_tests`."""
+    x_c, n_c, x_b, n_b, rc, rb = _rates(x_c, n_c, x_b, n_b)
     target = np.log(1.0 / alpha)
 
-    def rejects(theta0: np.ndarray) -> np.ndarray:
-        v0 = restricted_variance(x_b, n_b, n_c, theta0)
-        return seq.log_one_sided_lr(side * (diff - theta0) / np.sqrt(v0), tau2 / v0) >= target
+    def harm(theta0: np.ndarray) -> np.ndarray:
+        return log_rate_evidence(x_c, n_c, rb + theta0) >= target
 
-    # side=+1: thetas below the bound are rejected; search between the lowest possible difference and diff.
-    far = np.where(side > 0, -pb, 1.0 - pb) + 0.0 * diff
-    near = diff.copy()
-    if not np.any(rejects(far)):
-        return np.broadcast_to(far, np.shape(diff)).astype(float)
+    def noninferior(theta0: np.ndarray) -> np.ndarray:
+        v0 = restricted_variance(x_b, n_b, n_c, theta0)
+        return seq.log_one_sided_lr((theta0 - (rc - rb)) / np.sqrt(v0), tau2 / v0) >= target
+
+    lower = _boundary(harm, -rb, rc - rb)
+    upper = _boundary(noninferior, 1.0 - rb, rc - rb)
+    return lower, upper
+
+
+def _boundary(rejects, far: np.ndarray, near: np.ndarray) -> np.ndarray:
+    """Bisect for where `rejects` switches on between `near` (not rejected) and `far` (no bound if not rejected)."""
+    far, near = np.array(far, dtype=float), np.array(near, dtype=float)
+    edge = far.copy()
     for _ in range(60):
         mid = 0.5 * (far + near)
         r = rejects(mid)
         far, near = np.where(r, mid, far), np.where(r, near, mid)
-    return np.where(rejects(far), 0.5 * (far + near), far)
+    return np.where(rejects(edge), 0.5 * (far + near), edge)
 
 
 def quantile_ranks(n: Array, q: float, alpha: float, expected_n: float) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +115,9 @@ def quantile_ranks(n: Array, q: float, alpha: float, expected_n: float) -> tuple
     return np.ceil(n * q - u), np.floor(n * q + u) + 1
 
 
-def quantile_bounds(values: np.ndarray, q: float, alpha: float, expected_n: float) -> tuple[float, float, float]:
+def quantile_bounds(
+    values: np.ndarray, q: float, alpha: float, expected_n: float
+) -> tuple[float, float, float]:
     """Point estimate, lower and upper always-valid bound of the q-quantile of one sample (inf: no bound yet)."""
     x = np.sort(np.asarray(values, dtype=float))
     n = len(x)
@@ -98,13 +133,22 @@ def quantile_bounds(values: np.ndarray, q: float, alpha: float, expected_n: floa
 def ratio_bounds(lo_c: Array, hi_c: Array, lo_b: Array, hi_b: Array) -> tuple[np.ndarray, np.ndarray]:
     """Bounds on canary/baseline from each arm's quantile bounds (each at alpha/2, so jointly at alpha)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        lower = np.where(np.asarray(hi_b) > 0, np.asarray(lo_c, dtype=float) / np.asarray(hi_b, dtype=float), 0.0)
-        upper = np.where(np.asarray(lo_b) > 0, np.asarray(hi_c, dtype=float) / np.asarray(lo_b, dtype=float), np.inf)
-    return np.nan_to_num(lower, nan=0.0), np.nan_to_num(upper, nan=np.inf)
+        lower = np.where(
+            np.asarray(hi_b) > 0, np.asarray(lo_c, dtype=float) / np.asarray(hi_b, dtype=float), 0.0
+        )
+        upper = np.where(
+            np.asarray(lo_b) > 0, np.asarray(hi_c, dtype=float) / np.asarray(lo_b, dtype=float), np.inf
+        )
+    return np.where(np.isnan(lower), 0.0, lower), np.where(np.isnan(upper), np.inf, upper)
 
 
 def p99_ratio(
-    lat_c: np.ndarray, lat_b: np.ndarray, alpha: float, expected_n: float, harm_expected_n: float, q: float = 0.99
+    lat_c: np.ndarray,
+    lat_b: np.ndarray,
+    alpha: float,
+    expected_n: float,
+    harm_expected_n: float,
+    q: float = 0.99,
 ) -> dict[str, float]:
     """Canary/baseline p99 with an always-valid lower bound (for harm) and upper bound (for non-inferiority)."""
     p_c, lo_c_h, _ = quantile_bounds(lat_c, q, alpha / 2, harm_expected_n)
@@ -114,4 +158,10 @@ def p99_ratio(
     lower, _ = ratio_bounds(lo_c_h, 0.0, 1.0, hi_b_h)
     _, upper = ratio_bounds(0.0, hi_c, lo_b, 1.0)
     ratio = p_c / p_b if p_b > 0 else float("nan")
-    return {"p99_canary": p_c, "p99_baseline": p_b, "ratio": ratio, "lower": float(lower), "upper": float(upper)}
+    return {
+        "p99_canary": p_c,
+        "p99_baseline": p_b,
+        "ratio": ratio,
+        "lower": float(lower),
+        "upper": float(upper),
+    }

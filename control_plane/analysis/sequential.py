@@ -52,7 +52,12 @@ def mixture_lr(diff: Array, var: Array, tau2: Array, theta0: Array = 0.0) -> np.
 def log_one_sided_lr(z: Array, r: Array) -> np.ndarray:
     """log of the half-normal mixture ratio; z = (estimate - theta0)/sd toward the alternative, r = tau²/var."""
     z, r = np.asarray(z, dtype=float), np.asarray(r, dtype=float)
-    return _LOG2 - 0.5 * np.log1p(r) + r * z * z / (2.0 * (1.0 + r)) + special.log_ndtr(z * np.sqrt(r / (1.0 + r)))
+    return (
+        _LOG2
+        - 0.5 * np.log1p(r)
+        + r * z * z / (2.0 * (1.0 + r))
+        + special.log_ndtr(z * np.sqrt(r / (1.0 + r)))
+    )
 
 
 def one_sided_p(diff: Array, var: Array, tau2: Array, theta0: Array, side: int) -> np.ndarray:

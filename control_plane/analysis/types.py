@@ -77,6 +77,8 @@ class RolloutState:
     started_at: float
     step_started_at: float
     evaluations: int = 0  # evaluations so far in this rollout
+    # running always-valid p-values from the previous decision's stats["running_p_values"] (empty: none yet)
+    running_p_values: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,9 @@ def validate_weights(weights: Mapping[str, object]) -> dict[str, int]:
         value = weights.get(role, 0)
         # bool is an int subclass: True would silently mean weight 1.
         if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidWeights(f"weight for {role!r} must be an integer, got {type(value).__name__} {value!r}")
+            raise InvalidWeights(
+                f"weight for {role!r} must be an integer, got {type(value).__name__} {value!r}"
+            )
         if value < 0:
             raise InvalidWeights(f"weight for {role!r} must not be negative, got {value}")
         clean[role] = value
@@ -67,16 +69,28 @@ def validate_backends(backends: Mapping[str, Backend | None]) -> dict[str, Backe
     """Check an update of role assignments (None removes a role's backend); returns a plain dict."""
     unknown = sorted(str(r) for r in backends if r not in ROLES)
     if unknown:
-        raise InvalidBackends(f"unknown role(s) {', '.join(map(repr, unknown))}; roles are {', '.join(ROLES)}")
+        raise InvalidBackends(
+            f"unknown role(s) {', '.join(map(repr, unknown))}; roles are {', '.join(ROLES)}"
+        )
     clean: dict[str, Backend | None] = {}
     for role, backend in backends.items():
         if backend is not None:
             if not isinstance(backend, Backend):
-                raise InvalidBackends(f"backend for {role!r} must be a Backend or None, got {type(backend).__name__}")
-            if isinstance(backend.version, bool) or not isinstance(backend.version, int) or backend.version < 0:
-                raise InvalidBackends(f"version for {role!r} must be a non-negative integer, got {backend.version!r}")
+                raise InvalidBackends(
+                    f"backend for {role!r} must be a Backend or None, got {type(backend).__name__}"
+                )
+            if (
+                isinstance(backend.version, bool)
+                or not isinstance(backend.version, int)
+                or backend.version < 0
+            ):
+                raise InvalidBackends(
+                    f"version for {role!r} must be a non-negative integer, got {backend.version!r}"
+                )
             if not backend.url.startswith(("http://", "https://")):
-                raise InvalidBackends(f"URL for {role!r} must start with http:// or https://, got {backend.url!r}")
+                raise InvalidBackends(
+                    f"URL for {role!r} must start with http:// or https://, got {backend.url!r}"
+                )
         clean[role] = backend
     return clean
 

@@ -24,7 +24,9 @@ class TrafficStore:
     def load(self) -> dict[str, Assignment]:
         """Role -> (version, weight) for every role; empty when nothing was ever saved."""
         with self._engine.connect() as conn:
-            rows = conn.execute(select(traffic_config.c.role, traffic_config.c.version, traffic_config.c.weight))
+            rows = conn.execute(
+                select(traffic_config.c.role, traffic_config.c.version, traffic_config.c.weight)
+            )
             found = {role: (version, weight) for role, version, weight in rows}
         if not found:
             return {}
@@ -51,30 +53,38 @@ class TrafficStore:
             if conn.execute(select(traffic_config.c.role).limit(1)).first() is not None:
                 return False
             # Another process may seed at the same moment: its rows win, ours are dropped.
-            self._upsert(conn, rows, overwrite=False)
-        return True
+            return self._upsert(conn, rows, overwrite=False) > 0
 
     def _validated(self, assignments: Mapping[str, Assignment]) -> list[dict]:
         unknown = sorted(str(r) for r in assignments if r not in ROLES)
         if unknown:
-            raise InvalidWeights(f"unknown role(s) {', '.join(map(repr, unknown))}; roles are {', '.join(ROLES)}")
+            raise InvalidWeights(
+                f"unknown role(s) {', '.join(map(repr, unknown))}; roles are {', '.join(ROLES)}"
+            )
         full = {role: tuple(assignments.get(role, (None, 0))) for role in ROLES}
         weights = validate_weights({role: weight for role, (_, weight) in full.items()})
         now = self._clock()
         rows = []
         for role, (version, _) in full.items():
-            if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
-                raise InvalidWeights(f"version for {role!r} must be a non-negative integer or None, got {version!r}")
+            if version is not None and (
+                isinstance(version, bool) or not isinstance(version, int) or version < 0
+            ):
+                raise InvalidWeights(
+                    f"version for {role!r} must be a non-negative integer or None, got {version!r}"
+                )
             if version is None and weights[role] > 0:
-                raise InvalidWeights(f"role {role!r} has weight {weights[role]} but no version; set its weight to 0")
+                raise InvalidWeights(
+                    f"role {role!r} has weight {weights[role]} but no version; set its weight to 0"
+                )
             rows.append({"role": role, "version": version, "weight": weights[role], "updated_at": now})
         return rows
 
-    def _upsert(self, conn, rows: list[dict], *, overwrite: bool) -> None:
+    def _upsert(self, conn, rows: list[dict], *, overwrite: bool) -> int:
+        """Insert or (with `overwrite`) update the rows; returns how many rows were written."""
         dialect = conn.dialect.name
         if dialect in ("postgresql", "sqlite"):
             insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-            stmt = insert(traffic_config)
+            stmt = insert(traffic_config).values(rows)  # one multi-row statement: rowcount is exact
             if overwrite:
                 stmt = stmt.on_conflict_do_update(
                     index_elements=[traffic_config.c.role],
@@ -86,10 +96,10 @@ class TrafficStore:
                 )
             else:
                 stmt = stmt.on_conflict_do_nothing(index_elements=[traffic_config.c.role])
-            conn.execute(stmt, rows)
-            return
+            return conn.execute(stmt).rowcount
         # Other databases: update what exists, insert the rest (same transaction).
         existing = set(conn.scalars(select(traffic_config.c.role)))
+        written = 0
         for row in rows:
             if row["role"] not in existing:
                 conn.execute(traffic_config.insert().values(**row))
@@ -99,3 +109,7 @@ class TrafficStore:
                     .where(traffic_config.c.role == row["role"])
                     .values(version=row["version"], weight=row["weight"], updated_at=row["updated_at"])
                 )
+            else:
+                continue
+            written += 1
+        return written

@@ -165,7 +165,9 @@ def render_dynamic_config(
 
 def dump_dynamic_config(config: Mapping[str, Any]) -> str:
     """YAML text of a rendered config, with the do-not-edit header."""
-    return _HEADER_COMMENT + yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=False, width=1000)
+    return _HEADER_COMMENT + yaml.safe_dump(
+        dict(config), sort_keys=False, default_flow_style=False, width=1000
+    )
 
 
 def parse_dynamic_config(config: Mapping[str, Any] | None) -> tuple[dict[str, Backend], dict[str, int]]:
@@ -187,7 +189,9 @@ def parse_dynamic_config(config: Mapping[str, Any] | None) -> tuple[dict[str, Ba
         name = router["service"]
         match = _SERVICE_RE.match(name)
         if not match:
-            raise TrafficStateUnreadable(f"router {role_router(role)!r} points at unexpected service {name!r}")
+            raise TrafficStateUnreadable(
+                f"router {role_router(role)!r} points at unexpected service {name!r}"
+            )
         url = services[name]["loadBalancer"]["servers"][0]["url"]
         backends[role] = Backend(version=int(match.group(1)), url=url)
         weights[role] = split.get(name, 0)

@@ -79,7 +79,9 @@ def timeseries():
     window_s = _query_int("window_s", ctx.settings.window_s, 1, MAX_WINDOW_S)
     bucket_s = _query_int("bucket_s", max(1, window_s // 60), 1, MAX_WINDOW_S)
     if window_s / bucket_s > MAX_BUCKETS:
-        raise InvalidRequest(f"bucket_s={bucket_s} gives more than {MAX_BUCKETS} buckets over window_s={window_s}")
+        raise InvalidRequest(
+            f"bucket_s={bucket_s} gives more than {MAX_BUCKETS} buckets over window_s={window_s}"
+        )
     now = ctx.clock()
     since = now - window_s
     with ctx.engine.connect() as conn:

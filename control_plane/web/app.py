@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
     install_metrics(app, wiring.context)
     app.add_template_filter(_when, "when")
     app.add_template_filter(_num, "num")
+    app.add_template_filter(_flat, "flat")
 
     @app.before_request
     def _start() -> None:
@@ -97,7 +98,9 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
             _ping(wiring.context().engine)
         except Exception as exc:
             log.warning("not ready", extra={"database": name, "error": exc.__class__.__name__})
-            return jsonify(status="unavailable", error=f"{name} is not reachable ({exc.__class__.__name__})"), 503
+            return jsonify(
+                status="unavailable", error=f"{name} is not reachable ({exc.__class__.__name__})"
+            ), 503
         return jsonify(status="ready", database=name)
 
     return app
@@ -136,5 +139,18 @@ def _num(value: Any, digits: int = 4) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
+        if value.is_integer() or abs(value) >= 10**digits:
+            return f"{value:.0f}"
         return f"{value:.{digits}g}"
     return str(value)
+
+
+def _flat(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested stats as (dotted name, leaf) rows for a two-column table; pairs stay together as intervals."""
+    if isinstance(value, dict):
+        return [row for k, v in value.items() for row in _flat(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int | float) for v in value):
+        return [(prefix, f"[{_num(value[0])}, {_num(value[1])}]")]
+    if isinstance(value, list | tuple):
+        return [row for i, v in enumerate(value) for row in _flat(v, f"{prefix}[{i}]")]
+    return [(prefix, value)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -48,10 +49,8 @@ def _read_or_create(path: Path, make) -> str:
                 f.write(make() + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)  # fails if another process created it first: theirs wins
-            except FileExistsError:
-                pass
+            with contextlib.suppress(FileExistsError):  # another process created it first: theirs wins
+                os.link(tmp, path)
         finally:
             os.unlink(tmp)
         log.info("secret file created", extra={"path": str(path)})

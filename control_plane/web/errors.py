@@ -51,7 +51,12 @@ def _respond(status: int, message: str, exc: Exception):
             resp.headers["WWW-Authenticate"] = 'Bearer realm="recsys-canary"'
         return resp
     # A refused UI action (a conflict, a bad value) goes back to the page with the reason shown.
-    if request.blueprint == "ui" and request.method == "POST" and isinstance(exc, RecsysError) and status != 401:
+    if (
+        request.blueprint == "ui"
+        and request.method == "POST"
+        and isinstance(exc, RecsysError)
+        and status != 401
+    ):
         flash(message, "error")
         return redirect(url_for("ui.index"), code=303)
     return render_template("error.html", status=status, message=message), status

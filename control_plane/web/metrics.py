@@ -41,7 +41,9 @@ class RolloutCollector(Collector):
         return []  # nothing is read at registration time
 
     def collect(self) -> Iterator:
-        up = GaugeMetricFamily("recsys_control_plane_database_up", "1 if the last scrape could read the database")
+        up = GaugeMetricFamily(
+            "recsys_control_plane_database_up", "1 if the last scrape could read the database"
+        )
         started = time.perf_counter()
         try:
             families = list(self._families(self._get_ctx()))
@@ -65,7 +67,9 @@ class RolloutCollector(Collector):
         yield GaugeMetricFamily(
             "recsys_canary_weight", "Current canary weight (percent)", value=weights.get("canary", 0)
         )
-        tw = GaugeMetricFamily("recsys_traffic_weight", "Weight in force per role (percent)", labels=["role", "version"])
+        tw = GaugeMetricFamily(
+            "recsys_traffic_weight", "Weight in force per role (percent)", labels=["role", "version"]
+        )
         for role, weight in sorted(weights.items()):
             version = versions.get(role)
             tw.add_metric([role, "" if version is None else str(version)], weight)
@@ -93,13 +97,19 @@ class RolloutCollector(Collector):
             "recsys_last_evaluation_stat", "Numeric statistics behind the latest evaluation", labels=["name"]
         )
         rule_value = GaugeMetricFamily(
-            "recsys_last_evaluation_rule_value", "Value each rule compared at the latest evaluation", labels=["rule"]
+            "recsys_last_evaluation_rule_value",
+            "Value each rule compared at the latest evaluation",
+            labels=["rule"],
         )
         rule_threshold = GaugeMetricFamily(
-            "recsys_last_evaluation_rule_threshold", "Threshold of each rule at the latest evaluation", labels=["rule"]
+            "recsys_last_evaluation_rule_threshold",
+            "Threshold of each rule at the latest evaluation",
+            labels=["rule"],
         )
         rule_passed = GaugeMetricFamily(
-            "recsys_last_evaluation_rule_passed", "1 if the rule held, 0 if not (absent: no data)", labels=["rule"]
+            "recsys_last_evaluation_rule_passed",
+            "1 if the rule held, 0 if not (absent: no data)",
+            labels=["rule"],
         )
         if last_eval is not None:
             last_ts.add_metric([], last_eval["ts"])
@@ -118,9 +128,15 @@ class RolloutCollector(Collector):
         coverage = GaugeMetricFamily(
             "recsys_label_coverage", "Labelled predictions / requests over the window", labels=["role"]
         )
-        accuracy = GaugeMetricFamily("recsys_accuracy", "Accuracy of labelled predictions over the window", labels=["role"])
-        requests = GaugeMetricFamily("recsys_window_requests", "Weighted requests over the window", labels=["role"])
-        errors = GaugeMetricFamily("recsys_window_error_rate", "Share of 5xx over the window", labels=["role"])
+        accuracy = GaugeMetricFamily(
+            "recsys_accuracy", "Accuracy of labelled predictions over the window", labels=["role"]
+        )
+        requests = GaugeMetricFamily(
+            "recsys_window_requests", "Weighted requests over the window", labels=["role"]
+        )
+        errors = GaugeMetricFamily(
+            "recsys_window_error_rate", "Share of 5xx over the window", labels=["role"]
+        )
         for role, arm in sorted(window["roles"].items()):
             if arm["version"] is None:
                 continue
@@ -135,7 +151,9 @@ class RolloutCollector(Collector):
 def _ledger_summary(ctx: Context) -> tuple[dict[str, int], dict[str, Any] | None]:
     """Ledger rows per action, and the newest evaluation row (with its stats and rules)."""
     with ctx.engine.connect() as conn:
-        counts = dict(conn.execute(select(decisions.c.action, func.count()).group_by(decisions.c.action)).all())
+        counts = dict(
+            conn.execute(select(decisions.c.action, func.count()).group_by(decisions.c.action)).all()
+        )
         row = conn.execute(
             select(decisions.c.ts, decisions.c.stats, decisions.c.rules)
             .where(decisions.c.action.in_(EVALUATION_ACTIONS))

@@ -10,6 +10,7 @@ from typing import Any
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 
 from control_plane import services
+from control_plane.analysis.policy import NAMES
 from control_plane.errors import InvalidRequest
 from control_plane.settings import ROLES
 from control_plane.web.auth import WRITE_METHODS, log_in, log_out, operator_logged_in, token_matches
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("ui", __name__)
 
 ACTOR = "ui:operator"
-POLICIES = ("sequential", "threshold")
+POLICIES = NAMES
 OPEN_WRITES = {"ui.login", "ui.logout"}  # CSRF still applies to these
 OPERATOR_ACTIONS: dict[str, tuple[Callable, str]] = {
     "pause": (services.pause, "paused"),
@@ -104,7 +105,9 @@ def start_canary():
     if policy not in POLICIES:
         raise InvalidRequest(f"field 'policy' must be one of {', '.join(POLICIES)}, got {policy[:40]!r}")
     rollout = services.start_canary(current_ctx(), version, {"name": policy}, ACTOR)
-    return _done(f"Rollout {rollout.id} started: version {version} is the canary at {rollout.canary_weight}%.")
+    return _done(
+        f"Rollout {rollout.id} started: version {version} is the canary at {rollout.canary_weight}%."
+    )
 
 
 @bp.post("/ui/traffic")

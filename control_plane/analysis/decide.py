@@ -1,0 +1,296 @@
+"""decide(state, observations, policy) -> Decision: the one entry point from the control plane into analysis."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from control_plane.analysis import guardrails, srm
+from control_plane.analysis import sequential as seq
+from control_plane.analysis.policy import (
+    ADVANCE,
+    HALT,
+    HOLD,
+    INCONCLUSIVE,
+    PROMOTE,
+    ROLLBACK,
+    Cause,
+    Evidence,
+    Policy,
+    evaluate,
+)
+from control_plane.analysis.types import (
+    Action,
+    ArmObservation,
+    Decision,
+    Observations,
+    Phase,
+    RolloutState,
+    RuleOutcome,
+)
+
+ACTIONS = {HOLD: Action.HOLD, ADVANCE: Action.ADVANCE, PROMOTE: Action.PROMOTE, ROLLBACK: Action.ROLLBACK,
+           HALT: Action.HALT, INCONCLUSIVE: Action.INCONCLUSIVE}  # fmt: skip
+PROMOTED_WEIGHT = 100  # after a promotion the canary *is* the baseline; the control plane restores the split
+SUPERIORITY_KEY = "accuracy_superiority"  # key of the running p-value in RolloutState.running_p_values
+
+
+def decide(state: RolloutState, obs: Observations, policy: Policy) -> Decision:
+    """Decide one evaluation of a rollout from its observations under its policy; no I/O."""
+    if state.phase is not Phase.PROGRESSING:
+        why = {Phase.PAUSED: "rollout is paused by an operator", Phase.PENDING: "rollout has not started"}
+        return Decision(Action.HOLD, why.get(state.phase, f"rollout is {state.phase}; nothing to decide"),
+                        state.canary_weight)  # fmt: skip
+    if not 0 <= state.step_index < len(policy.steps):
+        raise ValueError(f"step_index {state.step_index} is outside the policy's {len(policy.steps)} steps")
+    canary, baseline = obs.arms.get("canary"), obs.arms.get("baseline")
+    if canary is None or baseline is None:
+        missing = " and ".join(r for r in ("baseline", "canary") if r not in obs.arms)
+        return Decision(Action.NO_DATA, f"no observations for the {missing}", state.canary_weight)
+    n = _numbers(state, obs, policy, canary, baseline)
+    action, cause, st = evaluate(policy, _evidence(n, state))
+    code, why = int(action[0]), Cause(int(cause[0]))
+    st = {k: np.asarray(v).reshape(-1)[0].item() for k, v in st.items()}
+    act = ACTIONS[code]
+    next_weight = {ADVANCE: policy.steps[min(state.step_index + 1, len(policy.steps) - 1)],
+                   PROMOTE: PROMOTED_WEIGHT, HOLD: state.canary_weight}.get(code, 0)  # fmt: skip
+    stats = _stats(policy, state, obs, n, st, why)
+    reason = _reason(policy, state, n, st, act, why, next_weight)
+    return Decision(act, reason, next_weight, _rules(policy, n, st), _jsonable(stats))
+
+
+def _numbers(
+    state: RolloutState, obs: Observations, policy: Policy, c: ArmObservation, b: ArmObservation
+) -> dict:
+    """Every estimate and interval shown with a decision, whichever rule acts on them."""
+    a, p0 = policy.alpha, policy.planning_accuracy
+    diff, var = seq.proportion_diff(c.correct, c.labelled, b.correct, b.labelled)
+    tau2 = seq.mixing_variance(2 * p0 * (1 - p0), policy.planned_n, a)
+    err = guardrails.rate_tests(
+        c.errors, c.requests, b.errors, b.requests, policy.error_margin, a, policy.planned_n
+    )
+    err_lower, err_upper = guardrails.rate_bounds(c.errors, c.requests, b.errors, b.requests, err["tau2"], a)
+    lat = guardrails.p99_ratio(
+        np.asarray(c.latencies_ms), np.asarray(b.latencies_ms), a, policy.planned_n, policy.harm_expected_n
+    )
+    step_obs = {r: arm.step_requests for r, arm in obs.arms.items()}
+    srm_check = srm.srm_check(step_obs, obs.step_weights, policy.planned_n, policy.srm_p)
+    return {
+        "c": c, "b": b, "diff": float(diff), "var": float(var), "tau2": float(tau2),
+        "acc_lower": float(seq.one_sided_bound(diff, var, tau2, a, +1)),
+        "acc_upper": float(seq.one_sided_bound(diff, var, tau2, a, -1)),
+        "err": {k: float(v) for k, v in err.items()},
+        "err_lower": float(err_lower), "err_upper": float(err_upper), "lat": lat, "srm": srm_check,
+        "srm_p": None if srm_check is None else srm_check["p_always_valid"], "step_obs": step_obs,
+        "weights": dict(obs.step_weights),
+        "elapsed_s": obs.now - state.started_at, "step_elapsed_s": obs.now - state.step_started_at,
+    }  # fmt: skip
+
+
+def _evidence(n: dict, state: RolloutState) -> Evidence:
+    """The numbers as the rules' one-element arrays."""
+    c, b, lat = n["c"], n["b"], n["lat"]
+
+    def arr(x: float) -> np.ndarray:
+        return np.array([x], dtype=float)
+
+    return Evidence(
+        requests_c=arr(c.requests), errors_c=arr(c.errors), requests_b=arr(b.requests), errors_b=arr(b.errors),
+        labelled_c=arr(c.labelled), correct_c=arr(c.correct), labelled_b=arr(b.labelled), correct_b=arr(b.correct),
+        latencies_c=arr(len(c.latencies_ms)), latencies_b=arr(len(b.latencies_ms)),
+        p99_ratio=arr(lat["ratio"] if math.isfinite(lat["ratio"]) else np.inf),
+        p99_ratio_lower=arr(lat["lower"]), p99_ratio_upper=arr(lat["upper"]),
+        srm_p=arr(1.0 if n["srm_p"] is None else n["srm_p"]),
+        elapsed_s=arr(n["elapsed_s"]), step_elapsed_s=arr(n["step_elapsed_s"]), step_index=arr(state.step_index),
+        running_p=arr(state.running_p_values.get(SUPERIORITY_KEY, 1.0)),
+    )  # fmt: skip
+
+
+def _pts(x: float | None, signed: bool = True) -> str:
+    """A proportion as percentage points: +2.4 pts."""
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{100 * x:+.1f} pts" if signed else f"{100 * x:.1f} pts"
+
+
+def _interval(n: dict) -> str:
+    """The accuracy difference's two one-sided always-valid bounds: [+1.2, +3.6] pts."""
+    return f"[{100 * n['acc_lower']:+.1f}, {100 * n['acc_upper']:+.1f}] pts"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _ratio(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.2f}"
+
+
+def _p(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2g}"
+
+
+def _reason(policy: Policy, state: RolloutState, n: dict, st: dict, act: Action, why: Cause, nxt: int) -> str:
+    """A readable sentence with the numbers behind the action."""
+    c, b, lat, err = n["c"], n["b"], n["lat"], n["err"]
+    sequential = policy.name == "sequential"
+    acc = (f"canary accuracy {_pts(n['diff'])} (always-valid bounds {_interval(n)}, "
+           f"p={_p(st.get('p_superior'))} vs margin)" if sequential
+           else f"canary accuracy {_pts(n['diff'])}")  # fmt: skip
+    errs = f"canary errors {_pct(c.error_rate)} vs baseline {_pct(b.error_rate)} ({_pts(err['diff'])})"
+    p99 = f"p99 {lat['p99_canary']:.1f} ms vs {lat['p99_baseline']:.1f} ms (ratio {_ratio(lat['ratio'])})"
+    step = f"step {state.step_index + 1} of {len(policy.steps)} at {policy.steps[state.step_index]}%"
+    if why is Cause.SRM:
+        seen = ", ".join(f"{r} {k}" for r, k in n["step_obs"].items())
+        want = ", ".join(f"{r} {w}%" for r, w in n["weights"].items())
+        return (f"sample-ratio mismatch: step requests {seen} against weights {want} (chi-square "
+                f"{n['srm']['chi_square']:.1f}, p={_p(n['srm']['p'])}, always-valid p={_p(n['srm_p'])} < "
+                f"{policy.srm_p:g}); halting, nothing is promoted")  # fmt: skip
+    if why is Cause.ERRORS:
+        how = (f"lower bound {_pts(n['err_lower'])}, p={_p(err['p_harm'])}" if sequential
+               else f"more than twice the {_pts(policy.error_margin, False)} margin")  # fmt: skip
+        return f"{errs}: worse than the {_pts(policy.error_margin, False)} margin ({how}); rolling back"
+    if why is Cause.LATENCY:
+        how = (f"lower bound {_ratio(lat['lower'])}" if sequential
+               else f"above {1 + 2 * (policy.p99_ratio - 1):.2f}, twice the allowance")  # fmt: skip
+        return f"canary {p99} exceeds {policy.p99_ratio:.2f} ({how}); rolling back"
+    if why is Cause.TIME_LIMIT:
+        return (f"no decision after {n['elapsed_s'] / 3600:.1f} h (limit {policy.max_duration_s / 3600:.1f} h): "
+                f"inconclusive; {acc}")  # fmt: skip
+    if why is Cause.MIN_SAMPLE:
+        return (
+            f"waiting for data: labelled {c.labelled}/{b.labelled} (canary/baseline, need "
+            f"{policy.labelled_minimum}), requests {c.requests}/{b.requests} (need {policy.min_requests_per_arm}),"
+            f" latencies {len(c.latencies_ms)}/{len(b.latencies_ms)} (need {policy.min_latency_samples})"
+        )
+    if why is Cause.ACCURACY_WORSE:
+        return f"{acc}: confidently below the baseline (p={_p(st.get('p_worse'))}); rolling back"
+    if why is Cause.FUTILITY:
+        return (f"{acc}: confidently below the {_pts(policy.accuracy_margin, False)} margin "
+                f"(p={_p(st.get('p_futile'))}), so it cannot be promoted; rolling back")  # fmt: skip
+    if why is Cause.STEP_TIME:
+        return f"{step} has run {n['step_elapsed_s']:.0f} s of the {policy.step_min_duration_s:.0f} s minimum; holding"
+    checks = _checks(policy, n, st)
+    if act is Action.ADVANCE and sequential:
+        return f"no harm at {step} ({errs}; {p99}); {acc} so far: advancing to {nxt}%"
+    verdict = {Action.PROMOTE: "promoting", Action.ADVANCE: f"advancing to {nxt}%"}.get(
+        act, f"holding at {step}"
+    )
+    return f"{'; '.join(checks)}: {verdict}"
+
+
+def _checks(policy: Policy, n: dict, st: dict) -> list[str]:
+    """The promotion rules, each as a short clause saying whether it holds."""
+    lat, err = n["lat"], n["err"]
+    m, r, e = _pts(policy.accuracy_margin, False), f"{policy.p99_ratio:.2f}", _pts(policy.error_margin, False)
+    if policy.name == "sequential":
+        return [
+            f"canary accuracy {_pts(n['diff'])} (always-valid bounds {_interval(n)}, p={_p(st['p_superior'])}) "
+            f"{'exceeds' if st['superior'] else 'not yet above'}"
+            f" margin {m}",
+            f"p99 ratio {_ratio(lat['ratio'])} (upper bound {_ratio(lat['upper'])}) "
+            f"{'≤' if st['latency_noninferior'] else 'not yet shown ≤'} {r}",
+            f"error diff {_pts(err['diff'])} (upper bound {_pts(n['err_upper'])}, p={_p(err['p_noninferior'])}) "
+            f"{'≤' if st['error_noninferior'] else 'not yet shown ≤'} {e}",
+        ]
+    return [
+        f"canary accuracy {_pts(n['diff'])} {'exceeds' if st['superior'] else 'does not exceed'} margin {m}",
+        f"p99 ratio {_ratio(lat['ratio'])} {'≤' if st['latency_noninferior'] else '>'} {r}",
+        f"error diff {_pts(err['diff'])} {'≤' if st['error_noninferior'] else '>'} {e}",
+    ]
+
+
+def _rules(policy: Policy, n: dict, st: dict) -> tuple[RuleOutcome, ...]:
+    """Each rule checked at this evaluation, with what it compared."""
+    a, lat, err = policy.alpha, n["lat"], n["err"]
+    labels, reqs, lats = st["enough_labels"], st["enough_requests"], st["enough_latency"]
+    srm_ok = None if n["srm_p"] is None else n["srm_p"] >= policy.srm_p
+    rules = [
+        RuleOutcome("sample_ratio", n["srm_p"], policy.srm_p, srm_ok,
+                    "always-valid p of the chi-square of step requests vs weights"),
+        RuleOutcome("time_limit", n["elapsed_s"], policy.max_duration_s, n["elapsed_s"] < policy.max_duration_s,
+                    "seconds since the rollout started"),
+        RuleOutcome("min_sample", float(min(n["c"].labelled, n["b"].labelled)), float(policy.labelled_minimum),
+                    bool(labels), "labelled predictions in the smaller arm"),
+        RuleOutcome("step_duration", n["step_elapsed_s"], policy.step_min_duration_s, bool(st["step_done"]),
+                    "seconds at this step"),
+    ]  # fmt: skip
+    if policy.name == "sequential":
+        rules += [
+            RuleOutcome("error_harm", err["p_harm"], a, (err["p_harm"] > a) if reqs else None,
+                        f"always-valid p that errors exceed the margin; lower bound {_pts(n['err_lower'])}"),
+            RuleOutcome("latency_harm", lat["lower"], policy.p99_ratio, (lat["lower"] <= policy.p99_ratio) if lats
+                        else None, "always-valid lower bound of the p99 ratio"),
+            RuleOutcome("accuracy_superiority", st["p_superior"], a, bool(st["superior"]) if labels else None,
+                        f"running always-valid p of gain > margin; bounds {_interval(n)}"),
+            RuleOutcome("accuracy_futility", st["p_futile"], a, (st["p_futile"] > a) if labels else None,
+                        "always-valid p that the gain is below the margin"),
+            RuleOutcome("error_noninferiority", err["p_noninferior"], a, bool(st["error_noninferior"]) if reqs
+                        else None, f"always-valid p that errors are within the margin; upper bound "
+                        f"{_pts(n['err_upper'])}"),
+            RuleOutcome("latency_noninferiority", lat["upper"], policy.p99_ratio,
+                        bool(st["latency_noninferior"]) if lats else None, "always-valid upper bound of the p99 ratio"),
+        ]  # fmt: skip
+    else:
+        rules += [
+            RuleOutcome("accuracy_gain", n["diff"], policy.accuracy_margin, bool(st["superior"]) if labels else None,
+                        "canary minus baseline accuracy over the window"),
+            RuleOutcome("p99_ratio", lat["ratio"], policy.p99_ratio, bool(st["latency_noninferior"]) if lats else None,
+                        "canary p99 over baseline p99 over the window"),
+            RuleOutcome("error_diff", err["diff"], policy.error_margin, bool(st["error_noninferior"]) if reqs else None,
+                        "canary minus baseline error rate over the window"),
+        ]  # fmt: skip
+    return tuple(RuleOutcome(r.name, _num(r.value), _num(r.threshold), r.passed, r.detail) for r in rules)
+
+
+def _stats(
+    policy: Policy, state: RolloutState, obs: Observations, n: dict, st: dict, why: Cause
+) -> dict[str, Any]:
+    """Estimates, intervals, p-values and sample sizes, as stored with the decision."""
+    c, b, err, lat = n["c"], n["b"], n["err"], n["lat"]
+    return {
+        "policy": policy.name,
+        "cause": why.name.lower(),
+        "window_start": obs.window_start,
+        "elapsed_s": n["elapsed_s"],
+        "step_elapsed_s": n["step_elapsed_s"],
+        "samples": {role: {"requests": arm.requests, "errors": arm.errors, "labelled": arm.labelled,
+                           "correct": arm.correct, "latencies": len(arm.latencies_ms), "step_requests": arm.step_requests}
+                    for role, arm in obs.arms.items()},  # fmt: skip
+        "accuracy": {"canary": c.accuracy, "baseline": b.accuracy, "diff": n["diff"], "lower": n["acc_lower"],
+                     "upper": n["acc_upper"], "tau2": n["tau2"], "p_superior": st.get("p_superior"),
+                     "p_futile": st.get("p_futile"), "p_worse": st.get("p_worse"), "margin": policy.accuracy_margin},
+        "errors": {"canary": c.error_rate, "baseline": b.error_rate, "diff": err["diff"], "lower": n["err_lower"],
+                   "upper": n["err_upper"], "p_harm": err["p_harm"], "p_noninferior": err["p_noninferior"],
+                   "margin": policy.error_margin},
+        "latency": {**lat, "max_ratio": policy.p99_ratio},
+        "srm": {**(n["srm"] or {}), "step_requests": n["step_obs"], "weights": dict(obs.step_weights)},
+        "running_p_values": {SUPERIORITY_KEY: st.get("p_superior", 1.0)} if policy.name == "sequential" else {},
+        "min_labelled_per_arm": policy.labelled_minimum,
+        "expected_n": policy.planned_n,
+    }  # fmt: skip
+
+
+def _num(x: Any) -> float | None:
+    """A finite float, or None (JSON has no infinity)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON types all the way down; non-finite numbers become None."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, bool | np.bool_):
+        return bool(x)
+    if isinstance(x, int | np.integer):
+        return int(x)
+    if isinstance(x, float | np.floating):
+        return _num(x)
+    return x

@@ -1,0 +1,314 @@
+"""The rollout policy: its settings, and its two rules ("sequential", "threshold") over arrays of evidence.
+
+The rules work on numpy arrays so that `decide()` (one rollout) and the simulation (thousands of
+replications) run exactly the same logic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+
+from control_plane.analysis import guardrails, power
+from control_plane.analysis import sequential as seq
+
+NAMES = ("sequential", "threshold")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a rollout is judged; every number the rules use, with units in the names."""
+
+    name: str = (
+        "sequential"  # "sequential" (always-valid tests) or "threshold" (the user's point-estimate rule)
+    )
+    steps: tuple[int, ...] = (10, 25, 50)  # canary weights in order; promotion only from the last
+    accuracy_margin: float = 0.01  # promote only if the canary's accuracy gain exceeds this (proportion)
+    p99_ratio: float = 1.05  # canary p99 may be at most this times the baseline's
+    error_margin: float = 0.005  # canary error rate may be at most this much above the baseline's
+    alpha: float = 0.05  # error rate of each always-valid test
+    srm_p: float = 0.001  # a sample-ratio-mismatch p-value below this halts the rollout
+    step_min_duration_s: float = 300.0  # a step lasts at least this long before advancing or promoting
+    max_duration_s: float = 6 * 3600.0  # past this without a decision: inconclusive
+    window_s: float = 3600.0  # the threshold rule's rolling window (the sequential rule uses all data)
+    min_labelled_per_arm: int | None = None  # None: from a power calculation (see `labelled_minimum`)
+    min_requests_per_arm: int = 100  # requests per arm before error harm is judged
+    min_latency_samples: int = 200  # latencies per arm before a p99 is judged
+    expected_n: int | None = None  # labels per arm at which a decision is expected; None: power calculation
+    harm_expected_n: int = 500  # latencies at which a p99 harm should show (tunes that bound's mixture)
+    planning_accuracy: float = 0.78  # baseline accuracy assumed by the power calculation
+    target_lift: float = 0.02  # the accuracy gain the rollout should detect with `target_power`
+    target_power: float = 0.8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(self.steps) if isinstance(self.steps, list) else self.steps)
+        _validate(self)
+
+    @property
+    def labelled_minimum(self) -> int:
+        """Labels per arm before any label-based decision: explicit, or enough to see a 5-point change."""
+        if self.min_labelled_per_arm is not None:
+            return self.min_labelled_per_arm
+        return power.minimum_labelled(self.planning_accuracy, 0.05, self.alpha, self.target_power)
+
+    @property
+    def planned_n(self) -> int:
+        """Labels per arm at which a decision is expected: explicit, or the fixed-horizon power calculation."""
+        if self.expected_n is not None:
+            return self.expected_n
+        return power.samples_per_arm(
+            self.planning_accuracy, self.target_lift, self.accuracy_margin, self.alpha, self.target_power
+        )
+
+    def window_start(self, started_at: float, now: float) -> float:
+        """Where this policy's observations begin: the rollout's start (sequential) or the rolling window."""
+        return started_at if self.name == "sequential" else max(started_at, now - self.window_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able settings; `from_dict(to_dict())` gives the same policy back."""
+        d = dataclasses.asdict(self)
+        d["steps"] = list(self.steps)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Policy:
+        """Build a policy from (partial) settings; unknown keys or bad values raise ValueError naming the field."""
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown policy field(s): {', '.join(unknown)}")
+        if "steps" in data:
+            steps = data["steps"]
+            if not isinstance(steps, list | tuple):
+                raise ValueError(f"steps must be a list of weights, got {steps!r}")
+            data["steps"] = tuple(steps)
+        return cls(**data)
+
+    @classmethod
+    def fast(cls, **overrides: Any) -> Policy:
+        """A demo preset: half-minute steps, small samples, a half-hour limit."""
+        base = dict(
+            step_min_duration_s=30.0,
+            max_duration_s=1800.0,
+            window_s=300.0,
+            min_labelled_per_arm=200,
+            min_requests_per_arm=50,
+            min_latency_samples=200,
+            expected_n=2000,
+            harm_expected_n=200,
+        )
+        return cls(**{**base, **overrides})
+
+
+def _validate(p: Policy) -> None:
+    """Raise ValueError naming the first field whose value makes no sense."""
+
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"policy field {field} must be {what}, got {getattr(p, field)!r}")
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    need(p.name in NAMES, "name", f"one of {', '.join(NAMES)}")
+    need(
+        isinstance(p.steps, tuple)
+        and len(p.steps) > 0
+        and all(is_int(s) and 0 < s < 100 for s in p.steps)
+        and all(a < b for a, b in zip(p.steps, p.steps[1:], strict=False)),
+        "steps",
+        "increasing integer weights between 1 and 99",
+    )
+    for f, lo, hi in (
+        ("accuracy_margin", 0.0, 1.0),
+        ("error_margin", 0.0, 1.0),
+        ("planning_accuracy", 1e-9, 1 - 1e-9),
+        ("target_power", 1e-9, 1 - 1e-9),
+        ("target_lift", 1e-9, 1.0),
+    ):
+        need(is_num(getattr(p, f)) and lo <= getattr(p, f) <= hi, f, f"a number in [{lo:g}, {hi:g}]")
+    for f in ("alpha", "srm_p"):
+        need(is_num(getattr(p, f)) and 0 < getattr(p, f) < 0.5, f, "a number in (0, 0.5)")
+    need(is_num(p.p99_ratio) and p.p99_ratio >= 1.0, "p99_ratio", "a number >= 1")
+    need(is_num(p.step_min_duration_s) and p.step_min_duration_s >= 0, "step_min_duration_s", "a number >= 0")
+    for f in ("max_duration_s", "window_s"):
+        need(is_num(getattr(p, f)) and getattr(p, f) > 0, f, "a positive number of seconds")
+    for f in ("min_requests_per_arm", "harm_expected_n"):
+        need(is_int(getattr(p, f)) and getattr(p, f) >= 1, f, "a positive integer")
+    need(
+        is_int(p.min_latency_samples) and p.min_latency_samples >= 100,
+        "min_latency_samples",
+        "an integer >= 100",
+    )
+    for f in ("min_labelled_per_arm", "expected_n"):
+        v = getattr(p, f)
+        need(v is None or (is_int(v) and v >= 1), f, "a positive integer or null")
+    need(
+        p.expected_n is not None or p.target_lift > p.accuracy_margin, "target_lift", "above accuracy_margin"
+    )
+
+
+class Cause(IntEnum):
+    """Why a rule chose its action (the decision's reason is built from this and the numbers)."""
+
+    SRM = 0  # traffic does not match the weights: halt
+    ERRORS = 1  # canary errors confidently (or clearly) above the margin: roll back
+    LATENCY = 2  # canary p99 confidently (or clearly) above the ratio: roll back
+    TIME_LIMIT = 3  # no decision within max_duration_s: inconclusive
+    MIN_SAMPLE = 4  # not enough labels or latencies yet: hold
+    ACCURACY_WORSE = 5  # canary accuracy confidently below the baseline's: roll back
+    FUTILITY = 6  # canary gain confidently below the margin: it can never be promoted, roll back
+    STEP_TIME = 7  # the step has not lasted step_min_duration_s: hold
+    WAITING = 8  # rules not (yet) met: hold
+    PASSED = 9  # rules met: advance, or promote at the last step
+
+
+# Action codes in the arrays the rules return; decide() maps them to types.Action.
+HOLD, ADVANCE, PROMOTE, ROLLBACK, HALT, INCONCLUSIVE = range(6)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The numbers the rules need at one evaluation, as arrays (one element per rollout or replication)."""
+
+    requests_c: np.ndarray
+    errors_c: np.ndarray
+    requests_b: np.ndarray
+    errors_b: np.ndarray
+    labelled_c: np.ndarray
+    correct_c: np.ndarray
+    labelled_b: np.ndarray
+    correct_b: np.ndarray
+    latencies_c: np.ndarray  # how many latencies each arm's p99 comes from
+    latencies_b: np.ndarray
+    p99_ratio: np.ndarray  # point estimate, canary over baseline
+    p99_ratio_lower: np.ndarray  # always-valid lower bound (harm side)
+    p99_ratio_upper: np.ndarray  # always-valid upper bound (non-inferiority side)
+    srm_p: np.ndarray  # always-valid sample-ratio-mismatch p-value; 1.0 while there is too little traffic
+    elapsed_s: np.ndarray
+    step_elapsed_s: np.ndarray
+    step_index: np.ndarray
+    running_p: np.ndarray  # the smallest superiority p-value seen so far in this rollout (1.0 at first)
+
+
+def evaluate(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Apply the policy's rule: (action codes, causes, statistics), one element per rollout."""
+    rule = _sequential if policy.name == "sequential" else _threshold
+    return rule(policy, ev)
+
+
+def _select(
+    cases: list[tuple[np.ndarray, int, Cause]], shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first case that holds decides: (action, cause) arrays."""
+    conds = [np.broadcast_to(c, shape) for c, _, _ in cases]
+    action = np.select(conds, [a for _, a, _ in cases], default=HOLD)
+    cause = np.select(conds, [int(c) for _, _, c in cases], default=int(Cause.WAITING))
+    return action, cause
+
+
+def _common(policy: Policy, ev: Evidence) -> dict[str, np.ndarray]:
+    """Sample-size gates and the clock, shared by both rules."""
+    return {
+        "enough_requests": (ev.requests_c >= policy.min_requests_per_arm)
+        & (ev.requests_b >= policy.min_requests_per_arm),
+        "enough_latency": (ev.latencies_c >= policy.min_latency_samples)
+        & (ev.latencies_b >= policy.min_latency_samples),
+        "enough_labels": (ev.labelled_c >= policy.labelled_minimum)
+        & (ev.labelled_b >= policy.labelled_minimum),
+        "srm": ev.srm_p < policy.srm_p,
+        "timed_out": ev.elapsed_s >= policy.max_duration_s,
+        "step_done": ev.step_elapsed_s >= policy.step_min_duration_s,
+        "last_step": ev.step_index >= len(policy.steps) - 1,
+    }
+
+
+def _sequential(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Always-valid tests: superiority by the margin and non-inferiority on guardrails to promote."""
+    g = _common(policy, ev)
+    a = policy.alpha
+    diff, var = seq.proportion_diff(ev.correct_c, ev.labelled_c, ev.correct_b, ev.labelled_b)
+    p0 = policy.planning_accuracy
+    tau2 = seq.mixing_variance(2 * p0 * (1 - p0), policy.planned_n, a)
+    p_sup = seq.running_p(ev.running_p, seq.one_sided_p(diff, var, tau2, policy.accuracy_margin, +1))
+    p_fut = seq.one_sided_p(diff, var, tau2, policy.accuracy_margin, -1)
+    p_worse = seq.one_sided_p(diff, var, tau2, 0.0, -1)
+    err = guardrails.rate_tests(
+        ev.errors_c, ev.requests_c, ev.errors_b, ev.requests_b, policy.error_margin, a, policy.planned_n
+    )
+    labels = g["enough_labels"]
+    err_harm = g["enough_requests"] & (err["p_harm"] <= a)
+    lat_harm = g["enough_latency"] & (ev.p99_ratio_lower > policy.p99_ratio)
+    sup, ni_err = p_sup <= a, g["enough_requests"] & (err["p_noninferior"] <= a)
+    ni_lat = g["enough_latency"] & (ev.p99_ratio_upper <= policy.p99_ratio)
+    safe = g["enough_requests"] & g["enough_latency"]
+    shape = np.broadcast(diff, ev.srm_p, ev.elapsed_s).shape
+    action, cause = _select(
+        [
+            (g["srm"], HALT, Cause.SRM),
+            (err_harm, ROLLBACK, Cause.ERRORS),
+            (lat_harm, ROLLBACK, Cause.LATENCY),
+            (g["timed_out"], INCONCLUSIVE, Cause.TIME_LIMIT),
+            (~labels | ~safe, HOLD, Cause.MIN_SAMPLE),
+            (p_worse <= a, ROLLBACK, Cause.ACCURACY_WORSE),
+            (p_fut <= a, ROLLBACK, Cause.FUTILITY),
+            (~g["step_done"], HOLD, Cause.STEP_TIME),
+            (
+                ~g["last_step"],
+                ADVANCE,
+                Cause.PASSED,
+            ),  # earlier steps advance once safe; efficacy decides last
+            (sup & ni_err & ni_lat, PROMOTE, Cause.PASSED),
+        ],
+        shape,
+    )
+    stats = {
+        "accuracy_diff": diff, "accuracy_var": var, "accuracy_tau2": np.broadcast_to(tau2, shape),
+        "p_superior": p_sup, "p_futile": p_fut, "p_worse": p_worse,
+        "error_diff": err["diff"], "p_error_harm": err["p_harm"], "p_error_noninferior": err["p_noninferior"],
+        "error_tau2": err["tau2"],
+        "superior": sup, "error_noninferior": ni_err, "latency_noninferior": ni_lat,
+    }  # fmt: skip
+    return action, cause, {**stats, **g}
+
+
+def _threshold(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The user's rule on point estimates over the window; 'clearly broken' guardrails are twice the margin."""
+    g = _common(policy, ev)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        acc_c = np.where(ev.labelled_c > 0, ev.correct_c / np.maximum(ev.labelled_c, 1), 0.0)
+        acc_b = np.where(ev.labelled_b > 0, ev.correct_b / np.maximum(ev.labelled_b, 1), 0.0)
+        err_c = np.where(ev.requests_c > 0, ev.errors_c / np.maximum(ev.requests_c, 1), 0.0)
+        err_b = np.where(ev.requests_b > 0, ev.errors_b / np.maximum(ev.requests_b, 1), 0.0)
+    diff, err_diff = acc_c - acc_b, err_c - err_b
+    err_broken = g["enough_requests"] & (err_diff > 2 * policy.error_margin)
+    lat_broken = g["enough_latency"] & (ev.p99_ratio > 1 + 2 * (policy.p99_ratio - 1))
+    acc_ok, err_ok = diff > policy.accuracy_margin, err_diff <= policy.error_margin
+    lat_ok = ev.p99_ratio <= policy.p99_ratio
+    ready = g["enough_labels"] & g["enough_requests"] & g["enough_latency"]
+    shape = np.broadcast(diff, ev.srm_p, ev.elapsed_s).shape
+    passed = acc_ok & err_ok & lat_ok
+    action, cause = _select(
+        [
+            (g["srm"], HALT, Cause.SRM),
+            (g["timed_out"], INCONCLUSIVE, Cause.TIME_LIMIT),
+            (~ready, HOLD, Cause.MIN_SAMPLE),  # the user's rule decides nothing, not even a rollback, before
+            (err_broken, ROLLBACK, Cause.ERRORS),
+            (lat_broken, ROLLBACK, Cause.LATENCY),
+            (~g["step_done"], HOLD, Cause.STEP_TIME),
+            (passed & g["last_step"], PROMOTE, Cause.PASSED),
+            (passed, ADVANCE, Cause.PASSED),
+        ],
+        shape,
+    )
+    stats = {"accuracy_diff": diff, "error_diff": err_diff, "superior": acc_ok, "error_noninferior": err_ok,
+             "latency_noninferior": lat_ok}  # fmt: skip
+    return action, cause, {**stats, **g}

