@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+log = logging.getLogger("recsys.http")
 
 ROUTES = ("weighted", "override")  # values of X-Recsys-Route set by Traefik; anything else is "direct"
 MAX_REQUEST_ID_CHARS = 128  # predictions.request_id is String(128)
@@ -136,9 +139,12 @@ class RequestGate:
             status = 504  # BentoML's traffic timeout cancelled us and answers 504 itself
             raise
         finally:
-            current_request.reset(token)
             if state is not None:
-                state.request_finished(info, status)
+                try:
+                    state.request_finished(info, status)
+                except Exception:  # bookkeeping must not turn a served response into an error
+                    log.exception("request bookkeeping failed")
+            current_request.reset(token)
 
 
 def _headers(scope) -> dict[str, str]:

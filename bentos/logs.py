@@ -7,6 +7,8 @@ import logging
 
 from bentos.http import current_request
 
+EXTRA_FIELDS = ("status", "latency_ms")  # passed with `extra=` by the access log
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, logger, message, model version, request id and route."""
@@ -29,6 +31,9 @@ class JsonFormatter(logging.Formatter):
             line["endpoint"] = info.endpoint
             line["route"] = info.route
             line["role"] = info.role
+        for key in EXTRA_FIELDS:
+            if key in record.__dict__:
+                line[key] = record.__dict__[key]
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)

@@ -86,6 +86,8 @@ class Recsys:
                 engine_factory, spill_dir, on_stats=self.metrics.observe_writer
             ).start()
         atexit.register(self.predlog.close)  # in case the shutdown hook never runs
+        # One JSON line per request (BentoML's own access log is off: it costs 6-9% of throughput).
+        self.access_log = os.environ.get("RECSYS_ACCESS_LOG", "off").lower() in ("on", "1", "true", "yes")
         log.info(
             "model %s loaded in %.2fs; prediction log %s",
             model_tag(self.model_version, ARGS.model_name),
@@ -111,7 +113,12 @@ class Recsys:
         return self.roles.role
 
     def request_finished(self, info: RequestInfo, status: int) -> None:
-        self.metrics.observe_request(info.role, info.endpoint, status, info.elapsed_ms() / 1000.0)
+        latency_ms = info.elapsed_ms()
+        self.metrics.observe_request(info.role, info.endpoint, status, latency_ms / 1000.0)
+        if self.access_log:
+            log.info(
+                "%s %d", info.endpoint, status, extra={"status": status, "latency_ms": round(latency_ms, 3)}
+            )
         if status >= 500 and info.in_handler and not info.logged:  # the model's failure, not yet logged
             self._log(info, None, None, status)
 

@@ -1,0 +1,328 @@
+"""`bentoml serve recsys:v2` built from the registry: pinned version, HTTP contract, prediction log in Postgres.
+
+One module-scoped server (two tiny registered versions, both built; v1 built last so that `latest`
+would be the wrong one) whose database connection runs through a TCP proxy the tests can cut.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import yaml
+from sqlalchemy import delete, insert, select, update
+
+from control_plane.db.engine import make_engine
+from control_plane.db.schema import predictions, traffic_config
+from tests.conftest import free_port
+from tests.integration._tcp_proxy import TcpProxy
+from tests.integration.test_predlog_postgres import via_port
+
+pytestmark = pytest.mark.integration
+
+VENV_BIN = Path(sys.executable).parent
+PREFIX = f"t{uuid.uuid4().hex[:8]}"
+FEATURES = [0.6, 1.2, 0.3, 1.6, 0.25, 28.0, 40.0, 4.2, 0.1, 0.4, 1.0, 0.5, -0.8, 0.0, 2.0, 1.0]
+SERVED: list[str] = []  # request ids answered 2xx: each must be exactly one row
+
+
+def wait_until(predicate, timeout_s: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met in {timeout_s}s")
+        time.sleep(0.1)
+
+
+class Server:
+    def __init__(self, url: str, proc: subprocess.Popen, proxy: TcpProxy, log_path: Path, engine) -> None:
+        self.url, self.proc, self.proxy, self.log_path, self.engine = url, proc, proxy, log_path, engine
+        self.client = httpx.Client(base_url=url, timeout=30)
+
+    def post(self, path: str, body=None, *, raw: bytes | None = None, headers: dict | None = None) -> httpx.Response:
+        rid = f"{PREFIX}-{uuid.uuid4().hex[:12]}"
+        hdrs = {"content-type": "application/json", "x-request-id": rid, **(headers or {})}
+        content = raw if raw is not None else json.dumps(body).encode()
+        r = self.client.post(path, content=content, headers=hdrs)
+        if 200 <= r.status_code < 300:
+            SERVED.append(r.headers["x-request-id"])
+        return r
+
+    def logged_ids(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(select(predictions.c.request_id).where(predictions.c.request_id.like(f"{PREFIX}-%")))]
+
+    def metrics(self) -> str:
+        return self.client.get("/metrics").text
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bento")
+
+
+@pytest.fixture(scope="module")
+def registry(workdir) -> str:
+    """Two registered versions trained differently, so their scores tell them apart."""
+    from training.train import train_and_register
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    kwargs = dict(tracking_uri=uri, artifact_location=str(workdir / "mlartifacts"), n_rows=400, iterations=20, progress=False)
+    assert train_and_register(profile="worse", **kwargs) == 1
+    assert train_and_register(profile="baseline", **kwargs) == 2
+    return uri
+
+
+@pytest.fixture(scope="module")
+def bento_env(workdir, registry) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(workdir / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "MLFLOW_TRACKING_URI": registry,
+        "RECSYS_STATE_DIR": str(workdir / "state"),
+    }
+    python = str(VENV_BIN / "python")
+    # v2 through the CLI entry point; then v1 and (again, idempotently) v2 in one process.
+    out = subprocess.run([python, "-m", "bentos.build", "--version", "2"], env=env, cwd=workdir, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["recsys:v2"]
+    code = "import os\nfrom bentos.build import build_bento\nfor v in (1, 2): print(build_bento(v, tracking_uri=os.environ['MLFLOW_TRACKING_URI']))"
+    out = subprocess.run([python, "-c", code], env=env, cwd=workdir, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["recsys:v1", "recsys:v2"]
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(bento_env, pg_url, workdir):
+    pg = urlsplit(pg_url)
+    proxy = TcpProxy(free_port(), (pg.hostname, pg.port or 5432)).start()
+    engine = make_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(delete(traffic_config))
+        conn.execute(insert(traffic_config), [{"role": "canary", "version": 2, "weight": 10, "updated_at": time.time()}])
+    port = free_port()
+    env = {
+        **bento_env,
+        "DATABASE_URL": via_port(pg_url, proxy.port),
+        "RECSYS_SPILL_DIR": str(workdir / "spill"),
+        "RECSYS_ACCESS_LOG": "on",
+    }
+    log_path = workdir / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "bentoml"), "serve", "recsys:v2", "--port", str(port), "--host", "127.0.0.1"],
+            env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    srv = Server(f"http://127.0.0.1:{port}", proc, proxy, log_path, engine)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"bentoml serve exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            return srv.client.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(ready, 90, "readyz")
+        wait_until(lambda: srv.client.post("/predict", json={"features": FEATURES}).headers.get("x-model-role") == "canary", 10, "role")
+        yield srv
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        srv.client.close()
+        proxy.stop()
+        with engine.begin() as conn:
+            conn.execute(delete(traffic_config))
+        engine.dispose()
+
+
+def local_score(tracking_uri: str, version: int) -> float:
+    import mlflow
+    import mlflow.catboost
+    import numpy as np
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    mv = client.get_model_version("recsys", str(version))
+    model = mlflow.catboost.load_model(client.get_model_version_download_uri("recsys", mv.version))
+    return float(model.predict_proba(np.asarray(FEATURES))[1])
+
+
+def test_each_bento_pins_its_own_version_and_latest_is_not_the_one_served(bento_env):
+    home = Path(bento_env["BENTOML_HOME"]) / "bentos" / "recsys"
+    assert (home / "latest").read_text().strip() == "v1"
+    for v in (1, 2):
+        info = yaml.safe_load((home / f"v{v}" / "bento.yaml").read_text())
+        assert info["args"] == {"model_version": v, "model_name": "recsys"}
+        assert [m["tag"] for s in info["services"] for m in s["models"]] == [f"recsys-model:v{v}"]
+
+
+def test_health_endpoints(server):
+    assert server.client.get("/healthz").status_code == 200
+    assert server.client.get("/readyz").status_code == 200
+
+
+def test_predict_serves_version_2_with_its_role_and_headers(server, registry):
+    r = server.post("/predict", {"features": FEATURES})
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"request_id", "score", "model_version", "role"}
+    assert body["model_version"] == 2 and body["role"] == "canary"
+    assert body["request_id"] == r.headers["x-request-id"]
+    assert r.headers["x-model-version"] == "2" and r.headers["x-model-role"] == "canary"
+    v2, v1 = local_score(registry, 2), local_score(registry, 1)
+    assert body["score"] == pytest.approx(v2, abs=1e-12)
+    assert abs(v1 - v2) > 1e-6  # the check above could tell the versions apart
+
+
+def test_a_caller_s_request_id_comes_back(server):
+    r = server.post("/predict", {"features": FEATURES}, headers={"x-request-id": f"{PREFIX}-mine-1"})
+    assert r.json()["request_id"] == f"{PREFIX}-mine-1" == r.headers["x-request-id"]
+
+
+def test_recommend_ranks_with_one_score_per_candidate(server):
+    cands = [{"item_id": f"i{i}", "features": [*FEATURES[:9], -0.9 + 0.4 * i, *FEATURES[10:]]} for i in range(5)]
+    r = server.post("/recommend", {"candidates": cands, "k": 3})
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"request_id", "items", "model_version", "role"} and body["model_version"] == 2
+    scores = [it["score"] for it in body["items"]]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    singles = {c["item_id"]: server.post("/predict", {"features": c["features"]}).json()["score"] for c in cands}
+    assert [it["item_id"] for it in body["items"]] == sorted(singles, key=singles.get, reverse=True)[:3]
+    for it in body["items"]:
+        assert it["score"] == pytest.approx(singles[it["item_id"]], abs=1e-12)
+    assert len(server.post("/recommend", {"candidates": cands[:2], "k": 10}).json()["items"]) == 2
+
+
+NAN_ROW = b'{"features": [NaN' + b", 1" * 15 + b"]}"
+INF_ROW = b'{"features": [1' + b", 1" * 14 + b", Infinity]}"
+GOOD_CANDIDATE = {"item_id": "a", "features": FEATURES}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "raw", "headers", "status", "words"),
+    [
+        ("/predict", {"features": FEATURES[:15]}, None, None, 400, "at least 16"),
+        ("/predict", {"features": [*FEATURES, 1.0]}, None, None, 400, "at most 16"),
+        ("/predict", {"features": ["0.5", *FEATURES[1:]]}, None, None, 400, "valid number"),
+        ("/predict", {"features": [None, *FEATURES[1:]]}, None, None, 400, "valid number"),
+        ("/predict", None, NAN_ROW, None, 400, "finite number"),
+        ("/predict", None, INF_ROW, None, 400, "finite number"),
+        ("/predict", {}, None, None, 400, "Field required"),
+        ("/predict", None, b"null", None, 400, "object"),
+        ("/predict", None, b'{"features": [1,', None, 400, "Invalid JSON"),
+        ("/predict", {"features": FEATURES}, None, {"content-type": "text/plain"}, 415, "application/json"),
+        ("/predict", {"features": FEATURES}, None, {"x-request-id": "a b"}, 400, "X-Request-ID"),
+        ("/recommend", {"candidates": [], "k": 1}, None, None, 400, "at least 1"),
+        ("/recommend", {"candidates": [GOOD_CANDIDATE], "k": 0}, None, None, 400, "greater than or equal to 1"),
+        ("/recommend", {"candidates": [GOOD_CANDIDATE], "k": 1001}, None, None, 400, "less than or equal to 1000"),
+        ("/recommend", {"candidates": [GOOD_CANDIDATE] * 2, "k": 1}, None, None, 400, "duplicate item_id 'a'"),
+        ("/recommend", {"candidates": [GOOD_CANDIDATE] * 1001, "k": 1}, None, None, 400, "at most 1000"),
+    ],
+)
+def test_bad_input_gets_a_4xx_naming_the_problem(server, path, body, raw, headers, status, words):
+    r = server.post(path, body, raw=raw, headers=headers)
+    assert r.status_code == status, r.text
+    assert "error" in r.json() and words in r.text
+
+
+def test_a_body_over_the_limit_is_refused_413(server):
+    r = server.post("/predict", raw=b" " * 1_000_001)
+    assert r.status_code == 413 and "RECSYS_MAX_BODY_BYTES" in r.json()["error"]
+
+
+def test_wrong_method_is_a_405(server):
+    assert server.client.get("/predict").status_code == 405
+
+
+def test_every_2xx_is_exactly_one_row_in_postgres(server):
+    wait_until(lambda: len(server.logged_ids()) == len(SERVED), 15, "rows in postgres")
+    assert sorted(server.logged_ids()) == sorted(SERVED)
+    with server.engine.connect() as conn:
+        row = conn.execute(select(predictions).where(predictions.c.request_id == f"{PREFIX}-mine-1")).mappings().one()
+    assert row["model_version"] == 2 and row["role"] == "canary" and row["route"] == "direct"
+    assert row["endpoint"] == "predict" and row["status"] == 200 and row["features"] == FEATURES
+    assert row["latency_ms"] > 0 and abs(row["ts"] - time.time()) < 120
+
+
+def test_traefik_s_route_header_is_logged(server):
+    rid = server.post("/predict", {"features": FEATURES}, headers={"x-recsys-route": "weighted"}).headers["x-request-id"]
+    wait_until(lambda: rid in server.logged_ids(), 10, "row")
+    with server.engine.connect() as conn:
+        assert conn.execute(select(predictions.c.route).where(predictions.c.request_id == rid)).scalar_one() == "weighted"
+
+
+def test_metrics_have_bentoml_s_and_ours(server):
+    text = server.metrics()
+    assert 'bentoml_service_request_total{endpoint="/predict",http_response_code="200"' in text
+    assert 'recsys_requests_total{endpoint="predict",model_version="2",role="canary",status="200"}' in text
+    assert 'recsys_requests_total{endpoint="predict",model_version="2",role="canary",status="400"}' in text
+    for name in (
+        "recsys_request_duration_seconds_bucket",
+        "recsys_model_load_seconds",
+        "recsys_predlog_queue_depth",
+        "recsys_predlog_spill_bytes",
+        "recsys_predlog_spill_rows",
+        "recsys_predlog_rows_written_total",
+    ):
+        assert name in text, name
+
+
+def test_log_lines_are_json_with_the_request_id(server):
+    rid = server.post("/predict", {"features": FEATURES}).headers["x-request-id"]
+
+    def line_for_rid():
+        for line in server.log_path.read_text().splitlines():
+            if line.startswith("{") and rid in line:
+                return json.loads(line)
+        return None
+
+    wait_until(lambda: line_for_rid() is not None, 5, "log line")
+    line = line_for_rid()
+    assert line["request_id"] == rid and line["status"] == 200 and line["model_version"] == 2
+
+
+def test_a_database_outage_loses_and_duplicates_nothing(server):
+    server.proxy.stop()
+    during = [server.post("/predict", {"features": FEATURES}) for _ in range(40)]
+    assert all(r.status_code == 200 and r.json()["role"] == "canary" for r in during)  # last known role kept
+    ids = [r.headers["x-request-id"] for r in during]
+    wait_until(lambda: "recsys_predlog_db_up{model_version=\"2\"} 0.0" in server.metrics(), 10, "db down seen")
+    assert set(ids).isdisjoint(server.logged_ids())
+    server.proxy.start()
+    wait_until(lambda: set(ids) <= set(server.logged_ids()), 30, "replayed rows")
+    wait_until(lambda: len(server.logged_ids()) == len(SERVED), 10, "all rows")
+    assert sorted(server.logged_ids()) == sorted(SERVED)
+    assert "recsys_predlog_rows_replayed_total" in server.metrics()
+
+
+def test_the_role_follows_traffic_config_without_a_restart(server):
+    with server.engine.begin() as conn:
+        conn.execute(update(traffic_config).where(traffic_config.c.role == "canary").values(version=3))
+        conn.execute(insert(traffic_config), [{"role": "baseline", "version": 2, "weight": 90, "updated_at": time.time()}])
+    wait_until(lambda: server.post("/predict", {"features": FEATURES}).json()["role"] == "baseline", 10, "role change")
+    assert server.post("/predict", {"features": FEATURES}).headers["x-model-role"] == "baseline"
+
+
+def test_shutdown_drains_the_prediction_log(server):
+    burst = [server.post("/predict", {"features": FEATURES}) for _ in range(100)]
+    assert all(r.status_code == 200 for r in burst)
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(30)
+    assert sorted(server.logged_ids()) == sorted(SERVED)

@@ -1,0 +1,232 @@
+"""The service layer end to end over in-memory fakes and SQLite: read → decide → apply → record."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+from sqlalchemy import func, insert, select
+
+from control_plane import services
+from control_plane.analysis.types import Phase
+from control_plane.context import Context
+from control_plane.db.engine import make_engine, migrate
+from control_plane.db.schema import decisions, labels, predictions
+from control_plane.deployer.memory import InMemoryDeployer
+from control_plane.errors import DeployFailed, InvalidRequest, RolloutConflict
+from control_plane.registry.memory import InMemoryRegistry
+from control_plane.settings import Settings
+from control_plane.traffic.memory import InMemoryRouter
+from control_plane.traffic_ops import apply_assignment
+
+FAST = {"step_min_duration_s": 0, "min_labelled_per_arm": 200, "min_requests_per_arm": 50,
+        "min_latency_samples": 100, "expected_n": 2000, "harm_expected_n": 200}
+
+
+class Clock:
+    def __init__(self, t: float = 1_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url)
+    registry = InMemoryRegistry()
+    for profile in ("control", "baseline", "better"):
+        registry.add_version(profile=profile)
+    registry.set_alias("control", 1)
+    registry.set_alias("baseline", 2)
+    c = Context(
+        settings=Settings(state_dir=tmp_path, database_url=url, label_window_s=0),
+        engine=make_engine(url),
+        registry=registry,
+        router=InMemoryRouter(),
+        deployer=InMemoryDeployer(broken={9}),
+        clock=Clock(),
+        sleep=lambda s: None,
+    )
+    c.deployer.deploy(1)
+    c.deployer.deploy(2)
+    apply_assignment(c, {"baseline": (2, 95), "control": (1, 5)})
+    yield c
+    c.engine.dispose()
+
+
+def seed(ctx, version: int, n: int, *, accuracy: float, error_rate: float = 0.0, latency_ms: float = 5.0,
+         rng=None) -> None:
+    """n weighted predictions for `version` in the past, each labelled, `accuracy` of them right."""
+    rng = rng or np.random.default_rng(version)
+    now = ctx.clock()
+    preds, labs = [], []
+    for i in range(n):
+        rid = uuid.uuid4().hex
+        err = rng.random() < error_rate
+        score = float(rng.random())
+        right = rng.random() < accuracy
+        label = int(score >= 0.5) if right else int(score < 0.5)
+        preds.append({"request_id": rid, "ts": now - 1 - i * 50 / n, "model_version": version, "role": "x",
+                      "route": "weighted", "endpoint": "predict", "features": None,
+                      "score": None if err else score, "latency_ms": latency_ms + rng.random(),
+                      "status": 500 if err else 200})
+        if not err:
+            labs.append({"request_id": rid, "label": label, "ts": now})
+    with ctx.engine.begin() as conn:
+        conn.execute(insert(predictions), preds)
+        if labs:
+            conn.execute(insert(labels), labs)
+
+
+def seed_tick(ctx, total: int, accuracy: dict[int, float], error_rate: dict[int, float] | None = None) -> None:
+    """One minute of traffic split by the weights in force, as Traefik would split it."""
+    ctx.clock.t += 60
+    weights, backends = ctx.router.get_weights(), ctx.router.get_backends()
+    for role, backend in backends.items():
+        n = total * weights[role] // 100
+        if n:
+            seed(ctx, backend.version, n, accuracy=accuracy[backend.version],
+                 error_rate=(error_rate or {}).get(backend.version, 0.0),
+                 rng=np.random.default_rng(int(ctx.clock.t) + backend.version))
+
+
+def ledger_rows(ctx) -> int:
+    with ctx.engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(decisions)).scalar()
+
+
+def test_starting_a_canary_deploys_it_at_the_first_steps_weight(ctx):
+    rollout = services.start_canary(ctx, 3, FAST, actor="test")
+    assert rollout.phase is Phase.PROGRESSING
+    assert ctx.router.get_weights() == {"baseline": 85, "canary": 10, "control": 5}
+    assert ctx.router.get_backends()["canary"].version == 3
+    assert ctx.registry.version_for("canary") == 3
+    assert ledger_rows(ctx) == 1
+
+
+def test_a_canary_that_cannot_start_never_receives_weight(ctx):
+    ctx.registry.add_version(profile="x")  # 4
+    for _ in range(5):
+        ctx.registry.add_version(profile="x")  # up to 9
+    with pytest.raises(DeployFailed):
+        services.start_canary(ctx, 9, FAST, actor="test")
+    assert ctx.router.get_weights()["canary"] == 0
+    assert ctx.ledger.active() is None
+    assert ctx.ledger.list()[0].phase is Phase.ROLLED_BACK
+
+
+def test_a_clearly_better_canary_advances_through_every_step_and_is_promoted(ctx):
+    rollout = services.start_canary(ctx, 3, FAST, actor="test")
+    seen = []
+    for tick in range(1, 12):
+        seed_tick(ctx, 3000, accuracy={1: 0.7, 2: 0.70, 3: 0.90})
+        result = services.evaluate(ctx, tick=tick)
+        seen.append(result["action"])
+        if ctx.ledger.get(rollout.id).phase.terminal:
+            break
+    assert seen[-1] == "promote", seen
+    assert seen.count("advance") == 2, seen
+    assert ctx.ledger.get(rollout.id).phase is Phase.PROMOTED
+    assert ctx.registry.version_for("baseline") == 3
+    assert ctx.registry.version_for("previous_baseline") == 2
+    assert ctx.router.get_weights() == {"baseline": 95, "canary": 0, "control": 5}
+    assert ctx.router.get_backends()["baseline"].version == 3
+    assert 2 not in ctx.deployer.endpoints()  # the old baseline was drained and stopped
+    last = ctx.ledger.decisions(rollout.id, limit=1)[0]
+    assert last["metrics"]["canary"]["accuracy"] > last["metrics"]["baseline"]["accuracy"]
+    assert last["rules"], "the ledger keeps each rule with its numbers"
+
+
+def test_rolls_back_at_the_first_evaluation_when_the_canary_errors(ctx):
+    rollout = services.start_canary(ctx, 3, FAST, actor="test")
+    seed_tick(ctx, 3000, accuracy={1: 0.75, 2: 0.75, 3: 0.75}, error_rate={3: 0.3})
+    result = services.evaluate(ctx, tick=1)
+    assert result["action"] == "rollback", result
+    assert ctx.ledger.get(rollout.id).phase is Phase.ROLLED_BACK
+    assert ctx.router.get_weights()["canary"] == 0
+    assert ctx.registry.version_for("canary") is None
+    assert ctx.registry.get(3).stage == "Archived"
+    assert 3 not in ctx.deployer.endpoints()
+
+
+def test_running_the_same_tick_twice_records_one_evaluation(ctx):
+    services.start_canary(ctx, 3, FAST, actor="test")
+    before = ledger_rows(ctx)
+    services.evaluate(ctx, tick=7)
+    assert services.evaluate(ctx, tick=7) is None
+    assert ledger_rows(ctx) == before + 1
+
+
+def test_a_missed_tick_is_shown_in_the_ledger(ctx):
+    rollout = services.start_canary(ctx, 3, FAST, actor="test")
+    services.evaluate(ctx, tick=1)
+    services.evaluate(ctx, tick=5)
+    last = ctx.ledger.decisions(rollout.id, limit=1)[0]
+    assert last["stats"]["missed_ticks"] == 3
+    assert "3 scheduled evaluations were missed" in last["reason"]
+
+
+def test_a_crash_between_the_traffic_write_and_the_registry_move_is_completed_next_tick(ctx, monkeypatch):
+    rollout = services.start_canary(ctx, 3, FAST, actor="test")
+
+    def crash(version):
+        raise RuntimeError("worker killed here")
+
+    monkeypatch.setattr(ctx.registry, "promote", crash)
+    with pytest.raises(RuntimeError):
+        services.promote_now(ctx, rollout.id, actor="test")
+    assert ctx.router.get_backends()["baseline"].version == 3  # traffic moved ...
+    assert ctx.registry.version_for("baseline") == 2  # ... the registry did not
+    assert ctx.ledger.get(rollout.id).pending_action is not None
+    monkeypatch.undo()
+    services.evaluate(ctx, tick=1)
+    assert ctx.registry.version_for("baseline") == 3
+    assert ctx.ledger.get(rollout.id).pending_action is None
+    assert any(d["action"] == "recover" for d in ctx.ledger.decisions(rollout.id))
+
+
+def test_weights_cannot_be_changed_by_hand_while_a_rollout_progresses(ctx):
+    services.start_canary(ctx, 3, FAST, actor="test")
+    with pytest.raises(RolloutConflict):
+        services.set_weights(ctx, {"baseline": 50, "canary": 50, "control": 0}, actor="test")
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ({"baseline": -1, "control": 5}, "baseline"),
+        ({"baseline": "a lot"}, "baseline"),
+        ({"nobody": 5, "baseline": 5}, "nobody"),
+        ({"baseline": 0, "control": 0}, "positive"),
+        ({"baseline": 50, "canary": 50}, "canary"),  # no canary deployed
+    ],
+)
+def test_bad_weights_are_refused_with_a_message_and_change_nothing(ctx, weights, message):
+    before = ctx.router.get_weights()
+    with pytest.raises(InvalidRequest, match=message):
+        services.set_weights(ctx, weights, actor="test")
+    assert ctx.router.get_weights() == before
+
+
+def test_restoring_the_previous_baseline_is_one_step(ctx):
+    rollout = services.start_canary(ctx, 3, FAST, actor="test")
+    services.promote_now(ctx, rollout.id, actor="test")
+    assert ctx.registry.version_for("baseline") == 3
+    services.restore_previous_baseline(ctx, actor="test")
+    assert ctx.registry.version_for("baseline") == 2
+    assert ctx.router.get_backends()["baseline"].version == 2
+    assert ctx.registry.version_for("previous_baseline") == 3
+
+
+def test_a_paused_rollout_records_ticks_but_does_not_act(ctx):
+    rollout = services.start_canary(ctx, 3, FAST, actor="test")
+    services.pause(ctx, rollout.id, actor="test")
+    seed(ctx, 3, 300, accuracy=0.75, error_rate=0.5)
+    services.evaluate(ctx, tick=1)
+    assert ctx.ledger.get(rollout.id).phase is Phase.PAUSED
+    assert ctx.router.get_weights()["canary"] == 10
+    services.resume(ctx, rollout.id, actor="test")
+    assert ctx.ledger.get(rollout.id).phase is Phase.PROGRESSING
