@@ -93,6 +93,13 @@ class ServiceMetrics:
             "rows_corrupt": pc.Counter("recsys_predlog_rows_corrupt", "Unreadable spill lines skipped", v),
             "write_failures": pc.Counter("recsys_predlog_write_failures", "Failed database writes", v),
         }
+        self.gc_pause = pc.Histogram(
+            "recsys_gc_pause_seconds",
+            "Garbage collector pauses of generations 1 and 2 (the ones long enough to show in the p99)",
+            ["generation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+        )
+        self._gc_started = 0.0
         self._last = WriterStats()
         self._lock = threading.Lock()
 
@@ -103,6 +110,25 @@ class ServiceMetrics:
         if _instance is None:
             _instance = cls(model_version)
         return _instance
+
+    def watch_gc(self) -> None:
+        """Time the older-generation collections (gen 0 runs too often to be worth a callback's cost)."""
+        import gc
+        import time
+
+        def callback(phase: str, info: dict) -> None:
+            if info["generation"] == 0:
+                return
+            if phase == "start":
+                self._gc_started = time.perf_counter()
+            else:
+                self.gc_pause.labels(str(info["generation"])).observe(time.perf_counter() - self._gc_started)
+                if info["generation"] == 2:
+                    import sys, collections
+                    c = collections.Counter(type(o).__name__ for o in gc.get_objects(2))
+                    print("GCDBG", c.most_common(14), round((time.perf_counter() - self._gc_started)*1000,1), info, gc.get_count(), len(gc.get_objects(2)), gc.get_freeze_count(), file=sys.stderr, flush=True)
+
+        gc.callbacks.append(callback)
 
     def observe_request(self, role: str, endpoint: str, status: int, seconds: float) -> None:
         labels = (self.model_version, role, endpoint)

@@ -221,6 +221,11 @@ class PredictionLogWriter:
             first = self._queue.get(timeout=self.flush_interval_s)
         except queue.Empty:
             return []
+        if self._queue.qsize() < self.batch_size - 1:
+            # Let a batch build up. Taking rows as they come would wake this thread (and take the
+            # GIL from the request loop) for every request and commit one row at a time: measured
+            # +1 ms per request at one connection. close() sets the event and ends the wait.
+            self._stopping.wait(self.flush_interval_s)
         batch = [] if first is _WAKE else [first]
         while len(batch) < self.batch_size:
             try:

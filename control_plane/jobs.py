@@ -28,15 +28,14 @@ def tick_for(when: float, interval_s: int) -> int:
 
 
 def evaluate_job() -> dict | None:
-    """The scheduled evaluation: the tick comes from when the scheduler enqueued the job."""
-    from rq import get_current_job
+    """The scheduled evaluation; a second run within the same interval finds its tick taken and does nothing.
 
+    (rq-scheduler re-enqueues one job hash for a periodic job, so the job's own timestamps are not per run.)
+    """
     from control_plane import services
 
     ctx = _context()
-    job = get_current_job()
-    enqueued = job.enqueued_at.timestamp() if job is not None and job.enqueued_at else time.time()
-    result = services.evaluate(ctx, tick=tick_for(enqueued, ctx.settings.eval_interval_s), actor="scheduler")
+    result = services.evaluate(ctx, tick=tick_for(time.time(), ctx.settings.eval_interval_s), actor="scheduler")
     log.info("evaluation", extra={"result": result})
     return result
 

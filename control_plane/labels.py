@@ -57,3 +57,54 @@ def record_labels(engine: Engine, items: list[tuple[str, int]], now: float | Non
     with engine.begin() as conn:
         conn.execute(stmt, rows)
     return len(rows)
+
+
+class LabelSink:
+    """Stores labels; while the database is unreachable they go to an fsync'd file, replayed later."""
+
+    def __init__(self, engine: Engine, spill_dir):
+        import os
+        import threading
+        from pathlib import Path
+
+        self.engine = engine
+        self.spill_path = Path(spill_dir) / f"labels-{os.getpid()}.jsonl"
+        self._lock = threading.Lock()
+
+    def record(self, items: list[tuple[str, int]]) -> str:
+        """'stored' when written to the database, 'spilled' when kept on disk for replay."""
+        from sqlalchemy.exc import OperationalError
+
+        now = time.time()
+        try:
+            self.replay()
+            record_labels(self.engine, items, now)
+            return "stored"
+        except OperationalError:
+            self._spill(items, now)
+            return "spilled"
+
+    def _spill(self, items: list[tuple[str, int]], now: float) -> None:
+        import json
+        import os
+
+        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, self.spill_path.open("a") as f:
+            for rid, label in items:
+                f.write(json.dumps({"request_id": rid, "label": label, "ts": now}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def replay(self) -> int:
+        """Write every spilled label from any process of this spill dir; files are removed once stored."""
+        import json
+
+        done = 0
+        with self._lock:
+            for path in sorted(self.spill_path.parent.glob("labels-*.jsonl")):
+                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                for ts in sorted({r["ts"] for r in rows}):
+                    record_labels(self.engine, [(r["request_id"], r["label"]) for r in rows if r["ts"] == ts], ts)
+                path.unlink()
+                done += len(rows)
+        return done

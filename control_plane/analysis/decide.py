@@ -31,8 +31,14 @@ from control_plane.analysis.types import (
     RuleOutcome,
 )
 
-ACTIONS = {HOLD: Action.HOLD, ADVANCE: Action.ADVANCE, PROMOTE: Action.PROMOTE, ROLLBACK: Action.ROLLBACK,
-           HALT: Action.HALT, INCONCLUSIVE: Action.INCONCLUSIVE}  # fmt: skip
+ACTIONS = {
+    HOLD: Action.HOLD,
+    ADVANCE: Action.ADVANCE,
+    PROMOTE: Action.PROMOTE,
+    ROLLBACK: Action.ROLLBACK,
+    HALT: Action.HALT,
+    INCONCLUSIVE: Action.INCONCLUSIVE,
+}
 PROMOTED_WEIGHT = 100  # after a promotion the canary *is* the baseline; the control plane restores the split
 SUPERIORITY_KEY = "accuracy_superiority"  # key of the running p-value in RolloutState.running_p_values
 
@@ -41,8 +47,11 @@ def decide(state: RolloutState, obs: Observations, policy: Policy) -> Decision:
     """Decide one evaluation of a rollout from its observations under its policy; no I/O."""
     if state.phase is not Phase.PROGRESSING:
         why = {Phase.PAUSED: "rollout is paused by an operator", Phase.PENDING: "rollout has not started"}
-        return Decision(Action.HOLD, why.get(state.phase, f"rollout is {state.phase}; nothing to decide"),
-                        state.canary_weight)  # fmt: skip
+        return Decision(
+            Action.HOLD,
+            why.get(state.phase, f"rollout is {state.phase}; nothing to decide"),
+            state.canary_weight,
+        )
     if not 0 <= state.step_index < len(policy.steps):
         raise ValueError(f"step_index {state.step_index} is outside the policy's {len(policy.steps)} steps")
     canary, baseline = obs.arms.get("canary"), obs.arms.get("baseline")
@@ -54,8 +63,11 @@ def decide(state: RolloutState, obs: Observations, policy: Policy) -> Decision:
     code, why = int(action[0]), Cause(int(cause[0]))
     st = {k: np.asarray(v).reshape(-1)[0].item() for k, v in st.items()}
     act = ACTIONS[code]
-    next_weight = {ADVANCE: policy.steps[min(state.step_index + 1, len(policy.steps) - 1)],
-                   PROMOTE: PROMOTED_WEIGHT, HOLD: state.canary_weight}.get(code, 0)  # fmt: skip
+    next_weight = {
+        ADVANCE: policy.steps[min(state.step_index + 1, len(policy.steps) - 1)],
+        PROMOTE: PROMOTED_WEIGHT,
+        HOLD: state.canary_weight,
+    }.get(code, 0)
     stats = _stats(policy, state, obs, n, st, why)
     reason = _reason(policy, state, n, st, act, why, next_weight)
     return Decision(act, reason, next_weight, _rules(policy, n, st), _jsonable(stats))
@@ -78,15 +90,24 @@ def _numbers(
     step_obs = {r: arm.step_requests for r, arm in obs.arms.items()}
     srm_check = srm.srm_check(step_obs, obs.step_weights, policy.planned_n, policy.srm_p)
     return {
-        "c": c, "b": b, "diff": float(diff), "var": float(var), "tau2": float(tau2),
+        "c": c,
+        "b": b,
+        "diff": float(diff),
+        "var": float(var),
+        "tau2": float(tau2),
         "acc_lower": float(seq.one_sided_bound(diff, var, tau2, a, +1)),
         "acc_upper": float(seq.one_sided_bound(diff, var, tau2, a, -1)),
         "err": {k: float(v) for k, v in err.items()},
-        "err_lower": float(err_lower), "err_upper": float(err_upper), "lat": lat, "srm": srm_check,
-        "srm_p": None if srm_check is None else srm_check["p_always_valid"], "step_obs": step_obs,
+        "err_lower": float(err_lower),
+        "err_upper": float(err_upper),
+        "lat": lat,
+        "srm": srm_check,
+        "srm_p": None if srm_check is None else srm_check["p_always_valid"],
+        "step_obs": step_obs,
         "weights": dict(obs.step_weights),
-        "elapsed_s": obs.now - state.started_at, "step_elapsed_s": obs.now - state.step_started_at,
-    }  # fmt: skip
+        "elapsed_s": obs.now - state.started_at,
+        "step_elapsed_s": obs.now - state.step_started_at,
+    }
 
 
 def _evidence(n: dict, state: RolloutState) -> Evidence:
@@ -97,15 +118,26 @@ def _evidence(n: dict, state: RolloutState) -> Evidence:
         return np.array([x], dtype=float)
 
     return Evidence(
-        requests_c=arr(c.requests), errors_c=arr(c.errors), requests_b=arr(b.requests), errors_b=arr(b.errors),
-        labelled_c=arr(c.labelled), correct_c=arr(c.correct), labelled_b=arr(b.labelled), correct_b=arr(b.correct),
-        latencies_c=arr(len(c.latencies_ms)), latencies_b=arr(len(b.latencies_ms)),
+        requests_c=arr(c.requests),
+        errors_c=arr(c.errors),
+        requests_b=arr(b.requests),
+        errors_b=arr(b.errors),
+        labelled_c=arr(c.labelled),
+        correct_c=arr(c.correct),
+        labelled_b=arr(b.labelled),
+        correct_b=arr(b.correct),
+        latencies_c=arr(len(c.latencies_ms)),
+        latencies_b=arr(len(b.latencies_ms)),
         p99_ratio=arr(lat["ratio"] if math.isfinite(lat["ratio"]) else np.inf),
-        p99_ratio_lower=arr(lat["lower"]), p99_ratio_upper=arr(lat["upper"]),
-        srm_p=arr(1.0 if n["srm_p"] is None else n["srm_p"]),
-        elapsed_s=arr(n["elapsed_s"]), step_elapsed_s=arr(n["step_elapsed_s"]), step_index=arr(state.step_index),
+        p99_ratio_lower=arr(lat["lower"]),
+        p99_ratio_upper=arr(lat["upper"]),
+        srm_p=arr(1.0 if n["srm"] is None else n["srm"]["p_always_valid"]),
+        srm_p_fixed=arr(1.0 if n["srm"] is None else n["srm"]["p"]),
+        elapsed_s=arr(n["elapsed_s"]),
+        step_elapsed_s=arr(n["step_elapsed_s"]),
+        step_index=arr(state.step_index),
         running_p=arr(state.running_p_values.get(SUPERIORITY_KEY, 1.0)),
-    )  # fmt: skip
+    )
 
 
 def _pts(x: float | None, signed: bool = True) -> str:
@@ -136,29 +168,39 @@ def _reason(policy: Policy, state: RolloutState, n: dict, st: dict, act: Action,
     """A readable sentence with the numbers behind the action."""
     c, b, lat, err = n["c"], n["b"], n["lat"], n["err"]
     sequential = policy.name == "sequential"
-    acc = (f"canary accuracy {_pts(n['diff'])} (always-valid bounds {_interval(n)}, "
-           f"p={_p(st.get('p_superior'))} vs margin)" if sequential
-           else f"canary accuracy {_pts(n['diff'])}")  # fmt: skip
+    acc = f"canary accuracy {_pts(n['diff'])}" + (
+        f" (always-valid bounds {_interval(n)})" if sequential else ""
+    )
     errs = f"canary errors {_pct(c.error_rate)} vs baseline {_pct(b.error_rate)} ({_pts(err['diff'])})"
     p99 = f"p99 {lat['p99_canary']:.1f} ms vs {lat['p99_baseline']:.1f} ms (ratio {_ratio(lat['ratio'])})"
     step = f"step {state.step_index + 1} of {len(policy.steps)} at {policy.steps[state.step_index]}%"
     if why is Cause.SRM:
         seen = ", ".join(f"{r} {k}" for r, k in n["step_obs"].items())
         want = ", ".join(f"{r} {w}%" for r, w in n["weights"].items())
-        return (f"sample-ratio mismatch: step requests {seen} against weights {want} (chi-square "
-                f"{n['srm']['chi_square']:.1f}, p={_p(n['srm']['p'])}, always-valid p={_p(n['srm_p'])} < "
-                f"{policy.srm_p:g}); halting, nothing is promoted")  # fmt: skip
+        return (
+            f"sample-ratio mismatch: step requests {seen} against weights {want} (chi-square "
+            f"{n['srm']['chi_square']:.1f}, p={_p(n['srm']['p'])}, always-valid p={_p(n['srm_p'])} < "
+            f"{policy.srm_p:g}); halting, nothing is promoted"
+        )
+    if why is Cause.ERRORS and sequential:
+        return (
+            f"{errs}: confidently worse than the {_pts(policy.error_margin, False)} margin (always-valid "
+            f"lower bound {_pts(n['err_lower'])}, p={_p(err['p_harm'])}); rolling back"
+        )
     if why is Cause.ERRORS:
-        how = (f"lower bound {_pts(n['err_lower'])}, p={_p(err['p_harm'])}" if sequential
-               else f"more than twice the {_pts(policy.error_margin, False)} margin")  # fmt: skip
-        return f"{errs}: worse than the {_pts(policy.error_margin, False)} margin ({how}); rolling back"
+        return f"{errs}: more than twice the {_pts(policy.error_margin, False)} margin worse; rolling back"
+    if why is Cause.LATENCY and sequential:
+        return (
+            f"canary {p99}: confidently above {policy.p99_ratio:.2f} (always-valid lower bound "
+            f"{_ratio(lat['lower'])}); rolling back"
+        )
     if why is Cause.LATENCY:
-        how = (f"lower bound {_ratio(lat['lower'])}" if sequential
-               else f"above {1 + 2 * (policy.p99_ratio - 1):.2f}, twice the allowance")  # fmt: skip
-        return f"canary {p99} exceeds {policy.p99_ratio:.2f} ({how}); rolling back"
+        return f"canary {p99}: above {1 + 2 * (policy.p99_ratio - 1):.2f}, twice the allowance; rolling back"
     if why is Cause.TIME_LIMIT:
-        return (f"no decision after {n['elapsed_s'] / 3600:.1f} h (limit {policy.max_duration_s / 3600:.1f} h): "
-                f"inconclusive; {acc}")  # fmt: skip
+        return (
+            f"no decision after {n['elapsed_s'] / 3600:.1f} h (limit {policy.max_duration_s / 3600:.1f} h): "
+            f"inconclusive; {acc}"
+        )
     if why is Cause.MIN_SAMPLE:
         return (
             f"waiting for data: labelled {c.labelled}/{b.labelled} (canary/baseline, need "
@@ -168,13 +210,15 @@ def _reason(policy: Policy, state: RolloutState, n: dict, st: dict, act: Action,
     if why is Cause.ACCURACY_WORSE:
         return f"{acc}: confidently below the baseline (p={_p(st.get('p_worse'))}); rolling back"
     if why is Cause.FUTILITY:
-        return (f"{acc}: confidently below the {_pts(policy.accuracy_margin, False)} margin "
-                f"(p={_p(st.get('p_futile'))}), so it cannot be promoted; rolling back")  # fmt: skip
+        return (
+            f"{acc}: confidently below the {_pts(policy.accuracy_margin, False)} margin "
+            f"(p={_p(st.get('p_futile'))}), so it cannot be promoted; rolling back"
+        )
     if why is Cause.STEP_TIME:
         return f"{step} has run {n['step_elapsed_s']:.0f} s of the {policy.step_min_duration_s:.0f} s minimum; holding"
     checks = _checks(policy, n, st)
     if act is Action.ADVANCE and sequential:
-        return f"no harm at {step} ({errs}; {p99}); {acc} so far: advancing to {nxt}%"
+        return f"no harm at {step}: {errs}, {p99}; {acc} so far: advancing to {nxt}%"
     verdict = {Action.PROMOTE: "promoting", Action.ADVANCE: f"advancing to {nxt}%"}.get(
         act, f"holding at {step}"
     )
@@ -187,9 +231,8 @@ def _checks(policy: Policy, n: dict, st: dict) -> list[str]:
     m, r, e = _pts(policy.accuracy_margin, False), f"{policy.p99_ratio:.2f}", _pts(policy.error_margin, False)
     if policy.name == "sequential":
         return [
-            f"canary accuracy {_pts(n['diff'])} (always-valid bounds {_interval(n)}, p={_p(st['p_superior'])}) "
-            f"{'exceeds' if st['superior'] else 'not yet above'}"
-            f" margin {m}",
+            f"canary accuracy {_pts(n['diff'])} (always-valid bounds {_interval(n)}, running p="
+            f"{_p(st['p_superior'])}) {'exceeds' if st['superior'] else 'not yet above'} margin {m}",
             f"p99 ratio {_ratio(lat['ratio'])} (upper bound {_ratio(lat['upper'])}) "
             f"{'≤' if st['latency_noninferior'] else 'not yet shown ≤'} {r}",
             f"error diff {_pts(err['diff'])} (upper bound {_pts(n['err_upper'])}, p={_p(err['p_noninferior'])}) "
@@ -208,40 +251,104 @@ def _rules(policy: Policy, n: dict, st: dict) -> tuple[RuleOutcome, ...]:
     labels, reqs, lats = st["enough_labels"], st["enough_requests"], st["enough_latency"]
     srm_ok = None if n["srm_p"] is None else n["srm_p"] >= policy.srm_p
     rules = [
-        RuleOutcome("sample_ratio", n["srm_p"], policy.srm_p, srm_ok,
-                    "always-valid p of the chi-square of step requests vs weights"),
-        RuleOutcome("time_limit", n["elapsed_s"], policy.max_duration_s, n["elapsed_s"] < policy.max_duration_s,
-                    "seconds since the rollout started"),
-        RuleOutcome("min_sample", float(min(n["c"].labelled, n["b"].labelled)), float(policy.labelled_minimum),
-                    bool(labels), "labelled predictions in the smaller arm"),
-        RuleOutcome("step_duration", n["step_elapsed_s"], policy.step_min_duration_s, bool(st["step_done"]),
-                    "seconds at this step"),
-    ]  # fmt: skip
+        RuleOutcome(
+            "sample_ratio",
+            n["srm_p"],
+            policy.srm_p,
+            srm_ok,
+            "always-valid p of the chi-square of step requests vs weights",
+        ),
+        RuleOutcome(
+            "time_limit",
+            n["elapsed_s"],
+            policy.max_duration_s,
+            n["elapsed_s"] < policy.max_duration_s,
+            "seconds since the rollout started",
+        ),
+        RuleOutcome(
+            "min_sample",
+            float(min(n["c"].labelled, n["b"].labelled)),
+            float(policy.labelled_minimum),
+            bool(labels),
+            "labelled predictions in the smaller arm",
+        ),
+        RuleOutcome(
+            "step_duration",
+            n["step_elapsed_s"],
+            policy.step_min_duration_s,
+            bool(st["step_done"]),
+            "seconds at this step",
+        ),
+    ]
     if policy.name == "sequential":
         rules += [
-            RuleOutcome("error_harm", err["p_harm"], a, (err["p_harm"] > a) if reqs else None,
-                        f"always-valid p that errors exceed the margin; lower bound {_pts(n['err_lower'])}"),
-            RuleOutcome("latency_harm", lat["lower"], policy.p99_ratio, (lat["lower"] <= policy.p99_ratio) if lats
-                        else None, "always-valid lower bound of the p99 ratio"),
-            RuleOutcome("accuracy_superiority", st["p_superior"], a, bool(st["superior"]) if labels else None,
-                        f"running always-valid p of gain > margin; bounds {_interval(n)}"),
-            RuleOutcome("accuracy_futility", st["p_futile"], a, (st["p_futile"] > a) if labels else None,
-                        "always-valid p that the gain is below the margin"),
-            RuleOutcome("error_noninferiority", err["p_noninferior"], a, bool(st["error_noninferior"]) if reqs
-                        else None, f"always-valid p that errors are within the margin; upper bound "
-                        f"{_pts(n['err_upper'])}"),
-            RuleOutcome("latency_noninferiority", lat["upper"], policy.p99_ratio,
-                        bool(st["latency_noninferior"]) if lats else None, "always-valid upper bound of the p99 ratio"),
-        ]  # fmt: skip
+            RuleOutcome(
+                "error_harm",
+                err["p_harm"],
+                a,
+                (err["p_harm"] > a) if reqs else None,
+                f"always-valid p that errors exceed the margin; lower bound {_pts(n['err_lower'])}",
+            ),
+            RuleOutcome(
+                "latency_harm",
+                lat["lower"],
+                policy.p99_ratio,
+                (lat["lower"] <= policy.p99_ratio) if lats else None,
+                "always-valid lower bound of the p99 ratio",
+            ),
+            RuleOutcome(
+                "accuracy_superiority",
+                st["p_superior"],
+                a,
+                bool(st["superior"]) if labels else None,
+                f"running always-valid p of gain > margin; bounds {_interval(n)}",
+            ),
+            RuleOutcome(
+                "accuracy_futility",
+                st["p_futile"],
+                a,
+                (st["p_futile"] > a) if labels else None,
+                "always-valid p that the gain is below the margin",
+            ),
+            RuleOutcome(
+                "error_noninferiority",
+                err["p_noninferior"],
+                a,
+                bool(st["error_noninferior"]) if reqs else None,
+                f"always-valid p that errors are within the margin; upper bound {_pts(n['err_upper'])}",
+            ),
+            RuleOutcome(
+                "latency_noninferiority",
+                lat["upper"],
+                policy.p99_ratio,
+                bool(st["latency_noninferior"]) if lats else None,
+                "always-valid upper bound of the p99 ratio",
+            ),
+        ]
     else:
         rules += [
-            RuleOutcome("accuracy_gain", n["diff"], policy.accuracy_margin, bool(st["superior"]) if labels else None,
-                        "canary minus baseline accuracy over the window"),
-            RuleOutcome("p99_ratio", lat["ratio"], policy.p99_ratio, bool(st["latency_noninferior"]) if lats else None,
-                        "canary p99 over baseline p99 over the window"),
-            RuleOutcome("error_diff", err["diff"], policy.error_margin, bool(st["error_noninferior"]) if reqs else None,
-                        "canary minus baseline error rate over the window"),
-        ]  # fmt: skip
+            RuleOutcome(
+                "accuracy_gain",
+                n["diff"],
+                policy.accuracy_margin,
+                bool(st["superior"]) if labels else None,
+                "canary minus baseline accuracy over the window",
+            ),
+            RuleOutcome(
+                "p99_ratio",
+                lat["ratio"],
+                policy.p99_ratio,
+                bool(st["latency_noninferior"]) if lats else None,
+                "canary p99 over baseline p99 over the window",
+            ),
+            RuleOutcome(
+                "error_diff",
+                err["diff"],
+                policy.error_margin,
+                bool(st["error_noninferior"]) if reqs else None,
+                "canary minus baseline error rate over the window",
+            ),
+        ]
     return tuple(RuleOutcome(r.name, _num(r.value), _num(r.threshold), r.passed, r.detail) for r in rules)
 
 
@@ -256,21 +363,47 @@ def _stats(
         "window_start": obs.window_start,
         "elapsed_s": n["elapsed_s"],
         "step_elapsed_s": n["step_elapsed_s"],
-        "samples": {role: {"requests": arm.requests, "errors": arm.errors, "labelled": arm.labelled,
-                           "correct": arm.correct, "latencies": len(arm.latencies_ms), "step_requests": arm.step_requests}
-                    for role, arm in obs.arms.items()},  # fmt: skip
-        "accuracy": {"canary": c.accuracy, "baseline": b.accuracy, "diff": n["diff"], "lower": n["acc_lower"],
-                     "upper": n["acc_upper"], "tau2": n["tau2"], "p_superior": st.get("p_superior"),
-                     "p_futile": st.get("p_futile"), "p_worse": st.get("p_worse"), "margin": policy.accuracy_margin},
-        "errors": {"canary": c.error_rate, "baseline": b.error_rate, "diff": err["diff"], "lower": n["err_lower"],
-                   "upper": n["err_upper"], "p_harm": err["p_harm"], "p_noninferior": err["p_noninferior"],
-                   "margin": policy.error_margin},
+        "samples": {
+            role: {
+                "requests": arm.requests,
+                "errors": arm.errors,
+                "labelled": arm.labelled,
+                "correct": arm.correct,
+                "latencies": len(arm.latencies_ms),
+                "step_requests": arm.step_requests,
+            }
+            for role, arm in obs.arms.items()
+        },
+        "accuracy": {
+            "canary": c.accuracy,
+            "baseline": b.accuracy,
+            "diff": n["diff"],
+            "lower": n["acc_lower"],
+            "upper": n["acc_upper"],
+            "tau2": n["tau2"],
+            "p_superior": st.get("p_superior"),
+            "p_futile": st.get("p_futile"),
+            "p_worse": st.get("p_worse"),
+            "margin": policy.accuracy_margin,
+        },
+        "errors": {
+            "canary": c.error_rate,
+            "baseline": b.error_rate,
+            "diff": err["diff"],
+            "lower": n["err_lower"],
+            "upper": n["err_upper"],
+            "p_harm": err["p_harm"],
+            "p_noninferior": err["p_noninferior"],
+            "margin": policy.error_margin,
+        },
         "latency": {**lat, "max_ratio": policy.p99_ratio},
         "srm": {**(n["srm"] or {}), "step_requests": n["step_obs"], "weights": dict(obs.step_weights)},
-        "running_p_values": {SUPERIORITY_KEY: st.get("p_superior", 1.0)} if policy.name == "sequential" else {},
+        "running_p_values": {SUPERIORITY_KEY: st.get("p_superior", 1.0)}
+        if policy.name == "sequential"
+        else {},
         "min_labelled_per_arm": policy.labelled_minimum,
         "expected_n": policy.planned_n,
-    }  # fmt: skip
+    }
 
 
 def _num(x: Any) -> float | None:

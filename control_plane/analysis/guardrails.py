@@ -21,12 +21,10 @@ HARM_PRIOR = (
 
 
 def log_rate_evidence(x: Array, n: Array, p0: Array, prior: tuple[float, float] = HARM_PRIOR) -> np.ndarray:
-    """log e-value that a Bernoulli rate exceeds p0: a Beta mixture, truncated to (p0, 1], of likelihood ratios.
-
-    Each ratio against p0 is a supermartingale whenever the true rate is at most p0, so the mixture is too:
-    by Ville's inequality it exceeds 1/alpha with probability at most alpha, at any look, exactly (no CLT),
-    which matters for rare events such as errors in the first minutes of a canary.
-    """
+    """log e-value that a Bernoulli rate exceeds p0: a Beta mixture, truncated to (p0, 1], of likelihood ratios."""
+    # Each ratio against p0 is a supermartingale whenever the true rate is at most p0, so the mixture is too:
+    # by Ville's inequality it exceeds 1/alpha with probability at most alpha at any look, exactly (no CLT),
+    # which matters for rare events such as errors in the first minutes of a canary.
     x, n = np.asarray(x, dtype=float), np.asarray(n, dtype=float)
     p0 = np.clip(np.asarray(p0, dtype=float), 1e-9, 1 - 1e-9)
     a, b = prior
@@ -102,12 +100,10 @@ def _boundary(rejects, far: np.ndarray, near: np.ndarray) -> np.ndarray:
 
 
 def quantile_ranks(n: Array, q: float, alpha: float, expected_n: float) -> tuple[np.ndarray, np.ndarray]:
-    """1-based order-statistic ranks of a one-sided-alpha confidence sequence for the q-quantile, each side.
-
-    The count of samples at or below the true quantile is Binomial(n, q) at every n; a time-uniform
-    normal-mixture boundary on that count (Howard & Ramdas 2022) turns order statistics into bounds that
-    hold at every look. A lower rank below 1 or an upper rank above n means "no bound yet".
-    """
+    """1-based order-statistic ranks bounding the q-quantile at every look, each side one-sided at alpha."""
+    # The count of samples at or below the true quantile is Binomial(n, q) at every n; a time-uniform
+    # normal-mixture boundary on that count (Howard & Ramdas 2022) turns order statistics into bounds that
+    # hold at every look. A lower rank below 1 or an upper rank above n means "no bound yet".
     n = np.asarray(n, dtype=float)
     var = q * (1 - q) / np.maximum(n, 1)
     tau2 = seq.mixing_variance(q * (1 - q), expected_n, alpha)

@@ -41,13 +41,12 @@ class Scenario:
     latency_ratio: float = 1.0  # canary latencies are this times the baseline's (so is its p99)
     srm_loss: float = 0.0  # share of canary requests missing from the log (a sample-ratio mismatch)
 
-    def promotable(self, policy: Policy) -> bool:
-        """Whether promoting this canary is right: better by the margin, within both guardrails, sound traffic."""
+    def better(self, policy: Policy) -> bool:
+        """The truth is better by the margin with both guardrails intact (a promotion is not false)."""
         return (
             self.lift > policy.accuracy_margin
             and self.error_diff <= policy.error_margin
             and self.latency_ratio <= policy.p99_ratio
-            and self.srm_loss == 0
         )
 
 
@@ -69,6 +68,7 @@ SCENARIOS = (
     Scenario("A/A"),
     Scenario("accuracy -2 pts", lift=-0.02),
     Scenario("accuracy -1 pt", lift=-0.01),
+    Scenario("accuracy +0.5 pt", lift=0.005),
     Scenario("accuracy +1 pt (at margin)", lift=0.01),
     Scenario("accuracy +1.5 pts", lift=0.015),
     Scenario("accuracy +2 pts", lift=0.02),
@@ -78,7 +78,8 @@ SCENARIOS = (
     Scenario("+3 pts but p99 x1.10", lift=0.03, latency_ratio=1.10),
     Scenario("errors +5 pts", error_diff=0.05),
     Scenario("p99 x1.30", latency_ratio=1.30),
-    Scenario("SRM: 5% of canary requests lost", srm_loss=0.05),
+    Scenario("SRM: A/A, 5% of canary requests lost", srm_loss=0.05),
+    Scenario("SRM: +2 pts, 5% of canary requests lost", lift=0.02, srm_loss=0.05),
 )
 
 
@@ -127,7 +128,9 @@ class _TailGrid:
         n = under + counts.sum(axis=1)
         return self.order_stat(under, counts, np.maximum(np.ceil(n * Q), 1), upper=True)
 
-    def bounds(self, under: np.ndarray, counts: np.ndarray, alpha: float, expected_n: float) -> tuple:
+    def bounds(
+        self, under: np.ndarray, counts: np.ndarray, alpha: float, expected_n: float
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Always-valid lower and upper bound of the p99, each one-sided at alpha."""
         n = under + counts.sum(axis=1)
         lo_k, hi_k = guardrails.quantile_ranks(n, Q, alpha, expected_n)
@@ -190,6 +193,7 @@ def run_scenario(scenario: Scenario, policy: Policy, traffic: Traffic, reps: int
         ev = replace(
             ev,
             srm_p=srm.always_valid_srm_p(step_req, weights, policy.planned_n, policy.srm_p),
+            srm_p_fixed=srm.srm_p_values(step_req, weights),
             elapsed_s=np.full(reps, now),
             step_elapsed_s=now - step_start,
             step_index=step_idx.astype(float),
@@ -210,7 +214,17 @@ def run_scenario(scenario: Scenario, policy: Policy, traffic: Traffic, reps: int
     return Outcome(out_action, out_cause, out_time, out_evals)
 
 
-def _evidence(policy, grid, hist, lat_under, lat_bins, ring, t, delay, win) -> Evidence:
+def _evidence(
+    policy: Policy,
+    grid: _TailGrid,
+    hist: dict[tuple[str, str], np.ndarray],
+    lat_under: dict[str, np.ndarray],
+    lat_bins: dict[str, np.ndarray],
+    ring: dict[str, np.ndarray],
+    t: int,
+    delay: int,
+    win: int,
+) -> Evidence:
     """The rule's inputs at minute t: all data since the start (sequential) or the rolling window (threshold)."""
     lab_t = max(t - delay, 0)
     start = max(t - win, 0) if ring else 0
@@ -241,12 +255,26 @@ def _evidence(policy, grid, hist, lat_under, lat_bins, ring, t, delay, win) -> E
         point = np.where(p99["b"] > 0, p99["c"] / p99["b"], np.inf)
     zeros = np.zeros_like(point)
     return Evidence(
-        requests_c=since("c", "n", t), errors_c=since("c", "e", t), requests_b=since("b", "n", t),
-        errors_b=since("b", "e", t), labelled_c=since("c", "s", lab_t), correct_c=since("c", "k", lab_t),
-        labelled_b=since("b", "s", lab_t), correct_b=since("b", "k", lab_t),
-        latencies_c=n_lat["c"], latencies_b=n_lat["b"], p99_ratio=point, p99_ratio_lower=lower, p99_ratio_upper=upper,
-        srm_p=zeros + 1.0, elapsed_s=zeros, step_elapsed_s=zeros, step_index=zeros, running_p=zeros + 1.0,
-    )  # fmt: skip
+        requests_c=since("c", "n", t),
+        errors_c=since("c", "e", t),
+        requests_b=since("b", "n", t),
+        errors_b=since("b", "e", t),
+        labelled_c=since("c", "s", lab_t),
+        correct_c=since("c", "k", lab_t),
+        labelled_b=since("b", "s", lab_t),
+        correct_b=since("b", "k", lab_t),
+        latencies_c=n_lat["c"],
+        latencies_b=n_lat["b"],
+        p99_ratio=point,
+        p99_ratio_lower=lower,
+        p99_ratio_upper=upper,
+        srm_p=zeros + 1.0,
+        srm_p_fixed=zeros + 1.0,
+        elapsed_s=zeros,
+        step_elapsed_s=zeros,
+        step_index=zeros,
+        running_p=zeros + 1.0,
+    )
 
 
 def false_rollback(scenario: Scenario, policy: Policy, out: Outcome) -> np.ndarray:
@@ -264,20 +292,28 @@ def false_rollback(scenario: Scenario, policy: Policy, out: Outcome) -> np.ndarr
 
 def summarize(scenario: Scenario, policy: Policy, out: Outcome) -> dict:
     """The table row of one scenario under one policy."""
-    share = {k: float(np.mean(out.action == v)) for k, v in
-             (("promoted", PROMOTE), ("rolled_back", ROLLBACK), ("halted", HALT), ("inconclusive", INCONCLUSIVE))}  # fmt: skip
+    share = {
+        k: float(np.mean(out.action == v))
+        for k, v in (
+            ("promoted", PROMOTE),
+            ("rolled_back", ROLLBACK),
+            ("halted", HALT),
+            ("inconclusive", INCONCLUSIVE),
+        )
+    }
     decided = out.time_s[(out.action >= 0) & (out.action != INCONCLUSIVE)] / 60.0
-    null = not scenario.promotable(policy)
+    null = not scenario.better(policy)
     return {
         "scenario": scenario.name,
         "null": null,
         **share,
         "false_promotion": share["promoted"] if null else None,
-        "power": None if null else share["promoted"],
+        "power": None if null or scenario.srm_loss else share["promoted"],
         "false_rollback": float(np.mean(false_rollback(scenario, policy, out))),
         "median_min": float(np.median(decided)) if len(decided) else None,
         "p90_min": float(np.percentile(decided, 90)) if len(decided) else None,
         "rollback_within_2": float(np.mean((out.action == ROLLBACK) & (out.evals <= 2))),
+        "rollback_within_3": float(np.mean((out.action == ROLLBACK) & (out.evals <= 3))),
     }
 
 
@@ -289,8 +325,10 @@ def _fmt(x: float | None, pct: bool = True) -> str:
 
 def table(policy: Policy, rows: list[dict]) -> str:
     """One policy's results as a markdown table with a summary underneath."""
-    head = ("| scenario | promoted | rolled back | halted | inconclusive | false promotion | false rollback "
-            "| median min | p90 min |\n|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
+    head = (
+        "| scenario | promoted | rolled back | halted | inconclusive | false promotion | false rollback "
+        "| median min | p90 min |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
     body = "".join(
         f"| {r['scenario']} | {_fmt(r['promoted'])} | {_fmt(r['rolled_back'])} | {_fmt(r['halted'])} "
         f"| {_fmt(r['inconclusive'])} | {_fmt(r['false_promotion'])} | {_fmt(r['false_rollback'])} "
@@ -306,15 +344,17 @@ def table(policy: Policy, rows: list[dict]) -> str:
             f"{r['scenario'].removeprefix('accuracy ')} {_fmt(r['power'])}"
             for r in rows
             if r["power"] is not None
-        ),  # fmt: skip
+        ),
     ]
     if "errors +5 pts" in by:
+        r = by["errors +5 pts"]
         lines.append(
-            f"- errors +5 pts rolled back within two evaluations: {_fmt(by['errors +5 pts']['rollback_within_2'])}"
+            f"- errors +5 pts rolled back within two evaluations: {_fmt(r['rollback_within_2'])} "
+            f"(within three: {_fmt(r['rollback_within_3'])})"
         )
-    srm_rows = [r for r in rows if r["scenario"].startswith("SRM")]
-    if srm_rows:
-        lines.append(f"- SRM detected (halted): {_fmt(srm_rows[0]['halted'])}")
+    for r in rows:
+        if r["scenario"].startswith("SRM"):
+            lines.append(f"- {r['scenario']}: halted {_fmt(r['halted'])}, promoted {_fmt(r['promoted'])}")
     return f"### policy: {policy.name}\n\n{head}{body}\n" + "\n".join(lines) + "\n"
 
 
@@ -327,8 +367,11 @@ def power_curve(results: dict[str, list[tuple[Scenario, dict]]], path: Path, mar
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, pairs in results.items():
-        pts = sorted((s.lift * 100, r["promoted"]) for s, r in pairs
-                     if s.error_diff == 0 and s.latency_ratio == 1 and s.srm_loss == 0)  # fmt: skip
+        pts = sorted(
+            (s.lift * 100, r["promoted"])
+            for s, r in pairs
+            if s.error_diff == 0 and s.latency_ratio == 1 and s.srm_loss == 0
+        )
         ax.plot(*zip(*pts, strict=True), marker="o", label=name)
     ax.axhline(0.8, color="grey", ls="--", lw=0.8, label="80% power")
     ax.axhline(0.05, color="red", ls=":", lw=0.8, label="5% false promotions")
@@ -349,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="sim-results", help="directory for simulation.md and power_curve.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="200 replications: a quick look, not the report")
+    argv = list(argv) if argv is not None else None
+    if argv and argv[0] == "--":  # `recsys simulate -- --reps 10` passes the separator through
+        argv = argv[1:]
     args = p.parse_args(argv)
     reps = args.reps or (200 if args.quick else 1000)
     if reps < 1:
@@ -366,9 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     doc = (
         f"# Simulation: {reps} replications per scenario, both policies\n\n"
         f"Traffic: {traffic}\n\nPolicy defaults: {Policy().to_dict()}\n\n"
-        "False promotion: promoted although the truth is not better than the margin, a guardrail is truly "
-        "broken, or traffic is mismatched. False rollback: rolled back for a cause the truth does not support "
-        "(or halted without a mismatch). Times are minutes to a promote/rollback/halt decision.\n\n"
+        "False promotion: promoted although the truth is not better than the margin or a guardrail is truly "
+        "broken (shown for those null scenarios only). Power: promoted when the truth is better and traffic "
+        "sound. False rollback: rolled back for a cause the truth does not support (errors/latency not truly "
+        "beyond the margin, accuracy not truly worse / truly above the margin), or halted without a mismatch. "
+        "Times: minutes to a promote/rollback/halt decision (inconclusive runs end at the time limit).\n\n"
         f"{tables}\nRun time: {elapsed:.0f} s\n"
     )
     out = Path(args.out)

@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 
 from control_plane.context import Context
 from control_plane.settings import Settings
-from control_plane.web import api, ui
+from control_plane.web import api, feedback, ui
 from control_plane.web.auth import ensure_api_token, ensure_secret_key
 from control_plane.web.errors import register_error_handler
 from control_plane.web.logs import configure_logging
@@ -52,7 +52,9 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
 
     csrf = CSRFProtect(app)
     csrf.exempt(api.bp)  # the API authenticates by Bearer header, which a browser never sends on its own
+    csrf.exempt(feedback.bp)  # labels come from clients, like predictions: open, validated, never an operator act
     app.register_blueprint(api.bp)
+    app.register_blueprint(feedback.bp)
     app.register_blueprint(ui.bp)
     register_error_handler(app)
     install_metrics(app, wiring.context)

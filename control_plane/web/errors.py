@@ -44,7 +44,7 @@ def handle_error(exc: Exception):
 
 
 def _respond(status: int, message: str, exc: Exception):
-    if request.path.startswith("/api/") or request.path == "/api":
+    if request.path.startswith("/api/") or request.path in ("/api", "/feedback"):
         resp = jsonify(error=message)
         resp.status_code = status
         if status == 401:

@@ -20,6 +20,7 @@ class Wiring:
     settings: Settings
     api_token: str
     ctx: Context | None = None
+    label_sink: object | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def context(self) -> Context:

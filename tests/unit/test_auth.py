@@ -20,7 +20,7 @@ SAMPLE_ARGS = {
     "action": ["pause", "resume", "promote", "rollback", "evaluate"],
 }
 # Writes that are open by design (none yet); anything else must refuse an anonymous caller.
-PUBLIC_WRITES: set[str] = set()
+PUBLIC_WRITES: set[str] = {"feedback.feedback"}  # labels come from clients, like predictions
 
 
 @pytest.fixture

@@ -20,8 +20,14 @@ from control_plane.settings import Settings
 from control_plane.traffic.memory import InMemoryRouter
 from control_plane.traffic_ops import apply_assignment
 
-FAST = {"step_min_duration_s": 0, "min_labelled_per_arm": 200, "min_requests_per_arm": 50,
-        "min_latency_samples": 100, "expected_n": 2000, "harm_expected_n": 200}
+FAST = {
+    "step_min_duration_s": 0,
+    "min_labelled_per_arm": 200,
+    "min_requests_per_arm": 50,
+    "min_latency_samples": 100,
+    "expected_n": 2000,
+    "harm_expected_n": 200,
+}
 
 
 class Clock:
@@ -57,8 +63,9 @@ def ctx(tmp_path):
     c.engine.dispose()
 
 
-def seed(ctx, version: int, n: int, *, accuracy: float, error_rate: float = 0.0, latency_ms: float = 5.0,
-         rng=None) -> None:
+def seed(
+    ctx, version: int, n: int, *, accuracy: float, error_rate: float = 0.0, latency_ms: float = 5.0, rng=None
+) -> None:
     """n weighted predictions for `version` in the past, each labelled, `accuracy` of them right."""
     rng = rng or np.random.default_rng(version)
     now = ctx.clock()
@@ -69,10 +76,20 @@ def seed(ctx, version: int, n: int, *, accuracy: float, error_rate: float = 0.0,
         score = float(rng.random())
         right = rng.random() < accuracy
         label = int(score >= 0.5) if right else int(score < 0.5)
-        preds.append({"request_id": rid, "ts": now - 1 - i * 50 / n, "model_version": version, "role": "x",
-                      "route": "weighted", "endpoint": "predict", "features": None,
-                      "score": None if err else score, "latency_ms": latency_ms + rng.random(),
-                      "status": 500 if err else 200})
+        preds.append(
+            {
+                "request_id": rid,
+                "ts": now - 1 - i * 50 / n,
+                "model_version": version,
+                "role": "x",
+                "route": "weighted",
+                "endpoint": "predict",
+                "features": None,
+                "score": None if err else score,
+                "latency_ms": latency_ms + rng.random(),
+                "status": 500 if err else 200,
+            }
+        )
         if not err:
             labs.append({"request_id": rid, "label": label, "ts": now})
     with ctx.engine.begin() as conn:
@@ -81,16 +98,23 @@ def seed(ctx, version: int, n: int, *, accuracy: float, error_rate: float = 0.0,
             conn.execute(insert(labels), labs)
 
 
-def seed_tick(ctx, total: int, accuracy: dict[int, float], error_rate: dict[int, float] | None = None) -> None:
+def seed_tick(
+    ctx, total: int, accuracy: dict[int, float], error_rate: dict[int, float] | None = None
+) -> None:
     """One minute of traffic split by the weights in force, as Traefik would split it."""
     ctx.clock.t += 60
     weights, backends = ctx.router.get_weights(), ctx.router.get_backends()
     for role, backend in backends.items():
         n = total * weights[role] // 100
         if n:
-            seed(ctx, backend.version, n, accuracy=accuracy[backend.version],
-                 error_rate=(error_rate or {}).get(backend.version, 0.0),
-                 rng=np.random.default_rng(int(ctx.clock.t) + backend.version))
+            seed(
+                ctx,
+                backend.version,
+                n,
+                accuracy=accuracy[backend.version],
+                error_rate=(error_rate or {}).get(backend.version, 0.0),
+                rng=np.random.default_rng(int(ctx.clock.t) + backend.version),
+            )
 
 
 def ledger_rows(ctx) -> int:

@@ -1,0 +1,267 @@
+"""Throughput and latency of one Bento's /predict, prediction log on vs off (a script, not a test).
+
+    .venv/bin/python -m load.bench_bento [--bento recsys:v3] [--connections 1,16] [--duration 10] [--rounds 3]
+
+Without --bento it trains the `baseline` profile into a temporary MLflow store and builds its Bento in
+a temporary BENTOML_HOME. It starts that Bento twice (RECSYS_PREDLOG=on and =off, both writing to a
+temporary SQLite database unless --database-url is given), drives /predict with wrk (or, without
+wrk, an asyncio/httpx loop that is itself the bottleneck), alternating the two servers run by run,
+and prints the median requests/s, p50 and p99 of each. It also times CatBoost's own single-row
+predict in this process, so that what the service adds per request is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+FEATURES = [0.6, 1.2, 0.3, 1.6, 0.25, 28.0, 40.0, 4.2, 0.1, 0.4, 1.0, 0.5, -0.8, 0.0, 2.0, 1.0]
+
+
+@dataclass
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_bento(workdir: Path, env: dict[str, str]) -> str:
+    """Train, register and build a Bento in the temporary stores; return its tag."""
+    code = (
+        "from training.train import train_and_register\n"
+        f"print(train_and_register(tracking_uri={env['MLFLOW_TRACKING_URI']!r}, "
+        f"artifact_location={str(workdir / 'mlartifacts')!r}, profile='baseline', progress=False))"
+    )
+    version = subprocess.run(
+        [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+    )
+    v = int(version.stdout.split()[-1])
+    out = subprocess.run(
+        [sys.executable, "-m", "bentos.build", "--version", str(v)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.split()[-1]
+
+
+def model_dir(env: dict[str, str], bento: str) -> Path:
+    """Where the Bento's MLflow model sits in the BentoML model store (recsys:v3 -> recsys-model/v3)."""
+    name, version = bento.split(":")
+    home = Path(env.get("BENTOML_HOME") or Path.home() / "bentoml")
+    return home / "models" / f"{name}-model" / version / "mlflow_model"
+
+
+def catboost_single_row_us(path: Path, n: int = 20_000) -> float:
+    """Median of 5 timings of the service's own single-row scoring call, in microseconds."""
+    from bentos.model import CatBoostScorer
+
+    scorer = CatBoostScorer.from_mlflow_dir(path)
+    for _ in range(1000):
+        scorer.score_one(FEATURES)
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            scorer.score_one(FEATURES)
+        runs.append((time.perf_counter() - t0) / n * 1e6)
+    return statistics.median(runs)
+
+
+def start_bento(stack: ExitStack, bento: str, env: dict[str, str], log_path: Path) -> str:
+    port = free_port()
+    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "bentoml"), "serve", bento, "--port", str(port), "--host", "127.0.0.1"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    stack.callback(stop)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"bentoml serve {bento} exited; see {log_path}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"bentoml serve {bento} not ready after 120 s; see {log_path}")
+
+
+LUA = """
+wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def run_wrk(url: str, connections: int, duration_s: int, script: Path) -> Run:
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration_s}s",
+            "--latency",
+            "-s",
+            str(script),
+            f"{url}/predict",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+    def latency(pct: str) -> float:
+        m = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        value, unit = float(m.group(1)), m.group(2)
+        return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses:\s+(\d+)", out))
+    errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    return Run(rps=rps, p50_ms=latency("50"), p99_ms=latency("99"), errors=errors)
+
+
+def run_httpx(url: str, connections: int, duration_s: int, _script: Path) -> Run:
+    import asyncio
+
+    import httpx
+
+    async def drive() -> Run:
+        latencies: list[float] = []
+        errors = 0
+        body = json.dumps({"features": FEATURES}).encode()
+        headers = {"content-type": "application/json"}
+        limits = httpx.Limits(max_connections=connections)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+            end = time.monotonic() + duration_s
+
+            async def worker() -> None:
+                nonlocal errors
+                while time.monotonic() < end:
+                    t0 = time.perf_counter()
+                    r = await client.post("/predict", content=body, headers=headers)
+                    latencies.append((time.perf_counter() - t0) * 1e3)
+                    errors += r.status_code != 200
+
+            t0 = time.monotonic()
+            await asyncio.gather(*(worker() for _ in range(connections)))
+            elapsed = time.monotonic() - t0
+        q = statistics.quantiles(latencies, n=100)
+        return Run(rps=len(latencies) / elapsed, p50_ms=q[49], p99_ms=q[98], errors=errors)
+
+    return asyncio.run(drive())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--bento", help="an existing Bento tag (default: train and build one in a temp store)"
+    )
+    parser.add_argument("--connections", default="1,16", help="comma-separated connection counts")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per mode and connection count")
+    parser.add_argument("--database-url", help="where the 'on' server logs (default: a temp SQLite file)")
+    args = parser.parse_args(argv)
+
+    from control_plane.db.engine import make_engine, migrate
+
+    with tempfile.TemporaryDirectory(prefix="bench-bento-") as tmp, ExitStack() as stack:
+        workdir = Path(tmp)
+        env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "RECSYS_STATE_DIR": str(workdir / "state")}
+        if not args.bento:
+            env["BENTOML_HOME"] = str(workdir / "bentoml")
+            env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+            print("training and building a Bento in", workdir, flush=True)
+        bento = args.bento or prepare_bento(workdir, env)
+        database_url = args.database_url or f"sqlite:///{workdir / 'state' / 'recsys.db'}"
+        migrate(database_url)
+        env["DATABASE_URL"] = database_url
+        env["RECSYS_SPILL_DIR"] = str(workdir / "spill")
+
+        urls = {
+            mode: start_bento(stack, bento, {**env, "RECSYS_PREDLOG": mode}, workdir / f"serve-{mode}.log")
+            for mode in ("on", "off")
+        }
+        script = workdir / "predict.lua"
+        script.write_text(LUA % json.dumps({"features": FEATURES}))
+        runner = run_wrk if shutil.which("wrk") else run_httpx
+        print(f"{bento}: load from {'wrk' if runner is run_wrk else 'httpx (the client is the bottleneck)'}")
+        for url in urls.values():
+            runner(url, 4, 2, script)  # warm up
+
+        results: dict[tuple[int, str], list[Run]] = {}
+        for connections in (int(c) for c in args.connections.split(",")):
+            for r in range(args.rounds):
+                for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
+                    run = runner(urls[mode], connections, args.duration, script)
+                    results.setdefault((connections, mode), []).append(run)
+                    print(f"  c={connections:<3} log={mode:<3} {run.rps:8.0f} req/s  p50 {run.p50_ms:6.2f} ms"
+                          f"  p99 {run.p99_ms:6.2f} ms  errors {run.errors}", flush=True)  # fmt: skip
+
+        model_us = catboost_single_row_us(model_dir(env, bento))
+        print(
+            f"\nmedians of {args.rounds} runs of {args.duration}s, {os.cpu_count()} cores shared by server and load"
+        )
+        print(f"{'conns':>5} {'log':>4} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'us/req':>7} {'errors':>6}")
+        for (connections, mode), runs in results.items():
+            rps = statistics.median(r.rps for r in runs)
+            print(
+                f"{connections:>5} {mode:>4} {rps:8.0f} {statistics.median(r.p50_ms for r in runs):7.2f}"
+                f" {statistics.median(r.p99_ms for r in runs):7.2f} {1e6 / rps:7.0f} {sum(r.errors for r in runs):6d}"
+            )
+        print(f"CatBoost single-row predict_proba in this process: {model_us:.0f} us "
+              f"(the rest of us/req is HTTP, BentoML, validation, logging)")  # fmt: skip
+
+        engine = make_engine(database_url)
+        with engine.connect() as conn:
+            from sqlalchemy import func, select
+
+            from control_plane.db.schema import predictions
+
+            rows = conn.execute(select(func.count()).select_from(predictions)).scalar_one()
+        engine.dispose()
+        print(f"rows in predictions after the runs (log=on server only): {rows}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""Real rq-scheduler and RQ worker processes evaluate a rollout on real Postgres, Redis and MLflow."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from sqlalchemy import insert
+
+from control_plane import services
+from control_plane.analysis.types import Phase
+from control_plane.context import bootstrap
+from control_plane.db.schema import labels, predictions
+from control_plane.jobs import schedule_evaluations
+from control_plane.settings import Settings
+from control_plane.traffic_ops import apply_assignment
+from training.train import train_and_register
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+FAST = {"step_min_duration_s": 0, "min_labelled_per_arm": 200, "min_requests_per_arm": 50,
+        "min_latency_samples": 100, "expected_n": 2000, "harm_expected_n": 200}
+
+
+class _Ready(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Three small registered versions in a real MLflow store: control, baseline, better."""
+    d = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    for profile in ("control", "baseline", "better", "worse"):
+        train_and_register(tracking_uri=uri, artifact_location=str(d / "art"), profile=profile,
+                           n_rows=2000, iterations=20, progress=False)
+    return uri
+
+
+@pytest.fixture
+def world(models, pg_url, pg_engine, redis_url, tmp_path):
+    servers = []
+    urls = {}
+    for v in (1, 2, 3, 4):
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), _Ready)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        urls[v] = f"http://127.0.0.1:{srv.server_address[1]}"
+    env = {
+        **os.environ,
+        "RECSYS_STATE_DIR": str(tmp_path / "state"),
+        "DATABASE_URL": pg_url,
+        "REDIS_URL": redis_url,
+        "MLFLOW_TRACKING_URI": models,
+        "RECSYS_BENTO_URLS": ",".join(f"{v}={u}" for v, u in urls.items()),
+        "RECSYS_LABEL_WINDOW_S": "0",
+        "RECSYS_EVAL_INTERVAL_S": "1",
+    }
+    settings = Settings.from_env(env)
+    ctx = bootstrap(settings)
+    ctx.drain_s = 0
+    for alias in ("baseline", "canary", "control", "previous_baseline"):
+        ctx.registry.remove_alias(alias)
+    ctx.registry.set_alias("control", 1)
+    ctx.registry.set_alias("baseline", 2)
+    apply_assignment(ctx, {"baseline": (2, 95), "control": (1, 5)})
+    procs = [
+        subprocess.Popen([str(BIN / "rq"), "worker", "--url", redis_url, "recsys"], env=env,
+                         stdout=open(tmp_path / "proc.log", "ab"), stderr=subprocess.STDOUT),
+        subprocess.Popen([str(BIN / "rqscheduler"), "--url", redis_url, "--interval", "1"], env=env,
+                         stdout=open(tmp_path / "proc.log", "ab"), stderr=subprocess.STDOUT),
+    ]
+    yield ctx, env
+    for p in procs:
+        p.terminate()
+        p.wait(15)
+    for srv in servers:
+        srv.shutdown()
+    ctx.engine.dispose()
+
+
+def feed(ctx, n: int, accuracy: dict[int, float], error_rate: dict[int, float], rng) -> None:
+    """n weighted requests split as the Traefik file says, with labels; stamped now."""
+    doc = yaml.safe_load(Path(ctx.router.path).read_text())
+    weighted = doc["http"]["services"]["recsys-split"]["weighted"]["services"]
+    now = time.time()
+    preds, labs = [], []
+    for entry in weighted:
+        version = int(entry["name"].split("-v")[1])
+        for _ in range(n * entry["weight"] // 100):
+            rid = uuid.uuid4().hex
+            err = rng.random() < error_rate.get(version, 0.0)
+            score = float(rng.random())
+            label = int(score >= 0.5) if rng.random() < accuracy[version] else int(score < 0.5)
+            preds.append({"request_id": rid, "ts": now - rng.random(), "model_version": version, "role": "x",
+                          "route": "weighted", "endpoint": "predict", "features": None,
+                          "score": None if err else score, "latency_ms": 4 + rng.random(),
+                          "status": 500 if err else 200})
+            if not err:
+                labs.append({"request_id": rid, "label": label, "ts": now})
+    with ctx.engine.begin() as conn:
+        conn.execute(insert(predictions), preds)
+        conn.execute(insert(labels), labs)
+
+
+def run_until_done(ctx, env, rollout_id, accuracy, error_rate, timeout_s=40) -> Phase:
+    schedule_evaluations(env["REDIS_URL"], 1)
+    rng = np.random.default_rng(0)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        feed(ctx, 1500, accuracy, error_rate, rng)
+        rollout = ctx.ledger.get(rollout_id)
+        if rollout.phase.terminal and rollout.pending_action is None:  # decided, and the action applied
+            return rollout.phase
+        time.sleep(1)
+    return ctx.ledger.get(rollout_id).phase
+
+
+def test_scheduled_ticks_advance_a_better_canary_through_its_steps_and_promote_it(world):
+    ctx, env = world
+    rollout = services.start_canary(ctx, 3, FAST, actor="test")
+    phase = run_until_done(ctx, env, rollout.id, {1: 0.7, 2: 0.7, 3: 0.9}, {})
+    assert phase is Phase.PROMOTED, [(d["action"], d["reason"]) for d in ctx.ledger.decisions(rollout.id, limit=5)]
+    actions = [d["action"] for d in reversed(ctx.ledger.decisions(rollout.id))]
+    assert actions.count("advance") == 2 and actions[-1] == "promote", actions
+    assert all(d["actor"] == "scheduler" for d in ctx.ledger.decisions(rollout.id) if d["action"] != "start")
+    assert ctx.registry.version_for("baseline") == 3, (ctx.registry._alias_map(), ctx.ledger.get(rollout.id).pending_action, [(d["action"], d["actor"]) for d in ctx.ledger.decisions(rollout.id)])
+    assert ctx.registry.get(3).stage == "Production"
+    assert ctx.registry.version_for("previous_baseline") == 2
+    assert ctx.registry.get(2).stage == "Archived"
+    doc = yaml.safe_load(Path(ctx.router.path).read_text())
+    split = {e["name"]: e["weight"] for e in doc["http"]["services"]["recsys-split"]["weighted"]["services"]}
+    assert split == {"recsys-v3": 95, "recsys-v1": 5}
+    last = ctx.ledger.decisions(rollout.id, limit=1)[0]
+    assert last["metrics"]["canary"]["labelled"] >= FAST["min_labelled_per_arm"]
+    assert last["stats"], "the numbers behind the promotion are in the ledger"
+
+
+def test_a_canary_that_errors_is_rolled_back_at_its_first_evaluation(world):
+    ctx, env = world
+    rollout = services.start_canary(ctx, 4, FAST, actor="test")
+    feed(ctx, 3000, {1: 0.7, 2: 0.7, 4: 0.7}, {4: 0.3}, np.random.default_rng(1))
+    phase = run_until_done(ctx, env, rollout.id, {1: 0.7, 2: 0.7, 4: 0.7}, {4: 0.3}, timeout_s=30)
+    assert phase is Phase.ROLLED_BACK
+    evaluations = [d for d in ctx.ledger.decisions(rollout.id) if d["actor"] == "scheduler"]
+    assert len(evaluations) == 1 and evaluations[0]["action"] == "rollback"
+    assert ctx.registry.version_for("canary") is None
+    assert ctx.registry.get(4).stage == "Archived"
+    doc = yaml.safe_load(Path(ctx.router.path).read_text())
+    names = {e["name"] for e in doc["http"]["services"]["recsys-split"]["weighted"]["services"]}
+    assert "recsys-v4" not in names
