@@ -91,6 +91,9 @@ class ServiceMetrics:
                 "recsys_predlog_rows_replayed", "Prediction rows replayed from spill files", v
             ),
             "rows_corrupt": pc.Counter("recsys_predlog_rows_corrupt", "Unreadable spill lines skipped", v),
+            "rows_rejected": pc.Counter(
+                "recsys_predlog_rows_rejected", "Rows the database refused as bad data (set aside)", v
+            ),
             "write_failures": pc.Counter("recsys_predlog_write_failures", "Failed database writes", v),
         }
         self.gc_pause = pc.Histogram(
@@ -123,10 +126,6 @@ class ServiceMetrics:
                 self._gc_started = time.perf_counter()
             else:
                 self.gc_pause.labels(str(info["generation"])).observe(time.perf_counter() - self._gc_started)
-                if info["generation"] == 2:
-                    import sys, collections
-                    c = collections.Counter(type(o).__name__ for o in gc.get_objects(2))
-                    print("GCDBG", c.most_common(14), round((time.perf_counter() - self._gc_started)*1000,1), info, gc.get_count(), len(gc.get_objects(2)), gc.get_freeze_count(), file=sys.stderr, flush=True)
 
         gc.callbacks.append(callback)
 

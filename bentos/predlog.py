@@ -5,7 +5,9 @@ inserts them with ON CONFLICT DO NOTHING on `request_id`, so writing a row twice
 the queue is full the caller appends the row to the spill file itself; when the database is
 unreachable the writer appends whole batches there. Spill files are fsync'd JSON lines, one file
 per process (locked with flock while its owner has it open), and are replayed into the database
-once it answers again, including the files a dead process left behind.
+once it answers again, including the files a dead process left behind. A row the database refuses
+as bad data (a constraint, not the connection) is set aside in rejected-*.jsonl instead of being
+retried for ever.
 
 What is lost: only rows still in memory when the process is killed with SIGKILL (or dies before
 `close()`), and a half-written last line of a spill file after such a death.
@@ -61,6 +63,7 @@ class WriterStats:
     rows_spilled: int = 0  # appended to a spill file (by the caller or the writer)
     rows_replayed: int = 0  # read back from spill files and inserted
     rows_corrupt: int = 0  # unreadable spill lines (a process killed mid-write)
+    rows_rejected: int = 0  # refused by the database as bad data, kept in a rejected-*.jsonl file
     write_failures: int = 0  # failed database round trips
     spill_bytes: int = 0  # size of the spill files waiting in the spill directory
     spill_rows: int = 0  # rows this process spilled that no one has replayed yet
@@ -140,6 +143,7 @@ class PredictionLogWriter:
         self._rows_spilled = 0
         self._rows_replayed = 0
         self._rows_corrupt = 0
+        self._rows_rejected = 0
         self._write_failures = 0
         self._spill_bytes = 0
 
@@ -189,6 +193,7 @@ class PredictionLogWriter:
             rows_spilled=self._rows_spilled,
             rows_replayed=self._rows_replayed,
             rows_corrupt=self._rows_corrupt,
+            rows_rejected=self._rows_rejected,
             write_failures=self._write_failures,
             spill_bytes=self._spill_bytes,
             spill_rows=sum(self._own_files.values()),
@@ -241,13 +246,45 @@ class PredictionLogWriter:
             self._spill(batch)
             return
         try:
-            self._insert(batch)
+            inserted = self._store(batch)
         except Exception as exc:
             self._mark_down(exc)
             self._spill(batch)
             return
-        self._rows_written += len(batch)
+        self._rows_written += inserted
         self._mark_up()
+
+    def _store(self, rows: list[PredictionRow]) -> int:
+        """Insert `rows` and return how many went in; raises only when the database is unavailable.
+
+        A row the database refuses as bad data (it cannot succeed on a retry) must not hold the
+        others back, nor be spilled and replayed for ever: the batch is retried row by row and the
+        refused rows are set aside in a rejected-*.jsonl file, not replayed.
+        """
+        try:
+            self._insert(rows)
+            return len(rows)
+        except Exception as exc:
+            if not _is_bad_data(exc):
+                raise
+        inserted = 0
+        for row in rows:
+            try:
+                self._insert([row])
+                inserted += 1
+            except Exception as exc:
+                if not _is_bad_data(exc):
+                    raise  # down mid-way: the whole batch spills; replay skips the rows already in
+                self._reject(row, exc)
+        return inserted
+
+    def _reject(self, row: PredictionRow, exc: BaseException) -> None:
+        self._rows_rejected += 1
+        log.error("prediction log: row %r refused by the database, set aside: %s", row.get("request_id"), exc)
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"row": row, "error": str(exc)[:500]}, default=str) + "\n"
+        with open(self.spill_dir / f"rejected-{self._spill_prefix}.jsonl", "a") as f:
+            f.write(line)
 
     def _insert(self, rows: list[PredictionRow]) -> None:
         if self._engine is None:
@@ -326,17 +363,17 @@ class PredictionLogWriter:
                     return True  # replayed and deleted by someone else while we waited
             except FileNotFoundError:
                 return True
-            replayed = 0
+            replayed = inserted = 0
             try:
                 for chunk in _chunks(self._read_rows(f, path), self.batch_size):
-                    self._insert(chunk)
+                    inserted += self._store(chunk)
                     replayed += len(chunk)
             except Exception as exc:
                 self._mark_down(exc)
                 return False
             path.unlink()
         self._rows_replayed += replayed
-        self._rows_written += replayed
+        self._rows_written += inserted
         with self._spill_lock:
             self._own_files.pop(path.name, None)
         if replayed:
@@ -438,6 +475,17 @@ class NullLogWriter:
 
     def stats(self) -> WriterStats:
         return WriterStats()
+
+
+def _is_bad_data(exc: BaseException) -> bool:
+    """True when retrying cannot help: the data, not the connection, is the problem."""
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(exc, sa_exc.IntegrityError | sa_exc.DataError):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        return False  # connection lost, server gone, missing table (not migrated yet): keep the rows
+    return isinstance(exc, sa_exc.StatementError | TypeError | ValueError | KeyError)
 
 
 def _chunks(rows: Iterable[PredictionRow], size: int) -> Iterator[list[PredictionRow]]:

@@ -4,6 +4,19 @@
 stores the arguments in the Bento and hands them back to `bentoml.use_arguments()` whenever that
 Bento is served, so the model reference below is `recsys-model:v3` for ever (never `latest`).
 Serving it needs nothing else: `bentoml serve recsys:v3 --port 3103`.
+
+Environment (read when the worker starts):
+  DATABASE_URL            where `predictions` rows go and `traffic_config` is read
+                          (default sqlite:///$RECSYS_STATE_DIR/recsys.db)
+  RECSYS_STATE_DIR        default .recsys
+  RECSYS_SPILL_DIR        spill files for rows the database did not take (default $RECSYS_STATE_DIR/spill)
+  RECSYS_PREDLOG=off      no prediction log (benchmarks)
+  RECSYS_ACCESS_LOG=on    one JSON log line per model request (default off)
+  RECSYS_MAX_BODY_BYTES   larger request bodies get 413 (default 1000000)
+
+Only requests that reach the model are logged to `predictions`: 2xx, and 5xx raised by the model
+code. Refused input (4xx) is counted in recsys_requests_total{status} but never logged: it has no
+score, and it would dilute the error rate the canary analysis compares.
 """
 
 from __future__ import annotations
@@ -48,7 +61,7 @@ ARGS = bentoml.use_arguments(BentoArgs)
 @bentoml.service(
     name="recsys",
     workers=1,
-    # The timeout middleware keeps a timer alive per request for this long (more garbage to scan).
+    # A scoring request that has not answered in 10 s is broken (BentoML's default is 60 s).
     traffic={"timeout": 10},
     # The per-request access log costs 6-9% of throughput; our metrics and log rows cover it.
     logging={"access": {"enabled": False}},
@@ -62,6 +75,7 @@ class Recsys:
     bento_model = bentoml.models.BentoModel(model_tag(ARGS.model_version, ARGS.model_name))
 
     def __init__(self) -> None:
+        from bentos.bentoml_fixes import cancel_timeout_timers
         from bentos.logs import use_json_logs
         from bentos.metrics import ServiceMetrics
         from bentos.model import CatBoostScorer
@@ -72,6 +86,7 @@ class Recsys:
         settings = Settings.from_env()
         self.model_version = ARGS.model_version
         use_json_logs(self.model_version)
+        cancel_timeout_timers()
         self.metrics = ServiceMetrics.for_version(self.model_version)
 
         started = time.perf_counter()

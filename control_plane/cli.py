@@ -206,7 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("RECSYS_LOG_LEVEL", "WARNING"))
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and hasattr(args, "rest"):
+        args.rest = [*extra, *args.rest]  # options meant for `recsys simulate` / `recsys demo` themselves
+    elif extra:
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     from control_plane.errors import RecsysError
 
     try:

@@ -35,8 +35,9 @@ class Rollout:
     reason: str | None
     pending_action: dict[str, Any] | None
 
-    def state(self, evaluations: int = 0) -> RolloutState:
+    def state(self, evaluations: int = 0, running_p_values: dict | None = None) -> RolloutState:
         return RolloutState(
+            running_p_values=dict(running_p_values or {}),
             phase=self.phase,
             step_index=self.step_index,
             canary_weight=self.canary_weight,
@@ -147,6 +148,16 @@ class Ledger:
             stmt = stmt.where(decisions.c.rollout_id == rollout_id)
         with self.engine.connect() as c:
             return [dict(r._mapping) for r in c.execute(stmt).all()]
+
+    def last_stat(self, conn: Connection, rollout_id: int, key: str) -> Any:
+        """`stats[key]` of the rollout's newest scheduled evaluation (running statistics carry over)."""
+        row = conn.execute(
+            select(decisions.c.stats)
+            .where(decisions.c.rollout_id == rollout_id, decisions.c.tick.is_not(None))
+            .order_by(decisions.c.id.desc())
+            .limit(1)
+        ).first()
+        return None if row is None else (row[0] or {}).get(key)
 
     def evaluations(self, conn: Connection, rollout_id: int) -> tuple[int, int | None]:
         """How many scheduled evaluations the rollout has had, and the newest tick."""

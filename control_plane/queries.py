@@ -79,7 +79,7 @@ def arm_observation(
     step_since: float,
     now: float,
     label_window_s: float,
-    max_latency_samples: int = 20_000,
+    max_latency_samples: int = 500_000,
 ) -> ArmObservation:
     """One version's window: counts, latencies, and label metrics over closed label windows."""
     if version is None:

@@ -193,9 +193,11 @@ def evaluate(ctx: Context, tick: int | None = None, actor: str = "scheduler") ->
         "canary": rollout.candidate_version,
         "control": assignment.get("control", (None, 0))[0],
     }
-    since = rollout.started_at if policy.name == "sequential" else max(now - policy.window_s, rollout.started_at)
+    since = policy.window_start(rollout.started_at, now)
+    label_window_s = ctx.settings.label_window_s if policy.label_window_s is None else policy.label_window_s
     with ctx.engine.connect() as conn:
         evaluations, last_tick = ctx.ledger.evaluations(conn, rollout.id)
+        running_p = ctx.ledger.last_stat(conn, rollout.id, "running_p_values") or {}
         if tick is not None and last_tick is not None and tick <= last_tick:
             return None  # this tick (or a later one) already ran
         try:
@@ -205,7 +207,7 @@ def evaluate(ctx: Context, tick: int | None = None, actor: str = "scheduler") ->
                 since=since,
                 step_since=rollout.step_started_at,
                 now=now,
-                label_window_s=ctx.settings.label_window_s,
+                label_window_s=label_window_s,
                 step_weights={r: w for r, (_, w) in assignment.items()},
             )
         except SQLAlchemyError as exc:
@@ -216,7 +218,7 @@ def evaluate(ctx: Context, tick: int | None = None, actor: str = "scheduler") ->
     elif obs is None:
         decision = Decision(Action.NO_DATA, failure, rollout.canary_weight)
     else:
-        decision = decide(rollout.state(evaluations), obs, policy)
+        decision = decide(rollout.state(evaluations, running_p), obs, policy)
     missed = 0 if tick is None or last_tick is None else max(0, tick - last_tick - 1)
     return _act(ctx, rollout, decision, policy, actor, tick=tick, obs=obs, missed_ticks=missed)
 

@@ -72,7 +72,10 @@ class JobMetrics:
             registry=None,
         )
         self.failures = pc.Counter(
-            "recsys_job_failures", "RQ job executions that failed or whose horse died", ["func"], registry=None
+            "recsys_job_failures",
+            "RQ job executions that failed or whose horse died",
+            ["func"],
+            registry=None,
         )
         self.jobs = pc.Counter(
             "recsys_jobs", "RQ job executions by outcome (finished, failed, retried, killed)", ["func", "status"],
@@ -157,7 +160,9 @@ class MetricsWorker(Worker):
         except OSError as exc:  # jobs matter more than their metrics: keep working, say so loudly
             log.error("worker metrics not served on %s:%s: %s", config.host, config.port, exc)
         else:
-            log.info("worker metrics on http://%s:%s/metrics (files in %s)", config.host, config.port, directory)
+            log.info(
+                "worker metrics on http://%s:%s/metrics (files in %s)", config.host, config.port, directory
+            )
 
     def perform_job(self, job: Job, queue: Any, execution: Any) -> bool:
         """Runs in the horse: the job, then its duration and outcome into the shared files."""

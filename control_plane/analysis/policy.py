@@ -35,6 +35,7 @@ class Policy:
     step_min_duration_s: float = 300.0  # a step lasts at least this long before advancing or promoting
     max_duration_s: float = 6 * 3600.0  # past this without a decision: inconclusive
     window_s: float = 3600.0  # the threshold rule's rolling window (the sequential rule uses all data)
+    label_window_s: float | None = None  # a prediction's label counts once it is this old; None: the stack's
     min_labelled_per_arm: int | None = None  # None: from a power calculation (see `labelled_minimum`)
     min_requests_per_arm: int = 100  # requests per arm before error harm is judged
     min_latency_samples: int = 200  # latencies per arm before a p99 is judged
@@ -98,6 +99,7 @@ class Policy:
             step_min_duration_s=30.0,
             max_duration_s=1800.0,
             window_s=300.0,
+            label_window_s=5.0,
             min_labelled_per_arm=200,
             min_requests_per_arm=50,
             min_latency_samples=200,
@@ -150,6 +152,11 @@ def _validate(p: Policy) -> None:
         is_int(p.min_latency_samples) and p.min_latency_samples >= 100,
         "min_latency_samples",
         "an integer >= 100",
+    )
+    need(
+        p.label_window_s is None or (is_num(p.label_window_s) and p.label_window_s >= 0),
+        "label_window_s",
+        "a number of seconds >= 0 or null",
     )
     for f in ("min_labelled_per_arm", "expected_n"):
         v = getattr(p, f)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -54,13 +55,17 @@ def traefik(settings: Settings) -> Program:
 
 
 def control_plane(settings: Settings) -> Program:
-    metrics_dir = settings.state_dir / "prometheus-multiproc"
+    metrics_dir = settings.state_dir / "prometheus-multiproc" / "control-plane"
+    gunicorn = [str(BIN / "gunicorn"), "--workers", "2", "--threads", "4", "--bind",
+                f"{settings.bind_host}:{settings.control_plane_port}", "--access-logfile", "-",
+                "control_plane.web.app:create_app()"]
+    # prometheus-client's multiprocess files must start empty on every (re)start.
+    d = shlex.quote(str(metrics_dir))
+    script = f"rm -rf {d} && mkdir -p {d} && exec {shlex.join(gunicorn)}"
     return _program(
         settings,
         "control-plane",
-        [str(BIN / "gunicorn"), "--workers", "2", "--threads", "4", "--bind",
-         f"{settings.bind_host}:{settings.control_plane_port}", "--access-logfile", "-",
-         "control_plane.web.app:create_app()"],
+        ["/bin/sh", "-c", script],
         env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
         startsecs=2,
     )

@@ -63,20 +63,23 @@ def local_prometheus_config(settings: Settings, rules_path: Path | None = RULES_
                 "job_name": "bentos",
                 # recsys_* series carry model_version themselves; the target's copy must not rename them.
                 "honor_labels": True,
-                "file_sd_configs": [{"files": [str(bento_targets_path(settings))], "refresh_interval": "30s"}],
+                "file_sd_configs": [
+                    {"files": [str(bento_targets_path(settings))], "refresh_interval": "30s"}
+                ],
             },
             static("control-plane", settings.control_plane_port),
             static("worker", worker_metrics_port(settings)),
             static("prometheus", settings.prometheus_port),
         ],
     }
-    return config
 
 
 def render_local_prometheus(settings: Settings) -> str:
     """The configuration as YAML text, for `prometheus --config.file=...`."""
     header = "# Written by control_plane.stack.prometheus_config on every `recsys up`; edits are lost.\n"
-    return header + yaml.safe_dump(local_prometheus_config(settings), sort_keys=False, default_flow_style=False)
+    return header + yaml.safe_dump(
+        local_prometheus_config(settings), sort_keys=False, default_flow_style=False
+    )
 
 
 def bento_targets(endpoints: Mapping[int, str]) -> list[dict[str, Any]]:

@@ -31,7 +31,11 @@ def exported_names(text: str) -> set[str]:
     names = set()
     for family in text_string_to_metric_families(text):
         names.add(family.name)
-        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
+        suffixes = {
+            "counter": ("_total",),
+            "histogram": ("_bucket", "_sum", "_count"),
+            "summary": ("_sum", "_count"),
+        }
         names.update(family.name + s for s in suffixes.get(family.type, ()))
         names.update(s.name for s in family.samples)
     return names
@@ -114,7 +118,9 @@ def test_bento_and_traefik_counters_move_by_exactly_the_requests_sent(stack):
 
 def test_every_metric_the_dashboard_and_rules_read_is_exported(stack):
     urls = {**_urls(stack), **{f"bento v{v}": url for v, url in _bentos(stack).items()}}
-    for _ in range(5):  # some series appear only after a request (the prediction log's, Traefik's per service)
+    for _ in range(
+        5
+    ):  # some series appear only after a request (the prediction log's, Traefik's per service)
         stack.post(f"{stack.gateway}/predict", {"features": FEATURES})
     used = used_metric_names()
 
@@ -131,4 +137,6 @@ def test_every_metric_the_dashboard_and_rules_read_is_exported(stack):
 
     # The worker's job metrics appear after its first job, the prediction log's after its first batch.
     ok, gone, sizes = _wait_until(missing, 30)
-    assert not gone, f"read by the dashboard or the rules but exported by no part: {sorted(gone)} (names per part: {sizes})"
+    assert not gone, (
+        f"read by the dashboard or the rules but exported by no part: {sorted(gone)} (names per part: {sizes})"
+    )

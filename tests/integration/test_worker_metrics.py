@@ -105,7 +105,11 @@ def test_the_worker_serves_durations_and_outcomes_of_the_jobs_its_horses_ran(red
     jobs = {dict(labels)["func"] + "/" + dict(labels)["status"]: v
             for (name, labels), v in samples.items() if name == "recsys_jobs_total"}  # fmt: skip
     assert jobs == {"builtins.len/finished": 1, "builtins.divmod/failed": 1, "posix.abort/killed": 1}
-    failures = {dict(labels)["func"]: v for (name, labels), v in samples.items() if name == "recsys_job_failures_total"}
+    failures = {
+        dict(labels)["func"]: v
+        for (name, labels), v in samples.items()
+        if name == "recsys_job_failures_total"
+    }
     assert failures == {"builtins.divmod": 1, "posix.abort": 1}
     counts = {dict(labels)["func"]: v for (name, labels), v in samples.items()
               if name == "recsys_job_duration_seconds_count"}  # fmt: skip

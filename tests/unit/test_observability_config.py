@@ -51,7 +51,9 @@ def metric_names_in(expr: str) -> set[str]:
     text = re.sub(r"#[^\n]*", " ", text)  # comments
     text = re.sub(r"\{[^}]*\}", " ", text)  # label matchers
     text = re.sub(r"\[[^\]]*\]", " ", text)  # ranges and subqueries
-    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)  # label lists
+    text = re.sub(
+        r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text
+    )  # label lists
     names = set()
     for m in re.finditer(r"(?<![\w.$])([A-Za-z_:][\w:]*)(\s*\()?", text):
         name, is_call = m.group(1), m.group(2)
@@ -173,7 +175,9 @@ def test_the_rules_alert_on_what_the_issue_asks():
 
 def test_the_rules_unit_tests_cover_the_canary_error_rate_alert():
     tested = {
-        case["alertname"] for t in yaml.safe_load(RULES_TEST.read_text())["tests"] for case in t.get("alert_rule_test", [])
+        case["alertname"]
+        for t in yaml.safe_load(RULES_TEST.read_text())["tests"]
+        for case in t.get("alert_rule_test", [])
     }
     assert "CanaryErrorRateAboveBaseline" in tested
 
@@ -188,7 +192,11 @@ def _targets(config: dict) -> dict[str, list[str]]:
 def test_local_and_compose_scrape_the_same_jobs(settings):
     compose = yaml.safe_load(COMPOSE_CONFIG.read_text())
     local = local_prometheus_config(settings)
-    assert set(_targets(local)) == set(_targets(compose)) == {"traefik", "bentos", "control-plane", "worker", "prometheus"}
+    assert (
+        set(_targets(local))
+        == set(_targets(compose))
+        == {"traefik", "bentos", "control-plane", "worker", "prometheus"}
+    )
 
 
 def test_compose_scrapes_the_compose_services():
@@ -240,7 +248,9 @@ def test_a_bento_endpoint_without_a_port_is_refused(settings):
 
 
 def test_the_datasource_is_the_compose_prometheus_with_the_dashboards_uid():
-    provisioning = yaml.safe_load((GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    provisioning = yaml.safe_load(
+        (GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )
     [source] = provisioning["datasources"]
     assert source["type"] == "prometheus"
     assert source["uid"] == DATASOURCE_UID

@@ -274,3 +274,25 @@ def test_the_null_writer_accepts_and_keeps_nothing():
     w.log(row(uuid.uuid4().hex))
     w.close()
     assert w.stats().rows_written == 0
+
+
+def test_a_row_the_database_refuses_is_set_aside_and_does_not_hold_the_others_back(db, spill_dir):
+    with writer(db, spill_dir) as w:
+        w.log(row(1))
+        w.log(row(2, status=None))  # NOT NULL: refused for good, retrying cannot help
+        w.log(row(3))
+        wait_until(lambda: w.stats().rows_written == 2)
+    assert sorted(db.request_ids()) == ["req-1", "req-3"]
+    stats = w.stats()
+    assert stats.rows_rejected == 1 and stats.db_up and stats.rows_spilled == 0
+    (rejected,) = spill_dir.glob("rejected-*.jsonl")
+    assert json.loads(rejected.read_text())["row"]["request_id"] == "req-2"
+
+
+def test_a_missing_table_is_not_bad_data_the_rows_wait_in_the_spill_file(tmp_path, spill_dir):
+    url = f"sqlite:///{tmp_path / 'not-migrated.db'}"
+    w = PredictionLogWriter(lambda: make_engine(url), spill_dir, flush_interval_s=0.02).start()
+    w.log(row(1))
+    wait_until(lambda: w.stats().rows_spilled == 1)
+    w.close()
+    assert w.stats().rows_rejected == 0 and [r["request_id"] for r in spill_lines(spill_dir)] == ["req-1"]

@@ -318,9 +318,9 @@ def test_compose_dynamic_seed_reads_back_as_the_default_split():
     router = TraefikFileRouter(REPO / "infra/traefik/dynamic")
     assert router.get_weights() == SPLIT
     assert {role: b.version for role, b in router.get_backends().items()} == {
-        "baseline": 1,
-        "canary": 2,
-        "control": 0,
+        "baseline": 2,
+        "canary": 3,
+        "control": 1,
     }
 
 

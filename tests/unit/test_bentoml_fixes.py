@@ -1,0 +1,48 @@
+"""BentoML's timeout middleware, fixed to cancel its per-request timer, still times requests out."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bentos.bentoml_fixes import cancel_timeout_timers
+
+
+def run(app, timeout_s: float):
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    assert cancel_timeout_timers()
+    middleware = TimeoutMiddleware(app, timeout=timeout_s)
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    async def main():
+        await middleware({"type": "http", "method": "POST", "path": "/predict", "headers": []}, receive, send)
+        return sum(not h.cancelled() for h in asyncio.get_running_loop()._scheduled)
+
+    pending_timers = asyncio.run(main())
+    return sent, pending_timers
+
+
+async def ok_app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def slow_app(scope, receive, send):
+    await asyncio.sleep(5)
+
+
+def test_no_timer_outlives_the_request():
+    sent, pending_timers = run(ok_app, timeout_s=60)
+    assert sent[0]["status"] == 200
+    assert pending_timers == 0
+
+
+def test_a_slow_request_still_gets_a_504():
+    sent, _ = run(slow_app, timeout_s=0.05)
+    assert sent[0]["status"] == 504
