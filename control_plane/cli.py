@@ -15,6 +15,7 @@ def _settings() -> Settings:
     settings = Settings.from_env()
     os.environ.setdefault("BENTOML_HOME", str(settings.bentoml_home))
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return settings
 
 

@@ -178,8 +178,14 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
     return ctx.ledger.get(rollout_id)
 
 
-def evaluate(ctx: Context, tick: int | None = None, actor: str = "scheduler") -> dict[str, Any] | None:
-    """One evaluation of the active rollout: read → decide → apply → record. Safe to run twice."""
+def evaluate(
+    ctx: Context, tick: int | None = None, actor: str = "scheduler", interval_s: int | None = None
+) -> dict[str, Any] | None:
+    """One evaluation of the active rollout: read → decide → apply → record. Safe to run twice.
+
+    `tick` is the epoch second the scheduled interval starts at; a tick already recorded is not run again,
+    and ticks skipped since the last one are counted (with `interval_s`) and shown in the ledger.
+    """
     for stuck in ctx.ledger.with_pending_action():
         _complete_pending(ctx, stuck)
     rollout = ctx.ledger.active()
@@ -219,7 +225,8 @@ def evaluate(ctx: Context, tick: int | None = None, actor: str = "scheduler") ->
         decision = Decision(Action.NO_DATA, failure, rollout.canary_weight)
     else:
         decision = decide(rollout.state(evaluations, running_p), obs, policy)
-    missed = 0 if tick is None or last_tick is None else max(0, tick - last_tick - 1)
+    step = interval_s or ctx.settings.eval_interval_s
+    missed = 0 if tick is None or last_tick is None else max(0, round((tick - last_tick) / step) - 1)
     return _act(ctx, rollout, decision, policy, actor, tick=tick, obs=obs, missed_ticks=missed)
 
 

@@ -191,6 +191,18 @@ def run_httpx(url: str, connections: int, duration_s: int, _script: Path) -> Run
     return asyncio.run(drive())
 
 
+def gc_pauses(url: str) -> str:
+    """Count and total of the generation-2 collections the server reported (recsys_gc_pause_seconds)."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    count = re.search(r'^recsys_gc_pause_seconds_count\{generation="2"\} ([\d.e+]+)', text, re.M)
+    total = re.search(r'^recsys_gc_pause_seconds_sum\{generation="2"\} ([\d.e+-]+)', text, re.M)
+    if not count:
+        return "none"
+    return f"{float(count.group(1)):.0f}, {float(total.group(1)) * 1000:.0f} ms in all"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -224,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         script = workdir / "predict.lua"
         script.write_text(LUA % json.dumps({"features": FEATURES}))
         runner = run_wrk if shutil.which("wrk") else run_httpx
+        load_before = os.getloadavg()[0]
         print(f"{bento}: load from {'wrk' if runner is run_wrk else 'httpx (the client is the bottleneck)'}")
         for url in urls.values():
             runner(url, 4, 2, script)  # warm up
@@ -239,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
 
         model_us = catboost_single_row_us(model_dir(env, bento))
         print(
-            f"\nmedians of {args.rounds} runs of {args.duration}s, {os.cpu_count()} cores shared by server and load"
+            f"\nmedians of {args.rounds} runs of {args.duration}s, {os.cpu_count()} cores shared by server and load;"
+            f" load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
         )
         print(f"{'conns':>5} {'log':>4} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'us/req':>7} {'errors':>6}")
         for (connections, mode), runs in results.items():
@@ -250,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(f"CatBoost single-row predict_proba in this process: {model_us:.0f} us "
               f"(the rest of us/req is HTTP, BentoML, validation, logging)")  # fmt: skip
+
+        for mode, url in urls.items():
+            print(f"log={mode}: full GC pauses {gc_pauses(url)}")
 
         engine = make_engine(database_url)
         with engine.connect() as conn:

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=30)
     p.add_argument("--timeout", type=float, default=420, help="seconds allowed for each story")
     p.add_argument("--interval", type=int, default=3, help="seconds between evaluations during the demo")
+    p.add_argument("--step-seconds", type=float, default=20, help="minimum seconds at each canary step")
+    p.add_argument("--p99-ratio", type=float, default=1.5,
+                   help="latency guardrail for the demo (the better model has more trees: slower by ~10%% at p99)")
     args = p.parse_args(argv)
 
     from control_plane.analysis.policy import Policy
@@ -87,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     ensure_stack(settings)
     ctx = bootstrap(settings)
     schedule_evaluations(settings.effective_redis_url, args.interval)
-    policy = Policy.fast().to_dict()
+    policy = Policy.fast(step_min_duration_s=args.step_seconds, p99_ratio=args.p99_ratio).to_dict()
+    _say(f"Policy: sequential, steps {policy['steps']}, at least {args.step_seconds:.0f} s a step, "
+         f"accuracy margin {policy['accuracy_margin'] * 100:.0f} pt, p99 ≤ {args.p99_ratio}× baseline, "
+         f"errors ≤ +{policy['error_margin'] * 100:.1f} pt; evaluations every {args.interval} s.")
     load = start_load(settings, args.users, settings.log_dir / "demo-locust.log")
     ok = True
     try:
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             services_rollback(ctx, active.id)
         better = _version_with_profile(ctx, "better") or train_and_register(
             tracking_uri=settings.mlflow_tracking_uri, artifact_location=str(settings.mlflow_artifact_root),
-            model_name=settings.registered_model_name, profile="better")
+            model_name=settings.registered_model_name, profile="better", progress=False)
         _say(f"\n1) The better candidate (version {better}) as a canary.")
         good, r1 = run_story(ctx, better, Phase.PROMOTED, policy, args.timeout)
         ok &= good

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import time
 import xmlrpc.client
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 BASE_CONF = """\
 [unix_http_server]
@@ -144,13 +147,28 @@ class Supervisor:
         server = self.rpc().supervisor
         added, changed, removed = server.reloadConfig()[0]
         for name in removed + changed:
-            try:
-                server.stopProcessGroup(name)
-            except xmlrpc.client.Fault:
-                pass
-            server.removeProcessGroup(name)
+            self._stop_and_remove(server, name)
         for name in added + changed:
             server.addProcessGroup(name)
+
+    def _stop_and_remove(self, server, name: str, timeout_s: float = 60) -> None:
+        """Stop a group and wait until supervisord agrees it is down, then forget it."""
+        try:
+            server.stopProcessGroup(name, True)
+        except xmlrpc.client.Fault as exc:
+            if "NOT_RUNNING" not in exc.faultString and "BAD_NAME" not in exc.faultString:
+                log.warning("stopping %s: %s", name, exc.faultString)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                server.removeProcessGroup(name)
+                return
+            except xmlrpc.client.Fault as exc:
+                if "BAD_NAME" in exc.faultString:
+                    return
+                if "STILL_RUNNING" not in exc.faultString or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.3)
 
     def processes(self) -> dict[str, dict]:
         """name -> supervisor's process info (statename, pid, description, ...)."""

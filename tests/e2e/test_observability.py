@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 import urllib.request
 
@@ -110,10 +111,10 @@ def test_bento_and_traefik_counters_move_by_exactly_the_requests_sent(stack):
         return bento == expected and traefik == expected, bento, traefik
 
     ok, bento, traefik = _wait_until(moved, 10)
-    assert bento == expected, f"Bento counters moved by {bento}, requests served {expected}"
-    assert sum(bento.values()) == N_REQUESTS
-    assert traefik == expected, f"Traefik service counters moved by {traefik}, requests served {expected}"
-    assert sum(traefik.values()) == N_REQUESTS
+    assert sum(expected.values()) == N_REQUESTS
+    assert (bento, traefik) == (expected, expected), (
+        f"requests served per version {expected}; Bento counters moved by {bento}, Traefik's by {traefik}"
+    )
 
 
 def test_every_metric_the_dashboard_and_rules_read_is_exported(stack):
@@ -140,3 +141,35 @@ def test_every_metric_the_dashboard_and_rules_read_is_exported(stack):
     assert not gone, (
         f"read by the dashboard or the rules but exported by no part: {sorted(gone)} (names per part: {sizes})"
     )
+
+
+def test_the_stacks_prometheus_scrapes_every_part_and_loads_the_rules(stack):
+    """`recsys up` runs Prometheus when its binary is installed: every target answers, the rules are loaded."""
+    if shutil.which("prometheus") is None:
+        pytest.skip(
+            "the prometheus binary is not installed (Debian's `prometheus` package; `make system-deps`)"
+        )
+    s = stack.settings()
+    api = f"http://127.0.0.1:{s.prometheus_port}/api/v1"
+    n_bentos = len(_bentos(stack))
+
+    def targets():
+        try:
+            active = json.loads(scrape(f"{api}/targets?state=active"))["data"]["activeTargets"]
+        except OSError as exc:
+            return False, f"Prometheus does not answer: {exc}"
+        health = sorted((t["labels"]["job"], t["scrapeUrl"], t["health"], t["lastError"]) for t in active)
+        jobs = {job for job, *_ in health}
+        bentos = [h for h in health if h[0] == "bentos"]
+        ok = (
+            jobs == {"traefik", "bentos", "control-plane", "worker", "prometheus"}
+            and len(bentos) == n_bentos
+            and all(h[2] == "up" for h in health)
+        )
+        return ok, health
+
+    ok, health = _wait_until(targets, 45)
+    assert ok, f"Prometheus targets (job, url, health, error), {n_bentos} Bentos expected: {health}"
+    groups = json.loads(scrape(f"{api}/rules"))["data"]["groups"]
+    alerts = {r["name"] for g in groups for r in g["rules"] if r["type"] == "alerting"}
+    assert {"CanaryErrorRateAboveBaseline", "CanaryP99OverGuardrail", "SampleRatioMismatch"} <= alerts

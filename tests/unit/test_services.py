@@ -186,8 +186,8 @@ def test_running_the_same_tick_twice_records_one_evaluation(ctx):
 
 def test_a_missed_tick_is_shown_in_the_ledger(ctx):
     rollout = services.start_canary(ctx, 3, FAST, actor="test")
-    services.evaluate(ctx, tick=1)
-    services.evaluate(ctx, tick=5)
+    services.evaluate(ctx, tick=60, interval_s=60)
+    services.evaluate(ctx, tick=300, interval_s=60)
     last = ctx.ledger.decisions(rollout.id, limit=1)[0]
     assert last["stats"]["missed_ticks"] == 3
     assert "3 scheduled evaluations were missed" in last["reason"]

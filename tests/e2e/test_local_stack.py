@@ -1,0 +1,126 @@
+"""The local stack for real: Traefik over three `bentoml serve`, logging to the embedded database."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import select
+
+from control_plane.db.engine import make_engine
+from control_plane.db.schema import predictions
+
+pytestmark = pytest.mark.e2e
+FEATURES = [0.1 * i for i in range(16)]
+
+
+def logged(stack, request_ids: list[str], timeout_s: float = 30) -> dict[str, tuple[int, str]]:
+    """request id -> (model_version, route) for the ids whose rows have landed (waits for all of them)."""
+    engine = make_engine(stack.settings().database_url)
+    deadline = time.monotonic() + timeout_s
+    found: dict[str, tuple[int, str]] = {}
+    wanted = set(request_ids)
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                for chunk in range(0, len(request_ids), 500):
+                    ids = request_ids[chunk:chunk + 500]
+                    rows = conn.execute(
+                        select(predictions.c.request_id, predictions.c.model_version, predictions.c.route)
+                        .where(predictions.c.request_id.in_(ids))
+                    ).all()
+                    found.update({r[0]: (r[1], r[2]) for r in rows})
+            if wanted <= set(found):
+                break
+            time.sleep(0.5)
+    finally:
+        engine.dispose()
+    return found
+
+
+def predict_many(stack, n: int, headers: dict | None = None, workers: int = 8) -> list[tuple[str, int, dict]]:
+    def one(_):
+        rid = uuid.uuid4().hex
+        status, hdrs, body = stack.post(f"{stack.gateway}/predict", {"features": FEATURES},
+                                        {"X-Request-ID": rid, **(headers or {})})
+        return rid, status, body
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def set_weights(stack, weights: dict[str, int]) -> dict:
+    status, _, body = stack.post(f"{stack.control_plane}/api/traffic", {"weights": weights},
+                                 {"Authorization": f"Bearer {stack.token}"})
+    assert status == 200, body
+    return body
+
+
+def test_recsys_up_reports_every_process_and_version(stack):
+    assert "gateway" in stack.up_output and "api-token" in stack.up_output
+    st = json.loads(stack.recsys("status", "--json").stdout)
+    states = {name: p["state"] for name, p in st["processes"].items()}
+    for name in ("traefik", "control-plane", "worker", "scheduler", "redis", "mlflow"):
+        assert states.get(name) == "RUNNING", states
+    roles = {v["role"]: v for v in st["versions"]}
+    assert {r: (v["version"], v["weight"], v["healthy"]) for r, v in roles.items()} == {
+        "control": (1, 5, True), "baseline": (2, 85, True), "canary": (3, 10, True),
+    }
+    human = stack.recsys("status").stdout
+    assert "baseline" in human and "ready" in human
+
+
+def test_each_response_says_which_version_and_role_served_it(stack):
+    status, headers, body = stack.post(f"{stack.gateway}/predict", {"features": FEATURES}, {"X-Request-ID": "hello-1"})
+    assert status == 200
+    assert body["request_id"] == "hello-1" and headers["X-Request-Id"] == "hello-1"
+    assert int(headers["X-Model-Version"]) == body["model_version"]
+    assert headers["X-Model-Role"] == body["role"]
+    assert {1: "control", 2: "baseline", 3: "canary"}[body["model_version"]] == body["role"]
+
+
+def test_the_default_split_holds_within_one_point_over_2000_logged_requests(stack):
+    results = predict_many(stack, 2000)
+    ok = [rid for rid, status, _ in results if status == 200]
+    assert len(ok) == 2000, {s for _, s, _ in results}
+    rows = logged(stack, ok)
+    assert set(rows) == set(ok), f"{len(set(ok) - set(rows))} served predictions have no row"
+    counts = {v: sum(1 for ver, _ in rows.values() if ver == v) for v in (1, 2, 3)}
+    shares = {v: 100 * c / len(ok) for v, c in counts.items()}
+    assert abs(shares[2] - 85) <= 1 and abs(shares[3] - 10) <= 1 and abs(shares[1] - 5) <= 1, shares
+    assert {route for _, route in rows.values()} == {"weighted"}
+
+
+def test_tester_overrides_reach_the_named_version_and_are_marked_in_the_log(stack):
+    by_version = predict_many(stack, 20, {"X-Model-Version": "1"}, workers=4)
+    by_role = predict_many(stack, 20, {"X-Model-Role": "canary"}, workers=4)
+    assert {body["model_version"] for _, _, body in by_version} == {1}
+    assert {body["model_version"] for _, _, body in by_role} == {3}
+    rows = logged(stack, [rid for rid, _, _ in by_version + by_role])
+    assert {route for _, route in rows.values()} == {"override"}
+
+
+def test_new_weights_are_in_force_within_two_seconds(stack):
+    set_weights(stack, {"baseline": 0, "canary": 100, "control": 0})
+    try:
+        time.sleep(2)
+        results = predict_many(stack, 200)
+        assert {body["model_version"] for _, status, body in results if status == 200} == {3}
+    finally:
+        set_weights(stack, {"baseline": 85, "canary": 10, "control": 5})
+        time.sleep(2)
+
+
+def test_bad_input_through_the_gateway_gets_a_4xx_with_a_message(stack):
+    for body in ({"features": [1.0] * 15}, {"features": ["a"] * 16}, {"features": None}, {}):
+        status, _, answer = stack.post(f"{stack.gateway}/predict", body)
+        assert 400 <= status < 500, (body, status, answer)
+        assert answer and json.dumps(answer), answer
+    status, _, answer = stack.post(f"{stack.gateway}/recommend", {"candidates": [], "k": 1})
+    assert 400 <= status < 500
+    big = {"features": FEATURES, "pad": "x" * (stack.settings().max_body_bytes + 10)}
+    status, _, _ = stack.post(f"{stack.gateway}/predict", big)
+    assert status == 413
