@@ -1,21 +1,43 @@
-"""One measured fix to BentoML 1.4.40, applied in the worker when the service starts.
+"""Two fixes to BentoML 1.4.40 for running several Bentos side by side under load.
 
-BentoML's TimeoutMiddleware schedules `loop.call_later(timeout, ...)` for every request and never
-cancels it, so each request's timer, future and context copy stay alive for the whole traffic
-timeout. At 700 requests/s with a 10 s timeout that is over 100,000 live objects, and the full
-garbage collections that scan them paused the worker 50-250 ms (measured with
+1. Metrics. Every `bentoml serve` keeps Prometheus' multiprocess files in
+{BENTOML_HOME}/prometheus_multiproc_dir, empties that directory when it starts, and serves every
+file in it at /metrics. With v1, v2 and v3 served from one BENTOML_HOME, each /metrics showed the
+sum of all three (measured: identical GC-pause counters from two servers), and starting one wiped
+the others' counters. Each Bento gets its own directory instead.
+
+2. Latency. BentoML's TimeoutMiddleware schedules `loop.call_later(timeout, ...)` for every
+request and never cancels it, so each request's timer, future and context copy stay alive for the
+whole traffic timeout. At 700 requests/s with a 10 s timeout that is over 100,000 live objects, and
+the full garbage collections that scan them paused the worker 50-250 ms (measured with
 recsys_gc_pause_seconds): the p99. The replacement below is the same middleware with the timer
-cancelled once the request is done.
+cancelled once the request is done (applied in the worker, when the service starts).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 log = logging.getLogger("recsys.bento")
 
 PATCHED_VERSION = "1.4.40"
+
+
+def separate_prometheus_dir(bento_name: str) -> str:
+    """Point BentoML at a Prometheus directory of this Bento's own (RECSYS_PROMETHEUS_DIR overrides).
+
+    `bentoml serve` imports the service module before it prepares the directory, so calling this
+    at import is early enough; the workers inherit the path through PROMETHEUS_MULTIPROC_DIR.
+    """
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    path = os.environ.get("RECSYS_PROMETHEUS_DIR") or os.path.join(
+        BentoMLContainer.bentoml_home.get(), f"prometheus_multiproc_dir.{bento_name}"
+    )
+    BentoMLContainer.prometheus_multiproc_dir.set(path)
+    return path
 
 
 def cancel_timeout_timers() -> bool:

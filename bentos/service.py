@@ -31,6 +31,7 @@ import bentoml
 import numpy as np
 from pydantic import BaseModel
 
+from bentos.bentoml_fixes import separate_prometheus_dir
 from bentos.http import RequestGate, RequestInfo, current_request
 from bentos.schemas import (
     Candidate,
@@ -56,6 +57,8 @@ class BentoArgs(BaseModel):
 
 # Read at import because that is how BentoML delivers build arguments; it touches no I/O.
 ARGS = bentoml.use_arguments(BentoArgs)
+# Must precede `bentoml serve`'s own setup, which runs right after this import (see the module).
+separate_prometheus_dir(f"{ARGS.model_name}-v{ARGS.model_version}")
 
 
 @bentoml.service(

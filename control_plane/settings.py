@@ -58,6 +58,7 @@ class Settings:
     max_body_bytes: int = 1_000_000
     api_token: str = ""  # empty: read from (or created in) state_dir/api-token
     embedded_redis_port: int = 6390
+    worker_metrics_port: int = 9101
     bentoml_home: Path = Path(".recsys/bentoml")
     control_plane_url: str = ""  # how Traefik reaches the control plane; empty: bind_host:control_plane_port
     bento_urls: dict[int, str] = field(default_factory=dict)  # fixed endpoints (compose): version -> URL
@@ -87,6 +88,7 @@ class Settings:
             max_body_bytes=int(env.get("RECSYS_MAX_BODY_BYTES", 1_000_000)),
             api_token=env.get("RECSYS_API_TOKEN", ""),
             embedded_redis_port=int(env.get("RECSYS_EMBEDDED_REDIS_PORT", 6390)),
+            worker_metrics_port=int(env.get("RECSYS_WORKER_METRICS_PORT", 9101)),
             bentoml_home=Path(env.get("BENTOML_HOME") or state_dir / "bentoml").absolute(),
             control_plane_url=env.get("RECSYS_CONTROL_PLANE_URL", ""),
             bento_urls=parse_bento_urls(env.get("RECSYS_BENTO_URLS", "")),
@@ -122,6 +124,7 @@ class Settings:
             "RECSYS_LABEL_WINDOW_S": str(self.label_window_s),
             "RECSYS_MAX_BODY_BYTES": str(self.max_body_bytes),
             "RECSYS_EMBEDDED_REDIS_PORT": str(self.embedded_redis_port),
+            "RECSYS_WORKER_METRICS_PORT": str(self.worker_metrics_port),
             "BENTOML_HOME": str(self.bentoml_home),
             "BENTOML_DO_NOT_TRACK": "true",
             **({"RECSYS_CONTROL_PLANE_URL": self.control_plane_url} if self.control_plane_url else {}),

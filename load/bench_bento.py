@@ -230,7 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         env["RECSYS_SPILL_DIR"] = str(workdir / "spill")
 
         urls = {
-            mode: start_bento(stack, bento, {**env, "RECSYS_PREDLOG": mode}, workdir / f"serve-{mode}.log")
+            mode: start_bento(
+                stack,
+                bento,
+                # Two servers of one version: each needs its own metrics directory.
+                {**env, "RECSYS_PREDLOG": mode, "RECSYS_PROMETHEUS_DIR": str(workdir / f"prometheus-{mode}")},
+                workdir / f"serve-{mode}.log",
+            )
             for mode in ("on", "off")
         }
         script = workdir / "predict.lua"

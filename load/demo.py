@@ -19,13 +19,16 @@ def _say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def start_load(settings: Settings, users: int, log_path: Path) -> subprocess.Popen:
+def start_load(settings: Settings, users: int, log_path: Path, csv: str | None = None,
+               ok_log: str | None = None) -> subprocess.Popen:
     """Locust, headless, through the gateway, labels drawn from the ground truth."""
     cmd = [
         str(Path(sys.executable).with_name("locust")), "-f", str(LOCUSTFILE), "--headless",
         "-u", str(users), "-r", str(users), "--host", f"http://127.0.0.1:{settings.gateway_port}",
         "--only-summary", "--label-delay-min", "0.2", "--label-delay-max", "1.5",
         "--think-min", "0.01", "--think-max", "0.05",
+        *(["--csv", csv] if csv else []),
+        *(["--ok-log", ok_log] if ok_log else []),
     ]
     log = log_path.open("w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=30)
     p.add_argument("--timeout", type=float, default=420, help="seconds allowed for each story")
     p.add_argument("--interval", type=int, default=3, help="seconds between evaluations during the demo")
+    p.add_argument("--csv", help="write Locust's request statistics to CSV files with this prefix")
+    p.add_argument("--ok-log", help="write the request id of every 2xx prediction to this file")
     p.add_argument("--step-seconds", type=float, default=20, help="minimum seconds at each canary step")
     p.add_argument("--p99-ratio", type=float, default=1.5,
                    help="latency guardrail for the demo (the better model has more trees: slower by ~10%% at p99)")
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"Policy: sequential, steps {policy['steps']}, at least {args.step_seconds:.0f} s a step, "
          f"accuracy margin {policy['accuracy_margin'] * 100:.0f} pt, p99 ≤ {args.p99_ratio}× baseline, "
          f"errors ≤ +{policy['error_margin'] * 100:.1f} pt; evaluations every {args.interval} s.")
-    load = start_load(settings, args.users, settings.log_dir / "demo-locust.log")
+    load = start_load(settings, args.users, settings.log_dir / "demo-locust.log", args.csv, args.ok_log)
     ok = True
     try:
         active = ctx.ledger.active()

@@ -28,6 +28,7 @@ def _add_arguments(parser) -> None:
     parser.add_argument("--label-delay-max", type=float, default=3.0, help="seconds before a label, at most")
     parser.add_argument("--think-min", type=float, default=0.05, help="seconds a user waits between calls")
     parser.add_argument("--think-max", type=float, default=0.2)
+    parser.add_argument("--ok-log", default="", help="append the request id of every 2xx prediction to this file")
 
 
 class RecsysUser(FastHttpUser):
@@ -37,9 +38,18 @@ class RecsysUser(FastHttpUser):
         opts = self.environment.parsed_options
         self.opts = opts
         self.rng = np.random.default_rng(random.randrange(2**32))
+        self.ok_log = open(opts.ok_log, "a", buffering=1) if opts.ok_log else None  # noqa: SIM115 (closed on stop)
         self.tasks = [RecsysUser.predict] * max(0, opts.predict_weight) + [RecsysUser.recommend] * max(
             0, opts.recommend_weight
         )
+
+    def on_stop(self) -> None:
+        if self.ok_log:
+            self.ok_log.close()
+
+    def _served(self, rid: str) -> None:
+        if self.ok_log:
+            self.ok_log.write(rid + "\n")
 
     def wait_time(self) -> float:
         return random.uniform(self.opts.think_min, self.opts.think_max)
@@ -54,6 +64,7 @@ class RecsysUser(FastHttpUser):
             if resp.status_code != 200:
                 resp.failure(f"/predict answered {resp.status_code}: {resp.text[:200]}")
                 return
+        self._served(rid)
         self._label_later(rid, x)
 
     @task
@@ -68,6 +79,7 @@ class RecsysUser(FastHttpUser):
                 resp.failure(f"/recommend answered {resp.status_code}: {resp.text[:200]}")
                 return
             top = resp.json()["items"][0]["item_id"]
+        self._served(rid)
         self._label_later(rid, xs[int(top.split("-")[1])])
 
     def _label_later(self, rid: str, x: np.ndarray) -> None:

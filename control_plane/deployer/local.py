@@ -48,9 +48,20 @@ class LocalDeployer:
         except Exception as exc:  # the registry or BentoML refused: nothing was started
             raise DeployFailed(f"could not build the Bento for version {version}: {exc}") from exc
 
+    def _start(self, version: int) -> None:
+        programs.prepare_bento_home(self.settings, version)
+        self.supervisor.add(programs.bento(self.settings, version))
+        self._publish_targets()
+
+    def _publish_targets(self) -> None:
+        """Tell the local Prometheus which Bentos to scrape (file-based service discovery)."""
+        from control_plane.stack.prometheus_config import write_bento_targets
+
+        write_bento_targets(self.settings, self.endpoints())
+
     def deploy(self, version: int) -> str:
         self.build(version)
-        self.supervisor.add(programs.bento(self.settings, version))
+        self._start(version)
         url = self.url(version)
         deadline = time.monotonic() + self.ready_timeout_s
         while not is_ready(url):
@@ -66,11 +77,12 @@ class LocalDeployer:
         for v in versions:
             self.build(v)
         for v in versions:
-            self.supervisor.add(programs.bento(self.settings, v))
+            self._start(v)
         return {v: self.deploy(v) for v in versions}
 
     def undeploy(self, version: int) -> None:
         self.supervisor.remove(f"bento-v{version}")
+        self._publish_targets()
 
     def endpoints(self) -> dict[int, str]:
         out = {}

@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +47,17 @@ class Stack:
                                      headers={"Content-Type": "application/json", **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, dict(resp.headers), json.loads(resp.read() or b"null")
+                return resp.status, dict(resp.headers), _decode(resp.read())
         except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), json.loads(exc.read() or b"null")
+            return exc.code, dict(exc.headers), _decode(exc.read())
+
+
+def _decode(raw: bytes):
+    """JSON when the body is JSON (the services' answers), else the text (Traefik's own refusals)."""
+    try:
+        return json.loads(raw or b"null")
+    except ValueError:
+        return raw.decode(errors="replace")
 
 
 def stack_processes(state_dir: Path) -> list[psutil.Process]:
@@ -79,6 +88,7 @@ def stack(tmp_path_factory) -> Stack:
         "RECSYS_MLFLOW_PORT": str(free_port()),
         "RECSYS_PROMETHEUS_PORT": str(free_port()),
         "RECSYS_EMBEDDED_REDIS_PORT": str(free_port()),
+        "RECSYS_WORKER_METRICS_PORT": str(free_port()),
         "RECSYS_BENTO_BASE_PORT": str(random.randrange(21000, 29000, 20)),
         "RECSYS_EVAL_INTERVAL_S": "2",
         "RECSYS_LABEL_WINDOW_S": "1",

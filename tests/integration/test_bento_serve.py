@@ -48,7 +48,9 @@ class Server:
         self.url, self.proc, self.proxy, self.log_path, self.engine = url, proc, proxy, log_path, engine
         self.client = httpx.Client(base_url=url, timeout=30)
 
-    def post(self, path: str, body=None, *, raw: bytes | None = None, headers: dict | None = None) -> httpx.Response:
+    def post(
+        self, path: str, body=None, *, raw: bytes | None = None, headers: dict | None = None
+    ) -> httpx.Response:
         rid = f"{PREFIX}-{uuid.uuid4().hex[:12]}"
         hdrs = {"content-type": "application/json", "x-request-id": rid, **(headers or {})}
         content = raw if raw is not None else json.dumps(body).encode()
@@ -59,7 +61,12 @@ class Server:
 
     def logged_ids(self) -> list[str]:
         with self.engine.connect() as conn:
-            return [r[0] for r in conn.execute(select(predictions.c.request_id).where(predictions.c.request_id.like(f"{PREFIX}-%")))]
+            return [
+                r[0]
+                for r in conn.execute(
+                    select(predictions.c.request_id).where(predictions.c.request_id.like(f"{PREFIX}-%"))
+                )
+            ]
 
     def metrics(self) -> str:
         return self.client.get("/metrics").text
@@ -76,7 +83,13 @@ def registry(workdir) -> str:
     from training.train import train_and_register
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    kwargs = dict(tracking_uri=uri, artifact_location=str(workdir / "mlartifacts"), n_rows=400, iterations=20, progress=False)
+    kwargs = dict(
+        tracking_uri=uri,
+        artifact_location=str(workdir / "mlartifacts"),
+        n_rows=400,
+        iterations=20,
+        progress=False,
+    )
     assert train_and_register(profile="worse", **kwargs) == 1
     assert train_and_register(profile="baseline", **kwargs) == 2
     return uri
@@ -93,11 +106,20 @@ def bento_env(workdir, registry) -> dict[str, str]:
     }
     python = str(VENV_BIN / "python")
     # v2 through the CLI entry point; then v1 and (again, idempotently) v2 in one process.
-    out = subprocess.run([python, "-m", "bentos.build", "--version", "2"], env=env, cwd=workdir, capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [python, "-m", "bentos.build", "--version", "2"],
+        env=env,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["recsys:v2"]
     code = "import os\nfrom bentos.build import build_bento\nfor v in (1, 2): print(build_bento(v, tracking_uri=os.environ['MLFLOW_TRACKING_URI']))"
-    out = subprocess.run([python, "-c", code], env=env, cwd=workdir, capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [python, "-c", code], env=env, cwd=workdir, capture_output=True, text=True, timeout=180
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["recsys:v1", "recsys:v2"]
     return env
@@ -110,7 +132,10 @@ def server(bento_env, pg_url, workdir):
     engine = make_engine(pg_url)
     with engine.begin() as conn:
         conn.execute(delete(traffic_config))
-        conn.execute(insert(traffic_config), [{"role": "canary", "version": 2, "weight": 10, "updated_at": time.time()}])
+        conn.execute(
+            insert(traffic_config),
+            [{"role": "canary", "version": 2, "weight": 10, "updated_at": time.time()}],
+        )
     port = free_port()
     env = {
         **bento_env,
@@ -136,7 +161,14 @@ def server(bento_env, pg_url, workdir):
 
     try:
         wait_until(ready, 90, "readyz")
-        wait_until(lambda: srv.client.post("/predict", json={"features": FEATURES}).headers.get("x-model-role") == "canary", 10, "role")
+        wait_until(
+            lambda: (
+                srv.client.post("/predict", json={"features": FEATURES}).headers.get("x-model-role")
+                == "canary"
+            ),
+            10,
+            "role",
+        )
         yield srv
     finally:
         if proc.poll() is None:
@@ -196,14 +228,18 @@ def test_a_caller_s_request_id_comes_back(server):
 
 
 def test_recommend_ranks_with_one_score_per_candidate(server):
-    cands = [{"item_id": f"i{i}", "features": [*FEATURES[:9], -0.9 + 0.4 * i, *FEATURES[10:]]} for i in range(5)]
+    cands = [
+        {"item_id": f"i{i}", "features": [*FEATURES[:9], -0.9 + 0.4 * i, *FEATURES[10:]]} for i in range(5)
+    ]
     r = server.post("/recommend", {"candidates": cands, "k": 3})
     assert r.status_code == 200
     body = r.json()
     assert set(body) == {"request_id", "items", "model_version", "role"} and body["model_version"] == 2
     scores = [it["score"] for it in body["items"]]
     assert len(scores) == 3 and scores == sorted(scores, reverse=True)
-    singles = {c["item_id"]: server.post("/predict", {"features": c["features"]}).json()["score"] for c in cands}
+    singles = {
+        c["item_id"]: server.post("/predict", {"features": c["features"]}).json()["score"] for c in cands
+    }
     assert [it["item_id"] for it in body["items"]] == sorted(singles, key=singles.get, reverse=True)[:3]
     for it in body["items"]:
         assert it["score"] == pytest.approx(singles[it["item_id"]], abs=1e-12)
@@ -230,9 +266,30 @@ GOOD_CANDIDATE = {"item_id": "a", "features": FEATURES}
         ("/predict", {"features": FEATURES}, None, {"content-type": "text/plain"}, 415, "application/json"),
         ("/predict", {"features": FEATURES}, None, {"x-request-id": "a b"}, 400, "X-Request-ID"),
         ("/recommend", {"candidates": [], "k": 1}, None, None, 400, "at least 1"),
-        ("/recommend", {"candidates": [GOOD_CANDIDATE], "k": 0}, None, None, 400, "greater than or equal to 1"),
-        ("/recommend", {"candidates": [GOOD_CANDIDATE], "k": 1001}, None, None, 400, "less than or equal to 1000"),
-        ("/recommend", {"candidates": [GOOD_CANDIDATE] * 2, "k": 1}, None, None, 400, "duplicate item_id 'a'"),
+        (
+            "/recommend",
+            {"candidates": [GOOD_CANDIDATE], "k": 0},
+            None,
+            None,
+            400,
+            "greater than or equal to 1",
+        ),
+        (
+            "/recommend",
+            {"candidates": [GOOD_CANDIDATE], "k": 1001},
+            None,
+            None,
+            400,
+            "less than or equal to 1000",
+        ),
+        (
+            "/recommend",
+            {"candidates": [GOOD_CANDIDATE] * 2, "k": 1},
+            None,
+            None,
+            400,
+            "duplicate item_id 'a'",
+        ),
         ("/recommend", {"candidates": [GOOD_CANDIDATE] * 1001, "k": 1}, None, None, 400, "at most 1000"),
     ],
 )
@@ -255,20 +312,31 @@ def test_every_2xx_is_exactly_one_row_in_postgres(server):
     wait_until(lambda: len(server.logged_ids()) == len(SERVED), 15, "rows in postgres")
     assert sorted(server.logged_ids()) == sorted(SERVED)
     with server.engine.connect() as conn:
-        row = conn.execute(select(predictions).where(predictions.c.request_id == f"{PREFIX}-mine-1")).mappings().one()
+        row = (
+            conn.execute(select(predictions).where(predictions.c.request_id == f"{PREFIX}-mine-1"))
+            .mappings()
+            .one()
+        )
     assert row["model_version"] == 2 and row["role"] == "canary" and row["route"] == "direct"
     assert row["endpoint"] == "predict" and row["status"] == 200 and row["features"] == FEATURES
     assert row["latency_ms"] > 0 and abs(row["ts"] - time.time()) < 120
 
 
 def test_traefik_s_route_header_is_logged(server):
-    rid = server.post("/predict", {"features": FEATURES}, headers={"x-recsys-route": "weighted"}).headers["x-request-id"]
+    rid = server.post("/predict", {"features": FEATURES}, headers={"x-recsys-route": "weighted"}).headers[
+        "x-request-id"
+    ]
     wait_until(lambda: rid in server.logged_ids(), 10, "row")
     with server.engine.connect() as conn:
-        assert conn.execute(select(predictions.c.route).where(predictions.c.request_id == rid)).scalar_one() == "weighted"
+        assert (
+            conn.execute(select(predictions.c.route).where(predictions.c.request_id == rid)).scalar_one()
+            == "weighted"
+        )
 
 
-def test_metrics_have_bentoml_s_and_ours(server):
+def test_metrics_have_bentoml_s_and_ours_in_a_directory_of_this_bento_s_own(server, bento_env):
+    own = Path(bento_env["BENTOML_HOME"]) / "prometheus_multiproc_dir.recsys-v2"
+    assert any(own.glob("*.db"))  # not the shared prometheus_multiproc_dir every Bento would empty
     text = server.metrics()
     assert 'bentoml_service_request_total{endpoint="/predict",http_response_code="200"' in text
     assert 'recsys_requests_total{endpoint="predict",model_version="2",role="canary",status="200"}' in text
@@ -303,7 +371,7 @@ def test_a_database_outage_loses_and_duplicates_nothing(server):
     during = [server.post("/predict", {"features": FEATURES}) for _ in range(40)]
     assert all(r.status_code == 200 and r.json()["role"] == "canary" for r in during)  # last known role kept
     ids = [r.headers["x-request-id"] for r in during]
-    wait_until(lambda: "recsys_predlog_db_up{model_version=\"2\"} 0.0" in server.metrics(), 10, "db down seen")
+    wait_until(lambda: 'recsys_predlog_db_up{model_version="2"} 0.0' in server.metrics(), 10, "db down seen")
     assert set(ids).isdisjoint(server.logged_ids())
     server.proxy.start()
     wait_until(lambda: set(ids) <= set(server.logged_ids()), 30, "replayed rows")
@@ -315,8 +383,15 @@ def test_a_database_outage_loses_and_duplicates_nothing(server):
 def test_the_role_follows_traffic_config_without_a_restart(server):
     with server.engine.begin() as conn:
         conn.execute(update(traffic_config).where(traffic_config.c.role == "canary").values(version=3))
-        conn.execute(insert(traffic_config), [{"role": "baseline", "version": 2, "weight": 90, "updated_at": time.time()}])
-    wait_until(lambda: server.post("/predict", {"features": FEATURES}).json()["role"] == "baseline", 10, "role change")
+        conn.execute(
+            insert(traffic_config),
+            [{"role": "baseline", "version": 2, "weight": 90, "updated_at": time.time()}],
+        )
+    wait_until(
+        lambda: server.post("/predict", {"features": FEATURES}).json()["role"] == "baseline",
+        10,
+        "role change",
+    )
     assert server.post("/predict", {"features": FEATURES}).headers["x-model-role"] == "baseline"
 
 

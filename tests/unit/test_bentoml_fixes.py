@@ -46,3 +46,20 @@ def test_no_timer_outlives_the_request():
 def test_a_slow_request_still_gets_a_504():
     sent, _ = run(slow_app, timeout_s=0.05)
     assert sent[0]["status"] == 504
+
+
+def test_each_bento_gets_its_own_prometheus_directory(monkeypatch, tmp_path):
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    from bentos.bentoml_fixes import separate_prometheus_dir
+
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    monkeypatch.delenv("RECSYS_PROMETHEUS_DIR", raising=False)
+    try:
+        path = separate_prometheus_dir("recsys-v3")
+        assert path.endswith("prometheus_multiproc_dir.recsys-v3")
+        assert BentoMLContainer.prometheus_multiproc_dir.get() == path
+        monkeypatch.setenv("RECSYS_PROMETHEUS_DIR", str(tmp_path / "mine"))
+        assert separate_prometheus_dir("recsys-v3") == str(tmp_path / "mine")
+    finally:
+        BentoMLContainer.prometheus_multiproc_dir.reset()
