@@ -1,8 +1,17 @@
-"""RQ jobs and their schedule: the scheduled tick is services.evaluate, nothing more."""
+"""RQ jobs and their schedule: the scheduled tick is services.evaluate, nothing more.
+
+Faults it survives (tests/integration/test_crash_mid_action.py, tests/integration/test_db_outage.py):
+- the database unreachable at a tick: the tick is remembered in Redis and recorded as `no_data` in the
+  ledger by the first tick that reaches the database again (never decided on partial data, never lost);
+- Redis restarted empty (the embedded one keeps nothing on disk): `run_scheduler`, the scheduler process,
+  registers the periodic evaluation again; the ticks that did not run show as `missed_ticks` in the ledger.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
 import time
 import uuid
 from datetime import UTC, datetime
@@ -11,6 +20,8 @@ log = logging.getLogger(__name__)
 
 QUEUE = "recsys"
 EVALUATE_JOB_ID = "recsys-evaluate"
+EVALUATE_FUNC = "control_plane.jobs.evaluate_job"  # by name: the scheduler may run this module as __main__
+UNRECORDED_TICKS_KEY = "recsys:evaluations:unrecorded"  # hash: tick -> why the database did not take it
 _ctx = None  # one Context per worker process, built on the first job
 
 
@@ -28,18 +39,78 @@ def tick_for(when: float, interval_s: int) -> int:
     return int(when // interval_s) * interval_s
 
 
+def _database_unreachable() -> tuple[type[Exception], ...]:
+    """Errors that mean "the database did not answer", not "the query is wrong"."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    return OperationalError, InterfaceError, PoolTimeout
+
+
+def _redis(ctx):
+    """The job's own Redis connection, or one from the settings when called outside a worker."""
+    from rq import get_current_job
+
+    job = get_current_job()
+    if job is not None:
+        return job.connection
+    from redis import Redis
+
+    return Redis.from_url(ctx.settings.effective_redis_url)
+
+
 def evaluate_job(interval_s: int | None = None) -> dict | None:
     """The scheduled evaluation; a second run within the same interval finds its tick taken and does nothing.
 
     (rq-scheduler re-enqueues one job hash for a periodic job, so the job's own timestamps are not per run.)
+    When the database does not answer, the tick is kept in Redis and recorded as `no_data` by the first
+    later run that reaches the database, before that run evaluates its own tick.
     """
     from control_plane import services
 
     ctx = _context()
     interval_s = interval_s or ctx.settings.eval_interval_s  # the schedule's interval, passed when scheduled
-    result = services.evaluate(ctx, tick=tick_for(time.time(), interval_s), actor="scheduler", interval_s=interval_s)
+    tick = tick_for(time.time(), interval_s)
+    redis = _redis(ctx)
+    try:
+        for earlier, why in sorted(
+            (int(k), v.decode()) for k, v in redis.hgetall(UNRECORDED_TICKS_KEY).items()
+        ):
+            services.record_unreachable_tick(ctx, earlier, why, actor="scheduler", interval_s=interval_s)
+            redis.hdel(UNRECORDED_TICKS_KEY, earlier)
+        result = services.evaluate(ctx, tick=tick, actor="scheduler", interval_s=interval_s)
+    except _database_unreachable() as exc:
+        why = f"the database was unreachable at this tick ({exc.__class__.__name__})"
+        redis.hset(UNRECORDED_TICKS_KEY, tick, why)
+        log.warning(
+            "evaluation not recorded: %s; it will be recorded as no_data once the database answers", why
+        )
+        return {"tick": tick, "action": "no_data", "reason": why, "recorded": False}
     log.info("evaluation", extra={"result": result})
     return result
+
+
+def _schedule(scheduler, interval_s: int) -> str:
+    job_id = f"{EVALUATE_JOB_ID}-{interval_s}s-{uuid.uuid4().hex[:8]}"
+    scheduler.schedule(
+        scheduled_time=datetime.now(UTC),
+        func=EVALUATE_FUNC,
+        args=[interval_s],
+        interval=interval_s,
+        repeat=None,
+        # A fresh id per schedule: a run of the old job finishing now cannot overwrite the new one's arguments.
+        id=job_id,
+        result_ttl=max(600, interval_s * 10),
+        timeout=max(120, interval_s * 2),
+        queue_name=QUEUE,
+    )
+    return job_id
+
+
+def _scheduled_ids(conn, scheduler) -> list[str]:
+    return [
+        i.decode() if isinstance(i, bytes) else i for i in conn.zrange(scheduler.scheduled_jobs_key, 0, -1)
+    ]
 
 
 def schedule_evaluations(redis_url: str, interval_s: int) -> None:
@@ -49,19 +120,75 @@ def schedule_evaluations(redis_url: str, interval_s: int) -> None:
 
     conn = Redis.from_url(redis_url)
     scheduler = Scheduler(queue_name=QUEUE, connection=conn)
-    for job in scheduler.get_jobs():
-        if job.id.startswith(EVALUATE_JOB_ID):
-            scheduler.cancel(job)
-    scheduler.schedule(
-        scheduled_time=datetime.now(UTC),
-        func=evaluate_job,
-        args=[interval_s],
-        interval=interval_s,
-        repeat=None,
-        # A fresh id per schedule: a run of the old job finishing now cannot overwrite the new one's arguments.
-        id=f"{EVALUATE_JOB_ID}-{interval_s}s-{uuid.uuid4().hex[:8]}",
-        result_ttl=max(600, interval_s * 10),
-        timeout=max(120, interval_s * 2),
-        queue_name=QUEUE,
-    )
+    new = _schedule(scheduler, interval_s)  # the new one first: there is never a moment with none
+    for job_id in _scheduled_ids(conn, scheduler):
+        if job_id.startswith(EVALUATE_JOB_ID) and job_id != new:
+            scheduler.cancel(job_id)
     conn.close()
+
+
+def ensure_scheduled(conn, interval_s: int) -> bool:
+    """Schedule the periodic evaluation unless one is scheduled already; True when it had to."""
+    from rq_scheduler import Scheduler
+
+    scheduler = Scheduler(queue_name=QUEUE, connection=conn)
+    if any(i.startswith(EVALUATE_JOB_ID) for i in _scheduled_ids(conn, scheduler)):
+        return False
+    _schedule(scheduler, interval_s)
+    return True
+
+
+def run_scheduler(redis_url: str, interval_s: int, poll_s: float = 1.0) -> None:
+    """rq-scheduler's loop, keeping the periodic evaluation registered and waiting out Redis outages."""
+    from redis import Redis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeout
+    from rq_scheduler import Scheduler
+
+    class EvaluationScheduler(Scheduler):
+        def enqueue_jobs(self):
+            if ensure_scheduled(self.connection, interval_s):
+                log.warning("no periodic evaluation in Redis (restarted empty?): scheduled it again")
+            return super().enqueue_jobs()
+
+    down_since = None
+    while True:
+        conn = Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=10)
+        try:
+            conn.ping()
+            if down_since is not None:
+                log.warning("Redis is back after %.0f s", time.monotonic() - down_since)
+                down_since = None
+            EvaluationScheduler(queue_name=QUEUE, connection=conn, interval=poll_s).run()
+            return
+        except (RedisConnectionError, RedisTimeout) as exc:
+            if down_since is None:
+                down_since = time.monotonic()
+                log.warning("Redis unreachable (%s); retrying every second", exc)
+            time.sleep(1)
+        finally:
+            conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m control_plane.jobs`: the scheduler process (Redis URL and interval from the settings)."""
+    from control_plane.settings import Settings
+
+    settings = Settings.from_env()
+    p = argparse.ArgumentParser(prog="python -m control_plane.jobs", description=run_scheduler.__doc__)
+    p.add_argument("--url", default=settings.effective_redis_url, help="Redis URL (default: REDIS_URL)")
+    p.add_argument(
+        "--interval-s",
+        type=int,
+        default=settings.eval_interval_s,
+        help="seconds between scheduled evaluations (default: RECSYS_EVAL_INTERVAL_S)",
+    )
+    p.add_argument("--poll-s", type=float, default=1.0, help="how often due jobs are moved to the queue")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_scheduler(args.url, args.interval_s, args.poll_s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -225,9 +226,45 @@ def evaluate(
         decision = Decision(Action.NO_DATA, failure, rollout.canary_weight)
     else:
         decision = decide(rollout.state(evaluations, running_p), obs, policy)
-    step = interval_s or ctx.settings.eval_interval_s
-    missed = 0 if tick is None or last_tick is None else max(0, round((tick - last_tick) / step) - 1)
+    if decision.action is Action.NO_DATA and "running_p_values" not in decision.stats:
+        decision = _carry_running_p(decision, running_p)
+    missed = _missed_ticks(tick, last_tick, interval_s or ctx.settings.eval_interval_s)
     return _act(ctx, rollout, decision, policy, actor, tick=tick, obs=obs, missed_ticks=missed)
+
+
+def record_unreachable_tick(
+    ctx: Context, tick: int, reason: str, actor: str = "scheduler", interval_s: int | None = None
+) -> dict[str, Any] | None:
+    """Record, once the database answers again, a scheduled evaluation that could not reach it: `no_data`.
+
+    The job that ran at `tick` could neither read metrics nor write the ledger (jobs.evaluate_job kept
+    the tick in Redis); nothing was decided then, and nothing is decided now on its behalf.
+    """
+    step = interval_s or ctx.settings.eval_interval_s
+    rollout = ctx.ledger.active()
+    if rollout is None or rollout.phase is Phase.PENDING or rollout.started_at >= tick + step:
+        return None
+    with ctx.engine.connect() as conn:
+        _, last_tick = ctx.ledger.evaluations(conn, rollout.id)
+        running_p = ctx.ledger.last_stat(conn, rollout.id, "running_p_values") or {}
+    if last_tick is not None and tick <= last_tick:
+        return None  # recorded already
+    decision = _carry_running_p(
+        Decision(Action.NO_DATA, f"{reason}; recorded when it answered again", rollout.canary_weight), running_p
+    )
+    return _act(ctx, rollout, decision, Policy.from_dict(rollout.policy_params), actor, tick=tick,
+                missed_ticks=_missed_ticks(tick, last_tick, step))
+
+
+def _missed_ticks(tick: int | None, last_tick: int | None, step: int) -> int:
+    return 0 if tick is None or last_tick is None else max(0, round((tick - last_tick) / step) - 1)
+
+
+def _carry_running_p(decision: Decision, running_p: dict) -> Decision:
+    """A `no_data` evaluation keeps the running p-values, so the next one carries on from them."""
+    from dataclasses import replace
+
+    return replace(decision, stats={**decision.stats, "running_p_values": running_p})
 
 
 def pause(ctx: Context, rollout_id: int, actor: str) -> Rollout:
@@ -366,16 +403,35 @@ def _apply(ctx: Context, rollout: Rollout, action: dict[str, Any]) -> None:
     elif action["kind"] == "promote":
         apply_assignment(ctx, {"baseline": (rollout.candidate_version, w["baseline"]),
                                "canary": (None, 0), "control": (control, w["control"])})
+        _fault_point("AFTER_TRAFFIC_WRITE")
         ctx.registry.promote(rollout.candidate_version)
         if rollout.baseline_version not in (None, rollout.candidate_version, control):
             _retire(ctx, rollout.baseline_version, archive=False)
     elif action["kind"] == "retire_canary":
         apply_assignment(ctx, {"baseline": (rollout.baseline_version, w["baseline"]),
                                "canary": (None, 0), "control": (control, w["control"])})
+        _fault_point("AFTER_TRAFFIC_WRITE")
         if ctx.registry.version_for("canary") == rollout.candidate_version:
             ctx.registry.remove_alias("canary")
         ctx.registry.archive(rollout.candidate_version)
         _retire(ctx, rollout.candidate_version, archive=False)
+
+
+def _fault_point(name: str) -> None:
+    """Fault injection for the crash tests: die here, once, when RECSYS_FAULT_<name> names a file that exists.
+
+    The file is removed before dying, so the run that completes the action afterwards goes through.
+    """
+    path = os.environ.get(f"RECSYS_FAULT_{name}")
+    if not path:
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    log.error("fault injected: exiting at %s", name)
+    logging.shutdown()
+    os._exit(1)
 
 
 def _complete_pending(ctx: Context, rollout: Rollout) -> None:

@@ -29,7 +29,6 @@ def successes(stats_csv) -> int:
 
 
 def test_the_demo_promotes_the_better_canary_and_rolls_back_the_worse(stack, tmp_path):
-    started = time.time()
     prefix = str(tmp_path / "locust")
     ok_log = tmp_path / "served.txt"
     run = stack.recsys("demo", "--users", "16", "--interval", "2", "--step-seconds", "5", "--timeout", "300",
