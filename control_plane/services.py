@@ -139,6 +139,8 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
     baseline_version = assignment.get("baseline", (None, 0))[0]
     if version == baseline_version:
         raise InvalidRequest(f"version {version} is already the baseline")
+    if version == assignment.get("control", (None, 0))[0]:
+        raise InvalidRequest(f"version {version} is the control; one version holds one role at a time")
     if ctx.ledger.active() is not None:
         raise RolloutConflict("a rollout is already running; end it before starting another")
     now = ctx.clock()
@@ -366,12 +368,11 @@ def _act(ctx: Context, rollout: Rollout, decision: Decision, policy: Policy, act
     updates: dict[str, Any] = {"phase": new_phase}
     if target is not None:
         updates["pending_action"] = {**target, "rollout_id": rollout.id}
-        updates["canary_weight"] = target["weights"]["canary"] if target["kind"] == "weights" else 0
-        if decision.action is Action.ADVANCE:
-            updates["step_index"] = rollout.step_index + 1
-            updates["step_started_at"] = now
-        else:
-            updates["canary_weight"] = 100 if decision.action is Action.PROMOTE else 0
+        # After a promotion the candidate carries all of the baseline's traffic: recorded as 100.
+        updates["canary_weight"] = 100 if decision.action is Action.PROMOTE else target["weights"]["canary"]
+    if decision.action is Action.ADVANCE:
+        updates["step_index"] = rollout.step_index + 1
+        updates["step_started_at"] = now
     if new_phase.terminal:
         updates["ended_at"] = now
         updates["reason"] = decision.reason

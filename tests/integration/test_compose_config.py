@@ -88,6 +88,8 @@ def test_app_services_get_the_production_urls(compose):
         "worker",
         "--url",
         "redis://redis:6379/0",
+        "--worker-class",
+        "control_plane.worker_metrics.MetricsWorker",
         "recsys",
     ]
     assert compose["services"]["scheduler"]["command"][:3] == ["rqscheduler", "--url", "redis://redis:6379/0"]
