@@ -49,7 +49,6 @@ class LocalDeployer:
             raise DeployFailed(f"could not build the Bento for version {version}: {exc}") from exc
 
     def _start(self, version: int) -> None:
-        programs.prepare_bento_home(self.settings, version)
         self.supervisor.add(programs.bento(self.settings, version))
         self._publish_targets()
 

@@ -102,31 +102,14 @@ def prometheus(settings: Settings) -> Program | None:
     )
 
 
-def bento_home(settings: Settings, version: int) -> Path:
-    """A BENTOML_HOME of the version's own (its store links to the shared one): BentoML keeps its
-    prometheus multiprocess files under BENTOML_HOME and wipes them on start, so Bentos must not share it."""
-    return settings.state_dir / "bento-homes" / f"v{version}"
-
-
-def prepare_bento_home(settings: Settings, version: int) -> Path:
-    home = bento_home(settings, version)
-    home.mkdir(parents=True, exist_ok=True)
-    for store in ("bentos", "models"):
-        (settings.bentoml_home / store).mkdir(parents=True, exist_ok=True)
-        link = home / store
-        if not link.is_symlink():
-            link.symlink_to(settings.bentoml_home / store, target_is_directory=True)
-    return home
-
-
 def bento(settings: Settings, version: int) -> Program:
     return _program(
         settings,
         f"bento-v{version}",
         [str(BIN / "bentoml"), "serve", f"recsys:v{version}", "--host", settings.bind_host,
          "--port", str(bento_port(settings, version))],
-        env={"RECSYS_SPILL_DIR": str(settings.spill_dir / f"v{version}"),
-             "BENTOML_HOME": str(bento_home(settings, version))},
+        # Each Bento keeps its Prometheus files apart (bentos/bentoml_fixes.py), so /metrics is its own.
+        env={"RECSYS_SPILL_DIR": str(settings.spill_dir / f"v{version}")},
         startsecs=3,
         stopwaitsecs=30,
     )
