@@ -270,24 +270,22 @@ def _carry_running_p(decision: Decision, running_p: dict) -> Decision:
 
 
 def pause(ctx: Context, rollout_id: int, actor: str) -> Rollout:
-    rollout = ctx.ledger.get(rollout_id)
-    if rollout.phase is not Phase.PROGRESSING:
-        raise RolloutConflict(f"rollout {rollout_id} is {rollout.phase}, only a progressing rollout can be paused")
-    with ctx.engine.begin() as conn:
-        ctx.ledger.update(conn, rollout_id, phase=Phase.PAUSED)
-        _record(ctx, conn, rollout, rollout.phase, Phase.PAUSED, "pause", actor, "paused by an operator",
-                rollout.canary_weight)
-    return ctx.ledger.get(rollout_id)
+    """Freeze a progressing rollout: ticks are recorded but nothing moves."""
+    return _switch(ctx, rollout_id, Phase.PROGRESSING, Phase.PAUSED, "pause", actor)
 
 
 def resume(ctx: Context, rollout_id: int, actor: str) -> Rollout:
+    return _switch(ctx, rollout_id, Phase.PAUSED, Phase.PROGRESSING, "resume", actor)
+
+
+def _switch(ctx: Context, rollout_id: int, before: Phase, after: Phase, action: str, actor: str) -> Rollout:
+    """An operator's phase change with its ledger row, refused unless the rollout is in `before`."""
     rollout = ctx.ledger.get(rollout_id)
-    if rollout.phase is not Phase.PAUSED:
-        raise RolloutConflict(f"rollout {rollout_id} is {rollout.phase}, only a paused rollout can be resumed")
+    if rollout.phase is not before:
+        raise RolloutConflict(f"rollout {rollout_id} is {rollout.phase}; only a {before} rollout can {action}")
     with ctx.engine.begin() as conn:
-        ctx.ledger.update(conn, rollout_id, phase=Phase.PROGRESSING)
-        _record(ctx, conn, rollout, rollout.phase, Phase.PROGRESSING, "resume", actor, "resumed by an operator",
-                rollout.canary_weight)
+        ctx.ledger.update(conn, rollout_id, phase=after)
+        _record(ctx, conn, rollout, before, after, action, actor, f"{action}d by an operator", rollout.canary_weight)
     return ctx.ledger.get(rollout_id)
 
 

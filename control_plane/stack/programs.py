@@ -109,7 +109,9 @@ def bento(settings: Settings, version: int) -> Program:
         [str(BIN / "bentoml"), "serve", f"recsys:v{version}", "--host", settings.bind_host,
          "--port", str(bento_port(settings, version))],
         # Each Bento keeps its Prometheus files apart (bentos/bentoml_fixes.py), so /metrics is its own.
-        env={"RECSYS_SPILL_DIR": str(settings.spill_dir / f"v{version}")},
+        # RECSYS_ACCESS_LOG: one JSON line per request with its id, so a request can be followed from the
+        # gateway's access log to the Bento, the prediction row and the label (costs a few % of throughput).
+        env={"RECSYS_SPILL_DIR": str(settings.spill_dir / f"v{version}"), "RECSYS_ACCESS_LOG": "on"},
         startsecs=3,
         stopwaitsecs=30,
     )

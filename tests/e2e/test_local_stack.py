@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from control_plane.db.engine import make_engine
-from control_plane.db.schema import predictions
+from control_plane.db.schema import labels, predictions
 
 pytestmark = pytest.mark.e2e
 FEATURES = [0.1 * i for i in range(16)]
@@ -124,3 +125,61 @@ def test_bad_input_through_the_gateway_gets_a_4xx_with_a_message(stack):
     big = {"features": FEATURES, "pad": "x" * (stack.settings().max_body_bytes + 10)}
     status, _, _ = stack.post(f"{stack.gateway}/predict", big)
     assert status == 413
+
+
+def test_one_request_id_follows_a_request_from_the_gateway_to_its_label(stack):
+    rid = f"trace-{uuid.uuid4().hex}"
+    status, headers, body = stack.post(f"{stack.gateway}/predict", {"features": FEATURES}, {"X-Request-ID": rid})
+    assert status == 200 and body["request_id"] == rid
+    status, _, _ = stack.post(f"{stack.gateway}/feedback", {"request_id": rid, "label": 1}, {"X-Request-ID": rid})
+    assert status == 200
+    version = body["model_version"]
+    assert logged(stack, [rid]) == {rid: (version, "weighted")}
+    engine = make_engine(stack.settings().database_url)
+    with engine.connect() as conn:
+        assert conn.execute(select(labels.c.label).where(labels.c.request_id == rid)).scalar() == 1
+    engine.dispose()
+    logs = stack.settings().log_dir
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        gateway = [json.loads(line) for line in (logs / "traefik-access.json").read_text().splitlines()
+                   if rid in line]
+        bento = [json.loads(line) for line in (logs / f"bento-v{version}.log").read_text().splitlines()
+                 if rid in line and line.startswith("{")]
+        control = [json.loads(line) for line in (logs / "control-plane.log").read_text().splitlines()
+                   if rid in line and line.startswith("{")]
+        if gateway and bento and control:
+            break
+        time.sleep(0.5)
+    assert {g["RequestPath"] for g in gateway} == {"/predict", "/feedback"}, gateway
+    assert any(b.get("request_id") == rid for b in bento), bento
+    assert any(c.get("request_id") == rid for c in control), control
+
+
+def test_deploying_a_new_version_into_a_role_fails_no_request(stack):
+    trained = stack.recsys("train", "--profile", "control", "--rows", "3000", "--iterations", "30")
+    version = int(trained.stdout.strip().splitlines()[-1].split()[-1])
+    stop = threading.Event()
+    outcomes: list[int] = []
+
+    def load():
+        while not stop.is_set():
+            status, _, _ = stack.post(f"{stack.gateway}/predict", {"features": FEATURES})
+            outcomes.append(status)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        deploy = stack.recsys("deploy", "--version", str(version), "--role", "control", check=False)
+    finally:
+        time.sleep(2)
+        stop.set()
+        for t in threads:
+            t.join()
+    assert deploy.returncode == 0, deploy.stderr
+    assert len(outcomes) > 100 and set(outcomes) == {200}, {s: outcomes.count(s) for s in set(outcomes)}
+    st = json.loads(stack.recsys("status", "--json").stdout)
+    control = next(v for v in st["versions"] if v["role"] == "control")
+    assert (control["version"], control["weight"], control["healthy"]) == (version, 5, True)
+    assert "bento-v1" not in st["processes"], "the replaced version was drained and stopped"
