@@ -132,9 +132,13 @@ class Ledger:
         values.setdefault("updated_at", time.time())
         conn.execute(update(rollouts).where(rollouts.c.id == rollout_id).values(**values))
 
-    def clear_pending(self, rollout_id: int) -> None:
+    def clear_pending(self, rollout_id: int, step_started_at: float | None = None) -> None:
+        """The recorded action is applied; a new step starts counting once its weights are in force."""
+        values: dict[str, Any] = {"pending_action": None}
+        if step_started_at is not None:
+            values["step_started_at"] = step_started_at
         with self.engine.begin() as c:
-            c.execute(update(rollouts).where(rollouts.c.id == rollout_id).values(pending_action=None))
+            c.execute(update(rollouts).where(rollouts.c.id == rollout_id).values(**values))
 
     # decisions ------------------------------------------------------------
     def record(self, conn: Connection, **row) -> int:

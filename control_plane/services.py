@@ -21,6 +21,10 @@ from control_plane.traffic_ops import apply_assignment, split
 
 log = logging.getLogger(__name__)
 
+# Seconds after a weight change before requests count toward the new step's sample-ratio check:
+# Traefik reloads within ~0.5-2 s, and requests served meanwhile follow the old weights.
+SETTLE_S = 3.0
+
 TERMINAL_FOR = {
     Action.PROMOTE: Phase.PROMOTED,
     Action.ROLLBACK: Phase.ROLLED_BACK,
@@ -172,7 +176,8 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
     ctx.registry.set_alias("canary", version)
     with ctx.engine.begin() as conn:
         ctx.ledger.update(
-            conn, rollout_id, phase=Phase.PROGRESSING, canary_weight=weights["canary"], step_started_at=ctx.clock()
+            conn, rollout_id, phase=Phase.PROGRESSING, canary_weight=weights["canary"],
+            step_started_at=ctx.clock() + SETTLE_S,
         )
         _record(ctx, conn, ctx.ledger.get(rollout_id, conn), Phase.PENDING, Phase.PROGRESSING, "start",
                 actor, f"canary {version} deployed at {weights['canary']}% under policy {pol.name}", weights["canary"])
@@ -386,7 +391,7 @@ def _act(ctx: Context, rollout: Rollout, decision: Decision, policy: Policy, act
         return None  # this tick was already recorded by another run
     if target is not None:
         _apply(ctx, ctx.ledger.get(rollout.id), updates["pending_action"])
-        ctx.ledger.clear_pending(rollout.id)
+        ctx.ledger.clear_pending(rollout.id, step_started_at=ctx.clock() + SETTLE_S if "step_started_at" in updates else None)
     return {"rollout_id": rollout.id, "action": str(decision.action), "phase": str(new_phase), "reason": reason}
 
 

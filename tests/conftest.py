@@ -57,10 +57,12 @@ def pg_engine(pg_url):
 
 @pytest.fixture
 def redis_url():
-    """The machine's real Redis, on a database number of its own, emptied before the test."""
+    """The machine's real Redis, on a database number of this session's own, emptied before the test."""
     import redis
 
-    url = REDIS_TEST_URL.rsplit("/", 1)[0] + "/7"
+    # A database number of this session's own, so that two test sessions on one machine (and their RQ
+    # workers, which all listen on the queue "recsys") never take each other's jobs.
+    url = REDIS_TEST_URL.rsplit("/", 1)[0] + f"/{1 + os.getpid() % 15}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url

@@ -76,8 +76,10 @@ class GatewayOptions:
     retry_attempts: int = 3
     retry_initial_interval: str = "10ms"
     health_path: str = "/readyz"
-    health_interval: str = "1s"
-    health_timeout: str = "1s"
+    # Lenient enough that a Bento slowed by a loaded machine is not taken out (which shifts its share to
+    # the others and looks like a sample-ratio mismatch); retries still cover a Bento that is really gone.
+    health_interval: str = "2s"
+    health_timeout: str = "2s"
 
 
 def render_dynamic_config(

@@ -144,7 +144,7 @@ def test_weighted_service_splits_by_role_weight_over_one_service_per_version():
     assert http["services"]["recsys-v2"]["loadBalancer"] == {
         "servers": [{"url": "http://127.0.0.1:3102"}],
         "passHostHeader": True,
-        "healthCheck": {"path": "/readyz", "interval": "1s", "timeout": "1s"},
+        "healthCheck": {"path": "/readyz", "interval": "2s", "timeout": "2s"},
     }
 
 
