@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install up down status demo test test-unit test-fast bench simulate fmt lint precommit clean system-deps
+.PHONY: install up down status demo test test-unit bench soak simulate fmt lint precommit clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,9 @@ test-unit: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) load/bench.py
+
+soak: $(STAMP)
+	$(PY) load/soak.py
 
 simulate: $(STAMP)
 	$(BIN)/recsys simulate

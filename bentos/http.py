@@ -4,6 +4,11 @@ It runs before BentoML reads the body, so an oversized request is refused by its
 (413) without being read. It fixes the request's id, route and role once, in a context variable
 that the handler and the log lines read, and puts them on every response of the model endpoints,
 errors included.
+
+When the serving state has an `answer(info, body)` method, the gate answers a model endpoint's POST
+itself instead of handing it to BentoML's router, request context, IO descriptors and streaming
+response: measured, that machinery cost as much CPU per request as the model (docs/performance.md).
+BentoML's own middlewares outside this one (its request metrics, the traffic timeout) still apply.
 """
 
 from __future__ import annotations
@@ -45,13 +50,20 @@ current_request: ContextVar[RequestInfo | None] = ContextVar("recsys_request", d
 
 
 class ServingState(Protocol):
-    """What the middleware needs from the running service."""
+    """What the middleware needs from the running service.
+
+    It may also have `answer(info, body: bytes) -> (status, JSON bytes)`: then the gate serves the
+    model endpoints' POSTs with it (see the module docstring); without it they go on to the app.
+    """
 
     model_version: int
 
     def current_role(self) -> str: ...
 
     def request_finished(self, info: RequestInfo, status: int) -> None: ...
+
+
+UNEXPECTED_ERROR = b'{"error":"An unexpected error has occurred, please check the server log."}'
 
 
 def valid_request_id(value: str) -> bool:
@@ -129,12 +141,16 @@ class RequestGate:
         token = current_request.set(info)
         try:
             problem = _refusal(scope, headers, supplied_id, self.max_body_bytes)
-            if problem is None and "content-length" not in headers and scope["method"] == "POST":
-                receive, problem = await _buffered(receive, self.max_body_bytes)
-            if problem is not None:
-                await _send_json(send_with_headers, *problem)
+            answer = getattr(state, "answer", None) if scope["method"] == "POST" else None
+            if problem is None and answer is not None:
+                await self._answer(answer, info, receive, send_with_headers)
             else:
-                await self.app(scope, receive, send_with_headers)
+                if problem is None and "content-length" not in headers and scope["method"] == "POST":
+                    receive, problem = await _buffered(receive, self.max_body_bytes)
+                if problem is not None:
+                    await _send_json(send_with_headers, *problem)
+                else:
+                    await self.app(scope, receive, send_with_headers)
         except asyncio.CancelledError:
             status = 504  # BentoML's traffic timeout cancelled us and answers 504 itself
             raise
@@ -145,6 +161,21 @@ class RequestGate:
                 except Exception:  # bookkeeping must not turn a served response into an error
                     log.exception("request bookkeeping failed")
             current_request.reset(token)
+
+    async def _answer(self, answer, info: RequestInfo, receive, send) -> None:
+        """Read the body and send what the service's `answer` makes of it (500 if it raises)."""
+        body, problem = await _read_body(receive, self.max_body_bytes)
+        if problem is not None:
+            await _send_json(send, *problem)
+            return
+        if body is None:
+            return  # the client went away
+        try:
+            status, payload = answer(info, body)
+        except Exception:
+            log.exception("%s failed", info.endpoint)
+            status, payload = 500, UNEXPECTED_ERROR
+        await _send_body(send, status, payload)
 
 
 def _headers(scope) -> dict[str, str]:
@@ -169,6 +200,24 @@ def _refusal(scope, headers: dict[str, str], supplied_id: str | None, limit: int
     if media_type not in ("application/json", ""):
         return 415, f"Content-Type must be application/json, not {media_type!r}"
     return None
+
+
+async def _read_body(receive, limit: int) -> tuple[bytes | None, tuple[int, str] | None]:
+    """The whole body (None if the client went away), or a 413 once it passes `limit`."""
+    message = await receive()
+    if message["type"] != "http.request":
+        return None, None
+    chunks = [message.get("body", b"")]
+    size = len(chunks[0])
+    while size <= limit and message.get("more_body", False):
+        message = await receive()
+        if message["type"] != "http.request":
+            return None, None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+    if size > limit:
+        return None, (413, f"request body is over the limit of {limit} bytes (RECSYS_MAX_BODY_BYTES)")
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks), None
 
 
 async def _buffered(receive, limit: int):
@@ -199,7 +248,10 @@ async def _buffered(receive, limit: int):
 
 
 async def _send_json(send, status: int, message: str, **extra: Any) -> None:
-    body = json.dumps({"error": message, **extra}).encode()
+    await _send_body(send, status, json.dumps({"error": message, **extra}).encode())
+
+
+async def _send_body(send, status: int, body: bytes) -> None:
     await send(
         {
             "type": "http.response.start",

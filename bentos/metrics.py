@@ -103,6 +103,7 @@ class ServiceMetrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
         )
         self._gc_started = 0.0
+        self._children: dict[tuple[str, str, int], tuple] = {}
         self._last = WriterStats()
         self._lock = threading.Lock()
 
@@ -130,11 +131,23 @@ class ServiceMetrics:
         gc.callbacks.append(callback)
 
     def observe_request(self, role: str, endpoint: str, status: int, seconds: float) -> None:
-        labels = (self.model_version, role, endpoint)
-        self.requests.labels(*labels, str(status)).inc()
-        self.latency.labels(*labels).observe(seconds)
-        if status >= 500:
-            self.errors.labels(*labels).inc()
+        # The labelled children are looked up once per (role, endpoint, status): labels() takes a
+        # lock and builds tuples on every call, a measurable part of a request's CPU.
+        key = (role, endpoint, status)
+        children = self._children.get(key)
+        if children is None:
+            labels = (self.model_version, role, endpoint)
+            children = (
+                self.requests.labels(*labels, str(status)),
+                self.latency.labels(*labels),
+                self.errors.labels(*labels) if status >= 500 else None,
+            )
+            self._children[key] = children
+        requests, latency, errors = children
+        requests.inc()
+        latency.observe(seconds)
+        if errors is not None:
+            errors.inc()
 
     def observe_writer(self, stats: WriterStats) -> None:
         """Called by the log writer's thread after every batch."""

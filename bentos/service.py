@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import atexit
 import gc
+import json
 import logging
 import os
 import time
 
 import bentoml
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from bentos.bentoml_fixes import separate_prometheus_dir
 from bentos.http import RequestGate, RequestInfo, current_request
@@ -146,10 +147,37 @@ class Recsys:
 
     # ---- the endpoints ----
 
+    def answer(self, info: RequestInfo, body: bytes) -> tuple[int, bytes]:
+        """A model endpoint's response to a JSON body, without BentoML's per-request machinery.
+
+        The RequestGate calls this for every POST to /predict and /recommend (bentos/http.py says
+        why). It validates with the very input models BentoML builds for the APIs below and answers
+        validation errors as BentoML does (400, the error count and pydantic's details), so the
+        HTTP contract is the same either way.
+        """
+        spec = _INPUT_SPECS[info.endpoint]
+        try:
+            request = spec.model_validate_json(body or b"{}")
+        except ValidationError as exc:
+            return 400, _validation_error(exc)
+        info.in_handler = True
+        if info.endpoint == "predict":
+            response = self._predict(info, request.features)
+        else:
+            response = self._recommend(info, request.candidates, request.k)
+        return 200, response.__pydantic_serializer__.to_json(response)
+
     @bentoml.api(route="/predict", input_spec=PredictRequest)
     async def predict(self, features: list[float]) -> PredictResponse:
         """Click probability for one impression (16 features)."""
-        info = _request_info("predict")
+        return self._predict(_request_info("predict"), features)
+
+    @bentoml.api(route="/recommend", input_spec=RecommendRequest)
+    async def recommend(self, candidates: list[Candidate], k: int = 10) -> RecommendResponse:
+        """The top k of up to 1000 candidates by click probability, best first (one batch predict)."""
+        return self._recommend(_request_info("recommend"), candidates, k)
+
+    def _predict(self, info: RequestInfo, features: list[float]) -> PredictResponse:
         try:
             score = self.scorer.score_one(features)
         except Exception:
@@ -160,10 +188,7 @@ class Recsys:
             request_id=info.request_id, score=score, model_version=self.model_version, role=info.role
         )
 
-    @bentoml.api(route="/recommend", input_spec=RecommendRequest)
-    async def recommend(self, candidates: list[Candidate], k: int = 10) -> RecommendResponse:
-        """The top k of up to 1000 candidates by click probability, best first (one batch predict)."""
-        info = _request_info("recommend")
+    def _recommend(self, info: RequestInfo, candidates: list[Candidate], k: int) -> RecommendResponse:
         try:
             scores = self.scorer.score_many([c.features for c in candidates])
         except Exception:
@@ -203,6 +228,20 @@ def _request_info(endpoint: str) -> RequestInfo:
         info = RequestInfo(uuid.uuid4().hex, "direct", "unknown", endpoint, time.time(), time.perf_counter())
     info.in_handler = True
     return info
+
+
+# The models BentoML validates each API's JSON with (named after the API's input spec in errors).
+_INPUT_SPECS = {name: api.input_spec for name, api in Recsys.apis.items()}
+
+
+def _validation_error(exc: ValidationError) -> bytes:
+    """The body BentoML answers a pydantic ValidationError with (status 400)."""
+    return json.dumps(
+        {
+            "error": f"{exc.error_count()} validation error for {exc.title}",
+            "detail": exc.errors(include_context=False, include_input=False),
+        }
+    ).encode()
 
 
 Recsys.add_asgi_middleware(

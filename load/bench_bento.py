@@ -37,7 +37,9 @@ class Run:
     rps: float
     p50_ms: float
     p99_ms: float
-    errors: int
+    errors: int  # non-2xx responses and socket errors
+    requests: int = 0  # responses wrk completed
+    non_2xx: int = 0
 
 
 def free_port() -> int:
@@ -48,23 +50,25 @@ def free_port() -> int:
 
 def prepare_bento(workdir: Path, env: dict[str, str]) -> str:
     """Train, register and build a Bento in the temporary stores; return its tag."""
+    return prepare_bentos(workdir, env, ("baseline",))[0]
+
+
+def prepare_bentos(workdir: Path, env: dict[str, str], profiles: tuple[str, ...]) -> list[str]:
+    """Train and register one version per profile and build its Bento, in one child process; the tags."""
     code = (
+        "import sys\n"
         "from training.train import train_and_register\n"
-        f"print(train_and_register(tracking_uri={env['MLFLOW_TRACKING_URI']!r}, "
-        f"artifact_location={str(workdir / 'mlartifacts')!r}, profile='baseline', progress=False))"
+        "from bentos.build import build_bento\n"
+        f"uri = {env['MLFLOW_TRACKING_URI']!r}\n"
+        f"for profile in {list(profiles)!r}:\n"
+        f"    v = train_and_register(tracking_uri=uri, artifact_location={str(workdir / 'mlartifacts')!r},"
+        " profile=profile, progress=False)\n"
+        "    print('BENTO', build_bento(v, tracking_uri=uri), flush=True)\n"
     )
-    version = subprocess.run(
-        [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
-    )
-    v = int(version.stdout.split()[-1])
-    out = subprocess.run(
-        [sys.executable, "-m", "bentos.build", "--version", str(v)],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return out.stdout.split()[-1]
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"training or building failed:\n{out.stderr[-3000:]}")
+    return [line.split()[1] for line in out.stdout.splitlines() if line.startswith("BENTO ")]
 
 
 def model_dir(env: dict[str, str], bento: str) -> Path:
@@ -91,6 +95,15 @@ def catboost_single_row_us(path: Path, n: int = 20_000) -> float:
 
 
 def start_bento(stack: ExitStack, bento: str, env: dict[str, str], log_path: Path) -> str:
+    url, proc = spawn_bento(stack, bento, env, log_path)
+    wait_ready(url, proc, log_path)
+    return url
+
+
+def spawn_bento(
+    stack: ExitStack, bento: str, env: dict[str, str], log_path: Path
+) -> tuple[str, subprocess.Popen]:
+    """Start `bentoml serve` (stopped when `stack` closes) without waiting for it; its URL and process."""
     port = free_port()
     with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
@@ -99,30 +112,37 @@ def start_bento(stack: ExitStack, bento: str, env: dict[str, str], log_path: Pat
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    stack.callback(stop_process, proc)
+    return f"http://127.0.0.1:{port}", proc
 
-    def stop() -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
-    stack.callback(stop)
-    url = f"http://127.0.0.1:{port}"
+def stop_process(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_ready(
+    url: str, proc: subprocess.Popen, log_path: Path, path: str = "/readyz", timeout_s: float = 180
+) -> None:
+    """Until GET `url + path` answers 200; exits if the process dies or the time runs out."""
     import httpx
 
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"bentoml serve {bento} exited; see {log_path}")
+            raise SystemExit(f"{proc.args[:3]} exited; see {log_path}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return url
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.3)
-    raise SystemExit(f"bentoml serve {bento} not ready after 120 s; see {log_path}")
+    raise SystemExit(f"{url} not ready after {timeout_s:.0f} s; see {log_path}")
 
 
 LUA = """
@@ -132,17 +152,22 @@ wrk.headers["Content-Type"] = "application/json"
 """
 
 
-def run_wrk(url: str, connections: int, duration_s: int, script: Path) -> Run:
+def run_wrk(
+    url: str, connections: int, duration_s: float, script: Path, path: str = "/predict", *script_args: str
+) -> Run:
+    """One wrk run (one thread: wrk shares the cores with the servers) and its parsed summary."""
+    args = ["--", *script_args] if script_args else []
     out = subprocess.run(
         [
             "wrk",
             "-t1",
             f"-c{connections}",
-            f"-d{duration_s}s",
+            f"-d{duration_s:g}s",
             "--latency",
             "-s",
             str(script),
-            f"{url}/predict",
+            f"{url}{path}",
+            *args,
         ],
         check=True,
         capture_output=True,
@@ -154,10 +179,13 @@ def run_wrk(url: str, connections: int, duration_s: int, script: Path) -> Run:
         value, unit = float(m.group(1)), m.group(2)
         return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
-    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses:\s+(\d+)", out))
-    errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non_2xx = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses:\s+(\d+)", out))
+    errors = non_2xx + sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    return Run(rps=rps, p50_ms=latency("50"), p99_ms=latency("99"), errors=errors)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    return Run(
+        rps=rps, p50_ms=latency("50"), p99_ms=latency("99"), errors=errors, requests=requests, non_2xx=non_2xx
+    )
 
 
 def run_httpx(url: str, connections: int, duration_s: int, _script: Path) -> Run:

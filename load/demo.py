@@ -19,19 +19,37 @@ def _say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def start_load(settings: Settings, users: int, log_path: Path, csv: str | None = None,
-               ok_log: str | None = None) -> subprocess.Popen:
+def start_load(
+    settings: Settings, users: int, log_path: Path, csv: str | None = None, ok_log: str | None = None
+) -> subprocess.Popen:
     """Locust, headless, through the gateway, labels drawn from the ground truth."""
     cmd = [
-        str(Path(sys.executable).with_name("locust")), "-f", str(LOCUSTFILE), "--headless",
-        "-u", str(users), "-r", str(users), "--host", f"http://127.0.0.1:{settings.gateway_port}",
-        "--only-summary", "--label-delay-min", "0.2", "--label-delay-max", "1.5",
-        "--think-min", "0.01", "--think-max", "0.05",
+        str(Path(sys.executable).with_name("locust")),
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "--host",
+        f"http://127.0.0.1:{settings.gateway_port}",
+        "--only-summary",
+        "--label-delay-min",
+        "0.2",
+        "--label-delay-max",
+        "1.5",
+        "--think-min",
+        "0.01",
+        "--think-max",
+        "0.05",
         *(["--csv", csv] if csv else []),
         *(["--ok-log", ok_log] if ok_log else []),
     ]
     log = log_path.open("w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
 
 
 def describe(ctx, rollout_id: int) -> str:
@@ -81,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", help="write Locust's request statistics to CSV files with this prefix")
     p.add_argument("--ok-log", help="write the request id of every 2xx prediction to this file")
     p.add_argument("--step-seconds", type=float, default=20, help="minimum seconds at each canary step")
-    p.add_argument("--p99-ratio", type=float, default=1.5,
-                   help="latency guardrail for the demo (the better model has more trees: slower by ~10%% at p99)")
+    p.add_argument(
+        "--p99-ratio",
+        type=float,
+        default=1.5,
+        help="latency guardrail for the demo (the better model has more trees: slower by ~10%% at p99)",
+    )
     args = p.parse_args(argv)
 
     from control_plane.analysis.policy import Policy
@@ -96,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     ctx = bootstrap(settings)
     schedule_evaluations(settings.effective_redis_url, args.interval)
     policy = Policy.fast(step_min_duration_s=args.step_seconds, p99_ratio=args.p99_ratio).to_dict()
-    _say(f"Policy: sequential, steps {policy['steps']}, at least {args.step_seconds:.0f} s a step, "
-         f"accuracy margin {policy['accuracy_margin'] * 100:.0f} pt, p99 ≤ {args.p99_ratio}× baseline, "
-         f"errors ≤ +{policy['error_margin'] * 100:.1f} pt; evaluations every {args.interval} s.")
+    _say(
+        f"Policy: sequential, steps {policy['steps']}, at least {args.step_seconds:.0f} s a step, "
+        f"accuracy margin {policy['accuracy_margin'] * 100:.0f} pt, p99 ≤ {args.p99_ratio}× baseline, "
+        f"errors ≤ +{policy['error_margin'] * 100:.1f} pt; evaluations every {args.interval} s."
+    )
     load = start_load(settings, args.users, settings.log_dir / "demo-locust.log", args.csv, args.ok_log)
     ok = True
     try:
@@ -106,15 +130,23 @@ def main(argv: list[str] | None = None) -> int:
         if active is not None:
             services_rollback(ctx, active.id)
         better = _version_with_profile(ctx, "better") or train_and_register(
-            tracking_uri=settings.mlflow_tracking_uri, artifact_location=str(settings.mlflow_artifact_root),
-            model_name=settings.registered_model_name, profile="better", progress=False)
+            tracking_uri=settings.mlflow_tracking_uri,
+            artifact_location=str(settings.mlflow_artifact_root),
+            model_name=settings.registered_model_name,
+            profile="better",
+            progress=False,
+        )
         _say(f"\n1) The better candidate (version {better}) as a canary.")
         good, r1 = run_story(ctx, better, Phase.PROMOTED, policy, args.timeout)
         ok &= good
         _say("\n2) Training a worse candidate and trying it as a canary.")
         worse = train_and_register(
-            tracking_uri=settings.mlflow_tracking_uri, artifact_location=str(settings.mlflow_artifact_root),
-            model_name=settings.registered_model_name, profile="worse", progress=False)
+            tracking_uri=settings.mlflow_tracking_uri,
+            artifact_location=str(settings.mlflow_artifact_root),
+            model_name=settings.registered_model_name,
+            profile="worse",
+            progress=False,
+        )
         bad, r2 = run_story(ctx, worse, Phase.ROLLED_BACK, policy, args.timeout)
         ok &= bad
     finally:
@@ -126,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         r = ctx.ledger.get(rid)
         _say(f"  rollout {rid}: version {r.candidate_version} {r.phase} — {r.reason}")
     _say(f"  baseline is now version {ctx.registry.version_for('baseline')} in MLflow")
-    _say(f"\nLook at: control plane http://127.0.0.1:{settings.control_plane_port}/ , "
-         f"MLflow http://127.0.0.1:{settings.mlflow_port}/ , Grafana (compose) http://127.0.0.1:3000/")
+    _say(
+        f"\nLook at: control plane http://127.0.0.1:{settings.control_plane_port}/ , "
+        f"MLflow http://127.0.0.1:{settings.mlflow_port}/ , Grafana (compose) http://127.0.0.1:3000/"
+    )
     _say("The story ended as expected." if ok else "The story did NOT end as expected.")
     return 0 if ok else 1
 

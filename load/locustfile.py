@@ -23,12 +23,16 @@ def _add_arguments(parser) -> None:
     parser.add_argument("--predict-weight", type=int, default=4, help="relative share of /predict calls")
     parser.add_argument("--recommend-weight", type=int, default=1, help="relative share of /recommend calls")
     parser.add_argument("--candidates", type=int, default=20, help="candidates per /recommend call")
-    parser.add_argument("--label-share", type=float, default=1.0, help="share of predictions that get a label")
+    parser.add_argument(
+        "--label-share", type=float, default=1.0, help="share of predictions that get a label"
+    )
     parser.add_argument("--label-delay-min", type=float, default=0.5, help="seconds before a label, at least")
     parser.add_argument("--label-delay-max", type=float, default=3.0, help="seconds before a label, at most")
     parser.add_argument("--think-min", type=float, default=0.05, help="seconds a user waits between calls")
     parser.add_argument("--think-max", type=float, default=0.2)
-    parser.add_argument("--ok-log", default="", help="append the request id of every 2xx prediction to this file")
+    parser.add_argument(
+        "--ok-log", default="", help="append the request id of every 2xx prediction to this file"
+    )
 
 
 class RecsysUser(FastHttpUser):
@@ -73,7 +77,10 @@ class RecsysUser(FastHttpUser):
         cands = [{"item_id": f"item-{i}", "features": row.tolist()} for i, row in enumerate(xs)]
         rid = uuid.uuid4().hex
         with self.client.post(
-            "/recommend", json={"candidates": cands, "k": 5}, headers={"X-Request-ID": rid}, catch_response=True
+            "/recommend",
+            json={"candidates": cands, "k": 5},
+            headers={"X-Request-ID": rid},
+            catch_response=True,
         ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"/recommend answered {resp.status_code}: {resp.text[:200]}")

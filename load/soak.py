@@ -5,11 +5,13 @@
 It starts the stack if it is not up (`recsys up`), runs Locust headless through the gateway (predictions,
 recommendations and their labels, `load/locustfile.py`), samples the resident memory of every process of
 the stack (each supervisord program with its children) every 10 s, starts a canary through the API after a
-warm-up, and at the end prints a Markdown table of the figures, writes it to --out and exits 1 if a bound
+warm-up (the rollout goes on after the soak: watch it, or `recsys canary rollback`), and at the end
+prints a Markdown table of the figures, writes it to --out and exits 1 if a bound
 is broken:
 
 - error rate (Locust failures over all requests, labels included) below --max-error-rate (0.1 %);
-- no program's memory grows by more than --max-rss-growth-mb between the first sample (taken after the
+- no program's memory (the PSS of its processes: pages shared by forked workers count once) grows by
+  more than --max-rss-growth-mb between the first sample (taken after the
   warm-up and the canary's start, once every code path has been imported) and the last one; a program
   restarted while it is sampled breaks the bound too (a restart would hide growth);
 - every successful prediction has its row in `predictions` (weighted route), no more and no fewer.
@@ -37,12 +39,25 @@ LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 MB = 1024 * 1024
 # A policy that moves the canary a step every 15 s on small samples and cannot promote within a short soak
 # (promotion is only from the last of six steps).
-SHORT_POLICY = {"steps": [30, 40, 50, 60, 70, 80], "step_min_duration_s": 15, "min_labelled_per_arm": 30,
-                "min_requests_per_arm": 30, "min_latency_samples": 100, "expected_n": 2000,
-                "harm_expected_n": 200, "p99_ratio": 1.5, "label_window_s": 1}
+SHORT_POLICY = {
+    "steps": [30, 40, 50, 60, 70, 80],
+    "step_min_duration_s": 15,
+    "min_labelled_per_arm": 30,
+    "min_requests_per_arm": 30,
+    "min_latency_samples": 100,
+    "expected_n": 2000,
+    "harm_expected_n": 200,
+    "p99_ratio": 1.5,
+    "label_window_s": 1,
+}
 # The demo's pace for the five-minute soak: a step a minute, promotion possible at the end.
-LONG_POLICY = {**SHORT_POLICY, "steps": [10, 25, 50], "step_min_duration_s": 60, "min_labelled_per_arm": 100,
-               "min_requests_per_arm": 100}
+LONG_POLICY = {
+    **SHORT_POLICY,
+    "steps": [10, 25, 50],
+    "step_min_duration_s": 60,
+    "min_labelled_per_arm": 100,
+    "min_requests_per_arm": 100,
+}
 
 
 @dataclass
@@ -55,8 +70,9 @@ class Bounds:
 class Result:
     """Everything the soak measured."""
 
-    duration_s: float
+    duration_s: float  # of measured steady state, after the warm-up and the canary's start
     users: int
+    wall_s: float = 0.0  # Locust's whole run
     requests: int = 0
     failures: int = 0
     predictions_ok: int = 0
@@ -99,6 +115,14 @@ def program_trees(settings: Settings) -> dict[str, list]:
     return out
 
 
+def _pss(p) -> int:
+    """Proportional set size: pages shared with a parent (gunicorn and rq fork their workers) count once."""
+    try:
+        return p.memory_full_info().pss
+    except (AttributeError, PermissionError):
+        return p.memory_info().rss
+
+
 class MemorySampler:
     """Samples the RSS of every program (summed over its processes) on a thread, every `every_s`."""
 
@@ -117,7 +141,7 @@ class MemorySampler:
             rss = 0
             for p in procs:
                 try:
-                    rss += p.memory_info().rss
+                    rss += _pss(p)
                 except psutil.NoSuchProcess:
                     continue
             self.samples.setdefault(name, []).append((now, rss / MB))
@@ -143,7 +167,8 @@ def _api(settings: Settings, method: str, path: str, body=None) -> tuple[int, di
     from control_plane.web.auth import ensure_api_token
 
     req = urllib.request.Request(
-        f"http://127.0.0.1:{settings.control_plane_port}{path}", method=method,
+        f"http://127.0.0.1:{settings.control_plane_port}{path}",
+        method=method,
         data=None if body is None else json.dumps(body).encode(),
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {ensure_api_token(settings)}"},
     )
@@ -165,10 +190,14 @@ def canary_version(settings: Settings) -> int | None:
 
 
 def start_canary(settings: Settings, version: int, policy: dict) -> int:
-    """A rollout of `version`, started as an operator would (ending any rollout still running first)."""
+    """A rollout of `version`, started through the API as an operator would."""
     _, rollouts = _api(settings, "GET", "/api/rollouts?limit=1")
     if rollouts["active"]:
-        _api(settings, "POST", f"/api/rollouts/{rollouts['active']}/rollback")
+        # Ending it here and starting the same version at once races the scheduler's completion of the
+        # rollback (it retires the version again while it is being redeployed): leave that to the operator.
+        raise RuntimeError(
+            f"rollout {rollouts['active']} is still running; end it (recsys canary rollback) first"
+        )
     status, body = _api(settings, "POST", "/api/rollouts", {"version": version, "policy": policy})
     if status != 201:
         raise RuntimeError(f"could not start the canary (version {version}): {status} {body}")
@@ -177,8 +206,11 @@ def start_canary(settings: Settings, version: int, policy: dict) -> int:
 
 def ledger(settings: Settings, rollout_id: int) -> list[str]:
     _, body = _api(settings, "GET", f"/api/decisions?rollout_id={rollout_id}&limit=1000")
-    return [f"{d['action']} → canary {d['canary_weight']}%" for d in reversed(body["decisions"])
-            if d["action"] not in ("hold", "no_data")]
+    return [
+        f"{d['action']} → canary {d['canary_weight']}%"
+        for d in reversed(body["decisions"])
+        if d["action"] not in ("hold", "no_data")
+    ]
 
 
 def logged_predictions(settings: Settings, since: float, until: float) -> int:
@@ -190,22 +222,53 @@ def logged_predictions(settings: Settings, since: float, until: float) -> int:
     engine = make_engine(settings.database_url)
     try:
         with engine.connect() as conn:
-            return conn.execute(select(func.count()).select_from(predictions).where(
-                predictions.c.ts >= since, predictions.c.ts <= until, predictions.c.status < 300,
-                predictions.c.route == "weighted")).scalar_one()
+            return conn.execute(
+                select(func.count())
+                .select_from(predictions)
+                .where(
+                    predictions.c.ts >= since,
+                    predictions.c.ts <= until,
+                    predictions.c.status < 300,
+                    predictions.c.route == "weighted",
+                )
+            ).scalar_one()
     finally:
         engine.dispose()
 
 
 # --- the soak ----------------------------------------------------------------------------------------
-def run_locust(settings: Settings, users: int, think_s: float, duration_s: float, csv_prefix: Path,
-               log_path: Path) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).with_name("locust")), "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-           "-u", str(users), "-r", str(users), "-t", f"{int(duration_s)}s", "--stop-timeout", "5",
-           "--host", f"http://127.0.0.1:{settings.gateway_port}", "--csv", str(csv_prefix),
-           "--json-file", str(csv_prefix),
-           "--think-min", str(think_s), "--think-max", str(think_s),
-           "--label-delay-min", "0.2", "--label-delay-max", "2.0"]
+def run_locust(
+    settings: Settings, users: int, think_s: float, duration_s: float, csv_prefix: Path, log_path: Path
+) -> subprocess.Popen:
+    cmd = [
+        str(Path(sys.executable).with_name("locust")),
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--only-summary",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{int(duration_s)}s",
+        "--stop-timeout",
+        "5",
+        "--host",
+        f"http://127.0.0.1:{settings.gateway_port}",
+        "--csv",
+        str(csv_prefix),
+        "--json-file",
+        str(csv_prefix),
+        "--think-min",
+        str(think_s),
+        "--think-max",
+        str(think_s),
+        "--label-delay-min",
+        "0.2",
+        "--label-delay-max",
+        "2.0",
+    ]
     with open(log_path, "w") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
@@ -222,7 +285,7 @@ def read_locust(csv_prefix: Path, result: Result) -> None:
             result.predictions_ok += e["num_requests"] - e["num_failures"]
         for ms, n in e["response_times"].items():
             times[float(ms)] = times.get(float(ms), 0) + n
-        result.rps = result.requests / max(1.0, result.duration_s)
+        result.rps = result.requests / max(1.0, result.wall_s)
     ordered, seen, total = sorted(times.items()), 0, sum(times.values())
     marks = {0.5: None, 0.95: None, 0.99: None}
     for ms, n in ordered:
@@ -234,21 +297,37 @@ def read_locust(csv_prefix: Path, result: Result) -> None:
     failures = Path(f"{csv_prefix}_failures.csv")
     if failures.exists():
         with open(failures) as f:
-            result.failure_examples = [f"{r['Method']} {r['Name']}: {r['Error']} ×{r['Occurrences']}"
-                                       for r in csv.DictReader(f)][:10]
+            result.failure_examples = [
+                f"{r['Method']} {r['Name']}: {r['Error']} ×{r['Occurrences']}" for r in csv.DictReader(f)
+            ][:10]
 
 
-def soak(settings: Settings, *, duration_s: float = 300, users: int = 12, think_s: float = 0.5,
-         warmup_s: float = 20, settle_s: float = 5, sample_every_s: float = 10, policy: dict | None = None,
-         workdir: Path | None = None, bounds: Bounds | None = None) -> Result:
-    """Run the soak against the running stack; returns the figures and which bounds broke."""
+def soak(
+    settings: Settings,
+    *,
+    duration_s: float = 300,
+    users: int = 12,
+    think_s: float = 0.5,
+    warmup_s: float = 20,
+    settle_s: float = 5,
+    sample_every_s: float = 10,
+    policy: dict | None = None,
+    workdir: Path | None = None,
+    bounds: Bounds | None = None,
+) -> Result:
+    """Run the soak against the running stack; returns the figures and which bounds broke.
+
+    Locust runs for the warm-up, the canary's start (it returns once the canary's Bento is ready) and
+    then `duration_s` of measured steady state, and is stopped with SIGTERM (it writes its stats then).
+    """
     bounds = bounds or Bounds()
     workdir = Path(workdir or settings.log_dir / "soak")
     workdir.mkdir(parents=True, exist_ok=True)
     result = Result(duration_s=duration_s, users=users)
     csv_prefix = workdir / "locust"
     started = time.time()
-    locust = run_locust(settings, users, think_s, duration_s, csv_prefix, workdir / "locust.log")
+    limit_s = warmup_s + settle_s + duration_s + 600  # a safety net; SIGTERM ends it
+    locust = run_locust(settings, users, think_s, limit_s, csv_prefix, workdir / "locust.log")
     rollout_id = version = None
     try:
         time.sleep(warmup_s)
@@ -258,11 +337,14 @@ def soak(settings: Settings, *, duration_s: float = 300, users: int = 12, think_
             _api(settings, "GET", "/api/versions")
         time.sleep(settle_s)
         with MemorySampler(settings, sample_every_s) as memory:
-            locust.wait(duration_s + 120)
+            time.sleep(duration_s)
+            locust.terminate()
+            locust.wait(60)
         ended = time.time()
     finally:
         if locust.poll() is None:
             locust.kill()
+    result.wall_s = ended - started
     result.rss_mb = memory.samples
     result.restarts = {name: len(pids) - 1 for name, pids in memory.pids.items()}
     read_locust(csv_prefix, result)
@@ -291,14 +373,17 @@ def check(result: Result, bounds: Bounds) -> list[str]:
         if result.restarts.get(name):
             broken.append(f"{name} was restarted during the soak")
     if result.predictions_logged != result.predictions_ok:
-        broken.append(f"{result.predictions_ok} successful predictions but {result.predictions_logged} logged rows")
+        broken.append(
+            f"{result.predictions_ok} successful predictions but {result.predictions_logged} logged rows"
+        )
     return broken
 
 
 def render(result: Result, bounds: Bounds) -> str:
     ok = "✅" if not result.broken else "❌"
     lines = [
-        f"### Soak: {result.duration_s / 60:.1f} min, {result.users} Locust users through the gateway {ok}",
+        f"### Soak: {result.duration_s / 60:.1f} min measured ({result.wall_s / 60:.1f} min of load), "
+        f"{result.users} Locust users through the gateway {ok}",
         "",
         "| figure | value | bound |",
         "|---|---|---|",
@@ -308,14 +393,16 @@ def render(result: Result, bounds: Bounds) -> str:
         f"| successful predictions / rows logged | {result.predictions_ok} / {result.predictions_logged} | equal |",
         f"| canary | {'; '.join(result.canary) or 'none started'} | |",
         "",
-        "| process (with its children) | RSS first → last (MB) | max | growth | bound |",
+        "| process (with its children) | memory (PSS) first → last, MB | max | growth | bound |",
         "|---|---|---|---|---|",
     ]
     for name, series in sorted(result.rss_mb.items()):
         restarted = " (restarted)" if result.restarts.get(name) else ""
-        lines.append(f"| {name}{restarted} | {series[0][1]:.0f} → {series[-1][1]:.0f} | "
-                     f"{max(v for _, v in series):.0f} | {result.growth_mb(name):+.0f} | "
-                     f"≤ +{bounds.max_rss_growth_mb:.0f} |")
+        lines.append(
+            f"| {name}{restarted} | {series[0][1]:.0f} → {series[-1][1]:.0f} | "
+            f"{max(v for _, v in series):.0f} | {result.growth_mb(name):+.0f} | "
+            f"≤ +{bounds.max_rss_growth_mb:.0f} |"
+        )
     if result.failure_examples:
         lines += ["", "Failures: " + "; ".join(result.failure_examples)]
     if result.broken:
@@ -342,8 +429,15 @@ def main(argv: list[str] | None = None) -> int:
         print("The local stack is not up: starting it (recsys up).", flush=True)
         up(settings)
     bounds = Bounds(args.max_error_rate, args.max_rss_growth_mb)
-    result = soak(settings, duration_s=args.duration_s, users=args.users, think_s=args.think_s,
-                  warmup_s=args.warmup_s, policy=None if args.no_canary else LONG_POLICY, bounds=bounds)
+    result = soak(
+        settings,
+        duration_s=args.duration_s,
+        users=args.users,
+        think_s=args.think_s,
+        warmup_s=args.warmup_s,
+        policy=None if args.no_canary else LONG_POLICY,
+        bounds=bounds,
+    )
     table = render(result, bounds)
     out = args.out or settings.log_dir / "soak" / "soak.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,357 @@
+"""Postgres cut for 30 seconds while predictions flow: served anyway, logged exactly once, outage reported.
+
+The cheaper of the two set-ups the issue allows: one real `bentoml serve` (the canary) and the control
+plane's app and scheduled job in this process, all reaching a fresh Postgres database through a TCP proxy
+that the test cuts. The baseline and control are fake ready endpoints (their rows are inserted directly).
+Bound: 30 s outage at ~20 requests/s (about 800 requests); every one must be a 200.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import pytest
+from sqlalchemy import func, insert, select, text
+
+from control_plane import jobs, services
+from control_plane.analysis.types import Phase
+from control_plane.context import bootstrap
+from control_plane.db.engine import make_engine, migrate
+from control_plane.db.schema import decisions, labels, predictions
+from control_plane.settings import Settings
+from control_plane.traffic_ops import apply_assignment
+from control_plane.web import create_app
+from tests.conftest import PG_ADMIN_URL, free_port
+from tests.integration._tcp_proxy import TcpProxy
+from tests.integration.test_predlog_postgres import via_port
+
+pytestmark = pytest.mark.integration
+
+VENV_BIN = Path(sys.executable).parent
+OUTAGE_S = 30
+RATE_PER_S = 20
+FEATURES = [0.6, 1.2, 0.3, 1.6, 0.25, 28.0, 40.0, 4.2, 0.1, 0.4, 1.0, 0.5, -0.8, 0.0, 2.0, 1.0]
+INTERVAL_S = 5  # the schedule's interval for the evaluations this test runs by hand
+
+
+class _Ready(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+def wait_until(check, timeout_s: float, what: str, every_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
+        time.sleep(every_s)
+    return value
+
+
+class Traffic:
+    """Predictions at a steady rate from a few threads; remembers each answer."""
+
+    def __init__(self, url: str, rate_per_s: float, threads: int = 4) -> None:
+        self.url, self.period_s, self.threads = url, threads / rate_per_s, threads
+        self.answers: list[tuple[float, int, str]] = []  # (time, status, request id)
+        self._stop = threading.Event()
+        self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, i: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            due = time.monotonic() + i * self.period_s / self.threads
+            while not self._stop.is_set():
+                rid = f"outage-{uuid.uuid4().hex}"
+                try:
+                    status = client.post(
+                        "/predict",
+                        json={"features": FEATURES},
+                        headers={"x-request-id": rid, "x-recsys-route": "weighted"},
+                    ).status_code
+                except httpx.HTTPError:
+                    status = -1
+                self.answers.append((time.time(), status, rid))
+                due += self.period_s
+                time.sleep(max(0.0, due - time.monotonic()))
+
+    def __enter__(self) -> Traffic:
+        for w in self._workers:
+            w.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for w in self._workers:
+            w.join(15)
+
+
+@pytest.fixture(scope="module")
+def database():
+    """A brand-new Postgres database of this module's own, migrated, dropped at the end."""
+    from sqlalchemy import create_engine
+
+    name = f"recsys_outage_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    migrate(url)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name}
+        )
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, database, redis_url_module):
+    """Versions 1 (baseline) and 2 (canary) registered; v2 served by `bentoml serve`, all through the proxy."""
+    from training.train import train_and_register
+
+    work = tmp_path_factory.mktemp("outage")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    for profile in ("baseline", "better"):
+        train_and_register(
+            tracking_uri=uri,
+            artifact_location=str(work / "art"),
+            profile=profile,
+            n_rows=400,
+            iterations=20,
+            progress=False,
+        )
+    pg = urlsplit(database)
+    proxy = TcpProxy(free_port(), (pg.hostname, pg.port or 5432)).start()
+    via_proxy = via_port(database, proxy.port)
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(work / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "MLFLOW_TRACKING_URI": uri,
+        "RECSYS_STATE_DIR": str(work / "state"),
+        "DATABASE_URL": via_proxy,
+        "RECSYS_SPILL_DIR": str(work / "spill"),
+        "REDIS_URL": redis_url_module,
+    }
+    built = subprocess.run(
+        [str(VENV_BIN / "python"), "-m", "bentos.build", "--version", "2"],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    port = free_port()
+    log_path = work / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "bentoml"), "serve", "recsys:v2", "--port", str(port), "--host", "127.0.0.1"],
+            env=env,
+            cwd=work,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    fake = ThreadingHTTPServer(("127.0.0.1", 0), _Ready)
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    bento = f"http://127.0.0.1:{port}"
+    settings = Settings.from_env(
+        {**env, "RECSYS_BENTO_URLS": f"1=http://127.0.0.1:{fake.server_address[1]},2={bento}"}
+    )
+    ctx = bootstrap(settings)
+    ctx.drain_s = 0
+    try:
+
+        def ready():
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            try:
+                return httpx.get(f"{bento}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, 120, "bentoml serve ready")
+        ctx.registry.set_alias("baseline", 1)
+        apply_assignment(ctx, {"baseline": (1, 100)})
+        yield ctx, proxy, bento, work
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        fake.shutdown()
+        proxy.stop()
+        ctx.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def redis_url_module():
+    import redis
+
+    url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/8"
+    client = redis.Redis.from_url(url)
+    client.delete(jobs.UNRECORDED_TICKS_KEY)
+    yield url
+    client.delete(jobs.UNRECORDED_TICKS_KEY)
+    client.close()
+
+
+def baseline_rows(engine, n: int, rng) -> None:
+    """What the baseline's Bento would have logged at 50 % (it is a fake here), slow, with labels."""
+    now = time.time()
+    rows = [
+        {
+            "request_id": f"base-{uuid.uuid4().hex}",
+            "ts": now - rng.random(),
+            "model_version": 1,
+            "role": "baseline",
+            "route": "weighted",
+            "endpoint": "predict",
+            "features": None,
+            "score": float(rng.random()),
+            "latency_ms": 500 + rng.random(),
+            "status": 200,
+        }
+        for _ in range(n)
+    ]
+    with engine.begin() as conn:
+        conn.execute(insert(predictions), rows)
+        conn.execute(
+            insert(labels),
+            [{"request_id": r["request_id"], "label": int(rng.random() < 0.3), "ts": now} for r in rows],
+        )
+
+
+def canary_rows(engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(
+            select(func.count()).select_from(predictions).where(predictions.c.request_id.like("outage-%"))
+        ).scalar_one()
+
+
+def run_tick(monkeypatch, ctx) -> dict | None:
+    """The scheduled job as the worker runs it (the worker's context is this test's)."""
+    monkeypatch.setattr(jobs, "_ctx", ctx)
+    return jobs.evaluate_job(INTERVAL_S)
+
+
+def test_a_30_second_database_outage_under_load(world, database, monkeypatch):
+    ctx, proxy, bento, work = world
+    direct = make_engine(database)
+    app = create_app(ctx=ctx).test_client()
+    rng = np.random.default_rng(0)
+    policy = {"steps": [50], "step_min_duration_s": 3600, "p99_ratio": 10.0}  # holds: it never acts here
+    rollout = services.start_canary(ctx, 2, policy, actor="test")
+    with Traffic(bento, RATE_PER_S) as warmup:
+        time.sleep(3)
+    baseline_rows(direct, len(warmup.answers), rng)
+    wait_until(lambda: canary_rows(direct) >= len(warmup.answers), 20, "warm-up rows")
+    before = run_tick(monkeypatch, ctx)
+    assert before["action"] == "hold", before
+
+    with Traffic(bento, RATE_PER_S) as traffic:
+        time.sleep(5)
+        proxy.stop()
+        cut_at = time.time()
+        try:
+            # The control plane says so, naming the database but not its password.
+            ready = app.get("/readyz")
+            assert ready.status_code == 503 and "is not reachable" in ready.get_json()["error"]
+            assert urlsplit(database).password is None or urlsplit(database).password not in ready.get_data(
+                as_text=True
+            )
+            assert app.get("/api/rollouts").status_code == 503
+            # The scheduled evaluation during the outage decides nothing and is not lost.
+            outage_at = cut_at + 2 * INTERVAL_S
+            wait_until(lambda: time.time() >= outage_at, 3 * INTERVAL_S, "a tick inside the outage")
+            during = run_tick(monkeypatch, ctx)
+            outage_tick = during["tick"]
+            assert (
+                during
+                == {"tick": outage_tick, "action": "no_data", "recorded": False, "reason": during["reason"]}
+                and "database was unreachable" in during["reason"]
+            )
+            wait_until(lambda: any((work / "spill").glob("predlog-*.jsonl")), 10, "rows spilled to disk")
+            time.sleep(max(0.0, cut_at + OUTAGE_S - time.time()))
+        finally:
+            proxy.start()
+        restored_at = time.time()
+        time.sleep(5)
+    assert restored_at - cut_at >= OUTAGE_S
+
+    # Predictions kept being served: no added errors.
+    statuses = [s for _, s, _ in traffic.answers]
+    in_outage = [s for t, s, _ in traffic.answers if cut_at <= t < restored_at]
+    assert len(in_outage) >= OUTAGE_S * RATE_PER_S * 0.5, f"only {len(in_outage)} requests during the outage"
+    assert set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+
+    # Every 2xx prediction is exactly one row once the spill files are replayed; nothing else is.
+    assert {s for _, s, _ in warmup.answers} == {200}
+    served = {rid for _, s, rid in warmup.answers + traffic.answers if s == 200}
+
+    def rows_by_id():
+        with direct.connect() as conn:
+            return dict(
+                conn.execute(
+                    select(predictions.c.request_id, func.count())
+                    .where(predictions.c.request_id.like("outage-%"))
+                    .group_by(predictions.c.request_id)
+                ).all()
+            )
+
+    rows = wait_until(
+        lambda: (r := rows_by_id()) and set(r) >= served and r, 60, "every served row in Postgres"
+    )
+    assert set(rows) == served and set(rows.values()) == {1}
+    assert not any((work / "spill").glob("predlog-*.jsonl")), "spill files replayed and removed"
+    print(
+        f"\n{OUTAGE_S} s outage: {len(in_outage)} requests served during it, {len(statuses)} in all, "
+        f"0 errors; every row in Postgres {time.time() - restored_at:.1f} s after it ended"
+    )
+
+    # The control plane is ready again; the next tick records the outage's tick as "no data", then evaluates.
+    assert app.get("/readyz").status_code == 200
+    baseline_rows(direct, len(traffic.answers), rng)  # the baseline's half of the same traffic
+    after = run_tick(monkeypatch, ctx)
+    assert after is not None and after["action"] == "hold", after
+    with direct.connect() as conn:
+        ledger = [
+            dict(r._mapping)
+            for r in conn.execute(
+                select(decisions)
+                .where(decisions.c.rollout_id == rollout.id, decisions.c.tick.is_not(None))
+                .order_by(decisions.c.tick)
+            )
+        ]
+    by_tick = {d["tick"]: d for d in ledger}
+    assert len(by_tick) == len(ledger), "one row per tick"
+    gap = by_tick[outage_tick]
+    assert (
+        gap["action"] == "no_data"
+        and gap["actor"] == "scheduler"
+        and gap["phase_after"] == gap["phase_before"]
+    )
+    assert "database was unreachable" in gap["reason"] and gap["metrics"] == {} and gap["rules"] == []
+    assert "running_p_values" in gap["stats"], "the running p-values carry over the gap"
+    assert [d["action"] for d in ledger] == ["hold", "no_data", "hold"], [d["reason"] for d in ledger]
+    for prev, row in zip(ledger, ledger[1:], strict=False):  # ticks in between show as missed, not lost
+        assert (row["stats"] or {}).get("missed_ticks", 0) == (row["tick"] - prev["tick"]) // INTERVAL_S - 1
+    assert ctx.ledger.get(rollout.id).phase is Phase.PROGRESSING
+    services.rollback_now(ctx, rollout.id, actor="test")
+    direct.dispose()
