@@ -34,10 +34,10 @@ test-unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
 bench: $(STAMP)
-	$(PY) load/bench.py
+	$(PY) -m load.bench
 
 soak: $(STAMP)
-	$(PY) load/soak.py
+	$(PY) -m load.soak
 
 simulate: $(STAMP)
 	$(BIN)/recsys simulate

@@ -86,3 +86,20 @@ def cancel_timeout_timers() -> bool:
     __call__._recsys_cancels_timer = True
     cls.__call__ = __call__
     return True
+
+
+def die_with_parent() -> None:
+    """End this worker when its `bentoml serve` parent dies (Linux PR_SET_PDEATHSIG).
+
+    BentoML starts workers in their own process group, so a killed server left its worker behind,
+    holding the port, and supervisord's restart looped on "address already in use".
+    """
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (AttributeError, OSError):  # not Linux: nothing to do
+        return
+    if os.getppid() == 1:  # the parent died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -79,7 +79,9 @@ class Recsys:
     bento_model = bentoml.models.BentoModel(model_tag(ARGS.model_version, ARGS.model_name))
 
     def __init__(self) -> None:
-        from bentos.bentoml_fixes import cancel_timeout_timers
+        from bentos.bentoml_fixes import cancel_timeout_timers, die_with_parent
+
+        die_with_parent()
         from bentos.logs import use_json_logs
         from bentos.metrics import ServiceMetrics
         from bentos.model import CatBoostScorer

@@ -190,7 +190,7 @@ def wait_rows(engine, at_least: int, before: int, timeout_s: float = 15.0) -> in
         if (n >= at_least and n == last) or time.monotonic() > deadline:
             return n
         last = n
-        time.sleep(0.3)
+        time.sleep(0.2)
 
 
 # ---- the runs -----------------------------------------------------------------------------------
@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(f"work directory {workdir}; training and building three versions", flush=True)
         tags = prepare(workdir, env)
+        prepared_s = time.monotonic() - started
         bodies(workdir)
         db = create_database(stack, kind, workdir)
         print(
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in setups.values():  # warm up: imports, first requests, connection pools
             for w in ("predict.json", "recommend.json"):
                 path = "/predict" if w == "predict.json" else "/recommend"
-                run_wrk(s.url, 8, 2, LUA, path, str(workdir / w))
+                run_wrk(s.url, 8, 1, LUA, path, str(workdir / w))
 
         samples: list[Sample] = []
         for r in range(args.repeats):
@@ -414,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             "database": f"{kind} (a fresh database: {db.name})",
             "cores": os.cpu_count(),
             "load_average_end": os.getloadavg(),
+            "prepare_s": round(prepared_s, 1),
             "startup_s": round(ready_s, 1),
             "elapsed_s": round(elapsed, 1),
             "bentos": tags,

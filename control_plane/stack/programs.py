@@ -17,7 +17,9 @@ QUEUE = "recsys"
 
 def _env(settings: Settings, **extra: str) -> dict[str, str]:
     env = settings.to_env()
-    env["PATH"] = f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    path = os.environ.get("PATH", "/usr/bin:/bin")
+    # Prepend only once: a config that differs on every call would restart running Bentos on each deploy.
+    env["PATH"] = path if path.split(":")[0] == str(BIN) else f"{BIN}:{path}"
     env.update(extra)
     return env
 
@@ -86,7 +88,12 @@ def worker(settings: Settings) -> Program:
 
 
 def scheduler(settings: Settings) -> Program:
-    return _program(settings, "scheduler", [str(BIN / "rqscheduler"), "--url", settings.effective_redis_url, "--interval", "1"])
+    """rq-scheduler's loop, which also registers the periodic evaluation again after Redis comes back empty."""
+    return _program(
+        settings, "scheduler",
+        [sys.executable, "-m", "control_plane.jobs", "--url", settings.effective_redis_url,
+         "--interval-s", str(settings.eval_interval_s)],
+    )
 
 
 def prometheus(settings: Settings) -> Program | None:

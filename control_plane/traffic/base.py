@@ -59,6 +59,8 @@ def validate_weights(weights: Mapping[str, object]) -> dict[str, int]:
             )
         if value < 0:
             raise InvalidWeights(f"weight for {role!r} must not be negative, got {value}")
+        if value > 100:
+            raise InvalidWeights(f"weight for {role!r} must be at most 100 (a percentage), got {value}")
         clean[role] = value
     if not any(clean.values()):
         raise InvalidWeights("at least one role must have a positive weight; all are 0")

@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask, flash, g, jsonify, redirect, render_template, request, url_for
 from flask_wtf.csrf import CSRFError
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from control_plane.errors import RecsysError
@@ -34,7 +34,7 @@ def handle_error(exc: Exception):
         status, message = exc.code, exc.description
     elif isinstance(exc, RecsysError):
         status, message = exc.http_status, str(exc)
-    elif isinstance(exc, DBAPIError):
+    elif isinstance(exc, OperationalError | InterfaceError):  # the database is unreachable, not the input bad
         log.warning("database error", extra={"error": exc.__class__.__name__, "path": request.path})
         status, message = 503, "the database is unavailable; try again shortly"
     else:
