@@ -129,7 +129,8 @@ def markdown(summary: dict, mem: dict, bento_mem: dict, meta: dict) -> str:
         "",
         f"Medians of {meta['repeats']} wrk runs of {meta['duration_s']:g} s per cell (wrk: one thread, on the same "
         f"{meta['cores']} cores as the servers); setups alternated run by run. Prediction log: {meta['database']}. "
-        f"Load average at the end: {meta['load_average_end'][0]:.1f}. Total time {meta['elapsed_s']:.0f} s.",
+        f"Load average at the end: {meta['load_average_end'][0]:.1f}. Total time {meta['elapsed_s']:.0f} s. "
+        "What the columns mean and which settings these numbers led to: docs/performance.md.",
         "",
         "| workload | setup | req/s | p50 ms | p99 ms | ×peer-1w req/s | ×peer-2w req/s | ×peer-1w p99 "
         "| ×peer-2w p99 | CPU µs/req | of which Traefik | DB CPU µs/req | errors | rows / 2xx |",

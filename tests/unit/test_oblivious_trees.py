@@ -17,7 +17,9 @@ def model():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(600, 16))
     y = (X[:, 0] + 0.5 * X[:, 3] - X[:, 7] + rng.normal(scale=0.5, size=600) > 0).astype(int)
-    m = catboost.CatBoostClassifier(iterations=60, depth=5, verbose=False, thread_count=1, random_seed=0)
+    m = catboost.CatBoostClassifier(
+        iterations=60, depth=5, verbose=False, thread_count=1, random_seed=0, allow_writing_files=False
+    )
     return m.fit(X, y)
 
 
@@ -47,7 +49,9 @@ def test_a_row_with_nan_is_left_to_catboost(model):
 def test_a_model_with_categorical_features_is_scored_by_catboost():
     X = [["a", 1.0], ["b", 2.0], ["a", 3.0], ["b", 0.5]] * 20
     y = [0, 1, 0, 1] * 20
-    m = catboost.CatBoostClassifier(iterations=5, verbose=False, cat_features=[0]).fit(X, y)
+    m = catboost.CatBoostClassifier(
+        iterations=5, verbose=False, cat_features=[0], allow_writing_files=False
+    ).fit(X, y)
     assert ObliviousTrees.checked(m) is None
     assert CatBoostScorer(m)._trees is None
 
