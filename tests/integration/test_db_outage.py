@@ -21,17 +21,17 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import func, insert, select
 
 from control_plane import jobs, services
 from control_plane.analysis.types import Phase
 from control_plane.context import bootstrap
-from control_plane.db.engine import make_engine, migrate
+from control_plane.db.engine import make_engine
 from control_plane.db.schema import decisions, labels, predictions
 from control_plane.settings import Settings
 from control_plane.traffic_ops import apply_assignment
 from control_plane.web import create_app
-from tests.conftest import PG_ADMIN_URL, free_port
+from tests.conftest import free_port, fresh_database
 from tests.integration._tcp_proxy import TcpProxy
 from tests.integration.test_predlog_postgres import via_port
 
@@ -103,21 +103,8 @@ class Traffic:
 @pytest.fixture(scope="module")
 def database():
     """A brand-new Postgres database of this module's own, migrated, dropped at the end."""
-    from sqlalchemy import create_engine
-
-    name = f"recsys_outage_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    migrate(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(
-            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name}
-        )
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
+    with fresh_database("recsys_outage") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
