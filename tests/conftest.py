@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import urllib.parse
 import uuid
 
 import pytest
@@ -21,6 +22,25 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def post_large(url: str, body: bytes, headers: dict | None = None, timeout: float = 10) -> int:
+    """The status for a large POST body sent as careful clients send one: `Expect: 100-continue` first.
+
+    A server that refuses a body by its length answers at once and closes; a client that pushes
+    the whole body first may see only a broken pipe instead of that answer.
+    """
+    parts = urllib.parse.urlsplit(url)
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        sock.sendall((f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n{extra}"
+                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                      "Expect: 100-continue\r\nConnection: close\r\n\r\n").encode())
+        status = int(sock.recv(65536).split(b" ", 2)[1])
+        if status == 100:
+            sock.sendall(body)
+            status = int(sock.recv(65536).split(b" ", 2)[1])
+        return status
+
+
 def fresh_database(prefix: str = "recsys_test"):
     """A brand-new Postgres database, migrated to head; dropped (its sessions ended) on exit."""
     from sqlalchemy import create_engine, text

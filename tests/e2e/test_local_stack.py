@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from control_plane.db.engine import make_engine
 from control_plane.db.schema import labels, predictions
+from tests.conftest import post_large
 
 pytestmark = pytest.mark.e2e
 FEATURES = [0.1 * i for i in range(16)]
@@ -123,8 +124,7 @@ def test_bad_input_through_the_gateway_gets_a_4xx_with_a_message(stack):
     status, _, answer = stack.post(f"{stack.gateway}/recommend", {"candidates": [], "k": 1})
     assert 400 <= status < 500
     big = {"features": FEATURES, "pad": "x" * (stack.settings().max_body_bytes + 10)}
-    status, _, _ = stack.post(f"{stack.gateway}/predict", big)
-    assert status == 413
+    assert post_large(f"{stack.gateway}/predict", json.dumps(big).encode()) == 413
 
 
 def test_one_request_id_follows_a_request_from_the_gateway_to_its_label(stack):
