@@ -83,9 +83,16 @@ def _numbers(
     err = guardrails.rate_tests(
         c.errors, c.requests, b.errors, b.requests, policy.error_margin, a, policy.planned_n
     )
-    err_lower, err_upper = guardrails.rate_bounds(c.errors, c.requests, b.errors, b.requests, err["tau2"], a)
+    err_lower, err_upper = guardrails.rate_bounds(
+        c.errors, c.requests, b.errors, b.requests, err["tau2"], a, policy.harm_alpha
+    )
     lat = guardrails.p99_ratio(
-        np.asarray(c.latencies_ms), np.asarray(b.latencies_ms), a, policy.planned_n, policy.harm_expected_n
+        np.asarray(c.latencies_ms),
+        np.asarray(b.latencies_ms),
+        a,
+        policy.planned_n,
+        policy.harm_expected_n,
+        harm_alpha=policy.harm_alpha,
     )
     step_obs = {r: arm.step_requests for r, arm in obs.arms.items()}
     srm_check = srm.srm_check(step_obs, obs.step_weights, policy.planned_n, policy.srm_p)
@@ -285,8 +292,8 @@ def _rules(policy: Policy, n: dict, st: dict) -> tuple[RuleOutcome, ...]:
             RuleOutcome(
                 "error_harm",
                 err["p_harm"],
-                a,
-                (err["p_harm"] > a) if reqs else None,
+                policy.harm_alpha,
+                (err["p_harm"] > policy.harm_alpha) if reqs else None,
                 f"always-valid p that errors exceed the margin; lower bound {_pts(n['err_lower'])}",
             ),
             RuleOutcome(

@@ -70,14 +70,16 @@ def rate_tests(
 
 
 def rate_bounds(
-    x_c: Array, n_c: Array, x_b: Array, n_b: Array, tau2: Array, alpha: float
+    x_c: Array, n_c: Array, x_b: Array, n_b: Array, tau2: Array, alpha: float, harm_alpha: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The always-valid lower (harm) and upper (non-inferiority) bounds on the difference matching `rate_tests`."""
+    """The always-valid lower (harm, at harm_alpha) and upper (non-inferiority, at alpha) bounds on the
+    difference, matching `rate_tests`."""
     x_c, n_c, x_b, n_b, rc, rb = _rates(x_c, n_c, x_b, n_b)
     target = np.log(1.0 / alpha)
+    harm_target = np.log(1.0 / (alpha if harm_alpha is None else harm_alpha))
 
     def harm(theta0: np.ndarray) -> np.ndarray:
-        return log_rate_evidence(x_c, n_c, rb + theta0) >= target
+        return log_rate_evidence(x_c, n_c, rb + theta0) >= harm_target
 
     def noninferior(theta0: np.ndarray) -> np.ndarray:
         v0 = restricted_variance(x_b, n_b, n_c, theta0)
@@ -145,10 +147,13 @@ def p99_ratio(
     expected_n: float,
     harm_expected_n: float,
     q: float = 0.99,
+    harm_alpha: float | None = None,
 ) -> dict[str, float]:
-    """Canary/baseline p99 with an always-valid lower bound (for harm) and upper bound (for non-inferiority)."""
-    p_c, lo_c_h, _ = quantile_bounds(lat_c, q, alpha / 2, harm_expected_n)
-    p_b, _, hi_b_h = quantile_bounds(lat_b, q, alpha / 2, harm_expected_n)
+    """Canary/baseline p99 with an always-valid lower bound (for harm, at harm_alpha) and upper bound (for
+    non-inferiority, at alpha)."""
+    ha = alpha if harm_alpha is None else harm_alpha
+    p_c, lo_c_h, _ = quantile_bounds(lat_c, q, ha / 2, harm_expected_n)
+    p_b, _, hi_b_h = quantile_bounds(lat_b, q, ha / 2, harm_expected_n)
     _, _, hi_c = quantile_bounds(lat_c, q, alpha / 2, expected_n)
     _, lo_b, _ = quantile_bounds(lat_b, q, alpha / 2, expected_n)
     lower, _ = ratio_bounds(lo_c_h, 0.0, 1.0, hi_b_h)

@@ -76,6 +76,7 @@ SCENARIOS = (
     Scenario("accuracy +4 pts", lift=0.04),
     Scenario("+3 pts but errors +1 pt", lift=0.03, error_diff=0.01),
     Scenario("+3 pts but p99 x1.10", lift=0.03, latency_ratio=1.10),
+    Scenario("errors +0.5 pt (at margin)", error_diff=0.005),
     Scenario("errors +5 pts", error_diff=0.05),
     Scenario("p99 x1.30", latency_ratio=1.30),
     Scenario("SRM: A/A, 5% of canary requests lost", srm_loss=0.05),
@@ -242,9 +243,9 @@ def _evidence(
     p99 = {a: grid.p99(*lat[a]) for a in "cb"}
     n_lat = {a: (lat[a][0] + lat[a][1].sum(axis=1)).astype(float) for a in "cb"}
     if policy.name == "sequential":
-        a = policy.alpha / 2
-        lo_c, _ = grid.bounds(*lat["c"], a, policy.harm_expected_n)
-        _, hi_b = grid.bounds(*lat["b"], a, policy.harm_expected_n)
+        a, ha = policy.alpha / 2, policy.harm_alpha / 2
+        lo_c, _ = grid.bounds(*lat["c"], ha, policy.harm_expected_n)
+        _, hi_b = grid.bounds(*lat["b"], ha, policy.harm_expected_n)
         _, hi_c = grid.bounds(*lat["c"], a, policy.planned_n)
         lo_b, _ = grid.bounds(*lat["b"], a, policy.planned_n)
         lower, _ = guardrails.ratio_bounds(lo_c, 0.0, 1.0, hi_b)
@@ -351,6 +352,12 @@ def table(policy: Policy, rows: list[dict]) -> str:
         lines.append(
             f"- errors +5 pts rolled back within two evaluations: {_fmt(r['rollback_within_2'])} "
             f"(within three: {_fmt(r['rollback_within_3'])})"
+        )
+    if "errors +0.5 pt (at margin)" in by:
+        r = by["errors +0.5 pt (at margin)"]
+        bound = f" (the harm test's bound: {_fmt(policy.harm_alpha)})" if policy.name == "sequential" else ""
+        lines.append(
+            f"- errors +0.5 pt (at the margin, not harm): rolled back for errors {_fmt(r['false_rollback'])}{bound}"
         )
     for r in rows:
         if r["scenario"].startswith("SRM"):

@@ -303,6 +303,7 @@ def test_policy_round_trips_through_a_dict():
         ({"steps": []}, "steps"),
         ({"steps": "10,25"}, "steps"),
         ({"alpha": 0.7}, "alpha"),
+        ({"harm_alpha": 0}, "harm_alpha"),
         ({"p99_ratio": 0.9}, "p99_ratio"),
         ({"min_labelled_per_arm": 0}, "min_labelled_per_arm"),
         ({"min_latency_samples": 20}, "min_latency_samples"),
@@ -329,3 +330,15 @@ def test_sample_sizes_come_from_a_power_calculation():
 def test_window_starts_at_the_rollout_for_sequential_and_rolls_for_threshold():
     assert SEQ.window_start(100.0, 10_000.0) == 100.0
     assert THR.window_start(100.0, 10_000.0) == 10_000.0 - THR.window_s
+
+
+def test_errors_roll_back_at_the_harm_alpha_not_the_promotion_alpha():
+    # 8 errors in 240 canary requests against 0.5% on the baseline: always-valid p of harm is about 0.05
+    obs = observations(arm(240, 0.78, error_rate=8 / 240), arm(2_160, 0.78), 10, now=120.0)
+    st = state(step=0, step_started=0.0)
+    d = decide(st, obs, SEQ)
+    assert d.action is Action.ROLLBACK and "confidently worse" in d.reason, d.reason
+    rule = {r.name: r for r in d.rules}["error_harm"]
+    assert SEQ.alpha < rule.value <= SEQ.harm_alpha == rule.threshold and rule.passed is False
+    strict = decide(st, obs, dataclasses.replace(SEQ, harm_alpha=SEQ.alpha))
+    assert strict.action is not Action.ROLLBACK, strict.reason

@@ -54,6 +54,23 @@ def test_rate_bounds_agree_with_the_tests(errors_c, requests_c):
     assert float(lower) <= float(out["diff"]) <= float(upper)
 
 
+@pytest.mark.parametrize("errors_c", [7, 8, 9, 10])
+def test_the_harm_bound_follows_harm_alpha_and_the_noninferiority_bound_alpha(errors_c):
+    out = g.rate_tests(errors_c, 240, 270, 54_000, 0.005, 0.05, 20_000)
+    lower, upper = g.rate_bounds(errors_c, 240, 270, 54_000, out["tau2"], 0.05, harm_alpha=0.1)
+    _, same_upper = g.rate_bounds(errors_c, 240, 270, 54_000, out["tau2"], 0.05)
+    assert (float(lower) > 0.005) == (float(out["p_harm"]) <= 0.1)
+    assert float(upper) == pytest.approx(float(same_upper))
+
+
+def test_a_looser_harm_alpha_gives_a_higher_p99_lower_bound():
+    rng = np.random.default_rng(2)
+    base = rng.lognormal(3.0, 0.4, 2_000)
+    strict = g.p99_ratio(base * 1.2, base, 0.05, 20_000, 500)
+    loose = g.p99_ratio(base * 1.2, base, 0.05, 20_000, 500, harm_alpha=0.2)
+    assert loose["lower"] >= strict["lower"] and loose["upper"] == strict["upper"]
+
+
 def test_quantile_ranks_approach_the_binomial_interval_and_are_wider():
     n, q = 100_000, 0.99
     lo, hi = g.quantile_ranks(n, q, 0.025, 100_000)
