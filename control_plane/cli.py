@@ -107,14 +107,22 @@ def cmd_canary(args) -> int:
         return 0
     rollout = ctx.ledger.active() if args.rollout is None else ctx.ledger.get(args.rollout)
     if args.action == "status":
-        _print({"rollout": rollout.to_dict() if rollout else None,
-                "decisions": ctx.ledger.decisions(rollout.id, limit=5) if rollout else []})
+        _print(
+            {
+                "rollout": rollout.to_dict() if rollout else None,
+                "decisions": ctx.ledger.decisions(rollout.id, limit=5) if rollout else [],
+            }
+        )
         return 0
     if rollout is None:
         print("No rollout is running.", file=sys.stderr)
         return 1
-    fn = {"pause": services.pause, "resume": services.resume, "promote": services.promote_now,
-          "rollback": services.rollback_now}[args.action]
+    fn = {
+        "pause": services.pause,
+        "resume": services.resume,
+        "promote": services.promote_now,
+        "rollback": services.rollback_now,
+    }[args.action]
     _print(fn(ctx, rollout.id, actor="cli").to_dict())
     return 0
 
@@ -165,9 +173,13 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="recsys", description="Serve model versions side by side; canary them safely.")
+    p = argparse.ArgumentParser(
+        prog="recsys", description="Serve model versions side by side; canary them safely."
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start the local stack (trains and builds on first run)").set_defaults(fn=cmd_up)
+    sub.add_parser("up", help="start the local stack (trains and builds on first run)").set_defaults(
+        fn=cmd_up
+    )
     sub.add_parser("down", help="stop the local stack").set_defaults(fn=cmd_down)
     s = sub.add_parser("status", help="processes, versions, roles, weights, health")
     s.add_argument("--json", action="store_true")
@@ -197,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_weights)
     sub.add_parser("evaluate", help="evaluate the active rollout now").set_defaults(fn=cmd_evaluate)
     sub.add_parser("migrate", help="bring the database schema up to date").set_defaults(fn=cmd_migrate)
-    for name, fn, help_ in (("simulate", cmd_simulate, "replay both policies on synthetic streams"),
-                            ("demo", cmd_demo, "the whole story: a better canary promoted, a worse one rolled back")):
+    for name, fn, help_ in (
+        ("simulate", cmd_simulate, "replay both policies on synthetic streams"),
+        ("demo", cmd_demo, "the whole story: a better canary promoted, a worse one rolled back"),
+    ):
         s = sub.add_parser(name, help=help_, add_help=False)
         s.add_argument("rest", nargs=argparse.REMAINDER)
         s.set_defaults(fn=fn)

@@ -104,7 +104,9 @@ class LabelSink:
             for path in sorted(self.spill_path.parent.glob("labels-*.jsonl")):
                 rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
                 for ts in sorted({r["ts"] for r in rows}):
-                    record_labels(self.engine, [(r["request_id"], r["label"]) for r in rows if r["ts"] == ts], ts)
+                    record_labels(
+                        self.engine, [(r["request_id"], r["label"]) for r in rows if r["ts"] == ts], ts
+                    )
                 path.unlink()
                 done += len(rows)
         return done

@@ -141,7 +141,9 @@ def summarize(arm: ArmObservation) -> dict:
     }
 
 
-def timeseries(conn: Connection, *, since: float, now: float, bucket_s: int, label_window_s: float) -> list[dict]:
+def timeseries(
+    conn: Connection, *, since: float, now: float, bucket_s: int, label_window_s: float
+) -> list[dict]:
     """Per time bucket and logged role: request rate, error rate, p99 latency and accuracy (for charts)."""
     p, lab = predictions, labels
     bucket = func.floor(p.c.ts / bucket_s).label("bucket")
@@ -178,4 +180,6 @@ def timeseries(conn: Connection, *, since: float, now: float, bucket_s: int, lab
 
 
 def prediction_count(conn: Connection, *, since: float = 0.0) -> int:
-    return int(conn.execute(select(func.count()).select_from(predictions).where(predictions.c.ts >= since)).scalar())
+    return int(
+        conn.execute(select(func.count()).select_from(predictions).where(predictions.c.ts >= since)).scalar()
+    )

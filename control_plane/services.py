@@ -119,8 +119,12 @@ def deploy_role(ctx: Context, version: int, role: str, actor: str) -> dict[str, 
     assignment = ctx.traffic_store.load()
     replaced, weight = assignment.get(role, (None, 0))
     others = {r: a for r, a in assignment.items() if r != role}
-    apply_assignment(ctx, {**others, role: (version, 0)} if any(w for _, w in others.values()) else
-                     {**others, role: (version, weight)})
+    apply_assignment(
+        ctx,
+        {**others, role: (version, 0)}
+        if any(w for _, w in others.values())
+        else {**others, role: (version, weight)},
+    )
     ctx.registry.set_alias(role, version)
     apply_assignment(ctx, {**others, role: (version, weight)})
     if replaced not in (None, version):
@@ -160,7 +164,13 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
     try:
         ctx.deployer.deploy(version)  # raises DeployFailed: the canary never gets weight
     except Exception as exc:
-        _finish(ctx, ctx.ledger.get(rollout_id), Phase.ROLLED_BACK, f"canary {version} failed to start: {exc}", actor)
+        _finish(
+            ctx,
+            ctx.ledger.get(rollout_id),
+            Phase.ROLLED_BACK,
+            f"canary {version} failed to start: {exc}",
+            actor,
+        )
         raise
     previous_canary = assignment.get("canary", (None, 0))[0]
     control_version, control_weight = assignment.get("control", (None, 0))
@@ -176,11 +186,23 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
     ctx.registry.set_alias("canary", version)
     with ctx.engine.begin() as conn:
         ctx.ledger.update(
-            conn, rollout_id, phase=Phase.PROGRESSING, canary_weight=weights["canary"],
+            conn,
+            rollout_id,
+            phase=Phase.PROGRESSING,
+            canary_weight=weights["canary"],
             step_started_at=ctx.clock() + SETTLE_S,
         )
-        _record(ctx, conn, ctx.ledger.get(rollout_id, conn), Phase.PENDING, Phase.PROGRESSING, "start",
-                actor, f"canary {version} deployed at {weights['canary']}% under policy {pol.name}", weights["canary"])
+        _record(
+            ctx,
+            conn,
+            ctx.ledger.get(rollout_id, conn),
+            Phase.PENDING,
+            Phase.PROGRESSING,
+            "start",
+            actor,
+            f"canary {version} deployed at {weights['canary']}% under policy {pol.name}",
+            weights["canary"],
+        )
     if previous_canary not in (None, version, baseline_version, control_version):
         _retire(ctx, previous_canary)
     return ctx.ledger.get(rollout_id)
@@ -257,10 +279,18 @@ def record_unreachable_tick(
     if last_tick is not None and tick <= last_tick:
         return None  # recorded already
     decision = _carry_running_p(
-        Decision(Action.NO_DATA, f"{reason}; recorded when it answered again", rollout.canary_weight), running_p
+        Decision(Action.NO_DATA, f"{reason}; recorded when it answered again", rollout.canary_weight),
+        running_p,
     )
-    return _act(ctx, rollout, decision, Policy.from_dict(rollout.policy_params), actor, tick=tick,
-                missed_ticks=_missed_ticks(tick, last_tick, step))
+    return _act(
+        ctx,
+        rollout,
+        decision,
+        Policy.from_dict(rollout.policy_params),
+        actor,
+        tick=tick,
+        missed_ticks=_missed_ticks(tick, last_tick, step),
+    )
 
 
 def _missed_ticks(tick: int | None, last_tick: int | None, step: int) -> int:
@@ -287,10 +317,22 @@ def _switch(ctx: Context, rollout_id: int, before: Phase, after: Phase, action: 
     """An operator's phase change with its ledger row, refused unless the rollout is in `before`."""
     rollout = ctx.ledger.get(rollout_id)
     if rollout.phase is not before:
-        raise RolloutConflict(f"rollout {rollout_id} is {rollout.phase}; only a {before} rollout can {action}")
+        raise RolloutConflict(
+            f"rollout {rollout_id} is {rollout.phase}; only a {before} rollout can {action}"
+        )
     with ctx.engine.begin() as conn:
         ctx.ledger.update(conn, rollout_id, phase=after)
-        _record(ctx, conn, rollout, before, after, action, actor, f"{action}d by an operator", rollout.canary_weight)
+        _record(
+            ctx,
+            conn,
+            rollout,
+            before,
+            after,
+            action,
+            actor,
+            f"{action}d by an operator",
+            rollout.canary_weight,
+        )
     return ctx.ledger.get(rollout_id)
 
 
@@ -362,8 +404,17 @@ def _target(ctx: Context, rollout: Rollout, decision: Decision, policy: Policy) 
     return None
 
 
-def _act(ctx: Context, rollout: Rollout, decision: Decision, policy: Policy, actor: str, *, tick=None,
-         obs=None, missed_ticks: int = 0) -> dict[str, Any] | None:
+def _act(
+    ctx: Context,
+    rollout: Rollout,
+    decision: Decision,
+    policy: Policy,
+    actor: str,
+    *,
+    tick=None,
+    obs=None,
+    missed_ticks: int = 0,
+) -> dict[str, Any] | None:
     """Record the decision and the intended action in one transaction, then apply it, then clear it."""
     target = _target(ctx, rollout, decision, policy)
     new_phase = TERMINAL_FOR.get(decision.action, rollout.phase)
@@ -379,20 +430,40 @@ def _act(ctx: Context, rollout: Rollout, decision: Decision, policy: Policy, act
     if new_phase.terminal:
         updates["ended_at"] = now
         updates["reason"] = decision.reason
-    reason = decision.reason + (f" ({missed_ticks} scheduled evaluations were missed before this one)"
-                                if missed_ticks else "")
+    reason = decision.reason + (
+        f" ({missed_ticks} scheduled evaluations were missed before this one)" if missed_ticks else ""
+    )
     try:
         with ctx.engine.begin() as conn:
-            _record(ctx, conn, rollout, rollout.phase, new_phase, str(decision.action), actor, reason,
-                    updates.get("canary_weight", rollout.canary_weight), tick=tick, decision=decision, obs=obs,
-                    missed_ticks=missed_ticks)
+            _record(
+                ctx,
+                conn,
+                rollout,
+                rollout.phase,
+                new_phase,
+                str(decision.action),
+                actor,
+                reason,
+                updates.get("canary_weight", rollout.canary_weight),
+                tick=tick,
+                decision=decision,
+                obs=obs,
+                missed_ticks=missed_ticks,
+            )
             ctx.ledger.update(conn, rollout.id, **updates)
     except IntegrityError:
         return None  # this tick was already recorded by another run
     if target is not None:
         _apply(ctx, ctx.ledger.get(rollout.id), updates["pending_action"])
-        ctx.ledger.clear_pending(rollout.id, step_started_at=ctx.clock() + SETTLE_S if "step_started_at" in updates else None)
-    return {"rollout_id": rollout.id, "action": str(decision.action), "phase": str(new_phase), "reason": reason}
+        ctx.ledger.clear_pending(
+            rollout.id, step_started_at=ctx.clock() + SETTLE_S if "step_started_at" in updates else None
+        )
+    return {
+        "rollout_id": rollout.id,
+        "action": str(decision.action),
+        "phase": str(new_phase),
+        "reason": reason,
+    }
 
 
 def _apply(ctx: Context, rollout: Rollout, action: dict[str, Any]) -> None:
@@ -401,19 +472,36 @@ def _apply(ctx: Context, rollout: Rollout, action: dict[str, Any]) -> None:
     control = assignment.get("control", (None, 0))[0]
     w = action["weights"]
     if action["kind"] == "weights":
-        apply_assignment(ctx, {"baseline": (rollout.baseline_version, w["baseline"]),
-                               "canary": (rollout.candidate_version, w["canary"]),
-                               "control": (control, w["control"])})
+        apply_assignment(
+            ctx,
+            {
+                "baseline": (rollout.baseline_version, w["baseline"]),
+                "canary": (rollout.candidate_version, w["canary"]),
+                "control": (control, w["control"]),
+            },
+        )
     elif action["kind"] == "promote":
-        apply_assignment(ctx, {"baseline": (rollout.candidate_version, w["baseline"]),
-                               "canary": (None, 0), "control": (control, w["control"])})
+        apply_assignment(
+            ctx,
+            {
+                "baseline": (rollout.candidate_version, w["baseline"]),
+                "canary": (None, 0),
+                "control": (control, w["control"]),
+            },
+        )
         _fault_point("AFTER_TRAFFIC_WRITE")
         ctx.registry.promote(rollout.candidate_version)
         if rollout.baseline_version not in (None, rollout.candidate_version, control):
             _retire(ctx, rollout.baseline_version, archive=False)
     elif action["kind"] == "retire_canary":
-        apply_assignment(ctx, {"baseline": (rollout.baseline_version, w["baseline"]),
-                               "canary": (None, 0), "control": (control, w["control"])})
+        apply_assignment(
+            ctx,
+            {
+                "baseline": (rollout.baseline_version, w["baseline"]),
+                "canary": (None, 0),
+                "control": (control, w["control"]),
+            },
+        )
         _fault_point("AFTER_TRAFFIC_WRITE")
         if ctx.registry.version_for("canary") == rollout.candidate_version:
             ctx.registry.remove_alias("canary")
@@ -444,8 +532,17 @@ def _complete_pending(ctx: Context, rollout: Rollout) -> None:
     _apply(ctx, rollout, rollout.pending_action)
     ctx.ledger.clear_pending(rollout.id)
     with ctx.engine.begin() as conn:
-        _record(ctx, conn, rollout, rollout.phase, rollout.phase, "recover", "recovery",
-                f"completed the half-applied {rollout.pending_action['kind']} action", rollout.canary_weight)
+        _record(
+            ctx,
+            conn,
+            rollout,
+            rollout.phase,
+            rollout.phase,
+            "recover",
+            "recovery",
+            f"completed the half-applied {rollout.pending_action['kind']} action",
+            rollout.canary_weight,
+        )
 
 
 def _retire(ctx: Context, version: int, archive: bool = True) -> None:
@@ -465,18 +562,45 @@ def _finish(ctx: Context, rollout: Rollout, phase: Phase, reason: str, actor: st
         _record(ctx, conn, rollout, rollout.phase, phase, "rollback", actor, reason, 0)
 
 
-def _record(ctx: Context, conn, rollout: Rollout, before: Phase, after: Phase, action: str, actor: str,
-            reason: str, canary_weight: int, *, tick=None, decision: Decision | None = None, obs=None,
-            missed_ticks: int = 0) -> int:
+def _record(
+    ctx: Context,
+    conn,
+    rollout: Rollout,
+    before: Phase,
+    after: Phase,
+    action: str,
+    actor: str,
+    reason: str,
+    canary_weight: int,
+    *,
+    tick=None,
+    decision: Decision | None = None,
+    obs=None,
+    missed_ticks: int = 0,
+) -> int:
     arms = {} if obs is None else {r: queries.summarize(a) for r, a in obs.arms.items()}
-    sizes = {} if obs is None else {
-        r: {"requests": a.requests, "labelled": a.labelled, "step_requests": a.step_requests}
-        for r, a in obs.arms.items()
-    }
-    rules = [] if decision is None else [
-        {"name": r.name, "value": r.value, "threshold": r.threshold, "passed": r.passed, "detail": r.detail}
-        for r in decision.rules
-    ]
+    sizes = (
+        {}
+        if obs is None
+        else {
+            r: {"requests": a.requests, "labelled": a.labelled, "step_requests": a.step_requests}
+            for r, a in obs.arms.items()
+        }
+    )
+    rules = (
+        []
+        if decision is None
+        else [
+            {
+                "name": r.name,
+                "value": r.value,
+                "threshold": r.threshold,
+                "passed": r.passed,
+                "detail": r.detail,
+            }
+            for r in decision.rules
+        ]
+    )
     stats = dict(decision.stats) if decision is not None else {}
     if missed_ticks:
         stats["missed_ticks"] = missed_ticks

@@ -20,7 +20,9 @@ def parse_weights(text: str) -> dict[str, int]:
         try:
             weights[role.strip()] = int(value)
         except ValueError:
-            raise ValueError(f"TRAFFIC_WEIGHTS weight for {role.strip()!r} is not an integer: {value!r}") from None
+            raise ValueError(
+                f"TRAFFIC_WEIGHTS weight for {role.strip()!r} is not an integer: {value!r}"
+            ) from None
     return weights
 
 

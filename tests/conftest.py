@@ -31,9 +31,13 @@ def post_large(url: str, body: bytes, headers: dict | None = None, timeout: floa
     parts = urllib.parse.urlsplit(url)
     extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
-        sock.sendall((f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n{extra}"
-                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                      "Expect: 100-continue\r\nConnection: close\r\n\r\n").encode())
+        sock.sendall(
+            (
+                f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n{extra}"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Expect: 100-continue\r\nConnection: close\r\n\r\n"
+            ).encode()
+        )
         status = int(sock.recv(65536).split(b" ", 2)[1])
         if status == 100:
             sock.sendall(body)
@@ -80,7 +84,9 @@ def pg_engine(pg_url):
 
     engine = make_engine(pg_url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE predictions, labels, traffic_config, decisions, rollouts RESTART IDENTITY CASCADE"))
+        conn.execute(
+            text("TRUNCATE predictions, labels, traffic_config, decisions, rollouts RESTART IDENTITY CASCADE")
+        )
     yield engine
     engine.dispose()
 

@@ -28,7 +28,9 @@ def is_ready(url: str, timeout_s: float = 2.0) -> bool:
 class LocalDeployer:
     """Builds the version's Bento if needed, runs it under supervisord, waits for /readyz."""
 
-    def __init__(self, settings: Settings, supervisor: Supervisor | None = None, ready_timeout_s: float = 180):
+    def __init__(
+        self, settings: Settings, supervisor: Supervisor | None = None, ready_timeout_s: float = 180
+    ):
         self.settings = settings
         self.supervisor = supervisor or Supervisor(settings.state_dir)
         self.ready_timeout_s = ready_timeout_s
@@ -66,7 +68,9 @@ class LocalDeployer:
         while not is_ready(url):
             if time.monotonic() > deadline:
                 self.undeploy(version)
-                raise DeployFailed(f"version {version} did not answer {url}/readyz within {self.ready_timeout_s:.0f} s")
+                raise DeployFailed(
+                    f"version {version} did not answer {url}/readyz within {self.ready_timeout_s:.0f} s"
+                )
             time.sleep(0.5)
         log.info("deployed", extra={"version": version, "url": url})
         return url

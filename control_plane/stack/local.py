@@ -114,8 +114,12 @@ def up(settings: Settings) -> None:
 
     sup = Supervisor(settings.state_dir)
     sup.start()
-    base = [programs.traefik(settings), programs.control_plane(settings), programs.worker(settings),
-            programs.scheduler(settings)]
+    base = [
+        programs.traefik(settings),
+        programs.control_plane(settings),
+        programs.worker(settings),
+        programs.scheduler(settings),
+    ]
     if not settings.redis_url:
         base.insert(0, programs.redis(settings))
     if settings.mlflow_tracking_uri.startswith("sqlite"):
@@ -179,8 +183,10 @@ def status(settings: Settings) -> dict:
     procs = sup.processes()
     out: dict = {
         "running": bool(procs),
-        "processes": {n: {"state": p["statename"], "pid": p["pid"], "description": p["description"]}
-                      for n, p in sorted(procs.items())},
+        "processes": {
+            n: {"state": p["statename"], "pid": p["pid"], "description": p["description"]}
+            for n, p in sorted(procs.items())
+        },
         "versions": [],
     }
     if procs:
@@ -190,8 +196,13 @@ def status(settings: Settings) -> dict:
         for role, (version, weight) in sorted(ctx.traffic_store.load().items()):
             url = f"http://{settings.bind_host}:{programs.bento_port(settings, version)}" if version else None
             out["versions"].append(
-                {"role": role, "version": version, "weight": weight,
-                 "healthy": bool(url and is_ready(url)), "url": url}
+                {
+                    "role": role,
+                    "version": version,
+                    "weight": weight,
+                    "healthy": bool(url and is_ready(url)),
+                    "url": url,
+                }
             )
         ctx.engine.dispose()
     return out

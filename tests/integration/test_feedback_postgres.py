@@ -54,11 +54,23 @@ def test_a_label_that_arrives_before_its_prediction_is_matched_when_the_row_land
     c, _ = client
     c.post("/feedback", json={"request_id": "early", "label": 1})
     with pg_engine.begin() as conn:
-        conn.execute(insert(predictions).values(
-            request_id="early", ts=time.time(), model_version=1, role="baseline", route="weighted",
-            endpoint="predict", score=0.9, latency_ms=3.0, status=200))
+        conn.execute(
+            insert(predictions).values(
+                request_id="early",
+                ts=time.time(),
+                model_version=1,
+                role="baseline",
+                route="weighted",
+                endpoint="predict",
+                score=0.9,
+                latency_ms=3.0,
+                status=200,
+            )
+        )
         joined = conn.execute(
-            select(func.count()).select_from(predictions.join(labels, labels.c.request_id == predictions.c.request_id))
+            select(func.count()).select_from(
+                predictions.join(labels, labels.c.request_id == predictions.c.request_id)
+            )
         ).scalar()
     assert joined == 1
 

@@ -11,7 +11,9 @@ pytestmark = pytest.mark.integration
 
 def _tables_and_columns(engine):
     insp = inspect(engine)
-    return {t: {c["name"] for c in insp.get_columns(t)} for t in insp.get_table_names() if t != "alembic_version"}
+    return {
+        t: {c["name"] for c in insp.get_columns(t)} for t in insp.get_table_names() if t != "alembic_version"
+    }
 
 
 def test_postgres_schema_matches_declared_tables(pg_url):

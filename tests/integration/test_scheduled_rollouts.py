@@ -27,8 +27,14 @@ from training.train import train_and_register
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
-FAST = {"step_min_duration_s": 0, "min_labelled_per_arm": 200, "min_requests_per_arm": 50,
-        "min_latency_samples": 100, "expected_n": 2000, "harm_expected_n": 200}
+FAST = {
+    "step_min_duration_s": 0,
+    "min_labelled_per_arm": 200,
+    "min_requests_per_arm": 50,
+    "min_latency_samples": 100,
+    "expected_n": 2000,
+    "harm_expected_n": 200,
+}
 
 
 class _Ready(BaseHTTPRequestHandler):
@@ -47,8 +53,14 @@ def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{d / 'mlflow.db'}"
     for profile in ("control", "baseline", "better", "worse"):
-        train_and_register(tracking_uri=uri, artifact_location=str(d / "art"), profile=profile,
-                           n_rows=2000, iterations=20, progress=False)
+        train_and_register(
+            tracking_uri=uri,
+            artifact_location=str(d / "art"),
+            profile=profile,
+            n_rows=2000,
+            iterations=20,
+            progress=False,
+        )
     return uri
 
 
@@ -79,16 +91,25 @@ def world(models, pg_url, pg_engine, redis_url, tmp_path):
     ctx.registry.set_alias("control", 1)
     ctx.registry.set_alias("baseline", 2)
     apply_assignment(ctx, {"baseline": (2, 95), "control": (1, 5)})
-    procs = [
-        subprocess.Popen([str(BIN / "rq"), "worker", "--url", redis_url, "recsys"], env=env,
-                         stdout=open(tmp_path / "proc.log", "ab"), stderr=subprocess.STDOUT),
-        subprocess.Popen([str(BIN / "rqscheduler"), "--url", redis_url, "--interval", "1"], env=env,
-                         stdout=open(tmp_path / "proc.log", "ab"), stderr=subprocess.STDOUT),
-    ]
-    yield ctx, env
-    for p in procs:
-        p.terminate()
-        p.wait(15)
+    with open(tmp_path / "proc.log", "ab") as log:
+        procs = [
+            subprocess.Popen(
+                [str(BIN / "rq"), "worker", "--url", redis_url, "recsys"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            ),
+            subprocess.Popen(
+                [str(BIN / "rqscheduler"), "--url", redis_url, "--interval", "1"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            ),
+        ]
+        yield ctx, env
+        for p in procs:
+            p.terminate()
+            p.wait(15)
     for srv in servers:
         srv.shutdown()
     ctx.engine.dispose()
@@ -107,10 +128,20 @@ def feed(ctx, n: int, accuracy: dict[int, float], error_rate: dict[int, float], 
             err = rng.random() < error_rate.get(version, 0.0)
             score = float(rng.random())
             label = int(score >= 0.5) if rng.random() < accuracy[version] else int(score < 0.5)
-            preds.append({"request_id": rid, "ts": now - rng.random(), "model_version": version, "role": "x",
-                          "route": "weighted", "endpoint": "predict", "features": None,
-                          "score": None if err else score, "latency_ms": 4 + rng.random(),
-                          "status": 500 if err else 200})
+            preds.append(
+                {
+                    "request_id": rid,
+                    "ts": now - rng.random(),
+                    "model_version": version,
+                    "role": "x",
+                    "route": "weighted",
+                    "endpoint": "predict",
+                    "features": None,
+                    "score": None if err else score,
+                    "latency_ms": 4 + rng.random(),
+                    "status": 500 if err else 200,
+                }
+            )
             if not err:
                 labs.append({"request_id": rid, "label": label, "ts": now})
     with ctx.engine.begin() as conn:
@@ -135,11 +166,17 @@ def test_scheduled_ticks_advance_a_better_canary_through_its_steps_and_promote_i
     ctx, env = world
     rollout = services.start_canary(ctx, 3, FAST, actor="test")
     phase = run_until_done(ctx, env, rollout.id, {1: 0.7, 2: 0.7, 3: 0.9}, {})
-    assert phase is Phase.PROMOTED, [(d["action"], d["reason"]) for d in ctx.ledger.decisions(rollout.id, limit=5)]
+    assert phase is Phase.PROMOTED, [
+        (d["action"], d["reason"]) for d in ctx.ledger.decisions(rollout.id, limit=5)
+    ]
     actions = [d["action"] for d in reversed(ctx.ledger.decisions(rollout.id))]
     assert actions.count("advance") == 2 and actions[-1] == "promote", actions
     assert all(d["actor"] == "scheduler" for d in ctx.ledger.decisions(rollout.id) if d["action"] != "start")
-    assert ctx.registry.version_for("baseline") == 3, (ctx.registry._alias_map(), ctx.ledger.get(rollout.id).pending_action, [(d["action"], d["actor"]) for d in ctx.ledger.decisions(rollout.id)])
+    assert ctx.registry.version_for("baseline") == 3, (
+        ctx.registry._alias_map(),
+        ctx.ledger.get(rollout.id).pending_action,
+        [(d["action"], d["actor"]) for d in ctx.ledger.decisions(rollout.id)],
+    )
     assert ctx.registry.get(3).stage == "Production"
     assert ctx.registry.version_for("previous_baseline") == 2
     assert ctx.registry.get(2).stage == "Archived"
