@@ -136,6 +136,7 @@ def spawn_traefik(
     env: dict[str, str] | None = None,
 ) -> Proc:
     """Traefik with the stack's static config and the weighted split over `bentos`, not waited for."""
+    from control_plane.stack.programs import traefik_env
     from control_plane.traffic import Backend, TraefikFileRouter, render_static_config
 
     tdir = workdir / f"traefik-{label}"
@@ -157,7 +158,7 @@ def spawn_traefik(
     with open(log_path, "w") as log:
         popen = subprocess.Popen(
             [str(VENV_BIN / "traefik"), f"--configFile={tdir / 'traefik.yml'}"],
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **traefik_env(), **(env or {})},  # as the local stack runs it
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -75,9 +75,10 @@ def run_story(ctx, version: int, expect: Phase, policy: dict, timeout_s: float) 
         if line != last_line:
             _say("  " + line)
             last_line = line
-        phase = ctx.ledger.get(rollout.id).phase
-        if phase.terminal:
-            return phase is expect, rollout.id
+        current = ctx.ledger.get(rollout.id)
+        # Terminal once recorded; done once its action (drain, undeploy, MLflow stage) has been applied too.
+        if current.phase.terminal and current.pending_action is None:
+            return current.phase is expect, rollout.id
         time.sleep(2)
     _say(f"  timed out after {timeout_s:.0f} s")
     return False, rollout.id

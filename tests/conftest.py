@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import urllib.parse
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -21,7 +23,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
+class _Ready(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+def ready_servers(n: int) -> list[ThreadingHTTPServer]:
+    """n stand-in Bentos on free ports that answer every GET (/readyz too) with 200; `.shutdown()` each after."""
+    servers = []
+    for _ in range(n):
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), _Ready)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+    return servers
+
+
 def post_large(url: str, body: bytes, headers: dict | None = None, timeout: float = 10) -> int:
     """The status for a large POST body sent as careful clients send one: `Expect: 100-continue` first.
 
@@ -45,6 +66,7 @@ def post_large(url: str, body: bytes, headers: dict | None = None, timeout: floa
         return status
 
 
+@contextlib.contextmanager
 def fresh_database(prefix: str = "recsys_test"):
     """A brand-new Postgres database, migrated to head; dropped (its sessions ended) on exit."""
     from sqlalchemy import create_engine, text

@@ -72,26 +72,6 @@ def static_config(
     }
 
 
-def render_static_config(
-    *,
-    dynamic_dir: Path | str,
-    gateway_host: str = "127.0.0.1",
-    gateway_port: int = 8080,
-    api_host: str = "127.0.0.1",
-    api_port: int = 8081,
-    access_log_path: Path | str | None = None,
-    log_level: str = "INFO",
-    providers_throttle: str = "500ms",
-) -> str:
-    """The static configuration as YAML text, for `traefik --configFile=...`."""
-    config = static_config(
-        dynamic_dir=dynamic_dir,
-        gateway_host=gateway_host,
-        gateway_port=gateway_port,
-        api_host=api_host,
-        api_port=api_port,
-        access_log_path=access_log_path,
-        log_level=log_level,
-        providers_throttle=providers_throttle,
-    )
-    return yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+def render_static_config(**options: Any) -> str:
+    """The static configuration as YAML text, for `traefik --configFile=...`; options as `static_config`'s."""
+    return yaml.safe_dump(static_config(**options), sort_keys=False, default_flow_style=False)

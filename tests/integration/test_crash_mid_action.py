@@ -10,10 +10,8 @@ and scheduler programs (control_plane.stack.programs) against real Postgres and 
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,7 @@ from control_plane.stack import programs
 from control_plane.stack.local import _redis_up
 from control_plane.stack.supervisor import Supervisor
 from control_plane.traffic_ops import apply_assignment
-from tests.conftest import free_port
+from tests.conftest import free_port, ready_servers
 
 pytestmark = pytest.mark.integration
 
@@ -48,16 +46,6 @@ POLICY = {
     "harm_expected_n": 200,
     "label_window_s": 0,
 }
-
-
-class _Ready(BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, *args):
-        pass
 
 
 def wait_for(check, timeout_s: float, what: str, every_s: float = 0.5):
@@ -87,11 +75,7 @@ def loop(tmp_path_factory, pg_url):
             iterations=10,
             progress=False,
         )
-    servers = []
-    for _ in range(3):
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), _Ready)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        servers.append(srv)
+    servers = ready_servers(3)
     bento_urls = ",".join(f"{v}=http://127.0.0.1:{s.server_address[1]}" for v, s in enumerate(servers, 1))
     fault_flag = work / "fault-after-traffic-write"
     env = {

@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,7 +30,7 @@ from control_plane.db.schema import decisions, labels, predictions
 from control_plane.settings import Settings
 from control_plane.traffic_ops import apply_assignment
 from control_plane.web import create_app
-from tests.conftest import free_port, fresh_database
+from tests.conftest import free_port, fresh_database, ready_servers
 from tests.integration._tcp_proxy import TcpProxy
 from tests.integration.test_predlog_postgres import via_port
 
@@ -42,16 +41,6 @@ OUTAGE_S = 30
 RATE_PER_S = 20
 FEATURES = [0.6, 1.2, 0.3, 1.6, 0.25, 28.0, 40.0, 4.2, 0.1, 0.4, 1.0, 0.5, -0.8, 0.0, 2.0, 1.0]
 INTERVAL_S = 5  # the schedule's interval for the evaluations this test runs by hand
-
-
-class _Ready(BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, *args):
-        pass
 
 
 def wait_until(check, timeout_s: float, what: str, every_s: float = 0.5):
@@ -155,8 +144,7 @@ def world(tmp_path_factory, database, redis_url_module):
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    fake = ThreadingHTTPServer(("127.0.0.1", 0), _Ready)
-    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    (fake,) = ready_servers(1)
     bento = f"http://127.0.0.1:{port}"
     settings = Settings.from_env(
         {**env, "RECSYS_BENTO_URLS": f"1=http://127.0.0.1:{fake.server_address[1]},2={bento}"}

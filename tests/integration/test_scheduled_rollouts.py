@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from control_plane.db.schema import labels, predictions
 from control_plane.jobs import schedule_evaluations
 from control_plane.settings import Settings
 from control_plane.traffic_ops import apply_assignment
+from tests.conftest import ready_servers
 from training.train import train_and_register
 
 pytestmark = pytest.mark.integration
@@ -35,16 +34,6 @@ FAST = {
     "expected_n": 2000,
     "harm_expected_n": 200,
 }
-
-
-class _Ready(BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +55,8 @@ def models(tmp_path_factory):
 
 @pytest.fixture
 def world(models, pg_url, pg_engine, redis_url, tmp_path):
-    servers = []
-    urls = {}
-    for v in (1, 2, 3, 4):
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), _Ready)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        servers.append(srv)
-        urls[v] = f"http://127.0.0.1:{srv.server_address[1]}"
+    servers = ready_servers(4)
+    urls = {v: f"http://127.0.0.1:{srv.server_address[1]}" for v, srv in enumerate(servers, 1)}
     env = {
         **os.environ,
         "RECSYS_STATE_DIR": str(tmp_path / "state"),

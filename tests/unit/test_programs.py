@@ -1,0 +1,25 @@
+"""The local stack's program definitions: what each process is started with."""
+
+from __future__ import annotations
+
+from control_plane.settings import Settings
+from control_plane.stack import programs
+
+
+def test_traefik_gets_one_go_processor_on_two_cores_and_go_s_default_on_more(monkeypatch):
+    monkeypatch.delenv("GOMAXPROCS", raising=False)
+    assert programs.traefik_env(2) == {"GOMAXPROCS": "1"}
+    assert programs.traefik_env(8) == {}
+
+
+def test_an_operator_s_gomaxprocs_wins(monkeypatch):
+    monkeypatch.setenv("GOMAXPROCS", "2")
+    assert programs.traefik_env(2) == {}
+
+
+def test_the_traefik_program_carries_its_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("GOMAXPROCS", raising=False)
+    monkeypatch.setattr(programs.os, "cpu_count", lambda: 2)
+    program = programs.traefik(Settings.from_env({"RECSYS_STATE_DIR": str(tmp_path)}))
+    assert program.env["GOMAXPROCS"] == "1"
+    assert program.command[-1] == f"--configFile={tmp_path / 'traefik' / 'traefik.yml'}"
