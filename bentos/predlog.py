@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import logging
 import os
@@ -81,6 +82,72 @@ def default_engine_factory(url: str) -> Callable[[], Engine]:
         return make_engine(url)
 
     return factory
+
+
+_COLUMNS = tuple(c.name for c in predictions.columns)
+_STAGE = "predlog_stage"
+_STAGE_DDL = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (LIKE predictions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+_COPY = f"COPY {_STAGE} ({', '.join(_COLUMNS)}) FROM STDIN"
+_MERGE = (
+    f"INSERT INTO predictions ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} FROM {_STAGE} "
+    "ON CONFLICT (request_id) DO NOTHING"
+)
+_NULL = "\\N"
+
+
+def _esc(value: str) -> str:
+    """A text value as COPY's text format reads it back unchanged."""
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return value
+
+
+def _copy_line(r: PredictionRow) -> str:
+    """One row in COPY's text format (tab-separated, \\N for NULL), columns in `_COLUMNS` order."""
+    features, score = r["features"], r["score"]
+    return (
+        "\t".join(
+            (
+                _esc(str(r["request_id"])),
+                repr(float(r["ts"])),
+                str(int(r["model_version"])),
+                _esc(str(r["role"])),
+                _esc(str(r["route"])),
+                _esc(str(r["endpoint"])),
+                _NULL if features is None else _esc(json.dumps(features)),
+                _NULL if score is None else repr(float(score)),
+                repr(float(r["latency_ms"])),
+                str(int(r["status"])),
+            )
+        )
+        + "\n"
+    )
+
+
+def _copy_batch(engine: Engine, rows: list[PredictionRow]) -> None:
+    """Postgres: the batch as one COPY into a temporary table, then one INSERT ... ON CONFLICT DO NOTHING.
+
+    The writer thread holds the GIL while it builds a batch, and that time is added to requests
+    waiting on the event loop: SQLAlchemy's multi-row INSERT cost about 28 us of Python per row,
+    formatting COPY's text about a fifth of that, and Postgres parses COPY for less than VALUES.
+    """
+    data = io.StringIO("".join([_copy_line(r) for r in rows]))
+    with engine.connect() as conn:
+        dbapi = conn.connection.dbapi_connection
+        try:
+            with dbapi.cursor() as cur:
+                cur.execute(_STAGE_DDL)
+                cur.copy_expert(_COPY, data)
+                cur.execute(_MERGE)
+            dbapi.commit()
+        except Exception as exc:
+            if _is_bad_data(exc):
+                dbapi.rollback()
+            else:
+                conn.invalidate()  # the connection may be dead: never hand it out again
+            raise
 
 
 def _insert_statement(engine: Engine):
@@ -296,6 +363,9 @@ class PredictionLogWriter:
         if self._engine is None:
             self._engine = self._engine_factory()
             self._stmt = _insert_statement(self._engine)
+        if self._engine.dialect.name == "postgresql" and self._engine.dialect.driver == "psycopg2":
+            _copy_batch(self._engine, rows)
+            return
         with self._engine.begin() as conn:
             conn.execute(self._stmt, rows)
 
@@ -491,6 +561,15 @@ def _is_bad_data(exc: BaseException) -> bool:
         return True
     if isinstance(exc, sa_exc.DBAPIError):
         return False  # connection lost, server gone, missing table (not migrated yet): keep the rows
+    try:
+        import psycopg2
+    except ImportError:
+        pass
+    else:  # raised unwrapped by the COPY path
+        if isinstance(exc, psycopg2.IntegrityError | psycopg2.DataError):
+            return True
+        if isinstance(exc, psycopg2.Error):
+            return False
     return isinstance(exc, sa_exc.StatementError | TypeError | ValueError | KeyError)
 
 

@@ -53,6 +53,48 @@ def _labelled_pairs(conn: Connection, version: int, since: float, closed_before:
     return np.asarray(rows, dtype=float).reshape(-1, 2)
 
 
+def _labelled_counts(conn: Connection, version: int, since: float, closed_before: float) -> tuple[int, int]:
+    """(labelled, correct) for the same predictions as `_labelled_pairs`, counted by the database."""
+    p, lab = predictions, labels
+    hit = case(
+        (and_(p.c.score >= 0.5, lab.c.label == 1), 1), (and_(p.c.score < 0.5, lab.c.label == 0), 1), else_=0
+    )
+    row = conn.execute(
+        select(func.count(), func.coalesce(func.sum(hit), 0))
+        .select_from(p.join(lab, lab.c.request_id == p.c.request_id))
+        .where(
+            p.c.model_version == version,
+            p.c.route == WEIGHTED,
+            p.c.status < 500,
+            p.c.score.is_not(None),
+            p.c.ts >= since,
+            p.c.ts < closed_before,
+        )
+    ).one()
+    return int(row[0]), int(row[1])
+
+
+def window_counts(
+    conn: Connection, *, versions: Mapping[str, int | None], since: float, now: float, label_window_s: float
+) -> dict[str, dict]:
+    """Per role: requests, errors, labelled and correct over the window, as aggregates (cheap to scrape)."""
+    out = {}
+    for role, version in versions.items():
+        if version is None:
+            continue
+        requests, errors = _count_requests(conn, version, since, now)
+        labelled, correct = _labelled_counts(conn, version, since, now - label_window_s)
+        out[role] = {
+            "version": version,
+            "requests": requests,
+            "errors": errors,
+            "error_rate": errors / requests if requests else 0.0,
+            "labelled": labelled,
+            "accuracy": correct / labelled if labelled else None,
+        }
+    return out
+
+
 def log_loss(scores: np.ndarray, y: np.ndarray) -> float | None:
     if len(y) == 0:
         return None

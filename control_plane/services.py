@@ -84,6 +84,23 @@ def window_metrics(ctx: Context, window_s: int | None = None) -> dict[str, Any]:
     return {"since": since, "now": now, "roles": {r: queries.summarize(a) for r, a in obs.arms.items()}}
 
 
+def window_counts(ctx: Context, window_s: int | None = None) -> dict[str, dict[str, Any]]:
+    """Per role over the rolling window: requests, error rate, labelled and accuracy, counted in SQL.
+
+    What /metrics shows on every scrape: aggregates only, so a scrape does not read the window's rows.
+    """
+    now = ctx.clock()
+    assignment = ctx.traffic_store.load()
+    with ctx.engine.connect() as conn:
+        return queries.window_counts(
+            conn,
+            versions={r: v for r, (v, _) in assignment.items()},
+            since=now - (window_s or ctx.settings.window_s),
+            now=now,
+            label_window_s=ctx.settings.label_window_s,
+        )
+
+
 # --- traffic -----------------------------------------------------------------
 def set_weights(ctx: Context, weights: dict[str, Any], actor: str) -> dict[str, Any]:
     """Set the role weights by hand; refused while a rollout is moving the canary."""

@@ -124,7 +124,7 @@ class RolloutCollector(Collector):
                     rule_passed.add_metric([name], 1 if rule["passed"] else 0)
         yield from (last_ts, stat, rule_value, rule_threshold, rule_passed)
 
-        window = services.window_metrics(ctx)
+        window = services.window_counts(ctx)
         coverage = GaugeMetricFamily(
             "recsys_label_coverage", "Labelled predictions / requests over the window", labels=["role"]
         )
@@ -137,9 +137,7 @@ class RolloutCollector(Collector):
         errors = GaugeMetricFamily(
             "recsys_window_error_rate", "Share of 5xx over the window", labels=["role"]
         )
-        for role, arm in sorted(window["roles"].items()):
-            if arm["version"] is None:
-                continue
+        for role, arm in sorted(window.items()):
             requests.add_metric([role], arm["requests"])
             errors.add_metric([role], arm["error_rate"])
             coverage.add_metric([role], arm["labelled"] / arm["requests"] if arm["requests"] else 0.0)

@@ -109,3 +109,42 @@ def test_replaying_rows_already_in_postgres_inserts_nothing_twice(pg_url, pg_eng
         wait_until(lambda: w2.stats().rows_replayed == 50)
     assert count_ids(pg_engine, ids) == (50, 50)
     assert not spill.exists()
+
+
+def test_copy_writes_every_value_back_exactly_nulls_and_escapes_included(pg_url, pg_engine, tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    odd = {
+        **row(f"odd-{tag}-tab\there\\back\nline\r"),
+        "features": None,
+        "score": None,
+        "status": 500,
+        "role": "can\\ary",
+    }
+    plain = {**row(f"plain-{tag}"), "features": [0.1 * i for i in range(16)], "score": 0.123456789012345678}
+    with PredictionLogWriter(pg_url, tmp_path / "spill", flush_interval_s=0.02) as w:
+        w.log(odd)
+        w.log(plain)
+    assert w.stats().rows_written == 2 and w.stats().rows_rejected == 0
+    with pg_engine.connect() as conn:
+        got = {
+            r["request_id"]: dict(r)
+            for r in conn.execute(
+                select(predictions).where(
+                    predictions.c.request_id.in_([odd["request_id"], plain["request_id"]])
+                )
+            ).mappings()
+        }
+    assert got == {odd["request_id"]: odd, plain["request_id"]: plain}
+
+
+def test_a_row_postgres_refuses_is_set_aside_and_the_rest_of_its_batch_goes_in(pg_url, pg_engine, tmp_path):
+    ids = [f"refuse-{uuid.uuid4().hex[:8]}-{i}" for i in range(5)]
+    rows = [row(rid) for rid in ids]
+    rows[2]["request_id"] = "x" * 200  # longer than the column allows
+    with PredictionLogWriter(pg_url, tmp_path / "spill", flush_interval_s=0.5) as w:
+        for r in rows:
+            w.log(r)
+    assert w.stats().rows_rejected == 1 and w.stats().rows_written == 4
+    assert count_ids(pg_engine, [ids[i] for i in (0, 1, 3, 4)]) == (4, 4)
+    (rejected,) = (tmp_path / "spill").glob("rejected-*.jsonl")
+    assert json.loads(rejected.read_text())["row"]["request_id"] == "x" * 200

@@ -117,6 +117,24 @@ def test_window_metrics_summarise_each_role(client, ctx):
     assert roles["canary"]["version"] is None
 
 
+def test_the_scrape_s_sql_counts_match_the_row_by_row_window(client, ctx):
+    from control_plane import services
+
+    seed_predictions(ctx.engine, {"baseline": 1, "control": 2})
+    rows = services.window_metrics(ctx)["roles"]
+    counts = services.window_counts(ctx)
+    assert set(counts) == {"baseline", "control"}
+    for role, c in counts.items():
+        assert (c["version"], c["requests"], c["labelled"]) == (
+            rows[role]["version"],
+            rows[role]["requests"],
+            rows[role]["labelled"],
+        )
+        assert c["error_rate"] == pytest.approx(rows[role]["error_rate"], abs=1e-6)
+        assert c["accuracy"] == pytest.approx(rows[role]["accuracy"], abs=1e-6)
+        assert c["labelled"] > 0
+
+
 def test_timeseries_has_a_point_per_bucket_and_role(client, ctx):
     seed_predictions(ctx.engine, {"baseline": 1, "control": 2}, minutes=10)
     body = client.get("/api/timeseries?window_s=1800&bucket_s=60").get_json()

@@ -1,0 +1,82 @@
+"""The prediction log's two ways into Postgres, side by side: SQLAlchemy's multi-row INSERT and COPY.
+
+    .venv/bin/python -m load.bench_predlog [--batches 40] [--batch-size 500]
+
+The writer thread holds the GIL while it turns a batch into a statement, and a request waiting for the
+event loop waits for that too; this measures that Python time (the thread's CPU time per row) and
+the wall time per row, alternating the two paths batch by batch on a fresh database, and prints medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+from bentos.predlog import _copy_batch, _insert_statement
+from control_plane.db.engine import make_engine
+from load.bench_setups import create_database
+
+
+def _rows(n: int) -> list[dict]:
+    now = time.time()
+    return [
+        {
+            "request_id": uuid.uuid4().hex,
+            "ts": now + i * 1e-4,
+            "model_version": 2,
+            "role": "baseline",
+            "route": "weighted",
+            "endpoint": "predict",
+            "features": [0.1 * j + i * 1e-6 for j in range(16)],
+            "score": 0.5 + i * 1e-7,
+            "latency_ms": 0.4,
+            "status": 200,
+        }
+        for i in range(n)
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=40, help="batches per path")
+    parser.add_argument("--batch-size", type=int, default=500)
+    args = parser.parse_args(argv)
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(TemporaryDirectory(prefix="bench-predlog-")))
+        db = create_database(stack, "postgres", workdir)
+        engine = make_engine(db.url)
+        stack.callback(engine.dispose)
+        stmt = _insert_statement(engine)
+
+        def insert(rows: list[dict]) -> None:
+            with engine.begin() as conn:
+                conn.execute(stmt, rows)
+
+        paths = {"insert (SQLAlchemy)": insert, "copy": lambda rows: _copy_batch(engine, rows)}
+        cpu: dict[str, list[float]] = {name: [] for name in paths}
+        wall: dict[str, list[float]] = {name: [] for name in paths}
+        for name, write in paths.items():  # warm up: connections, the temporary table, caches
+            write(_rows(args.batch_size))
+        for _ in range(args.batches):
+            for name, write in paths.items():
+                rows = _rows(args.batch_size)
+                c0, w0 = time.thread_time(), time.perf_counter()
+                write(rows)
+                cpu[name].append((time.thread_time() - c0) / len(rows) * 1e6)
+                wall[name].append((time.perf_counter() - w0) / len(rows) * 1e6)
+        print(f"{args.batches} batches of {args.batch_size} rows per path, alternating; medians")
+        print(f"{'path':<22}{'Python CPU us/row':>20}{'wall us/row':>14}")
+        for name in paths:
+            print(f"{name:<22}{statistics.median(cpu[name]):>20.1f}{statistics.median(wall[name]):>14.1f}")
+        base, copy = (statistics.median(cpu[n]) for n in paths)
+        print(f"copy / insert, Python CPU per row: {copy / base:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
