@@ -237,12 +237,28 @@ def bodies(workdir: Path) -> None:
 
 def prepare(workdir: Path, env: dict[str, str]) -> dict[str, str]:
     """role -> Bento tag, trained and built in the work directory (reused when it has them already)."""
-    saved = workdir / "bentos.json"
+    saved, source = workdir / "bentos.json", _bento_source_digest()
     if saved.exists():
-        return json.loads(saved.read_text())
+        kept = json.loads(saved.read_text())
+        if kept.get("source") == source:  # Bentos carry a copy of their code: stale ones are rebuilt
+            return kept["tags"]
     tags = dict(zip(PROFILES, prepare_bentos(workdir, env, tuple(PROFILES.values())), strict=True))
-    saved.write_text(json.dumps(tags))
+    saved.write_text(json.dumps({"source": source, "tags": tags}))
     return tags
+
+
+def _bento_source_digest() -> str:
+    """A digest of the files bentofile.yaml copies into every Bento."""
+    import hashlib
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for pattern in yaml.safe_load((root / "bentofile.yaml").read_text())["include"]:
+        for path in sorted(root.glob(pattern)):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = {"insert (SQLAlchemy)": insert, "copy": lambda rows: _copy_batch(engine, rows)}
         cpu: dict[str, list[float]] = {name: [] for name in paths}
         wall: dict[str, list[float]] = {name: [] for name in paths}
-        for name, write in paths.items():  # warm up: connections, the temporary table, caches
+        for write in paths.values():  # warm up: connections, the temporary table, caches
             write(_rows(args.batch_size))
         for _ in range(args.batches):
             for name, write in paths.items():

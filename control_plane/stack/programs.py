@@ -103,6 +103,10 @@ def control_plane(settings: Settings) -> Program:
         "2",
         "--threads",
         "4",
+        # Longer than Traefik's idle connections to it live (90 s): the proxy, not gunicorn, closes them,
+        # so Traefik never sends a /feedback on a connection gunicorn has just closed (a 502).
+        "--keep-alive",
+        "120",
         "--bind",
         f"{settings.bind_host}:{settings.control_plane_port}",
         "--access-logfile",

@@ -158,7 +158,8 @@ def render_dynamic_config(
         routers[FEEDBACK_ROUTER] = {
             "entryPoints": [opts.entrypoint],
             "rule": "PathPrefix(`/feedback`)",
-            "middlewares": [BODY_LIMIT_MIDDLEWARE],
+            # A label is an upsert by request id, so resending one that may not have arrived is safe.
+            "middlewares": [BODY_LIMIT_MIDDLEWARE, RETRY_MIDDLEWARE],
             "service": CONTROL_PLANE_SERVICE,
         }
 

@@ -185,6 +185,7 @@ def test_feedback_goes_to_the_control_plane_only_when_it_is_configured():
     http = _render(control_plane_url="http://127.0.0.1:8090")
     assert http["routers"]["feedback"]["rule"] == "PathPrefix(`/feedback`)"
     assert http["routers"]["feedback"]["service"] == "control-plane"
+    assert http["routers"]["feedback"]["middlewares"][-1] == "recsys-retry"  # a label upsert may be resent
     assert http["services"]["control-plane"]["loadBalancer"]["servers"] == [{"url": "http://127.0.0.1:8090"}]
 
 
