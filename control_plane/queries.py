@@ -35,11 +35,11 @@ def _latencies(conn: Connection, version: int, since: float, until: float, limit
     return tuple(float(x) for x in rows)
 
 
-def _labelled_pairs(conn: Connection, version: int, since: float, closed_before: float) -> np.ndarray:
-    """(score, label) for served predictions whose label arrived and whose label window has closed."""
+def _labelled(columns: list, version: int, since: float, closed_before: float):
+    """SELECT `columns` over served predictions whose label arrived and whose label window has closed."""
     p, lab = predictions, labels
-    rows = conn.execute(
-        select(p.c.score, lab.c.label)
+    return (
+        select(*columns)
         .select_from(p.join(lab, lab.c.request_id == p.c.request_id))
         .where(
             p.c.model_version == version,
@@ -49,7 +49,12 @@ def _labelled_pairs(conn: Connection, version: int, since: float, closed_before:
             p.c.ts >= since,
             p.c.ts < closed_before,
         )
-    ).all()
+    )
+
+
+def _labelled_pairs(conn: Connection, version: int, since: float, closed_before: float) -> np.ndarray:
+    """(score, label) for served predictions whose label arrived and whose label window has closed."""
+    rows = conn.execute(_labelled([predictions.c.score, labels.c.label], version, since, closed_before)).all()
     return np.asarray(rows, dtype=float).reshape(-1, 2)
 
 
@@ -59,18 +64,8 @@ def _labelled_counts(conn: Connection, version: int, since: float, closed_before
     hit = case(
         (and_(p.c.score >= 0.5, lab.c.label == 1), 1), (and_(p.c.score < 0.5, lab.c.label == 0), 1), else_=0
     )
-    row = conn.execute(
-        select(func.count(), func.coalesce(func.sum(hit), 0))
-        .select_from(p.join(lab, lab.c.request_id == p.c.request_id))
-        .where(
-            p.c.model_version == version,
-            p.c.route == WEIGHTED,
-            p.c.status < 500,
-            p.c.score.is_not(None),
-            p.c.ts >= since,
-            p.c.ts < closed_before,
-        )
-    ).one()
+    columns = [func.count(), func.coalesce(func.sum(hit), 0)]
+    row = conn.execute(_labelled(columns, version, since, closed_before)).one()
     return int(row[0]), int(row[1])
 
 

@@ -65,15 +65,29 @@ class LocalDeployer:
         self._start(version)
         url = self.url(version)
         deadline = time.monotonic() + self.ready_timeout_s
-        while not is_ready(url):
-            if time.monotonic() > deadline:
+        watch = _StartWatch()
+        while not self.ready(url):
+            crashed = watch.crash_loop(self.supervisor.processes().get(f"bento-v{version}"))
+            if crashed or time.monotonic() > deadline:
                 self.undeploy(version)
-                raise DeployFailed(
-                    f"version {version} did not answer {url}/readyz within {self.ready_timeout_s:.0f} s"
-                )
+                why = crashed or f"did not answer {url}/readyz within {self.ready_timeout_s:.0f} s"
+                raise DeployFailed(f"version {version} {why}{self._log_tail(version)}")
             time.sleep(0.5)
         log.info("deployed", extra={"version": version, "url": url})
         return url
+
+    @staticmethod
+    def ready(url: str) -> bool:
+        return is_ready(url)
+
+    def _log_tail(self, version: int, lines: int = 5) -> str:
+        """The last lines of the Bento's log, for the error a person reads."""
+        path = self.settings.log_dir / f"bento-v{version}.log"
+        try:
+            tail = path.read_text(errors="replace").strip().splitlines()[-lines:]
+        except OSError:
+            return ""
+        return f"; the end of {path}:\n" + "\n".join(tail) if tail else ""
 
     def start_many(self, versions: list[int]) -> dict[int, str]:
         """Start several versions at once (they load in parallel) and wait for all of them."""
@@ -94,3 +108,31 @@ class LocalDeployer:
             if m:
                 out[int(m.group(1))] = self.url(int(m.group(1)))
         return out
+
+
+class _StartWatch:
+    """Tells a process that keeps dying while it starts from one that is only slow to load."""
+
+    MAX_STARTS = 3  # a third start that has not answered yet: it will not
+
+    def __init__(self) -> None:
+        self.pids: set[int] = set()
+        self.backoffs = 0
+        self._last_state = ""
+
+    def crash_loop(self, info: dict | None) -> str | None:
+        """Why the process is given up on (supervisor's FATAL, or a third start), or None to keep waiting."""
+        if not info:
+            return None
+        state = info.get("statename", "")
+        if state == "FATAL":
+            return "could not be started (supervisor gave up on it)"
+        if info.get("pid"):
+            self.pids.add(int(info["pid"]))
+        if state in ("BACKOFF", "EXITED") and self._last_state != state:
+            self.backoffs += 1
+        self._last_state = state
+        starts = max(len(self.pids), self.backoffs + 1)
+        if starts >= self.MAX_STARTS:
+            return f"exited {starts - 1} times while starting"
+        return None
