@@ -13,6 +13,7 @@ from control_plane.analysis.decide import decide
 from control_plane.analysis.policy import Policy
 from control_plane.analysis.types import Action, Decision, Phase
 from control_plane.context import Context
+from control_plane.db.engine import read_snapshot
 from control_plane.errors import InvalidRequest, NoPreviousBaseline, RolloutConflict
 from control_plane.ledger import Rollout
 from control_plane.settings import ROLES
@@ -248,7 +249,7 @@ def evaluate(
     }
     since = policy.window_start(rollout.started_at, now)
     label_window_s = ctx.settings.label_window_s if policy.label_window_s is None else policy.label_window_s
-    with ctx.engine.connect() as conn:
+    with read_snapshot(ctx.engine) as conn:
         evaluations, last_tick = ctx.ledger.evaluations(conn, rollout.id)
         running_p = ctx.ledger.last_stat(conn, rollout.id, "running_p_values") or {}
         if tick is not None and last_tick is not None and tick <= last_tick:

@@ -43,7 +43,8 @@ def start_load(
         "0.01",
         "--think-max",
         "0.05",
-        *(["--csv", csv] if csv else []),
+        # Locust rewrites the CSV once a second and not at shutdown; the JSON is written at shutdown.
+        *(["--csv", csv, "--json-file", f"{csv}_final"] if csv else []),
         *(["--ok-log", ok_log] if ok_log else []),
     ]
     log = log_path.open("w")
@@ -97,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=30)
     p.add_argument("--timeout", type=float, default=420, help="seconds allowed for each story")
     p.add_argument("--interval", type=int, default=3, help="seconds between evaluations during the demo")
-    p.add_argument("--csv", help="write Locust's request statistics to CSV files with this prefix")
+    p.add_argument(
+        "--csv",
+        help="write Locust's request statistics to CSV files with this prefix (final totals: PREFIX_final.json)",
+    )
     p.add_argument("--ok-log", help="write the request id of every 2xx prediction to this file")
     p.add_argument("--step-seconds", type=float, default=20, help="minimum seconds at each canary step")
     p.add_argument(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
@@ -30,6 +32,28 @@ def make_engine(url: str, **kwargs) -> Engine:
     if url.startswith("postgresql"):
         connect_args.setdefault("connect_timeout", 3)
     return create_engine(url, connect_args=connect_args, **kwargs)
+
+
+@contextlib.contextmanager
+def read_snapshot(engine: Engine) -> Iterator[Connection]:
+    """A connection whose reads all see one snapshot: rows committed while it reads are not half counted.
+
+    Predictions arrive in batches from several writers while an evaluation runs a dozen queries; read
+    one by one, the canary's count can include a batch that the baseline's count, read a moment before,
+    did not, and a sample-ratio check on such counts sees a mismatch that is not there.
+    """
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN")  # a SQLite read transaction keeps the snapshot of its first read
+            try:
+                yield conn
+            finally:
+                conn.rollback()
+            return
+        if engine.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            yield conn
 
 
 def alembic_config(url: str):

@@ -13,6 +13,10 @@ from control_plane.stack.supervisor import Program
 
 BIN = Path(sys.executable).parent
 QUEUE = "recsys"
+# The worker and the scheduler exit when Redis is unreachable; supervisord waits one second longer after
+# each failed start (1, 2, 3 ... s), so with its default of 10 tries an outage of about a minute would
+# leave them given up for good. With 1,000, they come back within minutes of the longest outage.
+REDIS_CLIENT_RETRIES = 1000
 
 
 def _env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -146,6 +150,7 @@ def worker(settings: Settings) -> Program:
         ["/bin/sh", "-c", f"rm -rf {d} && mkdir -p {d} && exec {shlex.join(rq)}"],
         env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "RECSYS_WORKER_METRICS_HOST": settings.bind_host},
         startsecs=2,
+        startretries=REDIS_CLIENT_RETRIES,
     )
 
 
@@ -163,6 +168,7 @@ def scheduler(settings: Settings) -> Program:
             "--interval-s",
             str(settings.eval_interval_s),
         ],
+        startretries=REDIS_CLIENT_RETRIES,
     )
 
 

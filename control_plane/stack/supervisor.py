@@ -47,6 +47,7 @@ class Program:
     autorestart: bool = True
     startsecs: int = 1
     stopwaitsecs: int = 15
+    startretries: int = 10  # failed starts in a row before supervisord gives up (FATAL)
 
     def render(self, log_dir: Path) -> str:
         def q(s: str) -> str:
@@ -57,7 +58,7 @@ class Program:
         return (
             f"[program:{self.name}]\ncommand={cmd}\ndirectory={self.directory}\nenvironment={env}\n"
             f"autostart=true\nautorestart={'true' if self.autorestart else 'false'}\nstartsecs={self.startsecs}\n"
-            f"startretries=10\nstopsignal=TERM\nstopwaitsecs={self.stopwaitsecs}\nstopasgroup=true\n"
+            f"startretries={self.startretries}\nstopsignal=TERM\nstopwaitsecs={self.stopwaitsecs}\nstopasgroup=true\n"
             f"killasgroup=true\nredirect_stderr=true\nstdout_logfile={log_dir}/{self.name}.log\n"
             f"stdout_logfile_maxbytes=20MB\nstdout_logfile_backups=2\n"
         )

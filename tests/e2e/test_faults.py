@@ -459,11 +459,15 @@ def test_a_redis_outage_does_not_touch_serving_and_evaluations_resume(stack):
             "the periodic evaluation scheduled again and run after Redis came back empty",
         )
         resumed_s = time.time() - restarted
-        procs = sup.processes()
-        assert {n: procs[n]["statename"] for n in ("worker", "scheduler")} == {
-            "worker": "RUNNING",
-            "scheduler": "RUNNING",
-        }
+
+        def states() -> dict[str, str]:
+            procs = sup.processes()
+            return {n: procs[n]["statename"] for n in ("worker", "scheduler")}
+
+        # The worker that ran it may still be in supervisord's STARTING (its first 2 s): wait, don't race.
+        wait_for(
+            lambda: states() == {"worker": "RUNNING", "scheduler": "RUNNING"}, 10, "worker and scheduler up"
+        )
         print(
             f"\nredis down 8 s: {len(traffic.answers)} predictions, 0 failed; "
             f"evaluations running again {resumed_s:.1f} s after redis returned"

@@ -23,3 +23,11 @@ def test_the_traefik_program_carries_its_environment(monkeypatch, tmp_path):
     program = programs.traefik(Settings.from_env({"RECSYS_STATE_DIR": str(tmp_path)}))
     assert program.env["GOMAXPROCS"] == "1"
     assert program.command[-1] == f"--configFile={tmp_path / 'traefik' / 'traefik.yml'}"
+
+
+def test_redis_clients_are_never_given_up_on_after_a_long_outage(tmp_path):
+    settings = Settings.from_env({"RECSYS_STATE_DIR": str(tmp_path)})
+    for program in (programs.worker(settings), programs.scheduler(settings)):
+        assert program.startretries >= 1000
+        assert "startretries=1000\n" in program.render(tmp_path)
+    assert "startretries=10\n" in programs.traefik(settings).render(tmp_path)
