@@ -42,8 +42,10 @@ def summarize(samples: list[dict]) -> dict[tuple[str, str], dict]:
     return out
 
 
-def best_peer(summary: dict, workload: str) -> str:
-    return max((p for p in PEERS if (workload, p) in summary), key=lambda p: summary[(workload, p)]["rps"])
+def best_peer(summary: dict, workload: str) -> str | None:
+    """The faster peer on this workload, or None when no peer was driven (`--setups`)."""
+    peers = [p for p in PEERS if (workload, p) in summary]
+    return max(peers, key=lambda p: summary[(workload, p)]["rps"]) if peers else None
 
 
 def _one_worker(summary: dict, workload: str, row: dict, key: str) -> str:
@@ -62,7 +64,7 @@ def targets(summary: dict, meta: dict) -> list[tuple[str, bool | None, str]]:
 
     out: list[tuple[str, bool | None, str]] = []
     g8, w8 = get("predict c8", "gateway"), "predict c8"
-    if g8:
+    if g8 and best_peer(summary, w8):
         p = get(w8, best_peer(summary, w8))
         name = best_peer(summary, w8)
         out.append(
@@ -88,7 +90,7 @@ def targets(summary: dict, meta: dict) -> list[tuple[str, bool | None, str]]:
         )
     wr = "recommend100 c8"
     gr = get(wr, "gateway")
-    if gr:
+    if gr and best_peer(summary, wr):
         p = get(wr, best_peer(summary, wr))
         g_items, p_items = gr["rps"] * N_CANDIDATES, p["rps"] * N_CANDIDATES
         out.append(

@@ -1,0 +1,64 @@
+"""The benchmark's report: medians, the targets it judges, and runs that drove only some setups."""
+
+from __future__ import annotations
+
+import json
+
+from load.bench_report import write_report
+
+META = {
+    "duration_s": 8,
+    "repeats": 3,
+    "database": "postgres",
+    "cores": 2,
+    "load_average_end": (1.0, 1.0, 1.0),
+    "prepare_s": 10.0,
+    "startup_s": 20.0,
+    "elapsed_s": 300.0,
+}
+
+
+def sample(setup: str, rps: float, p99: float, logged: bool = False) -> dict:
+    requests = int(rps * 8)
+    extra = {"server_ok": requests, "rows": requests, "db_cpu_s": 0.1} if logged else {}
+    return {
+        "setup": setup,
+        "workload": "predict c8",
+        "rps": rps,
+        "p50_ms": 1.0,
+        "p99_ms": p99,
+        "requests": requests,
+        "errors": 0,
+        "ok": requests,
+        "cpu_s": requests * 500e-6,
+        "proxy_cpu_s": None,
+        "db_cpu_s": None,
+        "server_ok": None,
+        "rows": None,
+        **extra,
+    }
+
+
+def targets(tmp_path) -> dict[str, bool]:
+    body = json.loads((tmp_path / "bench.json").read_text())
+    return {t["target"].split(":")[-1].strip(): t["met"] for t in body["targets"]}
+
+
+def test_the_gateway_is_judged_against_the_faster_peer_with_medians(tmp_path):
+    samples = [sample("gateway", rps, 9.0, logged=True) for rps in (2000, 2600, 2500)]
+    samples += [sample("gateway-nolog", 2700, 8.0) for _ in range(3)]
+    samples += [sample("peer-1w", 2400, 6.0), sample("peer-2w", 4000, 7.0)]
+    md = write_report(tmp_path, samples, {}, {}, META)
+    met = targets(tmp_path)
+    assert met["req/s ≥ the peer's (peer-2w)"] is False  # 2500 (the median) vs 4000
+    assert met["p99 ≤ 1.5 × the peer's (peer-2w)"] is True  # 9.0 vs 7.0
+    assert met["prediction log costs ≤ 10% of throughput (gateway, /predict c8)"] is True  # 2500 vs 2700
+    assert "against peer-1w ×1.04" in md
+
+
+def test_a_run_without_peers_still_reports_the_log_s_cost(tmp_path):
+    samples = [sample("gateway", 2000, 9.0, logged=True), sample("gateway-nolog", 2700, 8.0)]
+    write_report(tmp_path, samples, {}, {}, META)
+    met = targets(tmp_path)
+    assert met["prediction log costs ≤ 10% of throughput (gateway, /predict c8)"] is False
+    assert not any("peer" in t for t in met)
