@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(BIN)/recsys demo
 
 test: $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider --durations=15
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
