@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from redis import Redis
 from rq.registry import FailedJobRegistry
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
 from control_plane import services
 from control_plane.analysis.types import Phase
 from control_plane.context import bootstrap
-from control_plane.db.schema import decisions, labels, predictions
+from control_plane.db.schema import decisions
 from control_plane.jobs import QUEUE, schedule_evaluations
 from control_plane.settings import Settings
 from control_plane.stack import programs
@@ -32,6 +29,7 @@ from control_plane.stack.local import _redis_up
 from control_plane.stack.supervisor import Supervisor
 from control_plane.traffic_ops import apply_assignment
 from tests.conftest import free_port, ready_servers
+from tests.traffic_rows import feed, traefik_split
 
 pytestmark = pytest.mark.integration
 
@@ -118,44 +116,6 @@ def ctx(loop, pg_engine):
     ctx.registry.set_alias("baseline", 2)
     apply_assignment(ctx, {"baseline": (2, 95), "control": (1, 5)})
     return ctx
-
-
-def feed(ctx, n: int, accuracy: dict[int, float], rng) -> None:
-    """n weighted requests split as the Traefik file says, with labels, stamped now."""
-    split = traefik_split(ctx)
-    now = time.time()
-    preds, labs = [], []
-    for version, weight in split.items():
-        for _ in range(n * weight // 100):
-            rid = uuid.uuid4().hex
-            score = float(rng.random())
-            label = int(score >= 0.5) if rng.random() < accuracy[version] else int(score < 0.5)
-            preds.append(
-                {
-                    "request_id": rid,
-                    "ts": now - rng.random(),
-                    "model_version": version,
-                    "role": "x",
-                    "route": "weighted",
-                    "endpoint": "predict",
-                    "features": None,
-                    "score": score,
-                    "latency_ms": 4 + rng.random(),
-                    "status": 200,
-                }
-            )
-            labs.append({"request_id": rid, "label": label, "ts": now})
-    with ctx.engine.begin() as conn:
-        conn.execute(insert(predictions), preds)
-        conn.execute(insert(labels), labs)
-
-
-def traefik_split(ctx) -> dict[int, int]:
-    doc = yaml.safe_load(Path(ctx.router.path).read_text())
-    return {
-        int(e["name"].split("-v")[1]): e["weight"]
-        for e in doc["http"]["services"]["recsys-split"]["weighted"]["services"]
-    }
 
 
 def scheduled_rows(ctx, rollout_id: int) -> list[dict]:

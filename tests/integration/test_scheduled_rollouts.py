@@ -6,22 +6,20 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from sqlalchemy import insert
 
 from control_plane import services
 from control_plane.analysis.types import Phase
 from control_plane.context import bootstrap
-from control_plane.db.schema import labels, predictions
 from control_plane.jobs import schedule_evaluations
 from control_plane.settings import Settings
 from control_plane.traffic_ops import apply_assignment
 from tests.conftest import ready_servers
+from tests.traffic_rows import feed
 from training.train import train_and_register
 
 pytestmark = pytest.mark.integration
@@ -99,46 +97,12 @@ def world(models, pg_url, pg_engine, redis_url, tmp_path):
     ctx.engine.dispose()
 
 
-def feed(ctx, n: int, accuracy: dict[int, float], error_rate: dict[int, float], rng) -> None:
-    """n weighted requests split as the Traefik file says, with labels; stamped now."""
-    doc = yaml.safe_load(Path(ctx.router.path).read_text())
-    weighted = doc["http"]["services"]["recsys-split"]["weighted"]["services"]
-    now = time.time()
-    preds, labs = [], []
-    for entry in weighted:
-        version = int(entry["name"].split("-v")[1])
-        for _ in range(n * entry["weight"] // 100):
-            rid = uuid.uuid4().hex
-            err = rng.random() < error_rate.get(version, 0.0)
-            score = float(rng.random())
-            label = int(score >= 0.5) if rng.random() < accuracy[version] else int(score < 0.5)
-            preds.append(
-                {
-                    "request_id": rid,
-                    "ts": now - rng.random(),
-                    "model_version": version,
-                    "role": "x",
-                    "route": "weighted",
-                    "endpoint": "predict",
-                    "features": None,
-                    "score": None if err else score,
-                    "latency_ms": 4 + rng.random(),
-                    "status": 500 if err else 200,
-                }
-            )
-            if not err:
-                labs.append({"request_id": rid, "label": label, "ts": now})
-    with ctx.engine.begin() as conn:
-        conn.execute(insert(predictions), preds)
-        conn.execute(insert(labels), labs)
-
-
 def run_until_done(ctx, env, rollout_id, accuracy, error_rate, timeout_s=40) -> Phase:
     schedule_evaluations(env["REDIS_URL"], 1)
     rng = np.random.default_rng(0)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        feed(ctx, 1500, accuracy, error_rate, rng)
+        feed(ctx, 1500, accuracy, rng, error_rate)
         rollout = ctx.ledger.get(rollout_id)
         if rollout.phase.terminal and rollout.pending_action is None:  # decided, and the action applied
             return rollout.phase
@@ -175,7 +139,7 @@ def test_scheduled_ticks_advance_a_better_canary_through_its_steps_and_promote_i
 def test_a_canary_that_errors_is_rolled_back_at_its_first_evaluation(world):
     ctx, env = world
     rollout = services.start_canary(ctx, 4, FAST, actor="test")
-    feed(ctx, 3000, {1: 0.7, 2: 0.7, 4: 0.7}, {4: 0.3}, np.random.default_rng(1))
+    feed(ctx, 3000, {1: 0.7, 2: 0.7, 4: 0.7}, np.random.default_rng(1), {4: 0.3})
     phase = run_until_done(ctx, env, rollout.id, {1: 0.7, 2: 0.7, 4: 0.7}, {4: 0.3}, timeout_s=30)
     assert phase is Phase.ROLLED_BACK
     evaluations = [d for d in ctx.ledger.decisions(rollout.id) if d["actor"] == "scheduler"]

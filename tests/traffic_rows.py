@@ -1,0 +1,57 @@
+"""Synthetic served traffic for tests that drive the control plane without Bentos: rows as the split says."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+from sqlalchemy import insert
+
+from control_plane.db.schema import labels, predictions
+
+
+def traefik_split(ctx) -> dict[int, int]:
+    """version -> weight in the weighted service of the Traefik file the router wrote."""
+    doc = yaml.safe_load(Path(ctx.router.path).read_text())
+    return {
+        int(e["name"].split("-v")[1]): e["weight"]
+        for e in doc["http"]["services"]["recsys-split"]["weighted"]["services"]
+    }
+
+
+def feed(ctx, n: int, accuracy: dict[int, float], rng, error_rate: dict[int, float] | None = None) -> None:
+    """n weighted requests split as the Traefik file says, stamped within the last second, each 2xx labelled.
+
+    A version answers correctly with probability `accuracy[version]` and fails (5xx, no score, no label)
+    with probability `error_rate[version]`.
+    """
+    error_rate = error_rate or {}
+    now = time.time()
+    preds, labs = [], []
+    for version, weight in traefik_split(ctx).items():
+        for _ in range(n * weight // 100):
+            rid = uuid.uuid4().hex
+            err = rng.random() < error_rate.get(version, 0.0)
+            score = float(rng.random())
+            label = int(score >= 0.5) if rng.random() < accuracy[version] else int(score < 0.5)
+            preds.append(
+                {
+                    "request_id": rid,
+                    "ts": now - rng.random(),
+                    "model_version": version,
+                    "role": "x",
+                    "route": "weighted",
+                    "endpoint": "predict",
+                    "features": None,
+                    "score": None if err else score,
+                    "latency_ms": 4 + rng.random(),
+                    "status": 500 if err else 200,
+                }
+            )
+            if not err:
+                labs.append({"request_id": rid, "label": label, "ts": now})
+    with ctx.engine.begin() as conn:
+        conn.execute(insert(predictions), preds)
+        conn.execute(insert(labels), labs)
