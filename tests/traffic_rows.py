@@ -11,6 +11,16 @@ from sqlalchemy import insert
 
 from control_plane.db.schema import labels, predictions
 
+# A policy for tests that feed a few thousand rows: no step minimum, small samples.
+FAST_POLICY = {
+    "step_min_duration_s": 0,
+    "min_labelled_per_arm": 200,
+    "min_requests_per_arm": 50,
+    "min_latency_samples": 100,
+    "expected_n": 2000,
+    "harm_expected_n": 200,
+}
+
 
 def traefik_split(ctx) -> dict[int, int]:
     """version -> weight in the weighted service of the Traefik file the router wrote."""

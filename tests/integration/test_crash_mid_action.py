@@ -29,21 +29,12 @@ from control_plane.stack.local import _redis_up
 from control_plane.stack.supervisor import Supervisor
 from control_plane.traffic_ops import apply_assignment
 from tests.conftest import free_port, ready_servers
-from tests.traffic_rows import feed, traefik_split
+from tests.traffic_rows import FAST_POLICY, feed, traefik_split
 
 pytestmark = pytest.mark.integration
 
 # Small samples, one-second ticks; a single step so that the first conclusive evaluation promotes.
-POLICY = {
-    "steps": [50],
-    "step_min_duration_s": 0,
-    "min_labelled_per_arm": 200,
-    "min_requests_per_arm": 50,
-    "min_latency_samples": 100,
-    "expected_n": 2000,
-    "harm_expected_n": 200,
-    "label_window_s": 0,
-}
+POLICY = {**FAST_POLICY, "steps": [50], "label_window_s": 0}
 
 
 def wait_for(check, timeout_s: float, what: str, every_s: float = 0.5):

@@ -19,19 +19,12 @@ from control_plane.jobs import schedule_evaluations
 from control_plane.settings import Settings
 from control_plane.traffic_ops import apply_assignment
 from tests.conftest import ready_servers
-from tests.traffic_rows import feed
+from tests.traffic_rows import FAST_POLICY, feed
 from training.train import train_and_register
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
-FAST = {
-    "step_min_duration_s": 0,
-    "min_labelled_per_arm": 200,
-    "min_requests_per_arm": 50,
-    "min_latency_samples": 100,
-    "expected_n": 2000,
-    "harm_expected_n": 200,
-}
+FAST = FAST_POLICY
 
 
 @pytest.fixture(scope="module")

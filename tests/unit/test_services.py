@@ -19,15 +19,9 @@ from control_plane.registry.memory import InMemoryRegistry
 from control_plane.settings import Settings
 from control_plane.traffic.memory import InMemoryRouter
 from control_plane.traffic_ops import apply_assignment
+from tests.traffic_rows import FAST_POLICY
 
-FAST = {
-    "step_min_duration_s": 0,
-    "min_labelled_per_arm": 200,
-    "min_requests_per_arm": 50,
-    "min_latency_samples": 100,
-    "expected_n": 2000,
-    "harm_expected_n": 200,
-}
+FAST = FAST_POLICY
 
 
 class Clock:
