@@ -222,19 +222,9 @@ async def _read_body(receive, limit: int) -> tuple[bytes | None, tuple[int, str]
 
 async def _buffered(receive, limit: int):
     """Read a body sent without Content-Length (chunked), refusing it once it passes `limit`."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return receive, None  # client went away; let the app see it
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        if size > limit:
-            return receive, (413, f"request body is over the limit of {limit} bytes (RECSYS_MAX_BODY_BYTES)")
-        if not message.get("more_body", False):
-            break
-    body = b"".join(chunks)
+    body, problem = await _read_body(receive, limit)
+    if body is None:
+        return receive, problem  # a 413, or the client went away (the app sees it)
     sent = False
 
     async def replay():

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from control_plane.analysis.types import Phase
 from control_plane.settings import Settings
-
-LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+from load.locust_process import start_locust
 
 
 def _say(msg: str = "") -> None:
@@ -22,34 +21,24 @@ def _say(msg: str = "") -> None:
 def start_load(
     settings: Settings, users: int, log_path: Path, csv: str | None = None, ok_log: str | None = None
 ) -> subprocess.Popen:
-    """Locust, headless, through the gateway, labels drawn from the ground truth."""
-    cmd = [
-        str(Path(sys.executable).with_name("locust")),
-        "-f",
-        str(LOCUSTFILE),
-        "--headless",
-        "-u",
-        str(users),
-        "-r",
-        str(users),
-        "--host",
-        f"http://127.0.0.1:{settings.gateway_port}",
-        "--only-summary",
-        "--label-delay-min",
-        "0.2",
-        "--label-delay-max",
-        "1.5",
-        "--think-min",
-        "0.01",
-        "--think-max",
-        "0.05",
+    """Locust through the gateway, labels drawn from the ground truth, short think times."""
+    return start_locust(
+        settings,
+        users,
+        log_path,
+        *(
+            "--label-delay-min",
+            "0.2",
+            "--label-delay-max",
+            "1.5",
+            "--think-min",
+            "0.01",
+            "--think-max",
+            "0.05",
+        ),
         # Locust rewrites the CSV once a second and not at shutdown; the JSON is written at shutdown.
         *(["--csv", csv, "--json-file", f"{csv}_final"] if csv else []),
         *(["--ok-log", ok_log] if ok_log else []),
-    ]
-    log = log_path.open("w")
-    return subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
 
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from control_plane.settings import Settings
+from load.locust_process import start_locust
 
-LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 MB = 1024 * 1024
 HORSE_MAX_AGE_S = 60
 # A policy that moves the canary a step every 15 s on small samples and cannot promote within a short soak
@@ -252,37 +252,15 @@ def logged_predictions(settings: Settings, since: float, until: float) -> int:
 def run_locust(
     settings: Settings, users: int, think_s: float, duration_s: float, csv_prefix: Path, log_path: Path
 ) -> subprocess.Popen:
-    cmd = [
-        str(Path(sys.executable).with_name("locust")),
-        "-f",
-        str(LOCUSTFILE),
-        "--headless",
-        "--only-summary",
-        "-u",
-        str(users),
-        "-r",
-        str(users),
-        "-t",
-        f"{int(duration_s)}s",
-        "--stop-timeout",
-        "5",
-        "--host",
-        f"http://127.0.0.1:{settings.gateway_port}",
-        "--csv",
-        str(csv_prefix),
-        "--json-file",
-        str(csv_prefix),
-        "--think-min",
-        str(think_s),
-        "--think-max",
-        str(think_s),
-        "--label-delay-min",
-        "0.2",
-        "--label-delay-max",
-        "2.0",
-    ]
-    with open(log_path, "w") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    return start_locust(
+        settings,
+        users,
+        log_path,
+        *("-t", f"{int(duration_s)}s", "--stop-timeout", "5"),
+        *("--csv", str(csv_prefix), "--json-file", str(csv_prefix)),
+        *("--think-min", str(think_s), "--think-max", str(think_s)),
+        *("--label-delay-min", "0.2", "--label-delay-max", "2.0"),
+    )
 
 
 def read_locust(csv_prefix: Path, result: Result) -> None:

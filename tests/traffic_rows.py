@@ -31,6 +31,22 @@ def traefik_split(ctx) -> dict[int, int]:
     }
 
 
+def served_row(rid: str, ts: float, version: int, score: float, latency_ms: float, error: bool) -> dict:
+    """A `predictions` row of Traefik's weighted split: a 5xx has no score."""
+    return {
+        "request_id": rid,
+        "ts": ts,
+        "model_version": version,
+        "role": "x",
+        "route": "weighted",
+        "endpoint": "predict",
+        "features": None,
+        "score": None if error else score,
+        "latency_ms": latency_ms,
+        "status": 500 if error else 200,
+    }
+
+
 def feed(ctx, n: int, accuracy: dict[int, float], rng, error_rate: dict[int, float] | None = None) -> None:
     """n weighted requests split as the Traefik file says, stamped within the last second, each 2xx labelled.
 
@@ -46,20 +62,7 @@ def feed(ctx, n: int, accuracy: dict[int, float], rng, error_rate: dict[int, flo
             err = rng.random() < error_rate.get(version, 0.0)
             score = float(rng.random())
             label = int(score >= 0.5) if rng.random() < accuracy[version] else int(score < 0.5)
-            preds.append(
-                {
-                    "request_id": rid,
-                    "ts": now - rng.random(),
-                    "model_version": version,
-                    "role": "x",
-                    "route": "weighted",
-                    "endpoint": "predict",
-                    "features": None,
-                    "score": None if err else score,
-                    "latency_ms": 4 + rng.random(),
-                    "status": 500 if err else 200,
-                }
-            )
+            preds.append(served_row(rid, now - rng.random(), version, score, 4 + rng.random(), err))
             if not err:
                 labs.append({"request_id": rid, "label": label, "ts": now})
     with ctx.engine.begin() as conn:

@@ -6,15 +6,14 @@ Every test puts back what it changes (weights, stopped processes, schedules) for
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 
 import httpx
 import psutil
@@ -24,6 +23,8 @@ from hypothesis import strategies as st
 
 from control_plane.stack import programs
 from control_plane.stack.supervisor import Supervisor
+from tests.conftest import wait_for as _wait_for
+from tests.steady_traffic import Traffic
 
 pytestmark = pytest.mark.e2e
 
@@ -41,53 +42,12 @@ LOOPBACK = {"127.0.0.1", "::1"}
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-class Traffic:
-    """/predict through the gateway at a steady rate; remembers (time, status, version) of each answer."""
-
-    def __init__(self, url: str, rate_per_s: float = RATE_PER_S, threads: int = 6) -> None:
-        self.url, self.period_s = url, threads / rate_per_s
-        self.answers: list[tuple[float, int, str | None]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-
-    def _run(self, i: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=10) as client:
-            due = time.monotonic() + i * self.period_s / len(self._threads)
-            while not self._stop.is_set():
-                try:
-                    r = client.post(
-                        "/predict",
-                        json={"features": FEATURES},
-                        headers={"x-request-id": f"faults-{uuid.uuid4().hex}"},
-                    )
-                    answer = (time.time(), r.status_code, r.headers.get("x-model-version"))
-                except httpx.HTTPError as exc:
-                    answer = (time.time(), -1, type(exc).__name__)
-                self.answers.append(answer)
-                due += self.period_s
-                time.sleep(max(0.0, due - time.monotonic()))
-
-    def failed(self, since: float = 0.0) -> list[tuple[float, int, str | None]]:
-        return [a for a in self.answers if a[1] != 200 and a[0] >= since]
-
-    def __enter__(self) -> Traffic:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(15)
+wait_for = functools.partial(_wait_for, every_s=0.25)  # fault timings are read off these polls
 
 
-def wait_for(check, timeout_s: float, what: str, every_s: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
-        time.sleep(every_s)
-    return value
+def steady_load(url: str, rate_per_s: float = RATE_PER_S) -> Traffic:
+    """Gateway /predict at a steady rate while something is broken."""
+    return Traffic(url, rate_per_s, FEATURES, threads=6, prefix="faults")
 
 
 def get_json(url: str):
@@ -445,7 +405,7 @@ def test_a_redis_outage_does_not_touch_serving_and_evaluations_resume(stack):
             return False
 
     try:
-        with Traffic(stack.gateway, 20) as traffic:
+        with steady_load(stack.gateway, 20) as traffic:
             time.sleep(2)
             rpc.stopProcess("redis")
             time.sleep(8)
@@ -489,7 +449,7 @@ def test_a_bento_that_crashes_under_load_costs_at_most_two_seconds_of_its_traffi
     version = before["versions"]["baseline"]
     name = f"bento-v{version}"
     tree = program_tree(sup, name)
-    with Traffic(stack.gateway) as traffic:
+    with steady_load(stack.gateway) as traffic:
         time.sleep(3)
         killed_at = time.time()
         for p in tree:
@@ -503,10 +463,10 @@ def test_a_bento_that_crashes_under_load_costs_at_most_two_seconds_of_its_traffi
         f"serving again after {back_at - killed_at:.1f} s"
     )
     assert len(failed) <= kill_bound(before["weights"]["baseline"]), failed
-    assert all(killed_at <= t <= killed_at + 3 for t, _, _ in failed), failed
+    assert all(killed_at <= a.t <= killed_at + 3 for a in failed), failed
     assert not any(alive(p.pid) for p in tree)
     assert traffic_state(stack) == before, "the weights are the same afterwards"
-    served = {v for t, s, v in traffic.answers if s == 200 and t > back_at}
+    served = {a.version for a in traffic.answers if a.status == 200 and a.t > back_at}
     assert str(version) in served
 
 
@@ -519,7 +479,7 @@ def test_killing_the_supervised_bentoml_process_leaves_no_orphan_worker(stack):
     name = f"bento-v{version}"
     tree = program_tree(sup, name)
     try:
-        with Traffic(stack.gateway) as traffic:
+        with steady_load(stack.gateway) as traffic:
             time.sleep(2)
             os.kill(tree[0].pid, signal.SIGKILL)
             wait_for(

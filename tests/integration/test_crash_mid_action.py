@@ -28,24 +28,13 @@ from control_plane.stack import programs
 from control_plane.stack.local import _redis_up
 from control_plane.stack.supervisor import Supervisor
 from control_plane.traffic_ops import apply_assignment
-from tests.conftest import free_port, ready_servers
+from tests.conftest import free_port, ready_servers, wait_for
 from tests.traffic_rows import FAST_POLICY, feed, traefik_split
 
 pytestmark = pytest.mark.integration
 
 # Small samples, one-second ticks; a single step so that the first conclusive evaluation promotes.
 POLICY = {**FAST_POLICY, "steps": [50], "label_window_s": 0}
-
-
-def wait_for(check, timeout_s: float, what: str, every_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
-        time.sleep(every_s)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -30,9 +29,10 @@ from control_plane.db.schema import decisions, labels, predictions
 from control_plane.settings import Settings
 from control_plane.traffic_ops import apply_assignment
 from control_plane.web import create_app
-from tests.conftest import free_port, fresh_database, ready_servers
+from tests.conftest import free_port, fresh_database, ready_servers, wait_for
 from tests.integration._tcp_proxy import TcpProxy
 from tests.integration.test_predlog_postgres import via_port
+from tests.steady_traffic import Traffic
 
 pytestmark = pytest.mark.integration
 
@@ -43,50 +43,9 @@ FEATURES = [0.6, 1.2, 0.3, 1.6, 0.25, 28.0, 40.0, 4.2, 0.1, 0.4, 1.0, 0.5, -0.8,
 INTERVAL_S = 5  # the schedule's interval for the evaluations this test runs by hand
 
 
-def wait_until(check, timeout_s: float, what: str, every_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
-        time.sleep(every_s)
-    return value
-
-
-class Traffic:
-    """Predictions at a steady rate from a few threads; remembers each answer."""
-
-    def __init__(self, url: str, rate_per_s: float, threads: int = 4) -> None:
-        self.url, self.period_s, self.threads = url, threads / rate_per_s, threads
-        self.answers: list[tuple[float, int, str]] = []  # (time, status, request id)
-        self._stop = threading.Event()
-        self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-
-    def _run(self, i: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=10) as client:
-            due = time.monotonic() + i * self.period_s / self.threads
-            while not self._stop.is_set():
-                rid = f"outage-{uuid.uuid4().hex}"
-                try:
-                    status = client.post(
-                        "/predict",
-                        json={"features": FEATURES},
-                        headers={"x-request-id": rid, "x-recsys-route": "weighted"},
-                    ).status_code
-                except httpx.HTTPError:
-                    status = -1
-                self.answers.append((time.time(), status, rid))
-                due += self.period_s
-                time.sleep(max(0.0, due - time.monotonic()))
-
-    def __enter__(self) -> Traffic:
-        for w in self._workers:
-            w.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for w in self._workers:
-            w.join(15)
+def steady_load(url: str) -> Traffic:
+    """Predictions at RATE_PER_S straight to the Bento, marked as if Traefik's split had sent them."""
+    return Traffic(url, RATE_PER_S, FEATURES, headers={"x-recsys-route": "weighted"}, prefix="outage")
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +119,7 @@ def world(tmp_path_factory, database, redis_url_module):
             except httpx.HTTPError:
                 return False
 
-        wait_until(ready, 120, "bentoml serve ready")
+        wait_for(ready, 120, "bentoml serve ready")
         ctx.registry.set_alias("baseline", 1)
         apply_assignment(ctx, {"baseline": (1, 100)})
         yield ctx, proxy, bento, work
@@ -233,14 +192,14 @@ def test_a_30_second_database_outage_under_load(world, database, monkeypatch):
     rng = np.random.default_rng(0)
     policy = {"steps": [50], "step_min_duration_s": 3600, "p99_ratio": 10.0}  # holds: it never acts here
     rollout = services.start_canary(ctx, 2, policy, actor="test")
-    with Traffic(bento, RATE_PER_S) as warmup:
+    with steady_load(bento) as warmup:
         time.sleep(3)
     baseline_rows(direct, len(warmup.answers), rng)
-    wait_until(lambda: canary_rows(direct) >= len(warmup.answers), 20, "warm-up rows")
+    wait_for(lambda: canary_rows(direct) >= len(warmup.answers), 20, "warm-up rows")
     before = run_tick(monkeypatch, ctx)
     assert before["action"] == "hold", before
 
-    with Traffic(bento, RATE_PER_S) as traffic:
+    with steady_load(bento) as traffic:
         time.sleep(5)
         proxy.stop()
         cut_at = time.time()
@@ -254,7 +213,7 @@ def test_a_30_second_database_outage_under_load(world, database, monkeypatch):
             assert app.get("/api/rollouts").status_code == 503
             # The scheduled evaluation during the outage decides nothing and is not lost.
             outage_at = cut_at + 2 * INTERVAL_S
-            wait_until(lambda: time.time() >= outage_at, 3 * INTERVAL_S, "a tick inside the outage")
+            wait_for(lambda: time.time() >= outage_at, 3 * INTERVAL_S, "a tick inside the outage")
             during = run_tick(monkeypatch, ctx)
             outage_tick = during["tick"]
             assert (
@@ -262,7 +221,7 @@ def test_a_30_second_database_outage_under_load(world, database, monkeypatch):
                 == {"tick": outage_tick, "action": "no_data", "recorded": False, "reason": during["reason"]}
                 and "database was unreachable" in during["reason"]
             )
-            wait_until(lambda: any((work / "spill").glob("predlog-*.jsonl")), 10, "rows spilled to disk")
+            wait_for(lambda: any((work / "spill").glob("predlog-*.jsonl")), 10, "rows spilled to disk")
             time.sleep(max(0.0, cut_at + OUTAGE_S - time.time()))
         finally:
             proxy.start()
@@ -271,14 +230,14 @@ def test_a_30_second_database_outage_under_load(world, database, monkeypatch):
     assert restored_at - cut_at >= OUTAGE_S
 
     # Predictions kept being served: no added errors.
-    statuses = [s for _, s, _ in traffic.answers]
-    in_outage = [s for t, s, _ in traffic.answers if cut_at <= t < restored_at]
+    statuses = [a.status for a in traffic.answers]
+    in_outage = [a.status for a in traffic.answers if cut_at <= a.t < restored_at]
     assert len(in_outage) >= OUTAGE_S * RATE_PER_S * 0.5, f"only {len(in_outage)} requests during the outage"
     assert set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
 
     # Every 2xx prediction is exactly one row once the spill files are replayed; nothing else is.
-    assert {s for _, s, _ in warmup.answers} == {200}
-    served = {rid for _, s, rid in warmup.answers + traffic.answers if s == 200}
+    assert {a.status for a in warmup.answers} == {200}
+    served = {a.request_id for a in warmup.answers + traffic.answers if a.status == 200}
 
     def rows_by_id():
         with direct.connect() as conn:
@@ -290,7 +249,7 @@ def test_a_30_second_database_outage_under_load(world, database, monkeypatch):
                 ).all()
             )
 
-    rows = wait_until(
+    rows = wait_for(
         lambda: (r := rows_by_id()) and set(r) >= served and r, 60, "every served row in Postgres"
     )
     assert set(rows) == served and set(rows.values()) == {1}

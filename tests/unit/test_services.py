@@ -19,7 +19,7 @@ from control_plane.registry.memory import InMemoryRegistry
 from control_plane.settings import Settings
 from control_plane.traffic.memory import InMemoryRouter
 from control_plane.traffic_ops import apply_assignment
-from tests.traffic_rows import FAST_POLICY
+from tests.traffic_rows import FAST_POLICY, served_row
 
 FAST = FAST_POLICY
 
@@ -70,20 +70,7 @@ def seed(
         score = float(rng.random())
         right = rng.random() < accuracy
         label = int(score >= 0.5) if right else int(score < 0.5)
-        preds.append(
-            {
-                "request_id": rid,
-                "ts": now - 1 - i * 50 / n,
-                "model_version": version,
-                "role": "x",
-                "route": "weighted",
-                "endpoint": "predict",
-                "features": None,
-                "score": None if err else score,
-                "latency_ms": latency_ms + rng.random(),
-                "status": 500 if err else 200,
-            }
-        )
+        preds.append(served_row(rid, now - 1 - i * 50 / n, version, score, latency_ms + rng.random(), err))
         if not err:
             labs.append({"request_id": rid, "label": label, "ts": now})
     with ctx.engine.begin() as conn:

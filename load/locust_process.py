@@ -1,0 +1,34 @@
+"""Locust, headless, through the gateway, as a child process: how the demo and the soak start their load."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from control_plane.settings import Settings
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+
+
+def start_locust(settings: Settings, users: int, log_path: Path, *options: str) -> subprocess.Popen:
+    """`locust -f load/locustfile.py --headless` with `users` users at the gateway, plus `options`."""
+    cmd = [
+        str(Path(sys.executable).with_name("locust")),
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--only-summary",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "--host",
+        f"http://127.0.0.1:{settings.gateway_port}",
+        *options,
+    ]
+    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
