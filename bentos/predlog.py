@@ -138,11 +138,14 @@ def _copy_batch(engine: Engine, rows: list[PredictionRow]) -> None:
         dbapi = conn.connection.dbapi_connection
         try:
             with dbapi.cursor() as cur:
-                cur.execute(_STAGE_DDL)
+                if not conn.connection.info.get(_STAGE):  # once per database session: it lives as long
+                    cur.execute(_STAGE_DDL)
                 cur.copy_expert(_COPY, data)
                 cur.execute(_MERGE)
             dbapi.commit()
+            conn.connection.info[_STAGE] = True  # committed: the table now exists in this session
         except Exception as exc:
+            conn.connection.info.pop(_STAGE, None)  # a rollback may have undone its creation
             if _is_bad_data(exc):
                 dbapi.rollback()
             else:
