@@ -10,7 +10,8 @@ Environment (read when the worker starts):
                           (default sqlite:///$RECSYS_STATE_DIR/recsys.db)
   RECSYS_STATE_DIR        default .recsys
   RECSYS_SPILL_DIR        spill files for rows the database did not take (default $RECSYS_STATE_DIR/spill)
-  RECSYS_PREDLOG=off      no prediction log (benchmarks)
+  RECSYS_PREDLOG          on: the log's writer in a process of its own (default); thread: in this
+                          process; off: no prediction log (benchmarks)
   RECSYS_PREDLOG_FLUSH_S  how long the log's writer lets a batch build up (default 0.2)
   RECSYS_GIL_SWITCH_MS    the interpreter's thread switch interval in ms (default 1; Python's is 5)
   RECSYS_ACCESS_LOG=on    one JSON log line per model request (default off)
@@ -88,7 +89,7 @@ class Recsys:
         from bentos.logs import use_json_logs
         from bentos.metrics import ServiceMetrics
         from bentos.model import CatBoostScorer
-        from bentos.predlog import NullLogWriter, PredictionLogWriter, default_engine_factory
+        from bentos.predlog import default_engine_factory
         from bentos.roles import RoleWatcher
         from control_plane.settings import Settings
 
@@ -105,19 +106,11 @@ class Recsys:
 
         engine_factory = default_engine_factory(settings.database_url)
         self.roles = RoleWatcher(engine_factory, self.model_version).start()
-        if os.environ.get("RECSYS_PREDLOG", "on").lower() in ("off", "0", "false", "no"):
-            self.predlog = NullLogWriter()
-        else:
-            spill_dir = os.environ.get("RECSYS_SPILL_DIR") or settings.spill_dir
-            self.predlog = PredictionLogWriter(
-                engine_factory,
-                spill_dir,
-                flush_interval_s=float(os.environ.get("RECSYS_PREDLOG_FLUSH_S", "0.2")),
-                on_stats=self.metrics.observe_writer,
-            ).start()
-        # The log's writer thread holds the GIL while it formats a batch; at Python's default 5 ms a
-        # request waiting for the event loop could wait that long. At 1 ms the gateway served 6-15%
-        # more requests/s with a lower p99 at 8 connections (docs/performance.md).
+        self.predlog = _prediction_log(settings, engine_factory, self.metrics.observe_writer).start()
+        # A writer thread in this process (RECSYS_PREDLOG=thread) holds the GIL while it formats a
+        # batch; at Python's default 5 ms a request waiting for the event loop could wait that long.
+        # At 1 ms the gateway served 6-15% more requests/s with a lower p99 at 8 connections. With the
+        # writer in a process of its own (the default) it measured neutral (docs/performance.md).
         sys.setswitchinterval(float(os.environ.get("RECSYS_GIL_SWITCH_MS", "1")) / 1000)
         atexit.register(self.predlog.close)  # in case the shutdown hook never runs
         # One JSON line per request (BentoML's own access log is off: it costs 6-9% of throughput).
@@ -262,6 +255,27 @@ Recsys.add_asgi_middleware(
     max_body_bytes=lambda: _settings().max_body_bytes,
     state=lambda: _current_service_or_none(),
 )
+
+
+def _prediction_log(settings, engine_factory, on_stats):
+    """The writer RECSYS_PREDLOG asks for: on (a process of its own, the default), thread, or off."""
+    from bentos.predlog import NullLogWriter, PredictionLogWriter
+    from bentos.predlog_process import ProcessLogWriter
+
+    mode = os.environ.get("RECSYS_PREDLOG", "on").lower()
+    if mode in ("off", "0", "false", "no"):
+        return NullLogWriter()
+    if mode not in ("on", "1", "true", "yes", "process", "thread"):
+        raise ValueError(f"RECSYS_PREDLOG={mode!r}: expected on, thread or off")
+    spill_dir = os.environ.get("RECSYS_SPILL_DIR") or settings.spill_dir
+    flush_interval_s = float(os.environ.get("RECSYS_PREDLOG_FLUSH_S", "0.2"))
+    if mode == "thread":
+        return PredictionLogWriter(
+            engine_factory, spill_dir, flush_interval_s=flush_interval_s, on_stats=on_stats
+        )
+    return ProcessLogWriter(
+        settings.database_url, spill_dir, flush_interval_s=flush_interval_s, on_stats=on_stats
+    )
 
 
 def _settings():

@@ -15,6 +15,26 @@ ADMIN_ENTRYPOINT = "traefik"
 # Latency buckets in seconds, from 5 ms: model calls take a few ms, so Traefik's defaults (0.1 s up) are too coarse.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
+# The access log's fields. Traefik encodes each kept field of every request as JSON; keeping these
+# instead of all of them (StartLocal, ServiceAddr and others repeat one another) took its CPU per
+# request from 217 to 206 us at 8 connections (docs/performance.md).
+ACCESS_LOG_FIELDS = (
+    "StartUTC",
+    "Duration",
+    "OriginDuration",
+    "RouterName",
+    "ServiceName",
+    "ServiceURL",
+    "ClientHost",
+    "RequestMethod",
+    "RequestPath",
+    "RequestContentSize",
+    "OriginStatus",
+    "DownstreamStatus",
+    "DownstreamContentSize",
+    "RetryAttempts",
+)
+
 
 def static_config(
     *,
@@ -31,7 +51,8 @@ def static_config(
     access_log: dict[str, Any] = {
         "format": "json",
         "fields": {
-            "defaultMode": "keep",
+            "defaultMode": "drop",
+            "names": dict.fromkeys(ACCESS_LOG_FIELDS, "keep"),
             "headers": {
                 "defaultMode": "drop",
                 "names": {

@@ -297,6 +297,8 @@ def test_the_access_log_is_json_and_keeps_the_route_header(stack):
     line = json.loads(log.read_text().splitlines()[-1])
     assert line["RouterName"].endswith("@file")
     assert any(k.startswith("request_X-Recsys-Route") for k in line)
+    assert line["DownstreamStatus"] == 200 and line["Duration"] > 0
+    assert "StartLocal" not in line and "ClientPort" not in line, "only the listed fields are kept"
 
 
 def test_a_restarted_router_sees_the_weights_in_force(stack):

@@ -1,0 +1,47 @@
+"""The writer process's framing and its throttled stats (the process itself: tests/integration)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+from bentos.predlog import WriterStats
+from bentos.predlog_process import _StatsOut, read_frame, write_frame
+
+
+def test_frames_round_trip_and_a_cut_frame_reads_as_the_end():
+    buf = io.BytesIO()
+    write_frame(buf, [{"request_id": "a", "features": [0.5] * 16}])
+    write_frame(buf, WriterStats(rows_written=3))
+    whole = buf.getvalue()
+    stream = io.BytesIO(whole)
+    assert read_frame(stream) == [{"request_id": "a", "features": [0.5] * 16}]
+    assert read_frame(stream) == WriterStats(rows_written=3)
+    assert read_frame(stream) is None
+    cut = io.BytesIO(whole[:-1])
+    read_frame(cut)
+    assert read_frame(cut) is None, "a frame cut short is the end, not an error"
+
+
+def sent(buf: io.BytesIO) -> list[WriterStats]:
+    stream, out = io.BytesIO(buf.getvalue()), []
+    while (frame := read_frame(stream)) is not None:
+        out.append(frame)
+    return out
+
+
+def test_stats_go_out_at_once_on_a_change_of_state_and_otherwise_at_most_once_a_second(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("bentos.predlog_process.time.monotonic", lambda: now[0])
+    buf = io.BytesIO()
+    out = _StatsOut(buf)
+    base = WriterStats(rows_written=10)
+    out.send(base)  # the first report always goes
+    out.send(dataclasses.replace(base, rows_written=20))  # only progress, 0 s later: held back
+    out.send(dataclasses.replace(base, rows_written=30, db_up=False))  # the database went away: at once
+    now[0] += 0.5
+    out.send(dataclasses.replace(base, rows_written=40, db_up=False))
+    now[0] += 0.6
+    out.send(dataclasses.replace(base, rows_written=50, db_up=False))  # a second since the last
+    out.send(dataclasses.replace(base, rows_written=60, db_up=False), force=True)  # the final report
+    assert [s.rows_written for s in sent(buf)] == [10, 30, 50, 60]
