@@ -69,6 +69,7 @@ class WriterStats:
     rows_replayed: int = 0  # read back from spill files and inserted
     rows_corrupt: int = 0  # unreadable spill lines (a process killed mid-write)
     rows_rejected: int = 0  # refused by the database as bad data, kept in a rejected-*.jsonl file
+    rows_settled: int = 0  # rows given to log() now in the database, a spill file or the rejected file
     write_failures: int = 0  # failed database round trips
     spill_bytes: int = 0  # size of the spill files waiting in the spill directory
     spill_rows: int = 0  # rows this process spilled that no one has replayed yet
@@ -259,6 +260,8 @@ class PredictionLogWriter(_WriterBase):
         self._rows_replayed = 0
         self._rows_corrupt = 0
         self._rows_rejected = 0
+        self._rows_settled = 0
+        self._settle_lock = threading.Lock()
         self._write_failures = 0
         self._spill_bytes = 0
 
@@ -280,6 +283,7 @@ class PredictionLogWriter(_WriterBase):
             except queue.Full:
                 pass
         self._spill([row])
+        self._settled(1)
 
     def close(self, timeout_s: float = 15.0) -> None:
         """Write or spill everything queued, then stop the thread. Safe to call twice."""
@@ -294,7 +298,9 @@ class PredictionLogWriter(_WriterBase):
         if self._thread is None or self._thread.is_alive():
             # The thread is stuck (or never ran): spill what it holds and what is queued. A row
             # that also reaches the database is deduplicated by ON CONFLICT when replayed.
-            self._spill([*self._inflight, *self._drain_queue()])
+            held = [*self._inflight, *self._drain_queue()]
+            self._spill(held)
+            self._settled(len(held))
         with self._spill_lock:
             self._close_spill_file()
         if self._engine is not None and (self._thread is None or not self._thread.is_alive()):
@@ -309,6 +315,7 @@ class PredictionLogWriter(_WriterBase):
             rows_replayed=self._rows_replayed,
             rows_corrupt=self._rows_corrupt,
             rows_rejected=self._rows_rejected,
+            rows_settled=self._rows_settled,
             write_failures=self._write_failures,
             spill_bytes=self._spill_bytes,
             spill_rows=sum(self._own_files.values()),
@@ -351,17 +358,23 @@ class PredictionLogWriter(_WriterBase):
         return batch
 
     def _write(self, batch: list[PredictionRow]) -> None:
+        """Insert the batch or spill it; either way every row of it is settled afterwards."""
         if self._db_down and time.monotonic() < self._next_attempt:
             self._spill(batch)
-            return
-        try:
-            inserted = self._store(batch)
-        except Exception as exc:
-            self._mark_down(exc)
-            self._spill(batch)
-            return
-        self._rows_written += inserted
-        self._mark_up()
+        else:
+            try:
+                inserted = self._store(batch)
+            except Exception as exc:
+                self._mark_down(exc)
+                self._spill(batch)
+            else:
+                self._rows_written += inserted
+                self._mark_up()
+        self._settled(len(batch))  # inserted, already there, rejected, or spilled
+
+    def _settled(self, n: int) -> None:
+        with self._settle_lock:  # the writer thread and callers that spill both count
+            self._rows_settled += n
 
     def _store(self, rows: list[PredictionRow]) -> int:
         """Insert `rows` and return how many went in; raises only when the database is unavailable.

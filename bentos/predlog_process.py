@@ -10,11 +10,13 @@ Why a process: in the Bento's own process the writer thread formatted each batch
 psycopg2 while holding the GIL, and the request loop waited for it. Measured on one Bento at eight
 connections: the log on cost 13-15 % of requests/s and doubled the p99 (docs/performance.md).
 
-What is lost is what was lost with the writer in the Bento's process: rows still in memory when
-a process is killed with SIGKILL. Rows the child cannot take (it died, or never started) are
-spilled by the Bento to the same spill directory, and a child replays them from there. The child
-ignores SIGTERM and SIGINT: it ends when its stdin closes, which happens when the Bento closes the
-log or dies, and then drains everything it holds to the database or to a spill file.
+What is lost: rows still in the Bento's memory (at most a flush interval's) when it is killed with
+SIGKILL. The Bento keeps every row it sent until the child reports it settled (in the database, a
+spill file or the rejected file); when a child dies, the Bento spills what it had not settled, and
+the next child replays it (a row written twice is deduplicated by ON CONFLICT DO NOTHING). A child
+that keeps dying is restarted ever less often, and meanwhile the Bento spills. The child ignores
+SIGTERM and SIGINT: it ends when its stdin closes, which happens when the Bento closes the log or
+dies, and then drains everything it holds to the database or to a spill file.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import logging
 import os
 import pickle
+import select
 import signal
 import struct
 import subprocess
@@ -48,28 +51,57 @@ log = logging.getLogger("recsys.predlog")
 
 CONFIG_ENV = "RECSYS_PREDLOG_CHILD_CONFIG"
 STATS_INTERVAL_S = 1.0
+MAX_RESTART_INTERVAL_S = 30.0
+STUCK_AFTER_UNSETTLED = 5  # times max_queue: a child this far behind is taken for hung
+STABLE_AFTER_S = 10.0  # a child that lived this long restarts after restart_interval_s again
 _HEADER = struct.Struct(">I")  # each frame: its length, then a pickle
 _COUNTERS = tuple(
     f.name for f in dataclasses.fields(WriterStats) if f.name.startswith(("rows_", "write_failures"))
 )
 
 
-def write_frame(stream: BinaryIO, obj) -> None:
+def frame(obj) -> bytes:
     data = pickle.dumps(obj, protocol=5)
-    stream.write(_HEADER.pack(len(data)) + data)
+    return _HEADER.pack(len(data)) + data
+
+
+def write_frame(stream: BinaryIO, obj) -> None:
+    stream.write(frame(obj))
     stream.flush()
+
+
+def write_all(fd: int, data: bytes, timeout_s: float) -> None:
+    """Write `data` to the non-blocking `fd`; TimeoutError when the reader takes none of it for `timeout_s`."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+            continue
+        except BlockingIOError:
+            pass
+        if not select.select([], [fd], [], timeout_s)[1]:
+            raise TimeoutError(f"the writer process took no data for {timeout_s:g} s")
 
 
 def read_frame(stream: BinaryIO):
     """The next object on `stream`; None at its end (a frame cut short counts as the end)."""
-    header = stream.read(_HEADER.size)
-    if len(header) < _HEADER.size:
+    header = _read_exactly(stream, _HEADER.size)
+    if header is None:
         return None
-    (size,) = _HEADER.unpack(header)
-    data = stream.read(size)
-    if len(data) < size:
-        return None
-    return pickle.loads(data)
+    data = _read_exactly(stream, _HEADER.unpack(header)[0])
+    return None if data is None else pickle.loads(data)
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
+    """`size` bytes, reading as often as it takes (a pipe hands over what it has); None at the end."""
+    chunks, missing = [], size
+    while missing:
+        chunk = stream.read(missing)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        missing -= len(chunk)
+    return b"".join(chunks)
 
 
 class ProcessLogWriter(_WriterBase):
@@ -84,6 +116,8 @@ class ProcessLogWriter(_WriterBase):
         flush_interval_s: float = 0.2,
         max_queue: int = 10_000,
         restart_interval_s: float = 1.0,
+        send_timeout_s: float = 5.0,
+        child_command: list[str] | None = None,
         on_stats: Callable[[WriterStats], None] | None = None,
     ) -> None:
         self.database_url = database_url
@@ -92,6 +126,8 @@ class ProcessLogWriter(_WriterBase):
         self.flush_interval_s = flush_interval_s
         self.max_queue = max_queue
         self.restart_interval_s = restart_interval_s
+        self.send_timeout_s = send_timeout_s  # a child that reads nothing for this long is taken for hung
+        self.child_command = child_command or [sys.executable, "-m", "bentos.predlog_process"]
         self._on_stats = on_stats
         self._rows: collections.deque[PredictionRow] = collections.deque()
         # Spills here only what the child cannot take; its spill file is closed after each use, so
@@ -99,6 +135,14 @@ class ProcessLogWriter(_WriterBase):
         self._fallback = PredictionLogWriter(lambda: None, self.spill_dir)  # never started: no thread
         self._child: subprocess.Popen | None = None
         self._next_start = 0.0
+        self._started_at = 0.0
+        self._restart_delay = restart_interval_s
+        # Rows sent to the current child that it has not yet reported settled (in the database, a
+        # spill file or the rejected file): if it dies, they are spilled here. Duplicates that
+        # creates are harmless (ON CONFLICT DO NOTHING when replayed); lost rows would not be.
+        self._unacked: collections.deque[PredictionRow] = collections.deque()
+        self._acked = 0  # the current child's rows_settled already taken off _unacked
+        self._ack_lock = threading.Lock()
         self._child_stats = WriterStats()
         self._ended_children = dict.fromkeys(_COUNTERS, 0)  # counters of children that have exited
         self._stats_lock = threading.Lock()
@@ -144,7 +188,8 @@ class ProcessLogWriter(_WriterBase):
                 child.kill()
                 child.wait()
         for reader in self._readers:
-            reader.join(1.0)
+            reader.join(1.0)  # the child's last report settles what it drained
+        self._spill(self._abandon_unacked())
         self._publish_stats()
 
     def stats(self) -> WriterStats:
@@ -182,16 +227,43 @@ class ProcessLogWriter(_WriterBase):
 
     def _send(self, rows: list[PredictionRow]) -> None:
         child = self._child
+        if child is not None and len(self._unacked) > STUCK_AFTER_UNSETTLED * self.max_queue:
+            # A live child that settles nothing (hung): replaced, so that these rows are not held for ever.
+            log.error("prediction log: writer process %d settles no rows; killed", child.pid)
+            child.kill()
+            child.wait()
         if child is None or child.poll() is not None:
             child = self._restart_child()
         if child is None:
             self._spill(rows)
             return
+        with self._ack_lock:
+            self._unacked.extend(rows)  # before the write: the child may report them settled at once
         try:
-            write_frame(child.stdin, rows)
+            write_all(child.stdin.fileno(), frame(rows), self.send_timeout_s)
+        except TimeoutError as exc:
+            log.error("prediction log: writer process %d hung (%s); killed, rows spilled", child.pid, exc)
+            child.kill()
+            child.wait()
+            self._spill(self._abandon_unacked())
         except (OSError, ValueError) as exc:  # BrokenPipeError, or stdin already closed
             log.warning("prediction log: writer process %d unreachable (%s); rows spilled", child.pid, exc)
-            self._spill(rows)
+            self._spill(self._abandon_unacked())
+
+    def _abandon_unacked(self) -> list[PredictionRow]:
+        """The rows the current child was sent and never reported settled, forgotten here."""
+        with self._ack_lock:
+            rows = list(self._unacked)
+            self._unacked.clear()
+            self._acked = 0
+        return rows
+
+    def _settle(self, settled: int) -> None:
+        with self._ack_lock:
+            popleft = self._unacked.popleft
+            for _ in range(min(settled - self._acked, len(self._unacked))):
+                popleft()
+            self._acked = settled
 
     def _spill(self, rows: list[PredictionRow]) -> None:
         if rows:
@@ -209,10 +281,19 @@ class ProcessLogWriter(_WriterBase):
                 "prediction log: writer process %d exited with %s; starting another", old.pid, old.poll()
             )
             self._end_stdin(old)
+            self._spill(self._abandon_unacked())
         return self._start_child()
 
     def _start_child(self) -> subprocess.Popen | None:
-        self._next_start = time.monotonic() + self.restart_interval_s
+        # A child that keeps dying soon after it starts (it cannot import, say) is restarted ever
+        # less often, up to once every MAX_RESTART_INTERVAL_S: each start costs half a second of CPU.
+        now = time.monotonic()
+        short_lived = self._child is not None and now - self._started_at < STABLE_AFTER_S
+        self._restart_delay = (
+            min(self._restart_delay * 2, MAX_RESTART_INTERVAL_S) if short_lived else self.restart_interval_s
+        )
+        self._next_start = now + self._restart_delay
+        self._started_at = now
         config = {
             "database_url": self.database_url,
             "spill_dir": str(self.spill_dir),
@@ -228,11 +309,13 @@ class ProcessLogWriter(_WriterBase):
         }
         try:
             child = subprocess.Popen(
-                [sys.executable, "-m", "bentos.predlog_process"],
+                self.child_command,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
+                bufsize=0,  # frames go straight to the pipe (write_all), never through a locked buffer
                 env=env,
             )
+            os.set_blocking(child.stdin.fileno(), False)
         except OSError as exc:
             log.error("prediction log: cannot start the writer process: %s", exc)
             return None
@@ -256,8 +339,11 @@ class ProcessLogWriter(_WriterBase):
             if stats is None:
                 return
             with self._stats_lock:
-                if child is self._child:
+                current = child is self._child
+                if current:
                     self._child_stats = stats
+            if current:
+                self._settle(stats.rows_settled)
             self._publish_stats()
 
     @staticmethod

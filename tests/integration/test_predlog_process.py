@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -60,6 +61,30 @@ def test_a_killed_child_is_replaced_and_the_rows_after_it_arrive(pg_url, pg_engi
         assert w._child is not old and w._child.poll() is None
         assert w.stats().rows_written >= 400, "the dead child's count is kept"
     assert count_ids(pg_engine, first) == (200, 200)
+
+
+def test_rows_a_child_dies_holding_are_spilled_by_the_caller_and_arrive_exactly_once(
+    pg_url, pg_engine, tmp_path
+):
+    """Frames in the pipe or the child's memory when it is killed: the caller kept them until settled."""
+    settled, held, after = ids(100), ids(300), ids(100)
+    with ProcessLogWriter(pg_url, tmp_path / "spill", flush_interval_s=0.05, restart_interval_s=0.2) as w:
+        for rid in settled:
+            w.log(row(rid))
+        wait_for(lambda: w.stats().rows_settled == 100, 20, "the first rows settled")
+        old = w._child
+        old.send_signal(signal.SIGSTOP)  # it can neither read nor write now
+        for rid in held:
+            w.log(row(rid))
+        wait_for(lambda: not w._rows, 5, "the held rows sent down the pipe")
+        assert len(w._unacked) == 300
+        old.send_signal(signal.SIGKILL)
+        old.wait()
+        for rid in after:
+            w.log(row(rid))
+        wait_for(lambda: count_ids(pg_engine, held + after) == (400, 400), 40, "held and later rows written")
+    assert count_ids(pg_engine, settled) == (100, 100)
+    assert not list((tmp_path / "spill").glob("predlog-*.jsonl")), "the spilled rows were replayed"
 
 
 def test_rows_the_child_never_got_are_spilled_by_the_caller_and_replayed(
@@ -124,3 +149,30 @@ def test_the_child_ignores_sigterm_and_drains_when_its_input_closes(pg_url, pg_e
     w.close()
     assert child.returncode == 0
     assert count_ids(pg_engine, rids) == (300, 300)
+
+
+@pytest.mark.parametrize(
+    ("max_queue", "n"),
+    [(50, 400), (10_000, 3000)],
+    ids=["too-many-unsettled-rows", "a-full-pipe-for-half-a-second"],
+)
+def test_a_hung_child_is_replaced_and_the_rows_it_held_arrive(pg_url, pg_engine, tmp_path, max_queue, n):
+    rids = ids(n)
+    with ProcessLogWriter(
+        pg_url,
+        tmp_path / "spill",
+        flush_interval_s=0.05,
+        max_queue=max_queue,
+        restart_interval_s=0.1,
+        send_timeout_s=0.5,
+    ) as w:
+        w.log(row(rids[0]))
+        wait_for(lambda: w.stats().rows_settled == 1, 20, "the child up")
+        hung = w._child
+        hung.send_signal(signal.SIGSTOP)
+        for rid in rids[1:]:
+            w.log(row(rid))
+            time.sleep(0.001)
+        wait_for(lambda: hung.poll() is not None, 20, "the hung child killed")
+        wait_for(lambda: count_ids(pg_engine, rids) == (n, n), 40, "every row written")
+    assert w._child is not hung

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import time
 
 from bentos.predlog import WriterStats
-from bentos.predlog_process import _StatsOut, read_frame, write_frame
+from bentos.predlog_process import ProcessLogWriter, _StatsOut, read_frame, write_frame
 
 
 def test_frames_round_trip_and_a_cut_frame_reads_as_the_end():
@@ -45,3 +46,48 @@ def test_stats_go_out_at_once_on_a_change_of_state_and_otherwise_at_most_once_a_
     out.send(dataclasses.replace(base, rows_written=50, db_up=False))  # a second since the last
     out.send(dataclasses.replace(base, rows_written=60, db_up=False), force=True)  # the final report
     assert [s.rows_written for s in sent(buf)] == [10, 30, 50, 60]
+
+
+def test_a_child_that_keeps_dying_is_restarted_ever_less_often_and_its_rows_are_spilled(tmp_path):
+    """A child that exits at once (here /bin/false) costs a start per attempt: the attempts back off."""
+    w = ProcessLogWriter(
+        "sqlite://",
+        tmp_path / "spill",
+        flush_interval_s=0.02,
+        restart_interval_s=0.05,
+        child_command=["false"],
+    )
+    starts = []
+    start_child = w._start_child
+
+    def counted():
+        starts.append(time.monotonic())
+        return start_child()
+
+    w._start_child = counted
+    w.start()
+    deadline = time.monotonic() + 2.0
+    n = 0
+    while time.monotonic() < deadline:
+        w.log(
+            {
+                "request_id": f"r{n}",
+                "ts": 0.0,
+                "model_version": 1,
+                "role": "baseline",
+                "route": "direct",
+                "endpoint": "predict",
+                "features": None,
+                "score": None,
+                "latency_ms": 1.0,
+                "status": 200,
+            }
+        )
+        n += 1
+        time.sleep(0.005)
+    w.close()
+    # Every 0.05 s for 2 s would be 40 starts; doubling from 0.05 s gives at most 7.
+    assert 3 <= len(starts) <= 7, starts
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert gaps[-1] > 2 * gaps[0], gaps
+    assert w.stats().rows_spilled == n, "every row the child never took is in a spill file"
