@@ -227,13 +227,13 @@ class ProcessLogWriter(_WriterBase):
 
     def _send(self, rows: list[PredictionRow]) -> None:
         child = self._child
-        if child is not None and len(self._unacked) > STUCK_AFTER_UNSETTLED * self.max_queue:
-            # A live child that settles nothing (hung): replaced, so that these rows are not held for ever.
-            log.error("prediction log: writer process %d settles no rows; killed", child.pid)
-            child.kill()
-            child.wait()
-        if child is None or child.poll() is not None:
-            child = self._restart_child()
+        if child is not None and child.poll() is not None:
+            self._give_up_on(child, f"exited with {child.returncode}")
+        elif child is not None and len(self._unacked) > STUCK_AFTER_UNSETTLED * self.max_queue:
+            self._give_up_on(child, "settles no rows (hung)")
+        if self._child is None and time.monotonic() >= self._next_start and not self._stopping.is_set():
+            self._start_child()
+        child = self._child
         if child is None:
             self._spill(rows)
             return
@@ -242,13 +242,19 @@ class ProcessLogWriter(_WriterBase):
         try:
             write_all(child.stdin.fileno(), frame(rows), self.send_timeout_s)
         except TimeoutError as exc:
-            log.error("prediction log: writer process %d hung (%s); killed, rows spilled", child.pid, exc)
-            child.kill()
-            child.wait()
-            self._spill(self._abandon_unacked())
+            self._give_up_on(child, f"hung ({exc})")
         except (OSError, ValueError) as exc:  # BrokenPipeError, or stdin already closed
-            log.warning("prediction log: writer process %d unreachable (%s); rows spilled", child.pid, exc)
-            self._spill(self._abandon_unacked())
+            self._give_up_on(child, f"unreachable ({exc})")
+
+    def _give_up_on(self, child: subprocess.Popen, why: str) -> None:
+        """The child is dead or hung: make sure it is gone, and spill the rows it never settled."""
+        log.warning("prediction log: writer process %d %s; its unsettled rows spilled", child.pid, why)
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        self._end_stdin(child)
+        self._child = None  # the next frame starts another, once the backoff allows
+        self._spill(self._abandon_unacked())
 
     def _abandon_unacked(self) -> list[PredictionRow]:
         """The rows the current child was sent and never reported settled, forgotten here."""
@@ -272,23 +278,11 @@ class ProcessLogWriter(_WriterBase):
 
     # ---- the child process -------------------------------------------------------------------
 
-    def _restart_child(self) -> subprocess.Popen | None:
-        if self._stopping.is_set() or time.monotonic() < self._next_start:
-            return None
-        old = self._child
-        if old is not None:
-            log.warning(
-                "prediction log: writer process %d exited with %s; starting another", old.pid, old.poll()
-            )
-            self._end_stdin(old)
-            self._spill(self._abandon_unacked())
-        return self._start_child()
-
     def _start_child(self) -> subprocess.Popen | None:
         # A child that keeps dying soon after it starts (it cannot import, say) is restarted ever
         # less often, up to once every MAX_RESTART_INTERVAL_S: each start costs half a second of CPU.
         now = time.monotonic()
-        short_lived = self._child is not None and now - self._started_at < STABLE_AFTER_S
+        short_lived = self._started_at > 0 and now - self._started_at < STABLE_AFTER_S
         self._restart_delay = (
             min(self._restart_delay * 2, MAX_RESTART_INTERVAL_S) if short_lived else self.restart_interval_s
         )
