@@ -3,7 +3,8 @@
 A single row is scored from the model's trees with numpy (`ObliviousTrees`) rather than through
 CatBoost's predict_proba, whose per-call work (a Pool, argument checks, logger set-up) is most of
 its cost for one row: measured 20 us against 85-300 us, for the same probability to within 1e-15.
-Batches (/recommend) stay with CatBoost, which is faster from a few dozen rows up.
+Small batches (a /recommend's candidates) are scored from the trees too, as long as rows x trees x
+depth stays under `NUMPY_BATCH_WORK`; bigger ones go to CatBoost, whose per-row cost is lower.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ import numpy as np
 log = logging.getLogger("recsys.model")
 
 MLFLOW_MODEL_DIR = "mlflow_model"  # where bentoml.mlflow.import_model puts the MLflow model
+
+# Up to this many rows x trees x depth, a batch is scored with numpy, above it with CatBoost. Measured
+# (CPU per call, one thread): 100 rows of 150 trees of depth 4 (60,000) 90 us against 230 for
+# predict_proba; 10 rows of 500 trees of depth 6 (30,000) 92 against 251; at 120,000 numpy is
+# 0.6-0.9x CatBoost's time and from 150,000-200,000 it is slower (CatBoost's fixed ~200 us per call
+# is paid back by its lower cost per row).
+NUMPY_BATCH_WORK = 120_000
 
 
 class ModelLoadError(RuntimeError):
@@ -58,8 +66,14 @@ class CatBoostScorer:
         return float(self._model.predict_proba(np.asarray(features, dtype=np.float64), thread_count=1)[1])
 
     def score_many(self, rows: Sequence[Sequence[float]]) -> np.ndarray:
-        """One batch predict for all rows (about 0.5 us a row at 1000 rows)."""
-        return self._model.predict_proba(np.asarray(rows, dtype=np.float64), thread_count=1)[:, 1]
+        """Click probabilities of all rows: from the trees for a small batch, else one CatBoost predict."""
+        x = np.asarray(rows, dtype=np.float64)
+        trees = self._trees
+        if trees is not None and x.ndim == 2 and len(x) * trees.n_trees * trees.depth <= NUMPY_BATCH_WORK:
+            scores = trees.score_batch(x)
+            if scores is not None:
+                return scores
+        return self._model.predict_proba(x, thread_count=1)[:, 1]
 
 
 def load_catboost_flavor(path: Path):
@@ -103,6 +117,8 @@ class ObliviousTrees:
         self._leaves = leaves.ravel()
         self._bits = (1 << np.arange(self.depth)).astype(np.intp)
         self._offsets = np.arange(self.n_trees, dtype=np.intp) * (1 << self.depth)
+        self._column_borders = self._borders[:, None]  # for a batch laid out one column per row
+        self._column_offsets = self._offsets[:, None]
         self._scale, self._bias = scale, bias
 
     @classmethod
@@ -149,11 +165,14 @@ class ObliviousTrees:
             rows = trees.probe_rows(n_rows)
             expected = model.predict_proba(rows, thread_count=1)[:, 1]
             got = np.array([trees.score_one(r) for r in rows])
+            batch = trees.score_batch(rows)
         except Exception as exc:  # any surprise: CatBoost's own path is always right
             log.warning("scoring with CatBoost itself: the tree evaluator could not be set up: %s", exc)
             return None
         worst = float(np.max(np.abs(got - expected)))
-        if not worst <= tolerance:
+        if batch is not None:
+            worst = max(worst, float(np.max(np.abs(batch - expected))))
+        if batch is None or not worst <= tolerance:
             log.warning("scoring with CatBoost itself: the tree evaluator is off by %.3g", worst)
             return None
         return trees
@@ -186,3 +205,27 @@ class ObliviousTrees:
             return 1.0 / (1.0 + math.exp(-raw))
         e = math.exp(raw)  # the same sigmoid, without overflowing for large negative sums
         return e / (1.0 + e)
+
+    def score_batch(self, rows: np.ndarray) -> np.ndarray | None:
+        """The click probabilities of a 2-D float array of rows; None if any value is not finite.
+
+        The rows are laid out as columns so that every step is a row gather or an elementwise
+        operation over (splits x rows): measured 3-4x cheaper than indexing row by row.
+        """
+        x = rows.T.astype(np.float32)
+        if x.shape[0] != self.n_features or not np.isfinite(x).all():
+            return None
+        fired = (np.take(x, self._features, axis=0) > self._column_borders).view(np.uint8)
+        fired = fired.reshape(self.n_trees, self.depth, x.shape[1])
+        leaf = fired[:, 0, :].astype(np.intp)
+        for d in range(1, self.depth):
+            leaf |= fired[:, d, :] << d
+        leaf += self._column_offsets
+        raw = self._leaves.take(leaf).sum(axis=0) * self._scale + self._bias
+        return _sigmoid(raw)
+
+
+def _sigmoid(raw: np.ndarray) -> np.ndarray:
+    """1 / (1 + e^-raw), without overflowing for large negative sums."""
+    e = np.exp(-np.abs(raw))
+    return np.where(raw >= 0, 1.0 / (1.0 + e), e / (1.0 + e))

@@ -60,3 +60,43 @@ def test_a_model_whose_trees_do_not_match_is_refused(model, monkeypatch):
     original = ObliviousTrees.score_one
     monkeypatch.setattr(ObliviousTrees, "score_one", lambda self, f: original(self, f) + 1e-6)
     assert ObliviousTrees.checked(model) is None
+
+
+def test_batches_score_as_catboost_does(model):
+    trees = ObliviousTrees.checked(model)
+    rows = np.vstack([trees.probe_rows(300), np.random.default_rng(2).normal(scale=3.0, size=(300, 16))])
+    expected = model.predict_proba(rows)[:, 1]
+    assert np.max(np.abs(trees.score_batch(rows) - expected)) < 1e-12
+    assert np.max(np.abs(trees.score_batch(rows[:1]) - expected[:1])) < 1e-12
+
+
+def test_the_scorer_takes_the_trees_for_small_batches_and_catboost_for_big_ones(model, monkeypatch):
+    from bentos import model as model_module
+
+    scorer = CatBoostScorer(model)
+    calls = []
+    original = ObliviousTrees.score_batch
+    monkeypatch.setattr(
+        ObliviousTrees, "score_batch", lambda self, x: calls.append(len(x)) or original(self, x)
+    )
+    rows = np.random.default_rng(3).normal(size=(400, 16))
+    per_row = scorer._trees.n_trees * scorer._trees.depth
+    monkeypatch.setattr(model_module, "NUMPY_BATCH_WORK", 100 * per_row)
+    small, big = scorer.score_many(rows[:100].tolist()), scorer.score_many(rows.tolist())
+    assert calls == [100]  # 400 rows are over the budget: CatBoost scored them
+    expected = model.predict_proba(rows)[:, 1]
+    assert np.max(np.abs(small - expected[:100])) < 1e-12 and np.max(np.abs(big - expected)) < 1e-15
+
+
+def test_a_batch_with_a_nan_is_left_to_catboost(model):
+    scorer = CatBoostScorer(model)
+    rows = np.random.default_rng(4).normal(size=(20, 16))
+    rows[7, 3] = math.nan
+    assert scorer._trees.score_batch(rows) is None
+    assert np.max(np.abs(scorer.score_many(rows.tolist()) - model.predict_proba(rows)[:, 1])) < 1e-15
+
+
+def test_a_model_whose_batches_do_not_match_is_refused(model, monkeypatch):
+    original = ObliviousTrees.score_batch
+    monkeypatch.setattr(ObliviousTrees, "score_batch", lambda self, x: original(self, x) + 1e-6)
+    assert ObliviousTrees.checked(model) is None
