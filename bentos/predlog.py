@@ -187,15 +187,22 @@ def _insert_statement(engine: Engine):
 
 
 class _WriterBase:
-    """What both writers share: a context manager that starts and closes it, and its stats callback."""
+    """The prediction log's interface (start, log, close, stats) and what its writers share: a
+    context manager that starts and closes it, and the stats callback."""
 
     _on_stats: Callable[[WriterStats], None] | None = None
 
-    def start(self): ...
+    def start(self):
+        raise NotImplementedError
 
-    def close(self, timeout_s: float = 15.0) -> None: ...
+    def log(self, row: PredictionRow) -> None:
+        raise NotImplementedError
 
-    def stats(self) -> WriterStats: ...
+    def close(self, timeout_s: float = 15.0) -> None:
+        raise NotImplementedError
+
+    def stats(self) -> WriterStats:
+        raise NotImplementedError
 
     def __enter__(self):
         return self.start()
@@ -585,7 +592,7 @@ class PredictionLogWriter(_WriterBase):
             self._spill_file = None
 
 
-class NullLogWriter:
+class NullLogWriter(_WriterBase):
     """Stands in for the writer when RECSYS_PREDLOG=off: accepts rows and keeps none."""
 
     def start(self) -> NullLogWriter:

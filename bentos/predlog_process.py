@@ -291,9 +291,12 @@ class ProcessLogWriter(_WriterBase):
         config = {
             "database_url": self.database_url,
             "spill_dir": str(self.spill_dir),
-            "batch_size": self.batch_size,
-            "flush_interval_s": self.flush_interval_s,
-            "max_queue": self.max_queue,
+            # the child's PredictionLogWriter batches as this writer was told to
+            "writer": {
+                "batch_size": self.batch_size,
+                "flush_interval_s": self.flush_interval_s,
+                "max_queue": self.max_queue,
+            },
         }
         package_root = str(Path(__file__).resolve().parent.parent)
         env = {
@@ -355,9 +358,7 @@ def child_main(stdin: BinaryIO, stdout: BinaryIO, config: dict) -> None:
     writer = PredictionLogWriter(
         default_engine_factory(config["database_url"]),
         config["spill_dir"],
-        batch_size=config["batch_size"],
-        flush_interval_s=config["flush_interval_s"],
-        max_queue=config["max_queue"],
+        **config["writer"],
         on_stats=stats_out.send,
     ).start()
     try:
