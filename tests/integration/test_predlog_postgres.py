@@ -148,3 +148,22 @@ def test_a_row_postgres_refuses_is_set_aside_and_the_rest_of_its_batch_goes_in(p
     assert count_ids(pg_engine, [ids[i] for i in (0, 1, 3, 4)]) == (4, 4)
     (rejected,) = (tmp_path / "spill").glob("rejected-*.jsonl")
     assert json.loads(rejected.read_text())["row"]["request_id"] == "x" * 200
+
+
+def test_batches_with_and_without_rows_already_there_alternate_on_one_session(pg_url, pg_engine):
+    # A fresh batch is COPYed straight in; one holding a row already there goes through the
+    # temporary table. Either may follow the other on the same pooled database session.
+    from bentos.predlog import _copy_batch, default_engine_factory
+
+    engine = default_engine_factory(pg_url)()
+    tag = uuid.uuid4().hex[:8]
+    batches = [[f"alt-{tag}-{b}-{i}" for i in range(20)] for b in range(4)]
+    try:
+        _copy_batch(engine, [row(r) for r in batches[0]])
+        _copy_batch(engine, [row(r) for r in batches[0][:5] + batches[1]])  # 5 already there
+        _copy_batch(engine, [row(r) for r in batches[2]])
+        _copy_batch(engine, [row(r) for r in batches[2][-1:] + batches[3] + batches[1][:1]])
+    finally:
+        engine.dispose()
+    everything = [r for b in batches for r in b]
+    assert count_ids(pg_engine, everything) == (80, 80)
