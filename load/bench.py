@@ -7,7 +7,8 @@ their Bentos in a temporary BENTOML_HOME and starts, all at once:
 
   gateway        Traefik (the stack's static config, weights 85/10/5) over three `bentoml serve`,
                  prediction log on, into a fresh Postgres database (or SQLite with --database sqlite)
-  gateway-nolog  the same with RECSYS_PREDLOG=off (what the log costs; /predict at 8 connections only)
+  gateway-nolog  the same with RECSYS_PREDLOG=off (what the log costs; /predict at 8 connections only,
+                 and one more pair of runs, log on and off back to back, at the end of each repeat)
   bento          the gateway's baseline Bento, directly
   peer-1w/-2w    load/peer_app.py: one FastAPI app, the three models in process, a weighted random
                  choice, one and two uvicorn workers
@@ -81,6 +82,7 @@ class Sample:
     db_cpu_s: float | None = None  # CPU of the Postgres backends serving the benchmark database
     server_ok: int | None = None  # 2xx responses the Bentos counted
     rows: int | None = None  # predictions rows written for the run
+    log_cpu_s: float | None = None  # of cpu_s, the prediction log's writer processes'
 
 
 MAIN_SETUPS = ("gateway", "bento", "peer-1w", "peer-2w")
@@ -90,6 +92,10 @@ WORKLOADS = (
     Workload("predict c32", "/predict", 32, "predict.json"),
     Workload("recommend100 c8", "/recommend", 8, "recommend.json"),
 )
+# The log's cost is the least steady figure (docs/performance.md): besides the gateway-nolog runs of
+# "predict c8", each repeat ends with one more pair of runs, log on and off back to back.
+LOG_PAIR = Workload("log pair c8", "/predict", 8, "predict.json", ("gateway", "gateway-nolog"))
+WRITER_MODULE = "bentos.predlog_process"
 
 
 # ---- what the processes spend -------------------------------------------------------------------
@@ -116,6 +122,20 @@ def cpu_by_pid(pids: list[int]) -> dict[int, float]:
         try:
             t = p.cpu_times()
             out[p.pid] = t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def writer_pids(pids: list[int]) -> set[int]:
+    """The prediction log's writer processes among the process trees of `pids`."""
+    import psutil
+
+    out = set()
+    for p in _tree(pids):
+        try:
+            if WRITER_MODULE in p.cmdline():
+                out.add(p.pid)
         except psutil.NoSuchProcess:
             pass
     return out
@@ -196,12 +216,25 @@ def wait_rows(engine, at_least: int, before: int, timeout_s: float = 15.0) -> in
 # ---- the runs -----------------------------------------------------------------------------------
 
 
-def measure(setup: Setup, workload: Workload, args, workdir: Path, db: Database, engine) -> Sample:
+def measure(
+    setup: Setup,
+    workload: Workload,
+    args,
+    workdir: Path,
+    db: Database,
+    engine,
+    duration_s: float | None = None,
+) -> Sample:
     cpu0, db0 = cpu_by_pid(setup.pids), db_backend_cpu(db)
     if setup.logs:
         rows0, ok0 = count_rows(engine), served_2xx(setup.bento_urls)
     run = run_wrk(
-        setup.url, workload.connections, args.duration, LUA, workload.path, str(workdir / workload.body)
+        setup.url,
+        workload.connections,
+        duration_s or args.duration,
+        LUA,
+        workload.path,
+        str(workdir / workload.body),
     )
     time.sleep(0.5)  # responses in flight when wrk stopped, and the log writer's last batch
     cpu1, db1 = cpu_by_pid(setup.pids), db_backend_cpu(db)
@@ -221,6 +254,8 @@ def measure(setup: Setup, workload: Workload, args, workdir: Path, db: Database,
     if setup.logs:
         sample.server_ok = served_2xx(setup.bento_urls) - ok0
         sample.rows = wait_rows(engine, max(sample.server_ok, sample.ok), rows0)
+        writers = writer_pids(setup.pids)
+        sample.log_cpu_s = sum(cpu1.get(pid, 0.0) - cpu0.get(pid, 0.0) for pid in writers)
         if db.kind == "postgres":
             sample.db_cpu_s = _delta(db0, db1)
     return sample
@@ -347,6 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench-results", help="where bench.md, bench.json, bench.png go")
     parser.add_argument("--work-dir", help="keep models, Bentos and logs here (reused on the next run)")
     parser.add_argument("--only", help="comma-separated workload names, e.g. 'predict c8' (for profiling)")
+    parser.add_argument(
+        "--no-log-pairs",
+        dest="log_pairs",
+        action="store_false",
+        help="skip the extra back-to-back pairs of runs, log on and off, that end each repeat",
+    )
+    parser.add_argument(
+        "--log-pair-duration", type=float, default=6, help="seconds per run of those pairs (default 6)"
+    )
     parser.add_argument("--pythonpath", help="prepended to every server's PYTHONPATH (an experiment)")
     parser.add_argument(
         "--setups", help=f"comma-separated setups to drive (default: {','.join(MAIN_SETUPS)})"
@@ -405,21 +449,28 @@ def main(argv: list[str] | None = None) -> int:
                 run_wrk(s.url, 8, 1, LUA, path, str(workdir / w))
 
         samples: list[Sample] = []
+
+        def run(r: int, w: Workload, name: str, duration_s: float | None = None) -> None:
+            s = measure(setups[name], w, args, workdir, db, engine, duration_s)
+            samples.append(s)
+            print(
+                f"  [{r + 1}/{args.repeats}] {w.name:<16} {name:<14} {s.rps:8.0f} req/s  p50 {s.p50_ms:6.2f}"
+                f"  p99 {s.p99_ms:7.2f} ms  cpu {s.cpu_s / max(s.requests, 1) * 1e6:5.0f} us/req"
+                f"  errors {s.errors}" + (f"  rows {s.rows}/{s.ok} 2xx" if s.rows is not None else ""),
+                flush=True,
+            )
+
         for r in range(args.repeats):
             for w in workloads:
                 names = [n for n in (w.setups or MAIN_SETUPS) if n in main_setups or n == "gateway-nolog"]
                 names += [v.name for v in variants]
                 names = names[r % len(names) :] + names[: r % len(names)]  # rotate the order each repeat
                 for name in names:
-                    s = measure(setups[name], w, args, workdir, db, engine)
-                    samples.append(s)
-                    print(
-                        f"  [{r + 1}/{args.repeats}] {w.name:<16} {name:<14} {s.rps:8.0f} req/s  p50 {s.p50_ms:6.2f}"
-                        f"  p99 {s.p99_ms:7.2f} ms  cpu {s.cpu_s / max(s.requests, 1) * 1e6:5.0f} us/req"
-                        f"  errors {s.errors}"
-                        + (f"  rows {s.rows}/{s.ok} 2xx" if s.rows is not None else ""),
-                        flush=True,
-                    )
+                    run(r, w, name)
+            if args.log_pairs and "gateway" in main_setups and any(w.name == "predict c8" for w in workloads):
+                pair = LOG_PAIR.setups if r % 2 == 0 else LOG_PAIR.setups[::-1]
+                for name in pair:
+                    run(r, LOG_PAIR, name, args.log_pair_duration)
         mem = {name: memory(s.pids) for name, s in setups.items()}
         bento_mem = {
             name: [memory([pid]) for pid in s.bento_pids] for name, s in setups.items() if s.bento_pids
@@ -427,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.monotonic() - started
         meta = {
             "duration_s": args.duration,
+            "log_pair_duration_s": args.log_pair_duration if args.log_pairs else None,
             "repeats": args.repeats,
             "database": f"{kind} (a fresh database: {db.name})",
             "cores": os.cpu_count(),
