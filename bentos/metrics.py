@@ -102,6 +102,11 @@ class ServiceMetrics:
             ["generation"],
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
         )
+        # Every counter of this version exported from the start, at 0: a series that appears only
+        # with its first increment breaks rate() and absent() alerts, and a scrape before the writer's
+        # first report would miss it.
+        for counter in self._counters.values():
+            counter.labels(self.model_version)
         self._gc_started = 0.0
         self._children: dict[tuple[str, str, int], tuple] = {}
         self._last = WriterStats()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -350,6 +351,15 @@ def test_metrics_have_bentoml_s_and_ours_in_a_directory_of_this_bento_s_own(serv
         "recsys_predlog_rows_written_total",
     ):
         assert name in text, name
+
+    def rows_written() -> float:
+        m = re.search(
+            r'^recsys_predlog_rows_written_total\{model_version="2"\} (\S+)$', server.metrics(), re.M
+        )
+        return float(m.group(1)) if m else 0.0
+
+    # exported from the start (at 0), counted once the writer reports its batches (at most 1 s apart)
+    wait_until(lambda: rows_written() > 0, 15, "a positive recsys_predlog_rows_written_total")
 
 
 def test_log_lines_are_json_with_the_request_id(server):
