@@ -564,14 +564,25 @@ def _complete_pending(ctx: Context, rollout: Rollout) -> None:
 
 
 def _retire(ctx: Context, version: int, archive: bool = True) -> None:
-    """Drain a version that lost its role (Traefik reloads within ~2 s), then stop its Bento."""
-    still_used = {v for v, _ in ctx.traffic_store.load().values() if v is not None}
-    if version in still_used:
+    """Drain a version that lost its role (Traefik reloads within ~2 s), then stop its Bento.
+
+    Asked again after the drain: an action taken meanwhile (a redeploy into another role) may have
+    given the version a role again, and stopping or archiving it then would take a serving Bento
+    and its alias away.
+    """
+    if _in_use(ctx, version):
         return
     ctx.sleep(ctx.drain_s)
+    if _in_use(ctx, version):
+        log.info("kept: given a role again while it drained", extra={"version": version})
+        return
     ctx.deployer.undeploy(version)
     if archive:
         ctx.registry.archive(version)
+
+
+def _in_use(ctx: Context, version: int) -> bool:
+    return any(v == version for v, _ in ctx.traffic_store.load().values())
 
 
 def _finish(ctx: Context, rollout: Rollout, phase: Phase, reason: str, actor: str) -> None:

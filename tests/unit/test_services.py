@@ -235,3 +235,27 @@ def test_a_paused_rollout_records_ticks_but_does_not_act(ctx):
     assert ctx.router.get_weights()["canary"] == 10
     services.resume(ctx, rollout.id, actor="test")
     assert ctx.ledger.get(rollout.id).phase is Phase.PROGRESSING
+
+
+def test_a_version_given_a_role_again_while_it_drains_is_neither_stopped_nor_archived(ctx):
+    redeployed = []
+
+    def another_action_during_the_drain(_seconds: float) -> None:
+        if not redeployed:  # the operator puts v1, which is draining, back as the canary
+            redeployed.append(services.deploy_role(ctx, 1, "canary", actor="operator"))
+
+    ctx.sleep = another_action_during_the_drain
+    services.deploy_role(ctx, 3, "control", actor="test")  # v1 loses the control role and drains
+    assert redeployed
+    assert ctx.router.get_backends()["canary"].version == 1
+    assert 1 in ctx.deployer.endpoints()  # its Bento still serves
+    assert ctx.registry.version_for("canary") == 1  # and its alias was not archived away
+
+
+def test_a_version_that_lost_its_role_is_stopped_and_archived_after_the_drain(ctx):
+    drained = []
+    ctx.sleep = drained.append
+    services.deploy_role(ctx, 3, "control", actor="test")
+    assert drained == [ctx.drain_s]
+    assert 1 not in ctx.deployer.endpoints()
+    assert ctx.registry.get(1).stage == "Archived"
