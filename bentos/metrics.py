@@ -80,7 +80,7 @@ class ServiceMetrics:
         self.db_up = pc.Gauge(
             "recsys_predlog_db_up", "1 when the last database write succeeded", v, multiprocess_mode="livemin"
         )
-        self._counters = {
+        counters = {
             "rows_written": pc.Counter(
                 "recsys_predlog_rows_written", "Prediction rows inserted (replays included)", v
             ),
@@ -96,17 +96,16 @@ class ServiceMetrics:
             ),
             "write_failures": pc.Counter("recsys_predlog_write_failures", "Failed database writes", v),
         }
+        # This version's series of each, made now so that it is exported from the start, at 0: a series
+        # that appears only with its first increment breaks rate() and absent() alerts, and a scrape
+        # before the writer's first report would miss it.
+        self._counters = {name: c.labels(self.model_version) for name, c in counters.items()}
         self.gc_pause = pc.Histogram(
             "recsys_gc_pause_seconds",
             "Garbage collector pauses of generations 1 and 2 (the ones long enough to show in the p99)",
             ["generation"],
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
         )
-        # Every counter of this version exported from the start, at 0: a series that appears only
-        # with its first increment breaks rate() and absent() alerts, and a scrape before the writer's
-        # first report would miss it.
-        for counter in self._counters.values():
-            counter.labels(self.model_version)
         self._gc_started = 0.0
         self._children: dict[tuple[str, str, int], tuple] = {}
         self._last = WriterStats()
@@ -168,5 +167,5 @@ class ServiceMetrics:
         for name, counter in self._counters.items():
             delta = getattr(stats, name) - getattr(self._last, name)
             if delta > 0:
-                counter.labels(v).inc(delta)
+                counter.inc(delta)
         self._last = stats

@@ -169,10 +169,11 @@ class ObliviousTrees:
         except Exception as exc:  # any surprise: CatBoost's own path is always right
             log.warning("scoring with CatBoost itself: the tree evaluator could not be set up: %s", exc)
             return None
-        worst = float(np.max(np.abs(got - expected)))
-        if batch is not None:
-            worst = max(worst, float(np.max(np.abs(batch - expected))))
-        if batch is None or not worst <= tolerance:
+        if batch is None:
+            log.warning("scoring with CatBoost itself: the tree evaluator could not score the probing rows")
+            return None
+        worst = float(max(np.max(np.abs(got - expected)), np.max(np.abs(batch - expected))))
+        if not worst <= tolerance:
             log.warning("scoring with CatBoost itself: the tree evaluator is off by %.3g", worst)
             return None
         return trees

@@ -11,8 +11,9 @@ psycopg2 while holding the GIL, and the request loop waited for it. Measured on 
 connections: the log on cost 13-15 % of requests/s and doubled the p99 (docs/performance.md).
 
 What is lost: rows still in the Bento's memory (at most a flush interval's) when it is killed with
-SIGKILL, the frame it was writing included: the child drops a frame cut short. The Bento keeps every row it sent until the child reports it settled (in the database, a
-spill file or the rejected file); when a child dies, the Bento spills what it had not settled, and
+SIGKILL, the frame it was writing included: the child drops a frame cut short. The Bento keeps
+every row it sent until the child reports it settled (in the database, a spill file or the rejected
+file); when a child dies, the Bento spills what it had not settled, and
 the next child replays it (a row written twice is deduplicated by ON CONFLICT DO NOTHING). A child
 that keeps dying is restarted ever less often, and meanwhile the Bento spills. The child ignores
 SIGTERM and SIGINT: it ends when its stdin closes, which happens when the Bento closes the log or
