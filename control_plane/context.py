@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
+from control_plane.action_lock import ActionLock
 from control_plane.deployer.base import Deployer
 from control_plane.ledger import Ledger
 from control_plane.registry.base import ModelRegistry
@@ -30,10 +31,12 @@ class Context:
     drain_s: float = 3.0
     ledger: Ledger = field(init=False)
     traffic_store: TrafficStore = field(init=False)
+    action_lock: ActionLock = field(init=False)
 
     def __post_init__(self) -> None:
         self.ledger = Ledger(self.engine)
         self.traffic_store = TrafficStore(self.engine)
+        self.action_lock = ActionLock(self.engine, wait_s=self.settings.action_wait_s)
 
 
 def bootstrap(settings: Settings | None = None) -> Context:

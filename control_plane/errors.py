@@ -29,6 +29,16 @@ class RolloutConflict(RecsysError):
     http_status = 409
 
 
+class ActionBusy(RolloutConflict):
+    """Another action holds the action lock (control_plane/action_lock.py) for longer than the caller waits."""
+
+    def __init__(self, holder: str, waited_s: float):
+        super().__init__(
+            f"another action is in progress ({holder}); waited {waited_s:g} s, try again when it has finished"
+        )
+        self.holder = holder
+
+
 class DeployFailed(RecsysError):
     """A version could not be built or started, so it received no traffic."""
 

@@ -3,6 +3,8 @@
 Faults it survives (tests/integration/test_crash_mid_action.py, tests/integration/test_db_outage.py):
 - the database unreachable at a tick: the tick is remembered in Redis and recorded as `no_data` in the
   ledger by the first tick that reaches the database again (never decided on partial data, never lost);
+- an operator's action still in progress after the action lock's wait: the tick is skipped, and the next
+  one counts it in `missed_ticks`;
 - Redis restarted empty (the embedded one keeps nothing on disk): `run_scheduler`, the scheduler process,
   registers the periodic evaluation again; the ticks that did not run show as `missed_ticks` in the ledger.
 """
@@ -67,6 +69,7 @@ def evaluate_job(interval_s: int | None = None) -> dict | None:
     later run that reaches the database, before that run evaluates its own tick.
     """
     from control_plane import services
+    from control_plane.errors import ActionBusy
 
     ctx = _context()
     interval_s = interval_s or ctx.settings.eval_interval_s  # the schedule's interval, passed when scheduled
@@ -86,6 +89,11 @@ def evaluate_job(interval_s: int | None = None) -> dict | None:
             "evaluation not recorded: %s; it will be recorded as no_data once the database answers", why
         )
         return {"tick": tick, "action": "no_data", "reason": why, "recorded": False}
+    except ActionBusy as exc:
+        # An operator's action (a deploy can take a while) outlasted the wait: this tick is not run, and
+        # the next one that runs says in the ledger how many were missed.
+        log.warning("evaluation skipped: %s", exc)
+        return {"tick": tick, "action": "skipped", "reason": str(exc), "recorded": False}
     log.info("evaluation", extra={"result": result})
     return result
 

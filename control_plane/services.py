@@ -1,10 +1,17 @@
-"""The service layer: what views, RQ jobs and the CLI all call. Each write is read → decide → apply → record."""
+"""The service layer: what views, RQ jobs and the CLI all call. Each write is read → decide → apply → record.
+
+Each write runs holding the action lock (control_plane/action_lock.py), so it reads what the previous
+write left, whichever process made it.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -32,6 +39,22 @@ TERMINAL_FOR = {
     Action.HALT: Phase.HALTED,
     Action.INCONCLUSIVE: Phase.INCONCLUSIVE,
 }
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_at_a_time(fn: F) -> F:
+    """A service write, run as the only action in progress (ActionBusy, a 409, after the lock's wait)."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def serialized(ctx: Context, *args, **kwargs):
+        actor = signature.bind_partial(ctx, *args, **kwargs).arguments.get("actor", "?")
+        with ctx.action_lock.held(f"{fn.__name__} by {actor}"):
+            return fn(ctx, *args, **kwargs)
+
+    return serialized  # type: ignore[return-value]
 
 
 # --- reading -----------------------------------------------------------------
@@ -103,6 +126,7 @@ def window_counts(ctx: Context, window_s: int | None = None) -> dict[str, dict[s
 
 
 # --- traffic -----------------------------------------------------------------
+@one_at_a_time
 def set_weights(ctx: Context, weights: dict[str, Any], actor: str) -> dict[str, Any]:
     """Set the role weights by hand; refused while a rollout is moving the canary."""
     try:
@@ -125,6 +149,7 @@ def set_weights(ctx: Context, weights: dict[str, Any], actor: str) -> dict[str, 
     return traffic(ctx)
 
 
+@one_at_a_time
 def deploy_role(ctx: Context, version: int, role: str, actor: str) -> dict[str, Any]:
     """Start `version`, route it at weight 0, move the alias, then give it the role's weight; retire the old one."""
     if role not in ROLES:
@@ -152,6 +177,7 @@ def deploy_role(ctx: Context, version: int, role: str, actor: str) -> dict[str, 
 
 
 # --- rollouts ----------------------------------------------------------------
+@one_at_a_time
 def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) -> Rollout:
     """Deploy `version` as the canary at the first step's weight, under a new rollout."""
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
@@ -226,6 +252,7 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
     return ctx.ledger.get(rollout_id)
 
 
+@one_at_a_time
 def evaluate(
     ctx: Context, tick: int | None = None, actor: str = "scheduler", interval_s: int | None = None
 ) -> dict[str, Any] | None:
@@ -279,6 +306,7 @@ def evaluate(
     return _act(ctx, rollout, decision, policy, actor, tick=tick, obs=obs, missed_ticks=missed)
 
 
+@one_at_a_time
 def record_unreachable_tick(
     ctx: Context, tick: int, reason: str, actor: str = "scheduler", interval_s: int | None = None
 ) -> dict[str, Any] | None:
@@ -322,11 +350,13 @@ def _carry_running_p(decision: Decision, running_p: dict) -> Decision:
     return replace(decision, stats={**decision.stats, "running_p_values": running_p})
 
 
+@one_at_a_time
 def pause(ctx: Context, rollout_id: int, actor: str) -> Rollout:
     """Freeze a progressing rollout: ticks are recorded but nothing moves."""
     return _switch(ctx, rollout_id, Phase.PROGRESSING, Phase.PAUSED, "pause", actor)
 
 
+@one_at_a_time
 def resume(ctx: Context, rollout_id: int, actor: str) -> Rollout:
     return _switch(ctx, rollout_id, Phase.PAUSED, Phase.PROGRESSING, "resume", actor)
 
@@ -354,6 +384,7 @@ def _switch(ctx: Context, rollout_id: int, before: Phase, after: Phase, action: 
     return ctx.ledger.get(rollout_id)
 
 
+@one_at_a_time
 def promote_now(ctx: Context, rollout_id: int, actor: str) -> Rollout:
     """An operator promotes the canary without waiting for the analysis."""
     rollout = _require_active(ctx, rollout_id)
@@ -362,6 +393,7 @@ def promote_now(ctx: Context, rollout_id: int, actor: str) -> Rollout:
     return ctx.ledger.get(rollout_id)
 
 
+@one_at_a_time
 def rollback_now(ctx: Context, rollout_id: int, actor: str) -> Rollout:
     """An operator rolls the canary back at once."""
     rollout = _require_active(ctx, rollout_id)
@@ -370,6 +402,7 @@ def rollback_now(ctx: Context, rollout_id: int, actor: str) -> Rollout:
     return ctx.ledger.get(rollout_id)
 
 
+@one_at_a_time
 def restore_previous_baseline(ctx: Context, actor: str) -> dict[str, Any]:
     """`recsys rollback`: the previous baseline serves as baseline again, in one step, no analysis."""
     previous = ctx.registry.version_for("previous_baseline")

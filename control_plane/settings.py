@@ -57,6 +57,7 @@ class Settings:
     eval_interval_s: int = 60
     window_s: int = 3600
     label_window_s: int = 60
+    action_wait_s: float = 20.0  # how long an action waits for one in progress before a 409
     max_body_bytes: int = 1_000_000
     api_token: str = ""  # empty: read from (or created in) state_dir/api-token
     embedded_redis_port: int = 6390
@@ -87,6 +88,7 @@ class Settings:
             eval_interval_s=int(env.get("RECSYS_EVAL_INTERVAL_S", 60)),
             window_s=int(env.get("RECSYS_WINDOW_S", 3600)),
             label_window_s=int(env.get("RECSYS_LABEL_WINDOW_S", 60)),
+            action_wait_s=float(env.get("RECSYS_ACTION_WAIT_S", 20.0)),
             max_body_bytes=int(env.get("RECSYS_MAX_BODY_BYTES", 1_000_000)),
             api_token=env.get("RECSYS_API_TOKEN", ""),
             embedded_redis_port=int(env.get("RECSYS_EMBEDDED_REDIS_PORT", 6390)),
@@ -124,6 +126,7 @@ class Settings:
             "RECSYS_EVAL_INTERVAL_S": str(self.eval_interval_s),
             "RECSYS_WINDOW_S": str(self.window_s),
             "RECSYS_LABEL_WINDOW_S": str(self.label_window_s),
+            "RECSYS_ACTION_WAIT_S": str(self.action_wait_s),
             "RECSYS_MAX_BODY_BYTES": str(self.max_body_bytes),
             "RECSYS_EMBEDDED_REDIS_PORT": str(self.embedded_redis_port),
             "RECSYS_WORKER_METRICS_PORT": str(self.worker_metrics_port),

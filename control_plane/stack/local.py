@@ -138,8 +138,9 @@ def up(settings: Settings) -> None:
     assignment = ctx.traffic_store.load()
     wanted = sorted({v for v, _ in assignment.values() if v is not None})
     _say(f"Starting Bentos for versions {wanted} ...")
-    ctx.deployer.start_many(wanted)
-    sync_router(ctx)
+    with ctx.action_lock.held("startup by recsys up"):  # the web and the worker are up already
+        ctx.deployer.start_many(wanted)
+        sync_router(ctx)
     _wait("the gateway", lambda: gateway_answers(settings), 60)
     _say(f"Up in {time.monotonic() - t0:.0f} s.")
     print_urls(settings)

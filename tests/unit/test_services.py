@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import numpy as np
@@ -9,16 +10,18 @@ import pytest
 from sqlalchemy import func, insert, select
 
 from control_plane import services
+from control_plane.action_lock import ActionLock
 from control_plane.analysis.types import Phase
 from control_plane.context import Context
 from control_plane.db.engine import make_engine, migrate
 from control_plane.db.schema import decisions, labels, predictions
 from control_plane.deployer.memory import InMemoryDeployer
-from control_plane.errors import DeployFailed, InvalidRequest, RolloutConflict
+from control_plane.errors import ActionBusy, DeployFailed, InvalidRequest, RolloutConflict
 from control_plane.registry.memory import InMemoryRegistry
 from control_plane.settings import Settings
 from control_plane.traffic.memory import InMemoryRouter
 from control_plane.traffic_ops import apply_assignment
+from tests.action_lock_support import held_by_another_thread
 from tests.traffic_rows import FAST_POLICY, served_row
 
 FAST = FAST_POLICY
@@ -259,3 +262,68 @@ def test_a_version_that_lost_its_role_is_stopped_and_archived_after_the_drain(ct
     assert drained == [ctx.drain_s]
     assert 1 not in ctx.deployer.endpoints()
     assert ctx.registry.get(1).stage == "Archived"
+
+
+class GatedRouter(InMemoryRouter):
+    """An InMemoryRouter whose next `apply` waits at a gate: an action caught half-way through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.gate = threading.Event(), threading.Event()
+        self.armed = False
+
+    def apply(self, backends, weights) -> None:
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            assert self.gate.wait(10), "the gate was never opened"
+        super().apply(backends, weights)
+
+
+def test_an_operators_rollback_waits_for_the_tick_in_progress_and_is_not_undone_by_it(ctx):
+    router = GatedRouter()
+    router.apply(ctx.router.get_backends(), ctx.router.get_weights())
+    ctx.router = router
+    rollout = services.start_canary(ctx, 3, FAST, actor="test")
+    seed_tick(ctx, 3000, accuracy={1: 0.7, 2: 0.70, 3: 0.90})
+    outcomes: dict[str, object] = {}
+
+    def run(name, fn, *args, **kwargs):
+        try:
+            outcomes[name] = fn(*args, **kwargs)
+        except Exception as exc:  # pragma: no cover - shown by the assertions below
+            outcomes[name] = exc
+
+    router.armed = True
+    tick = threading.Thread(target=run, args=("tick", services.evaluate, ctx), kwargs={"tick": 1})
+    tick.start()
+    assert router.entered.wait(10), "the tick did not move traffic"
+    operator = threading.Thread(
+        target=run, args=("rollback", services.rollback_now, ctx, rollout.id), kwargs={"actor": "operator"}
+    )
+    operator.start()
+    operator.join(0.5)
+    assert operator.is_alive(), "the rollback ran while the tick was still moving traffic"
+    router.gate.set()
+    tick.join(10)
+    operator.join(10)
+
+    assert outcomes["tick"]["action"] == "advance", outcomes
+    assert ctx.ledger.get(rollout.id).phase is Phase.ROLLED_BACK, outcomes
+    # The rollback came last, so it is what serves: no weight and no backend for the stopped canary.
+    assert ctx.router.get_weights() == {"baseline": 95, "canary": 0, "control": 5}
+    assert "canary" not in ctx.router.get_backends()
+    assert 3 not in ctx.deployer.endpoints()
+    actions = [d["action"] for d in reversed(ctx.ledger.decisions(rollout.id))]
+    assert actions[-2:] == ["advance", "rollback"], actions
+
+
+def test_an_action_that_cannot_wait_any_longer_is_refused_naming_the_one_in_progress(ctx):
+    rollout = services.start_canary(ctx, 3, FAST, actor="test")
+    ctx.action_lock.wait_s = 0.2
+    with held_by_another_thread(ActionLock(ctx.engine), "deploy_role by cli"):
+        with pytest.raises(ActionBusy, match=r"another action is in progress \(deploy_role by cli, pid \d+"):
+            services.pause(ctx, rollout.id, actor="operator")
+        assert ctx.ledger.get(rollout.id).phase is Phase.PROGRESSING  # nothing was done
+    services.pause(ctx, rollout.id, actor="operator")  # free again
+    assert ctx.ledger.get(rollout.id).phase is Phase.PAUSED

@@ -12,10 +12,12 @@ import sys
 import pytest
 
 from control_plane import services
+from control_plane.action_lock import ActionLock
 from control_plane.analysis.types import Phase
 from control_plane.db.engine import make_engine, migrate
 from control_plane.web import create_app
 from control_plane.web.logs import JsonFormatter
+from tests.action_lock_support import held_by_another_thread
 from tests.web_support import TOKEN, csrf_token, log_in, make_context, make_settings, seed_predictions
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -276,6 +278,17 @@ def test_rollback_now_takes_the_canary_out(client, ctx):
     assert ctx.router.get_weights()["canary"] == 0
     ended = client.post(f"/api/rollouts/{rid}/rollback", headers=AUTH)
     assert ended.status_code == 409 and "already ended" in ended.get_json()["error"]
+
+
+def test_an_action_while_another_holds_the_lock_is_a_409_naming_it_and_changes_nothing(client, ctx):
+    rid = start(client)["id"]
+    ctx.action_lock.wait_s = 0.1
+    with held_by_another_thread(ActionLock(ctx.engine), "evaluate by scheduler"):
+        resp = client.post(f"/api/rollouts/{rid}/rollback", headers=AUTH)
+        assert resp.status_code == 409
+        assert "another action is in progress (evaluate by scheduler" in resp.get_json()["error"]
+        assert ctx.ledger.get(rid).phase is Phase.PROGRESSING
+    assert client.post(f"/api/rollouts/{rid}/rollback", headers=AUTH).status_code == 200
 
 
 def test_evaluate_runs_one_evaluation_of_the_active_rollout(client, ctx):
