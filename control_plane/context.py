@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from control_plane.action_lock import ActionLock
 from control_plane.deployer.base import Deployer
 from control_plane.ledger import Ledger
+from control_plane.log_backlog import HttpLogBacklog, LogBacklog
 from control_plane.registry.base import ModelRegistry
 from control_plane.settings import Settings
 from control_plane.traffic.base import TrafficRouter
@@ -29,6 +30,7 @@ class Context:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     drain_s: float = 3.0
+    log_backlog: LogBacklog = field(default_factory=HttpLogBacklog)  # rows the Bentos have yet to replay
     ledger: Ledger = field(init=False)
     traffic_store: TrafficStore = field(init=False)
     action_lock: ActionLock = field(init=False)

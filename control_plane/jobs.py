@@ -2,7 +2,8 @@
 
 Faults it survives (tests/integration/test_crash_mid_action.py, tests/integration/test_db_outage.py):
 - the database unreachable at a tick: the tick is remembered in Redis and recorded as `no_data` in the
-  ledger by the first tick that reaches the database again (never decided on partial data, never lost);
+  ledger by the first tick that reaches the database again (never decided on partial data, never lost),
+  and no tick decides while a Bento still replays the rows it spilled meanwhile (services.evaluate);
 - an operator's action still in progress after the action lock's wait: the tick is skipped, and the next
   one counts it in `missed_ticks`;
 - Redis restarted empty (the embedded one keeps nothing on disk): `run_scheduler`, the scheduler process,

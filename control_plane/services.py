@@ -275,6 +275,8 @@ def evaluate(
         "control": assignment.get("control", (None, 0))[0],
     }
     since = policy.window_start(rollout.started_at, now)
+    endpoints = ctx.deployer.endpoints()
+    backlog = ctx.log_backlog.waiting({v: endpoints[v] for v in versions_by_role.values() if v in endpoints})
     label_window_s = ctx.settings.label_window_s if policy.label_window_s is None else policy.label_window_s
     with read_snapshot(ctx.engine) as conn:
         evaluations, last_tick = ctx.ledger.evaluations(conn, rollout.id)
@@ -298,6 +300,8 @@ def evaluate(
         decision = Decision(Action.HOLD, "rollout is paused by an operator", rollout.canary_weight)
     elif obs is None:
         decision = Decision(Action.NO_DATA, failure, rollout.canary_weight)
+    elif backlog:
+        decision = Decision(Action.NO_DATA, _replaying(backlog), rollout.canary_weight)
     else:
         decision = decide(rollout.state(evaluations, running_p), obs, policy)
     if decision.action is Action.NO_DATA and "running_p_values" not in decision.stats:
@@ -336,6 +340,14 @@ def record_unreachable_tick(
         actor,
         tick=tick,
         missed_ticks=_missed_ticks(tick, last_tick, step),
+    )
+
+
+def _replaying(backlog) -> str:
+    return (
+        "the prediction log is still replaying rows spilled while the database was unreachable ("
+        + "; ".join(map(str, backlog))
+        + "): the arms would be counted unevenly, so nothing is decided until it has"
     )
 
 

@@ -11,6 +11,7 @@ from sqlalchemy import Engine, insert
 from control_plane.context import Context
 from control_plane.db.schema import labels, predictions
 from control_plane.deployer.memory import InMemoryDeployer
+from control_plane.log_backlog import InMemoryLogBacklog
 from control_plane.registry.memory import InMemoryRegistry
 from control_plane.settings import Settings
 from control_plane.traffic.memory import InMemoryRouter
@@ -30,7 +31,16 @@ def make_context(settings: Settings, engine: Engine) -> Context:
     for profile in ("baseline", "control", "better"):
         registry.add_version(profile=profile, metrics={"auc": 0.7})
     deployer = InMemoryDeployer()
-    ctx = Context(settings, engine, registry, InMemoryRouter(), deployer, sleep=lambda _s: None, drain_s=0)
+    ctx = Context(
+        settings,
+        engine,
+        registry,
+        InMemoryRouter(),
+        deployer,
+        sleep=lambda _s: None,
+        drain_s=0,
+        log_backlog=InMemoryLogBacklog(),
+    )
     deployer.deploy(1)
     deployer.deploy(2)
     registry.set_alias("baseline", 1)

@@ -26,6 +26,7 @@ from control_plane.analysis.types import Phase
 from control_plane.context import bootstrap
 from control_plane.db.engine import make_engine
 from control_plane.db.schema import decisions, labels, predictions
+from control_plane.log_backlog import HttpLogBacklog
 from control_plane.settings import Settings
 from control_plane.traffic_ops import apply_assignment
 from control_plane.web import create_app
@@ -222,6 +223,9 @@ def test_a_30_second_database_outage_under_load(world, database, monkeypatch):
                 and "database was unreachable" in during["reason"]
             )
             wait_for(lambda: any((work / "spill").glob("predlog-*.jsonl")), 10, "rows spilled to disk")
+            # The Bento says it holds rows to replay: what keeps the first tick after the outage from deciding.
+            spilled = wait_for(lambda: HttpLogBacklog().waiting({2: bento}), 10, "the backlog on /metrics")
+            assert spilled[0].version == 2 and spilled[0].rows > 0 and spilled[0].bytes > 0, spilled
             time.sleep(max(0.0, cut_at + OUTAGE_S - time.time()))
         finally:
             proxy.start()
@@ -254,6 +258,7 @@ def test_a_30_second_database_outage_under_load(world, database, monkeypatch):
     )
     assert set(rows) == served and set(rows.values()) == {1}
     assert not any((work / "spill").glob("predlog-*.jsonl")), "spill files replayed and removed"
+    wait_for(lambda: HttpLogBacklog().waiting({2: bento}) == [], 10, "no backlog left on /metrics")
     print(
         f"\n{OUTAGE_S} s outage: {len(in_outage)} requests served during it, {len(statuses)} in all, "
         f"0 errors; every row in Postgres {time.time() - restored_at:.1f} s after it ended"

@@ -17,6 +17,7 @@ from control_plane.db.engine import make_engine, migrate
 from control_plane.db.schema import decisions, labels, predictions
 from control_plane.deployer.memory import InMemoryDeployer
 from control_plane.errors import ActionBusy, DeployFailed, InvalidRequest, RolloutConflict
+from control_plane.log_backlog import InMemoryLogBacklog
 from control_plane.registry.memory import InMemoryRegistry
 from control_plane.settings import Settings
 from control_plane.traffic.memory import InMemoryRouter
@@ -52,6 +53,7 @@ def ctx(tmp_path):
         deployer=InMemoryDeployer(broken={9}),
         clock=Clock(),
         sleep=lambda s: None,
+        log_backlog=InMemoryLogBacklog(),
     )
     c.deployer.deploy(1)
     c.deployer.deploy(2)
@@ -158,6 +160,26 @@ def test_rolls_back_at_the_first_evaluation_when_the_canary_errors(ctx):
     assert ctx.registry.version_for("canary") is None
     assert ctx.registry.get(3).stage == "Archived"
     assert 3 not in ctx.deployer.endpoints()
+
+
+def test_nothing_is_decided_while_a_bento_still_replays_rows_spilled_during_an_outage(ctx):
+    rollout = services.start_canary(ctx, 3, FAST, actor="test")
+    seed_tick(ctx, 3000, accuracy={1: 0.75, 2: 0.75, 3: 0.75}, error_rate={3: 0.3})
+    ctx.log_backlog.rows[2] = 1234  # the baseline's rows of the outage are not all back yet
+    held = services.evaluate(ctx, tick=1)
+    assert held["action"] == "no_data", held
+    assert "still replaying" in held["reason"] and "version 2: 1,234 rows" in held["reason"]
+    assert ctx.router.get_weights()["canary"] == 10 and ctx.ledger.get(rollout.id).phase is Phase.PROGRESSING
+    ctx.log_backlog.rows[2] = 0
+    assert services.evaluate(ctx, tick=2)["action"] == "rollback"
+
+
+def test_a_backlog_of_a_version_without_a_role_does_not_hold_the_evaluation(ctx):
+    services.start_canary(ctx, 3, FAST, actor="test")
+    idle = ctx.registry.add_version(profile="x")  # deployed, serving no role
+    ctx.deployer.deploy(idle)
+    ctx.log_backlog.rows[idle] = 50
+    assert services.evaluate(ctx, tick=1)["action"] != "no_data"
 
 
 def test_running_the_same_tick_twice_records_one_evaluation(ctx):

@@ -1,0 +1,85 @@
+"""Rows the Bentos hold for the prediction log that the database does not have yet.
+
+While the database is unreachable, each Bento spills its rows to files and replays them once it answers
+again (bentos/predlog.py). For the seconds that replay takes, one arm's rows may be back while another's
+are not, and a sample-ratio check on those counts sees a mismatch that is not there. The evaluation asks
+the Bentos first, and decides nothing while any of them still has rows to replay
+(control_plane/services.py: evaluate).
+
+Each Bento reports its backlog on /metrics: `recsys_predlog_spill_rows` (rows it spilled and has not
+replayed) and `recsys_predlog_spill_bytes` (the spill files waiting in its spill directory, whoever wrote
+them). A Bento that does not answer is left out: a dead canary must not stop the evaluation that rolls it
+back, and its spill files are replayed by the process that replaces it.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+ROWS = "recsys_predlog_spill_rows"
+BYTES = "recsys_predlog_spill_bytes"
+
+
+@dataclass(frozen=True)
+class Backlog:
+    version: int
+    rows: int
+    bytes: int
+
+    def __str__(self) -> str:
+        return f"version {self.version}: {self.rows:,} rows, {self.bytes:,} bytes in spill files"
+
+
+class LogBacklog(Protocol):
+    def waiting(self, endpoints: Mapping[int, str]) -> list[Backlog]:
+        """The Bentos among `endpoints` (version -> URL) that have rows still to replay."""
+        ...
+
+
+class HttpLogBacklog:
+    """Reads the spill gauges from each Bento's /metrics."""
+
+    def __init__(self, timeout_s: float = 1.0):
+        self.timeout_s = timeout_s
+
+    def waiting(self, endpoints: Mapping[int, str]) -> list[Backlog]:
+        out = []
+        for version, url in sorted(endpoints.items()):
+            try:
+                with urllib.request.urlopen(f"{url.rstrip('/')}/metrics", timeout=self.timeout_s) as resp:
+                    text = resp.read().decode("utf-8", "replace")
+                rows, size = spill_gauges(text)
+            except (OSError, ValueError) as exc:  # unreachable, an HTTP error, or not Prometheus text
+                log.info("no log backlog read from version %s (%s)", version, exc.__class__.__name__)
+                continue
+            if rows or size:
+                out.append(Backlog(version, rows, size))
+        return out
+
+
+def spill_gauges(text: str) -> tuple[int, int]:
+    """(rows, bytes) waiting for replay, summed over the samples of the exposition `text`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = {ROWS: 0.0, BYTES: 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return int(totals[ROWS]), int(totals[BYTES])
+
+
+class InMemoryLogBacklog:
+    """A backlog set by hand (`rows[version] = n`), for tests and for running without Bentos."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, int] = {}
+
+    def waiting(self, endpoints: Mapping[int, str]) -> list[Backlog]:
+        return [Backlog(v, n, n * 200) for v, n in sorted(self.rows.items()) if v in endpoints and n]
