@@ -611,9 +611,9 @@ def _complete_pending(ctx: Context, rollout: Rollout) -> None:
 def _retire(ctx: Context, version: int, archive: bool = True) -> None:
     """Drain a version that lost its role (Traefik reloads within ~2 s), then stop its Bento.
 
-    Asked again after the drain: an action taken meanwhile (a redeploy into another role) may have
-    given the version a role again, and stopping or archiving it then would take a serving Bento
-    and its alias away.
+    Another process's action waits for the action lock until this one is done. Asked again after the
+    drain all the same: a write nested in this one may have given the version a role again, and
+    stopping or archiving it then would take a serving Bento and its alias away.
     """
     if _in_use(ctx, version):
         return
