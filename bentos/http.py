@@ -9,6 +9,11 @@ When the serving state has an `answer(info, body)` method, the gate answers a mo
 itself instead of handing it to BentoML's router, request context, IO descriptors and streaming
 response: measured, that machinery cost as much CPU per request as the model (docs/performance.md).
 BentoML's own middlewares outside this one (its request metrics, the traffic timeout) still apply.
+
+`GET /predlog` answers the prediction log's state as JSON (`ServingState.log_state`): rows queued,
+rows spilled and not yet replayed, whether the database answers. The control plane asks it before each
+evaluation (control_plane/log_backlog.py); it costs microseconds, where building /metrics costs a Bento
+milliseconds of its event loop. The gateway does not route it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, Protocol
 
 log = logging.getLogger("recsys.http")
 
+LOG_STATE_PATH = "/predlog"
 ROUTES = ("weighted", "override")  # values of X-Recsys-Route set by Traefik; anything else is "direct"
 MAX_REQUEST_ID_CHARS = 128  # predictions.request_id is String(128)
 
@@ -61,6 +67,8 @@ class ServingState(Protocol):
     def current_role(self) -> str: ...
 
     def request_finished(self, info: RequestInfo, status: int) -> None: ...
+
+    def log_state(self) -> dict[str, Any]: ...
 
 
 UNEXPECTED_ERROR = b'{"error":"An unexpected error has occurred, please check the server log."}'
@@ -106,7 +114,10 @@ class RequestGate:
     async def __call__(self, scope, receive, send) -> None:
         endpoint = self.endpoints.get(scope["path"]) if scope["type"] == "http" else None
         if endpoint is None:
-            await self.app(scope, receive, send)
+            if scope["type"] == "http" and scope["path"] == LOG_STATE_PATH and scope["method"] == "GET":
+                await self._log_state(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
         started = time.perf_counter()
         state = self._serving_state()
@@ -161,6 +172,13 @@ class RequestGate:
                 except Exception:  # bookkeeping must not turn a served response into an error
                     log.exception("request bookkeeping failed")
             current_request.reset(token)
+
+    async def _log_state(self, scope, receive, send) -> None:
+        state = self._serving_state()
+        if state is None:
+            await _send_json(send, 503, "the service is not loaded yet")
+            return
+        await _send_body(send, 200, json.dumps(state.log_state()).encode())
 
     async def _answer(self, answer, info: RequestInfo, receive, send) -> None:
         """Read the body and send what the service's `answer` makes of it (500 if it raises)."""

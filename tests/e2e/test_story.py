@@ -38,6 +38,12 @@ def test_the_demo_promotes_the_better_canary_and_rolls_back_the_worse(stack, tmp
         "2",
         "--step-seconds",
         "5",
+        # The p99 guardrail has to be shown from the tail of a shared two-core machine: at the demo's
+        # 1.5x the last step took 8 to 32 evaluations in four runs (this test 116-226 s alone, 370 s
+        # in a full run); at 2x the flow is the same and a bound is still shown. The guardrail's own
+        # tests are in tests/unit/test_decide.py.
+        "--p99-ratio",
+        "2.0",
         "--timeout",
         "300",
         "--csv",

@@ -208,6 +208,8 @@ def test_each_bento_pins_its_own_version_and_latest_is_not_the_one_served(bento_
 def test_health_endpoints(server):
     assert server.client.get("/healthz").status_code == 200
     assert server.client.get("/readyz").status_code == 200
+    log_state = server.client.get("/predlog").json()
+    assert log_state["model_version"] == 2 and log_state["spill_rows"] == 0 and log_state["db_up"] is True
 
 
 def test_predict_serves_version_2_with_its_role_and_headers(server, registry):
@@ -383,9 +385,14 @@ def test_a_database_outage_loses_and_duplicates_nothing(server):
     ids = [r.headers["x-request-id"] for r in during]
     wait_until(lambda: 'recsys_predlog_db_up{model_version="2"} 0.0' in server.metrics(), 10, "db down seen")
     assert set(ids).isdisjoint(server.logged_ids())
+    wait_until(
+        lambda: server.client.get("/predlog").json()["spill_rows"] >= len(ids), 10, "the backlog shown"
+    )
+    assert server.client.get("/predlog").json()["db_up"] is False
     server.proxy.start()
     wait_until(lambda: set(ids) <= set(server.logged_ids()), 30, "replayed rows")
     wait_until(lambda: len(server.logged_ids()) == len(SERVED), 10, "all rows")
+    wait_until(lambda: server.client.get("/predlog").json()["spill_rows"] == 0, 10, "no backlog left")
     assert sorted(server.logged_ids()) == sorted(SERVED)
     assert "recsys_predlog_rows_replayed_total" in server.metrics()
 

@@ -25,6 +25,9 @@ class FakeState:
     def request_finished(self, info, status: int) -> None:
         self.finished.append((info.request_id, status))
 
+    def log_state(self) -> dict:
+        return {"model_version": self.model_version, "spill_rows": 3, "spill_bytes": 600, "db_up": False}
+
 
 @pytest.fixture
 def state() -> FakeState:
@@ -136,3 +139,19 @@ def test_other_paths_are_passed_through_untouched(client, state):
     r = client.post("/other", content=b"x" * 500, headers={"content-type": "text/plain"})
     assert r.status_code == 200 and "x-request-id" not in r.headers
     assert state.finished == []
+
+
+def test_the_log_s_state_is_answered_by_the_gate_and_counts_as_no_request(client, state):
+    r = client.get("/predlog")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert r.json() == {"model_version": 7, "spill_rows": 3, "spill_bytes": 600, "db_up": False}
+    assert state.finished == []
+    assert client.post("/predlog", json={}).status_code in (404, 405)  # GET only; the rest is the app's
+
+
+def test_the_log_s_state_before_the_service_has_loaded_is_a_503():
+    app = Starlette(routes=[])
+    app.add_middleware(RequestGate, endpoints={}, max_body_bytes=100, state=lambda: None)
+    with TestClient(app) as c:
+        r = c.get("/predlog")
+    assert r.status_code == 503 and "not loaded" in r.json()["error"]
