@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 import urllib.error
@@ -39,6 +40,15 @@ class LocalDeployer:
         return f"http://{self.settings.bind_host}:{programs.bento_port(self.settings, version)}"
 
     def build(self, version: int) -> str:
+        # The Bento is built in this process and served from settings.bentoml_home by `bentoml serve`:
+        # BentoML reads BENTOML_HOME once, when first imported, so it is set before that (without it, a
+        # caller such as `make soak` built into ~/bentoml and every Bento failed to start).
+        home = str(self.settings.bentoml_home)
+        os.environ.setdefault("BENTOML_HOME", home)
+        if os.environ["BENTOML_HOME"] != home:
+            raise DeployFailed(
+                f"BENTOML_HOME is {os.environ['BENTOML_HOME']}, but the stack serves its Bentos from {home}"
+            )
         from bentos.build import build_bento
 
         try:

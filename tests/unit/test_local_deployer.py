@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from control_plane.deployer.local import LocalDeployer
 from control_plane.errors import DeployFailed
 from control_plane.settings import Settings
+from control_plane.stack import programs
 
 
 class ScriptedSupervisor:
@@ -87,3 +89,21 @@ def test_a_bento_that_never_answers_times_out(deployer):
     d = deployer([{"statename": "RUNNING", "pid": 31}], timeout_s=0.2)
     with pytest.raises(DeployFailed, match="did not answer"):
         d.deploy(4)
+
+
+def test_the_bento_is_built_into_the_home_the_stack_serves_from(tmp_path, monkeypatch):
+    settings = Settings.from_env({"RECSYS_STATE_DIR": str(tmp_path)})
+    monkeypatch.delenv("BENTOML_HOME", raising=False)
+    homes = []
+    monkeypatch.setattr(
+        "bentos.build.build_bento", lambda v, **kw: homes.append(os.environ["BENTOML_HOME"]) or f"recsys:v{v}"
+    )
+    assert LocalDeployer(settings, ScriptedSupervisor([{}])).build(3) == "recsys:v3"
+    assert homes == [str(settings.bentoml_home)]
+    assert programs.bento(settings, 3).env["BENTOML_HOME"] == str(
+        settings.bentoml_home
+    )  # where it is served from
+
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "elsewhere"))
+    with pytest.raises(DeployFailed, match="elsewhere, but the stack serves its Bentos from"):
+        LocalDeployer(settings, ScriptedSupervisor([{}])).build(3)
