@@ -134,6 +134,14 @@ def test_every_listening_socket_of_the_stack_is_on_loopback(stack):
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
+def test_the_mlflow_server_runs_without_mlflow_s_job_runner(stack):
+    """MLflow 3 starts a job runner and seven huey consumers (1.3 GB here) unless told not to; no job runs."""
+    tree = program_tree(Supervisor(stack.state_dir), "mlflow")
+    commands = [" ".join(p.cmdline()) for p in tree]
+    assert not [c for c in commands if "huey" in c or "jobs._job_runner" in c], commands
+    assert len(tree) <= 2, commands  # `mlflow server` and its one uvicorn worker
+
+
 @pytest.mark.parametrize(
     "path",
     [

@@ -75,6 +75,10 @@ def test_services_wait_for_what_they_need(compose, name, needs):
     assert {dep: depends[dep]["condition"] for dep in needs} == needs
 
 
+def test_the_mlflow_server_starts_no_job_runner(compose):
+    assert compose["services"]["mlflow"]["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+
+
 def test_app_services_get_the_production_urls(compose):
     for name in ("control-plane", "worker", "scheduler"):
         env = compose["services"][name]["environment"]
