@@ -108,7 +108,7 @@ class ServiceMetrics:
         )
         self._gc_started = 0.0
         self._children: dict[tuple[str, str, int], tuple] = {}
-        self._last = WriterStats()
+        self.writer_stats = WriterStats()  # the log writer's latest report (GET /predlog shows it)
         self._lock = threading.Lock()
 
     @classmethod
@@ -165,7 +165,7 @@ class ServiceMetrics:
         self.spill_rows.labels(v).set(stats.spill_rows)
         self.db_up.labels(v).set(1 if stats.db_up else 0)
         for name, counter in self._counters.items():
-            delta = getattr(stats, name) - getattr(self._last, name)
+            delta = getattr(stats, name) - getattr(self.writer_stats, name)
             if delta > 0:
                 counter.inc(delta)
-        self._last = stats
+        self.writer_stats = stats

@@ -36,7 +36,6 @@ class ActionBusy(RolloutConflict):
         super().__init__(
             f"another action is in progress ({holder}); waited {waited_s:g} s, try again when it has finished"
         )
-        self.holder = holder
 
 
 class DeployFailed(RecsysError):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -107,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     from training.train import train_and_register
 
     settings = Settings.from_env()
-    os.environ.setdefault("BENTOML_HOME", str(settings.bentoml_home))
     ensure_stack(settings)
     ctx = bootstrap(settings)
     schedule_evaluations(settings.effective_redis_url, args.interval)
