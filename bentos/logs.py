@@ -52,9 +52,23 @@ class DropClientErrors(logging.Filter):
         return not (isinstance(code, int) and code < 500)
 
 
+def detach_uvicorn_access_log() -> None:
+    """Leave uvicorn's access logger without a handler, its ancestors' included.
+
+    uvicorn decides, per connection, to build an access line for every response when that logger
+    or an ancestor has a handler: the root's did, so each response formatted the client's address
+    and path and called a logger that dropped the line (nothing printed it). One JSON line per
+    request is ours to turn on (RECSYS_ACCESS_LOG).
+    """
+    access = logging.getLogger("uvicorn.access")
+    access.handlers.clear()
+    access.propagate = False
+
+
 def use_json_logs(model_version: int) -> None:
     """Give every handler BentoML set up in this worker (and our `recsys.*` loggers) the JSON format."""
     logging.getLogger("bentoml._internal.server.http_app").addFilter(DropClientErrors())
+    detach_uvicorn_access_log()
     formatter = JsonFormatter(model_version)
     recsys = logging.getLogger("recsys")
     recsys.setLevel(logging.INFO)

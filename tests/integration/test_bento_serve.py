@@ -337,11 +337,40 @@ def test_traefik_s_route_header_is_logged(server):
         )
 
 
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of the one sample of `name` whose labels include `labels` (0 if there is none)."""
+    for m in re.finditer(rf"^{name}{{([^}}]*)}} (\S+)$", text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if labels.items() <= found.items():
+            return float(m.group(2))
+    return 0.0
+
+
+def test_model_endpoints_are_counted_by_ours_and_other_paths_by_bentoml_s(server):
+    """The gate answers /predict before BentoML's middlewares (bentoml_fixes.gate_first)."""
+    before = server.metrics()
+    assert server.post("/predict", {"features": FEATURES}).status_code == 200
+    assert server.client.get("/readyz").status_code == 200
+    after = server.metrics()
+    ours = dict(endpoint="predict", role="canary", status="200")
+    assert (
+        sample(after, "recsys_requests_total", **ours) == sample(before, "recsys_requests_total", **ours) + 1
+    )
+    theirs = dict(endpoint="/predict", http_response_code="200")
+    assert sample(after, "bentoml_service_request_total", **theirs) == sample(
+        before, "bentoml_service_request_total", **theirs
+    )
+    ready = dict(endpoint="/readyz", http_response_code="200")
+    assert sample(after, "bentoml_service_request_total", **ready) > sample(
+        before, "bentoml_service_request_total", **ready
+    )
+
+
 def test_metrics_have_bentoml_s_and_ours_in_a_directory_of_this_bento_s_own(server, bento_env):
     own = Path(bento_env["BENTOML_HOME"]) / "prometheus_multiproc_dir.recsys-v2"
     assert any(own.glob("*.db"))  # not the shared prometheus_multiproc_dir every Bento would empty
     text = server.metrics()
-    assert 'bentoml_service_request_total{endpoint="/predict",http_response_code="200"' in text
+    assert 'bentoml_service_request_total{endpoint="/readyz",http_response_code="200"' in text
     assert 'recsys_requests_total{endpoint="predict",model_version="2",role="canary",status="200"}' in text
     assert 'recsys_requests_total{endpoint="predict",model_version="2",role="canary",status="400"}' in text
     for name in (

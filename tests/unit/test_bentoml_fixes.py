@@ -63,3 +63,39 @@ def test_each_bento_gets_its_own_prometheus_directory(monkeypatch, tmp_path):
         assert separate_prometheus_dir("recsys-v3") == str(tmp_path / "mine")
     finally:
         BentoMLContainer.prometheus_multiproc_dir.reset()
+
+
+def test_gate_first_puts_the_gate_before_bentoml_s_middlewares(monkeypatch):
+    from _bentoml_impl.server.app import ServiceAppFactory
+    from starlette.middleware import Middleware
+
+    from bentos.bentoml_fixes import gate_first
+
+    class Metrics: ...
+
+    class Timeout: ...
+
+    class Gate: ...
+
+    class Context: ...
+
+    listed = [Middleware(Metrics), Middleware(Timeout), Middleware(Gate), Middleware(Context)]
+    # the property BentoML builds the app's middleware list with (restored after the test)
+    monkeypatch.setattr(ServiceAppFactory, "middlewares", property(lambda self: list(listed)))
+    assert gate_first(Gate)
+    assert gate_first(Gate)  # a second call does not wrap it twice
+    assert [m.cls for m in ServiceAppFactory.middlewares.fget(object())] == [Gate, Metrics, Timeout, Context]
+
+
+def test_uvicorn_s_access_log_is_detached(monkeypatch):
+    import logging
+
+    from bentos.logs import detach_uvicorn_access_log
+
+    access = logging.getLogger("uvicorn.access")
+    monkeypatch.setattr(access, "handlers", [logging.NullHandler()])
+    monkeypatch.setattr(access, "propagate", True)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [logging.NullHandler()])
+    assert access.hasHandlers()
+    detach_uvicorn_access_log()
+    assert not access.hasHandlers()  # what uvicorn asks, per connection, before building a line

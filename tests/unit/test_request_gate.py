@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -9,7 +13,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from bentos.http import RequestGate, current_request
+from bentos.http import BodyDeadline, RequestGate, current_request, new_request_id
 
 
 class FakeState:
@@ -155,3 +159,114 @@ def test_the_log_s_state_before_the_service_has_loaded_is_a_503():
     with TestClient(app) as c:
         r = c.get("/predlog")
     assert r.status_code == 503 and "not loaded" in r.json()["error"]
+
+
+class AnsweringState(FakeState):
+    """A state whose `answer` the gate serves model POSTs with (as the Recsys service does)."""
+
+    def answer(self, info, body: bytes) -> tuple[int, bytes]:
+        return 200, b'{"n": %d}' % len(body)
+
+
+async def _call_gate(gate: RequestGate, headers: list[tuple[bytes, bytes]], receive) -> list[dict]:
+    sent: list[dict] = []
+
+    async def send(message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers}
+    await gate(scope, receive, send)
+    return sent
+
+
+async def _never_sends_its_body() -> dict:
+    await asyncio.Event().wait()  # a client that sent its headers and then nothing
+    raise AssertionError("unreachable")
+
+
+async def _inner_app(scope, receive, send) -> None:
+    await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+@pytest.mark.parametrize(
+    "state, headers",
+    [
+        # answered by the gate itself: the wait for the body is the gate's own
+        (AnsweringState(), [(b"content-length", b"20"), (b"content-type", b"application/json")]),
+        # chunked, handed on to the app: buffered by the gate, under the same bound
+        (FakeState(), [(b"content-type", b"application/json")]),
+    ],
+    ids=["answered", "buffered"],
+)
+def test_a_body_that_does_not_arrive_in_time_is_a_408_naming_the_wait(state, headers):
+    gate = RequestGate(
+        _inner_app,
+        endpoints={"/predict": "predict"},
+        max_body_bytes=100,
+        state=lambda: state,
+        body_timeout_s=0.05,
+    )
+    sent = asyncio.run(_call_gate(gate, headers, _never_sends_its_body))
+    assert sent[0]["status"] == 408
+    assert json.loads(sent[1]["body"]) == {"error": "the request body did not arrive within 0.05 s"}
+    assert (b"x-model-version", b"7") in sent[0]["headers"] and state.finished[-1][1] == 408
+
+
+def test_a_body_that_arrives_is_answered_by_the_state():
+    state = AnsweringState()
+    gate = RequestGate(
+        _inner_app,
+        endpoints={"/predict": "predict"},
+        max_body_bytes=100,
+        state=lambda: state,
+        body_timeout_s=0.05,
+    )
+
+    async def body() -> dict:
+        return {"type": "http.request", "body": b'{"features": []}', "more_body": False}
+
+    sent = asyncio.run(_call_gate(gate, [(b"content-length", b"16")], body))
+    assert sent[0]["status"] == 200 and json.loads(sent[1]["body"]) == {"n": 16}
+
+
+def test_a_body_read_in_time_leaves_no_cancellation_behind():
+    deadline = BodyDeadline(0.05)
+
+    async def body() -> dict:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def main():
+        read = await deadline.read(body, 100)
+        await asyncio.sleep(0.2)  # several sweeps later: the request goes on undisturbed
+        return read
+
+    assert asyncio.run(main()) == (b"{}", None)
+
+
+def test_a_cancellation_that_is_not_the_deadline_s_goes_through():
+    deadline = BodyDeadline(10)
+
+    async def main():
+        reader = asyncio.create_task(deadline.read(_never_sends_its_body, 100))
+        await asyncio.sleep(0.01)
+        reader.cancel()  # the server stopping, say
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+
+    asyncio.run(main())
+
+
+def test_request_ids_are_32_hex_digits_unique_and_differ_in_a_forked_child():
+    ids = {new_request_id() for _ in range(10_000)}
+    assert len(ids) == 10_000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, to the parent
+        os.write(write_end, new_request_id().encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    child = os.read(read_end, 64).decode()
+    assert len(child) == 32 and child != new_request_id()  # without a reseed they would be equal
