@@ -22,7 +22,7 @@ histogram written through mmap, a URL match against the tracing exclusions and a
 by side through Traefik at 8 connections, the Bentos spent about a fifth less CPU per request with the
 gate first (docs/performance.md). `gate_first` puts it first; the gate counts and times the model
 endpoints in recsys_requests_total and recsys_request_duration_seconds, and bounds the wait for their
-body itself. Every other path (/metrics, /readyz, /feedback, ...) still goes through BentoML's middlewares.
+body itself. Every other path (/metrics, /readyz, /healthz, ...) still goes through BentoML's middlewares.
 """
 
 from __future__ import annotations
