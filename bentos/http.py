@@ -26,7 +26,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from contextvars import ContextVar
+from contextvars import Context, ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -167,7 +167,7 @@ class RequestGate:
                 else:
                     await self.app(scope, receive, send_with_headers)
         except asyncio.CancelledError:
-            status = 504  # cancelled before answering (the server stopping): no response went out
+            status = 504  # cancelled (the server stopping) before the response was done
             raise
         finally:
             if state is not None:
@@ -278,7 +278,8 @@ class BodyDeadline:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         if self._sweeper is None or self._sweeper.done():
-            self._sweeper = loop.create_task(self._sweep(), name="recsys-body-deadline")
+            # in a context of its own, not the first reader's (which would hold its request info)
+            self._sweeper = loop.create_task(self._sweep(), name="recsys-body-deadline", context=Context())
         self._reading[task] = loop.time() + self.timeout_s
         try:
             return await _read_body(receive, limit)
