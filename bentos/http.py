@@ -270,8 +270,9 @@ class BodyDeadline:
     def __init__(self, timeout_s: float, sweep_s: float = 1.0) -> None:
         self.timeout_s = timeout_s
         self.sweep_s = min(sweep_s, timeout_s)
-        self._reading: dict[asyncio.Task, float] = {}  # reader -> its deadline (loop time)
-        self._expired: set[asyncio.Task] = set()
+        self._reading: dict[
+            asyncio.Task, float | None
+        ] = {}  # reader -> deadline (loop time); None: cancelled
         self._sweeper: asyncio.Task | None = None
 
     async def read(self, receive, limit: int) -> tuple[bytes | None, tuple[int, str] | None]:
@@ -284,13 +285,12 @@ class BodyDeadline:
         try:
             return await _read_body(receive, limit)
         except asyncio.CancelledError:
-            if task not in self._expired:
+            if self._reading[task] is not None:  # not the sweep's cancellation
                 raise
             task.uncancel()
             return None, (408, f"the request body did not arrive within {self.timeout_s:g} s")
         finally:
             del self._reading[task]
-            self._expired.discard(task)
 
     async def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
@@ -298,8 +298,8 @@ class BodyDeadline:
             await asyncio.sleep(self.sweep_s)
             now = loop.time()
             for task, deadline in self._reading.items():
-                if deadline <= now and task not in self._expired:
-                    self._expired.add(task)
+                if deadline is not None and deadline <= now:
+                    self._reading[task] = None
                     task.cancel()
 
 

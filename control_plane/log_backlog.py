@@ -22,9 +22,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-log = logging.getLogger(__name__)
+from bentos.http import LOG_STATE_PATH
 
-PATH = "/predlog"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,9 @@ class HttpLogBacklog:
         out = []
         for version, url in sorted(endpoints.items()):
             try:
-                with urllib.request.urlopen(f"{url.rstrip('/')}{PATH}", timeout=self.timeout_s) as resp:
+                with urllib.request.urlopen(
+                    f"{url.rstrip('/')}{LOG_STATE_PATH}", timeout=self.timeout_s
+                ) as resp:
                     state = json.loads(resp.read())
                 rows, size = int(state["spill_rows"]), int(state["spill_bytes"])
             except (OSError, ValueError, KeyError, TypeError) as exc:  # unreachable, an error, not a Bento

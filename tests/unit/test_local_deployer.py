@@ -100,9 +100,8 @@ def test_the_bento_is_built_into_the_home_the_stack_serves_from(tmp_path, monkey
     )
     assert LocalDeployer(settings, ScriptedSupervisor([{}])).build(3) == "recsys:v3"
     assert homes == [str(settings.bentoml_home)]
-    assert programs.bento(settings, 3).env["BENTOML_HOME"] == str(
-        settings.bentoml_home
-    )  # where it is served from
+    served_from = programs.bento(settings, 3).env["BENTOML_HOME"]
+    assert served_from == str(settings.bentoml_home)
 
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "elsewhere"))
     with pytest.raises(DeployFailed, match="elsewhere, but the stack serves its Bentos from"):

@@ -168,6 +168,17 @@ class AnsweringState(FakeState):
         return 200, b'{"n": %d}' % len(body)
 
 
+def _gate(state, body_timeout_s: float) -> RequestGate:
+    """The gate over a minimal app, for driving with raw ASGI messages."""
+    return RequestGate(
+        _inner_app,
+        endpoints={"/predict": "predict"},
+        max_body_bytes=100,
+        state=lambda: state,
+        body_timeout_s=body_timeout_s,
+    )
+
+
 async def _call_gate(gate: RequestGate, headers: list[tuple[bytes, bytes]], receive) -> list[dict]:
     sent: list[dict] = []
 
@@ -201,13 +212,7 @@ async def _inner_app(scope, receive, send) -> None:
     ids=["answered", "buffered"],
 )
 def test_a_body_that_does_not_arrive_in_time_is_a_408_naming_the_wait(state, headers):
-    gate = RequestGate(
-        _inner_app,
-        endpoints={"/predict": "predict"},
-        max_body_bytes=100,
-        state=lambda: state,
-        body_timeout_s=0.05,
-    )
+    gate = _gate(state, body_timeout_s=0.05)
     sent = asyncio.run(_call_gate(gate, headers, _never_sends_its_body))
     assert sent[0]["status"] == 408
     assert json.loads(sent[1]["body"]) == {"error": "the request body did not arrive within 0.05 s"}
@@ -216,13 +221,7 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408_naming_the_wait(state, hea
 
 def test_a_body_that_arrives_is_answered_by_the_state():
     state = AnsweringState()
-    gate = RequestGate(
-        _inner_app,
-        endpoints={"/predict": "predict"},
-        max_body_bytes=100,
-        state=lambda: state,
-        body_timeout_s=0.05,
-    )
+    gate = _gate(state, body_timeout_s=0.05)
 
     async def body() -> dict:
         return {"type": "http.request", "body": b'{"features": []}', "more_body": False}
