@@ -37,6 +37,16 @@ def parse_bento_urls(text: str) -> dict[int, str]:
     return out
 
 
+def parse_switch(name: str, text: str) -> bool:
+    """on/off (also true/false, yes/no, 1/0), as an environment variable `name` spells it."""
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"{name}={text!r}: expected on or off")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, with embedded defaults under one state directory."""
@@ -65,6 +75,9 @@ class Settings:
     bentoml_home: Path = Path(".recsys/bentoml")
     control_plane_url: str = ""  # how Traefik reaches the control plane; empty: bind_host:control_plane_port
     bento_urls: dict[int, str] = field(default_factory=dict)  # fixed endpoints (compose): version -> URL
+    traefik_fast_proxy: bool = (
+        True  # Traefik's fasthttp proxy to the Bentos (control_plane/traffic/static.py)
+    )
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -96,6 +109,9 @@ class Settings:
             bentoml_home=Path(env.get("BENTOML_HOME") or state_dir / "bentoml").absolute(),
             control_plane_url=env.get("RECSYS_CONTROL_PLANE_URL", ""),
             bento_urls=parse_bento_urls(env.get("RECSYS_BENTO_URLS", "")),
+            traefik_fast_proxy=parse_switch(
+                "RECSYS_TRAEFIK_FAST_PROXY", env.get("RECSYS_TRAEFIK_FAST_PROXY", "on")
+            ),
         )
 
     @property
@@ -130,6 +146,7 @@ class Settings:
             "RECSYS_MAX_BODY_BYTES": str(self.max_body_bytes),
             "RECSYS_EMBEDDED_REDIS_PORT": str(self.embedded_redis_port),
             "RECSYS_WORKER_METRICS_PORT": str(self.worker_metrics_port),
+            "RECSYS_TRAEFIK_FAST_PROXY": "on" if self.traefik_fast_proxy else "off",
             "BENTOML_HOME": str(self.bentoml_home),
             "BENTOML_DO_NOT_TRACK": "true",
             **({"RECSYS_CONTROL_PLANE_URL": self.control_plane_url} if self.control_plane_url else {}),

@@ -136,6 +136,7 @@ def spawn_traefik(
     env: dict[str, str] | None = None,
 ) -> Proc:
     """Traefik with the stack's static config and the weighted split over `bentos`, not waited for."""
+    from control_plane.settings import parse_switch
     from control_plane.stack.programs import traefik_env
     from control_plane.traffic import Backend, TraefikFileRouter, render_static_config
 
@@ -150,6 +151,10 @@ def spawn_traefik(
             gateway_port=port,
             api_port=free_port(),
             access_log_path=tdir / "access.json",  # as `recsys up` runs it: one JSON line per request
+            # as the stack reads it (a variant can turn it off: 'NAME:traefik:RECSYS_TRAEFIK_FAST_PROXY=off')
+            fast_proxy=parse_switch(
+                "RECSYS_TRAEFIK_FAST_PROXY", (env or {}).get("RECSYS_TRAEFIK_FAST_PROXY", "on")
+            ),
         )
     )
     router = TraefikFileRouter(dynamic_dir, tmp_dir=tdir / ".tmp")

@@ -68,6 +68,7 @@ def write_infra_configs(settings: Settings) -> None:
             api_host=settings.bind_host,
             api_port=settings.traefik_api_port,
             access_log_path=settings.log_dir / "traefik-access.json",
+            fast_proxy=settings.traefik_fast_proxy,
         )
     )
     try:

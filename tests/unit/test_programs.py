@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from control_plane.settings import Settings
 from control_plane.stack import programs
 
@@ -31,3 +33,13 @@ def test_redis_clients_are_never_given_up_on_after_a_long_outage(tmp_path):
         assert program.startretries >= 1000
         assert "startretries=1000\n" in program.render(tmp_path)
     assert "startretries=10\n" in programs.traefik(settings).render(tmp_path)
+
+
+def test_the_fast_proxy_switch_is_read_passed_on_and_checked(tmp_path):
+    base = {"RECSYS_STATE_DIR": str(tmp_path)}
+    assert Settings.from_env(base).traefik_fast_proxy is True
+    off = Settings.from_env({**base, "RECSYS_TRAEFIK_FAST_PROXY": "off"})
+    assert off.traefik_fast_proxy is False
+    assert Settings.from_env(off.to_env()).traefik_fast_proxy is False  # a child sees the same
+    with pytest.raises(ValueError, match="RECSYS_TRAEFIK_FAST_PROXY='maybe': expected on or off"):
+        Settings.from_env({**base, "RECSYS_TRAEFIK_FAST_PROXY": "maybe"})

@@ -305,6 +305,13 @@ def test_static_config_binds_loopback_and_keeps_the_api_off_the_gateway(tmp_path
     assert config["accessLog"]["filePath"] == str(tmp_path / "a.log")
 
 
+def test_static_config_uses_the_fast_proxy_unless_told_not_to(tmp_path):
+    on = yaml.safe_load(render_static_config(dynamic_dir=tmp_path))
+    off = yaml.safe_load(render_static_config(dynamic_dir=tmp_path, fast_proxy=False))
+    assert on["experimental"] == {"fastProxy": {}}
+    assert "experimental" not in off
+
+
 def test_compose_static_config_is_the_rendered_one_for_a_container():
     committed = yaml.safe_load((REPO / "infra/traefik/traefik.yml").read_text())
     rendered = yaml.safe_load(
