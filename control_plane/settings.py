@@ -8,6 +8,7 @@ from pathlib import Path
 
 ROLES = ("baseline", "canary", "control")
 DEFAULT_WEIGHTS = {"baseline": 85, "canary": 10, "control": 5}
+TRAEFIK_ACCESS_LOG_MODES = ("problems", "all", "off")  # control_plane/traffic/static.py says what each logs
 
 
 def parse_weights(text: str) -> dict[str, int]:
@@ -47,6 +48,14 @@ def parse_switch(name: str, text: str) -> bool:
     raise ValueError(f"{name}={text!r}: expected on or off")
 
 
+def parse_choice(name: str, text: str, choices: tuple[str, ...]) -> str:
+    """One of `choices`, as an environment variable `name` spells it (case aside)."""
+    value = text.strip().lower()
+    if value not in choices:
+        raise ValueError(f"{name}={text!r}: expected one of {', '.join(choices)}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, with embedded defaults under one state directory."""
@@ -75,9 +84,10 @@ class Settings:
     bentoml_home: Path = Path(".recsys/bentoml")
     control_plane_url: str = ""  # how Traefik reaches the control plane; empty: bind_host:control_plane_port
     bento_urls: dict[int, str] = field(default_factory=dict)  # fixed endpoints (compose): version -> URL
-    traefik_fast_proxy: bool = (
-        True  # Traefik's fasthttp proxy to the Bentos (control_plane/traffic/static.py)
-    )
+    # Traefik: its fasthttp proxy to the Bentos, and which requests its access log keeps (problems,
+    # all or off); control_plane/traffic/static.py says why each is the default.
+    traefik_fast_proxy: bool = True
+    traefik_access_log: str = "problems"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -109,6 +119,11 @@ class Settings:
             bentoml_home=Path(env.get("BENTOML_HOME") or state_dir / "bentoml").absolute(),
             control_plane_url=env.get("RECSYS_CONTROL_PLANE_URL", ""),
             bento_urls=parse_bento_urls(env.get("RECSYS_BENTO_URLS", "")),
+            traefik_access_log=parse_choice(
+                "RECSYS_TRAEFIK_ACCESS_LOG",
+                env.get("RECSYS_TRAEFIK_ACCESS_LOG", "problems"),
+                ("problems", "all", "off"),
+            ),
             traefik_fast_proxy=parse_switch(
                 "RECSYS_TRAEFIK_FAST_PROXY", env.get("RECSYS_TRAEFIK_FAST_PROXY", "on")
             ),
@@ -147,6 +162,7 @@ class Settings:
             "RECSYS_EMBEDDED_REDIS_PORT": str(self.embedded_redis_port),
             "RECSYS_WORKER_METRICS_PORT": str(self.worker_metrics_port),
             "RECSYS_TRAEFIK_FAST_PROXY": "on" if self.traefik_fast_proxy else "off",
+            "RECSYS_TRAEFIK_ACCESS_LOG": self.traefik_access_log,
             "BENTOML_HOME": str(self.bentoml_home),
             "BENTOML_DO_NOT_TRACK": "true",
             **({"RECSYS_CONTROL_PLANE_URL": self.control_plane_url} if self.control_plane_url else {}),

@@ -136,10 +136,11 @@ def spawn_traefik(
     env: dict[str, str] | None = None,
 ) -> Proc:
     """Traefik with the stack's static config and the weighted split over `bentos`, not waited for."""
-    from control_plane.settings import parse_switch
+    from control_plane.settings import Settings
     from control_plane.stack.programs import traefik_env
     from control_plane.traffic import Backend, TraefikFileRouter, render_static_config
 
+    settings = Settings.from_env({**os.environ, **(env or {})})
     tdir = workdir / f"traefik-{label}"
     shutil.rmtree(tdir, ignore_errors=True)  # a kept --work-dir holds the last run's
     dynamic_dir = tdir / "dynamic"
@@ -150,11 +151,10 @@ def spawn_traefik(
             dynamic_dir=dynamic_dir,
             gateway_port=port,
             api_port=free_port(),
-            access_log_path=tdir / "access.json",  # as `recsys up` runs it: one JSON line per request
-            # as the stack reads it (a variant can turn it off: 'NAME:traefik:RECSYS_TRAEFIK_FAST_PROXY=off')
-            fast_proxy=parse_switch(
-                "RECSYS_TRAEFIK_FAST_PROXY", (env or {}).get("RECSYS_TRAEFIK_FAST_PROXY", "on")
-            ),
+            access_log_path=tdir / "access.json",
+            # as `recsys up` reads them; a variant can set them ('NAME:traefik:RECSYS_TRAEFIK_ACCESS_LOG=all')
+            fast_proxy=settings.traefik_fast_proxy,
+            access_log_mode=settings.traefik_access_log,
         )
     )
     router = TraefikFileRouter(dynamic_dir, tmp_dir=tdir / ".tmp")

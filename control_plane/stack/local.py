@@ -69,6 +69,7 @@ def write_infra_configs(settings: Settings) -> None:
             api_port=settings.traefik_api_port,
             access_log_path=settings.log_dir / "traefik-access.json",
             fast_proxy=settings.traefik_fast_proxy,
+            access_log_mode=settings.traefik_access_log,
         )
     )
     try:

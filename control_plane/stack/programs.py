@@ -207,7 +207,8 @@ def bento(settings: Settings, version: int) -> Program:
         ],
         # Each Bento keeps its Prometheus files apart (bentos/bentoml_fixes.py), so /metrics is its own.
         # RECSYS_ACCESS_LOG: one JSON line per request with its id, so a request can be followed from the
-        # gateway's access log to the Bento, the prediction row and the label (costs a few % of throughput).
+        # gateway (whose access log keeps problems, or every request with RECSYS_TRAEFIK_ACCESS_LOG=all)
+        # to the Bento, the prediction row and the label (costs a few % of throughput).
         env={"RECSYS_SPILL_DIR": str(settings.spill_dir / f"v{version}"), "RECSYS_ACCESS_LOG": "on"},
         startsecs=3,
         stopwaitsecs=30,

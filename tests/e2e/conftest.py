@@ -104,6 +104,9 @@ def stack(tmp_path_factory) -> Stack:
         "RECSYS_BENTO_BASE_PORT": str(random.randrange(21000, 29000, 20)),
         "RECSYS_EVAL_INTERVAL_S": "2",
         "RECSYS_LABEL_WINDOW_S": "1",
+        # every request in the gateway's access log (the default keeps problems only), so that a test
+        # can follow a served request's id from the gateway to its label
+        "RECSYS_TRAEFIK_ACCESS_LOG": "all",
         "BENTOML_HOME": str(state / "bentoml"),
         "BENTOML_DO_NOT_TRACK": "true",
     }

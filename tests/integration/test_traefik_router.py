@@ -288,16 +288,22 @@ def test_the_api_and_metrics_are_not_on_the_gateway(stack):
     assert httpx.get(f"{stack.api}/ping", timeout=2).text == "OK"
 
 
-def test_the_access_log_is_json_and_keeps_the_route_header(stack):
+def test_the_access_log_is_json_and_keeps_the_problems_not_the_served(stack):
     import json
+    import uuid
 
-    stack.predict()
+    served, refused = f"served-{uuid.uuid4().hex}", f"refused-{uuid.uuid4().hex}"
+    assert stack.predict(headers={"X-Request-ID": served}).status_code == 200
+    url = str(stack.client.base_url.join("/predict"))
+    assert post_large(url, b"x" * 1_000_001, {"X-Request-ID": refused}) == 413
     log = stack.root / "access.log"
-    _wait_for(lambda: log.exists() and log.stat().st_size > 0, 5)
-    line = json.loads(log.read_text().splitlines()[-1])
-    assert line["RouterName"].endswith("@file")
-    assert any(k.startswith("request_X-Recsys-Route") for k in line)
-    assert line["DownstreamStatus"] == 200 and line["Duration"] > 0
+    _wait_for(lambda: log.exists() and refused in log.read_text(), 5)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert not [line for line in lines if line.get("request_X-Request-Id") == served], "a 200 is not logged"
+    (line,) = [line for line in lines if line.get("request_X-Request-Id") == refused]
+    assert line["RouterName"] == "gateway@file"
+    assert line["request_X-Recsys-Route"] == "weighted"
+    assert line["DownstreamStatus"] == 413 and line["Duration"] > 0
     assert "StartLocal" not in line and "ClientPort" not in line, "only the listed fields are kept"
 
 

@@ -43,3 +43,15 @@ def test_the_fast_proxy_switch_is_read_passed_on_and_checked(tmp_path):
     assert Settings.from_env(off.to_env()).traefik_fast_proxy is False  # a child sees the same
     with pytest.raises(ValueError, match="RECSYS_TRAEFIK_FAST_PROXY='maybe': expected on or off"):
         Settings.from_env({**base, "RECSYS_TRAEFIK_FAST_PROXY": "maybe"})
+
+
+def test_the_access_log_mode_is_read_passed_on_and_checked(tmp_path):
+    base = {"RECSYS_STATE_DIR": str(tmp_path)}
+    assert Settings.from_env(base).traefik_access_log == "problems"
+    every = Settings.from_env({**base, "RECSYS_TRAEFIK_ACCESS_LOG": "ALL"})
+    assert every.traefik_access_log == "all"
+    assert Settings.from_env(every.to_env()).traefik_access_log == "all"
+    with pytest.raises(
+        ValueError, match="RECSYS_TRAEFIK_ACCESS_LOG='sometimes': expected one of problems, all, off"
+    ):
+        Settings.from_env({**base, "RECSYS_TRAEFIK_ACCESS_LOG": "sometimes"})

@@ -312,6 +312,22 @@ def test_static_config_uses_the_fast_proxy_unless_told_not_to(tmp_path):
     assert "experimental" not in off
 
 
+def test_the_access_log_keeps_problems_by_default_and_every_request_or_none_when_told(tmp_path):
+    def access_log(**options):
+        return yaml.safe_load(render_static_config(dynamic_dir=tmp_path, **options)).get("accessLog")
+
+    assert access_log()["filters"] == {
+        "statusCodes": ["400-599"],
+        "retryAttempts": True,
+        "minDuration": "100ms",
+    }
+    every = access_log(access_log_mode="all")
+    assert "filters" not in every and every["format"] == "json"
+    assert access_log(access_log_mode="off") is None
+    with pytest.raises(ValueError, match="access log mode 'some': expected one of problems, all, off"):
+        access_log(access_log_mode="some")
+
+
 def test_compose_static_config_is_the_rendered_one_for_a_container():
     committed = yaml.safe_load((REPO / "infra/traefik/traefik.yml").read_text())
     rendered = yaml.safe_load(
