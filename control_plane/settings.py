@@ -122,7 +122,7 @@ class Settings:
             traefik_access_log=parse_choice(
                 "RECSYS_TRAEFIK_ACCESS_LOG",
                 env.get("RECSYS_TRAEFIK_ACCESS_LOG", "problems"),
-                ("problems", "all", "off"),
+                TRAEFIK_ACCESS_LOG_MODES,
             ),
             traefik_fast_proxy=parse_switch(
                 "RECSYS_TRAEFIK_FAST_PROXY", env.get("RECSYS_TRAEFIK_FAST_PROXY", "on")
