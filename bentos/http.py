@@ -304,9 +304,15 @@ class BodyDeadline:
 
 
 def new_request_id() -> str:
-    """32 hex digits from `random` (reseeded in a forked child): uuid4 reads the kernel's random
-    source each time, 4 us under load against under 1 us, and an id needs to be unique, not secret."""
-    return f"{random.getrandbits(128):032x}"
+    """32 hex digits: the time in ns, then 64 random bits from `random` (reseeded in a forked child).
+
+    Time first, as in UUIDv7: ids made one after another sort one after another, so the primary key
+    of `predictions` takes them at its right edge instead of on a random page each: Postgres' CPU a
+    logged row 10.3 -> 6.5 us with 300,000 rows in the table (docs/performance.md). `random`, not
+    uuid4, which reads the kernel's random source each time (4 us under load against under 1 us): an
+    id needs to be unique, not secret.
+    """
+    return f"{time.time_ns():016x}{random.getrandbits(64):016x}"
 
 
 async def _send_json(send, status: int, message: str, **extra: Any) -> None:

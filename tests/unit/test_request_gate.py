@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 
 import pytest
 from starlette.applications import Starlette
@@ -257,9 +258,11 @@ def test_a_cancellation_that_is_not_the_deadline_s_goes_through():
     asyncio.run(main())
 
 
-def test_request_ids_are_32_hex_digits_unique_and_differ_in_a_forked_child():
-    ids = {new_request_id() for _ in range(10_000)}
-    assert len(ids) == 10_000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+def test_request_ids_are_32_hex_digits_unique_time_ordered_and_differ_in_a_forked_child():
+    made = [new_request_id() for _ in range(10_000)]
+    assert len(set(made)) == 10_000 and all(len(i) == 32 and int(i, 16) >= 0 for i in made)
+    assert made == sorted(made), "ids made one after another sort one after another"
+    assert abs(int(made[-1][:16], 16) - time.time_ns()) < 60e9, "the first 16 digits are the time in ns"
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: its next id, to the parent
@@ -268,4 +271,5 @@ def test_request_ids_are_32_hex_digits_unique_and_differ_in_a_forked_child():
     os.close(write_end)
     os.waitpid(pid, 0)
     child = os.read(read_end, 64).decode()
-    assert len(child) == 32 and child != new_request_id()  # without a reseed they would be equal
+    # the random half: without a reseed the child's would be the parent's next
+    assert len(child) == 32 and child[16:] != new_request_id()[16:]
