@@ -270,9 +270,8 @@ class BodyDeadline:
     def __init__(self, timeout_s: float, sweep_s: float = 1.0) -> None:
         self.timeout_s = timeout_s
         self.sweep_s = min(sweep_s, timeout_s)
-        self._reading: dict[
-            asyncio.Task, float | None
-        ] = {}  # reader -> deadline (loop time); None: cancelled
+        # reader -> its deadline (loop time); None once the sweep has cancelled it
+        self._reading: dict[asyncio.Task, float | None] = {}
         self._sweeper: asyncio.Task | None = None
 
     async def read(self, receive, limit: int) -> tuple[bytes | None, tuple[int, str] | None]:

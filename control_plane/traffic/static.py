@@ -50,13 +50,34 @@ ACCESS_LOG_FIELDS = (
 SLOW_REQUEST = "100ms"
 
 
-def access_log_filters(mode: str) -> dict[str, Any] | None:
-    """Traefik's `accessLog.filters` for `mode` (filters are OR-ed); None: log every request."""
+def access_log(mode: str, path: Path | str | None = None) -> dict[str, Any] | None:
+    """Traefik's `accessLog` for `mode` (its filters are OR-ed), written to `path` (stdout if None);
+    None when the mode is off."""
     if mode not in TRAEFIK_ACCESS_LOG_MODES:
         raise ValueError(f"access log mode {mode!r}: expected one of {', '.join(TRAEFIK_ACCESS_LOG_MODES)}")
+    if mode == "off":
+        return None
+    config: dict[str, Any] = {
+        "format": "json",
+        "fields": {
+            "defaultMode": "drop",
+            "names": dict.fromkeys(ACCESS_LOG_FIELDS, "keep"),
+            "headers": {
+                "defaultMode": "drop",
+                "names": {
+                    "X-Recsys-Route": "keep",
+                    "X-Model-Version": "keep",
+                    "X-Model-Role": "keep",
+                    "X-Request-Id": "keep",
+                },
+            },
+        },
+    }
     if mode == "problems":
-        return {"statusCodes": ["400-599"], "retryAttempts": True, "minDuration": SLOW_REQUEST}
-    return None
+        config["filters"] = {"statusCodes": ["400-599"], "retryAttempts": True, "minDuration": SLOW_REQUEST}
+    if path:
+        config["filePath"] = str(path)
+    return config
 
 
 def static_config(
@@ -84,27 +105,7 @@ def static_config(
 
     `access_log_mode`: problems, all or off (above).
     """
-    filters = access_log_filters(access_log_mode)
-    access_log: dict[str, Any] = {
-        "format": "json",
-        "fields": {
-            "defaultMode": "drop",
-            "names": dict.fromkeys(ACCESS_LOG_FIELDS, "keep"),
-            "headers": {
-                "defaultMode": "drop",
-                "names": {
-                    "X-Recsys-Route": "keep",
-                    "X-Model-Version": "keep",
-                    "X-Model-Role": "keep",
-                    "X-Request-Id": "keep",
-                },
-            },
-        },
-    }
-    if filters:
-        access_log["filters"] = filters
-    if access_log_path:
-        access_log["filePath"] = str(access_log_path)
+    log = access_log(access_log_mode, access_log_path)
     config: dict[str, Any] = {
         "global": {"checkNewVersion": False, "sendAnonymousUsage": False},
         "log": {"level": log_level},
@@ -128,10 +129,9 @@ def static_config(
                 "buckets": list(LATENCY_BUCKETS_S),
             }
         },
-        "accessLog": access_log,
     }
-    if access_log_mode == "off":
-        del config["accessLog"]
+    if log is not None:
+        config["accessLog"] = log
     if fast_proxy:
         config["experimental"] = {"fastProxy": {}}
     return config
