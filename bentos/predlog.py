@@ -1,7 +1,7 @@
 """Every served prediction goes to the `predictions` table: batched off the request path, never dropped.
 
-The request thread only puts a row on a bounded queue. One writer thread takes batches off it and
-inserts them with ON CONFLICT DO NOTHING on `request_id`, so writing a row twice is harmless. When
+The request thread only appends a row to a bounded deque. One writer thread takes batches off it
+(once a flush interval, or at once when a whole batch is waiting) and inserts them with ON CONFLICT DO NOTHING on `request_id`, so writing a row twice is harmless. When
 the queue is full the caller appends the row to the spill file itself; when the database is
 unreachable the writer appends whole batches there. Spill files are fsync'd JSON lines, one file
 per process (locked with flock while its owner has it open), and are replayed into the database
@@ -18,13 +18,13 @@ runs it in the Bento's process.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import io
 import json
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -41,7 +41,6 @@ from control_plane.db.schema import predictions
 log = logging.getLogger("recsys.predlog")
 
 SPILL_GLOB = "predlog-*.jsonl"
-_WAKE = object()  # put on the queue to wake the writer thread without a row
 
 
 class PredictionRow(TypedDict):
@@ -110,7 +109,7 @@ def _esc(value: str) -> str:
     return value
 
 
-_LINE = "%s\t%r\t%d\t%s\t%s\t%s\t%s\t%s\t%r\t%d\n"  # the columns of `_COLUMNS`, in order
+_LINE = "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\n"  # the columns of `_COLUMNS`, in order
 
 
 def _features_json(features: list[float]) -> str:
@@ -125,21 +124,40 @@ def _features_json(features: list[float]) -> str:
         return json.dumps(features)
 
 
-def _copy_line(r: PredictionRow) -> str:
-    """One row in COPY's text format (tab-separated, \\N for NULL), columns in `_COLUMNS` order."""
-    features, score = r["features"], r["score"]
-    return _LINE % (
-        _esc(str(r["request_id"])),
-        float(r["ts"]),
-        int(r["model_version"]),
-        _esc(str(r["role"])),
-        _esc(str(r["route"])),
-        _esc(str(r["endpoint"])),
-        _NULL if features is None else _esc(_features_json(features)),
-        _NULL if score is None else repr(float(score)),
-        float(r["latency_ms"]),
-        int(r["status"]),
-    )
+def _floats_text(values: list[float]) -> list[str]:
+    """Each float as text that Postgres reads back exactly: the shortest that round-trips, as repr()
+    writes it, with NaN and Infinity as words. One pydantic-core call for a whole batch costs 0.1 us
+    a value where repr() cost 0.5 (docs/performance.md). `values` must be floats: the text is split
+    on the commas between them."""
+    return to_json(values, inf_nan_mode="constants").decode()[1:-1].split(",") if values else []
+
+
+def _copy_text(rows: list[PredictionRow]) -> str:
+    """The rows in COPY's text format (tab-separated, \\N for NULL), columns in `_COLUMNS` order."""
+    floats: list[float] = []
+    for r in rows:
+        score = r["score"]
+        floats += (float(r["ts"]), 0.0 if score is None else float(score), float(r["latency_ms"]))
+    text = _floats_text(floats)
+    lines = []
+    for i, r in enumerate(rows):
+        features = r["features"]
+        lines.append(
+            _LINE
+            % (
+                _esc(str(r["request_id"])),
+                text[3 * i],
+                int(r["model_version"]),
+                _esc(str(r["role"])),
+                _esc(str(r["route"])),
+                _esc(str(r["endpoint"])),
+                _NULL if features is None else _esc(_features_json(features)),
+                _NULL if r["score"] is None else text[3 * i + 1],
+                text[3 * i + 2],
+                int(r["status"]),
+            )
+        )
+    return "".join(lines)
 
 
 def _copy_batch(engine: Engine, rows: list[PredictionRow]) -> None:
@@ -154,7 +172,7 @@ def _copy_batch(engine: Engine, rows: list[PredictionRow]) -> None:
     """
     from psycopg2.errors import UniqueViolation
 
-    text = "".join([_copy_line(r) for r in rows])
+    text = _copy_text(rows)
     with engine.connect() as conn:
         dbapi = conn.connection.dbapi_connection
         staged = False
@@ -255,7 +273,8 @@ class PredictionLogWriter(_WriterBase):
         self.retry_interval_s = retry_interval_s
         self.scan_interval_s = scan_interval_s
         self._on_stats = on_stats
-        self._queue: queue.Queue[PredictionRow | object] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self._rows: collections.deque[PredictionRow] = collections.deque()
         self._engine: Engine | None = None
         self._stmt = None
         self._thread: threading.Thread | None = None
@@ -296,14 +315,22 @@ class PredictionLogWriter(_WriterBase):
 
     def log(self, row: PredictionRow) -> None:
         """Queue `row`; never blocks on the database and never drops: a full queue spills here."""
-        if not self._closed:
-            try:
-                self._queue.put_nowait(row)
-                return
-            except queue.Full:
-                pass
+        if not self._closed and len(self._rows) < self.max_queue:
+            self._rows.append(row)
+            return
         self._spill([row])
         self._settled(1)
+
+    def log_many(self, rows: list[PredictionRow]) -> None:
+        """`log` for each of `rows`, in one step: the writer process hands on a whole frame so."""
+        room = 0 if self._closed else self.max_queue - len(self._rows)
+        if len(rows) <= room:
+            self._rows.extend(rows)
+            return
+        room = max(room, 0)
+        self._rows.extend(rows[:room])
+        self._spill(rows[room:])
+        self._settled(len(rows) - room)
 
     def close(self, timeout_s: float = 15.0) -> None:
         """Write or spill everything queued, then stop the thread. Safe to call twice."""
@@ -311,8 +338,6 @@ class PredictionLogWriter(_WriterBase):
             return
         self._closed = True
         self._stopping.set()
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(_WAKE)
         if self._thread is not None:
             self._thread.join(timeout_s)
         if self._thread is None or self._thread.is_alive():
@@ -329,7 +354,7 @@ class PredictionLogWriter(_WriterBase):
 
     def stats(self) -> WriterStats:
         return WriterStats(
-            queue_depth=self._queue.qsize(),
+            queue_depth=len(self._rows),
             rows_written=self._rows_written,
             rows_spilled=self._rows_spilled,
             rows_replayed=self._rows_replayed,
@@ -354,28 +379,28 @@ class PredictionLogWriter(_WriterBase):
             if self._replay_due():
                 self._replay_all()
             self._publish_stats()
-            if self._stopping.is_set() and self._queue.empty():
+            if self._stopping.is_set() and not self._rows:
                 return
 
     def _take_batch(self) -> list[PredictionRow]:
-        try:
-            first = self._queue.get(timeout=self.flush_interval_s)
-        except queue.Empty:
-            return []
-        if self._queue.qsize() < self.batch_size - 1:
+        if len(self._rows) < self.batch_size:
             # Let a batch build up. Taking rows as they come would wake this thread (and take the
             # GIL from the request loop) for every request and commit one row at a time: measured
             # +1 ms per request at one connection. close() sets the event and ends the wait.
+            # A deque, not a queue.Queue: its lock and condition cost the writer process 1.6 us a
+            # row (docs/performance.md).
             self._stopping.wait(self.flush_interval_s)
-        batch = [] if first is _WAKE else [first]
-        while len(batch) < self.batch_size:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _WAKE:
-                batch.append(item)
-        return batch
+        return self._take(self.batch_size)
+
+    def _take(self, n: int) -> list[PredictionRow]:
+        rows = []
+        popleft = self._rows.popleft
+        try:
+            for _ in range(n):
+                rows.append(popleft())
+        except IndexError:
+            pass
+        return rows
 
     def _write(self, batch: list[PredictionRow]) -> None:
         """Insert the batch or spill it; either way every row of it is settled afterwards."""
@@ -551,14 +576,7 @@ class PredictionLogWriter(_WriterBase):
         self._spill_bytes = total
 
     def _drain_queue(self) -> list[PredictionRow]:
-        rows = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return rows
-            if item is not _WAKE:
-                rows.append(item)
+        return self._take(len(self._rows))
 
     # ---- the spill file ----------------------------------------------------------------------
 

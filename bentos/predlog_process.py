@@ -364,8 +364,7 @@ def child_main(stdin: BinaryIO, stdout: BinaryIO, config: dict) -> None:
     ).start()
     try:
         while (rows := read_frame(stdin)) is not None:
-            for row in rows:
-                writer.log(row)
+            writer.log_many(rows)
     finally:
         writer.close()
         stats_out.send(writer.stats(), force=True)

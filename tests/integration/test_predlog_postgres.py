@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from urllib.parse import urlsplit, urlunsplit
@@ -121,20 +122,23 @@ def test_copy_writes_every_value_back_exactly_nulls_and_escapes_included(pg_url,
         "role": "can\\ary",
     }
     plain = {**row(f"plain-{tag}"), "features": [0.1 * i for i in range(16)], "score": 0.123456789012345678}
+    tiny = {**row(f"tiny-{tag}"), "ts": 1e22, "score": 5e-324, "latency_ms": 1e-7}
+    infinite = {**row(f"inf-{tag}"), "score": float("-inf"), "latency_ms": float("inf")}
+    nan = {**row(f"nan-{tag}"), "score": float("nan")}
+    rows = [odd, plain, tiny, infinite, nan]
     with PredictionLogWriter(pg_url, tmp_path / "spill", flush_interval_s=0.02) as w:
-        w.log(odd)
-        w.log(plain)
-    assert w.stats().rows_written == 2 and w.stats().rows_rejected == 0
+        w.log_many(rows)
+    assert w.stats().rows_written == 5 and w.stats().rows_rejected == 0
     with pg_engine.connect() as conn:
         got = {
             r["request_id"]: dict(r)
             for r in conn.execute(
-                select(predictions).where(
-                    predictions.c.request_id.in_([odd["request_id"], plain["request_id"]])
-                )
+                select(predictions).where(predictions.c.request_id.in_([r["request_id"] for r in rows]))
             ).mappings()
         }
-    assert got == {odd["request_id"]: odd, plain["request_id"]: plain}
+    assert math.isnan(got[nan["request_id"]]["score"])
+    got[nan["request_id"]]["score"] = nan["score"] = None  # NaN equals nothing, itself included
+    assert got == {r["request_id"]: r for r in rows}
 
 
 def test_a_row_postgres_refuses_is_set_aside_and_the_rest_of_its_batch_goes_in(pg_url, pg_engine, tmp_path):

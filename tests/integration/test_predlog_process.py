@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from sqlalchemy import text
 
 from bentos.predlog import PredictionLogWriter
 from bentos.predlog_process import ProcessLogWriter
@@ -179,3 +180,12 @@ def test_a_hung_child_is_replaced_and_the_rows_it_held_arrive(pg_url, pg_engine,
         wait_for(lambda: hung.poll() is not None, 20, "the hung child killed")
         wait_for(lambda: count_ids(pg_engine, rids) == (n, n), 40, "every row written")
     assert w._child is not hung
+
+
+def test_the_writer_benchmark_measures_a_child_that_wrote_every_row(pg_url, pg_engine, tmp_path):
+    from load.bench_writer_process import run_once
+
+    us_a_row = run_once(ROOT, pg_url, tmp_path / "spill", rate=500, seconds=0.4)
+    assert 0 < us_a_row < 10_000
+    with pg_engine.connect() as conn:  # two frames of 100 rows, and the warm-up frame
+        assert conn.execute(text("SELECT count(*) FROM predictions")).scalar_one() == 300

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from sqlalchemy import event, func, select
 from sqlalchemy.exc import OperationalError
 
-from bentos.predlog import NullLogWriter, PredictionLogWriter, PredictionRow
+from bentos.predlog import NullLogWriter, PredictionLogWriter, PredictionRow, _floats_text
 from control_plane.db.engine import make_engine
 from control_plane.db.schema import metadata, predictions
 
@@ -138,6 +139,46 @@ def test_a_full_queue_spills_from_the_caller_instead_of_dropping(db, spill_dir):
     w.close()
     assert sorted(db.request_ids()) == sorted(f"req-{i}" for i in range(8))
     assert not list(spill_dir.glob("predlog-*.jsonl"))
+
+
+def test_a_frame_logged_at_once_fills_the_queue_and_spills_only_what_does_not_fit(db, spill_dir):
+    w = writer(db, spill_dir, max_queue=5)  # not started: nothing drains the queue
+    w.log_many([row(i) for i in range(3)])
+    w.log_many([row(i) for i in range(3, 8)])
+    assert [r["request_id"] for r in spill_lines(spill_dir)] == ["req-5", "req-6", "req-7"]
+    assert w.stats().rows_spilled == 3 and w.stats().queue_depth == 5
+    w.log_many([row(8)])  # full: all of it spills
+    assert w.stats().rows_spilled == 4 and w.stats().rows_settled == 4
+    w.start()
+    wait_until(lambda: db.count() == 9)
+    w.close()
+    w.log_many([row(9), row(10)])  # after close: spilled, not dropped
+    assert w.stats().rows_spilled == 6
+    assert sorted(db.request_ids()) == sorted(f"req-{i}" for i in range(9))
+
+
+def test_a_whole_batch_waiting_is_written_without_waiting_for_the_flush_interval(db, spill_dir):
+    w = writer(db, spill_dir, batch_size=10, flush_interval_s=30)
+    w.log_many([row(i) for i in range(25)])
+    w.start()
+    try:
+        wait_until(lambda: db.count() == 20, timeout_s=10)  # two whole batches; the last five wait
+        time.sleep(0.2)
+        assert db.count() == 20 and w.stats().queue_depth == 5
+    finally:
+        w.close()  # ends the wait and writes the rest
+    assert db.count() == 25
+
+
+def test_floats_are_written_as_text_that_reads_back_exactly():
+    values = [0.1, 1795763670.669882, 2.0, -0.0, 1e22, 1e16, 1e-7, 5e-324, 1.7976931348623157e308]
+    values += [float("inf"), float("-inf"), float("nan")]
+    text = _floats_text(values)
+    assert len(text) == len(values)
+    for value, written in zip(values, text, strict=True):
+        back = float(written)
+        assert (math.isnan(value) and math.isnan(back)) or (back == value and repr(back) == repr(value))
+    assert _floats_text([]) == []
 
 
 def test_database_down_spills_batches_and_replays_them_when_it_is_back(db, spill_dir):

@@ -1,0 +1,140 @@
+"""The prediction log's writer process on its own: its CPU a row, fed as a Bento feeds it.
+
+    .venv/bin/python -m load.bench_writer_process [--rate 4000] [--seconds 6] [--repeats 5] [ROOT ...]
+
+Starts `python -m bentos.predlog_process` against a fresh Postgres database, writes it a frame of
+rows every flush interval (200 ms, as `ProcessLogWriter` does) at `--rate` rows a second, and reads
+the time the child's threads ran (/proc/PID/task/*/schedstat) before the first frame and after the
+last has settled; checks that every row reached the database. Each ROOT is a checkout of this repository whose `bentos` package the child runs (default: this one),
+so that two versions can be measured side by side, alternating run by run
+(`git worktree add /tmp/before HEAD~1`, then `... /tmp/before .`); prints medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+from bentos.predlog_process import CONFIG_ENV, frame
+from load.bench_setups import create_database
+
+FLUSH_INTERVAL_S = 0.2
+WARM_UP_S = 1.5  # the child imports SQLAlchemy and connects on its first batch
+
+
+def _rows(n: int) -> list[dict]:
+    return [
+        {
+            "request_id": f"{time.time_ns():016x}{random.getrandbits(64):016x}",
+            "ts": time.time(),
+            "model_version": 2,
+            "role": "baseline",
+            "route": "weighted",
+            "endpoint": "predict",
+            "features": [random.random() for _ in range(16)],
+            "score": random.random(),
+            "latency_ms": 0.4 + random.random(),
+            "status": 200,
+        }
+        for _ in range(n)
+    ]
+
+
+def _cpu_s(pid: int) -> float:
+    """The time the process's threads have run, to the nanosecond (/proc/stat counts in 10 ms ticks)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that has just ended
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+def _count(database_url: str) -> int:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM predictions")).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def run_once(root: Path, database_url: str, spill_dir: Path, rate: float, seconds: float) -> float:
+    """The child's CPU in microseconds a row over `seconds` of frames at `rate` rows a second;
+    RuntimeError unless every row sent is in the database afterwards."""
+    before = _count(database_url)
+    per_frame = max(1, int(rate * FLUSH_INTERVAL_S))
+    frames = [frame(_rows(per_frame)) for _ in range(max(1, int(seconds / FLUSH_INTERVAL_S)))]
+    config = {
+        "database_url": database_url,
+        "spill_dir": str(spill_dir),
+        "writer": {"batch_size": 500, "flush_interval_s": FLUSH_INTERVAL_S, "max_queue": 10_000},
+    }
+    env = {**os.environ, CONFIG_ENV: json.dumps(config), "PYTHONPATH": str(root)}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "bentos.predlog_process"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        env=env,
+        cwd=root,
+    )
+    try:
+        child.stdin.write(frame(_rows(per_frame)))  # warm up: imports, the engine, the connection
+        child.stdin.flush()
+        time.sleep(WARM_UP_S)
+        start = _cpu_s(child.pid)
+        due = time.monotonic()
+        for data in frames:
+            child.stdin.write(data)
+            child.stdin.flush()
+            due += FLUSH_INTERVAL_S
+            time.sleep(max(0.0, due - time.monotonic()))
+        time.sleep(2 * FLUSH_INTERVAL_S + 0.3)  # the last frame's batch written
+        used = _cpu_s(child.pid) - start
+    finally:
+        child.stdin.close()
+        child.wait(30)
+    sent = per_frame * (len(frames) + 1)
+    if (arrived := _count(database_url) - before) != sent:
+        raise RuntimeError(f"{root}: {arrived} of {sent} rows reached the database")
+    return used / (per_frame * len(frames)) * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("roots", nargs="*", type=Path, help="checkouts to compare (default: this one)")
+    parser.add_argument("--rate", type=float, default=4000, help="rows a second (default 4000)")
+    parser.add_argument("--seconds", type=float, default=6, help="seconds of frames a run (default 6)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    roots = [r.resolve() for r in args.roots] or [Path(__file__).resolve().parent.parent]
+    for root in roots:
+        if not (root / "bentos" / "predlog_process.py").is_file():
+            parser.error(f"{root} is not a checkout of this repository (no bentos/predlog_process.py)")
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(TemporaryDirectory(prefix="bench-writer-")))
+        db = create_database(stack, "postgres", workdir)
+        results: dict[Path, list[float]] = {root: [] for root in roots}
+        for _ in range(args.repeats):
+            for root in roots:
+                results[root].append(run_once(root, db.url, workdir / "spill", args.rate, args.seconds))
+        print(f"{args.repeats} runs of {args.seconds:g} s at {args.rate:g} rows/s each, alternating; medians")
+        for root, values in results.items():
+            runs = ", ".join(f"{v:.1f}" for v in values)
+            print(f"{statistics.median(values):6.1f} us of the writer's CPU a row  {root}  ({runs})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
