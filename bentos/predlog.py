@@ -390,17 +390,7 @@ class PredictionLogWriter(_WriterBase):
             # A deque, not a queue.Queue: its lock and condition cost the writer process 1.6 us a
             # row (docs/performance.md).
             self._stopping.wait(self.flush_interval_s)
-        return self._take(self.batch_size)
-
-    def _take(self, n: int) -> list[PredictionRow]:
-        rows = []
-        popleft = self._rows.popleft
-        try:
-            for _ in range(n):
-                rows.append(popleft())
-        except IndexError:
-            pass
-        return rows
+        return take(self._rows, self.batch_size)
 
     def _write(self, batch: list[PredictionRow]) -> None:
         """Insert the batch or spill it; either way every row of it is settled afterwards."""
@@ -576,7 +566,7 @@ class PredictionLogWriter(_WriterBase):
         self._spill_bytes = total
 
     def _drain_queue(self) -> list[PredictionRow]:
-        return self._take(len(self._rows))
+        return take(self._rows, len(self._rows))
 
     # ---- the spill file ----------------------------------------------------------------------
 
@@ -657,6 +647,18 @@ def _is_bad_data(exc: BaseException) -> bool:
         if isinstance(exc, psycopg2.Error):
             return False
     return isinstance(exc, sa_exc.StatementError | TypeError | ValueError | KeyError)
+
+
+def take(rows: collections.deque[PredictionRow], n: int) -> list[PredictionRow]:
+    """Up to `n` rows off the left of `rows`; safe while other threads append to it."""
+    out = []
+    popleft = rows.popleft
+    try:
+        for _ in range(n):
+            out.append(popleft())
+    except IndexError:
+        pass
+    return out
 
 
 def _chunks(rows: Iterable[PredictionRow], size: int) -> Iterator[list[PredictionRow]]:

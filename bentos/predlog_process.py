@@ -46,6 +46,7 @@ from bentos.predlog import (
     WriterStats,
     _WriterBase,
     default_engine_factory,
+    take,
 )
 
 log = logging.getLogger("recsys.predlog")
@@ -178,7 +179,7 @@ class ProcessLogWriter(_WriterBase):
         if self._sender is not None:
             self._sender.join(timeout_s)
         if self._sender is None or self._sender.is_alive():
-            self._spill(self._take(len(self._rows)))  # the sender is stuck: keep the rows here
+            self._spill(take(self._rows, len(self._rows)))  # the sender is stuck: keep the rows here
         child = self._child
         if child is not None:
             self._end_stdin(child)
@@ -212,19 +213,9 @@ class ProcessLogWriter(_WriterBase):
         while True:
             stopping = self._stopping.wait(self.flush_interval_s)
             while self._rows:
-                self._send(self._take(self.batch_size * 4))
+                self._send(take(self._rows, self.batch_size * 4))
             if stopping:
                 return
-
-    def _take(self, n: int) -> list[PredictionRow]:
-        rows = []
-        popleft = self._rows.popleft
-        try:
-            for _ in range(n):
-                rows.append(popleft())
-        except IndexError:
-            pass
-        return rows
 
     def _send(self, rows: list[PredictionRow]) -> None:
         child = self._child
