@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 from sqlalchemy import text
 
 from bentos.predlog import PredictionLogWriter
-from bentos.predlog_process import ProcessLogWriter
+from bentos.predlog_process import PIPE_SIZE, ProcessLogWriter
 from tests.conftest import wait_for
 from tests.integration.test_predlog_postgres import count_ids, row
 
@@ -38,6 +39,7 @@ def test_rows_reach_the_database_through_the_child_and_its_stats_reach_the_calle
     with ProcessLogWriter(pg_url, tmp_path / "spill", flush_interval_s=0.05, on_stats=seen.append) as w:
         child = w._child
         assert child is not None and child.pid != os.getpid()
+        assert fcntl.fcntl(child.stdin.fileno(), fcntl.F_GETPIPE_SZ) == PIPE_SIZE  # a whole frame fits
         for rid in rids:
             w.log(row(rid))
         wait_for(lambda: w.stats().rows_written == len(rids), 20, "rows written by the child")
@@ -119,7 +121,7 @@ def test_rows_handed_to_the_child_survive_the_sigkill_of_the_caller(pg_url, pg_e
         f"""
         import os, signal, sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from bentos.predlog_process import ProcessLogWriter
+        from bentos.predlog_process import PIPE_SIZE, ProcessLogWriter
         from tests.integration.test_predlog_postgres import row
         w = ProcessLogWriter({pg_url!r}, {str(tmp_path / "spill")!r}, flush_interval_s=0.05).start()
         for rid in {rids!r}:
@@ -157,7 +159,7 @@ def test_the_child_ignores_sigterm_and_drains_when_its_input_closes(pg_url, pg_e
 
 @pytest.mark.parametrize(
     ("max_queue", "n"),
-    [(50, 400), (10_000, 3000)],
+    [(50, 400), (10_000, 8000)],  # 8,000 rows overfill the pipe (PIPE_SIZE) of a child that reads none
     ids=["too-many-unsettled-rows", "a-full-pipe-for-half-a-second"],
 )
 def test_a_hung_child_is_replaced_and_the_rows_it_held_arrive(pg_url, pg_engine, tmp_path, max_queue, n):
@@ -174,9 +176,10 @@ def test_a_hung_child_is_replaced_and_the_rows_it_held_arrive(pg_url, pg_engine,
         wait_for(lambda: w.stats().rows_settled == 1, 20, "the child up")
         hung = w._child
         hung.send_signal(signal.SIGSTOP)
-        for rid in rids[1:]:
+        for i, rid in enumerate(rids[1:]):
             w.log(row(rid))
-            time.sleep(0.001)
+            if i % (n // 400) == 0:  # spread over some 400 ms: several frames
+                time.sleep(0.001)
         wait_for(lambda: hung.poll() is not None, 20, "the hung child killed")
         wait_for(lambda: count_ids(pg_engine, rids) == (n, n), 40, "every row written")
     assert w._child is not hung

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import io
+import os
 import time
+from pathlib import Path
 
 from bentos.predlog import WriterStats
-from bentos.predlog_process import ProcessLogWriter, _StatsOut, read_frame, write_frame
+from bentos.predlog_process import PIPE_SIZE, ProcessLogWriter, _StatsOut, read_frame, widen_pipe, write_frame
 
 
 def test_frames_round_trip_and_a_cut_frame_reads_as_the_end():
@@ -22,6 +25,18 @@ def test_frames_round_trip_and_a_cut_frame_reads_as_the_end():
     cut = io.BytesIO(whole[:-1])
     read_frame(cut)
     assert read_frame(cut) is None, "a frame cut short is the end, not an error"
+
+
+def test_the_pipe_to_the_child_is_widened_to_hold_a_frame():
+    r, w = os.pipe()
+    try:
+        before = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+        widen_pipe(w)
+        limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+        assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) == min(limit, PIPE_SIZE) > before
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def sent(buf: io.BytesIO) -> list[WriterStats]:
