@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,6 +83,7 @@ class Sample:
     server_ok: int | None = None  # 2xx responses the Bentos counted
     rows: int | None = None  # predictions rows written for the run
     log_cpu_s: float | None = None  # of cpu_s, the prediction log's writer processes'
+    wait_s: float | None = None  # time the setup's threads spent runnable, waiting for a core
 
 
 MAIN_SETUPS = ("gateway", "bento", "peer-1w", "peer-2w")
@@ -124,6 +125,21 @@ def cpu_by_pid(pids: list[int]) -> dict[int, float]:
             out[p.pid] = t.user + t.system
         except psutil.NoSuchProcess:
             pass
+    return out
+
+
+def run_queue_wait_by_tid(pids: list[int]) -> dict[int, float]:
+    """Seconds each thread of the setup's processes has waited on a run queue for a core so far
+    (the second field of Linux's /proc/PID/task/TID/schedstat); {} where the kernel does not tell."""
+    out = {}
+    for p in _tree(pids):
+        try:
+            tasks = list(Path(f"/proc/{p.pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            with suppress(OSError, ValueError, IndexError):  # a thread that has just ended
+                out[int(task.name)] = int((task / "schedstat").read_text().split()[1]) / 1e9
     return out
 
 
@@ -225,7 +241,7 @@ def measure(
     engine,
     duration_s: float | None = None,
 ) -> Sample:
-    cpu0, db0 = cpu_by_pid(setup.pids), db_backend_cpu(db)
+    cpu0, db0, wait0 = cpu_by_pid(setup.pids), db_backend_cpu(db), run_queue_wait_by_tid(setup.pids)
     if setup.logs:
         rows0, ok0 = count_rows(engine), served_2xx(setup.bento_urls)
     run = run_wrk(
@@ -237,7 +253,7 @@ def measure(
         str(workdir / workload.body),
     )
     time.sleep(0.5)  # responses in flight when wrk stopped, and the log writer's last batch
-    cpu1, db1 = cpu_by_pid(setup.pids), db_backend_cpu(db)
+    cpu1, db1, wait1 = cpu_by_pid(setup.pids), db_backend_cpu(db), run_queue_wait_by_tid(setup.pids)
     sample = Sample(
         setup=setup.name,
         workload=workload.name,
@@ -248,6 +264,7 @@ def measure(
         errors=run.errors,
         ok=run.requests - run.non_2xx,
         cpu_s=_delta(cpu0, cpu1),
+        wait_s=_delta(wait0, wait1) if wait1 else None,
     )
     if setup.proxy_pid is not None:
         sample.proxy_cpu_s = cpu1.get(setup.proxy_pid, 0.0) - cpu0.get(setup.proxy_pid, 0.0)

@@ -38,6 +38,8 @@ def summarize(samples: list[dict]) -> dict[tuple[str, str], dict]:
             row["proxy_cpu_us_per_req"] = med(r["proxy_cpu_s"] / max(r["requests"], 1) * 1e6 for r in runs)
         if runs[0]["db_cpu_s"] is not None:
             row["db_cpu_us_per_req"] = med(r["db_cpu_s"] / max(r["requests"], 1) * 1e6 for r in runs)
+        if runs[0].get("wait_s") is not None:
+            row["wait_us_per_req"] = med(r["wait_s"] / max(r["requests"], 1) * 1e6 for r in runs)
         out[key] = row
     return out
 
@@ -85,12 +87,19 @@ def log_cost(samples: list[dict]) -> dict | None:
         for s, _ in pairs
         if s.get("log_cpu_s") is not None and s["cpu_s"] > 0
     ]
+    waits = [
+        (on["wait_s"] / max(on["requests"], 1) * 1e6, off["wait_s"] / max(off["requests"], 1) * 1e6)
+        for on, off in pairs
+        if on.get("wait_s") is not None and off.get("wait_s") is not None
+    ]
     return {
         "pairs": len(costs),
         "median": statistics.median(costs),
         "low": costs[0],
         "high": costs[-1],
         "cpu_share": statistics.median(shares) if shares else None,
+        # the gateway's threads waiting for a core, a request, with the log and without
+        "wait_us": tuple(statistics.median(w[i] for w in waits) for i in (0, 1)) if waits else None,
     }
 
 
@@ -163,6 +172,12 @@ def targets(summary: dict, meta: dict, samples: list[dict]) -> list[tuple[str, b
             numbers.append(f"medians of the c8 runs {g8['rps']:.0f} on vs {off['rps']:.0f} off req/s")
         if cost["cpu_share"] is not None:
             numbers.append(f"the writers' and Postgres' CPU: {cost['cpu_share']:.1%} of the gateway's")
+        if cost["wait_us"] is not None:
+            numbers.append(
+                "the gateway's threads waited for a core {:.0f} µs a request with the log, {:.0f} without".format(
+                    *cost["wait_us"]
+                )
+            )
         out.append(
             (
                 "prediction log costs ≤ 10% of throughput (gateway, /predict c8)",
@@ -198,8 +213,8 @@ def markdown(
         "What the columns mean and which settings these numbers led to: docs/performance.md.",
         "",
         "| workload | setup | req/s | p50 ms | p99 ms | ×peer-1w req/s | ×peer-2w req/s | ×peer-1w p99 "
-        "| ×peer-2w p99 | CPU µs/req | of which Traefik | DB CPU µs/req | errors | rows / 2xx |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| ×peer-2w p99 | CPU µs/req | of which Traefik | DB CPU µs/req | core wait µs/req | errors | rows / 2xx |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for (w, s), r in summary.items():
         ratios = []
@@ -209,10 +224,11 @@ def markdown(
                 ratios.append(f"{r[key] / p[key]:.2f}" if p and not s.startswith("peer") else "")
         db_cpu = f"{r['db_cpu_us_per_req']:.0f}" if "db_cpu_us_per_req" in r else ""
         proxy = f"{r['proxy_cpu_us_per_req']:.0f}" if "proxy_cpu_us_per_req" in r else ""
+        wait = f"{r['wait_us_per_req']:.0f}" if "wait_us_per_req" in r else ""
         logged = f"{r['rows']:,} / {r['ok']:,}" if "rows" in r else ""
         lines.append(
             f"| {w} | {s} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {' | '.join(ratios)} "
-            f"| {r['cpu_us_per_req']:.0f} | {proxy} | {db_cpu} | {r['errors']} | {logged} |"
+            f"| {r['cpu_us_per_req']:.0f} | {proxy} | {db_cpu} | {wait} | {r['errors']} | {logged} |"
         )
     rec = [(s, r) for (w, s), r in summary.items() if w.startswith("recommend")]
     if rec:

@@ -97,3 +97,18 @@ def test_the_back_to_back_pairs_count_and_the_log_s_cpu_share_is_reported(tmp_pa
     shares = sorted(0.3 / (s["cpu_s"] + 0.1) for s in samples if s["setup"] == "gateway")
     assert f"CPU: {(shares[1] + shares[2]) / 2:.1%} of the gateway's" in log["numbers"]  # 2.5 %
     assert not any(t["target"].startswith("gateway, log on") for t in body["targets"])  # no peers driven
+
+
+def test_the_time_waiting_for_a_core_is_reported_per_request_for_the_log_s_pairs(tmp_path):
+    samples = []
+    for wait_on, wait_off in ((0.8, 0.4), (1.6, 0.4), (1.2, 0.8)):
+        on, off = sample("gateway", 3000, 9.0, logged=True), sample("gateway-nolog", 3000, 8.0)
+        on["wait_s"], off["wait_s"] = wait_on, wait_off  # 24,000 requests each
+        samples += [on, off]
+    write_report(tmp_path, samples, {}, {}, META)
+    body = json.loads((tmp_path / "bench.json").read_text())
+    (log,) = [t for t in body["targets"] if t["target"] == LOG_TARGET]
+    assert "waited for a core 50 µs a request with the log, 17 without" in log["numbers"]
+    table = (tmp_path / "bench.md").read_text()
+    assert "| core wait µs/req |" in table
+    assert "| 500 |  | 4 | 50 | 0 | 72,000 / 72,000 |" in table  # the gateway's row: CPU, DB, wait, rows
