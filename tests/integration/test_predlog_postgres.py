@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from urllib.parse import urlsplit, urlunsplit
@@ -171,3 +172,13 @@ def test_batches_with_and_without_rows_already_there_alternate_on_one_session(pg
         engine.dispose()
     everything = [r for b in batches for r in b]
     assert count_ids(pg_engine, everything) == (80, 80)
+
+
+def test_the_schema_benchmark_times_every_variant_of_the_table(capsys):
+    from load.bench_predlog_schema import VARIANTS, main
+
+    assert main(["--rounds", "2", "--batch-size", "20"]) == 0
+    report = capsys.readouterr().out.splitlines()[1:]  # below the heading
+    lines = [re.fullmatch(r"\s*([\d.]+) us of the backend's time a row  (.+)", line) for line in report]
+    assert [m.group(2) for m in lines] == list(VARIANTS)
+    assert all(float(m.group(1)) > 0 for m in lines)

@@ -1,0 +1,101 @@
+"""What each part of the `predictions` table costs Postgres a logged row (a script, not a test).
+
+    .venv/bin/python -m load.bench_predlog_schema [--rounds 60] [--batch-size 500]
+
+Creates copies of `predictions` in a fresh Postgres database, each changed in one way (an index
+dropped, `features` stored as text or jsonb, `request_id` compared byte-wise), COPYs the same batch of
+rows into each in turn, as the log's writer does (`bentos.predlog._copy_text`, then a commit), and
+reads how long each copy's backend ran (/proc/PID/task/*/schedstat; Postgres on this machine). Prints
+the medians in microseconds a row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import statistics
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+from bentos.predlog import _COLUMNS, _copy_text
+from load.bench_setups import create_database
+
+VARIANTS = {
+    "as is": "",
+    "without ix_predictions_ts": "DROP INDEX {t}_ts_idx",
+    "features as text": "ALTER TABLE {t} ALTER COLUMN features TYPE text",
+    "features as jsonb": "ALTER TABLE {t} ALTER COLUMN features TYPE jsonb",
+    'request_id COLLATE "C"': 'ALTER TABLE {t} ALTER COLUMN request_id TYPE varchar(128) COLLATE "C"',
+    "no features (NULL)": "",
+}
+
+
+def _rows(n: int, features: bool) -> list[dict]:
+    return [
+        {
+            "request_id": f"{time.time_ns():016x}{random.getrandbits(64):016x}",
+            "ts": time.time(),
+            "model_version": random.choice((1, 2, 2, 2, 2, 2, 2, 3)),
+            "role": "baseline",
+            "route": "weighted",
+            "endpoint": "predict",
+            "features": [random.random() for _ in range(16)] if features else None,
+            "score": random.random(),
+            "latency_ms": 0.4 + random.random(),
+            "status": 200,
+        }
+        for _ in range(n)
+    ]
+
+
+def _ran_s(pid: int) -> float:
+    return (
+        sum(int((t / "schedstat").read_text().split()[0]) for t in Path(f"/proc/{pid}/task").iterdir()) / 1e9
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=60, help="batches into each table (default 60)")
+    parser.add_argument("--batch-size", type=int, default=500)
+    args = parser.parse_args(argv)
+    import psycopg2
+
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(TemporaryDirectory(prefix="bench-schema-")))
+        db = create_database(stack, "postgres", workdir)
+        tables = {}
+        for i, (name, change) in enumerate(VARIANTS.items()):
+            conn = psycopg2.connect(db.url.replace("postgresql+psycopg2://", "postgresql://"))
+            stack.callback(conn.close)
+            table = f"predictions_{i}"
+            with conn.cursor() as cur:
+                cur.execute(f"CREATE TABLE {table} (LIKE predictions INCLUDING ALL)")
+                if change:
+                    cur.execute(change.format(t=table))
+                cur.execute("SELECT pg_backend_pid()")
+                pid = cur.fetchone()[0]
+            conn.commit()
+            tables[name] = (conn, table, pid)
+        costs: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        for _ in range(args.rounds):
+            batch = _rows(args.batch_size, features=True)
+            for name, (conn, table, pid) in tables.items():
+                rows = [{**r, "features": None} for r in batch] if name.startswith("no features") else batch
+                text = _copy_text(rows)
+                start = _ran_s(pid)
+                with conn.cursor() as cur:
+                    cur.copy_expert(f"COPY {table} ({', '.join(_COLUMNS)}) FROM STDIN", io.StringIO(text))
+                conn.commit()
+                costs[name].append((_ran_s(pid) - start) / len(rows) * 1e6)
+        print(f"{args.rounds} batches of {args.batch_size} rows into each table, alternating; medians")
+        for name, values in costs.items():
+            print(f"{statistics.median(values):6.2f} us of the backend's time a row  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
