@@ -10,34 +10,35 @@ the wall time per row, alternating the two paths batch by batch on a fresh datab
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
-import uuid
 from contextlib import ExitStack
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
+from bentos.http import new_request_id
 from bentos.predlog import _copy_batch, _insert_statement
 from control_plane.db.engine import make_engine
 from load.bench_setups import create_database
 
 
-def _rows(n: int) -> list[dict]:
-    now = time.time()
+def sample_rows(n: int) -> list[dict]:
+    """`n` rows as a Bento logs them: ids in time order, versions split 85/10/5, 16 random features."""
     return [
         {
-            "request_id": uuid.uuid4().hex,
-            "ts": now + i * 1e-4,
-            "model_version": 2,
+            "request_id": new_request_id(),
+            "ts": time.time(),
+            "model_version": random.choices((2, 3, 1), weights=(85, 10, 5))[0],
             "role": "baseline",
             "route": "weighted",
             "endpoint": "predict",
-            "features": [0.1 * j + i * 1e-6 for j in range(16)],
-            "score": 0.5 + i * 1e-7,
-            "latency_ms": 0.4,
+            "features": [random.random() for _ in range(16)],
+            "score": random.random(),
+            "latency_ms": 0.4 + random.random(),
             "status": 200,
         }
-        for i in range(n)
+        for _ in range(n)
     ]
 
 
@@ -61,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         cpu: dict[str, list[float]] = {name: [] for name in paths}
         wall: dict[str, list[float]] = {name: [] for name in paths}
         for write in paths.values():  # warm up: connections, the temporary table, caches
-            write(_rows(args.batch_size))
+            write(sample_rows(args.batch_size))
         for _ in range(args.batches):
             for name, write in paths.items():
-                rows = _rows(args.batch_size)
+                rows = sample_rows(args.batch_size)
                 c0, w0 = time.thread_time(), time.perf_counter()
                 write(rows)
                 cpu[name].append((time.thread_time() - c0) / len(rows) * 1e6)

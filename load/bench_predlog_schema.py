@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import random
 import statistics
-import time
 from contextlib import ExitStack
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
 from bentos.predlog import _COLUMNS, _copy_text
+from load.bench_predlog import sample_rows
 from load.bench_setups import create_database
 
 VARIANTS = {
@@ -31,24 +30,6 @@ VARIANTS = {
     'request_id COLLATE "C"': 'ALTER TABLE {t} ALTER COLUMN request_id TYPE varchar(128) COLLATE "C"',
     "no features (NULL)": "",
 }
-
-
-def _rows(n: int, features: bool) -> list[dict]:
-    return [
-        {
-            "request_id": f"{time.time_ns():016x}{random.getrandbits(64):016x}",
-            "ts": time.time(),
-            "model_version": random.choice((1, 2, 2, 2, 2, 2, 2, 3)),
-            "role": "baseline",
-            "route": "weighted",
-            "endpoint": "predict",
-            "features": [random.random() for _ in range(16)] if features else None,
-            "score": random.random(),
-            "latency_ms": 0.4 + random.random(),
-            "status": 200,
-        }
-        for _ in range(n)
-    ]
 
 
 def _ran_s(pid: int) -> float:
@@ -82,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             tables[name] = (conn, table, pid)
         costs: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for _ in range(args.rounds):
-            batch = _rows(args.batch_size, features=True)
+            batch = sample_rows(args.batch_size)
             for name, (conn, table, pid) in tables.items():
                 rows = [{**r, "features": None} for r in batch] if name.startswith("no features") else batch
                 text = _copy_text(rows)

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -26,28 +25,11 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 from bentos.predlog_process import CONFIG_ENV, frame
+from load.bench_predlog import sample_rows
 from load.bench_setups import create_database
 
 FLUSH_INTERVAL_S = 0.2
 WARM_UP_S = 1.5  # the child imports SQLAlchemy and connects on its first batch
-
-
-def _rows(n: int) -> list[dict]:
-    return [
-        {
-            "request_id": f"{time.time_ns():016x}{random.getrandbits(64):016x}",
-            "ts": time.time(),
-            "model_version": 2,
-            "role": "baseline",
-            "route": "weighted",
-            "endpoint": "predict",
-            "features": [random.random() for _ in range(16)],
-            "score": random.random(),
-            "latency_ms": 0.4 + random.random(),
-            "status": 200,
-        }
-        for _ in range(n)
-    ]
 
 
 def _cpu_s(pid: int) -> float:
@@ -75,7 +57,7 @@ def run_once(root: Path, database_url: str, spill_dir: Path, rate: float, second
     RuntimeError unless every row sent is in the database afterwards."""
     before = _count(database_url)
     per_frame = max(1, int(rate * FLUSH_INTERVAL_S))
-    frames = [frame(_rows(per_frame)) for _ in range(max(1, int(seconds / FLUSH_INTERVAL_S)))]
+    frames = [frame(sample_rows(per_frame)) for _ in range(max(1, int(seconds / FLUSH_INTERVAL_S)))]
     config = {
         "database_url": database_url,
         "spill_dir": str(spill_dir),
@@ -90,7 +72,7 @@ def run_once(root: Path, database_url: str, spill_dir: Path, rate: float, second
         cwd=root,
     )
     try:
-        child.stdin.write(frame(_rows(per_frame)))  # warm up: imports, the engine, the connection
+        child.stdin.write(frame(sample_rows(per_frame)))  # warm up: imports, the engine, the connection
         child.stdin.flush()
         time.sleep(WARM_UP_S)
         start = _cpu_s(child.pid)
