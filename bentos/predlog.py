@@ -1,13 +1,13 @@
 """Every served prediction goes to the `predictions` table: batched off the request path, never dropped.
 
 The request thread only appends a row to a bounded deque. One writer thread takes batches off it
-(once a flush interval, or at once when a whole batch is waiting) and inserts them with ON CONFLICT DO NOTHING on `request_id`, so writing a row twice is harmless. When
-the queue is full the caller appends the row to the spill file itself; when the database is
-unreachable the writer appends whole batches there. Spill files are fsync'd JSON lines, one file
-per process (locked with flock while its owner has it open), and are replayed into the database
-once it answers again, including the files a dead process left behind. A row the database refuses
-as bad data (a constraint, not the connection) is set aside in rejected-*.jsonl instead of being
-retried for ever.
+(once a flush interval, or at once when a whole batch is waiting) and inserts them with ON CONFLICT
+DO NOTHING on `request_id`, so writing a row twice is harmless. When the deque is full the caller
+appends the row to the spill file itself; when the database is unreachable the writer appends whole
+batches there. Spill files are fsync'd JSON lines, one file per process (locked with flock while its
+owner has it open), and are replayed into the database once it answers again, including the files a
+dead process left behind. A row the database refuses as bad data (a constraint, not the connection)
+is set aside in rejected-*.jsonl instead of being retried for ever.
 
 What is lost: only rows still in memory when the process is killed with SIGKILL (or dies before
 `close()`), and a half-written last line of a spill file after such a death.

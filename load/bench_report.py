@@ -173,10 +173,9 @@ def targets(summary: dict, meta: dict, samples: list[dict]) -> list[tuple[str, b
         if cost["cpu_share"] is not None:
             numbers.append(f"the writers' and Postgres' CPU: {cost['cpu_share']:.1%} of the gateway's")
         if cost["wait_us"] is not None:
+            with_log, without = cost["wait_us"]
             numbers.append(
-                "the gateway's threads waited for a core {:.0f} µs a request with the log, {:.0f} without".format(
-                    *cost["wait_us"]
-                )
+                f"the gateway's threads waited for a core {with_log:.0f} µs a request with the log, {without:.0f} without"
             )
         out.append(
             (

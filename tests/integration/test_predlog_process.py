@@ -121,7 +121,7 @@ def test_rows_handed_to_the_child_survive_the_sigkill_of_the_caller(pg_url, pg_e
         f"""
         import os, signal, sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from bentos.predlog_process import PIPE_SIZE, ProcessLogWriter
+        from bentos.predlog_process import ProcessLogWriter
         from tests.integration.test_predlog_postgres import row
         w = ProcessLogWriter({pg_url!r}, {str(tmp_path / "spill")!r}, flush_interval_s=0.05).start()
         for rid in {rids!r}:
