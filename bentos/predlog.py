@@ -343,7 +343,7 @@ class PredictionLogWriter(_WriterBase):
         if self._thread is None or self._thread.is_alive():
             # The thread is stuck (or never ran): spill what it holds and what is queued. A row
             # that also reaches the database is deduplicated by ON CONFLICT when replayed.
-            held = [*self._inflight, *self._drain_queue()]
+            held = [*self._inflight, *take(self._rows, len(self._rows))]
             self._spill(held)
             self._settled(len(held))
         with self._spill_lock:
@@ -564,9 +564,6 @@ class PredictionLogWriter(_WriterBase):
             with contextlib.suppress(FileNotFoundError):
                 total += p.stat().st_size
         self._spill_bytes = total
-
-    def _drain_queue(self) -> list[PredictionRow]:
-        return take(self._rows, len(self._rows))
 
     # ---- the spill file ----------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,6 +49,7 @@ from load.bench_setups import (  # noqa: E402
     spawn_bentos,
     spawn_peer,
     spawn_traefik,
+    thread_schedstat,
     wait_gateway,
 )
 
@@ -129,18 +130,8 @@ def cpu_by_pid(pids: list[int]) -> dict[int, float]:
 
 
 def run_queue_wait_by_tid(pids: list[int]) -> dict[int, float]:
-    """Seconds each thread of the setup's processes has waited on a run queue for a core so far
-    (the second field of Linux's /proc/PID/task/TID/schedstat); {} where the kernel does not tell."""
-    out = {}
-    for p in _tree(pids):
-        try:
-            tasks = list(Path(f"/proc/{p.pid}/task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
-            with suppress(OSError, ValueError, IndexError):  # a thread that has just ended
-                out[int(task.name)] = int((task / "schedstat").read_text().split()[1]) / 1e9
-    return out
+    """Seconds each thread of the setup's processes has waited on a run queue for a core so far."""
+    return {tid: waited for p in _tree(pids) for tid, (_, waited) in thread_schedstat(p.pid).items()}
 
 
 def writer_pids(pids: list[int]) -> set[int]:

@@ -20,7 +20,7 @@ from tempfile import TemporaryDirectory
 
 from bentos.predlog import _COLUMNS, _copy_text
 from load.bench_predlog import sample_rows
-from load.bench_setups import create_database
+from load.bench_setups import create_database, thread_schedstat
 
 VARIANTS = {
     "as is": "",
@@ -33,9 +33,7 @@ VARIANTS = {
 
 
 def _ran_s(pid: int) -> float:
-    return (
-        sum(int((t / "schedstat").read_text().split()[0]) for t in Path(f"/proc/{pid}/task").iterdir()) / 1e9
-    )
+    return sum(ran for ran, _ in thread_schedstat(pid).values())
 
 
 def main(argv: list[str] | None = None) -> int:

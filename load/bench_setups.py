@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +71,22 @@ def postgres_reachable(pg_admin_url: str = PG_ADMIN_URL) -> bool:
         return False
     finally:
         engine.dispose()
+
+
+def thread_schedstat(pid: int) -> dict[int, tuple[float, float]]:
+    """For each thread of process `pid`: the seconds it has run on a core and the seconds it has waited
+    on a run queue for one, to the nanosecond (Linux's /proc/PID/task/TID/schedstat; /proc/PID/stat
+    counts in 10 ms ticks). {} where the kernel does not tell or the process has gone."""
+    out = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        with suppress(OSError, ValueError, IndexError):  # a thread that has just ended
+            ran, waited = (task / "schedstat").read_text().split()[:2]
+            out[int(task.name)] = (int(ran) / 1e9, int(waited) / 1e9)
+    return out
 
 
 def create_database(stack: ExitStack, kind: str, workdir: Path, pg_admin_url: str = PG_ADMIN_URL) -> Database:

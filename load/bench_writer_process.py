@@ -13,7 +13,6 @@ so that two versions can be measured side by side, alternating run by run
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -26,19 +25,14 @@ from tempfile import TemporaryDirectory
 
 from bentos.predlog_process import CONFIG_ENV, frame
 from load.bench_predlog import sample_rows
-from load.bench_setups import create_database
+from load.bench_setups import create_database, thread_schedstat
 
 FLUSH_INTERVAL_S = 0.2
 WARM_UP_S = 1.5  # the child imports SQLAlchemy and connects on its first batch
 
 
 def _cpu_s(pid: int) -> float:
-    """The time the process's threads have run, to the nanosecond (/proc/stat counts in 10 ms ticks)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):  # a thread that has just ended
-            total += int((task / "schedstat").read_text().split()[0])
-    return total / 1e9
+    return sum(ran for ran, _ in thread_schedstat(pid).values())
 
 
 def _count(database_url: str) -> int:
