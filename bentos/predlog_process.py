@@ -12,8 +12,8 @@ connections: the log on cost 13-15 % of requests/s and doubled the p99 (docs/per
 
 What is lost: rows still in the Bento's memory (at most a flush interval's) when it is killed with
 SIGKILL, the frame it was writing included: the child drops a frame cut short. The Bento keeps
-every row it sent until the child reports it settled (in the database, a spill file or the rejected
-file); when a child dies, the Bento spills what it had not settled, and
+every frame it sent until the child reports its rows settled (in the database, a spill file or the
+rejected file); when a child dies, the Bento spills the rows it had not settled, and
 the next child replays it (a row written twice is deduplicated by ON CONFLICT DO NOTHING). A child
 that keeps dying is restarted ever less often, and meanwhile the Bento spills. The child ignores
 SIGTERM and SIGINT: it ends when its stdin closes, which happens when the Bento closes the log or
@@ -155,10 +155,14 @@ class ProcessLogWriter(_WriterBase):
         self._next_start = 0.0
         self._started_at = 0.0
         self._restart_delay = restart_interval_s
-        # Rows sent to the current child that it has not yet reported settled (in the database, a
-        # spill file or the rejected file): if it dies, they are spilled here. Duplicates that
-        # creates are harmless (ON CONFLICT DO NOTHING when replayed); lost rows would not be.
-        self._unacked: collections.deque[PredictionRow] = collections.deque()
+        # Frames sent to the current child whose rows it has not all reported settled (in the
+        # database, a spill file or the rejected file): if it dies, those rows are spilled here.
+        # Duplicates that creates are harmless (ON CONFLICT DO NOTHING when replayed); lost rows
+        # would not be. A frame is kept as the bytes sent, not as its rows, which are freed once
+        # pickled: a row is about 1.7 KB of objects and 350 bytes pickled. Measured: a child 40,000
+        # rows behind held 81 MB of the Bento's memory as rows, 17 MB as frames (docs/performance.md).
+        self._unacked: collections.deque[_SentFrame] = collections.deque()
+        self._unacked_rows = 0  # rows in _unacked not yet settled
         self._acked = 0  # the current child's rows_settled already taken off _unacked
         self._ack_lock = threading.Lock()
         self._child_stats = WriterStats()
@@ -237,7 +241,7 @@ class ProcessLogWriter(_WriterBase):
         child = self._child
         if child is not None and child.poll() is not None:
             self._give_up_on(child, f"exited with {child.returncode}")
-        elif child is not None and len(self._unacked) > STUCK_AFTER_UNSETTLED * self.max_queue:
+        elif child is not None and self._unacked_rows > STUCK_AFTER_UNSETTLED * self.max_queue:
             self._give_up_on(child, "settles no rows (hung)")
         if self._child is None and time.monotonic() >= self._next_start and not self._stopping.is_set():
             self._start_child()
@@ -245,10 +249,12 @@ class ProcessLogWriter(_WriterBase):
         if child is None:
             self._spill(rows)
             return
-        with self._ack_lock:
-            self._unacked.extend(rows)  # before the write: the child may report them settled at once
+        data = frame(rows)
+        with self._ack_lock:  # before the write: the child may report the rows settled at once
+            self._unacked.append(_SentFrame(data, len(rows)))
+            self._unacked_rows += len(rows)
         try:
-            write_all(child.stdin.fileno(), frame(rows), self.send_timeout_s)
+            write_all(child.stdin.fileno(), data, self.send_timeout_s)
         except TimeoutError as exc:
             self._give_up_on(child, f"hung ({exc})")
         except (OSError, ValueError) as exc:  # BrokenPipeError, or stdin already closed
@@ -267,17 +273,25 @@ class ProcessLogWriter(_WriterBase):
     def _abandon_unacked(self) -> list[PredictionRow]:
         """The rows the current child was sent and never reported settled, forgotten here."""
         with self._ack_lock:
-            rows = list(self._unacked)
+            frames = list(self._unacked)
             self._unacked.clear()
+            self._unacked_rows = 0
             self._acked = 0
-        return rows
+        return [row for sent in frames for row in sent.unsettled_rows()]
 
     def _settle(self, settled: int) -> None:
+        """The child has settled `settled` rows in all: take that many off the oldest frames."""
         with self._ack_lock:
-            popleft = self._unacked.popleft
-            for _ in range(min(settled - self._acked, len(self._unacked))):
-                popleft()
+            n = min(settled - self._acked, self._unacked_rows)
             self._acked = settled
+            self._unacked_rows -= n
+            while n > 0:
+                oldest = self._unacked[0]
+                taken = min(n, oldest.rows - oldest.settled)
+                oldest.settled += taken
+                n -= taken
+                if oldest.settled == oldest.rows:
+                    self._unacked.popleft()
 
     def _spill(self, rows: list[PredictionRow]) -> None:
         if rows:
@@ -356,6 +370,18 @@ class ProcessLogWriter(_WriterBase):
     def _end_stdin(child: subprocess.Popen) -> None:
         with contextlib.suppress(OSError):
             child.stdin.close()
+
+
+@dataclasses.dataclass
+class _SentFrame:
+    """A frame as written to the child, and how many of its rows (the first ones) it has settled."""
+
+    data: bytes
+    rows: int
+    settled: int = 0
+
+    def unsettled_rows(self) -> list[PredictionRow]:
+        return pickle.loads(memoryview(self.data)[_HEADER.size :])[self.settled :]
 
 
 # ---- the child's side -------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import io
+import json
 import os
 import time
 from pathlib import Path
@@ -106,3 +107,45 @@ def test_a_child_that_keeps_dying_is_restarted_ever_less_often_and_its_rows_are_
     gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     assert gaps[-1] > 2 * gaps[0], gaps
     assert w.stats().rows_spilled == n, "every row the child never took is in a spill file"
+
+
+def _row(request_id: str) -> dict:
+    return {
+        "request_id": request_id,
+        "ts": 0.0,
+        "model_version": 1,
+        "role": "baseline",
+        "route": "direct",
+        "endpoint": "predict",
+        "features": [0.5] * 16,
+        "score": 0.25,
+        "latency_ms": 1.0,
+        "status": 200,
+    }
+
+
+def test_frames_are_kept_as_sent_until_settled_and_only_their_unsettled_rows_are_spilled(tmp_path):
+    """The child's reports settle rows oldest first, across frames; a frame can be settled in part."""
+    # A child that takes every frame and never reports: nothing settles unless the test says so.
+    w = ProcessLogWriter(
+        "sqlite://", tmp_path / "spill", flush_interval_s=0.01, child_command=["sh", "-c", "cat >/dev/null"]
+    )
+    w.start()
+    ids = [f"r{i}" for i in range(9)]
+    for group in (ids[:3], ids[3:5], ids[5:]):
+        for rid in group:
+            w.log(_row(rid))
+        deadline = time.monotonic() + 5
+        while w._rows and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.05)  # the sender has written the frame
+    assert [f.rows for f in w._unacked] == [3, 2, 4] and w._unacked_rows == 9
+    assert all(isinstance(f.data, bytes) for f in w._unacked), "the frame's bytes, not its rows, are kept"
+    w._settle(4)  # the first frame and the first row of the second
+    assert [(f.rows, f.settled) for f in w._unacked] == [(2, 1), (4, 0)] and w._unacked_rows == 5
+    w._settle(4)  # reports are running totals: the same total again settles nothing more
+    assert w._unacked_rows == 5
+    w.close()
+    spilled = [json.loads(line) for p in (tmp_path / "spill").glob("predlog-*.jsonl") for line in p.open()]
+    assert sorted(r["request_id"] for r in spilled) == ids[4:]
+    assert spilled[0] == _row(spilled[0]["request_id"])
