@@ -64,6 +64,21 @@ def test_stats_go_out_at_once_on_a_change_of_state_and_otherwise_at_most_once_a_
     assert [s.rows_written for s in sent(buf)] == [10, 30, 50, 60]
 
 
+def _row(request_id: str) -> dict:
+    return {
+        "request_id": request_id,
+        "ts": 0.0,
+        "model_version": 1,
+        "role": "baseline",
+        "route": "direct",
+        "endpoint": "predict",
+        "features": [0.5] * 16,
+        "score": 0.25,
+        "latency_ms": 1.0,
+        "status": 200,
+    }
+
+
 def test_a_child_that_keeps_dying_is_restarted_ever_less_often_and_its_rows_are_spilled(tmp_path):
     """A child that exits at once (here /bin/false) costs a start per attempt: the attempts back off."""
     w = ProcessLogWriter(
@@ -85,20 +100,7 @@ def test_a_child_that_keeps_dying_is_restarted_ever_less_often_and_its_rows_are_
     deadline = time.monotonic() + 2.0
     n = 0
     while time.monotonic() < deadline:
-        w.log(
-            {
-                "request_id": f"r{n}",
-                "ts": 0.0,
-                "model_version": 1,
-                "role": "baseline",
-                "route": "direct",
-                "endpoint": "predict",
-                "features": None,
-                "score": None,
-                "latency_ms": 1.0,
-                "status": 200,
-            }
-        )
+        w.log(_row(f"r{n}"))
         n += 1
         time.sleep(0.005)
     w.close()
@@ -107,21 +109,6 @@ def test_a_child_that_keeps_dying_is_restarted_ever_less_often_and_its_rows_are_
     gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     assert gaps[-1] > 2 * gaps[0], gaps
     assert w.stats().rows_spilled == n, "every row the child never took is in a spill file"
-
-
-def _row(request_id: str) -> dict:
-    return {
-        "request_id": request_id,
-        "ts": 0.0,
-        "model_version": 1,
-        "role": "baseline",
-        "route": "direct",
-        "endpoint": "predict",
-        "features": [0.5] * 16,
-        "score": 0.25,
-        "latency_ms": 1.0,
-        "status": 200,
-    }
 
 
 def test_frames_are_kept_as_sent_until_settled_and_only_their_unsettled_rows_are_spilled(tmp_path):
