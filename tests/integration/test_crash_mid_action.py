@@ -183,10 +183,15 @@ def test_a_redis_outage_leaves_a_gap_in_the_ledger_not_a_double_or_a_silent_skip
         "evaluation again: `python -m control_plane.jobs`, control_plane.jobs.run_scheduler)",
         every_s=1,
     )
-    procs = sup.processes()
-    assert {n: procs[n]["statename"] for n in ("redis", "worker", "scheduler")} == dict.fromkeys(
-        ("redis", "worker", "scheduler"), "RUNNING"
-    )
+
+    def states():
+        procs = sup.processes()
+        return {n: procs[n]["statename"] for n in ("redis", "worker", "scheduler")}
+
+    # A worker restarted just before Redis came back serves at once but is STARTING for supervisord
+    # until it has stayed up `startsecs` (2 s): wait out that window, not a crash loop or a FATAL.
+    running = dict.fromkeys(("redis", "worker", "scheduler"), "RUNNING")
+    wait_for(lambda: states() == running, 10, "every program RUNNING again")
 
     rows = scheduled_rows(ctx, rollout.id)
     ticks = [r["tick"] for r in rows]
