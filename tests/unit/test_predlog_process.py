@@ -28,6 +28,19 @@ def test_frames_round_trip_and_a_cut_frame_reads_as_the_end():
     assert read_frame(cut) is None, "a frame cut short is the end, not an error"
 
 
+def test_a_frame_of_rows_that_share_objects_reads_back_equal():
+    """Frames are pickled without a memo: an object two rows share is written twice, and read back so."""
+    features = [0.25, -1.5, float("inf")]
+    rows = [
+        {"request_id": f"r{i}", "role": "baseline", "features": features, "score": None} for i in range(3)
+    ]
+    buf = io.BytesIO()
+    write_frame(buf, rows)
+    back = read_frame(io.BytesIO(buf.getvalue()))
+    assert back == rows
+    assert back[0]["features"] is not back[1]["features"]
+
+
 def test_the_pipe_to_the_child_is_widened_to_hold_a_frame():
     r, w = os.pipe()
     try:
