@@ -4,9 +4,10 @@
 
 Starts `python -m bentos.predlog_process` against a fresh Postgres database, writes it a frame of
 rows every flush interval (200 ms, as `ProcessLogWriter` does) at `--rate` rows a second, and reads
-the time the child's threads ran (/proc/PID/task/*/schedstat) and the CPU of the database's Postgres
-backends before the first frame and after the last has settled; checks that every row reached the database. Each ROOT is a checkout of this repository whose `bentos` package the child runs (default: this one),
-so that two versions can be measured side by side, alternating run by run
+the time the child's threads and the database's Postgres backends ran (/proc/PID/task/*/schedstat)
+before the first frame and after the last has settled; checks that every row reached the database.
+Each ROOT is a checkout of this repository whose `bentos` package the child runs (default: this
+one), so that two versions can be measured side by side, alternating run by run
 (`git worktree add /tmp/before HEAD~1`, then `... /tmp/before .`); prints medians.
 """
 
