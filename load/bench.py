@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from load.bench_setups import (  # noqa: E402
     Database,
     Setup,
     create_database,
+    db_backend_pids,
     postgres_reachable,
     seed_roles,
     spawn_bentos,
@@ -152,17 +153,11 @@ def db_backend_cpu(db: Database) -> dict[int, float]:
     """CPU of the Postgres server processes whose title names the benchmark database ({} for SQLite)."""
     import psutil
 
-    if db.kind != "postgres":
-        return {}
     out = {}
-    for p in psutil.process_iter(["name", "cmdline"]):
-        try:
-            cmdline = " ".join(p.info["cmdline"] or [])
-            if cmdline.startswith("postgres") and db.name in cmdline:
-                t = p.cpu_times()
-                out[p.pid] = t.user + t.system
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
+    for pid in db_backend_pids(db):
+        with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            t = psutil.Process(pid).cpu_times()
+            out[pid] = t.user + t.system
     return out
 
 

@@ -20,7 +20,7 @@ from tempfile import TemporaryDirectory
 
 from bentos.predlog import _COLUMNS, _copy_text
 from load.bench_predlog import sample_rows
-from load.bench_setups import create_database, thread_schedstat
+from load.bench_setups import create_database, ran_s
 
 VARIANTS = {
     "as is": "",
@@ -30,10 +30,6 @@ VARIANTS = {
     'request_id COLLATE "C"': 'ALTER TABLE {t} ALTER COLUMN request_id TYPE varchar(128) COLLATE "C"',
     "no features (NULL)": "",
 }
-
-
-def _ran_s(pid: int) -> float:
-    return sum(ran for ran, _ in thread_schedstat(pid).values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             for name, (conn, table, pid) in tables.items():
                 rows = [{**r, "features": None} for r in batch] if name.startswith("no features") else batch
                 text = _copy_text(rows)
-                start = _ran_s(pid)
+                start = ran_s(pid)
                 with conn.cursor() as cur:
                     cur.copy_expert(f"COPY {table} ({', '.join(_COLUMNS)}) FROM STDIN", io.StringIO(text))
                 conn.commit()
-                costs[name].append((_ran_s(pid) - start) / len(rows) * 1e6)
+                costs[name].append((ran_s(pid) - start) / len(rows) * 1e6)
         print(f"{args.rounds} batches of {args.batch_size} rows into each table, alternating; medians")
         for name, values in costs.items():
             print(f"{statistics.median(values):6.2f} us of the backend's time a row  {name}")

@@ -89,6 +89,26 @@ def thread_schedstat(pid: int) -> dict[int, tuple[float, float]]:
     return out
 
 
+def ran_s(pid: int) -> float:
+    """Seconds every thread of process `pid` has run on a core so far (`thread_schedstat`)."""
+    return sum(ran for ran, _ in thread_schedstat(pid).values())
+
+
+def db_backend_pids(db: Database) -> list[int]:
+    """The Postgres server processes whose title names the benchmark database ([] for SQLite)."""
+    import psutil
+
+    if db.kind != "postgres":
+        return []
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if cmdline.startswith("postgres") and db.name in cmdline:
+                out.append(p.pid)
+    return out
+
+
 def create_database(stack: ExitStack, kind: str, workdir: Path, pg_admin_url: str = PG_ADMIN_URL) -> Database:
     """A fresh, migrated database: a new Postgres database (dropped at the end) or a new SQLite file."""
     from control_plane.db.engine import migrate

@@ -25,21 +25,16 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 from bentos.predlog_process import CONFIG_ENV, frame
-from load.bench import db_backend_cpu
 from load.bench_predlog import sample_rows
-from load.bench_setups import Database, create_database, thread_schedstat
+from load.bench_setups import Database, create_database, db_backend_pids, ran_s
 
 FLUSH_INTERVAL_S = 0.2
 WARM_UP_S = 1.5  # the child imports SQLAlchemy and connects on its first batch
 
 
-def _cpu_s(pid: int) -> float:
-    return sum(ran for ran, _ in thread_schedstat(pid).values())
-
-
-def _backends_cpu_s(db: Database) -> dict[int, float]:
+def _backends_ran_s(db: Database) -> dict[int, float]:
     """Seconds each Postgres backend of `db` has run, to the nanosecond (psutil counts 10 ms ticks)."""
-    return {pid: _cpu_s(pid) for pid in db_backend_cpu(db)}
+    return {pid: ran_s(pid) for pid in db_backend_pids(db)}
 
 
 def _count(database_url: str) -> int:
@@ -79,7 +74,7 @@ def run_once(
         child.stdin.write(frame(sample_rows(per_frame)))  # warm up: imports, the engine, the connection
         child.stdin.flush()
         time.sleep(WARM_UP_S)
-        start, db_start = _cpu_s(child.pid), _backends_cpu_s(db)
+        start, db_start = ran_s(child.pid), _backends_ran_s(db)
         due = time.monotonic()
         for data in frames:
             child.stdin.write(data)
@@ -87,8 +82,8 @@ def run_once(
             due += FLUSH_INTERVAL_S
             time.sleep(max(0.0, due - time.monotonic()))
         time.sleep(2 * FLUSH_INTERVAL_S + 0.3)  # the last frame's batch written
-        used = _cpu_s(child.pid) - start
-        db_used = sum(t - db_start.get(pid, 0.0) for pid, t in _backends_cpu_s(db).items())
+        used = ran_s(child.pid) - start
+        db_used = sum(t - db_start.get(pid, 0.0) for pid, t in _backends_ran_s(db).items())
     finally:
         child.stdin.close()
         child.wait(30)
