@@ -160,43 +160,44 @@ def _copy_text(rows: list[PredictionRow]) -> str:
     return "".join(lines)
 
 
-def _copy_batch(engine: Engine, rows: list[PredictionRow]) -> None:
-    """Postgres: the batch as one COPY straight into `predictions`; a batch that holds a row already
-    there (a replay, typically) goes instead through a temporary table and one INSERT ... ON
-    CONFLICT DO NOTHING, so that duplicates still cost nothing.
+def _copy_batch(conn, rows: list[PredictionRow]) -> None:
+    """Postgres: the batch as one COPY straight into `predictions`, on `conn` (a pooled DBAPI
+    connection the writer holds); a batch that holds a row already there (a replay, typically) goes
+    instead through a temporary table and one INSERT ... ON CONFLICT DO NOTHING, so that duplicates
+    still cost nothing.
 
     The writer holds the GIL while it builds a batch: SQLAlchemy's multi-row INSERT cost about 28 us
     of Python per row, formatting COPY's text about a fifth of that, and Postgres parses COPY for
     less than VALUES. The direct COPY spares Postgres the temporary table: measured 12.7 -> 8.7 us of
     the backend's CPU per row (batches of 500).
+
+    Raises what psycopg2 raises; after bad data the connection is rolled back and still usable,
+    after anything else the caller must not use it again.
     """
     from psycopg2.errors import UniqueViolation
 
-    text = _copy_text(rows)
-    with engine.connect() as conn:
-        dbapi = conn.connection.dbapi_connection
-        staged = False
-        try:
-            with dbapi.cursor() as cur:
-                try:
-                    cur.copy_expert(_COPY_DIRECT, io.StringIO(text))
-                except UniqueViolation:
-                    dbapi.rollback()  # nothing of the batch went in; a temporary table made now stays
-                    if not conn.connection.info.get(_STAGE):  # once per database session
-                        cur.execute(_STAGE_DDL)
-                    cur.copy_expert(_COPY, io.StringIO(text))
-                    cur.execute(_MERGE)
-                    staged = True
-            dbapi.commit()
-            if staged:
-                conn.connection.info[_STAGE] = True  # committed: the table now exists in this session
-        except Exception as exc:
-            conn.connection.info.pop(_STAGE, None)  # a rollback may have undone its creation
-            if _is_bad_data(exc):
-                dbapi.rollback()
-            else:
-                conn.invalidate()  # the connection may be dead: never hand it out again
-            raise
+    text = _copy_text(rows).encode()
+    dbapi = conn.dbapi_connection
+    staged = False
+    try:
+        with dbapi.cursor() as cur:
+            try:
+                cur.copy_expert(_COPY_DIRECT, io.BytesIO(text), size=len(text) or 1)
+            except UniqueViolation:
+                dbapi.rollback()  # nothing of the batch went in; a temporary table made now stays
+                if not conn.info.get(_STAGE):  # once per database session
+                    cur.execute(_STAGE_DDL)
+                cur.copy_expert(_COPY, io.BytesIO(text), size=len(text) or 1)
+                cur.execute(_MERGE)
+                staged = True
+        dbapi.commit()
+        if staged:
+            conn.info[_STAGE] = True  # committed: the table now exists in this session
+    except Exception as exc:
+        conn.info.pop(_STAGE, None)  # a rollback may have undone its creation
+        if _is_bad_data(exc):
+            dbapi.rollback()
+        raise
 
 
 def _insert_statement(engine: Engine):
@@ -277,6 +278,7 @@ class PredictionLogWriter(_WriterBase):
         self._rows: collections.deque[PredictionRow] = collections.deque()
         self._engine: Engine | None = None
         self._stmt = None
+        self._conn = None  # Postgres: the pooled DBAPI connection the writer thread COPYs on
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._closed = False
@@ -349,6 +351,7 @@ class PredictionLogWriter(_WriterBase):
         with self._spill_lock:
             self._close_spill_file()
         if self._engine is not None and (self._thread is None or not self._thread.is_alive()):
+            self._release_connection()
             self._engine.dispose()
         self._publish_stats()
 
@@ -448,10 +451,52 @@ class PredictionLogWriter(_WriterBase):
             self._engine = self._engine_factory()
             self._stmt = _insert_statement(self._engine)
         if self._engine.dialect.name == "postgresql" and self._engine.dialect.driver == "psycopg2":
-            _copy_batch(self._engine, rows)
+            self._copy(rows)
             return
         with self._engine.begin() as conn:
             conn.execute(self._stmt, rows)
+
+    def _copy(self, rows: list[PredictionRow]) -> None:
+        """COPY on the connection this thread holds from batch to batch.
+
+        Checking a connection out of the pool for every batch cost a `SELECT 1` round trip (the
+        pool's pre-ping), the pool's bookkeeping and its events: 17 % of the writer process's CPU
+        (docs/performance.md). A held connection can die while idle (Postgres restarted, say): a
+        batch that fails on one is tried once more on a new connection (which the pool pings)
+        before the database is taken for down, so such a death costs no spilled batch.
+        """
+        held = self._conn is not None
+        if not held:
+            self._conn = self._engine.raw_connection()
+        try:
+            _copy_batch(self._conn, rows)
+            return
+        except Exception as exc:
+            if _is_bad_data(exc):
+                raise  # the connection is fine: the data is not
+            self._drop_connection()
+            if not held:
+                raise
+        self._conn = self._engine.raw_connection()
+        try:
+            _copy_batch(self._conn, rows)
+        except Exception as exc:
+            if not _is_bad_data(exc):
+                self._drop_connection()
+            raise
+
+    def _drop_connection(self) -> None:
+        """Forget the held connection; the pool closes it and never hands it out again."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.invalidate()
+
+    def _release_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()  # back to the pool, which dispose() then closes
 
     def _mark_down(self, exc: BaseException) -> None:
         self._write_failures += 1

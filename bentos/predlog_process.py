@@ -26,6 +26,7 @@ import collections
 import contextlib
 import dataclasses
 import fcntl
+import gc
 import io
 import json
 import logging
@@ -58,6 +59,9 @@ STATS_INTERVAL_S = 1.0
 MAX_RESTART_INTERVAL_S = 30.0
 STUCK_AFTER_UNSETTLED = 5  # times max_queue: a child this far behind is taken for hung
 STABLE_AFTER_S = 10.0  # a child that lived this long restarts after restart_interval_s again
+# The child's young generation: a collection once this many container objects more were made than
+# freed (Python's default: 700). See child_main.
+CHILD_GC_THRESHOLD = 50_000
 PIPE_SIZE = 1 << 20  # bytes the pipe to the child may hold: a whole frame, mostly
 _HEADER = struct.Struct(">I")  # each frame: its length, then a pickle
 _COUNTERS = tuple(
@@ -398,7 +402,15 @@ class _SentFrame:
 
 
 def child_main(stdin: BinaryIO, stdout: BinaryIO, config: dict) -> None:
-    """Feed every row read from `stdin` to a PredictionLogWriter until EOF, then close it."""
+    """Feed every row read from `stdin` to a PredictionLogWriter until EOF, then close it.
+
+    The rows of a frame live until their batch is written, up to a few thousand at a time, and each
+    is two container objects (its dict and its features). At Python's default threshold the cycle
+    collector ran every 350 rows unpickled and walked every row still waiting, again and again: 8 %
+    of this process's CPU. Rows hold no cycles and are freed by reference counting; what is left
+    for the collector (the odd exception's traceback) can wait for a larger young generation.
+    """
+    gc.set_threshold(CHILD_GC_THRESHOLD, *gc.get_threshold()[1:])
     stats_out = _StatsOut(stdout)
     writer = PredictionLogWriter(
         default_engine_factory(config["database_url"]),

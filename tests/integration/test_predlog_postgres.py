@@ -161,14 +161,16 @@ def test_batches_with_and_without_rows_already_there_alternate_on_one_session(pg
     from bentos.predlog import _copy_batch, default_engine_factory
 
     engine = default_engine_factory(pg_url)()
+    conn = engine.raw_connection()  # one session, held as the writer holds it
     tag = uuid.uuid4().hex[:8]
     batches = [[f"alt-{tag}-{b}-{i}" for i in range(20)] for b in range(4)]
     try:
-        _copy_batch(engine, [row(r) for r in batches[0]])
-        _copy_batch(engine, [row(r) for r in batches[0][:5] + batches[1]])  # 5 already there
-        _copy_batch(engine, [row(r) for r in batches[2]])
-        _copy_batch(engine, [row(r) for r in batches[2][-1:] + batches[3] + batches[1][:1]])
+        _copy_batch(conn, [row(r) for r in batches[0]])
+        _copy_batch(conn, [row(r) for r in batches[0][:5] + batches[1]])  # 5 already there
+        _copy_batch(conn, [row(r) for r in batches[2]])
+        _copy_batch(conn, [row(r) for r in batches[2][-1:] + batches[3] + batches[1][:1]])
     finally:
+        conn.close()
         engine.dispose()
     everything = [r for b in batches for r in b]
     assert count_ids(pg_engine, everything) == (80, 80)
@@ -182,3 +184,32 @@ def test_the_schema_benchmark_times_every_variant_of_the_table(capsys):
     lines = [re.fullmatch(r"\s*([\d.]+) us of the backend's time a row  (.+)", line) for line in report]
     assert [m.group(2) for m in lines] == list(VARIANTS)
     assert all(float(m.group(1)) > 0 for m in lines)
+
+
+def test_a_held_connection_that_died_while_idle_costs_no_spilled_batch(pg_url, pg_engine, tmp_path):
+    # The writer keeps one connection from batch to batch instead of pinging a pooled one before
+    # each; when that connection was closed under it (Postgres restarted, an idle timeout), the next
+    # batch goes in on a new connection at once rather than being spilled and replayed later.
+    from sqlalchemy import text
+
+    name = f"predlog-{uuid.uuid4().hex[:8]}"
+    url = f"{pg_url}{'&' if '?' in pg_url else '?'}application_name={name}"
+    ids = [f"held-{name}-{i}" for i in range(100)]
+    with PredictionLogWriter(url, tmp_path / "spill", flush_interval_s=0.02) as w:
+        for rid in ids[:50]:
+            w.log(row(rid))
+        wait_until(lambda: w.stats().rows_written == 50)
+        with pg_engine.begin() as conn:
+            killed = conn.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :n"
+                ),
+                {"n": name},
+            ).scalar_one()
+        assert killed == 1  # the writer held exactly one connection
+        for rid in ids[50:]:
+            w.log(row(rid))
+        wait_until(lambda: w.stats().rows_settled == 100)
+        stats = w.stats()
+    assert count_ids(pg_engine, ids) == (100, 100)
+    assert (stats.rows_written, stats.rows_spilled, stats.write_failures) == (100, 0, 0)
