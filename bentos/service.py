@@ -215,18 +215,18 @@ class Recsys:
     def _log(self, info: RequestInfo, features: list[float] | None, score: float | None, status: int) -> None:
         info.logged = True
         self.predlog.log(
-            {
-                "request_id": info.request_id,
-                "ts": info.ts,
-                "model_version": self.model_version,
-                "role": info.role,
-                "route": info.route,
-                "endpoint": info.endpoint,
-                "features": list(features) if features is not None else None,
-                "score": score,
-                "latency_ms": info.elapsed_ms(),
-                "status": status,
-            }
+            (  # a PredictionRow: the columns of `predictions`, in order
+                info.request_id,
+                info.ts,
+                self.model_version,
+                info.role,
+                info.route,
+                info.endpoint,
+                list(features) if features is not None else None,
+                score,
+                info.elapsed_ms(),
+                status,
+            )
         )
 
 

@@ -18,26 +18,26 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 from bentos.http import new_request_id
-from bentos.predlog import _copy_batch, _insert_statement
+from bentos.predlog import PredictionRow, _copy_batch, _insert_statement, row_dict
 from control_plane.db.engine import make_engine
 from load.bench_setups import create_database
 
 
-def sample_rows(n: int) -> list[dict]:
+def sample_rows(n: int) -> list[PredictionRow]:
     """`n` rows as a Bento logs them: ids in time order, versions split 85/10/5, 16 random features."""
     return [
-        {
-            "request_id": new_request_id(),
-            "ts": time.time(),
-            "model_version": random.choices((2, 3, 1), weights=(85, 10, 5))[0],
-            "role": "baseline",
-            "route": "weighted",
-            "endpoint": "predict",
-            "features": [random.random() for _ in range(16)],
-            "score": random.random(),
-            "latency_ms": 0.4 + random.random(),
-            "status": 200,
-        }
+        (
+            new_request_id(),
+            time.time(),
+            random.choices((2, 3, 1), weights=(85, 10, 5))[0],
+            "baseline",
+            "weighted",
+            "predict",
+            [random.random() for _ in range(16)],
+            random.random(),
+            0.4 + random.random(),
+            200,
+        )
         for _ in range(n)
     ]
 
@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(engine.dispose)
         stmt = _insert_statement(engine)
 
-        def insert(rows: list[dict]) -> None:
+        def insert(rows: list[PredictionRow]) -> None:
             with engine.begin() as conn:
-                conn.execute(stmt, rows)
+                conn.execute(stmt, [row_dict(r) for r in rows])
 
         held = engine.raw_connection()  # the log's writer holds one connection from batch to batch
         stack.callback(held.close)

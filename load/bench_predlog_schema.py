@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             batch = sample_rows(args.batch_size)
             for name, (conn, table, pid) in tables.items():
-                rows = [{**r, "features": None} for r in batch] if name.startswith("no features") else batch
+                rows = [(*r[:6], None, *r[7:]) for r in batch] if name.startswith("no features") else batch
                 text = _copy_text(rows)
                 start = ran_s(pid)
                 with conn.cursor() as cur:

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from sqlalchemy import func, select
 
-from bentos.predlog import PredictionLogWriter
+from bentos.predlog import PredictionLogWriter, row_from_dict
 from control_plane.db.schema import predictions
 from tests.conftest import free_port
 from tests.integration._tcp_proxy import TcpProxy
@@ -27,7 +27,13 @@ def via_port(url: str, port: int) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{port}"))
 
 
-def row(request_id: str) -> dict:
+def row(request_id: str) -> tuple:
+    """A row as a Bento logs it."""
+    return row_from_dict(record(request_id))
+
+
+def record(request_id: str) -> dict:
+    """A row as a JSON object, column name -> value."""
     return {
         "request_id": request_id,
         "ts": time.time(),
@@ -106,7 +112,7 @@ def test_replaying_rows_already_in_postgres_inserts_nothing_twice(pg_url, pg_eng
             w.log(row(rid))
     spill = tmp_path / "spill" / "predlog-deadhost-1-1-0001.jsonl"
     spill.parent.mkdir(parents=True, exist_ok=True)
-    spill.write_text("".join(json.dumps(row(rid)) + "\n" for rid in ids))  # 30 already written, 20 new
+    spill.write_text("".join(json.dumps(record(rid)) + "\n" for rid in ids))  # 30 already written, 20 new
     with PredictionLogWriter(pg_url, tmp_path / "spill", flush_interval_s=0.02) as w2:
         wait_until(lambda: w2.stats().rows_replayed == 50)
     assert count_ids(pg_engine, ids) == (50, 50)
@@ -116,19 +122,23 @@ def test_replaying_rows_already_in_postgres_inserts_nothing_twice(pg_url, pg_eng
 def test_copy_writes_every_value_back_exactly_nulls_and_escapes_included(pg_url, pg_engine, tmp_path):
     tag = uuid.uuid4().hex[:8]
     odd = {
-        **row(f"odd-{tag}-tab\there\\back\nline\r"),
+        **record(f"odd-{tag}-tab\there\\back\nline\r"),
         "features": None,
         "score": None,
         "status": 500,
         "role": "can\\ary",
     }
-    plain = {**row(f"plain-{tag}"), "features": [0.1 * i for i in range(16)], "score": 0.123456789012345678}
-    tiny = {**row(f"tiny-{tag}"), "ts": 1e22, "score": 5e-324, "latency_ms": 1e-7}
-    infinite = {**row(f"inf-{tag}"), "score": float("-inf"), "latency_ms": float("inf")}
-    nan = {**row(f"nan-{tag}"), "score": float("nan")}
+    plain = {
+        **record(f"plain-{tag}"),
+        "features": [0.1 * i for i in range(16)],
+        "score": 0.123456789012345678,
+    }
+    tiny = {**record(f"tiny-{tag}"), "ts": 1e22, "score": 5e-324, "latency_ms": 1e-7}
+    infinite = {**record(f"inf-{tag}"), "score": float("-inf"), "latency_ms": float("inf")}
+    nan = {**record(f"nan-{tag}"), "score": float("nan")}
     rows = [odd, plain, tiny, infinite, nan]
     with PredictionLogWriter(pg_url, tmp_path / "spill", flush_interval_s=0.02) as w:
-        w.log_many(rows)
+        w.log_many([row_from_dict(r) for r in rows])
     assert w.stats().rows_written == 5 and w.stats().rows_rejected == 0
     with pg_engine.connect() as conn:
         got = {
@@ -144,11 +154,11 @@ def test_copy_writes_every_value_back_exactly_nulls_and_escapes_included(pg_url,
 
 def test_a_row_postgres_refuses_is_set_aside_and_the_rest_of_its_batch_goes_in(pg_url, pg_engine, tmp_path):
     ids = [f"refuse-{uuid.uuid4().hex[:8]}-{i}" for i in range(5)]
-    rows = [row(rid) for rid in ids]
+    rows = [record(rid) for rid in ids]
     rows[2]["request_id"] = "x" * 200  # longer than the column allows
     with PredictionLogWriter(pg_url, tmp_path / "spill", flush_interval_s=0.5) as w:
         for r in rows:
-            w.log(r)
+            w.log(row_from_dict(r))
     assert w.stats().rows_rejected == 1 and w.stats().rows_written == 4
     assert count_ids(pg_engine, [ids[i] for i in (0, 1, 3, 4)]) == (4, 4)
     (rejected,) = (tmp_path / "spill").glob("rejected-*.jsonl")

@@ -12,7 +12,14 @@ import pytest
 from sqlalchemy import event, func, select
 from sqlalchemy.exc import OperationalError
 
-from bentos.predlog import NullLogWriter, PredictionLogWriter, PredictionRow, _floats_text
+from bentos.predlog import (
+    NullLogWriter,
+    PredictionLogWriter,
+    PredictionRow,
+    _floats_text,
+    row_dict,
+    row_from_dict,
+)
 from control_plane.db.engine import make_engine
 from control_plane.db.schema import metadata, predictions
 
@@ -68,7 +75,7 @@ def spill_dir(tmp_path) -> Path:
 
 
 def row(i: int | str, **overrides) -> PredictionRow:
-    r: PredictionRow = {
+    r = {
         "request_id": f"req-{i}",
         "ts": 1_700_000_000.0 + (i if isinstance(i, int) else 0),
         "model_version": 2,
@@ -81,7 +88,7 @@ def row(i: int | str, **overrides) -> PredictionRow:
         "status": 200,
     }
     r.update(overrides)
-    return r
+    return row_from_dict(r)
 
 
 def wait_until(predicate, timeout_s: float = 10.0) -> None:
@@ -125,7 +132,9 @@ def test_rows_keep_every_column(db, spill_dir):
     with engine.connect() as conn:
         got = conn.execute(select(predictions)).mappings().one()
     engine.dispose()
-    assert dict(got) == row(1, features=None, score=None, status=500, endpoint="recommend", route="direct")
+    assert row_from_dict(got) == row(
+        1, features=None, score=None, status=500, endpoint="recommend", route="direct"
+    )
 
 
 def test_a_full_queue_spills_from_the_caller_instead_of_dropping(db, spill_dir):
@@ -209,7 +218,7 @@ def test_replay_never_duplicates_rows_already_written(db, spill_dir):
             w.log(row(i))
     # A process that inserted rows 5..9 and died before deleting the spill file holding 0..14.
     spill_dir.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps(row(i)) + "\n" for i in range(15))
+    lines = "".join(json.dumps(row_dict(row(i))) + "\n" for i in range(15))
     (spill_dir / "predlog-deadhost-1-1-0001.jsonl").write_text(lines)
     with writer(db, spill_dir) as w2:
         wait_until(lambda: w2.stats().rows_replayed == 15)
@@ -218,9 +227,9 @@ def test_replay_never_duplicates_rows_already_written(db, spill_dir):
 
 def test_the_next_process_replays_a_dead_one_s_spill_file_and_skips_a_torn_last_line(db, spill_dir):
     spill_dir.mkdir(parents=True)
-    torn = json.dumps(row(3))[:40]  # killed in the middle of a write
+    torn = json.dumps(row_dict(row(3)))[:40]  # killed in the middle of a write
     (spill_dir / "predlog-deadhost-99-1-0001.jsonl").write_text(
-        json.dumps(row(1)) + "\n" + json.dumps(row(2)) + "\n" + torn
+        json.dumps(row_dict(row(1))) + "\n" + json.dumps(row_dict(row(2))) + "\n" + torn
     )
     w = writer(db, spill_dir).start()
     wait_until(lambda: w.stats().rows_replayed == 2)

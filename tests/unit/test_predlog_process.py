@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from bentos.predlog import WriterStats
+from bentos.predlog import WriterStats, row_from_dict
 from bentos.predlog_process import PIPE_SIZE, ProcessLogWriter, _StatsOut, read_frame, widen_pipe, write_frame
 
 
@@ -31,14 +31,12 @@ def test_frames_round_trip_and_a_cut_frame_reads_as_the_end():
 def test_a_frame_of_rows_that_share_objects_reads_back_equal():
     """Frames are pickled without a memo: an object two rows share is written twice, and read back so."""
     features = [0.25, -1.5, float("inf")]
-    rows = [
-        {"request_id": f"r{i}", "role": "baseline", "features": features, "score": None} for i in range(3)
-    ]
+    rows = [(f"r{i}", 0.0, 1, "baseline", "direct", "predict", features, None, 1.0, 200) for i in range(3)]
     buf = io.BytesIO()
     write_frame(buf, rows)
     back = read_frame(io.BytesIO(buf.getvalue()))
     assert back == rows
-    assert back[0]["features"] is not back[1]["features"]
+    assert back[0][6] is not back[1][6]
 
 
 def test_the_pipe_to_the_child_is_widened_to_hold_a_frame():
@@ -77,19 +75,21 @@ def test_stats_go_out_at_once_on_a_change_of_state_and_otherwise_at_most_once_a_
     assert [s.rows_written for s in sent(buf)] == [10, 30, 50, 60]
 
 
-def _row(request_id: str) -> dict:
-    return {
-        "request_id": request_id,
-        "ts": 0.0,
-        "model_version": 1,
-        "role": "baseline",
-        "route": "direct",
-        "endpoint": "predict",
-        "features": [0.5] * 16,
-        "score": 0.25,
-        "latency_ms": 1.0,
-        "status": 200,
-    }
+def _row(request_id: str) -> tuple:
+    return row_from_dict(
+        {
+            "request_id": request_id,
+            "ts": 0.0,
+            "model_version": 1,
+            "role": "baseline",
+            "route": "direct",
+            "endpoint": "predict",
+            "features": [0.5] * 16,
+            "score": 0.25,
+            "latency_ms": 1.0,
+            "status": 200,
+        }
+    )
 
 
 def test_a_child_that_keeps_dying_is_restarted_ever_less_often_and_its_rows_are_spilled(tmp_path):
@@ -148,4 +148,4 @@ def test_frames_are_kept_as_sent_until_settled_and_only_their_unsettled_rows_are
     w.close()
     spilled = [json.loads(line) for p in (tmp_path / "spill").glob("predlog-*.jsonl") for line in p.open()]
     assert sorted(r["request_id"] for r in spilled) == ids[4:]
-    assert spilled[0] == _row(spilled[0]["request_id"])
+    assert row_from_dict(spilled[0]) == _row(spilled[0]["request_id"])
