@@ -1,7 +1,7 @@
 """The prediction log's writer in a process of its own, fed by the Bento through a pipe.
 
 In the Bento's process a request only appends its row to a deque. Every flush interval a sender
-thread pickles what has gathered (0.4 us a row) and writes it to the child's stdin as one frame.
+thread pickles what has gathered (0.3 us a row) and writes it to the child's stdin as one frame.
 The child (`python -m bentos.predlog_process`) runs the `PredictionLogWriter` that formats the
 rows, COPYs them into the database and spills them when it cannot, and writes that writer's stats
 back on its stdout for the Bento's /metrics.
