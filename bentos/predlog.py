@@ -285,6 +285,10 @@ class PredictionLogWriter(_WriterBase):
         self._conn = None  # Postgres: the pooled DBAPI connection the writer thread COPYs on
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        # Wakes the writer thread before its flush interval is up: set by close(), and by log() and
+        # log_many() once half of max_queue is waiting, so that a long interval cannot fill the queue.
+        self._wake = threading.Event()
+        self._wake_at = max(1, max_queue // 2)
         self._closed = False
         self._inflight: list[PredictionRow] = []
         # Spill file state, shared by the writer thread and callers that find the queue full.
@@ -323,6 +327,8 @@ class PredictionLogWriter(_WriterBase):
         """Queue `row`; never blocks on the database and never drops: a full queue spills here."""
         if not self._closed and len(self._rows) < self.max_queue:
             self._rows.append(row)
+            if len(self._rows) >= self._wake_at:
+                self._wake.set()
             return
         self._spill([row])
         self._settled(1)
@@ -332,8 +338,11 @@ class PredictionLogWriter(_WriterBase):
         room = 0 if self._closed else self.max_queue - len(self._rows)
         if len(rows) <= room:
             self._rows.extend(rows)
+            if len(self._rows) >= self._wake_at:
+                self._wake.set()
             return
         room = max(room, 0)
+        self._wake.set()
         self._rows.extend(rows[:room])
         self._spill(rows[room:])
         self._settled(len(rows) - room)
@@ -344,6 +353,7 @@ class PredictionLogWriter(_WriterBase):
             return
         self._closed = True
         self._stopping.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
         if self._thread is None or self._thread.is_alive():
@@ -396,7 +406,8 @@ class PredictionLogWriter(_WriterBase):
             # +1 ms per request at one connection. close() sets the event and ends the wait.
             # A deque, not a queue.Queue: its lock and condition cost the writer process 1.6 us a
             # row (docs/performance.md).
-            self._stopping.wait(self.flush_interval_s)
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()  # before taking: rows that wake it after this wake the next wait
         return take(self._rows, self.batch_size)
 
     def _write(self, batch: list[PredictionRow]) -> None:

@@ -12,7 +12,9 @@ Environment (read when the worker starts):
   RECSYS_SPILL_DIR        spill files for rows the database did not take (default $RECSYS_STATE_DIR/spill)
   RECSYS_PREDLOG          on: the log's writer in a process of its own (default); thread: in this
                           process; off: no prediction log (benchmarks)
-  RECSYS_PREDLOG_FLUSH_S  how long the log's writer lets a batch build up (default 0.2)
+  RECSYS_PREDLOG_FLUSH_S  how long rows gather before they go to the writer (default 0.2; with
+                          RECSYS_PREDLOG=thread, to the database): what a SIGKILL can lose
+  RECSYS_PREDLOG_WRITE_S  how long the writer process gathers rows before it writes them (default 1)
   RECSYS_GIL_SWITCH_MS    the interpreter's thread switch interval in ms (default 1; Python's is 5)
   RECSYS_ACCESS_LOG=on    one JSON log line per model request (default off)
   RECSYS_MAX_BODY_BYTES   larger request bodies get 413 (default 1000000)
@@ -284,7 +286,11 @@ def _prediction_log(settings, engine_factory, on_stats):
             engine_factory, spill_dir, flush_interval_s=flush_interval_s, on_stats=on_stats
         )
     return ProcessLogWriter(
-        settings.database_url, spill_dir, flush_interval_s=flush_interval_s, on_stats=on_stats
+        settings.database_url,
+        spill_dir,
+        flush_interval_s=flush_interval_s,
+        write_interval_s=float(os.environ.get("RECSYS_PREDLOG_WRITE_S", "1.0")),
+        on_stats=on_stats,
     )
 
 

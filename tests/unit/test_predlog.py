@@ -137,6 +137,25 @@ def test_rows_keep_every_column(db, spill_dir):
     )
 
 
+@pytest.mark.parametrize("how", ["log", "log_many"])
+def test_half_a_queue_waiting_wakes_the_writer_before_its_interval(db, spill_dir, how):
+    # A long flush interval must not let the queue fill up and spill under a steady stream of rows.
+    with writer(db, spill_dir, flush_interval_s=60, batch_size=10, max_queue=100) as w:
+        time.sleep(0.1)  # the writer thread is in its 60 s wait
+        rows = [row(i) for i in range(50)]
+        if how == "log":
+            for r in rows:
+                w.log(r)
+        else:
+            w.log_many(rows)
+        wait_until(lambda: db.count() == 50, timeout_s=5)
+        assert w.stats().rows_spilled == 0
+        w.log_many([row(i) for i in range(50, 60)])  # fewer than half: they wait for the interval
+        time.sleep(0.3)
+        assert db.count() == 50
+    assert db.count() == 60  # close() writes them at once
+
+
 def test_a_full_queue_spills_from_the_caller_instead_of_dropping(db, spill_dir):
     w = writer(db, spill_dir, max_queue=5)  # not started: nothing drains the queue
     for i in range(8):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bentos.predlog import WriterStats, row_from_dict
 from bentos.predlog_process import PIPE_SIZE, ProcessLogWriter, _StatsOut, read_frame, widen_pipe, write_frame
+from tests.conftest import wait_for
 
 
 def test_frames_round_trip_and_a_cut_frame_reads_as_the_end():
@@ -149,3 +150,21 @@ def test_frames_are_kept_as_sent_until_settled_and_only_their_unsettled_rows_are
     spilled = [json.loads(line) for p in (tmp_path / "spill").glob("predlog-*.jsonl") for line in p.open()]
     assert sorted(r["request_id"] for r in spilled) == ids[4:]
     assert row_from_dict(spilled[0]) == _row(spilled[0]["request_id"])
+
+
+def test_the_child_writes_once_a_write_interval_while_rows_reach_it_once_a_flush_interval(tmp_path):
+    # The Bento sends often (what a SIGKILL of it can lose); the child, which loses nothing when it
+    # dies, writes less often: each write wakes it and a database backend and commits.
+    seen = tmp_path / "config.json"
+    w = ProcessLogWriter(
+        "sqlite://",
+        tmp_path / "spill",
+        flush_interval_s=0.05,
+        write_interval_s=2.5,
+        child_command=["sh", "-c", f'printf %s "$RECSYS_PREDLOG_CHILD_CONFIG" > {seen}; cat >/dev/null'],
+    ).start()
+    try:
+        wait_for(lambda: seen.exists() and seen.read_text(), 10, "the child's config", every_s=0.05)
+    finally:
+        w.close(timeout_s=2)
+    assert json.loads(seen.read_text())["writer"]["flush_interval_s"] == 2.5
