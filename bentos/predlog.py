@@ -140,9 +140,8 @@ def _floats_text(values: list[float]) -> list[str]:
 def _copy_text(rows: list[PredictionRow]) -> str:
     """The rows in COPY's text format (tab-separated, \\N for NULL), columns in `_COLUMNS` order."""
     floats: list[float] = []
-    for r in rows:
-        score = r[7]
-        floats += (float(r[1]), 0.0 if score is None else float(score), float(r[8]))
+    for _, ts, _, _, _, _, _, score, latency_ms, _ in rows:
+        floats += (float(ts), 0.0 if score is None else float(score), float(latency_ms))
     text = _floats_text(floats)
     lines = []
     for i, (request_id, _, version, role, route, endpoint, features, score, _, status) in enumerate(rows):
@@ -181,17 +180,18 @@ def _copy_batch(conn, rows: list[PredictionRow]) -> None:
     from psycopg2.errors import UniqueViolation
 
     text = _copy_text(rows).encode()
+    size = len(text) or 1  # one read of the buffer
     dbapi = conn.dbapi_connection
     staged = False
     try:
         with dbapi.cursor() as cur:
             try:
-                cur.copy_expert(_COPY_DIRECT, io.BytesIO(text), size=len(text) or 1)
+                cur.copy_expert(_COPY_DIRECT, io.BytesIO(text), size=size)
             except UniqueViolation:
                 dbapi.rollback()  # nothing of the batch went in; a temporary table made now stays
                 if not conn.info.get(_STAGE):  # once per database session
                     cur.execute(_STAGE_DDL)
-                cur.copy_expert(_COPY, io.BytesIO(text), size=len(text) or 1)
+                cur.copy_expert(_COPY, io.BytesIO(text), size=size)
                 cur.execute(_MERGE)
                 staged = True
         dbapi.commit()
@@ -365,7 +365,7 @@ class PredictionLogWriter(_WriterBase):
         with self._spill_lock:
             self._close_spill_file()
         if self._engine is not None and (self._thread is None or not self._thread.is_alive()):
-            self._release_connection()
+            self._let_go_of_connection()
             self._engine.dispose()
         self._publish_stats()
 
@@ -480,38 +480,29 @@ class PredictionLogWriter(_WriterBase):
         batch that fails on one is tried once more on a new connection (which the pool pings)
         before the database is taken for down, so such a death costs no spilled batch.
         """
-        held = self._conn is not None
-        if not held:
-            self._conn = self._engine.raw_connection()
-        try:
-            _copy_batch(self._conn, rows)
-            return
-        except Exception as exc:
-            if _is_bad_data(exc):
-                raise  # the connection is fine: the data is not
-            self._drop_connection()
-            if not held:
-                raise
-        self._conn = self._engine.raw_connection()
-        try:
-            _copy_batch(self._conn, rows)
-        except Exception as exc:
-            if not _is_bad_data(exc):
-                self._drop_connection()
-            raise
+        while True:
+            fresh = self._conn is None
+            if fresh:
+                self._conn = self._engine.raw_connection()
+            try:
+                _copy_batch(self._conn, rows)
+                return
+            except Exception as exc:
+                if _is_bad_data(exc):
+                    raise  # the connection is fine: the data is not
+                self._let_go_of_connection(dead=True)
+                if fresh:
+                    raise
 
-    def _drop_connection(self) -> None:
-        """Forget the held connection; the pool closes it and never hands it out again."""
+    def _let_go_of_connection(self, dead: bool = False) -> None:
+        """Give the held connection back to the pool; a `dead` one the pool closes and never hands out again."""
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                conn.invalidate()
-
-    def _release_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()  # back to the pool, which dispose() then closes
+                if dead:
+                    conn.invalidate()
+                else:
+                    conn.close()  # back to the pool, which dispose() then closes
 
     def _mark_down(self, exc: BaseException) -> None:
         self._write_failures += 1

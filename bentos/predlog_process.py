@@ -414,7 +414,7 @@ def child_main(stdin: BinaryIO, stdout: BinaryIO, config: dict) -> None:
     """Feed every row read from `stdin` to a PredictionLogWriter until EOF, then close it.
 
     The rows of a frame live until their batch is written, up to a few thousand at a time, and each
-    is two container objects (its dict and its features). At Python's default threshold the cycle
+    is two container objects (its tuple and its features). At Python's default threshold the cycle
     collector ran every 350 rows unpickled and walked every row still waiting, again and again: 8 %
     of this process's CPU. Rows hold no cycles and are freed by reference counting; what is left
     for the collector (the odd exception's traceback) can wait for a larger young generation.

@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from bentos.predlog import _COLUMNS, _copy_text
+from bentos.predlog import _COLUMNS, _copy_text, row_dict, row_from_dict
 from load.bench_predlog import sample_rows
 from load.bench_setups import create_database, ran_s
 
@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             batch = sample_rows(args.batch_size)
             for name, (conn, table, pid) in tables.items():
-                rows = [(*r[:6], None, *r[7:]) for r in batch] if name.startswith("no features") else batch
+                if name.startswith("no features"):
+                    rows = [row_from_dict({**row_dict(r), "features": None}) for r in batch]
+                else:
+                    rows = batch
                 text = _copy_text(rows)
                 start = ran_s(pid)
                 with conn.cursor() as cur:
