@@ -146,7 +146,7 @@ class ProcessLogWriter(_WriterBase):
         *,
         batch_size: int = 500,
         flush_interval_s: float = 0.2,
-        write_interval_s: float = 0.2,
+        write_interval_s: float = 1.0,
         max_queue: int = 10_000,
         restart_interval_s: float = 1.0,
         send_timeout_s: float = 5.0,
@@ -162,10 +162,10 @@ class ProcessLogWriter(_WriterBase):
         # and a Postgres backend and commits. Measured in the gateway at eight connections, beside
         # the same gateway writing every 200 ms: the writers and Postgres 15.9 -> 12.9 us of CPU a
         # request, the log's cost in throughput 16.5 -> 10.7 % (medians of 10 pairs; in another run
-        # 14.3 -> 11.1 us and 13.0 -> 2.0 %, 8 pairs; docs/performance.md). Not the default: rows
-        # then reach the database up to 1.2 s late, each Bento's at its own moment, and an evaluation
-        # of a step a few seconds long counts the arms unevenly enough to see a sample-ratio mismatch
-        # (the end-to-end demo halted so); the evaluation would first have to leave that tail out.
+        # 14.3 -> 11.1 us and 13.0 -> 2.0 %, 8 pairs; docs/performance.md). Rows then reach the
+        # database up to 1.2 s late, each Bento's at its own moment: the control plane's windows stop
+        # RECSYS_LOG_SETTLE_S (2 s) short of now, or a step a few seconds long would count the arms
+        # unevenly enough to see a sample-ratio mismatch (the end-to-end demo once halted so).
         self.flush_interval_s = flush_interval_s
         self.write_interval_s = write_interval_s
         self.max_queue = max_queue

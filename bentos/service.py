@@ -14,8 +14,9 @@ Environment (read when the worker starts):
                           process; off: no prediction log (benchmarks)
   RECSYS_PREDLOG_FLUSH_S  how long rows gather before they go to the writer (default 0.2; with
                           RECSYS_PREDLOG=thread, to the database): what a SIGKILL can lose
-  RECSYS_PREDLOG_WRITE_S  how long the writer process gathers rows before it writes them (default 0.2;
-                          1 costs the log less, but rows reach the database up to 1.2 s late)
+  RECSYS_PREDLOG_WRITE_S  how long the writer process gathers rows before it writes them (default 1:
+                          rows reach the database up to 1.2 s late, within the control plane's
+                          RECSYS_LOG_SETTLE_S; 0.2 costs the log more)
   RECSYS_GIL_SWITCH_MS    the interpreter's thread switch interval in ms (default 1; Python's is 5)
   RECSYS_ACCESS_LOG=on    one JSON log line per model request (default off)
   RECSYS_MAX_BODY_BYTES   larger request bodies get 413 (default 1000000)
@@ -290,7 +291,7 @@ def _prediction_log(settings, engine_factory, on_stats):
         settings.database_url,
         spill_dir,
         flush_interval_s=flush_interval_s,
-        write_interval_s=float(os.environ.get("RECSYS_PREDLOG_WRITE_S", "0.2")),
+        write_interval_s=float(os.environ.get("RECSYS_PREDLOG_WRITE_S", "1")),
         on_stats=on_stats,
     )
 

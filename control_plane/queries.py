@@ -69,16 +69,32 @@ def _labelled_counts(conn: Connection, version: int, since: float, closed_before
     return int(row[0]), int(row[1])
 
 
+def settled_until(now: float, settle_s: float) -> float:
+    """Where a window's requests end: rows younger than `settle_s` may still be on their way to the log.
+
+    Each Bento's writer writes on its own clock, so the newest second or so holds some versions' rows
+    and not yet others'; counted, it would look like a sample-ratio mismatch.
+    """
+    return now - max(settle_s, 0.0)
+
+
 def window_counts(
-    conn: Connection, *, versions: Mapping[str, int | None], since: float, now: float, label_window_s: float
+    conn: Connection,
+    *,
+    versions: Mapping[str, int | None],
+    since: float,
+    now: float,
+    label_window_s: float,
+    settle_s: float = 0.0,
 ) -> dict[str, dict]:
     """Per role: requests, errors, labelled and correct over the window, as aggregates (cheap to scrape)."""
+    until = settled_until(now, settle_s)
     out = {}
     for role, version in versions.items():
         if version is None:
             continue
-        requests, errors = _count_requests(conn, version, since, now)
-        labelled, correct = _labelled_counts(conn, version, since, now - label_window_s)
+        requests, errors = _count_requests(conn, version, since, until)
+        labelled, correct = _labelled_counts(conn, version, since, min(until, now - label_window_s))
         out[role] = {
             "version": version,
             "requests": requests,
@@ -116,21 +132,23 @@ def arm_observation(
     step_since: float,
     now: float,
     label_window_s: float,
+    settle_s: float = 0.0,
     max_latency_samples: int = 500_000,
 ) -> ArmObservation:
-    """One version's window: counts, latencies, and label metrics over closed label windows."""
+    """One version's window up to its settled end: counts, latencies, and label metrics over closed label windows."""
     if version is None:
         return ArmObservation(version=None, requests=0, errors=0, latencies_ms=(), labelled=0, correct=0)
-    requests, errors = _count_requests(conn, version, since, now)
-    step_requests, _ = _count_requests(conn, version, max(step_since, since), now)
-    pairs = _labelled_pairs(conn, version, since, now - label_window_s)
+    until = settled_until(now, settle_s)
+    requests, errors = _count_requests(conn, version, since, until)
+    step_requests, _ = _count_requests(conn, version, max(step_since, since), until)
+    pairs = _labelled_pairs(conn, version, since, min(until, now - label_window_s))
     scores, y = pairs[:, 0], pairs[:, 1]
     correct = int(((scores >= 0.5) == (y == 1)).sum())
     return ArmObservation(
         version=version,
         requests=requests,
         errors=errors,
-        latencies_ms=_latencies(conn, version, since, now, max_latency_samples),
+        latencies_ms=_latencies(conn, version, since, until, max_latency_samples),
         labelled=len(y),
         correct=correct,
         log_loss=log_loss(scores, y),
@@ -148,15 +166,28 @@ def read_observations(
     now: float,
     label_window_s: float,
     step_weights: Mapping[str, int],
+    settle_s: float = 0.0,
 ) -> Observations:
-    """Every role's window, as the decision function takes it."""
+    """Every role's window up to its settled end (`settled_until`), as the decision function takes it."""
     arms = {
         role: arm_observation(
-            conn, version, since=since, step_since=step_since, now=now, label_window_s=label_window_s
+            conn,
+            version,
+            since=since,
+            step_since=step_since,
+            now=now,
+            label_window_s=label_window_s,
+            settle_s=settle_s,
         )
         for role, version in versions.items()
     }
-    return Observations(now=now, window_start=since, arms=arms, step_weights=dict(step_weights))
+    return Observations(
+        now=now,
+        window_start=since,
+        arms=arms,
+        step_weights=dict(step_weights),
+        window_end=settled_until(now, settle_s),
+    )
 
 
 def summarize(arm: ArmObservation) -> dict:

@@ -103,6 +103,7 @@ def window_metrics(ctx: Context, window_s: int | None = None) -> dict[str, Any]:
             step_since=since,
             now=now,
             label_window_s=ctx.settings.label_window_s,
+            settle_s=ctx.settings.log_settle_s,
             step_weights={r: w for r, (_, w) in assignment.items()},
         )
     return {"since": since, "now": now, "roles": {r: queries.summarize(a) for r, a in obs.arms.items()}}
@@ -122,6 +123,7 @@ def window_counts(ctx: Context, window_s: int | None = None) -> dict[str, dict[s
             since=now - (window_s or ctx.settings.window_s),
             now=now,
             label_window_s=ctx.settings.label_window_s,
+            settle_s=ctx.settings.log_settle_s,
         )
 
 
@@ -291,6 +293,7 @@ def evaluate(
                 step_since=rollout.step_started_at,
                 now=now,
                 label_window_s=label_window_s,
+                settle_s=ctx.settings.log_settle_s,
                 step_weights={r: w for r, (_, w) in assignment.items()},
             )
         except SQLAlchemyError as exc:

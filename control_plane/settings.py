@@ -76,6 +76,9 @@ class Settings:
     eval_interval_s: int = 60
     window_s: int = 3600
     label_window_s: int = 60
+    # Seconds a window stops short of now: a Bento sends its rows to its writer every 0.2 s and the
+    # writer writes them every 1 s, each Bento's on its own clock, so the newest rows are still arriving.
+    log_settle_s: float = 2.0
     action_wait_s: float = 20.0  # how long an action waits for one in progress before a 409
     max_body_bytes: int = 1_000_000
     api_token: str = ""  # empty: read from (or created in) state_dir/api-token
@@ -111,6 +114,7 @@ class Settings:
             eval_interval_s=int(env.get("RECSYS_EVAL_INTERVAL_S", 60)),
             window_s=int(env.get("RECSYS_WINDOW_S", 3600)),
             label_window_s=int(env.get("RECSYS_LABEL_WINDOW_S", 60)),
+            log_settle_s=float(env.get("RECSYS_LOG_SETTLE_S", 2.0)),
             action_wait_s=float(env.get("RECSYS_ACTION_WAIT_S", 20.0)),
             max_body_bytes=int(env.get("RECSYS_MAX_BODY_BYTES", 1_000_000)),
             api_token=env.get("RECSYS_API_TOKEN", ""),
@@ -157,6 +161,7 @@ class Settings:
             "RECSYS_EVAL_INTERVAL_S": str(self.eval_interval_s),
             "RECSYS_WINDOW_S": str(self.window_s),
             "RECSYS_LABEL_WINDOW_S": str(self.label_window_s),
+            "RECSYS_LOG_SETTLE_S": str(self.log_settle_s),
             "RECSYS_ACTION_WAIT_S": str(self.action_wait_s),
             "RECSYS_MAX_BODY_BYTES": str(self.max_body_bytes),
             "RECSYS_EMBEDDED_REDIS_PORT": str(self.embedded_redis_port),

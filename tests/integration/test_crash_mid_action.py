@@ -65,6 +65,7 @@ def loop(tmp_path_factory, pg_url):
         "RECSYS_WORKER_METRICS_PORT": str(free_port()),
         "RECSYS_EVAL_INTERVAL_S": "1",
         "RECSYS_LABEL_WINDOW_S": "0",
+        "RECSYS_LOG_SETTLE_S": "0",  # `feed` writes every arm's rows at once: none is still arriving
     }
     settings = Settings.from_env(env)
     extra = {"RECSYS_BENTO_URLS": bento_urls, "RECSYS_FAULT_AFTER_TRAFFIC_WRITE": str(fault_flag)}

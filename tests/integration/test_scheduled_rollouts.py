@@ -56,6 +56,7 @@ def world(models, pg_url, pg_engine, redis_url, tmp_path):
         "MLFLOW_TRACKING_URI": models,
         "RECSYS_BENTO_URLS": ",".join(f"{v}={u}" for v, u in urls.items()),
         "RECSYS_LABEL_WINDOW_S": "0",
+        "RECSYS_LOG_SETTLE_S": "0",  # `feed` writes every arm's rows at once: none is still arriving
         "RECSYS_EVAL_INTERVAL_S": "1",
     }
     settings = Settings.from_env(env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 
@@ -172,6 +173,37 @@ def test_nothing_is_decided_while_a_bento_still_replays_rows_spilled_during_an_o
     assert ctx.router.get_weights()["canary"] == 10 and ctx.ledger.get(rollout.id).phase is Phase.PROGRESSING
     ctx.log_backlog.rows[2] = 0
     assert services.evaluate(ctx, tick=2)["action"] == "rollback"
+
+
+def arriving_step(ctx, seconds: float, per_s: int, late: dict[int, float]) -> None:
+    """`seconds` of the step's traffic split exactly by the weights; a version in `late` has its newest
+    `late[version]` seconds not yet in the log (its writer writes on its own clock)."""
+    weights, backends = ctx.router.get_weights(), ctx.router.get_backends()
+    cycle = [r for r, w in weights.items() for _ in range(w)]  # 100 requests in the weights' proportions
+    now, n = ctx.clock(), int(seconds * per_s)
+    rows = []
+    for i in range(n):
+        version = backends[cycle[i % 100]].version
+        ts = now - seconds + i / per_s
+        if ts < now - late.get(version, 0.0):
+            rows.append(served_row(uuid.uuid4().hex, ts, version, 0.7, 5.0, False))
+    with ctx.engine.begin() as conn:
+        conn.execute(insert(predictions), rows)
+
+
+@pytest.mark.parametrize("settle_s, halted", [(2.0, False), (0.0, True)])
+def test_a_step_is_judged_without_the_newest_rows_some_writers_have_not_written_yet(ctx, settle_s, halted):
+    ctx.settings = dataclasses.replace(ctx.settings, log_settle_s=settle_s)
+    rollout = services.start_canary(ctx, 3, FAST, actor="test")
+    ctx.clock.t = ctx.ledger.get(rollout.id).step_started_at + 4.0
+    # A four-second step: the baseline's writer has just written; the canary's and the control's
+    # newest 1.2 s are still on their way, as with a Bento writing once a second.
+    arriving_step(ctx, 4.0, 1000, late={3: 1.2, 1: 1.2})
+    result = services.evaluate(ctx, tick=1)
+    assert (result["action"] == "halt") is halted, result
+    assert ("sample-ratio mismatch" in result["reason"]) is halted
+    stats = ctx.ledger.decisions(rollout.id, limit=1)[0]["stats"]
+    assert stats["window_end"] == pytest.approx(ctx.clock() - settle_s)
 
 
 def test_a_backlog_of_a_version_without_a_role_does_not_hold_the_evaluation(ctx):
