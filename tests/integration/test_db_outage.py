@@ -147,13 +147,15 @@ def redis_url_module():
     client.close()
 
 
-def baseline_rows(engine, n: int, rng) -> None:
-    """What the baseline's Bento would have logged at 50 % (it is a fake here), slow, with labels."""
+def baseline_rows(engine, answers, rng) -> None:
+    """What the baseline's Bento would have logged at 50 % (it is a fake here): the twin of each of the
+    canary's `answers`, at the same moment (so that the windows, which stop short of now while the
+    newest rows arrive, count the two arms alike), slow, with labels."""
     now = time.time()
     rows = [
         {
             "request_id": f"base-{uuid.uuid4().hex}",
-            "ts": now - rng.random(),
+            "ts": a.t,
             "model_version": 1,
             "role": "baseline",
             "route": "weighted",
@@ -163,7 +165,7 @@ def baseline_rows(engine, n: int, rng) -> None:
             "latency_ms": 500 + rng.random(),
             "status": 200,
         }
-        for _ in range(n)
+        for a in answers
     ]
     with engine.begin() as conn:
         conn.execute(insert(predictions), rows)
@@ -195,7 +197,7 @@ def test_a_30_second_database_outage_under_load(world, database, monkeypatch):
     rollout = services.start_canary(ctx, 2, policy, actor="test")
     with steady_load(bento) as warmup:
         time.sleep(3)
-    baseline_rows(direct, len(warmup.answers), rng)
+    baseline_rows(direct, warmup.answers, rng)
     wait_for(lambda: canary_rows(direct) >= len(warmup.answers), 20, "warm-up rows")
     before = run_tick(monkeypatch, ctx)
     assert before["action"] == "hold", before
@@ -266,7 +268,7 @@ def test_a_30_second_database_outage_under_load(world, database, monkeypatch):
 
     # The control plane is ready again; the next tick records the outage's tick as "no data", then evaluates.
     assert app.get("/readyz").status_code == 200
-    baseline_rows(direct, len(traffic.answers), rng)  # the baseline's half of the same traffic
+    baseline_rows(direct, traffic.answers, rng)  # the baseline's half of the same traffic
     after = run_tick(monkeypatch, ctx)
     assert after is not None and after["action"] == "hold", after
     with direct.connect() as conn:
