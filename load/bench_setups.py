@@ -17,7 +17,15 @@ from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from load.bench_bento import VENV_BIN, free_port, model_dir, spawn_bento, stop_process, wait_ready
+from load.bench_bento import (
+    OWN_SESSION,
+    VENV_BIN,
+    free_port,
+    model_dir,
+    spawn_bento,
+    stop_process,
+    wait_ready,
+)
 
 # role -> training profile; the versions are registered in this order (control v1, baseline v2, canary v3).
 PROFILES = {"control": "control", "baseline": "baseline", "canary": "better"}
@@ -202,6 +210,7 @@ def spawn_traefik(
             env={**os.environ, **traefik_env(), **(env or {})},  # as the local stack runs it
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=OWN_SESSION,
         )
     stack.callback(stop_process, popen)
     return Proc(f"http://127.0.0.1:{port}", popen, log_path)
@@ -247,6 +256,7 @@ def spawn_peer(
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=OWN_SESSION,
         )  # fmt: skip
     stack.callback(stop_process, popen)
     return Proc(f"http://127.0.0.1:{port}", popen, log_path)
