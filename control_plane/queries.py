@@ -69,13 +69,16 @@ def _labelled_counts(conn: Connection, version: int, since: float, closed_before
     return int(row[0]), int(row[1])
 
 
-def settled_until(now: float, settle_s: float) -> float:
-    """Where a window's requests end: rows younger than `settle_s` may still be on their way to the log.
+def window_ends(now: float, settle_s: float, label_window_s: float) -> tuple[float, float]:
+    """Where a window's requests end, and where its labelled predictions end.
 
-    Each Bento's writer writes on its own clock, so the newest second or so holds some versions' rows
-    and not yet others'; counted, it would look like a sample-ratio mismatch.
+    Requests end `settle_s` short of now: each Bento's writer writes on its own clock, so the newest
+    second or so holds some versions' rows and not yet others', which counted would look like a
+    sample-ratio mismatch. Labelled predictions end there too, or earlier: where their label window
+    has closed.
     """
-    return now - max(settle_s, 0.0)
+    until = now - max(settle_s, 0.0)
+    return until, min(until, now - label_window_s)
 
 
 def window_counts(
@@ -88,13 +91,13 @@ def window_counts(
     settle_s: float = 0.0,
 ) -> dict[str, dict]:
     """Per role: requests, errors, labelled and correct over the window, as aggregates (cheap to scrape)."""
-    until = settled_until(now, settle_s)
+    until, labels_before = window_ends(now, settle_s, label_window_s)
     out = {}
     for role, version in versions.items():
         if version is None:
             continue
         requests, errors = _count_requests(conn, version, since, until)
-        labelled, correct = _labelled_counts(conn, version, since, min(until, now - label_window_s))
+        labelled, correct = _labelled_counts(conn, version, since, labels_before)
         out[role] = {
             "version": version,
             "requests": requests,
@@ -130,18 +133,16 @@ def arm_observation(
     *,
     since: float,
     step_since: float,
-    now: float,
-    label_window_s: float,
-    settle_s: float = 0.0,
+    until: float,
+    labels_before: float,
     max_latency_samples: int = 500_000,
 ) -> ArmObservation:
-    """One version's window up to its settled end: counts, latencies, and label metrics over closed label windows."""
+    """One version's window: counts and latencies up to `until`, label metrics up to `labels_before`."""
     if version is None:
         return ArmObservation(version=None, requests=0, errors=0, latencies_ms=(), labelled=0, correct=0)
-    until = settled_until(now, settle_s)
     requests, errors = _count_requests(conn, version, since, until)
     step_requests, _ = _count_requests(conn, version, max(step_since, since), until)
-    pairs = _labelled_pairs(conn, version, since, min(until, now - label_window_s))
+    pairs = _labelled_pairs(conn, version, since, labels_before)
     scores, y = pairs[:, 0], pairs[:, 1]
     correct = int(((scores >= 0.5) == (y == 1)).sum())
     return ArmObservation(
@@ -168,25 +169,16 @@ def read_observations(
     step_weights: Mapping[str, int],
     settle_s: float = 0.0,
 ) -> Observations:
-    """Every role's window up to its settled end (`settled_until`), as the decision function takes it."""
+    """Every role's window (its ends from `window_ends`), as the decision function takes it."""
+    until, labels_before = window_ends(now, settle_s, label_window_s)
     arms = {
         role: arm_observation(
-            conn,
-            version,
-            since=since,
-            step_since=step_since,
-            now=now,
-            label_window_s=label_window_s,
-            settle_s=settle_s,
+            conn, version, since=since, step_since=step_since, until=until, labels_before=labels_before
         )
         for role, version in versions.items()
     }
     return Observations(
-        now=now,
-        window_start=since,
-        arms=arms,
-        step_weights=dict(step_weights),
-        window_end=settled_until(now, settle_s),
+        now=now, window_start=since, window_end=until, arms=arms, step_weights=dict(step_weights)
     )
 
 

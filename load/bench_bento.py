@@ -101,13 +101,13 @@ def start_bento(stack: ExitStack, bento: str, env: dict[str, str], log_path: Pat
 
 
 # Every server and every wrk run of a benchmark starts in a session of its own. Where the kernel
-# groups tasks by session for scheduling (`sched_autogroup`, on here and in many distributions' kernels),
-# wrk sharing the benchmark's session competed task by task with every process of the setup it drove:
-# with the seven busy processes behind the gateway against two behind the peer, wrk itself waited longer to run,
-# and that wait is in every latency it measures. A client on another machine does not share the
-# servers' run queue; in a session of its own wrk is closer to that, alike for every setup. Two runs of
-# `/predict` c8, one after the other (docs/performance.md): the gateway's p99 9.4 -> 7.1 ms, the
-# two-worker peer's 6.7 -> 6.2 ms.
+# groups tasks by session for scheduling (`sched_autogroup`, on here and in many distributions'
+# kernels), wrk sharing the benchmark's session competed task by task with every process of the setup
+# it drove: with the seven busy processes behind the gateway against two behind the peer, wrk itself
+# waited longer to run, and that wait is in every latency it measures. A client on another machine
+# does not share the servers' run queue; in a session of its own wrk is closer to that, alike for
+# every setup. Two runs of `/predict` c8, one after the other (docs/performance.md): the gateway's p99
+# 9.4 -> 7.1 ms, the two-worker peer's 6.7 -> 6.2 ms.
 OWN_SESSION = True
 
 

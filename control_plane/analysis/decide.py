@@ -368,7 +368,7 @@ def _stats(
         "policy": policy.name,
         "cause": why.name.lower(),
         "window_start": obs.window_start,
-        "window_end": obs.now if obs.window_end is None else obs.window_end,
+        "window_end": obs.window_end,
         "elapsed_s": n["elapsed_s"],
         "step_elapsed_s": n["step_elapsed_s"],
         "samples": {

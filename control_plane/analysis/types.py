@@ -63,11 +63,9 @@ class Observations:
 
     now: float
     window_start: float
+    window_end: float  # where requests stop being counted: now less the log's settling
     arms: dict[str, ArmObservation]
     step_weights: dict[str, int]  # the weights in force since the current step began
-    window_end: float | None = (
-        None  # where requests stop being counted (now less the log's settling); None: now
-    )
 
 
 @dataclass(frozen=True)

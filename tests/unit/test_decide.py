@@ -61,7 +61,7 @@ def observations(
         "baseline": dataclasses.replace(baseline, step_requests=steps["baseline"]),
         "control": dataclasses.replace(arm(steps["control"], 0.7), step_requests=steps["control"]),
     }
-    return Observations(now=now, window_start=0.0, arms=arms, step_weights=weights)
+    return Observations(now=now, window_start=0.0, window_end=now, arms=arms, step_weights=weights)
 
 
 def state(
