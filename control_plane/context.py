@@ -51,10 +51,14 @@ def bootstrap(settings: Settings | None = None) -> Context:
 
     settings = settings or Settings.from_env()
     engine = make_engine(settings.database_url)
+    registry = MlflowRegistry(settings.mlflow_tracking_uri, settings.registered_model_name)
+    if settings.deployer == "kubernetes":
+        router, deployer = kubernetes_parts(settings)
+        return Context(settings=settings, engine=engine, registry=registry, router=router, deployer=deployer)
     return Context(
         settings=settings,
         engine=engine,
-        registry=MlflowRegistry(settings.mlflow_tracking_uri, settings.registered_model_name),
+        registry=registry,
         router=TraefikFileRouter(
             settings.traefik_dynamic_dir,
             control_plane_url=settings.effective_control_plane_url,
@@ -62,3 +66,30 @@ def bootstrap(settings: Settings | None = None) -> Context:
         ),
         deployer=FixedDeployer(settings.bento_urls) if settings.bento_urls else LocalDeployer(settings),
     )
+
+
+def kubernetes_parts(settings: Settings, clients=None) -> tuple[TrafficRouter, Deployer]:
+    """Traefik's CRD provider and a Deployment per version, with replica floors that follow the split."""
+    # Imported here: they pull in the optional [k8s] extra's client (control_plane/k8s_client.py says why).
+    from control_plane.deployer.k8s_objects import BentoShape
+    from control_plane.deployer.kubernetes import KubernetesDeployer
+    from control_plane.k8s_client import kube_clients
+    from control_plane.traffic.scaling_router import ScalingRouter
+    from control_plane.traffic.traefik_crd import TraefikCrdRouter
+
+    clients = clients or kube_clients()
+    shape = BentoShape(
+        namespace=settings.k8s_namespace,
+        image_repository=settings.k8s_bento_image,
+        autoscaler=settings.k8s_autoscaler,
+        min_replicas=settings.k8s_min_replicas,
+        max_replicas=settings.k8s_max_replicas,
+    )
+    deployer = KubernetesDeployer(clients, shape, ready_timeout_s=settings.k8s_ready_timeout_s)
+    router = ScalingRouter(
+        TraefikCrdRouter(clients, settings.k8s_namespace),
+        deployer,
+        min_replicas=settings.k8s_min_replicas,
+        max_replicas=settings.k8s_max_replicas,
+    )
+    return router, deployer

@@ -9,6 +9,10 @@ from pathlib import Path
 ROLES = ("baseline", "canary", "control")
 DEFAULT_WEIGHTS = {"baseline": 85, "canary": 10, "control": 5}
 TRAEFIK_ACCESS_LOG_MODES = ("problems", "all", "off")  # control_plane/traffic/static.py says what each logs
+# auto: supervisord processes, or fixed URLs when RECSYS_BENTO_URLS is set; kubernetes: a Deployment per
+# version and Traefik's CRD provider (docs/kubernetes.md).
+DEPLOYERS = ("auto", "kubernetes")
+K8S_AUTOSCALERS = ("hpa", "keda")
 
 
 def parse_weights(text: str) -> dict[str, int]:
@@ -91,6 +95,16 @@ class Settings:
     # all or off); control_plane/traffic/static.py says why each is the default.
     traefik_fast_proxy: bool = True
     traefik_access_log: str = "problems"
+    deployer: str = "auto"
+    # Kubernetes (RECSYS_DEPLOYER=kubernetes): the namespace everything lives in, the Bento images'
+    # repository (tag v<N>), what scales each version, how long a new version may take to be ready, and
+    # the replica bounds a version's floor is kept within (docs/kubernetes.md, "Autoscaling").
+    k8s_namespace: str = "recsys"
+    k8s_bento_image: str = "recsys-bento"
+    k8s_autoscaler: str = "hpa"
+    k8s_ready_timeout_s: float = 300.0
+    k8s_min_replicas: int = 2
+    k8s_max_replicas: int = 10
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -131,6 +145,15 @@ class Settings:
             traefik_fast_proxy=parse_switch(
                 "RECSYS_TRAEFIK_FAST_PROXY", env.get("RECSYS_TRAEFIK_FAST_PROXY", "on")
             ),
+            deployer=parse_choice("RECSYS_DEPLOYER", env.get("RECSYS_DEPLOYER", "auto"), DEPLOYERS),
+            k8s_namespace=env.get("RECSYS_K8S_NAMESPACE", "recsys"),
+            k8s_bento_image=env.get("RECSYS_K8S_BENTO_IMAGE", "recsys-bento"),
+            k8s_autoscaler=parse_choice(
+                "RECSYS_K8S_AUTOSCALER", env.get("RECSYS_K8S_AUTOSCALER", "hpa"), K8S_AUTOSCALERS
+            ),
+            k8s_ready_timeout_s=float(env.get("RECSYS_K8S_READY_TIMEOUT_S", 300.0)),
+            k8s_min_replicas=int(env.get("RECSYS_K8S_MIN_REPLICAS", 2)),
+            k8s_max_replicas=int(env.get("RECSYS_K8S_MAX_REPLICAS", 10)),
         )
 
     @property
