@@ -27,6 +27,7 @@ KINDS = {  # kind -> (API group, resource)
     "ScaledObject": ("keda.sh", "scaledobjects"),
     "IngressRoute": ("traefik.io", "ingressroutes"),
     "TraefikService": ("traefik.io", "traefikservices"),
+    "Middleware": ("traefik.io", "middlewares"),
 }
 
 

@@ -122,18 +122,25 @@ class KubernetesDeployer:
     # -- the scaler the ScalingRouter drives (control_plane/traffic/scaling_router.py) ----------------
 
     def ready_replicas(self, version: int) -> int:
-        status = self._status(version).status
+        """0 for a version without a Deployment (the seed routing may name one never deployed)."""
+        try:
+            status = self._status(version).status
+        except self.clients.error as exc:
+            if status_of(exc) != 404:
+                raise
+            return 0
         return (status.ready_replicas or 0) if status else 0
 
     def set_floor(self, version: int, replicas: int) -> None:
         """The autoscaler may not go below `replicas`, and the Deployment is raised to it now."""
         name = version_name(version)
-        if self.shape.autoscaler == "keda":
-            patch = {"spec": {"minReplicaCount": replicas}}
-            APIS[SCALED_OBJECT].call(self.clients, "patch", self.shape.namespace, name, patch)
-        else:
-            patch = {"spec": {"minReplicas": replicas}}
-            APIS[HPA].call(self.clients, "patch", self.shape.namespace, name, patch)
+        kind, field = (SCALED_OBJECT, "minReplicaCount") if self.shape.autoscaler == "keda" else (HPA, "minReplicas")
+        try:
+            APIS[kind].call(self.clients, "patch", self.shape.namespace, name, {"spec": {field: replicas}})
+        except self.clients.error as exc:
+            if status_of(exc) != 404:
+                raise
+            return  # not deployed (or removed meanwhile): nothing to hold up
         # The autoscaler would raise it on its next sync (15 s); a promotion waits for it, so do it now.
         if (self._status(version).spec.replicas or 0) < replicas:
             self.clients.apps.patch_namespaced_deployment_scale(
