@@ -9,12 +9,13 @@ Deployment's pods become ready one per status read (none for a version in `never
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from kubernetes.client import V1Deployment, V1DeploymentList
+from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from control_plane.k8s_client import MERGE_PATCH, KubeClients
@@ -29,6 +30,18 @@ KINDS = {  # kind -> (API group, resource)
     "TraefikService": ("traefik.io", "traefikservices"),
     "Middleware": ("traefik.io", "middlewares"),
 }
+
+
+class _Response:
+    """What the client deserializes a server's answer from."""
+
+    def __init__(self, body: Any):
+        self.data = json.dumps(body)
+
+
+def as_model(body: Any, type_name: str) -> Any:
+    """The client's own model object (V1Deployment, ...) for a body, as the real API call returns it."""
+    return ApiClient().deserialize(_Response(body), type_name)
 
 
 @dataclass(frozen=True)
@@ -135,7 +148,7 @@ class FakeCluster:
         if self.objects.pop((resource, name), None) is None:
             raise ApiException(status=404, reason=f"{resource} {name} not found")
 
-    def deployment_status(self, name: str) -> V1Deployment:
+    def deployment_status(self, name: str):
         """One more pod ready each time the status is read, up to spec.replicas."""
         body = self.read("apps", "deployments/status", name)
         version = int(body["metadata"]["labels"]["recsys.io/model-version"])
@@ -144,7 +157,7 @@ class FakeCluster:
         if version not in self.never_ready:
             status["readyReplicas"] = min(wanted, status.get("readyReplicas", 0) + 1)
         status["observedGeneration"] = body["metadata"]["generation"]
-        return V1Deployment.from_dict(body)
+        return as_model(body, "V1Deployment")
 
     def ready(self, version: int) -> int:
         return self.get("deployments", f"bento-v{version}").get("status", {}).get("readyReplicas", 0)
@@ -176,20 +189,20 @@ class _Apps(_Typed):
         super().__init__(cluster, "deployments")
         self.group = "apps"
 
-    def read_namespaced_deployment_status(self, name: str, namespace: str) -> V1Deployment:
+    def read_namespaced_deployment_status(self, name: str, namespace: str):
         return self.cluster.deployment_status(name)
 
     def patch_namespaced_deployment_scale(self, name, namespace, body, _content_type=None):
         return self.cluster.patch("apps", "deployments/scale", name, body, _content_type)
 
-    def list_namespaced_deployment(self, namespace: str, label_selector: str = "") -> V1DeploymentList:
+    def list_namespaced_deployment(self, namespace: str, label_selector: str = ""):
         self.cluster.record("apps", "deployments", "list")
         key, _, value = label_selector.partition("=")
         items = [
             body for (resource, _), body in sorted(self.cluster.objects.items())
             if resource == "deployments" and body["metadata"].get("labels", {}).get(key) == value
         ]  # fmt: skip
-        return V1DeploymentList.from_dict({"items": copy.deepcopy(items)})
+        return as_model({"items": items}, "V1DeploymentList")
 
 
 class _Custom:
@@ -202,7 +215,9 @@ class _Custom:
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
         return copy.deepcopy(self.cluster.read(group, plural, name))
 
-    def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body, _content_type=None):
+    def patch_namespaced_custom_object(
+        self, group, version, namespace, plural, name, body, _content_type=None
+    ):
         return copy.deepcopy(self.cluster.patch(group, plural, name, body, _content_type))
 
     def delete_namespaced_custom_object(self, group, version, namespace, plural, name):

@@ -134,7 +134,9 @@ class KubernetesDeployer:
     def set_floor(self, version: int, replicas: int) -> None:
         """The autoscaler may not go below `replicas`, and the Deployment is raised to it now."""
         name = version_name(version)
-        kind, field = (SCALED_OBJECT, "minReplicaCount") if self.shape.autoscaler == "keda" else (HPA, "minReplicas")
+        kind, field = (
+            (SCALED_OBJECT, "minReplicaCount") if self.shape.autoscaler == "keda" else (HPA, "minReplicas")
+        )
         try:
             APIS[kind].call(self.clients, "patch", self.shape.namespace, name, {"spec": {field: replicas}})
         except self.clients.error as exc:
@@ -170,7 +172,9 @@ class KubernetesDeployer:
     # -- helpers --------------------------------------------------------------------------------------
 
     def _status(self, version: int) -> Any:
-        return self.clients.apps.read_namespaced_deployment_status(version_name(version), self.shape.namespace)
+        return self.clients.apps.read_namespaced_deployment_status(
+            version_name(version), self.shape.namespace
+        )
 
     def _create_or_update(self, obj: KubeObject) -> None:
         api = APIS[obj.kind]

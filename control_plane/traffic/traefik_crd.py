@@ -52,7 +52,11 @@ class Mirror:
     percent: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.percent, bool) or not isinstance(self.percent, int) or not 0 <= self.percent <= 100:
+        if (
+            isinstance(self.percent, bool)
+            or not isinstance(self.percent, int)
+            or not 0 <= self.percent <= 100
+        ):
             raise ValueError(f"mirror percent must be an integer from 0 to 100, got {self.percent!r}")
 
 
@@ -105,9 +109,11 @@ class TraefikCrdRouter:
 
     def set_mirror(self, mirror: Mirror | None) -> None:
         """Copy `percent` of the gateway's requests to a version (answers discarded), or stop mirroring."""
-        mirrors = [] if mirror is None else [
-            {"name": version_name(mirror.version), "port": BENTO_PORT, "percent": mirror.percent}
-        ]
+        mirrors = (
+            []
+            if mirror is None
+            else [{"name": version_name(mirror.version), "port": BENTO_PORT, "percent": mirror.percent}]
+        )
         self._patch(TRAEFIK_SERVICES, MIRROR_SERVICE, {"spec": {"mirroring": {"mirrors": mirrors}}})
 
     def _write(self, update: Mapping[str, Backend | None], weights: dict[str, int] | None) -> None:
@@ -164,9 +170,7 @@ class TraefikCrdRouter:
             }
         except (KeyError, TypeError, ValueError) as exc:
             raise TrafficStateUnreadable(f"cannot read TraefikService {SPLIT_SERVICE}: {exc}") from exc
-        backends = {
-            role: Backend(version=v, url=version_url(self.namespace, v)) for role, v in roles.items()
-        }
+        backends = {role: Backend(version=v, url=version_url(self.namespace, v)) for role, v in roles.items()}
         weights = {role: split.get(version_name(roles[role]), 0) if role in roles else 0 for role in ROLES}
         return backends, weights
 

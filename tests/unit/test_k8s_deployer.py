@@ -24,7 +24,11 @@ class Clock:
 def make(cluster: FakeCluster, autoscaler: str = "hpa", timeout_s: float = 60) -> KubernetesDeployer:
     clock = Clock()
     return KubernetesDeployer(
-        cluster.clients(), BentoShape(autoscaler=autoscaler), ready_timeout_s=timeout_s, clock=clock, sleep=clock.sleep
+        cluster.clients(),
+        BentoShape(autoscaler=autoscaler),
+        ready_timeout_s=timeout_s,
+        clock=clock,
+        sleep=clock.sleep,
     )
 
 
@@ -115,3 +119,48 @@ def test_the_objects_are_created_in_the_order_they_are_listed():
     assert [o.kind for o in version_objects(4, BentoShape())] == [
         "Service", "Deployment", "PodDisruptionBudget", "HorizontalPodAutoscaler", "IngressRoute",
     ]  # fmt: skip
+
+
+def test_every_call_the_fake_answers_exists_on_the_real_client_with_the_same_arguments(tmp_path):
+    """The fake stands in for kubernetes.client: each method the code called must be the real one's."""
+    import inspect
+
+    from kubernetes import client
+
+    real = {
+        "apps": client.AppsV1Api, "core": client.CoreV1Api, "policy": client.PolicyV1Api,
+        "autoscaling": client.AutoscalingV2Api, "custom": client.CustomObjectsApi,
+    }  # fmt: skip
+    called = {
+        ("apps", "create_namespaced_deployment", ("namespace", "body")),
+        ("apps", "patch_namespaced_deployment", ("name", "namespace", "body")),
+        ("apps", "delete_namespaced_deployment", ("name", "namespace")),
+        ("apps", "list_namespaced_deployment", ("namespace",)),
+        ("apps", "read_namespaced_deployment_status", ("name", "namespace")),
+        ("apps", "patch_namespaced_deployment_scale", ("name", "namespace", "body")),
+        ("core", "create_namespaced_service", ("namespace", "body")),
+        ("core", "patch_namespaced_service", ("name", "namespace", "body")),
+        ("core", "delete_namespaced_service", ("name", "namespace")),
+        ("policy", "create_namespaced_pod_disruption_budget", ("namespace", "body")),
+        ("policy", "patch_namespaced_pod_disruption_budget", ("name", "namespace", "body")),
+        ("policy", "delete_namespaced_pod_disruption_budget", ("name", "namespace")),
+        ("autoscaling", "create_namespaced_horizontal_pod_autoscaler", ("namespace", "body")),
+        ("autoscaling", "patch_namespaced_horizontal_pod_autoscaler", ("name", "namespace", "body")),
+        ("autoscaling", "delete_namespaced_horizontal_pod_autoscaler", ("name", "namespace")),
+        ("custom", "create_namespaced_custom_object", ("group", "version", "namespace", "plural", "body")),
+        ("custom", "get_namespaced_custom_object", ("group", "version", "namespace", "plural", "name")),
+        (
+            "custom",
+            "patch_namespaced_custom_object",
+            ("group", "version", "namespace", "plural", "name", "body"),
+        ),
+        ("custom", "delete_namespaced_custom_object", ("group", "version", "namespace", "plural", "name")),
+    }
+    for api, method, params in called:
+        signature = inspect.signature(getattr(real[api], method))
+        positional = tuple(p for p in signature.parameters if p not in ("self", "kwargs"))
+        assert positional == params, f"{api}.{method}{signature}"
+        # The real client takes the content type the code forces on every patch.
+        if method.startswith("patch"):
+            source = inspect.getsource(getattr(real[api], f"{method}_with_http_info"))
+            assert "'_content_type'" in source, method

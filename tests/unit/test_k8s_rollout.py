@@ -33,7 +33,11 @@ def k8s_context(tmp_path, cluster: FakeCluster, autoscaler: str = "hpa") -> Cont
     registry.set_alias("control", 1)
     registry.set_alias("baseline", 2)
     settings = Settings(
-        state_dir=tmp_path, database_url=url, label_window_s=0, deployer="kubernetes", k8s_autoscaler=autoscaler
+        state_dir=tmp_path,
+        database_url=url,
+        label_window_s=0,
+        deployer="kubernetes",
+        k8s_autoscaler=autoscaler,
     )
     router, deployer = kubernetes_parts(settings, clients=cluster.clients())
     deployer.sleep = lambda s: None
@@ -145,8 +149,16 @@ def test_a_promotion_waits_for_the_new_baseline_to_be_ready_before_it_takes_the_
         if c.resource == "traefikservices" and c.verb == "patch"
         and [s["name"] for s in c.body["spec"]["weighted"]["services"]] == ["bento-v3", "bento-v1"]
     )  # fmt: skip
-    scaled = next(i for i, c in enumerate(cluster.calls) if c.resource == "deployments/scale" and c.body["spec"]["replicas"] == 10)
-    reads = [c for c in cluster.calls[scaled:promotion] if c.resource == "deployments/status" and c.name == "bento-v3"]
+    scaled = next(
+        i
+        for i, c in enumerate(cluster.calls)
+        if c.resource == "deployments/scale" and c.body["spec"]["replicas"] == 10
+    )
+    reads = [
+        c
+        for c in cluster.calls[scaled:promotion]
+        if c.resource == "deployments/status" and c.name == "bento-v3"
+    ]
     assert scaled < promotion
     assert len(reads) == 10 - 6, "polled until all 10 were ready (the fake readies one pod a read, from 6)"
     assert cluster.ready(3) == 10

@@ -38,7 +38,10 @@ def router(cluster):
 
 
 def split_of(cluster) -> list[tuple[str, int]]:
-    return [(s["name"], s["weight"]) for s in cluster.get("traefikservices", "recsys-split")["spec"]["weighted"]["services"]]
+    return [
+        (s["name"], s["weight"])
+        for s in cluster.get("traefikservices", "recsys-split")["spec"]["weighted"]["services"]
+    ]
 
 
 def test_the_shipped_seed_reads_as_its_roles_and_weights(router):

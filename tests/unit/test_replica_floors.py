@@ -51,6 +51,7 @@ def test_shares_are_per_version_whatever_role_holds_it():
     assert shares_by_version(backends, {"baseline": 95, "canary": 0, "control": 5}) == {3: 95, 1: 5}
 
 
+# fmt: off
 @pytest.mark.parametrize(
     "before, after, fleet, canary, plan",
     [
@@ -96,6 +97,7 @@ def test_shares_are_per_version_whatever_role_holds_it():
         ),
     ],
 )
+# fmt: on
 def test_floors_are_raised_before_a_share_grows_and_lowered_after_it_shrinks(before, after, fleet, canary, plan):
     canary_before, canary_after = canary
     got = plan_floors(

@@ -71,8 +71,17 @@ def traefik(work: Path) -> dict:
     run("npm", "pack", f"{TRAEFIK_PACKAGE[0]}@{TRAEFIK_PACKAGE[1]}", cwd=work)
     tarball = next(work.glob("kubernetes-models-traefik-*.tgz"))
     (work / "tsconfig.json").write_text(
-        json.dumps({"compilerOptions": {"module": "nodenext", "moduleResolution": "nodenext", "strict": True,
-                                        "skipLibCheck": True}, "files": ["entry.ts"]})  # fmt: skip
+        json.dumps(
+            {
+                "compilerOptions": {
+                    "module": "nodenext",
+                    "moduleResolution": "nodenext",
+                    "strict": True,
+                    "skipLibCheck": True,
+                },
+                "files": ["entry.ts"],
+            }
+        )  # fmt: skip
     )
     for kind, module in TRAEFIK_KINDS.items():
         (work / "entry.ts").write_text(
@@ -83,7 +92,9 @@ def traefik(work: Path) -> dict:
             "tsconfig.json", "--no-type-check", "--expose", "export", "-o", str(out), cwd=work)  # fmt: skip
         schema = json.loads(out.read_text())
         schema["title"] = f"traefik.io/v1alpha1 {kind}"
-        schema_file("traefik.io/v1alpha1", kind).write_text(json.dumps(schema, indent=1, sort_keys=True) + "\n")
+        schema_file("traefik.io/v1alpha1", kind).write_text(
+            json.dumps(schema, indent=1, sort_keys=True) + "\n"
+        )
     return {
         "kinds": [f"traefik.io/v1alpha1 {kind}" for kind in TRAEFIK_KINDS],
         "registry": "npm",
@@ -105,12 +116,22 @@ def keda(work: Path) -> dict:
     venv = work / "venv"
     run(sys.executable, "-m", "venv", str(venv), cwd=work)
     pip = str(venv / "bin" / "pip")
-    run(pip, "download", "--no-deps", "-d", str(work / "wheel"), f"{KEDA_PACKAGE[0]}=={KEDA_PACKAGE[1]}", cwd=work)
+    run(
+        pip,
+        "download",
+        "--no-deps",
+        "-d",
+        str(work / "wheel"),
+        f"{KEDA_PACKAGE[0]}=={KEDA_PACKAGE[1]}",
+        cwd=work,
+    )
     run(pip, "install", f"{KEDA_PACKAGE[0]}=={KEDA_PACKAGE[1]}", cwd=work)
     schema = close_objects(json.loads(run(str(venv / "bin" / "python"), "-c", DUMP_KEDA, cwd=work)))
     schema["$schema"] = "http://json-schema.org/draft-07/schema#"
     schema["title"] = "keda.sh/v1alpha1 ScaledObject"
-    schema_file("keda.sh/v1alpha1", "ScaledObject").write_text(json.dumps(schema, indent=1, sort_keys=True) + "\n")
+    schema_file("keda.sh/v1alpha1", "ScaledObject").write_text(
+        json.dumps(schema, indent=1, sort_keys=True) + "\n"
+    )
     return {
         "kinds": ["keda.sh/v1alpha1 ScaledObject"],
         "registry": "PyPI",
