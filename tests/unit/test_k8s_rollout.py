@@ -203,3 +203,49 @@ def test_the_role_grants_exactly_the_calls_the_control_plane_makes(tmp_path):
         used |= {c.permission for c in cluster.calls}
         ctx.engine.dispose()
     assert role_permissions() == used
+
+
+def test_settings_choose_the_kubernetes_deployer_and_the_crd_router(tmp_path, monkeypatch):
+    from control_plane import context, k8s_client
+    from control_plane.deployer.kubernetes import KubernetesDeployer
+    from control_plane.traffic.scaling_router import ScalingRouter
+    from control_plane.traffic.traefik_crd import TraefikCrdRouter
+
+    cluster = FakeCluster(namespace="models")
+    monkeypatch.setattr(k8s_client, "kube_clients", cluster.clients)
+    settings = Settings.from_env(
+        {
+            "RECSYS_STATE_DIR": str(tmp_path),
+            "RECSYS_DEPLOYER": "kubernetes",
+            "RECSYS_K8S_NAMESPACE": "models",
+            "RECSYS_K8S_AUTOSCALER": "keda",
+            "RECSYS_K8S_MIN_REPLICAS": "3",
+        }
+    )
+    ctx = context.bootstrap(settings)
+    assert isinstance(ctx.deployer, KubernetesDeployer) and isinstance(ctx.router, ScalingRouter)
+    assert isinstance(ctx.router.inner, TraefikCrdRouter) and ctx.router.inner.namespace == "models"
+    assert (ctx.deployer.shape.autoscaler, ctx.deployer.shape.min_replicas, ctx.router.min_replicas) == (
+        "keda",
+        3,
+        3,
+    )
+    ctx.engine.dispose()
+
+
+def test_an_unknown_deployer_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="RECSYS_DEPLOYER='k8s': expected one of auto, kubernetes"):
+        Settings.from_env({"RECSYS_DEPLOYER": "k8s"})
+
+
+def test_no_other_process_imports_the_kubernetes_client():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, control_plane.cli, control_plane.context, control_plane.web.app, control_plane.jobs;"
+        "import control_plane.deployer.kubernetes, control_plane.traffic.traefik_crd;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
