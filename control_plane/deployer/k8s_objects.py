@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from control_plane.traffic.traefik_file import (
     BODY_LIMIT_MIDDLEWARE,
     PREDICTION_PATHS_RULE,
@@ -268,8 +270,6 @@ _AUTOSCALER_KINDS = (HPA, SCALED_OBJECT)
 
 def manifest_text(shape: BentoShape, versions=SEED_VERSIONS, autoscalers: bool = False) -> str:
     """YAML of the versions' objects: all but the autoscalers (base), or only the autoscalers (overlays)."""
-    import yaml  # only the renderer and its test need it
-
     docs = [
         obj.body
         for v in versions
