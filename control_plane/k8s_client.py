@@ -24,18 +24,21 @@ class KubeClients:
     error: type[Exception]  # kubernetes.client.exceptions.ApiException (it has .status)
 
 
-def kube_clients() -> KubeClients:
-    """In-cluster credentials (the control plane's ServiceAccount), else the local kubeconfig."""
+def kube_clients(host: str | None = None) -> KubeClients:
+    """In-cluster credentials (the control plane's ServiceAccount), else the local kubeconfig; or `host`."""
     # Imported here and not at the top: the client is the optional [k8s] extra, needed only by a control
     # plane that runs on Kubernetes, and importing it costs every other process about half a second.
     from kubernetes import client, config
     from kubernetes.client.exceptions import ApiException
 
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    api = client.ApiClient()
+    if host is not None:  # an API server without credentials (the tests' fake)
+        api = client.ApiClient(client.Configuration(host=host))
+    else:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        api = client.ApiClient()
     return KubeClients(
         apps=client.AppsV1Api(api),
         core=client.CoreV1Api(api),

@@ -148,7 +148,7 @@ class FakeCluster:
         if self.objects.pop((resource, name), None) is None:
             raise ApiException(status=404, reason=f"{resource} {name} not found")
 
-    def deployment_status(self, name: str):
+    def deployment_status(self, name: str) -> dict:
         """One more pod ready each time the status is read, up to spec.replicas."""
         body = self.read("apps", "deployments/status", name)
         version = int(body["metadata"]["labels"]["recsys.io/model-version"])
@@ -157,7 +157,15 @@ class FakeCluster:
         if version not in self.never_ready:
             status["readyReplicas"] = min(wanted, status.get("readyReplicas", 0) + 1)
         status["observedGeneration"] = body["metadata"]["generation"]
-        return as_model(body, "V1Deployment")
+        return copy.deepcopy(body)
+
+    def list_deployments(self, label_selector: str) -> list[dict]:
+        self.record("apps", "deployments", "list")
+        key, _, value = label_selector.partition("=")
+        return [
+            copy.deepcopy(body) for (resource, _), body in sorted(self.objects.items())
+            if resource == "deployments" and body["metadata"].get("labels", {}).get(key) == value
+        ]  # fmt: skip
 
     def ready(self, version: int) -> int:
         return self.get("deployments", f"bento-v{version}").get("status", {}).get("readyReplicas", 0)
@@ -190,19 +198,13 @@ class _Apps(_Typed):
         self.group = "apps"
 
     def read_namespaced_deployment_status(self, name: str, namespace: str):
-        return self.cluster.deployment_status(name)
+        return as_model(self.cluster.deployment_status(name), "V1Deployment")
 
     def patch_namespaced_deployment_scale(self, name, namespace, body, _content_type=None):
         return self.cluster.patch("apps", "deployments/scale", name, body, _content_type)
 
     def list_namespaced_deployment(self, namespace: str, label_selector: str = ""):
-        self.cluster.record("apps", "deployments", "list")
-        key, _, value = label_selector.partition("=")
-        items = [
-            body for (resource, _), body in sorted(self.cluster.objects.items())
-            if resource == "deployments" and body["metadata"].get("labels", {}).get(key) == value
-        ]  # fmt: skip
-        return as_model({"items": items}, "V1DeploymentList")
+        return as_model({"items": self.cluster.list_deployments(label_selector)}, "V1DeploymentList")
 
 
 class _Custom:
