@@ -123,6 +123,8 @@ def deployment(version: int, shape: BentoShape) -> dict[str, Any]:
                                 },
                                 {"name": "BENTOML_DO_NOT_TRACK", "value": "true"},
                                 {"name": "RECSYS_SPILL_DIR", "value": "/var/lib/recsys/spill"},
+                                # Under BENTOML_HOME by default, which the read-only root cannot hold.
+                                {"name": "RECSYS_PROMETHEUS_DIR", "value": "/tmp/prometheus"},
                             ],
                             "readinessProbe": probe,
                             "livenessProbe": {
