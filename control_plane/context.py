@@ -70,7 +70,8 @@ def bootstrap(settings: Settings | None = None) -> Context:
 
 def kubernetes_parts(settings: Settings, clients=None) -> tuple[TrafficRouter, Deployer]:
     """Traefik's CRD provider and a Deployment per version, with replica floors that follow the split."""
-    # Imported here: they pull in the optional [k8s] extra's client (control_plane/k8s_client.py says why).
+    # Imported when chosen, like the parts above; the client itself only inside kube_clients (the optional
+    # [k8s] extra: control_plane/k8s_client.py says why).
     from control_plane.deployer.k8s_objects import BentoShape
     from control_plane.deployer.kubernetes import KubernetesDeployer
     from control_plane.k8s_client import kube_clients
@@ -85,9 +86,15 @@ def kubernetes_parts(settings: Settings, clients=None) -> tuple[TrafficRouter, D
         min_replicas=settings.k8s_min_replicas,
         max_replicas=settings.k8s_max_replicas,
     )
-    deployer = KubernetesDeployer(clients, shape, ready_timeout_s=settings.k8s_ready_timeout_s)
+    crd_router = TraefikCrdRouter(clients, settings.k8s_namespace)
+    deployer = KubernetesDeployer(
+        clients,
+        shape,
+        ready_timeout_s=settings.k8s_ready_timeout_s,
+        before_undeploy=crd_router.release,  # no mirror is left naming a removed version
+    )
     router = ScalingRouter(
-        TraefikCrdRouter(clients, settings.k8s_namespace),
+        crd_router,
         deployer,
         min_replicas=settings.k8s_min_replicas,
         max_replicas=settings.k8s_max_replicas,

@@ -82,8 +82,10 @@ class KubernetesDeployer:
         poll_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        before_undeploy: Callable[[int], None] = lambda version: None,
     ):
         self.clients = clients
+        self.before_undeploy = before_undeploy  # e.g. the router letting go of the version first
         self.shape = shape
         self.ready_timeout_s = ready_timeout_s
         self.poll_s = poll_s
@@ -105,6 +107,7 @@ class KubernetesDeployer:
 
     def undeploy(self, version: int) -> None:
         """Remove what deploy created, the route first so that no request is sent to a going pod."""
+        self.before_undeploy(version)
         for obj in reversed(version_objects(version, self.shape)):
             try:
                 APIS[obj.kind].call(self.clients, "delete", self.shape.namespace, obj.name)

@@ -116,6 +116,16 @@ class TraefikCrdRouter:
         )
         self._patch(TRAEFIK_SERVICES, MIRROR_SERVICE, {"spec": {"mirroring": {"mirrors": mirrors}}})
 
+    def release(self, version: int) -> None:
+        """Stop mirroring to `version` if the mirror names it: a mirror naming a removed Service would
+        take the gateway's route (which passes through the mirroring service) down with it."""
+        try:
+            mirror = self.get_mirror()
+        except TrafficStateUnreadable:
+            return  # no mirroring service, so nothing mirrors to it
+        if mirror is not None and mirror.version == version:
+            self.set_mirror(None)
+
     def _write(self, update: Mapping[str, Backend | None], weights: dict[str, int] | None) -> None:
         for _ in range(WRITE_ATTEMPTS):
             found = self._get(TRAEFIK_SERVICES, SPLIT_SERVICE)

@@ -81,7 +81,9 @@ def write_log(cluster: FakeCluster) -> list[tuple]:
     """Every write, compactly: what the split and the floors were set to, what was created or removed."""
     out = []
     for c in cluster.writes():
-        if c.resource == "traefikservices":
+        if c.resource == "traefikservices" and c.name == "recsys-mirror":
+            out.append(("mirror", [m["name"] for m in c.body["spec"]["mirroring"]["mirrors"]]))
+        elif c.resource == "traefikservices":
             split = {s["name"]: s["weight"] for s in c.body["spec"]["weighted"]["services"]}
             out.append(("split", split))
         elif c.resource in ("horizontalpodautoscalers", "scaledobjects") and c.verb == "patch":
@@ -249,3 +251,12 @@ def test_no_other_process_imports_the_kubernetes_client():
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_mirror_to_a_rolled_back_canary_is_stopped_before_its_service_goes(ctx, cluster):
+    rollout = services.start_canary(ctx, 4, FAST_POLICY, actor="test")
+    ctx.router.inner.set_mirror(Mirror(version=4, percent=10))
+    drive(ctx, rollout.id, accuracy={1: 0.75, 2: 0.80, 4: 0.50})
+    log = write_log(cluster)
+    assert log.index(("mirror", [])) < log.index(("delete", "services", "bento-v4"))
+    assert ctx.router.inner.get_mirror() is None

@@ -141,3 +141,12 @@ def test_a_mirror_share_must_be_a_percentage(percent):
 def test_a_namespace_without_the_gateway_says_what_to_apply():
     with pytest.raises(TrafficStateUnreadable, match="traefikservices recsys/recsys-split does not exist"):
         TraefikCrdRouter(FakeCluster().clients(), NS).get_weights()
+
+
+def test_releasing_a_version_stops_a_mirror_to_it_and_leaves_any_other(router, cluster):
+    router.set_mirror(Mirror(version=4, percent=20))
+    router.release(3)
+    assert router.get_mirror() == Mirror(4, 20)
+    router.release(4)
+    assert router.get_mirror() is None
+    TraefikCrdRouter(FakeCluster().clients(), NS).release(4)  # no mirroring service: nothing to do
