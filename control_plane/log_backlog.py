@@ -49,14 +49,19 @@ class HttpLogBacklog:
     def __init__(self, timeout_s: float = 1.0):
         self.timeout_s = timeout_s
 
+    def state(self, url: str) -> dict:
+        """The Bento's GET /predlog: its log writer's counters and gauges (bentos/predlog.py: WriterStats)."""
+        with urllib.request.urlopen(f"{url.rstrip('/')}{LOG_STATE_PATH}", timeout=self.timeout_s) as resp:
+            state = json.loads(resp.read())
+        if not isinstance(state, dict):
+            raise ValueError("not a prediction log state")
+        return state
+
     def waiting(self, endpoints: Mapping[int, str]) -> list[Backlog]:
         out = []
         for version, url in sorted(endpoints.items()):
             try:
-                with urllib.request.urlopen(
-                    f"{url.rstrip('/')}{LOG_STATE_PATH}", timeout=self.timeout_s
-                ) as resp:
-                    state = json.loads(resp.read())
+                state = self.state(url)
                 rows, size = int(state["spill_rows"]), int(state["spill_bytes"])
             except (OSError, ValueError, KeyError, TypeError) as exc:  # unreachable, an error, not a Bento
                 log.info("no log backlog read from version %s (%s)", version, exc.__class__.__name__)
