@@ -78,6 +78,9 @@ class WriterStats:
     spill_rows: int = 0  # rows this process spilled that no one has replayed yet
     db_up: bool = True
     disk_ok: bool = True  # False while the last spill failed (ENOSPC, EIO)
+    # False when no writer can write or replay the rows (a writer process that keeps dying): its spill
+    # files wait for the next writer, and the control plane does not wait for them (log_backlog.py)
+    writer_alive: bool = True
 
 
 def default_engine_factory(url: str) -> Callable[[], Engine]:
@@ -417,7 +420,16 @@ class PredictionLogWriter(_WriterBase):
             spill_rows=sum(self._own_files.values()),
             db_up=not self._db_down,
             disk_ok=not self._disk_failing,
+            writer_alive=self._thread is None or self._thread.is_alive(),
         )
+
+    def refresh_spill_state(self) -> None:
+        """Forget this writer's spill files that another writer has replayed, and measure the directory
+        again: for a writer that spills but never replays (the Bento's side of ProcessLogWriter), whose
+        counts would otherwise report a backlog for ever."""
+        self._forget_vanished_files()
+        with contextlib.suppress(OSError):
+            self._refresh_spill_size()
 
     # ---- the writer thread -------------------------------------------------------------------
 

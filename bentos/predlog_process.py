@@ -257,6 +257,7 @@ class ProcessLogWriter(_WriterBase):
     def stats(self) -> WriterStats:
         with self._stats_lock:
             child, ended = self._child_stats, dict(self._ended_children)
+        self._fallback.refresh_spill_state()  # the child replays the files spilled here
         own = self._fallback.stats()
         counters = {n: ended[n] + getattr(child, n) + getattr(own, n) for n in _COUNTERS}
         return dataclasses.replace(
@@ -265,6 +266,8 @@ class ProcessLogWriter(_WriterBase):
             spill_rows=child.spill_rows + own.spill_rows,
             spill_bytes=max(child.spill_bytes, own.spill_bytes),  # both measure the same directory
             disk_ok=child.disk_ok and own.disk_ok,
+            # A child that keeps dying (restarted at the longest interval) replays nothing.
+            writer_alive=self._child is not None or self._restart_delay < MAX_RESTART_INTERVAL_S,
             **counters,
         )
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bentos import predlog_process
 from bentos.predlog import PredictionLogWriter, row_dict
 from bentos.predlog_process import ProcessLogWriter
 from tests.full_disk import FullDisk
@@ -259,3 +260,47 @@ def test_a_write_cut_short_by_a_full_disk_leaves_only_whole_lines_for_the_next_p
     wait_until(lambda: db.count() == 9)
     again.close()
     assert again.stats().rows_corrupt == 0
+
+
+def test_rows_the_bento_spilled_stop_counting_as_a_backlog_once_a_writer_replays_them(db, tmp_path):
+    """The Bento's side never replays: it must still notice that the writer process did."""
+    w = ProcessLogWriter(
+        "sqlite://",
+        tmp_path / "spill",
+        flush_interval_s=0.02,
+        restart_interval_s=60,
+        child_command=[sys.executable, "-c", "pass"],  # exits at once: the rows are spilled here
+    ).start()
+    try:
+        for i in range(5):
+            w.log(row(i))
+        wait_until(lambda: w.stats().rows_spilled == 5)
+        assert w.stats().spill_rows == 5 and w.stats().spill_bytes > 0
+        replayer = PredictionLogWriter(db.engine, tmp_path / "spill", flush_interval_s=0.02).start()
+        wait_until(lambda: db.count() == 5)
+        replayer.close()
+        s = w.stats()
+        assert s.spill_rows == 0 and s.spill_bytes == 0, s
+    finally:
+        w.close()
+
+
+def test_a_writer_process_that_keeps_dying_reports_no_writer_alive(tmp_path, monkeypatch):
+    monkeypatch.setattr(predlog_process, "MAX_RESTART_INTERVAL_S", 0.3)
+    w = ProcessLogWriter(
+        "sqlite://",
+        tmp_path / "spill",
+        flush_interval_s=0.01,
+        restart_interval_s=0.01,
+        child_command=["false"],
+    )
+    w.start()
+    try:
+        assert w.stats().writer_alive
+        deadline = time.monotonic() + 20
+        while w.stats().writer_alive and time.monotonic() < deadline:
+            w.log(row(1))  # each row makes the sender find the child dead and start another
+            time.sleep(0.01)
+        assert not w.stats().writer_alive, "the restart interval reached its longest"
+    finally:
+        w.close()
