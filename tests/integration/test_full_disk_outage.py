@@ -93,6 +93,20 @@ def bento_processes(w) -> set[int]:
     return {root.pid, *(p.pid for p in root.children(recursive=True))}
 
 
+def worker_and_writer(w) -> tuple[psutil.Process, psutil.Process]:
+    """The Bento's worker (a child of `bentoml serve`) and its writer process (the worker's child)."""
+    (worker,) = psutil.Process(w.proc.pid).children()
+    (writer,) = [p for p in worker.children() if "bentos.predlog_process" in " ".join(p.cmdline())]
+    return worker, writer
+
+
+def alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def ready(url: str) -> bool:
     try:
         return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
@@ -214,21 +228,13 @@ def missing_after(w, direct, prefix: str, answers: list[Answer]) -> set[str]:
 
 def test_a_sigkill_of_the_bento_s_worker_loses_at_most_the_rows_of_its_last_flush_interval(world, direct):
     w, _ = world
-    (worker,) = [
-        p for p in psutil.Process(w.proc.pid).children() if "predlog_process" not in " ".join(p.cmdline())
-    ]
-    writer = [p for p in worker.children() if "bentos.predlog_process" in " ".join(p.cmdline())]
-    assert len(writer) == 1, "the worker's writer process"
+    worker, writer = worker_and_writer(w)
 
     with steady_load(w.bento, RATE_PER_S, "kill-worker") as traffic:
         time.sleep(4)
         killed_at = time.time()
         worker.send_signal(signal.SIGKILL)
-        wait_for(
-            lambda: not writer[0].is_running() or writer[0].status() == psutil.STATUS_ZOMBIE,
-            30,
-            "the writer drained and gone",
-        )
+        wait_for(lambda: not alive(writer), 30, "the writer drained and gone")
         wait_for(lambda: ready(w.bento), 120, "a new worker ready", every_s=1)
         time.sleep(2)
     missing = missing_after(w, direct, "kill-worker", traffic.answers)
@@ -237,32 +243,52 @@ def test_a_sigkill_of_the_bento_s_worker_loses_at_most_the_rows_of_its_last_flus
     # only rows answered just before the kill (the new worker's own are all there)
     assert all(-SCHEDULING_SLACK_S <= age <= FLUSH_S + SCHEDULING_SLACK_S for age in ages), ages
     print(
-        f"\nworker SIGKILL at {RATE_PER_S}/s: {len(missing)} of {len(by_id)} answered rows lost"
+        f"\nworker SIGKILL at {RATE_PER_S}/s: {len(missing)} of "
+        f"{sum(1 for a in traffic.answers if a.status == 200)} answered rows lost"
         + (f", answered {min(ages):.2f}-{max(ages):.2f} s before the kill" if ages else "")
     )
 
 
-def test_a_sigkill_of_the_bento_s_whole_process_group_loses_at_most_its_last_flush_and_write_intervals(
+def test_a_sigkill_of_the_worker_s_whole_process_group_loses_at_most_its_last_flush_and_write_intervals(
     world, direct
 ):
+    """The worker and its writer process together (BentoML starts each worker in a session of its own)."""
     w, _ = world
-
-    def kill_group():
-        os.killpg(w.proc.pid, signal.SIGKILL)
-        w.proc.wait()
+    worker, writer = worker_and_writer(w)
+    assert os.getpgid(writer.pid) == os.getpgid(worker.pid) == worker.pid
 
     with steady_load(w.bento, RATE_PER_S, "kill-group") as traffic:
         time.sleep(4)
         killed_at = time.time()
-        kill_group()
-        time.sleep(1)
-    w.serve()  # a supervisor's restart; its writer replays whatever spill files were left
+        os.killpg(worker.pid, signal.SIGKILL)
+        wait_for(lambda: not alive(writer), 30, "the writer process killed too")
+        wait_for(lambda: ready(w.bento), 120, "a new worker ready", every_s=1)
+        time.sleep(2)
     missing = missing_after(w, direct, "kill-group", traffic.answers)
     by_id = {a.request_id: a for a in traffic.answers}
     ages = sorted(killed_at - by_id[r].t for r in missing)
     assert all(-SCHEDULING_SLACK_S <= age <= FLUSH_S + WRITE_S + SCHEDULING_SLACK_S for age in ages), ages
     print(
-        f"\nprocess-group SIGKILL at {RATE_PER_S}/s: {len(missing)} of "
+        f"\nworker process-group SIGKILL at {RATE_PER_S}/s: {len(missing)} of "
         f"{sum(1 for a in traffic.answers if a.status == 200)} answered rows lost"
         + (f", answered {min(ages):.2f}-{max(ages):.2f} s before the kill" if ages else "")
+    )
+
+
+def test_a_sigkill_of_bentoml_serve_ends_its_worker_gracefully_and_loses_no_row(world, direct):
+    """The server's own group (supervisord's killasgroup): the worker gets SIGTERM as its parent dies, and
+    its writer process drains everything it holds."""
+    w, _ = world
+    _, writer = worker_and_writer(w)
+    with steady_load(w.bento, RATE_PER_S, "kill-serve") as traffic:
+        time.sleep(4)
+        os.killpg(w.proc.pid, signal.SIGKILL)
+        w.proc.wait()
+        wait_for(lambda: not alive(writer), 30, "the writer process drained and gone")
+    w.serve()  # a supervisor's restart
+    missing = missing_after(w, direct, "kill-serve", traffic.answers)
+    assert missing == set()
+    print(
+        f"\nbentoml serve SIGKILL at {RATE_PER_S}/s: 0 of "
+        f"{sum(1 for a in traffic.answers if a.status == 200)} answered rows lost"
     )

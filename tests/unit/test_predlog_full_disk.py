@@ -8,8 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from bentos import predlog_process
 from bentos.predlog import PredictionLogWriter, row_dict
 from bentos.predlog_process import ProcessLogWriter
@@ -17,14 +15,18 @@ from tests.full_disk import FullDisk
 from tests.unit.test_predlog import BreakableDatabase, row, spill_lines, wait_until, writer
 
 
-@pytest.fixture
-def db(tmp_path) -> BreakableDatabase:
-    return BreakableDatabase(tmp_path / "recsys.db")
-
-
-@pytest.fixture
-def spill_dir(tmp_path) -> Path:
-    return tmp_path / "spill"
+def bento_side(
+    tmp_path: Path, child_command: list[str], restart_interval_s: float, **kwargs
+) -> ProcessLogWriter:
+    """The Bento's side of the log, started, with a child that does what `child_command` does."""
+    return ProcessLogWriter(
+        "sqlite://",
+        tmp_path / "spill",
+        flush_interval_s=0.02,
+        restart_interval_s=restart_interval_s,
+        child_command=child_command,
+        **kwargs,
+    ).start()
 
 
 def dead_letters(spill_dir: Path) -> list[dict]:
@@ -186,14 +188,7 @@ def test_the_sender_survives_a_full_disk_counts_what_it_loses_and_spills_again_o
     """No child can start (the command exits at once), so every row goes to the Bento's spill file."""
     disk = FullDisk()
     disk.full = True
-    w = ProcessLogWriter(
-        "sqlite://",
-        tmp_path / "spill",
-        flush_interval_s=0.02,
-        restart_interval_s=0.05,
-        child_command=[sys.executable, "-c", "pass"],
-        open_file=disk,
-    ).start()
+    w = bento_side(tmp_path, [sys.executable, "-c", "pass"], 0.05, open_file=disk)
     try:
         for i in range(20):
             w.log(row(i))
@@ -218,14 +213,9 @@ def test_rows_sent_to_a_child_that_dies_are_counted_lost_when_the_disk_cannot_ta
     """The child reads a frame and dies without settling it; with the disk full the give-up counts it."""
     disk = FullDisk()
     disk.full = True
-    w = ProcessLogWriter(
-        "sqlite://",
-        tmp_path / "spill",
-        flush_interval_s=0.02,
-        restart_interval_s=60,
-        child_command=[sys.executable, "-c", "import sys; sys.stdin.buffer.read(8)"],
-        open_file=disk,
-    ).start()
+    w = bento_side(
+        tmp_path, [sys.executable, "-c", "import sys; sys.stdin.buffer.read(8)"], 60, open_file=disk
+    )
     try:
         w.log(row(1))
         time.sleep(0.5)  # the child takes the frame and exits
@@ -264,13 +254,7 @@ def test_a_write_cut_short_by_a_full_disk_leaves_only_whole_lines_for_the_next_p
 
 def test_rows_the_bento_spilled_stop_counting_as_a_backlog_once_a_writer_replays_them(db, tmp_path):
     """The Bento's side never replays: it must still notice that the writer process did."""
-    w = ProcessLogWriter(
-        "sqlite://",
-        tmp_path / "spill",
-        flush_interval_s=0.02,
-        restart_interval_s=60,
-        child_command=[sys.executable, "-c", "pass"],  # exits at once: the rows are spilled here
-    ).start()
+    w = bento_side(tmp_path, [sys.executable, "-c", "pass"], 60)  # exits at once: the rows are spilled here
     try:
         for i in range(5):
             w.log(row(i))
@@ -287,14 +271,7 @@ def test_rows_the_bento_spilled_stop_counting_as_a_backlog_once_a_writer_replays
 
 def test_a_writer_process_that_keeps_dying_reports_no_writer_alive(tmp_path, monkeypatch):
     monkeypatch.setattr(predlog_process, "MAX_RESTART_INTERVAL_S", 0.3)
-    w = ProcessLogWriter(
-        "sqlite://",
-        tmp_path / "spill",
-        flush_interval_s=0.01,
-        restart_interval_s=0.01,
-        child_command=["false"],
-    )
-    w.start()
+    w = bento_side(tmp_path, ["false"], 0.01)
     try:
         assert w.stats().writer_alive
         deadline = time.monotonic() + 20
