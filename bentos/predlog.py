@@ -49,6 +49,7 @@ from control_plane.db.schema import predictions
 log = logging.getLogger("recsys.predlog")
 
 SPILL_GLOB = "predlog-*.jsonl"
+LOST_LOG_INTERVAL_S = 10.0  # rows lost are logged (with the total) at most this often
 DEAD_LETTER_GLOB = "rejected-*.jsonl"  # rows the database refused and spill lines that cannot be read
 
 
@@ -331,6 +332,7 @@ class PredictionLogWriter(_WriterBase):
         self._rows_corrupt = 0
         self._rows_rejected = 0
         self._rows_lost = 0
+        self._lost_logged_at = float("-inf")
         self._rows_settled = 0
         self._settle_lock = threading.Lock()
         self._write_failures = 0
@@ -377,10 +379,16 @@ class PredictionLogWriter(_WriterBase):
         """`n` rows that could be kept nowhere: counted in `rows_lost` and logged, never dropped silently."""
         if n <= 0:
             return
+        now = time.monotonic()
         with self._settle_lock:
             self._rows_lost += n
             total = self._rows_lost
-        log.error("prediction log: %d rows lost (%d in all): %s", n, total, why)
+            # Logged at most once every LOST_LOG_INTERVAL_S: a full queue counts a row per request.
+            report = now - self._lost_logged_at >= LOST_LOG_INTERVAL_S
+            if report:
+                self._lost_logged_at = now
+        if report:
+            log.error("prediction log: rows lost, %d in all (the last %d: %s)", total, n, why)
 
     def close(self, timeout_s: float = 15.0) -> None:
         """Write or spill everything queued, then stop the thread. Safe to call twice."""
