@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 from pathlib import Path
 
 
 class FullDisk:
     """Opens real files; while `full` is set every write raises ENOSPC, after taking `partial` bytes."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: int = errno.ENOSPC) -> None:
+        self.error = error  # what a refused write raises: ENOSPC, or EIO for a failing disk
         self.full = False
         self.partial = 0  # bytes a write still takes before the disk is full: leaves a torn line to clean
         self.refused = 0  # writes refused
@@ -32,7 +34,7 @@ class _Writes(io.RawIOBase):
                 self._disk.partial = 0
                 return taken
             self._disk.refused += 1
-            raise OSError(errno.ENOSPC, "No space left on device (test)")
+            raise OSError(self._disk.error, f"{os.strerror(self._disk.error)} (test)")
         return self._f.write(data)
 
     def fileno(self) -> int:

@@ -3,6 +3,7 @@ holds what it can, counts what it loses, and recovers by itself."""
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
@@ -281,3 +282,20 @@ def test_a_writer_process_that_keeps_dying_reports_no_writer_alive(tmp_path, mon
         assert not w.stats().writer_alive, "the restart interval reached its longest"
     finally:
         w.close()
+
+
+def test_a_disk_that_fails_with_eio_is_handled_like_a_full_one(db, spill_dir):
+    disk = FullDisk(errno.EIO)
+    w = writer(db, spill_dir, open_file=disk, batch_size=10).start()
+    try:
+        db.down = True
+        disk.full = True
+        w.log_many([row(i) for i in range(12)])
+        wait_until(lambda: disk.refused > 0 and not w.stats().disk_ok)
+        disk.full = False
+        wait_until(lambda: w.stats().rows_spilled == 12)
+        db.down = False
+        wait_until(lambda: db.count() == 12)
+    finally:
+        w.close()
+    assert w.stats().rows_lost == 0
