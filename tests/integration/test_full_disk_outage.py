@@ -226,27 +226,34 @@ def missing_after(w, direct, prefix: str, answers: list[Answer]) -> set[str]:
     return served - set(rows)
 
 
-def test_a_sigkill_of_the_bento_s_worker_loses_at_most_the_rows_of_its_last_flush_interval(world, direct):
-    w, _ = world
-    worker, writer = worker_and_writer(w)
-
-    with steady_load(w.bento, RATE_PER_S, "kill-worker") as traffic:
+def loss_when_killed(w, direct, prefix: str, kill, gone: psutil.Process) -> tuple[set[str], list[float]]:
+    """Steady load; `kill()` after 4 s; wait until `gone` has ended and a new worker serves. The 2xx ids
+    with no row, and how long before the kill each of them was answered (negative: after)."""
+    with steady_load(w.bento, RATE_PER_S, prefix) as traffic:
         time.sleep(4)
         killed_at = time.time()
-        worker.send_signal(signal.SIGKILL)
-        wait_for(lambda: not alive(writer), 30, "the writer drained and gone")
+        kill()
+        wait_for(lambda: not alive(gone), 30, "the writer process ended")
         wait_for(lambda: ready(w.bento), 120, "a new worker ready", every_s=1)
         time.sleep(2)
-    missing = missing_after(w, direct, "kill-worker", traffic.answers)
+    missing = missing_after(w, direct, prefix, traffic.answers)
     by_id = {a.request_id: a for a in traffic.answers}
     ages = sorted(killed_at - by_id[r].t for r in missing)
-    # only rows answered just before the kill (the new worker's own are all there)
-    assert all(-SCHEDULING_SLACK_S <= age <= FLUSH_S + SCHEDULING_SLACK_S for age in ages), ages
     print(
-        f"\nworker SIGKILL at {RATE_PER_S}/s: {len(missing)} of "
+        f"\n{prefix} at {RATE_PER_S}/s: {len(missing)} of "
         f"{sum(1 for a in traffic.answers if a.status == 200)} answered rows lost"
         + (f", answered {min(ages):.2f}-{max(ages):.2f} s before the kill" if ages else "")
     )
+    return missing, ages
+
+
+def test_a_sigkill_of_the_bento_s_worker_loses_at_most_the_rows_of_its_last_flush_interval(world, direct):
+    """The writer process survives the worker: its input closes, and it writes everything it was sent."""
+    w, _ = world
+    worker, writer = worker_and_writer(w)
+    _, ages = loss_when_killed(w, direct, "kill-worker", lambda: worker.send_signal(signal.SIGKILL), writer)
+    # only rows answered just before the kill (the new worker's own are all there)
+    assert all(-SCHEDULING_SLACK_S <= age <= FLUSH_S + SCHEDULING_SLACK_S for age in ages), ages
 
 
 def test_a_sigkill_of_the_worker_s_whole_process_group_loses_at_most_its_last_flush_and_write_intervals(
@@ -256,23 +263,8 @@ def test_a_sigkill_of_the_worker_s_whole_process_group_loses_at_most_its_last_fl
     w, _ = world
     worker, writer = worker_and_writer(w)
     assert os.getpgid(writer.pid) == os.getpgid(worker.pid) == worker.pid
-
-    with steady_load(w.bento, RATE_PER_S, "kill-group") as traffic:
-        time.sleep(4)
-        killed_at = time.time()
-        os.killpg(worker.pid, signal.SIGKILL)
-        wait_for(lambda: not alive(writer), 30, "the writer process killed too")
-        wait_for(lambda: ready(w.bento), 120, "a new worker ready", every_s=1)
-        time.sleep(2)
-    missing = missing_after(w, direct, "kill-group", traffic.answers)
-    by_id = {a.request_id: a for a in traffic.answers}
-    ages = sorted(killed_at - by_id[r].t for r in missing)
+    _, ages = loss_when_killed(w, direct, "kill-group", lambda: os.killpg(worker.pid, signal.SIGKILL), writer)
     assert all(-SCHEDULING_SLACK_S <= age <= FLUSH_S + WRITE_S + SCHEDULING_SLACK_S for age in ages), ages
-    print(
-        f"\nworker process-group SIGKILL at {RATE_PER_S}/s: {len(missing)} of "
-        f"{sum(1 for a in traffic.answers if a.status == 200)} answered rows lost"
-        + (f", answered {min(ages):.2f}-{max(ages):.2f} s before the kill" if ages else "")
-    )
 
 
 def test_a_sigkill_of_bentoml_serve_ends_its_worker_gracefully_and_loses_no_row(world, direct):
