@@ -114,7 +114,7 @@ class LabelSpill:
         while True:
             f = self._open(path, "ab", buffering=0)
             try:
-                fcntl.flock(f, fcntl.LOCK_EX)  # held by a replayer only while it renames the file
+                fcntl.flock(f, fcntl.LOCK_EX)  # a replayer may hold it: then we find the file claimed
                 if _same_file(f, path):
                     break
             except BaseException:
