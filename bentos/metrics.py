@@ -80,6 +80,12 @@ class ServiceMetrics:
         self.db_up = pc.Gauge(
             "recsys_predlog_db_up", "1 when the last database write succeeded", v, multiprocess_mode="livemin"
         )
+        self.disk_ok = pc.Gauge(
+            "recsys_predlog_disk_ok",
+            "1 unless the last spill failed (ENOSPC, EIO)",
+            v,
+            multiprocess_mode="livemin",
+        )
         counters = {
             "rows_written": pc.Counter(
                 "recsys_predlog_rows_written", "Prediction rows inserted (replays included)", v
@@ -90,9 +96,16 @@ class ServiceMetrics:
             "rows_replayed": pc.Counter(
                 "recsys_predlog_rows_replayed", "Prediction rows replayed from spill files", v
             ),
-            "rows_corrupt": pc.Counter("recsys_predlog_rows_corrupt", "Unreadable spill lines skipped", v),
+            "rows_corrupt": pc.Counter(
+                "recsys_predlog_rows_corrupt", "Unreadable spill lines moved to the dead-letter file", v
+            ),
             "rows_rejected": pc.Counter(
-                "recsys_predlog_rows_rejected", "Rows the database refused as bad data (set aside)", v
+                "recsys_predlog_rows_rejected", "Rows the database refused as bad data (dead-letter file)", v
+            ),
+            "rows_lost": pc.Counter(
+                "recsys_predlog_rows_lost",
+                "Prediction rows kept nowhere: the database unreachable and the spill disk full or failing",
+                v,
             ),
             "write_failures": pc.Counter("recsys_predlog_write_failures", "Failed database writes", v),
         }
@@ -164,6 +177,7 @@ class ServiceMetrics:
         self.spill_bytes.labels(v).set(stats.spill_bytes)
         self.spill_rows.labels(v).set(stats.spill_rows)
         self.db_up.labels(v).set(1 if stats.db_up else 0)
+        self.disk_ok.labels(v).set(1 if stats.disk_ok else 0)
         for name, counter in self._counters.items():
             delta = getattr(stats, name) - getattr(self.writer_stats, name)
             if delta > 0:

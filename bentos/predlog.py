@@ -7,10 +7,17 @@ appends the row to the spill file itself; when the database is unreachable the w
 batches there. Spill files are fsync'd JSON lines, one file per process (locked with flock while its
 owner has it open), and are replayed into the database once it answers again, including the files a
 dead process left behind. A row the database refuses as bad data (a constraint, not the connection)
-is set aside in rejected-*.jsonl instead of being retried for ever.
+is set aside in rejected-*.jsonl instead of being retried for ever, and so is a spill line that cannot
+be read back (the dead-letter files: `DEAD_LETTER_GLOB`).
 
-What is lost: only rows still in memory when the process is killed with SIGKILL (or dies before
-`close()`), and a half-written last line of a spill file after such a death.
+A spill that fails (ENOSPC, EIO) is cut back to where it began, so a file never keeps half a batch, and
+the disk is tried again after `retry_interval_s`. Meanwhile the writer keeps the rows it cannot place
+in memory, up to `max_queue`, and writes them to whichever of the database and the disk comes back
+first; a row that finds no room there either is counted in `rows_lost` (and logged), never dropped
+silently. Nothing is restarted for the log to recover.
+
+What is lost: rows counted in `rows_lost`; rows still in memory when the process is killed with
+SIGKILL (or dies before `close()`); docs/what-it-survives.md gives the bounds.
 
 A Bento runs this writer in a process of its own (`bentos/predlog_process.py`); `RECSYS_PREDLOG=thread`
 runs it in the Bento's process.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import fcntl
 import io
 import json
@@ -31,6 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from pydantic_core import PydanticSerializationError, to_json
 from sqlalchemy import Engine, text
@@ -40,6 +49,8 @@ from control_plane.db.schema import predictions
 log = logging.getLogger("recsys.predlog")
 
 SPILL_GLOB = "predlog-*.jsonl"
+LOST_LOG_INTERVAL_S = 10.0  # rows lost are logged (with the total) at most this often
+DEAD_LETTER_GLOB = "rejected-*.jsonl"  # rows the database refused and spill lines that cannot be read
 
 
 # One row of `predictions`, exactly as inserted: a tuple in the table's column order (`_COLUMNS`):
@@ -61,11 +72,16 @@ class WriterStats:
     rows_replayed: int = 0  # read back from spill files and inserted
     rows_corrupt: int = 0  # unreadable spill lines (a process killed mid-write)
     rows_rejected: int = 0  # refused by the database as bad data, kept in a rejected-*.jsonl file
-    rows_settled: int = 0  # rows given to log() now in the database, a spill file or the rejected file
+    rows_lost: int = 0  # kept nowhere: database down and the spill (or dead-letter) file not writable
+    rows_settled: int = 0  # rows given to log() now in the database, a spill file, the rejected file or lost
     write_failures: int = 0  # failed database round trips
     spill_bytes: int = 0  # size of the spill files waiting in the spill directory
     spill_rows: int = 0  # rows this process spilled that no one has replayed yet
     db_up: bool = True
+    disk_ok: bool = True  # False while the last spill failed (ENOSPC, EIO)
+    # False when no writer can write or replay the rows (a writer process that keeps dying): its spill
+    # files wait for the next writer, and the control plane does not wait for them (log_backlog.py)
+    writer_alive: bool = True
 
 
 def default_engine_factory(url: str) -> Callable[[], Engine]:
@@ -268,6 +284,7 @@ class PredictionLogWriter(_WriterBase):
         retry_interval_s: float = 2.0,
         scan_interval_s: float = 30.0,
         on_stats: Callable[[WriterStats], None] | None = None,
+        open_file: Callable[..., BinaryIO] = open,
     ) -> None:
         self._engine_factory = (
             default_engine_factory(engine_factory) if isinstance(engine_factory, str) else engine_factory
@@ -279,6 +296,7 @@ class PredictionLogWriter(_WriterBase):
         self.scan_interval_s = scan_interval_s
         self._on_stats = on_stats
         self.max_queue = max_queue
+        self._open = open_file  # spill and dead-letter files are opened with it (unit tests: a full disk)
         self._rows: collections.deque[PredictionRow] = collections.deque()
         self._engine: Engine | None = None
         self._stmt = None
@@ -303,12 +321,18 @@ class PredictionLogWriter(_WriterBase):
         self._next_attempt = 0.0
         self._next_scan = 0.0  # scan at once: a dead process may have left files
         self._spill_pending = False
+        # Disk state: after a failed spill the disk is left alone until _disk_retry_at (monotonic).
+        self._disk_failing = False
+        self._disk_retry_at = 0.0
+        self._hold_until = 0.0  # writer thread: rows held in memory, nowhere to put them before this
         # Counters.
         self._rows_written = 0
         self._rows_spilled = 0
         self._rows_replayed = 0
         self._rows_corrupt = 0
         self._rows_rejected = 0
+        self._rows_lost = 0
+        self._lost_logged_at = float("-inf")
         self._rows_settled = 0
         self._settle_lock = threading.Lock()
         self._write_failures = 0
@@ -330,8 +354,7 @@ class PredictionLogWriter(_WriterBase):
             if len(self._rows) >= self._wake_at:
                 self._wake.set()
             return
-        self._spill([row])
-        self._settled(1)
+        self._keep_or_lose([row])
 
     def log_many(self, rows: list[PredictionRow]) -> None:
         """`log` for each of `rows`, in one step: the writer process hands on a whole frame so."""
@@ -344,8 +367,28 @@ class PredictionLogWriter(_WriterBase):
         room = max(room, 0)
         self._wake.set()
         self._rows.extend(rows[:room])
-        self._spill(rows[room:])
-        self._settled(len(rows) - room)
+        self._keep_or_lose(rows[room:])
+
+    def _keep_or_lose(self, rows: list[PredictionRow]) -> None:
+        """Spill `rows`, or count them lost when the disk takes nothing; settled either way."""
+        if not self._spill(rows):
+            self.count_lost(len(rows), "the queue is full and the spill file is not writable")
+        self._settled(len(rows))
+
+    def count_lost(self, n: int, why: str) -> None:
+        """`n` rows that could be kept nowhere: counted in `rows_lost` and logged, never dropped silently."""
+        if n <= 0:
+            return
+        now = time.monotonic()
+        with self._settle_lock:
+            self._rows_lost += n
+            total = self._rows_lost
+            # Logged at most once every LOST_LOG_INTERVAL_S: a full queue counts a row per request.
+            report = now - self._lost_logged_at >= LOST_LOG_INTERVAL_S
+            if report:
+                self._lost_logged_at = now
+        if report:
+            log.error("prediction log: rows lost, %d in all (the last %d: %s)", total, n, why)
 
     def close(self, timeout_s: float = 15.0) -> None:
         """Write or spill everything queued, then stop the thread. Safe to call twice."""
@@ -360,7 +403,8 @@ class PredictionLogWriter(_WriterBase):
             # The thread is stuck (or never ran): spill what it holds and what is queued. A row
             # that also reaches the database is deduplicated by ON CONFLICT when replayed.
             held = [*self._inflight, *take(self._rows, len(self._rows))]
-            self._spill(held)
+            if not self._spill(held):
+                self.count_lost(len(held), "closed with the database and the spill disk unavailable")
             self._settled(len(held))
         with self._spill_lock:
             self._close_spill_file()
@@ -377,29 +421,58 @@ class PredictionLogWriter(_WriterBase):
             rows_replayed=self._rows_replayed,
             rows_corrupt=self._rows_corrupt,
             rows_rejected=self._rows_rejected,
+            rows_lost=self._rows_lost,
             rows_settled=self._rows_settled,
             write_failures=self._write_failures,
             spill_bytes=self._spill_bytes,
             spill_rows=sum(self._own_files.values()),
             db_up=not self._db_down,
+            disk_ok=not self._disk_failing,
+            writer_alive=self._thread is None or self._thread.is_alive(),
         )
+
+    def refresh_spill_state(self) -> None:
+        """Forget this writer's spill files that another writer has replayed, and measure the directory
+        again: for a writer that spills but never replays (the Bento's side of ProcessLogWriter), whose
+        counts would otherwise report a backlog for ever."""
+        self._forget_vanished_files()
+        with contextlib.suppress(OSError):
+            self._refresh_spill_size()
 
     # ---- the writer thread -------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            batch = self._take_batch()
-            if batch:
-                self._inflight = batch
-                self._write(batch)
-                self._inflight = []
-            if self._replay_due():
-                self._replay_all()
-            self._publish_stats()
+            try:
+                self._step()
+            except Exception:
+                # Whatever it was (an EIO the code does not expect, say), the thread must not die: with
+                # no writer nothing is written or replayed and every evaluation waits for the backlog.
+                log.exception("prediction log: writer step failed; retrying in %g s", self.retry_interval_s)
+                if self._inflight:
+                    self._hold(self._inflight)
+                    self._inflight = []
+                self._stopping.wait(self.retry_interval_s)
             if self._stopping.is_set() and not self._rows:
                 return
 
+    def _step(self) -> None:
+        batch = self._take_batch()
+        if batch:
+            self._inflight = batch
+            self._write(batch)
+            self._inflight = []
+        if self._replay_due():
+            self._replay_all()
+        self._publish_stats()
+
     def _take_batch(self) -> list[PredictionRow]:
+        wait = self._hold_until - time.monotonic()
+        if wait > 0 and not self._stopping.is_set():
+            # Rows are held in memory because neither the database nor the disk took them: nothing to
+            # do before one of them is due to be tried again.
+            self._stopping.wait(wait)
+            return []
         if len(self._rows) < self.batch_size:
             # Let a batch build up. Taking rows as they come would wake this thread (and take the
             # GIL from the request loop) for every request and commit one row at a time: measured
@@ -411,19 +484,33 @@ class PredictionLogWriter(_WriterBase):
         return take(self._rows, self.batch_size)
 
     def _write(self, batch: list[PredictionRow]) -> None:
-        """Insert the batch or spill it; either way every row of it is settled afterwards."""
+        """Insert the batch or spill it, and settle it; when neither works, hold it in memory."""
         if self._db_down and time.monotonic() < self._next_attempt:
-            self._spill(batch)
+            kept = self._spill(batch)
         else:
             try:
                 inserted = self._store(batch)
             except Exception as exc:
                 self._mark_down(exc)
-                self._spill(batch)
+                kept = self._spill(batch)
             else:
                 self._rows_written += inserted
                 self._mark_up()
-        self._settled(len(batch))  # inserted, already there, rejected, or spilled
+                kept = True
+        if kept:
+            self._settled(len(batch))  # inserted, already there, rejected, or spilled
+        else:
+            self._hold(batch)
+
+    def _hold(self, batch: list[PredictionRow]) -> None:
+        """Neither the database nor the disk took `batch`: keep it at the head of the queue, to be tried
+        again when one of them is due; past `max_queue` rows (or when closing) it is lost, and counted."""
+        if self._stopping.is_set() or len(self._rows) >= self.max_queue:
+            self.count_lost(len(batch), "the database is unreachable and the spill file is not writable")
+            self._settled(len(batch))
+            return
+        self._rows.extendleft(reversed(batch))
+        self._hold_until = min(self._next_attempt, self._disk_retry_at)
 
     def _settled(self, n: int) -> None:
         with self._settle_lock:  # the writer thread and callers that spill both count
@@ -454,12 +541,25 @@ class PredictionLogWriter(_WriterBase):
         return inserted
 
     def _reject(self, row: PredictionRow, exc: BaseException) -> None:
-        self._rows_rejected += 1
         log.error("prediction log: row %r refused by the database, set aside: %s", row[0], exc)
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"row": row_dict(row), "error": str(exc)[:500]}, default=str) + "\n"
-        with open(self.spill_dir / f"rejected-{self._spill_prefix}.jsonl", "a") as f:
-            f.write(line)
+        if self._dead_letter({"row": row_dict(row), "error": str(exc)[:500]}):
+            self._rows_rejected += 1
+        else:
+            self.count_lost(
+                1, f"row {row[0]!r} refused by the database and the dead-letter file not writable"
+            )
+
+    def _dead_letter(self, entry: dict) -> bool:
+        """Append `entry` to this process's dead-letter file (fsync'd); False when the disk refuses it."""
+        line = json.dumps(entry, default=str).encode() + b"\n"
+        try:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            with self._open(self.spill_dir / f"rejected-{self._spill_prefix}.jsonl", "ab", buffering=0) as f:
+                append_synced(f, line)
+        except OSError as exc:
+            log.error("prediction log: dead-letter file in %s not writable: %s", self.spill_dir, exc)
+            return False
+        return True
 
     def _insert(self, rows: list[PredictionRow]) -> None:
         if self._engine is None:
@@ -579,6 +679,9 @@ class PredictionLogWriter(_WriterBase):
                 for chunk in _chunks(self._read_rows(f, path), self.batch_size):
                     inserted += self._store(chunk)
                     replayed += len(chunk)
+            except OSError as exc:  # the file, not the database: try it again at the next scan
+                log.error("prediction log: cannot read %s: %s", path.name, exc)
+                return True
             except Exception as exc:
                 self._mark_down(exc)
                 return False
@@ -598,10 +701,19 @@ class PredictionLogWriter(_WriterBase):
             try:
                 yield row_from_dict(json.loads(line))
             except (ValueError, KeyError, TypeError):  # cut short, or not a row
-                self._rows_corrupt += 1
                 log.warning(
-                    "prediction log: unreadable line %d of %s skipped: %r", lineno, path.name, line[:200]
+                    "prediction log: unreadable line %d of %s set aside: %r", lineno, path.name, line[:200]
                 )
+                entry = {
+                    "line": line.decode(errors="replace"),
+                    "error": f"unreadable line {lineno} of {path.name}",
+                }
+                if self._dead_letter(entry):
+                    self._rows_corrupt += 1
+                else:
+                    self.count_lost(
+                        1, f"unreadable line {lineno} of {path.name}, dead-letter file not writable"
+                    )
 
     def _forget_vanished_files(self) -> None:
         with self._spill_lock:
@@ -618,26 +730,43 @@ class PredictionLogWriter(_WriterBase):
 
     # ---- the spill file ----------------------------------------------------------------------
 
-    def spill_for_replay(self, rows: Iterable[PredictionRow]) -> None:
-        """Append `rows` to a spill file and close it, so that any writer may replay it at once."""
-        self._spill(rows)
+    def spill_for_replay(self, rows: Iterable[PredictionRow]) -> bool:
+        """Append `rows` to a spill file and close it, so that any writer may replay it at once; False
+        when the disk took none of them (nothing of them is left in the file)."""
+        kept = self._spill(rows)
         with self._spill_lock:
             self._close_spill_file()
+        return kept
 
-    def _spill(self, rows: Iterable[PredictionRow]) -> None:
-        data = b"".join(json.dumps(row_dict(r), separators=(",", ":")).encode() + b"\n" for r in rows)
+    def _spill(self, rows: Iterable[PredictionRow]) -> bool:
+        """Append `rows` to this process's spill file, fsync'd; False, the file as it was, when the disk
+        refuses them (ENOSPC, EIO). After a failure the disk is not tried again for `retry_interval_s`."""
+        data = b"".join(_spill_line(r) for r in rows)
         if not data:
-            return
+            return True
         n = data.count(b"\n")
         with self._spill_lock:
-            f = self._open_spill_file()
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if self._disk_failing and time.monotonic() < self._disk_retry_at:
+                return False
+            try:
+                append_synced(self._open_spill_file(), data)
+            except OSError as exc:
+                # Rotate: a file whose fsync failed may hold pages the disk never took (fsync does not
+                # report an error twice), and the next spill starts a new file.
+                self._close_spill_file()
+                self._disk_retry_at = time.monotonic() + self.retry_interval_s
+                if not self._disk_failing:
+                    log.error("prediction log: spill directory %s not writable: %s", self.spill_dir, exc)
+                self._disk_failing = True
+                return False
+            if self._disk_failing:
+                log.warning("prediction log: spill directory %s writable again", self.spill_dir)
+                self._disk_failing = False
             self._own_files[self._spill_name] = self._own_files.get(self._spill_name, 0) + n
             self._rows_spilled += n
             self._spill_bytes += len(data)
             self._spill_pending = True
+        return True
 
     def _open_spill_file(self):
         """This process's current spill file, created locked under a name no replayer matches yet."""
@@ -646,10 +775,16 @@ class PredictionLogWriter(_WriterBase):
             self._spill_seq += 1
             name = f"{self._spill_prefix}-{self._spill_seq:04d}.jsonl"
             tmp = self.spill_dir / f".{name}.new"
-            f = open(tmp, "ab")  # noqa: SIM115 - stays open (and locked) until rotated
-            fcntl.flock(f, fcntl.LOCK_EX)
-            os.rename(tmp, self.spill_dir / name)
-            _fsync_dir(self.spill_dir)
+            f = self._open(tmp, "ab", buffering=0)  # stays open (and locked) until rotated
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                os.rename(tmp, self.spill_dir / name)
+                _fsync_dir(self.spill_dir)
+            except OSError:
+                f.close()
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
             self._spill_file = f
             self._spill_name = name
             self._own_files[name] = 0
@@ -718,6 +853,28 @@ def _chunks(rows: Iterable[PredictionRow], size: int) -> Iterator[list[Predictio
             chunk = []
     if chunk:
         yield chunk
+
+
+def _spill_line(row: PredictionRow) -> bytes:
+    return json.dumps(row_dict(row), separators=(",", ":")).encode() + b"\n"
+
+
+def append_synced(f: BinaryIO, data: bytes) -> None:
+    """Write all of `data` at the end of the unbuffered file `f` and fsync it; on an error (ENOSPC,
+    EIO) cut the file back to its length before, so that no partial line is left, and raise."""
+    start = f.seek(0, os.SEEK_END)
+    view = memoryview(data)
+    try:
+        while view:
+            written = f.write(view)
+            if not written:
+                raise OSError(errno.ENOSPC, "no byte written")
+            view = view[written:]
+        os.fsync(f.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            f.truncate(start)
+        raise
 
 
 def _fsync_dir(path: Path) -> None:

@@ -15,7 +15,10 @@ SIGKILL, the frame it was writing included: the child drops a frame cut short. T
 every frame it sent until the child reports its rows settled (in the database, a spill file or the
 rejected file); when a child dies, the Bento spills the rows it had not settled, and
 the next child replays it (a row written twice is deduplicated by ON CONFLICT DO NOTHING). A child
-that keeps dying is restarted ever less often, and meanwhile the Bento spills. The child ignores
+that keeps dying is restarted ever less often, and meanwhile the Bento spills. Rows the Bento can
+neither hand on nor spill (the spill disk full or failing) are counted in `rows_lost`, never dropped
+silently; a request never waits for the disk and never fails because of the log: `log()` only appends
+to a bounded deque, and past `max_queue` rows the row is counted lost. The child ignores
 SIGTERM and SIGINT: it ends when its stdin closes, which happens when the Bento closes the log or
 dies, and then drains everything it holds to the database or to a spill file.
 """
@@ -152,6 +155,7 @@ class ProcessLogWriter(_WriterBase):
         send_timeout_s: float = 5.0,
         child_command: list[str] | None = None,
         on_stats: Callable[[WriterStats], None] | None = None,
+        open_file: Callable[..., BinaryIO] = open,
     ) -> None:
         self.database_url = database_url
         self.spill_dir = Path(spill_dir)
@@ -176,7 +180,9 @@ class ProcessLogWriter(_WriterBase):
         self._rows: collections.deque[PredictionRow] = collections.deque()
         # Spills here only what the child cannot take; its spill file is closed after each use, so
         # that the child can claim and replay it.
-        self._fallback = PredictionLogWriter(lambda: None, self.spill_dir)  # never started: no thread
+        self._fallback = PredictionLogWriter(  # never started: no thread
+            lambda: None, self.spill_dir, retry_interval_s=restart_interval_s, open_file=open_file
+        )
         self._child: subprocess.Popen | None = None
         self._next_start = 0.0
         self._started_at = 0.0
@@ -209,11 +215,19 @@ class ProcessLogWriter(_WriterBase):
         return self
 
     def log(self, row: PredictionRow) -> None:
-        """Keep `row` for the next frame; never blocks: past `max_queue` rows it spills here."""
+        """Keep `row` for the next frame; never blocks, never raises, never touches the disk.
+
+        Past `max_queue` rows (the sender has taken nothing for that long: a child that takes no data
+        for up to send_timeout_s at thousands of requests/s) the row is counted lost: spilling it here
+        cost an fsync on the serving path for every request, and raised with the disk full.
+        """
         if not self._closed and len(self._rows) < self.max_queue:
             self._rows.append(row)
             return
-        self._spill([row])
+        if self._closed:
+            self._spill([row])  # a request that finishes after close(): nothing else will send it
+        else:
+            self._fallback.count_lost(1, f"the queue of {self.max_queue} rows for the writer process is full")
 
     def close(self, timeout_s: float = 15.0) -> None:
         """Send what is held, let the child drain to the database (or spill), wait for it. Safe twice."""
@@ -243,6 +257,7 @@ class ProcessLogWriter(_WriterBase):
     def stats(self) -> WriterStats:
         with self._stats_lock:
             child, ended = self._child_stats, dict(self._ended_children)
+        self._fallback.refresh_spill_state()  # the child replays the files spilled here
         own = self._fallback.stats()
         counters = {n: ended[n] + getattr(child, n) + getattr(own, n) for n in _COUNTERS}
         return dataclasses.replace(
@@ -250,6 +265,9 @@ class ProcessLogWriter(_WriterBase):
             queue_depth=child.queue_depth + len(self._rows),
             spill_rows=child.spill_rows + own.spill_rows,
             spill_bytes=max(child.spill_bytes, own.spill_bytes),  # both measure the same directory
+            disk_ok=child.disk_ok and own.disk_ok,
+            # A child that keeps dying (restarted at the longest interval) replays nothing.
+            writer_alive=self._child is not None or self._restart_delay < MAX_RESTART_INTERVAL_S,
             **counters,
         )
 
@@ -258,10 +276,25 @@ class ProcessLogWriter(_WriterBase):
     def _run(self) -> None:
         while True:
             stopping = self._stopping.wait(self.flush_interval_s)
-            while self._rows:
-                self._send(take(self._rows, self.batch_size * 4))
+            try:
+                self._round(stopping)
+            except Exception:  # the thread must not die: with no sender every later row is lost
+                log.exception("prediction log: the sender's round failed; it goes on")
             if stopping:
                 return
+
+    def _round(self, stopping: bool) -> None:
+        child = self._child
+        if child is not None and not stopping and child.poll() is not None:
+            # Gone with rows unsettled: spill them now, not when the next row comes.
+            self._give_up_on(child, f"exited with {child.returncode}")
+        while self._rows:
+            rows = take(self._rows, self.batch_size * 4)
+            try:
+                self._send(rows)
+            except Exception:  # it did die on ENOSPC; these rows go to the disk, or are counted lost
+                log.exception("prediction log: sending %d rows failed; spilling them", len(rows))
+                self._spill(rows)
 
     def _send(self, rows: list[PredictionRow]) -> None:
         child = self._child
@@ -320,9 +353,19 @@ class ProcessLogWriter(_WriterBase):
                     self._unacked.popleft()
 
     def _spill(self, rows: list[PredictionRow]) -> None:
-        if rows:
-            self._fallback.spill_for_replay(rows)
-            self._publish_stats()
+        """Spill `rows` here for the child to replay; when the disk takes none, count them lost."""
+        if not rows:
+            return
+        try:
+            kept = self._fallback.spill_for_replay(rows)
+        except Exception:  # not a disk error (those return False): a row that cannot be written as JSON
+            log.exception("prediction log: cannot spill %d rows", len(rows))
+            kept = False
+        if not kept:
+            self._fallback.count_lost(
+                len(rows), "no writer process took them and the spill file is not writable"
+            )
+        self._publish_stats()
 
     # ---- the child process -------------------------------------------------------------------
 
@@ -445,7 +488,16 @@ class _StatsOut:
     request in its reader thread.
     """
 
-    _STATE = ("db_up", "rows_spilled", "rows_rejected", "rows_corrupt", "write_failures", "spill_rows")
+    _STATE = (
+        "db_up",
+        "disk_ok",
+        "rows_spilled",
+        "rows_rejected",
+        "rows_corrupt",
+        "rows_lost",
+        "write_failures",
+        "spill_rows",
+    )
 
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream

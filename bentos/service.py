@@ -17,6 +17,8 @@ Environment (read when the worker starts):
   RECSYS_PREDLOG_WRITE_S  how long the writer process gathers rows before it writes them (default 1:
                           rows reach the database up to 1.2 s late, within the control plane's
                           RECSYS_LOG_SETTLE_S; 0.2 costs the log more)
+  RECSYS_PREDLOG_MAX_QUEUE  rows the Bento and its writer each hold in memory (default 10000): with the
+                          database unreachable and the spill disk full, rows past it are counted lost
   RECSYS_GIL_SWITCH_MS    the interpreter's thread switch interval in ms (default 1; Python's is 5)
   RECSYS_ACCESS_LOG=on    one JSON log line per model request (default off)
   RECSYS_MAX_BODY_BYTES   larger request bodies get 413 (default 1000000)
@@ -283,14 +285,20 @@ def _prediction_log(settings, engine_factory, on_stats):
         raise ValueError(f"RECSYS_PREDLOG={mode!r}: expected on, thread or off")
     spill_dir = os.environ.get("RECSYS_SPILL_DIR") or settings.spill_dir
     flush_interval_s = float(os.environ.get("RECSYS_PREDLOG_FLUSH_S", "0.2"))
+    max_queue = int(os.environ.get("RECSYS_PREDLOG_MAX_QUEUE", "10000"))
     if mode == "thread":
         return PredictionLogWriter(
-            engine_factory, spill_dir, flush_interval_s=flush_interval_s, on_stats=on_stats
+            engine_factory,
+            spill_dir,
+            flush_interval_s=flush_interval_s,
+            max_queue=max_queue,
+            on_stats=on_stats,
         )
     return ProcessLogWriter(
         settings.database_url,
         spill_dir,
         flush_interval_s=flush_interval_s,
+        max_queue=max_queue,
         write_interval_s=float(os.environ.get("RECSYS_PREDLOG_WRITE_S", "1")),
         on_stats=on_stats,
     )

@@ -61,6 +61,20 @@ def cmd_status(args) -> int:
     for v in st["versions"]:
         health = "ready" if v["healthy"] else ("-" if v["version"] is None else "DOWN")
         print(f"{v['role']:<10} {str(v['version'] or '-'):>7} {v['weight']:>6}  {health:<8} {v['url'] or ''}")
+    logs = [v for v in st["versions"] if v.get("log")]
+    if logs:
+        print(f"\n{'prediction log':<14} {'lost':>6} {'set aside':>9} {'to replay':>9}  database disk")
+        for v in logs:
+            g = v["log"]
+            aside = g.get("rows_rejected", 0) + g.get("rows_corrupt", 0)
+            db = "up" if g.get("db_up", True) else "DOWN"
+            disk = "ok" if g.get("disk_ok", True) else "FAILING"
+            print(
+                f"{'v' + str(v['version']):<14} {g.get('rows_lost', 0):>6} {aside:>9} {g.get('spill_rows', 0):>9}  {db:<8} {disk}"
+            )
+    print(
+        f"dead-letter rows (rejected-*.jsonl under {_settings().spill_dir}): {st.get('dead_letter_rows', 0)}"
+    )
     print()
     print_urls(settings)
     return 0

@@ -49,3 +49,13 @@ class NoPreviousBaseline(RecsysError):
 
     def __init__(self):
         super().__init__("no version holds the previous_baseline alias: nothing to restore")
+
+
+class LabelsNotKept(RecsysError):
+    """The database is unreachable and the label spill directory refused the labels (full disk, EIO):
+    nothing was stored, and the client may send them again."""
+
+    http_status = 503
+
+    def __init__(self, why: str):
+        super().__init__(f"labels not stored: the database is unreachable and {why}; send them again later")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine
 
 from control_plane.db.schema import labels
-from control_plane.errors import InvalidRequest
+from control_plane.errors import InvalidRequest, LabelsNotKept
+from control_plane.label_spill import LabelSpill, SpillFull
 
 MAX_BATCH = 1000
 MAX_ID_LEN = 128
@@ -51,8 +53,12 @@ def record_labels(engine: Engine, items: list[tuple[str, int]], now: float | Non
     else:
         from sqlalchemy.dialects.sqlite import insert
     stmt = insert(labels)
+    # An older label never replaces a newer one: a label replayed from a spill file may arrive after a
+    # later label for the same request was stored directly, and a replay may run twice.
     stmt = stmt.on_conflict_do_update(
-        index_elements=[labels.c.request_id], set_={"label": stmt.excluded.label, "ts": stmt.excluded.ts}
+        index_elements=[labels.c.request_id],
+        set_={"label": stmt.excluded.label, "ts": stmt.excluded.ts},
+        where=labels.c.ts <= stmt.excluded.ts,
     )
     with engine.begin() as conn:
         conn.execute(stmt, rows)
@@ -60,53 +66,27 @@ def record_labels(engine: Engine, items: list[tuple[str, int]], now: float | Non
 
 
 class LabelSink:
-    """Stores labels; while the database is unreachable they go to an fsync'd file, replayed later."""
+    """Stores labels; while the database is unreachable they go to a spill file (control_plane/label_spill.py)."""
 
-    def __init__(self, engine: Engine, spill_dir):
-        import os
-        import threading
-        from pathlib import Path
-
+    def __init__(self, engine: Engine, spill_dir, on_rows: Callable[[str, int], None] | None = None):
         self.engine = engine
-        self.spill_path = Path(spill_dir) / f"labels-{os.getpid()}.jsonl"
-        self._lock = threading.Lock()
+        self.spill = LabelSpill(
+            spill_dir, lambda items, ts: record_labels(engine, items, ts), on_rows=on_rows
+        )
 
     def record(self, items: list[tuple[str, int]]) -> str:
-        """'stored' when written to the database, 'spilled' when kept on disk for replay."""
+        """'stored' when written to the database, 'spilled' when kept on disk for replay; LabelsNotKept
+        when neither could take them. Spilled labels are replayed off the request, once the database answers."""
         from sqlalchemy.exc import OperationalError
 
         now = time.time()
         try:
-            self.replay()
             record_labels(self.engine, items, now)
-            return "stored"
-        except OperationalError:
-            self._spill(items, now)
+        except OperationalError as exc:
+            try:
+                self.spill.keep(items, now)
+            except SpillFull as full:
+                raise LabelsNotKept(str(full)) from exc
             return "spilled"
-
-    def _spill(self, items: list[tuple[str, int]], now: float) -> None:
-        import json
-        import os
-
-        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock, self.spill_path.open("a") as f:
-            for rid, label in items:
-                f.write(json.dumps({"request_id": rid, "label": label, "ts": now}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def replay(self) -> int:
-        """Write every spilled label from any process of this spill dir; files are removed once stored."""
-        import json
-
-        done = 0
-        with self._lock:
-            for path in sorted(self.spill_path.parent.glob("labels-*.jsonl")):
-                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-                for ts in sorted({r["ts"] for r in rows}):
-                    record_labels(
-                        self.engine, [(r["request_id"], r["label"]) for r in rows if r["ts"] == ts], ts
-                    )
-                path.unlink()
-                done += len(rows)
-        return done
+        self.spill.replay_soon()
+        return "stored"

@@ -10,7 +10,9 @@ Each Bento answers `GET /predlog` with its log's state (bentos/http.py): `spill_
 and has not replayed) and `spill_bytes` (the spill files waiting in its spill directory, whoever wrote
 them); the same figures are on its /metrics, which costs the Bento milliseconds to build. A Bento that
 does not answer is left out: a dead canary must not stop the evaluation that rolls it back, and its
-spill files are replayed by the process that replaces it.
+spill files are replayed by the process that replaces it. So is a Bento that reports no writer alive
+(`writer_alive`: its writer process keeps dying): nothing would replay its files, and waiting for them
+would record no_data at every evaluation and stall the rollout.
 """
 
 from __future__ import annotations
@@ -49,15 +51,29 @@ class HttpLogBacklog:
     def __init__(self, timeout_s: float = 1.0):
         self.timeout_s = timeout_s
 
+    def state(self, url: str) -> dict:
+        """The Bento's GET /predlog: its log writer's counters and gauges (bentos/predlog.py: WriterStats)."""
+        with urllib.request.urlopen(f"{url.rstrip('/')}{LOG_STATE_PATH}", timeout=self.timeout_s) as resp:
+            state = json.loads(resp.read())
+        if not isinstance(state, dict):
+            raise ValueError("not a prediction log state")
+        return state
+
     def waiting(self, endpoints: Mapping[int, str]) -> list[Backlog]:
         out = []
         for version, url in sorted(endpoints.items()):
             try:
-                with urllib.request.urlopen(
-                    f"{url.rstrip('/')}{LOG_STATE_PATH}", timeout=self.timeout_s
-                ) as resp:
-                    state = json.loads(resp.read())
+                state = self.state(url)
                 rows, size = int(state["spill_rows"]), int(state["spill_bytes"])
+                if (
+                    state.get("writer_alive") is False
+                ):  # nothing replays its files: waiting would stall the rollout
+                    log.warning(
+                        "version %s has no prediction log writer; its %s spilled rows are not waited for",
+                        version,
+                        rows,
+                    )
+                    continue
             except (OSError, ValueError, KeyError, TypeError) as exc:  # unreachable, an error, not a Bento
                 log.info("no log backlog read from version %s (%s)", version, exc.__class__.__name__)
                 continue

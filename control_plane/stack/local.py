@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from control_plane.label_spill import dead_letter_lines
 from control_plane.settings import Settings
 from control_plane.stack import programs
 from control_plane.stack.supervisor import Supervisor
@@ -198,14 +199,29 @@ def status(settings: Settings) -> dict:
         ctx = bootstrap(settings)
         for role, (version, weight) in sorted(ctx.traffic_store.load().items()):
             url = f"http://{settings.bind_host}:{programs.bento_port(settings, version)}" if version else None
+            healthy = bool(url and is_ready(url))
             out["versions"].append(
                 {
                     "role": role,
                     "version": version,
                     "weight": weight,
-                    "healthy": bool(url and is_ready(url)),
+                    "healthy": healthy,
                     "url": url,
+                    "log": _log_state(url) if healthy else None,
                 }
             )
         ctx.engine.dispose()
+    out["dead_letter_rows"] = dead_letter_lines(settings.spill_dir)
     return out
+
+
+def _log_state(url: str) -> dict | None:
+    """What `recsys status` shows of a Bento's prediction log: rows lost, spilled, set aside; disk and database."""
+    from control_plane.log_backlog import HttpLogBacklog
+
+    try:
+        state = HttpLogBacklog(timeout_s=2.0).state(url)
+    except (OSError, ValueError):
+        return None
+    keys = ("rows_lost", "rows_rejected", "rows_corrupt", "spill_rows", "db_up", "disk_ok")
+    return {k: state[k] for k in keys if k in state}

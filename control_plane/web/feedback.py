@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
 from control_plane.errors import InvalidRequest
 from control_plane.labels import LabelSink, parse_labels
+from control_plane.web.metrics import LABEL_ROWS_EXTENSION
 from control_plane.web.wiring import current_ctx, wiring
 
 bp = Blueprint("feedback", __name__)
@@ -17,7 +18,9 @@ def _sink() -> LabelSink:
     w = wiring()
     if getattr(w, "label_sink", None) is None:
         ctx = current_ctx()
-        w.label_sink = LabelSink(ctx.engine, ctx.settings.spill_dir)
+        w.label_sink = LabelSink(
+            ctx.engine, ctx.settings.spill_dir, on_rows=current_app.extensions.get(LABEL_ROWS_EXTENSION)
+        )
     return w.label_sink
 
 

@@ -178,6 +178,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not (isinstance(value, float) and not math.isfinite(value))
 
 
+LABEL_ROWS_EXTENSION = "recsys_label_rows"  # app.extensions: counts the label spill's outcomes
+LABEL_OUTCOMES = ("spilled", "replayed", "dead_letter", "refused", "lost")
+
+
 def install_metrics(app: Flask, get_ctx: Callable[[], Context]) -> None:
     """Count requests per endpoint and status, and serve /metrics."""
     multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -196,6 +200,16 @@ def install_metrics(app: Flask, get_ctx: Callable[[], Context]) -> None:
         ["endpoint"],
         registry=http_registry,
     )
+    label_rows = Counter(
+        "recsys_label_spill_rows",
+        "Labels by what the spill did with them: spilled, replayed, dead_letter (moved aside), "
+        "refused (database down and the disk full: the client got 503), lost (not even moved aside)",
+        ["outcome"],
+        registry=http_registry,
+    )
+    for outcome in LABEL_OUTCOMES:  # every series from the start, at 0: increase() sees the first one
+        label_rows.labels(outcome)
+    app.extensions[LABEL_ROWS_EXTENSION] = lambda outcome, n: label_rows.labels(outcome).inc(n)
     registry.register(RolloutCollector(get_ctx))
 
     @app.after_request

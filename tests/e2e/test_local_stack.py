@@ -76,8 +76,13 @@ def test_recsys_up_reports_every_process_and_version(stack):
         "baseline": (2, 85, True),
         "canary": (3, 10, True),
     }
+    # each Bento's prediction log: nothing lost or set aside, database and spill disk working
+    for v in roles.values():
+        assert v["log"]["rows_lost"] == 0 and v["log"]["db_up"] and v["log"]["disk_ok"], v
+    assert st["dead_letter_rows"] == 0
     human = stack.recsys("status").stdout
     assert "baseline" in human and "ready" in human
+    assert "prediction log" in human and "dead-letter rows" in human
 
 
 def test_each_response_says_which_version_and_role_served_it(stack):

@@ -9,44 +9,27 @@ Bound: 30 s outage at ~20 requests/s (about 800 requests); every one must be a 2
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
-import uuid
-from pathlib import Path
 from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 
 from control_plane import jobs, services
 from control_plane.analysis.types import Phase
-from control_plane.context import bootstrap
 from control_plane.db.engine import make_engine
-from control_plane.db.schema import decisions, labels, predictions
+from control_plane.db.schema import decisions, predictions
 from control_plane.log_backlog import HttpLogBacklog
-from control_plane.settings import Settings
-from control_plane.traffic_ops import apply_assignment
 from control_plane.web import create_app
-from tests.conftest import free_port, fresh_database, ready_servers, wait_for
-from tests.integration._tcp_proxy import TcpProxy
-from tests.integration.test_predlog_postgres import via_port
-from tests.steady_traffic import Traffic
+from tests.conftest import fresh_database, wait_for
+from tests.integration._canary_world import baseline_rows, canary_world, steady_load, unrecorded_ticks_cleared
 
 pytestmark = pytest.mark.integration
 
-VENV_BIN = Path(sys.executable).parent
 OUTAGE_S = 30
 RATE_PER_S = 20
-FEATURES = [0.6, 1.2, 0.3, 1.6, 0.25, 28.0, 40.0, 4.2, 0.1, 0.4, 1.0, 0.5, -0.8, 0.0, 2.0, 1.0]
 INTERVAL_S = 5  # the schedule's interval for the evaluations this test runs by hand
-
-
-def steady_load(url: str) -> Traffic:
-    """Predictions at RATE_PER_S straight to the Bento, marked as if Traefik's split had sent them."""
-    return Traffic(url, RATE_PER_S, FEATURES, headers={"x-recsys-route": "weighted"}, prefix="outage")
 
 
 @pytest.fixture(scope="module")
@@ -59,120 +42,15 @@ def database():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, database, redis_url_module):
     """Versions 1 (baseline) and 2 (canary) registered; v2 served by `bentoml serve`, all through the proxy."""
-    from training.train import train_and_register
-
-    work = tmp_path_factory.mktemp("outage")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    for profile in ("baseline", "better"):
-        train_and_register(
-            tracking_uri=uri,
-            artifact_location=str(work / "art"),
-            profile=profile,
-            n_rows=400,
-            iterations=20,
-            progress=False,
-        )
-    pg = urlsplit(database)
-    proxy = TcpProxy(free_port(), (pg.hostname, pg.port or 5432)).start()
-    via_proxy = via_port(database, proxy.port)
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(work / "bentoml"),
-        "BENTOML_DO_NOT_TRACK": "true",
-        "MLFLOW_TRACKING_URI": uri,
-        "RECSYS_STATE_DIR": str(work / "state"),
-        "DATABASE_URL": via_proxy,
-        "RECSYS_SPILL_DIR": str(work / "spill"),
-        "REDIS_URL": redis_url_module,
-    }
-    built = subprocess.run(
-        [str(VENV_BIN / "python"), "-m", "bentos.build", "--version", "2"],
-        env=env,
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert built.returncode == 0, built.stderr[-3000:]
-    port = free_port()
-    log_path = work / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "bentoml"), "serve", "recsys:v2", "--port", str(port), "--host", "127.0.0.1"],
-            env=env,
-            cwd=work,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    (fake,) = ready_servers(1)
-    bento = f"http://127.0.0.1:{port}"
-    settings = Settings.from_env(
-        {**env, "RECSYS_BENTO_URLS": f"1=http://127.0.0.1:{fake.server_address[1]},2={bento}"}
-    )
-    ctx = bootstrap(settings)
-    ctx.drain_s = 0
-    try:
-
-        def ready():
-            assert proc.poll() is None, log_path.read_text()[-4000:]
-            try:
-                return httpx.get(f"{bento}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, 120, "bentoml serve ready")
-        ctx.registry.set_alias("baseline", 1)
-        apply_assignment(ctx, {"baseline": (1, 100)})
-        yield ctx, proxy, bento, work
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        fake.shutdown()
-        proxy.stop()
-        ctx.engine.dispose()
+    with canary_world(tmp_path_factory.mktemp("outage"), database, redis_url_module) as w:
+        yield w.ctx, w.proxy, w.bento, w.work
 
 
 @pytest.fixture(scope="module")
 def redis_url_module():
-    import redis
-
     url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/8"
-    client = redis.Redis.from_url(url)
-    client.delete(jobs.UNRECORDED_TICKS_KEY)
-    yield url
-    client.delete(jobs.UNRECORDED_TICKS_KEY)
-    client.close()
-
-
-def baseline_rows(engine, answers, rng) -> None:
-    """What the baseline's Bento would have logged at 50 % (it is a fake here): the twin of each of the
-    canary's `answers`, at the same moment (so that the windows, which stop short of now while the
-    newest rows arrive, count the two arms alike), slow, with labels."""
-    now = time.time()
-    rows = [
-        {
-            "request_id": f"base-{uuid.uuid4().hex}",
-            "ts": a.t,
-            "model_version": 1,
-            "role": "baseline",
-            "route": "weighted",
-            "endpoint": "predict",
-            "features": None,
-            "score": float(rng.random()),
-            "latency_ms": 500 + rng.random(),
-            "status": 200,
-        }
-        for a in answers
-    ]
-    with engine.begin() as conn:
-        conn.execute(insert(predictions), rows)
-        conn.execute(
-            insert(labels),
-            [{"request_id": r["request_id"], "label": int(rng.random() < 0.3), "ts": now} for r in rows],
-        )
+    with unrecorded_ticks_cleared(url):
+        yield url
 
 
 def canary_rows(engine) -> int:
@@ -195,14 +73,14 @@ def test_a_30_second_database_outage_under_load(world, database, monkeypatch):
     rng = np.random.default_rng(0)
     policy = {"steps": [50], "step_min_duration_s": 3600, "p99_ratio": 10.0}  # holds: it never acts here
     rollout = services.start_canary(ctx, 2, policy, actor="test")
-    with steady_load(bento) as warmup:
+    with steady_load(bento, RATE_PER_S, "outage") as warmup:
         time.sleep(3)
-    baseline_rows(direct, warmup.answers, rng)
+    baseline_rows(direct, [a.t for a in warmup.answers], rng)
     wait_for(lambda: canary_rows(direct) >= len(warmup.answers), 20, "warm-up rows")
     before = run_tick(monkeypatch, ctx)
     assert before["action"] == "hold", before
 
-    with steady_load(bento) as traffic:
+    with steady_load(bento, RATE_PER_S, "outage") as traffic:
         time.sleep(5)
         proxy.stop()
         cut_at = time.time()
@@ -268,7 +146,7 @@ def test_a_30_second_database_outage_under_load(world, database, monkeypatch):
 
     # The control plane is ready again; the next tick records the outage's tick as "no data", then evaluates.
     assert app.get("/readyz").status_code == 200
-    baseline_rows(direct, traffic.answers, rng)  # the baseline's half of the same traffic
+    baseline_rows(direct, [a.t for a in traffic.answers], rng)  # the baseline's half of the same traffic
     after = run_tick(monkeypatch, ctx)
     assert after is not None and after["action"] == "hold", after
     with direct.connect() as conn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -9,7 +10,10 @@ from sqlalchemy import func, insert, select
 
 from control_plane.db.engine import make_engine
 from control_plane.db.schema import labels, predictions
+from control_plane.label_spill import dead_letter_lines
 from control_plane.web.app import create_app
+from tests.conftest import wait_for
+from tests.small_disk import SmallDisk
 from tests.web_support import make_context, make_settings
 
 pytestmark = pytest.mark.integration
@@ -26,6 +30,11 @@ def client(pg_url, pg_engine, tmp_path):
 def label_rows(engine) -> dict[str, int]:
     with engine.connect() as conn:
         return dict(conn.execute(select(labels.c.request_id, labels.c.label)).all())
+
+
+def waiting(spill_dir) -> list:
+    """Label spill files and claims not yet replayed (dead-letter files are not)."""
+    return [*spill_dir.glob("labels-*.jsonl"), *spill_dir.glob("claimed-labels-*.jsonl")]
 
 
 def test_a_single_label_is_stored(client, pg_engine):
@@ -111,4 +120,60 @@ def test_labels_sent_while_the_database_is_down_are_kept_and_replayed(client, pg
     ctx.engine = good
     c.application.extensions[EXTENSION].label_sink = None
     assert c.post("/feedback", json={"request_id": "after", "label": 0}).status_code == 200
-    assert label_rows(pg_engine) == {"during-outage": 1, "after": 0}
+    # replayed on a thread of its own, started by the first label stored
+    wait_for(
+        lambda: label_rows(pg_engine) == {"during-outage": 1, "after": 0}, 10, "the spilled label replayed"
+    )
+    assert not waiting(ctx.settings.spill_dir)
+
+
+def test_a_spilled_label_postgres_refuses_is_set_aside_and_feedback_keeps_answering(client, pg_engine):
+    """A NUL in an id, a torn line: Postgres cannot take them, and they must not fail every later request."""
+    c, ctx = client
+    spill_dir = ctx.settings.spill_dir
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    lines = [
+        json.dumps({"request_id": "kept-1", "label": 1, "ts": 1.0}),
+        json.dumps({"request_id": "nul\x00id", "label": 0, "ts": 1.0}),
+        json.dumps({"request_id": "lone-\ud800", "label": 0, "ts": 1.0}),
+        '{"request_id": "torn", "la',
+        json.dumps({"request_id": "kept-2", "label": 0, "ts": 2.0}),
+    ]
+    (spill_dir / "labels-99999.jsonl").write_text("\n".join(lines) + "\n")
+    for i in range(5):
+        resp = c.post("/feedback", json={"request_id": f"later-{i}", "label": 1})
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+    wait_for(lambda: {"kept-1", "kept-2"} <= set(label_rows(pg_engine)), 10, "the good labels replayed")
+    wait_for(lambda: not waiting(spill_dir), 10, "the spill file removed")
+    assert set(label_rows(pg_engine)) == {"kept-1", "kept-2", *(f"later-{i}" for i in range(5))}
+    assert dead_letter_lines(spill_dir) == 3
+    metrics = c.get("/metrics").get_data(as_text=True)
+    assert 'recsys_label_spill_rows_total{outcome="dead_letter"} 3.0' in metrics
+    assert 'recsys_label_spill_rows_total{outcome="replayed"} 2.0' in metrics
+
+
+def test_with_the_database_down_and_the_spill_disk_full_feedback_answers_503_and_counts_it(
+    pg_url, pg_engine, tmp_path
+):
+    """A real full disk (a tmpfs): nothing can keep the labels, so the client hears so and may send again."""
+    with SmallDisk(tmp_path / "spill", size_kb=256) as disk:
+        settings = make_settings(tmp_path, pg_url)
+        assert settings.spill_dir == disk.path
+        ctx = make_context(settings, pg_engine)
+        ctx.engine = make_engine("postgresql+psycopg2://postgres@127.0.0.1:1/none")  # nothing listens there
+        c = create_app(settings, ctx).test_client()
+        disk.fill()
+        resp = c.post("/feedback", json=[{"request_id": "a", "label": 1}, {"request_id": "b", "label": 0}])
+        assert resp.status_code == 503
+        assert "database is unreachable" in resp.json["error"] and "No space left" in resp.json["error"]
+        assert 'recsys_label_spill_rows_total{outcome="refused"} 2.0' in c.get("/metrics").get_data(
+            as_text=True
+        )
+        disk.free()  # space is back: the next label is kept again, without a restart
+        assert c.post("/feedback", json={"request_id": "c", "label": 1}).status_code == 202
+        ctx.engine = pg_engine
+        from control_plane.web.wiring import EXTENSION
+
+        c.application.extensions[EXTENSION].label_sink = None
+        assert c.post("/feedback", json={"request_id": "d", "label": 1}).status_code == 200
+        wait_for(lambda: set(label_rows(pg_engine)) == {"c", "d"}, 10, "the spilled label replayed")

@@ -55,3 +55,10 @@ def test_only_bentos_with_rows_to_replay_are_named_and_those_that_do_not_answer_
     }
     assert HttpLogBacklog(timeout_s=1).waiting(endpoints) == [Backlog(2, 1234, 250_000), Backlog(3, 0, 512)]
     assert str(Backlog(2, 1234, 250_000)) == "version 2: 1,234 rows, 250,000 bytes in spill files"
+
+
+def test_a_bento_with_no_writer_alive_is_not_waited_for(serve):
+    """Nothing would replay its files: waiting would record no_data at every evaluation."""
+    stuck = json.loads(log_state(2, 500, 100_000)) | {"writer_alive": False}
+    endpoints = {1: serve(log_state(1, 10, 2_000)), 2: serve(json.dumps(stuck))}
+    assert HttpLogBacklog(timeout_s=1).waiting(endpoints) == [Backlog(1, 10, 2_000)]

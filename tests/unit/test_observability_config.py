@@ -338,6 +338,10 @@ def test_the_dashboard_and_rules_read_these_metrics():
         "recsys_predlog_queue_depth",
         "recsys_predlog_spill_bytes",
         "recsys_predlog_db_up",
+        "recsys_predlog_disk_ok",
+        "recsys_predlog_rows_lost_total",
+        "recsys_predlog_rows_rejected_total",
+        "recsys_predlog_rows_corrupt_total",
         # Traefik
         "traefik_service_requests_total",
         # control plane (control_plane/web/metrics.py)
@@ -350,6 +354,7 @@ def test_the_dashboard_and_rules_read_these_metrics():
         "recsys_last_evaluation_rule_passed",
         "recsys_label_coverage",
         "recsys_accuracy",
+        "recsys_label_spill_rows_total",
         # worker (control_plane/worker_metrics.py)
         "recsys_job_duration_seconds_bucket",
         "recsys_jobs_total",

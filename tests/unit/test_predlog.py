@@ -64,16 +64,6 @@ class BreakableDatabase:
         return n
 
 
-@pytest.fixture
-def db(tmp_path) -> BreakableDatabase:
-    return BreakableDatabase(tmp_path / "recsys.db")
-
-
-@pytest.fixture
-def spill_dir(tmp_path) -> Path:
-    return tmp_path / "spill"
-
-
 def row(i: int | str, **overrides) -> PredictionRow:
     r = {
         "request_id": f"req-{i}",
