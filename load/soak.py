@@ -176,7 +176,7 @@ class MemorySampler:
 
 # --- the control plane -------------------------------------------------------------------------------
 def _api(settings: Settings, method: str, path: str, body=None) -> tuple[int, dict]:
-    from control_plane.web.auth import ensure_api_token
+    from control_plane.credentials import ensure_api_token
 
     req = urllib.request.Request(
         f"http://127.0.0.1:{settings.control_plane_port}{path}",
