@@ -308,7 +308,14 @@ def _request_id_signer():
     from control_plane.credentials import ensure_request_id_key
     from control_plane.request_ids import RequestIdSigner
 
-    return RequestIdSigner.from_secret(ensure_request_id_key(_settings()))
+    try:
+        return RequestIdSigner.from_secret(ensure_request_id_key(_settings()))
+    except OSError:
+        logging.getLogger("recsys.http").exception(
+            "no request-id key readable: this Bento's ids are signed with a key of its own, and no label "
+            "can be accepted for them (set RECSYS_REQUEST_ID_KEY or make the state directory readable)"
+        )
+        return RequestIdSigner.ephemeral()
 
 
 def _current_service_or_none():
