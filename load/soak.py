@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     if not gateway_answers(settings):
         print("The local stack is not up: starting it (recsys up).", flush=True)
-        up(settings)
+        settings = up(settings)
     bounds = Bounds(args.max_error_rate, args.max_rss_growth_mb)
     result = soak(
         settings,

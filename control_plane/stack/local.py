@@ -136,7 +136,8 @@ def create_secrets(settings: Settings) -> Settings:
     return settings
 
 
-def up(settings: Settings) -> None:
+def up(settings: Settings) -> Settings:
+    """Start the whole stack; returns the settings it ran with (the embedded Redis' password among them)."""
     from control_plane.context import bootstrap
     from control_plane.db.engine import migrate
     from control_plane.jobs import schedule_evaluations
@@ -185,6 +186,7 @@ def up(settings: Settings) -> None:
     _wait("the gateway", lambda: gateway_answers(settings), 60)
     _say(f"Up in {time.monotonic() - t0:.0f} s.")
     print_urls(settings)
+    return settings
 
 
 def print_urls(settings: Settings) -> None:
