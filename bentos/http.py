@@ -30,11 +30,14 @@ from contextvars import Context, ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from control_plane.request_ids import MAX_CLIENT_ID_CHARS, RequestIdSigner
+
 log = logging.getLogger("recsys.http")
 
 LOG_STATE_PATH = "/predlog"
 ROUTES = ("weighted", "override")  # values of X-Recsys-Route set by Traefik; anything else is "direct"
-MAX_REQUEST_ID_CHARS = 128  # predictions.request_id is String(128)
+# The client's X-Request-ID is kept in front of the id the Bento issues (control_plane/request_ids.py).
+MAX_REQUEST_ID_CHARS = MAX_CLIENT_ID_CHARS
 
 
 @dataclass(slots=True)
@@ -96,8 +99,12 @@ class RequestGate:
         max_body_bytes: int | Callable[[], int],
         state: Callable[[], ServingState | None],
         body_timeout_s: float = 10.0,
+        request_ids: Callable[[], RequestIdSigner] | None = None,
     ) -> None:
         self.app = app
+        # Signs the id of every answer; by default a key of this process alone (no label can name its ids).
+        self._request_ids_getter = request_ids or RequestIdSigner.ephemeral
+        self._request_ids: RequestIdSigner | None = None
         self.body_deadline = BodyDeadline(body_timeout_s)
         self.endpoints = endpoints  # path -> endpoint name
         self._max_body_bytes = max_body_bytes
@@ -109,6 +116,12 @@ class RequestGate:
         if callable(self._max_body_bytes):
             self._max_body_bytes = self._max_body_bytes()
         return self._max_body_bytes
+
+    @property
+    def request_ids(self) -> RequestIdSigner:
+        if self._request_ids is None:
+            self._request_ids = self._request_ids_getter()
+        return self._request_ids
 
     def _serving_state(self) -> ServingState | None:
         if self._state is None:
@@ -129,7 +142,9 @@ class RequestGate:
         role = state.current_role() if state is not None else "unknown"
         version = str(state.model_version) if state is not None else ""
         supplied_id = headers.get("x-request-id")
-        request_id = supplied_id if supplied_id and valid_request_id(supplied_id) else new_request_id()
+        # Always a fresh id, the client's in front of it: a client cannot make two answers share a row.
+        client_id = supplied_id if supplied_id and valid_request_id(supplied_id) else None
+        request_id = self.request_ids.issue(new_request_id(), client_id)
         route = headers.get("x-recsys-route", "direct")
         info = RequestInfo(
             request_id=request_id,

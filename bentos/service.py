@@ -267,6 +267,7 @@ Recsys.add_asgi_middleware(
     max_body_bytes=lambda: _settings().max_body_bytes,
     state=lambda: _current_service_or_none(),
     body_timeout_s=TRAFFIC_TIMEOUT_S,
+    request_ids=lambda: _request_id_signer(),
 )
 # Before BentoML's own middlewares, which each model request paid for (bentos/bentoml_fixes.py);
 # patched here, at import, because `bentoml serve` builds the app right after importing this module.
@@ -308,6 +309,21 @@ def _settings():
     from control_plane.settings import Settings
 
     return Settings.from_env()
+
+
+def _request_id_signer():
+    """Signs the ids this Bento issues with the key the control plane checks labels against."""
+    from control_plane.credentials import ensure_request_id_key
+    from control_plane.request_ids import RequestIdSigner
+
+    try:
+        return RequestIdSigner.from_secret(ensure_request_id_key(_settings()))
+    except OSError:
+        logging.getLogger("recsys.http").exception(
+            "no request-id key readable: this Bento's ids are signed with a key of its own, and no label "
+            "can be accepted for them (set RECSYS_REQUEST_ID_KEY or make the state directory readable)"
+        )
+        return RequestIdSigner.ephemeral()
 
 
 def _current_service_or_none():

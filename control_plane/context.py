@@ -47,7 +47,7 @@ def bootstrap(settings: Settings | None = None) -> Context:
     from control_plane.deployer.fixed import FixedDeployer
     from control_plane.deployer.local import LocalDeployer
     from control_plane.registry.mlflow_registry import MlflowRegistry
-    from control_plane.traffic.traefik_file import TraefikFileRouter
+    from control_plane.traffic.traefik_file import GatewayOptions, TraefikFileRouter
 
     settings = settings or Settings.from_env()
     engine = make_engine(settings.database_url)
@@ -61,8 +61,12 @@ def bootstrap(settings: Settings | None = None) -> Context:
         registry=registry,
         router=TraefikFileRouter(
             settings.traefik_dynamic_dir,
-            control_plane_url=settings.effective_control_plane_url,
-            max_body_bytes=settings.max_body_bytes,
+            options=GatewayOptions(
+                control_plane_url=settings.effective_control_plane_url,
+                max_body_bytes=settings.max_body_bytes,
+                label_rate_per_s=settings.label_rate_per_s,
+                label_burst=settings.label_burst,
+            ),
         ),
         deployer=FixedDeployer(settings.bento_urls) if settings.bento_urls else LocalDeployer(settings),
     )

@@ -38,6 +38,19 @@ class ActionBusy(RolloutConflict):
         )
 
 
+class LabelConflict(RecsysError):
+    """A label contradicts the one already stored for its request (a request's first label is its outcome)."""
+
+    http_status = 409
+
+    def __init__(self, request_ids: list[str]):
+        super().__init__(
+            f"{len(request_ids)} request(s) already have a different label, e.g. {request_ids[0][:80]!r}: "
+            "a request's first label is its outcome; nothing of this batch was stored"
+        )
+        self.request_ids = request_ids
+
+
 class DeployFailed(RecsysError):
     """A version could not be built or started, so it received no traffic."""
 

@@ -19,6 +19,10 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
 log = logging.getLogger(__name__)
 
 QUEUE = "recsys"
@@ -26,6 +30,35 @@ EVALUATE_JOB_ID = "recsys-evaluate"
 EVALUATE_FUNC = "control_plane.jobs.evaluate_job"  # by name: the scheduler may run this module as __main__
 UNRECORDED_TICKS_KEY = "recsys:evaluations:unrecorded"  # hash: tick -> why the database did not take it
 _ctx = None  # one Context per worker process, built on the first job
+# Jobs go through Redis as JSON, never pickle: whoever can write to Redis cannot make the worker run code
+# (a job names a function by its dotted path and passes plain arguments). The worker runs with
+# `--serializer json`; rq-scheduler 0.14 takes no serializer, so it gets these job and queue classes.
+WORKER_SERIALIZER = "json"
+
+
+class JSONJob(Job):
+    """An RQ job serialized as JSON unless told otherwise."""
+
+    def __init__(self, id: str | None = None, connection=None, serializer=None):
+        super().__init__(id, connection=connection, serializer=serializer or JSONSerializer)
+
+
+class JSONQueue(Queue):
+    """An RQ queue whose jobs are JSONJobs serialized as JSON."""
+
+    job_class = JSONJob
+
+    def __init__(self, *args, serializer=None, **kwargs):
+        kwargs.setdefault("job_class", JSONJob)
+        super().__init__(*args, serializer=serializer or JSONSerializer, **kwargs)
+
+
+def _scheduler(conn, scheduler_class=None, **kwargs):
+    """rq-scheduler over `conn`, making and moving JSON jobs."""
+    from rq_scheduler import Scheduler
+
+    cls = scheduler_class or Scheduler
+    return cls(queue_name=QUEUE, connection=conn, job_class=JSONJob, queue_class=JSONQueue, **kwargs)
 
 
 def _context():
@@ -125,10 +158,9 @@ def _scheduled_ids(conn, scheduler) -> list[str]:
 def schedule_evaluations(redis_url: str, interval_s: int) -> None:
     """Register (or re-register) the periodic evaluation with rq-scheduler; safe to call on every start."""
     from redis import Redis
-    from rq_scheduler import Scheduler
 
     conn = Redis.from_url(redis_url)
-    scheduler = Scheduler(queue_name=QUEUE, connection=conn)
+    scheduler = _scheduler(conn)
     new = _schedule(scheduler, interval_s)  # the new one first: there is never a moment with none
     for job_id in _scheduled_ids(conn, scheduler):
         if job_id.startswith(EVALUATE_JOB_ID) and job_id != new:
@@ -138,9 +170,7 @@ def schedule_evaluations(redis_url: str, interval_s: int) -> None:
 
 def ensure_scheduled(conn, interval_s: int) -> bool:
     """Schedule the periodic evaluation unless one is scheduled already; True when it had to."""
-    from rq_scheduler import Scheduler
-
-    scheduler = Scheduler(queue_name=QUEUE, connection=conn)
+    scheduler = _scheduler(conn)
     if any(i.startswith(EVALUATE_JOB_ID) for i in _scheduled_ids(conn, scheduler)):
         return False
     _schedule(scheduler, interval_s)
@@ -168,7 +198,7 @@ def run_scheduler(redis_url: str, interval_s: int, poll_s: float = 1.0) -> None:
             if down_since is not None:
                 log.warning("Redis is back after %.0f s", time.monotonic() - down_since)
                 down_since = None
-            EvaluationScheduler(queue_name=QUEUE, connection=conn, interval=poll_s).run()
+            _scheduler(conn, EvaluationScheduler, interval=poll_s).run()
             return
         except (RedisConnectionError, RedisTimeout) as exc:
             if down_since is None:

@@ -1,4 +1,8 @@
-"""Late-arriving labels: validated, then upserted (a second label for a request replaces the first)."""
+"""Late-arriving labels: validated, then stored; a request's first label is its outcome.
+
+The same label again changes nothing; a different one is refused (409), so no one can flip an outcome
+after it was counted, and a request id is written to `labels` at most once (docs/labels.md).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from control_plane.db.schema import labels
-from control_plane.errors import InvalidRequest, LabelsNotKept
+from control_plane.errors import InvalidRequest, LabelConflict, LabelsNotKept
 from control_plane.label_spill import LabelSpill, SpillFull
 
 MAX_BATCH = 1000
@@ -44,24 +48,33 @@ def parse_labels(body: Any) -> list[tuple[str, int]]:
     return list(out.items())
 
 
-def record_labels(engine: Engine, items: list[tuple[str, int]], now: float | None = None) -> int:
-    """Upsert labels by request id; returns how many were written."""
+def record_labels(
+    engine: Engine, items: list[tuple[str, int]], now: float | None = None, *, refuse_conflicts: bool = True
+) -> int:
+    """Insert the labels of requests that have none; returns how many were written.
+
+    A label that contradicts a stored one raises LabelConflict and nothing of the batch is written
+    (`refuse_conflicts=False`, for replays of spilled labels: the stored one is kept, silently).
+    """
     ts = time.time() if now is None else now
-    rows = [{"request_id": rid, "label": label, "ts": ts} for rid, label in items]
     if engine.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(labels)
-    # An older label never replaces a newer one: a label replayed from a spill file may arrive after a
-    # later label for the same request was stored directly, and a replay may run twice.
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[labels.c.request_id],
-        set_={"label": stmt.excluded.label, "ts": stmt.excluded.ts},
-        where=labels.c.ts <= stmt.excluded.ts,
-    )
     with engine.begin() as conn:
-        conn.execute(stmt, rows)
+        stored = dict(
+            conn.execute(
+                select(labels.c.request_id, labels.c.label).where(
+                    labels.c.request_id.in_([r for r, _ in items])
+                )
+            ).all()
+        )
+        conflicts = [rid for rid, label in items if stored.get(rid, label) != label]
+        if conflicts and refuse_conflicts:
+            raise LabelConflict(conflicts)
+        rows = [{"request_id": rid, "label": label, "ts": ts} for rid, label in items if rid not in stored]
+        if rows:  # two writers at once: the first insert wins, the other's row is dropped here
+            conn.execute(insert(labels).on_conflict_do_nothing(index_elements=[labels.c.request_id]), rows)
     return len(rows)
 
 
@@ -71,7 +84,7 @@ class LabelSink:
     def __init__(self, engine: Engine, spill_dir, on_rows: Callable[[str, int], None] | None = None):
         self.engine = engine
         self.spill = LabelSpill(
-            spill_dir, lambda items, ts: record_labels(engine, items, ts), on_rows=on_rows
+            spill_dir, lambda items, ts: record_labels(engine, items, ts, refuse_conflicts=False), on_rows=on_rows
         )
 
     def record(self, items: list[tuple[str, int]]) -> str:

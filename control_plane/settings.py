@@ -13,6 +13,7 @@ TRAEFIK_ACCESS_LOG_MODES = ("problems", "all", "off")  # control_plane/traffic/s
 # version and Traefik's CRD provider (docs/kubernetes.md).
 DEPLOYERS = ("auto", "kubernetes")
 K8S_AUTOSCALERS = ("hpa", "keda")
+REDIS_PASSWORD_FILE = "redis-password"  # in the state directory (control_plane/credentials.py)
 
 
 def parse_weights(text: str) -> dict[str, int]:
@@ -60,6 +61,16 @@ def parse_choice(name: str, text: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _embedded_redis_password(env: dict[str, str], state_dir: Path) -> str:
+    """RECSYS_REDIS_PASSWORD, else the file `recsys up` created (control_plane/credentials.py), else empty."""
+    if env.get("RECSYS_REDIS_PASSWORD"):
+        return env["RECSYS_REDIS_PASSWORD"]
+    try:
+        return (state_dir / REDIS_PASSWORD_FILE).read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, with embedded defaults under one state directory."""
@@ -86,6 +97,14 @@ class Settings:
     action_wait_s: float = 20.0  # how long an action waits for one in progress before a 409
     max_body_bytes: int = 1_000_000
     api_token: str = ""  # empty: read from (or created in) state_dir/api-token
+    # Labels (docs/labels.md): their own token, the key the Bentos sign request ids with, and what one
+    # client (by source address, at the gateway) may send: requests a second on average, and a burst.
+    label_token: str = ""  # empty: state_dir/label-token
+    request_id_key: str = ""  # empty: state_dir/request-id-key
+    label_rate_per_s: int = 300
+    label_burst: int = 600
+    # The embedded redis-server's password (empty with REDIS_URL, which then carries its own).
+    redis_password: str = ""  # empty: state_dir/redis-password, once `recsys up` has created it
     embedded_redis_port: int = 6390
     worker_metrics_port: int = 9101
     bentoml_home: Path = Path(".recsys/bentoml")
@@ -132,6 +151,11 @@ class Settings:
             action_wait_s=float(env.get("RECSYS_ACTION_WAIT_S", 20.0)),
             max_body_bytes=int(env.get("RECSYS_MAX_BODY_BYTES", 1_000_000)),
             api_token=env.get("RECSYS_API_TOKEN", ""),
+            label_token=env.get("RECSYS_LABEL_TOKEN", ""),
+            request_id_key=env.get("RECSYS_REQUEST_ID_KEY", ""),
+            label_rate_per_s=int(env.get("RECSYS_LABEL_RATE_PER_S", 300)),
+            label_burst=int(env.get("RECSYS_LABEL_BURST", 600)),
+            redis_password="" if env.get("REDIS_URL") else _embedded_redis_password(env, state_dir),
             embedded_redis_port=int(env.get("RECSYS_EMBEDDED_REDIS_PORT", 6390)),
             worker_metrics_port=int(env.get("RECSYS_WORKER_METRICS_PORT", 9101)),
             bentoml_home=Path(env.get("BENTOML_HOME") or state_dir / "bentoml").absolute(),
@@ -162,8 +186,9 @@ class Settings:
 
     @property
     def effective_redis_url(self) -> str:
-        """REDIS_URL, or the embedded redis-server the local stack runs."""
-        return self.redis_url or f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+        """REDIS_URL, or the embedded redis-server the local stack runs (with its password)."""
+        auth = f":{self.redis_password}@" if self.redis_password else ""
+        return self.redis_url or f"redis://{auth}127.0.0.1:{self.embedded_redis_port}/0"
 
     def to_env(self) -> dict[str, str]:
         """The environment that gives a child process these same settings."""
@@ -187,6 +212,8 @@ class Settings:
             "RECSYS_LOG_SETTLE_S": str(self.log_settle_s),
             "RECSYS_ACTION_WAIT_S": str(self.action_wait_s),
             "RECSYS_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "RECSYS_LABEL_RATE_PER_S": str(self.label_rate_per_s),
+            "RECSYS_LABEL_BURST": str(self.label_burst),
             "RECSYS_EMBEDDED_REDIS_PORT": str(self.embedded_redis_port),
             "RECSYS_WORKER_METRICS_PORT": str(self.worker_metrics_port),
             "RECSYS_TRAEFIK_FAST_PROXY": "on" if self.traefik_fast_proxy else "off",

@@ -73,12 +73,14 @@ def run_story(ctx, version: int, expect: Phase, policy: dict, timeout_s: float) 
     return False, rollout.id
 
 
-def ensure_stack(settings: Settings) -> None:
+def ensure_stack(settings: Settings) -> Settings:
+    """The stack up; the settings to use with it (a fresh `recsys up` creates the Redis password)."""
     from control_plane.stack.local import gateway_answers, up
 
-    if not gateway_answers(settings):
-        _say("The local stack is not up: starting it (recsys up).")
-        up(settings)
+    if gateway_answers(settings):
+        return settings
+    _say("The local stack is not up: starting it (recsys up).")
+    return up(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from control_plane.jobs import schedule_evaluations
     from training.train import train_and_register
 
-    settings = Settings.from_env()
-    ensure_stack(settings)
+    settings = ensure_stack(Settings.from_env())
     ctx = bootstrap(settings)
     schedule_evaluations(settings.effective_redis_url, args.interval)
     policy = Policy.fast(step_min_duration_s=args.step_seconds, p99_ratio=args.p99_ratio).to_dict()

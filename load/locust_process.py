@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from control_plane.credentials import ensure_label_token
 from control_plane.settings import Settings
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -30,5 +31,9 @@ def start_locust(settings: Settings, users: int, log_path: Path, *options: str) 
     ]
     with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # the label-ingest token in the environment, not on a command line that `ps` shows
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "RECSYS_LABEL_TOKEN": ensure_label_token(settings)},
         )

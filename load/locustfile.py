@@ -3,7 +3,11 @@
 Headless:  locust -f load/locustfile.py --headless -u 20 -r 10 -t 2m --host http://127.0.0.1:8080
 Web UI:    locust -f load/locustfile.py --host http://127.0.0.1:8080   (then open http://127.0.0.1:8089)
 Knobs (command line or LOCUST_* environment variables): --predict-weight, --recommend-weight,
---candidates, --label-share, --label-delay-min, --label-delay-max, --think-min, --think-max.
+--candidates, --label-share, --label-delay-min, --label-delay-max, --think-min, --think-max,
+--label-token (default: RECSYS_LABEL_TOKEN, else the state directory's label-token file).
+
+A label names the request id the gateway's answer carried (X-Request-Id, issued and signed by the Bento),
+not the id the user sent: /feedback refuses ids the system did not issue (docs/labels.md).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import gevent
 import numpy as np
 from locust import FastHttpUser, events, task
 
+from control_plane.credentials import ensure_label_token
+from control_plane.settings import Settings
 from training.data import click_probability, sample_features
 
 
@@ -33,6 +39,9 @@ def _add_arguments(parser) -> None:
     parser.add_argument(
         "--ok-log", default="", help="append the request id of every 2xx prediction to this file"
     )
+    parser.add_argument(
+        "--label-token", default="", help="the label-ingest token (default: RECSYS_LABEL_TOKEN or its file)"
+    )
 
 
 class RecsysUser(FastHttpUser):
@@ -41,6 +50,9 @@ class RecsysUser(FastHttpUser):
     def on_start(self) -> None:
         opts = self.environment.parsed_options
         self.opts = opts
+        self.label_headers = {
+            "Authorization": f"Bearer {opts.label_token or ensure_label_token(Settings.from_env())}"
+        }
         self.rng = np.random.default_rng(random.randrange(2**32))
         self.ok_log = open(opts.ok_log, "a", buffering=1) if opts.ok_log else None  # noqa: SIM115 (closed on stop)
         self.tasks = [RecsysUser.predict] * max(0, opts.predict_weight) + [RecsysUser.recommend] * max(
@@ -68,6 +80,7 @@ class RecsysUser(FastHttpUser):
             if resp.status_code != 200:
                 resp.failure(f"/predict answered {resp.status_code}: {resp.text[:200]}")
                 return
+            rid = resp.headers["X-Request-Id"]  # the id the Bento issued (the one sent is in front of it)
         self._served(rid)
         self._label_later(rid, x)
 
@@ -86,6 +99,7 @@ class RecsysUser(FastHttpUser):
                 resp.failure(f"/recommend answered {resp.status_code}: {resp.text[:200]}")
                 return
             top = resp.json()["items"][0]["item_id"]
+            rid = resp.headers["X-Request-Id"]
         self._served(rid)
         self._label_later(rid, xs[int(top.split("-")[1])])
 
@@ -98,7 +112,11 @@ class RecsysUser(FastHttpUser):
 
     def _send_label(self, rid: str, label: int) -> None:
         with self.client.post(
-            "/feedback", json={"request_id": rid, "label": label}, name="/feedback", catch_response=True
+            "/feedback",
+            json={"request_id": rid, "label": label},
+            headers=self.label_headers,
+            name="/feedback",
+            catch_response=True,
         ) as resp:
             if resp.status_code not in (200, 201, 202):
                 resp.failure(f"/feedback answered {resp.status_code}: {resp.text[:200]}")

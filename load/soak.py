@@ -176,7 +176,7 @@ class MemorySampler:
 
 # --- the control plane -------------------------------------------------------------------------------
 def _api(settings: Settings, method: str, path: str, body=None) -> tuple[int, dict]:
-    from control_plane.web.auth import ensure_api_token
+    from control_plane.credentials import ensure_api_token
 
     req = urllib.request.Request(
         f"http://127.0.0.1:{settings.control_plane_port}{path}",
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     if not gateway_answers(settings):
         print("The local stack is not up: starting it (recsys up).", flush=True)
-        up(settings)
+        settings = up(settings)
     bounds = Bounds(args.max_error_rate, args.max_rss_growth_mb)
     result = soak(
         settings,

@@ -46,7 +46,9 @@ class Traffic:
                         json={"features": self.features},
                         headers={"x-request-id": rid, **self.headers},
                     )
-                    answer = Answer(time.time(), r.status_code, rid, r.headers.get("x-model-version"))
+                    # the id the Bento issued (this one in front of it), when it answered
+                    issued = r.headers.get("x-request-id", rid)
+                    answer = Answer(time.time(), r.status_code, issued, r.headers.get("x-model-version"))
                 except httpx.HTTPError:
                     answer = Answer(time.time(), -1, rid, None)
                 self.answers.append(answer)

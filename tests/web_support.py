@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from pathlib import Path
 
 from sqlalchemy import Engine, insert
@@ -13,15 +14,27 @@ from control_plane.db.schema import labels, predictions
 from control_plane.deployer.memory import InMemoryDeployer
 from control_plane.log_backlog import InMemoryLogBacklog
 from control_plane.registry.memory import InMemoryRegistry
+from control_plane.request_ids import RequestIdSigner
 from control_plane.settings import Settings
 from control_plane.traffic.memory import InMemoryRouter
 from control_plane.traffic_ops import apply_assignment
 
 TOKEN = "test-operator-token-0123456789"
+LABEL_TOKEN = "test-label-token-0123456789"
+REQUEST_ID_KEY = "test-request-id-key-0123456789"
+SIGNER = RequestIdSigner.from_secret(REQUEST_ID_KEY)
+LABEL_HEADERS = {"Authorization": f"Bearer {LABEL_TOKEN}"}
+
+
+def issued_id(client_id: str | None = None) -> str:
+    """A request id as a Bento of these settings issues it (signed with REQUEST_ID_KEY)."""
+    return SIGNER.issue(uuid.uuid4().hex, client_id)
 
 
 def make_settings(state_dir: Path, database_url: str = "", **overrides) -> Settings:
     overrides.setdefault("api_token", TOKEN)
+    overrides.setdefault("label_token", LABEL_TOKEN)
+    overrides.setdefault("request_id_key", REQUEST_ID_KEY)
     return Settings(state_dir=state_dir, database_url=database_url, **overrides)
 
 

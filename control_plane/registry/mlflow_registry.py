@@ -25,6 +25,18 @@ from control_plane.registry.base import (
 _NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
 
 
+def create_store(tracking_uri: str, artifact_root: str) -> None:
+    """Create a database-backed MLflow store (its tables and every migration) unless it exists already.
+
+    Two processes that open a fresh store at once both create its tables and run its migrations, and one
+    of them fails (`no such column: spans.dimension_attributes`): `recsys up` calls this once, before it
+    starts the MLflow server or opens the registry itself, so neither ever finds the store half made.
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    SqlAlchemyStore(tracking_uri, artifact_root).engine.dispose()
+
+
 class _Missing(RegistryError):
     """MLflow says the thing does not exist; callers turn it into the specific error."""
 

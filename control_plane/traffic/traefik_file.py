@@ -34,6 +34,7 @@ ROUTE_WEIGHTED_MIDDLEWARE = "recsys-route-weighted"
 ROUTE_OVERRIDE_MIDDLEWARE = "recsys-route-override"
 RETRY_MIDDLEWARE = "recsys-retry"
 BODY_LIMIT_MIDDLEWARE = "recsys-body-limit"
+LABEL_RATE_MIDDLEWARE = "recsys-label-rate"
 ROUTE_HEADER = "X-Recsys-Route"
 VERSION_HEADER = "X-Model-Version"
 ROLE_HEADER = "X-Model-Role"
@@ -80,6 +81,9 @@ class GatewayOptions:
     # the others and looks like a sample-ratio mismatch); retries still cover a Bento that is really gone.
     health_interval: str = "2s"
     health_timeout: str = "2s"
+    # /feedback per client (source address): requests a second on average, and a burst (docs/labels.md).
+    label_rate_per_s: int = 300
+    label_burst: int = 600
 
 
 def render_dynamic_config(
@@ -98,6 +102,10 @@ def render_dynamic_config(
         },
         # Oversized bodies get 413 from Traefik; the body is buffered, so a retry can resend it.
         BODY_LIMIT_MIDDLEWARE: {"buffering": {"maxRequestBodyBytes": opts.max_body_bytes}},
+        # Per source address (the client's, as Traefik sees the connection): over the rate, 429.
+        LABEL_RATE_MIDDLEWARE: {
+            "rateLimit": {"average": opts.label_rate_per_s, "period": "1s", "burst": opts.label_burst}
+        },
     }
 
     urls = {version: url for version, url in opts.extra_versions.items()}
@@ -158,8 +166,8 @@ def render_dynamic_config(
         routers[FEEDBACK_ROUTER] = {
             "entryPoints": [opts.entrypoint],
             "rule": "PathPrefix(`/feedback`)",
-            # A label is an upsert by request id, so resending one that may not have arrived is safe.
-            "middlewares": [BODY_LIMIT_MIDDLEWARE, RETRY_MIDDLEWARE],
+            # The same label again changes nothing, so resending one that may not have arrived is safe.
+            "middlewares": [LABEL_RATE_MIDDLEWARE, BODY_LIMIT_MIDDLEWARE, RETRY_MIDDLEWARE],
             "service": CONTROL_PLANE_SERVICE,
         }
 

@@ -14,9 +14,15 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
 from control_plane.context import Context
+from control_plane.credentials import (
+    ensure_api_token,
+    ensure_label_token,
+    ensure_request_id_key,
+    ensure_secret_key,
+)
+from control_plane.request_ids import RequestIdSigner
 from control_plane.settings import Settings
 from control_plane.web import api, feedback, ui
-from control_plane.web.auth import ensure_api_token, ensure_secret_key
 from control_plane.web.errors import register_error_handler
 from control_plane.web.logs import configure_logging
 from control_plane.web.metrics import install_metrics
@@ -47,14 +53,18 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
         SESSION_COOKIE_SAMESITE="Lax",
         WTF_CSRF_TIME_LIMIT=12 * 3600,  # a dashboard left open for a shift still submits
     )
-    wiring = Wiring(settings=settings, api_token=ensure_api_token(settings), ctx=ctx)
+    wiring = Wiring(
+        settings=settings,
+        api_token=ensure_api_token(settings),
+        ctx=ctx,
+        label_token=ensure_label_token(settings),
+        request_ids=RequestIdSigner.from_secret(ensure_request_id_key(settings)),
+    )
     app.extensions[EXTENSION] = wiring
 
     csrf = CSRFProtect(app)
     csrf.exempt(api.bp)  # the API authenticates by Bearer header, which a browser never sends on its own
-    csrf.exempt(
-        feedback.bp
-    )  # labels come from clients, like predictions: open, validated, never an operator act
+    csrf.exempt(feedback.bp)  # labels come with their own Bearer token, never from a browser session
     app.register_blueprint(api.bp)
     app.register_blueprint(feedback.bp)
     app.register_blueprint(ui.bp)

@@ -1,4 +1,9 @@
-"""POST /feedback: late labels from clients, routed here by the gateway. Open like /predict, validated hard."""
+"""POST /feedback: late labels from clients, routed here by the gateway.
+
+Labels steer rollouts, so they need a credential of their own (the label-ingest token, not the
+operator's) and may only name request ids a Bento issued (signed ids: control_plane/request_ids.py);
+a request's first label is its outcome (control_plane/labels.py). docs/labels.md says how to run it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from flask import Blueprint, current_app, jsonify, request
 
 from control_plane.errors import InvalidRequest
 from control_plane.labels import LabelSink, parse_labels
+from control_plane.web.auth import bearer_ok
+from control_plane.web.errors import Unauthorized
 from control_plane.web.metrics import LABEL_ROWS_EXTENSION
 from control_plane.web.wiring import current_ctx, wiring
 
@@ -26,12 +33,24 @@ def _sink() -> LabelSink:
 
 @bp.post("/feedback")
 def feedback():
+    w = wiring()
+    if not bearer_ok(request, w.label_token):
+        raise Unauthorized(
+            "labels need Authorization: Bearer <label-ingest token> (RECSYS_LABEL_TOKEN or the state "
+            "directory's label-token file; not the operator's token)"
+        )
     raw = request.get_data(cache=True)
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     items = parse_labels(body)
+    forged = [rid for rid, _ in items if w.request_ids is None or not w.request_ids.issued(rid)]
+    if forged:
+        raise InvalidRequest(
+            f"{len(forged)} request id(s) were not issued by this system (no valid signature), e.g. "
+            f"{forged[0][:80]!r}: label only the X-Request-Id of an answer from /predict or /recommend"
+        )
     outcome = _sink().record(items)
     status = 200 if outcome == "stored" else 202
     return jsonify({"accepted": len(items), "stored": outcome}), status

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from flask import current_app
 
 from control_plane.context import Context, bootstrap
+from control_plane.request_ids import RequestIdSigner
 from control_plane.settings import Settings
 
 EXTENSION = "recsys"
@@ -20,6 +21,8 @@ class Wiring:
     settings: Settings
     api_token: str
     ctx: Context | None = None
+    label_token: str = ""  # /feedback's own credential (docs/labels.md); empty refuses every label
+    request_ids: RequestIdSigner | None = None  # checks that a label names an id a Bento issued
     label_sink: object | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -30,6 +30,7 @@ class Stack:
     gateway: str
     control_plane: str
     token: str
+    label_token: str = ""
 
     def recsys(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -46,6 +47,11 @@ class Stack:
         from control_plane.settings import Settings
 
         return Settings.from_env(self.env)
+
+    def label(self, body, headers: dict | None = None) -> tuple[int, dict, dict]:
+        """POST /feedback through the gateway with the label-ingest token."""
+        auth = {"Authorization": f"Bearer {self.label_token}"}
+        return self.post(f"{self.gateway}/feedback", body, {**auth, **(headers or {})})
 
     def post(
         self, url: str, body, headers: dict | None = None, timeout: float = 10
@@ -128,6 +134,7 @@ def stack(tmp_path_factory) -> Stack:
     s.up_seconds = time.monotonic() - t0
     s.up_output = up.stdout
     s.token = (state / "api-token").read_text().strip()
+    s.label_token = (state / "label-token").read_text().strip()
     yield s
     down = s.recsys("down", check=False, timeout=120)
     assert down.returncode == 0, down.stderr

@@ -14,6 +14,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+import zlib
 
 import httpx
 import psutil
@@ -166,9 +167,48 @@ def test_the_gateway_exposes_neither_traefik_s_dashboard_and_api_nor_the_control
         assert refused.value.code == 404, (method, path, refused.value.code)
 
 
-def test_traefik_s_api_is_on_its_own_loopback_port(stack):
-    routers = get_json(f"http://127.0.0.1:{stack.settings().traefik_api_port}/api/http/routers")
+def test_traefik_s_api_is_on_its_own_loopback_port_behind_the_operator_s_credentials(stack):
+    url = f"http://127.0.0.1:{stack.settings().traefik_api_port}/api/http/routers"
+    assert httpx.get(url, timeout=10).status_code == 401
+    assert httpx.get(url, auth=("operator", "wrong"), timeout=10).status_code == 401
+    routers = httpx.get(url, auth=("operator", stack.token), timeout=10).json()
     assert {"gateway@file", "feedback@file"} <= {r["name"] for r in routers}
+
+
+def test_the_mlflow_server_asks_for_credentials(stack):
+    url = f"http://127.0.0.1:{stack.settings().mlflow_port}/api/2.0/mlflow/registered-models/search"
+    assert httpx.get(url, timeout=30).status_code == 401
+    assert httpx.get(url, auth=("operator", "wrong"), timeout=30).status_code == 401
+    answer = httpx.get(url, auth=("operator", stack.token), timeout=30)
+    assert answer.status_code == 200 and answer.json()["registered_models"]
+
+
+def test_the_embedded_redis_needs_its_password_and_jobs_in_it_are_json(stack):
+    from redis import Redis
+    from redis.exceptions import AuthenticationError, ResponseError
+
+    s = stack.settings()
+    assert s.redis_password and stat_mode(stack.state_dir / "redis-password") == 0o600
+    assert stat_mode(stack.state_dir / "redis.conf") == 0o600 and stat_mode(stack.state_dir) == 0o700
+    anonymous = Redis(host="127.0.0.1", port=s.embedded_redis_port, socket_timeout=5)
+    with pytest.raises((AuthenticationError, ResponseError), match="(?i)auth"):
+        anonymous.ping()
+    redis = Redis.from_url(s.effective_redis_url)
+    ids = [k.decode().removeprefix("rq:job:") for k in redis.scan_iter("rq:job:*") if b":" not in k[7:]]
+    assert ids, "no job in Redis"
+    for job_id in ids:
+        data = redis.hget(f"rq:job:{job_id}", "data")
+        if data is not None:
+            with contextlib.suppress(zlib.error):
+                data = zlib.decompress(data)  # rq compresses what the serializer made
+            assert json.loads(data)[0].startswith("control_plane."), job_id  # JSON, not a pickle
+    for name, proc in ((n, p) for n, p in Supervisor(stack.state_dir).processes().items()):
+        cmdline = " ".join(psutil.Process(proc["pid"]).cmdline()) if proc["pid"] else ""
+        assert s.redis_password not in cmdline, f"{name}'s command line shows the Redis password"
+
+
+def stat_mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
 
 
 def _snapshot(stack) -> tuple:
@@ -199,16 +239,22 @@ def test_every_write_without_credentials_is_refused_on_the_running_stack_and_cha
             )
             assert resp.status_code in (401, 403), (method, path, resp.status_code, resp.text[:200])
             assert resp.text.strip()
-    for method, path in writes:  # and the gateway does not route them at all
-        assert httpx.request(method, f"{stack.gateway}{path}", content=body, timeout=10).status_code == 404, (
-            path
-        )
+    for method, path in writes:  # and the gateway routes none of them but labels (which need their token)
+        expected = 401 if path == "/feedback" else 404
+        assert (
+            httpx.request(method, f"{stack.gateway}{path}", content=body, timeout=10).status_code == expected
+        ), path
     assert _snapshot(stack) == before
 
 
 def test_secrets_never_appear_in_logs_pages_or_process_listings(stack):
     secret_key = (stack.state_dir / "secret-key").read_text().strip()
-    secrets = {"operator token": stack.token, "session key": secret_key}
+    secrets = {
+        "operator token": stack.token,
+        "session key": secret_key,
+        "label token": stack.label_token,
+        "request-id key": (stack.state_dir / "request-id-key").read_text().strip(),
+    }
     with httpx.Client(base_url=stack.control_plane, timeout=60) as ui:  # an operator logs in, and a guesser
         csrf = ui.get("/login").text.split('name="csrf_token" value="')[1].split('"')[0]
         assert ui.post("/login", data={"csrf_token": csrf, "password": stack.token + "x"}).status_code == 401

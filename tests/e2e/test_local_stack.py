@@ -46,11 +46,12 @@ def logged(stack, request_ids: list[str], timeout_s: float = 30) -> dict[str, tu
 
 def predict_many(stack, n: int, headers: dict | None = None, workers: int = 8) -> list[tuple[str, int, dict]]:
     def one(_):
-        rid = uuid.uuid4().hex
         status, hdrs, body = stack.post(
-            f"{stack.gateway}/predict", {"features": FEATURES}, {"X-Request-ID": rid, **(headers or {})}
+            f"{stack.gateway}/predict",
+            {"features": FEATURES},
+            {"X-Request-ID": uuid.uuid4().hex, **(headers or {})},
         )
-        return rid, status, body
+        return hdrs.get("X-Request-Id", ""), status, body  # the id the Bento issued
 
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(one, range(n)))
@@ -90,7 +91,7 @@ def test_each_response_says_which_version_and_role_served_it(stack):
         f"{stack.gateway}/predict", {"features": FEATURES}, {"X-Request-ID": "hello-1"}
     )
     assert status == 200
-    assert body["request_id"] == "hello-1" and headers["X-Request-Id"] == "hello-1"
+    assert body["request_id"] == headers["X-Request-Id"] and body["request_id"].startswith("hello-1.")
     assert int(headers["X-Model-Version"]) == body["model_version"]
     assert headers["X-Model-Role"] == body["role"]
     assert {1: "control", 2: "baseline", 3: "canary"}[body["model_version"]] == body["role"]
@@ -140,14 +141,13 @@ def test_bad_input_through_the_gateway_gets_a_4xx_with_a_message(stack):
 
 
 def test_one_request_id_follows_a_request_from_the_gateway_to_its_label(stack):
-    rid = f"trace-{uuid.uuid4().hex}"
+    sent = f"trace-{uuid.uuid4().hex}"
     status, headers, body = stack.post(
-        f"{stack.gateway}/predict", {"features": FEATURES}, {"X-Request-ID": rid}
+        f"{stack.gateway}/predict", {"features": FEATURES}, {"X-Request-ID": sent}
     )
-    assert status == 200 and body["request_id"] == rid
-    status, _, _ = stack.post(
-        f"{stack.gateway}/feedback", {"request_id": rid, "label": 1}, {"X-Request-ID": rid}
-    )
+    rid = body["request_id"]  # issued by the Bento, the one sent in front of it
+    assert status == 200 and rid.startswith(f"{sent}.")
+    status, _, _ = stack.label({"request_id": rid, "label": 1}, {"X-Request-ID": rid})
     assert status == 200
     version = body["model_version"]
     assert logged(stack, [rid]) == {rid: (version, "weighted")}
@@ -161,7 +161,7 @@ def test_one_request_id_follows_a_request_from_the_gateway_to_its_label(stack):
         gateway = [
             json.loads(line)
             for line in (logs / "traefik-access.json").read_text().splitlines()
-            if rid in line
+            if sent in line
         ]
         bento = [
             json.loads(line)
@@ -179,6 +179,40 @@ def test_one_request_id_follows_a_request_from_the_gateway_to_its_label(stack):
     assert {g["RequestPath"] for g in gateway} == {"/predict", "/feedback"}, gateway
     assert any(b.get("request_id") == rid for b in bento), bento
     assert any(c.get("request_id") == rid for c in control), control
+
+
+def test_a_request_id_sent_twice_through_the_gateway_gets_two_answers_and_two_rows(stack):
+    """Every 2xx is exactly one row: a reused X-Request-ID cannot make two answers share one."""
+    sent = f"twice-{uuid.uuid4().hex}"
+    answers = [
+        stack.post(f"{stack.gateway}/predict", {"features": FEATURES}, {"X-Request-ID": sent})
+        for _ in range(3)
+    ]
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    ids = [body["request_id"] for _, _, body in answers]
+    assert len(set(ids)) == 3 and all(i.startswith(f"{sent}.") for i in ids)
+    assert set(logged(stack, ids)) == set(ids)
+
+
+def test_labels_through_the_gateway_need_the_label_token_an_issued_id_and_keep_the_first_outcome(stack):
+    _, headers, _ = stack.post(f"{stack.gateway}/predict", {"features": FEATURES})
+    rid = headers["X-Request-Id"]
+    label = {"request_id": rid, "label": 1}
+    assert stack.post(f"{stack.gateway}/feedback", label)[0] == 401
+    assert (
+        stack.post(f"{stack.gateway}/feedback", label, {"Authorization": f"Bearer {stack.token}"})[0] == 401
+    )
+    forged = f"{rid.rsplit('.', 1)[0]}.{'0' * 24}"
+    status, _, answer = stack.label({"request_id": forged, "label": 1})
+    assert status == 400 and "not issued by this system" in answer["error"]
+    assert stack.label(label)[0] == 200 and stack.label(label)[0] == 200
+    status, _, answer = stack.label({"request_id": rid, "label": 0})
+    assert status == 409 and rid in answer["error"]
+    engine = make_engine(stack.settings().database_url)
+    with engine.connect() as conn:
+        stored = conn.execute(select(labels.c.label).where(labels.c.request_id.in_([rid, forged]))).all()
+    engine.dispose()
+    assert stored == [(1,)]
 
 
 def test_deploying_a_new_version_into_a_role_fails_no_request(stack):

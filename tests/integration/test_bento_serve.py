@@ -226,9 +226,29 @@ def test_predict_serves_version_2_with_its_role_and_headers(server, registry):
     assert abs(v1 - v2) > 1e-6  # the check above could tell the versions apart
 
 
-def test_a_caller_s_request_id_comes_back(server):
+def test_a_caller_s_request_id_comes_back_in_front_of_a_fresh_signed_one(server, bento_env):
+    from control_plane.credentials import ensure_request_id_key
+    from control_plane.request_ids import RequestIdSigner
+    from control_plane.settings import Settings
+
     r = server.post("/predict", {"features": FEATURES}, headers={"x-request-id": f"{PREFIX}-mine-1"})
-    assert r.json()["request_id"] == f"{PREFIX}-mine-1" == r.headers["x-request-id"]
+    issued = r.json()["request_id"]
+    assert issued == r.headers["x-request-id"] and issued.startswith(f"{PREFIX}-mine-1.")
+    signer = RequestIdSigner.from_secret(ensure_request_id_key(Settings.from_env(bento_env)))
+    assert signer.issued(issued)  # the key the control plane checks labels with
+    assert not signer.issued(f"{PREFIX}-mine-1") and not signer.issued(issued[:-1] + "0")
+
+
+def test_a_request_id_sent_twice_gets_two_answers_each_with_its_own_row(server):
+    """A client cannot make two answers share an id (and so hide one of them from the log)."""
+    sent = f"{PREFIX}-twice"
+    first, second = (
+        server.post("/predict", {"features": FEATURES}, headers={"x-request-id": sent}) for _ in range(2)
+    )
+    assert first.status_code == second.status_code == 200
+    ids = {first.headers["x-request-id"], second.headers["x-request-id"]}
+    assert len(ids) == 2 and all(i.startswith(f"{sent}.") for i in ids)
+    wait_until(lambda: ids <= set(server.logged_ids()), 15, "both rows in postgres")
 
 
 def test_recommend_ranks_with_one_score_per_candidate(server):
@@ -341,7 +361,7 @@ def test_every_2xx_is_exactly_one_row_in_postgres(server):
     assert sorted(server.logged_ids()) == sorted(SERVED)
     with server.engine.connect() as conn:
         row = (
-            conn.execute(select(predictions).where(predictions.c.request_id == f"{PREFIX}-mine-1"))
+            conn.execute(select(predictions).where(predictions.c.request_id.like(f"{PREFIX}-mine-1.%")))
             .mappings()
             .one()
         )

@@ -25,7 +25,7 @@ from control_plane.db.schema import decisions
 from control_plane.jobs import QUEUE, schedule_evaluations
 from control_plane.settings import Settings
 from control_plane.stack import programs
-from control_plane.stack.local import _redis_up
+from control_plane.stack.local import _redis_up, create_secrets
 from control_plane.stack.supervisor import Supervisor
 from control_plane.traffic_ops import apply_assignment
 from tests.conftest import free_port, ready_servers, wait_for
@@ -67,7 +67,8 @@ def loop(tmp_path_factory, pg_url):
         "RECSYS_LABEL_WINDOW_S": "0",
         "RECSYS_LOG_SETTLE_S": "0",  # `feed` writes every arm's rows at once: none is still arriving
     }
-    settings = Settings.from_env(env)
+    (work / "state").mkdir(parents=True, exist_ok=True)
+    settings = create_secrets(Settings.from_env(env))  # the embedded Redis' password and config file
     extra = {"RECSYS_BENTO_URLS": bento_urls, "RECSYS_FAULT_AFTER_TRAFFIC_WRITE": str(fault_flag)}
     sup = Supervisor(settings.state_dir)
     sup.start()

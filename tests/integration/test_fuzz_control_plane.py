@@ -24,8 +24,10 @@ from control_plane.db.schema import decisions, labels, predictions, rollouts, tr
 from control_plane.settings import ROLES
 from control_plane.web import create_app
 from tests.web_support import (
+    LABEL_HEADERS,
     TOKEN,
     csrf_token,
+    issued_id,
     log_in,
     make_context,
     make_settings,
@@ -36,6 +38,13 @@ from tests.web_support import (
 pytestmark = pytest.mark.integration
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def credentials_for(path: str) -> dict[str, str]:
+    """Labels take the label-ingest token, everything else the operator's."""
+    return LABEL_HEADERS if path == "/feedback" else AUTH
+
+
 FUZZ = settings(
     max_examples=150,
     deadline=None,
@@ -191,7 +200,10 @@ def test_starting_a_rollout_refuses_bad_versions_and_policies_with_a_message(wor
 def test_labels_refuse_bad_bodies_with_a_message(world, body):
     before = world.state()
     resp = world.client.post(
-        "/feedback", data=json.dumps(body, allow_nan=True), content_type="application/json"
+        "/feedback",
+        data=json.dumps(body, allow_nan=True),
+        content_type="application/json",
+        headers=LABEL_HEADERS,
     )
     check(resp, world, before, changed_ok=True)
 
@@ -204,7 +216,7 @@ def test_labels_refuse_bad_bodies_with_a_message(world, body):
 )
 def test_bodies_that_are_not_json_are_refused_with_a_message(world, raw, path, content_type):
     before = world.state()
-    resp = world.client.post(path, data=raw, headers=AUTH, content_type=content_type or None)
+    resp = world.client.post(path, data=raw, headers=credentials_for(path), content_type=content_type or None)
     check(resp, world, before, changed_ok=True)
 
 
@@ -340,10 +352,10 @@ def test_each_query_parameter_ignores_sql_injection(world):
 
 def test_an_injection_in_a_label_is_stored_as_text_and_touches_nothing_else(world):
     world.reset()
-    attack = "x'); DELETE FROM predictions; --"
+    attack = issued_id("x'); DELETE FROM predictions; --")  # signed: the id check lets it through
     with world.engine.connect() as conn:
         counts = [conn.execute(select(func.count()).select_from(t)).scalar_one() for t in TABLES]
-    resp = world.client.post("/feedback", json={"request_id": attack, "label": 1})
+    resp = world.client.post("/feedback", json={"request_id": attack, "label": 1}, headers=LABEL_HEADERS)
     assert resp.status_code == 200
     with world.engine.connect() as conn:
         after = [conn.execute(select(func.count()).select_from(t)).scalar_one() for t in TABLES]
@@ -385,7 +397,11 @@ def test_an_oversized_body_is_refused_before_it_is_read(world, path):
     before = world.state()
     stream = CountingStream(50 * limit)
     resp = world.client.post(
-        path, input_stream=stream, content_length=50 * limit, headers=AUTH, content_type="application/json"
+        path,
+        input_stream=stream,
+        content_length=50 * limit,
+        headers=credentials_for(path),
+        content_type="application/json",
     )
     assert resp.status_code == 413 and resp.get_json()["error"]
     assert stream.read_bytes == 0, f"read {stream.read_bytes} bytes of a refused body"

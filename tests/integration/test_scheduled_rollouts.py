@@ -15,7 +15,7 @@ import yaml
 from control_plane import services
 from control_plane.analysis.types import Phase
 from control_plane.context import bootstrap
-from control_plane.jobs import schedule_evaluations
+from control_plane.jobs import WORKER_SERIALIZER, schedule_evaluations
 from control_plane.settings import Settings
 from control_plane.traffic_ops import apply_assignment
 from tests.conftest import ready_servers
@@ -70,13 +70,14 @@ def world(models, pg_url, pg_engine, redis_url, tmp_path):
     with open(tmp_path / "proc.log", "ab") as log:
         procs = [
             subprocess.Popen(
-                [str(BIN / "rq"), "worker", "--url", redis_url, "recsys"],
+                [str(BIN / "rq"), "worker", "--url", redis_url, "--serializer", WORKER_SERIALIZER, "recsys"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             ),
             subprocess.Popen(
-                [str(BIN / "rqscheduler"), "--url", redis_url, "--interval", "1"],
+                # rq-scheduler's loop with the JSON job classes (the plain `rqscheduler` would unpickle)
+                [str(BIN / "python"), "-m", "control_plane.jobs", "--url", redis_url, "--interval-s", "1"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

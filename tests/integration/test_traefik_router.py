@@ -15,6 +15,8 @@ import httpx
 import pytest
 
 from control_plane.traffic import Backend, TraefikFileRouter, render_static_config
+from control_plane.traffic.static import ADMIN_FILENAME, ADMIN_USER, render_admin_config
+from control_plane.traffic.traefik_file import GatewayOptions
 from tests.conftest import free_port, post_large
 
 pytestmark = pytest.mark.integration
@@ -22,6 +24,9 @@ pytestmark = pytest.mark.integration
 TRAEFIK = Path(sys.executable).with_name("traefik")
 ROLE_VERSIONS = {"baseline": 1, "canary": 2, "control": 0}
 SPLIT = {"baseline": 85, "canary": 10, "control": 5}
+ADMIN_PASSWORD = "traefik-test-operator-token"
+ADMIN = (ADMIN_USER, ADMIN_PASSWORD)
+LABEL_RATE_PER_S, LABEL_BURST = 20, 40  # small, so that a test can pass it
 
 # One backend: answers every path with its name and the X-Recsys-Route it received; /readyz is 200.
 BACKEND = r"""
@@ -120,14 +125,26 @@ def stack(tmp_path_factory):
         try:
             for name in (*ROLE_VERSIONS, "control-plane"):
                 backends.start(name)
-            router = TraefikFileRouter(dynamic, control_plane_url=backends.url("control-plane"))
+            router = TraefikFileRouter(
+                dynamic,
+                options=GatewayOptions(
+                    control_plane_url=backends.url("control-plane"),
+                    label_rate_per_s=LABEL_RATE_PER_S,
+                    label_burst=LABEL_BURST,
+                ),
+            )
             router.set_backends({role: Backend(v, backends.url(role)) for role, v in ROLE_VERSIONS.items()})
             router.set_weights(SPLIT)
+            (dynamic / ADMIN_FILENAME).write_text(render_admin_config(ADMIN_PASSWORD))
             traefik = subprocess.Popen(
                 [str(TRAEFIK), f"--configFile={config}"], stdout=log, stderr=subprocess.STDOUT
             )
             _wait_for(
-                lambda: httpx.get(f"{api}/api/http/routers/gateway@file", timeout=0.5).status_code == 200, 20
+                lambda: (
+                    httpx.get(f"{api}/api/http/routers/gateway@file", auth=ADMIN, timeout=0.5).status_code
+                    == 200
+                ),
+                20,
             )
             with httpx.Client(base_url=f"http://127.0.0.1:{gateway_port}", timeout=5) as client:
                 yield _Stack(router, backends, client, api, root)
@@ -147,7 +164,7 @@ class _Stack:
         self.router, self.backends, self.client, self.api, self.root = router, backends, client, api, root
 
     def weights_in_force(self) -> dict[str, int]:
-        services = httpx.get(f"{self.api}/api/http/services/recsys-split@file", timeout=1).json()
+        services = httpx.get(f"{self.api}/api/http/services/recsys-split@file", auth=ADMIN, timeout=1).json()
         by_service = {s["name"]: s["weight"] for s in services["weighted"]["services"]}
         return {role: by_service.get(f"recsys-v{v}", 0) for role, v in ROLE_VERSIONS.items()}
 
@@ -250,6 +267,23 @@ def test_feedback_goes_through_the_gateway_to_the_control_plane(stack):
     assert response.json()["name"] == "control-plane"
 
 
+def test_labels_over_a_client_s_rate_get_429_from_the_gateway(stack):
+    time.sleep(LABEL_BURST / LABEL_RATE_PER_S + 0.5)  # a full bucket
+    statuses = collections.Counter(
+        stack.client.post("/feedback", content=b'{"request_id": "r1", "label": 1}').status_code
+        for _ in range(LABEL_BURST * 3)
+    )
+    assert statuses[429] > 0 and statuses[200] >= LABEL_BURST, statuses
+    assert set(statuses) == {200, 429}, statuses
+
+
+def test_traefik_s_api_asks_for_the_operator_s_credentials(stack):
+    for path in ("/api/rawdata", "/api/http/routers", "/dashboard/"):
+        assert httpx.get(f"{stack.api}{path}", timeout=2).status_code == 401, path
+        assert httpx.get(f"{stack.api}{path}", auth=("operator", "wrong"), timeout=2).status_code == 401
+    assert httpx.get(f"{stack.api}/api/rawdata", auth=ADMIN, timeout=2).status_code == 200
+
+
 def test_a_dead_backend_costs_no_request(stack):
     stack.set_and_wait(SPLIT)
     stack.backends.kill("canary")
@@ -312,4 +346,4 @@ def test_a_restarted_router_sees_the_weights_in_force(stack):
     again = TraefikFileRouter(stack.router.dynamic_dir)
     assert again.get_weights() == SPLIT == stack.weights_in_force()
     assert {role: b.version for role, b in again.get_backends().items()} == ROLE_VERSIONS
-    assert os.listdir(stack.router.dynamic_dir) == ["recsys.yml"]
+    assert sorted(os.listdir(stack.router.dynamic_dir)) == ["admin.yml", "recsys.yml"]  # no temp files

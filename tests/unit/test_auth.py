@@ -9,10 +9,26 @@ import pytest
 from werkzeug.routing import BuildError
 
 from control_plane import services
+from control_plane.credentials import (
+    ensure_api_token,
+    ensure_label_token,
+    ensure_redis_password,
+    ensure_request_id_key,
+    ensure_secret_key,
+)
 from control_plane.db.engine import make_engine, migrate
 from control_plane.web import create_app
-from control_plane.web.auth import WRITE_METHODS, ensure_api_token, ensure_secret_key
-from tests.web_support import TOKEN, csrf_token, log_in, make_context, make_settings, snapshot
+from control_plane.web.auth import WRITE_METHODS
+from tests.web_support import (
+    LABEL_HEADERS,
+    TOKEN,
+    csrf_token,
+    issued_id,
+    log_in,
+    make_context,
+    make_settings,
+    snapshot,
+)
 
 # Sample values for every URL argument a write route takes; a new argument must be added here.
 SAMPLE_ARGS = {
@@ -20,7 +36,7 @@ SAMPLE_ARGS = {
     "action": ["pause", "resume", "promote", "rollback", "evaluate"],
 }
 # Writes that are open by design (none yet); anything else must refuse an anonymous caller.
-PUBLIC_WRITES: set[str] = {"feedback.feedback"}  # labels come from clients, like predictions
+PUBLIC_WRITES: set[str] = set()  # /feedback too: labels need the label-ingest token
 
 
 @pytest.fixture
@@ -77,8 +93,20 @@ def test_the_enumeration_finds_every_kind_of_write(app):
         "/ui/rollback",
         "/login",
         "/logout",
+        "/feedback",
     ):
         assert expected in urls
+
+
+def test_the_operator_token_does_not_label_and_the_label_token_does_not_operate(app, ctx):
+    client = app.test_client()
+    before = snapshot(ctx)
+    label = {"request_id": issued_id(), "label": 1}
+    as_operator = client.post("/feedback", json=label, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert as_operator.status_code == 401 and "label-ingest token" in as_operator.get_json()["error"]
+    as_labeller = client.post("/api/traffic", json={"weights": {"baseline": 100}}, headers=LABEL_HEADERS)
+    assert as_labeller.status_code == 401
+    assert snapshot(ctx) == before
 
 
 @pytest.mark.parametrize(
@@ -206,6 +234,32 @@ def test_a_token_in_settings_wins_and_no_file_is_written(tmp_path):
     settings = make_settings(tmp_path / "state", api_token="from-env-0123456789")
     assert ensure_api_token(settings) == "from-env-0123456789"
     assert not (tmp_path / "state" / "api-token").exists()
+
+
+@pytest.mark.parametrize(
+    ("ensure", "name"),
+    [
+        (ensure_label_token, "label-token"),
+        (ensure_request_id_key, "request-id-key"),
+        (ensure_redis_password, "redis-password"),
+    ],
+)
+def test_each_stack_secret_is_its_own_0600_file_unless_the_environment_gives_it(tmp_path, ensure, name):
+    settings = make_settings(tmp_path / "state", label_token="", request_id_key="")
+    value = ensure(settings)
+    path = tmp_path / "state" / name
+    assert len(value) >= 32 and path.read_text().strip() == value
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and ensure(settings) == value
+    assert value != ensure_api_token(settings)
+    field = {
+        "label-token": "label_token",
+        "request-id-key": "request_id_key",
+        "redis-password": "redis_password",
+    }
+    assert (
+        ensure(make_settings(tmp_path / "other", **{field[name]: "given-0123456789"})) == "given-0123456789"
+    )
+    assert not (tmp_path / "other" / name).exists()
 
 
 def test_the_session_secret_key_file_is_created_0600(tmp_path):

@@ -55,3 +55,45 @@ def test_the_access_log_mode_is_read_passed_on_and_checked(tmp_path):
         ValueError, match="RECSYS_TRAEFIK_ACCESS_LOG='sometimes': expected one of problems, all, off"
     ):
         Settings.from_env({**base, "RECSYS_TRAEFIK_ACCESS_LOG": "sometimes"})
+
+
+def test_the_redis_password_is_in_0600_files_and_environments_never_on_a_command_line(tmp_path):
+    from control_plane.stack.local import create_secrets
+
+    (tmp_path / "state").mkdir()
+    settings = create_secrets(Settings.from_env({"RECSYS_STATE_DIR": str(tmp_path / "state")}))
+    password = settings.redis_password
+    assert (
+        password
+        and Settings.from_env({"RECSYS_STATE_DIR": str(tmp_path / "state")}).redis_password == password
+    )
+    conf = programs.redis_config_path(settings)
+    assert f'requirepass "{password}"' in conf.read_text() and conf.stat().st_mode & 0o777 == 0o600
+    assert settings.effective_redis_url == f"redis://:{password}@127.0.0.1:{settings.embedded_redis_port}/0"
+    worker, scheduler, redis = (
+        programs.worker(settings),
+        programs.scheduler(settings),
+        programs.redis(settings),
+    )
+    for program in (worker, scheduler, redis):
+        assert password not in " ".join(program.command), program.name
+    assert worker.env["RQ_REDIS_URL"] == scheduler.env["REDIS_URL"] == settings.effective_redis_url
+    assert "--serializer json" in worker.command[-1]  # /bin/sh -c "... exec rq worker ..."
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_redis_url_from_the_environment_is_used_as_given(tmp_path):
+    settings = Settings.from_env({"RECSYS_STATE_DIR": str(tmp_path), "REDIS_URL": "redis://:pw@r:6379/0"})
+    (tmp_path / "redis-password").write_text("not-this-one")
+    assert settings.effective_redis_url == "redis://:pw@r:6379/0" and settings.redis_password == ""
+
+
+def test_the_mlflow_server_runs_its_basic_auth_app_configured_from_the_state_directory(tmp_path):
+    settings = Settings.from_env({"RECSYS_STATE_DIR": str(tmp_path)})
+    program = programs.mlflow(settings, "csrf-key")
+    assert program.command[program.command.index("--app-name") + 1] == "basic-auth"
+    assert program.env["MLFLOW_AUTH_CONFIG_PATH"] == str(tmp_path / "mlflow-auth.ini")
+    assert program.env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == "csrf-key"
+    ini = programs.mlflow_auth_config(settings, "the-token")
+    assert "admin_username = operator\n" in ini and "admin_password = the-token\n" in ini
+    assert f"database_uri = sqlite:///{tmp_path / 'mlflow-auth.db'}\n" in ini

@@ -15,6 +15,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from bentos.http import BodyDeadline, RequestGate, current_request, new_request_id
+from control_plane.request_ids import MAX_CLIENT_ID_CHARS, MAX_ID_CHARS, RequestIdSigner
 
 
 class FakeState:
@@ -69,17 +70,45 @@ def test_headers_carry_request_id_version_and_role(client, state):
     r = client.post("/predict", content=b"{}", headers={"content-type": "application/json"})
     assert r.status_code == 200
     rid = r.headers["x-request-id"]
-    assert len(rid) == 32 and r.json()["request_id"] == rid
+    fresh, signature = rid.split(".")
+    assert len(fresh) == 32 and len(signature) == 24 and r.json()["request_id"] == rid
     assert r.headers["x-model-version"] == "7" and r.headers["x-model-role"] == "canary"
     assert state.finished == [(rid, 200)]
 
 
-def test_a_caller_supplied_request_id_is_kept(client):
+def test_a_caller_supplied_request_id_is_kept_in_front_of_a_fresh_one(client):
     r = client.post("/predict", content=b"{}", headers={"x-request-id": "abc-123"})
-    assert r.headers["x-request-id"] == "abc-123" and r.json()["request_id"] == "abc-123"
+    assert (
+        r.headers["x-request-id"].startswith("abc-123.")
+        and r.json()["request_id"] == r.headers["x-request-id"]
+    )
 
 
-@pytest.mark.parametrize("bad", [b"x" * 129, b"has space", "caf\u00e9".encode()])
+def test_the_same_caller_id_twice_gets_two_ids_each_signed(state):
+    signer = RequestIdSigner.from_secret("k" * 64)
+    app = Starlette(routes=[Route("/predict", lambda r: JSONResponse({}), methods=["POST"])])
+    app.add_middleware(
+        RequestGate,
+        endpoints={"/predict": "predict"},
+        max_body_bytes=100,
+        state=lambda: state,
+        request_ids=lambda: signer,
+    )
+    with TestClient(app) as c:
+        ids = [
+            c.post("/predict", content=b"{}", headers={"x-request-id": "same"}).headers["x-request-id"]
+            for _ in "ab"
+        ]
+    assert ids[0] != ids[1] and all(signer.issued(i) and i.startswith("same.") for i in ids)
+    assert not RequestIdSigner.from_secret("other" * 13).issued(ids[0])
+
+
+def test_the_longest_caller_id_still_fits_the_log_s_column(client):
+    r = client.post("/predict", content=b"{}", headers={"x-request-id": "x" * MAX_CLIENT_ID_CHARS})
+    assert r.status_code == 200 and len(r.headers["x-request-id"]) == MAX_ID_CHARS
+
+
+@pytest.mark.parametrize("bad", [b"x" * (MAX_CLIENT_ID_CHARS + 1), b"has space", "caf\u00e9".encode()])
 def test_an_unusable_request_id_is_refused(client, bad):
     r = client.post("/predict", content=b"{}", headers={b"x-request-id": bad})
     assert r.status_code == 400 and "X-Request-ID" in r.json()["error"]

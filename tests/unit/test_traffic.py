@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -21,6 +23,7 @@ from control_plane.traffic import (
     render_static_config,
     validate_weights,
 )
+from control_plane.traffic.static import render_admin_config
 from control_plane.traffic.traefik_file import DYNAMIC_FILENAME, render_dynamic_config
 
 V1 = Backend(1, "http://127.0.0.1:3101")
@@ -185,7 +188,9 @@ def test_feedback_goes_to_the_control_plane_only_when_it_is_configured():
     http = _render(control_plane_url="http://127.0.0.1:8090")
     assert http["routers"]["feedback"]["rule"] == "PathPrefix(`/feedback`)"
     assert http["routers"]["feedback"]["service"] == "control-plane"
-    assert http["routers"]["feedback"]["middlewares"][-1] == "recsys-retry"  # a label upsert may be resent
+    assert (
+        http["routers"]["feedback"]["middlewares"][-1] == "recsys-retry"
+    )  # the same label again is harmless
     assert http["services"]["control-plane"]["loadBalancer"]["servers"] == [{"url": "http://127.0.0.1:8090"}]
 
 
@@ -296,13 +301,28 @@ def test_static_config_binds_loopback_and_keeps_the_api_off_the_gateway(tmp_path
         "web": {"address": "127.0.0.1:8080"},
         "traefik": {"address": "127.0.0.1:8081"},
     }
-    assert config["api"]["insecure"] is True  # served on the entry point named "traefik" only
+    assert config["api"] == {"dashboard": True}  # not insecure: only admin_dynamic_config's router serves it
     assert config["metrics"]["prometheus"]["entryPoint"] == "traefik"
     assert config["metrics"]["prometheus"]["addServicesLabels"] is True
     assert config["global"] == {"checkNewVersion": False, "sendAnonymousUsage": False}
     assert config["providers"]["file"] == {"directory": str(tmp_path), "watch": True}
     assert config["accessLog"]["format"] == "json"
     assert config["accessLog"]["filePath"] == str(tmp_path / "a.log")
+
+
+def test_traefik_s_api_is_served_on_the_admin_entry_point_behind_the_operator_s_credentials():
+    http = yaml.safe_load(render_admin_config("the-operator-token"))["http"]
+    (router,) = http["routers"].values()
+    assert router["entryPoints"] == ["traefik"] and router["service"] == "api@internal"
+    (auth,) = [http["middlewares"][m]["basicAuth"] for m in router["middlewares"]]
+    digest = base64.b64encode(hashlib.sha1(b"the-operator-token").digest()).decode()
+    assert auth["users"] == [f"operator:{{SHA}}{digest}"]
+
+
+def test_labels_are_rate_limited_per_client_before_anything_else():
+    http = _render(control_plane_url="http://cp:8090", label_rate_per_s=7, label_burst=9)
+    first = http["routers"]["feedback"]["middlewares"][0]
+    assert http["middlewares"][first] == {"rateLimit": {"average": 7, "period": "1s", "burst": 9}}
 
 
 def test_static_config_uses_the_fast_proxy_unless_told_not_to(tmp_path):
