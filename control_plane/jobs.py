@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 QUEUE = "recsys"
 EVALUATE_JOB_ID = "recsys-evaluate"
 EVALUATE_FUNC = "control_plane.jobs.evaluate_job"  # by name: the scheduler may run this module as __main__
+MAINTENANCE_JOB_ID = "recsys-maintenance"
+MAINTENANCE_FUNC = "control_plane.jobs.maintenance_job"
 UNRECORDED_TICKS_KEY = "recsys:evaluations:unrecorded"  # hash: tick -> why the database did not take it
 _ctx = None  # one Context per worker process, built on the first job
 
@@ -99,6 +101,30 @@ def evaluate_job(interval_s: int | None = None) -> dict | None:
     return result
 
 
+def maintenance_job() -> dict:
+    """The scheduled upkeep (services.maintain): label windows closed, retention applied, partitions made."""
+    from control_plane import services
+
+    result = services.maintain(_context())
+    log.info("maintenance", extra={"result": result})
+    return result
+
+
+def _schedule_maintenance(scheduler, interval_s: int) -> str:
+    job_id = f"{MAINTENANCE_JOB_ID}-{uuid.uuid4().hex[:8]}"
+    scheduler.schedule(
+        scheduled_time=datetime.now(UTC),
+        func=MAINTENANCE_FUNC,
+        interval=interval_s,
+        repeat=None,
+        id=job_id,
+        result_ttl=max(600, interval_s * 10),
+        timeout=max(600, interval_s * 2),
+        queue_name=QUEUE,
+    )
+    return job_id
+
+
 def _schedule(scheduler, interval_s: int) -> str:
     job_id = f"{EVALUATE_JOB_ID}-{interval_s}s-{uuid.uuid4().hex[:8]}"
     scheduler.schedule(
@@ -130,8 +156,11 @@ def schedule_evaluations(redis_url: str, interval_s: int) -> None:
     conn = Redis.from_url(redis_url)
     scheduler = Scheduler(queue_name=QUEUE, connection=conn)
     new = _schedule(scheduler, interval_s)  # the new one first: there is never a moment with none
+    upkeep = _schedule_maintenance(scheduler, interval_s)
     for job_id in _scheduled_ids(conn, scheduler):
         if job_id.startswith(EVALUATE_JOB_ID) and job_id != new:
+            scheduler.cancel(job_id)
+        if job_id.startswith(MAINTENANCE_JOB_ID) and job_id != upkeep:
             scheduler.cancel(job_id)
     conn.close()
 
@@ -141,7 +170,10 @@ def ensure_scheduled(conn, interval_s: int) -> bool:
     from rq_scheduler import Scheduler
 
     scheduler = Scheduler(queue_name=QUEUE, connection=conn)
-    if any(i.startswith(EVALUATE_JOB_ID) for i in _scheduled_ids(conn, scheduler)):
+    ids = _scheduled_ids(conn, scheduler)
+    if not any(i.startswith(MAINTENANCE_JOB_ID) for i in ids):
+        _schedule_maintenance(scheduler, interval_s)
+    if any(i.startswith(EVALUATE_JOB_ID) for i in ids):
         return False
     _schedule(scheduler, interval_s)
     return True

@@ -80,6 +80,12 @@ class Settings:
     # writer writes them every 1 s, each Bento's on its own clock, so the newest rows are still arriving.
     log_settle_s: float = 2.0
     action_wait_s: float = 20.0  # how long an action waits for one in progress before a 409
+    # Storage (control_plane/retention.py, docs/scale.md): raw predictions and labels are kept a week
+    # (a rollout lasts at most 6 h by default, and a week leaves time to audit or recompute one);
+    # 5-second aggregates 8 days, then hourly ones a year.
+    retention_s: int = 7 * 86400
+    aggregate_fine_retention_s: int = 8 * 86400
+    aggregate_retention_s: int = 365 * 86400
     max_body_bytes: int = 1_000_000
     api_token: str = ""  # empty: read from (or created in) state_dir/api-token
     embedded_redis_port: int = 6390
@@ -116,6 +122,9 @@ class Settings:
             label_window_s=int(env.get("RECSYS_LABEL_WINDOW_S", 60)),
             log_settle_s=float(env.get("RECSYS_LOG_SETTLE_S", 2.0)),
             action_wait_s=float(env.get("RECSYS_ACTION_WAIT_S", 20.0)),
+            retention_s=int(env.get("RECSYS_RETENTION_S", 7 * 86400)),
+            aggregate_fine_retention_s=int(env.get("RECSYS_AGGREGATE_FINE_RETENTION_S", 8 * 86400)),
+            aggregate_retention_s=int(env.get("RECSYS_AGGREGATE_RETENTION_S", 365 * 86400)),
             max_body_bytes=int(env.get("RECSYS_MAX_BODY_BYTES", 1_000_000)),
             api_token=env.get("RECSYS_API_TOKEN", ""),
             embedded_redis_port=int(env.get("RECSYS_EMBEDDED_REDIS_PORT", 6390)),
@@ -163,6 +172,9 @@ class Settings:
             "RECSYS_LABEL_WINDOW_S": str(self.label_window_s),
             "RECSYS_LOG_SETTLE_S": str(self.log_settle_s),
             "RECSYS_ACTION_WAIT_S": str(self.action_wait_s),
+            "RECSYS_RETENTION_S": str(self.retention_s),
+            "RECSYS_AGGREGATE_FINE_RETENTION_S": str(self.aggregate_fine_retention_s),
+            "RECSYS_AGGREGATE_RETENTION_S": str(self.aggregate_retention_s),
             "RECSYS_MAX_BODY_BYTES": str(self.max_body_bytes),
             "RECSYS_EMBEDDED_REDIS_PORT": str(self.embedded_redis_port),
             "RECSYS_WORKER_METRICS_PORT": str(self.worker_metrics_port),
