@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, insert, select
 
-from control_plane import jobs, services
+from control_plane import jobs, queries, services
 from control_plane.analysis.types import Phase
 from control_plane.context import bootstrap
 from control_plane.db.engine import make_engine
@@ -151,7 +151,6 @@ def baseline_rows(engine, answers, rng) -> None:
     """What the baseline's Bento would have logged at 50 % (it is a fake here): the twin of each of the
     canary's `answers`, at the same moment (so that the windows, which stop short of now while the
     newest rows arrive, count the two arms alike), slow, with labels."""
-    now = time.time()
     rows = [
         {
             "request_id": f"base-{uuid.uuid4().hex}",
@@ -168,10 +167,10 @@ def baseline_rows(engine, answers, rng) -> None:
         for a in answers
     ]
     with engine.begin() as conn:
-        conn.execute(insert(predictions), rows)
+        queries.insert_predictions(conn, rows)
         conn.execute(
             insert(labels),
-            [{"request_id": r["request_id"], "label": int(rng.random() < 0.3), "ts": now} for r in rows],
+            [{"request_id": r["request_id"], "label": int(rng.random() < 0.3), "ts": r["ts"]} for r in rows],
         )
 
 
