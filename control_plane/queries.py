@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import Connection, Engine, and_, func, insert, select, text
+from sqlalchemy import Connection, Engine, func, insert, select, text
 
 from control_plane.analysis.aggregates import (
     BUCKET_S,
@@ -95,29 +95,47 @@ def _decode_labels(values: Sequence) -> LabelFacts:
 
 
 def _merge_upsert(cursor, dialect: str, table: _BucketTable, fixed: tuple, facts: dict, bucket_s: int) -> None:
-    """Add `facts` to their rows: create missing rows empty, lock and read them, write the sums.
+    """Add `facts` to their rows in three statements whatever their number: create the missing rows
+    empty, lock and read them all, write the sums back.
 
     Creating first means two writers that meet on a new key both find the row and queue on its lock,
-    so neither sum is lost; rows are taken in key order so that two such writers cannot deadlock.
+    so neither sum is lost; rows are locked in key order so that two such writers cannot deadlock.
     """
     mark = "?" if dialect == "sqlite" else "%s"
     keys, values = table.keys, table.values
-    where = " AND ".join(f"{k} = {mark}" for k in keys)
-    lock = "" if dialect == "sqlite" else " FOR UPDATE"
-    insert_sql = (
-        f"INSERT INTO {table.name} ({', '.join(keys)}, bucket_s, {', '.join(values)}) "
-        f"VALUES ({', '.join([mark] * (len(keys) + 1 + len(values)))}) ON CONFLICT DO NOTHING"
-    )
-    select_sql = f"SELECT {', '.join(values)} FROM {table.name} WHERE {where}{lock}"
-    update_sql = f"UPDATE {table.name} SET {', '.join(f'{v} = {mark}' for v in values)} WHERE {where}"
-    decode = _decode_requests if table is _REQUESTS else _decode_labels
     ordered = sorted(facts.items())
-    key_rows = [(*fixed, k.start, k.version, k.role, k.route, k.endpoint) for k, _ in ordered]
-    cursor.executemany(insert_sql, [(*kr, bucket_s, *table.zero) for kr in key_rows])
-    for kr, (_, delta) in zip(key_rows, ordered, strict=True):
-        cursor.execute(select_sql, kr)
-        merged = decode(cursor.fetchone()).merge(delta)
-        cursor.execute(update_sql, (*_encode(merged), *kr))
+    key_rows = [(*fixed, *k) for k, _ in ordered]
+    columns = (*keys, "bucket_s", *values)
+    row_marks = "(" + ", ".join([mark] * len(columns)) + ")"
+    key_marks = "(" + ", ".join([mark] * len(keys)) + ")"
+    all_rows = ", ".join([row_marks] * len(key_rows))
+    cursor.execute(
+        f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {all_rows} ON CONFLICT DO NOTHING",
+        [x for kr in key_rows for x in (*kr, bucket_s, *table.zero)],
+    )
+    lock = "" if dialect == "sqlite" else " FOR UPDATE"
+    cursor.execute(
+        f"SELECT {', '.join(keys)}, {', '.join(values)} FROM {table.name} "
+        f"WHERE ({', '.join(keys)}) IN (VALUES {', '.join([key_marks] * len(key_rows))}) "
+        f"ORDER BY {', '.join(keys)}{lock}",
+        [x for kr in key_rows for x in kr],
+    )
+    decode = _decode_requests if table is _REQUESTS else _decode_labels
+    stored = {tuple(r[: len(keys)]): decode(r[len(keys) :]) for r in cursor.fetchall()}
+    merged = [(*kr, bucket_s, *_encode(stored[kr].merge(delta))) for kr, (_, delta) in zip(key_rows, ordered, strict=True)]
+    cursor.execute(
+        f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {all_rows} "
+        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {', '.join(f'{v} = excluded.{v}' for v in values)}",
+        [x for row in merged for x in row],
+    )
+
+
+def _insert_buckets(cursor, dialect: str, table: _BucketTable, fixed: tuple, facts: dict, bucket_s: int) -> None:
+    """Rows for keys that cannot exist yet, in one executemany."""
+    mark = "?" if dialect == "sqlite" else "%s"
+    columns = (*table.keys, "bucket_s", *table.values)
+    sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))})"
+    cursor.executemany(sql, [(*fixed, *k, bucket_s, *_encode(f)) for k, f in sorted(facts.items())])
 
 
 def add_request_facts(cursor, dialect: str, rows: Iterable[tuple], bucket_s: int = BUCKET_S) -> None:
@@ -171,31 +189,19 @@ class SqlMetricsSource:
             conds.append(table.c.route == route)
         return conds
 
-    @staticmethod
-    def _key(row) -> BucketKey:
-        return BucketKey(int(row.bucket_start), int(row.model_version), row.role, row.route, row.endpoint)
+    def _rows(self, table, spec: _BucketTable, conds: list) -> list:
+        key = [table.c.bucket_start, table.c.model_version, table.c.role, table.c.route, table.c.endpoint]
+        columns = key + [getattr(table.c, v) for v in spec.values]
+        return self.conn.execute(select(*columns).where(*conds).order_by(table.c.bucket_start)).all()
 
     def request_buckets(self, since, until, *, version=None, route=WEIGHTED):
-        t = request_buckets
-        rows = self.conn.execute(
-            select(t).where(and_(*self._where(t, since, until, version, route))).order_by(t.c.bucket_start)
-        ).all()
-        return [(self._key(r), _decode_requests((r.requests, r.errors, r.latency))) for r in rows]
+        rows = self._rows(request_buckets, _REQUESTS, self._where(request_buckets, since, until, version, route))
+        return [(BucketKey(*r[:5]), _decode_requests(r[5:])) for r in rows]
 
     def label_buckets(self, since, until, window_s, *, version=None, route=WEIGHTED):
         t = label_buckets
-        rows = self.conn.execute(
-            select(t)
-            .where(t.c.window_s == int(window_s), *self._where(t, since, until, version, route))
-            .order_by(t.c.bucket_start)
-        ).all()
-        return [
-            (
-                self._key(r),
-                _decode_labels((r.closed, r.positives, r.correct, r.log_loss_sum, r.scores_pos, r.scores_neg)),
-            )
-            for r in rows
-        ]
+        rows = self._rows(t, _LABELS, [t.c.window_s == int(window_s), *self._where(t, since, until, version, route)])
+        return [(BucketKey(*r[:5]), _decode_labels(r[5:])) for r in rows]
 
 
 # --- the label job ------------------------------------------------------------
@@ -230,10 +236,8 @@ def _closed_facts(conn: Connection, window_s: int, start: float, end: float) -> 
         return {}
     cols = list(zip(*rows, strict=True))
     ts = np.asarray(cols[0], dtype=float)
-    keys = [
-        BucketKey(int(t // BUCKET_S) * BUCKET_S, v, r, ro, e)
-        for t, v, r, ro, e in zip(ts, cols[1], cols[2], cols[3], cols[4], strict=True)
-    ]
+    starts = ((ts // BUCKET_S) * BUCKET_S).astype(np.int64).tolist()
+    keys = zip(starts, cols[1], cols[2], cols[3], cols[4], strict=True)
     label = np.asarray([np.nan if x is None else x for x in cols[6]], dtype=float)
     label_ts = np.asarray([np.nan if x is None else x for x in cols[7]], dtype=float)
     return label_facts(keys, np.asarray(cols[5], dtype=float), outcomes(ts, label, label_ts, window_s))
@@ -263,8 +267,8 @@ def close_label_windows(
                 return counted
             end = min(cutoff, mark + span_s)
             facts = _closed_facts(conn, window, mark, end)
-            if facts:
-                _merge_upsert(conn.connection.cursor(), conn.dialect.name, _LABELS, (window,), facts, BUCKET_S)
+            if facts:  # spans are whole buckets, each closed once: new rows, nothing to merge
+                _insert_buckets(conn.connection.cursor(), conn.dialect.name, _LABELS, (window,), facts, BUCKET_S)
             conn.execute(
                 label_watermarks.update().where(label_watermarks.c.window_s == window).values(closed_until=end)
             )

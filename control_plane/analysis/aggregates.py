@@ -14,9 +14,9 @@ two histograms merge by adding counts, exactly, whatever the order. See docs/sca
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,14 +33,35 @@ SCORE_BINS = 100  # equal-width score bins for AUC: its error is bounded by auc_
 CORRECT_AT = 0.5  # a score at or above this predicts a click
 
 
+_ENTRY = np.dtype([("bin", "<i2"), ("count", "<u4")])  # 6 bytes a bin; a blob is these back to back
+
+
 class SparseCounts:
-    """Counts per integer bin; merges by addition. Encoded as n, then n int16 bins and n uint32 counts."""
+    """Counts per integer bin; merges by addition. Stored as (int16 bin, uint32 count) entries back to
+    back, so that many blobs are summed by joining their bytes and decoding once (`concat`)."""
 
-    __slots__ = ("bins", "counts")
+    __slots__ = ("_bins", "_counts", "_raw")
 
-    def __init__(self, bins: np.ndarray | None = None, counts: np.ndarray | None = None):
-        self.bins = np.zeros(0, dtype=np.int64) if bins is None else np.asarray(bins, dtype=np.int64)
-        self.counts = np.zeros(0, dtype=np.int64) if counts is None else np.asarray(counts, dtype=np.int64)
+    def __init__(self, bins: np.ndarray | None = None, counts: np.ndarray | None = None, raw: bytes | None = None):
+        self._raw = raw
+        self._bins = None if raw is not None else np.asarray([] if bins is None else bins, dtype=np.int64)
+        self._counts = None if raw is not None else np.asarray([] if counts is None else counts, dtype=np.int64)
+
+    def _decode(self) -> None:
+        entries = np.frombuffer(self._raw, dtype=_ENTRY)
+        self._bins, self._counts = entries["bin"].astype(np.int64), entries["count"].astype(np.int64)
+
+    @property
+    def bins(self) -> np.ndarray:
+        if self._bins is None:
+            self._decode()
+        return self._bins
+
+    @property
+    def counts(self) -> np.ndarray:
+        if self._counts is None:
+            self._decode()
+        return self._counts
 
     @classmethod
     def of_bins(cls, bins: np.ndarray) -> SparseCounts:
@@ -56,26 +77,25 @@ class SparseCounts:
 
     @classmethod
     def concat(cls, parts: list[SparseCounts]) -> SparseCounts:
-        """The sum of many at once (one sort, not one per part)."""
-        parts = [p for p in parts if len(p.bins)]
-        if len(parts) <= 1:
-            return parts[0] if parts else cls()
-        b, inverse = np.unique(np.concatenate([p.bins for p in parts]), return_inverse=True)
-        c = np.bincount(inverse, weights=np.concatenate([p.counts for p in parts]), minlength=len(b))
+        """The sum of many at once: their stored bytes joined and decoded once, one sort."""
+        blobs = b"".join(p.to_bytes() for p in parts)
+        if not blobs:
+            return cls()
+        entries = np.frombuffer(blobs, dtype=_ENTRY)
+        b, inverse = np.unique(entries["bin"], return_inverse=True)
+        c = np.bincount(inverse, weights=entries["count"], minlength=len(b))
         return cls(b, c.astype(np.int64))
 
     def to_bytes(self) -> bytes:
-        n = len(self.bins)
-        return struct.pack("<I", n) + self.bins.astype("<i2").tobytes() + self.counts.astype("<u4").tobytes()
+        if self._raw is not None:
+            return self._raw
+        entries = np.empty(len(self._bins), dtype=_ENTRY)
+        entries["bin"], entries["count"] = self._bins, self._counts
+        return entries.tobytes()
 
     @classmethod
     def from_bytes(cls, data: bytes | None) -> SparseCounts:
-        if not data:
-            return cls()
-        (n,) = struct.unpack_from("<I", data)
-        bins = np.frombuffer(data, dtype="<i2", count=n, offset=4)
-        counts = np.frombuffer(data, dtype="<u4", count=n, offset=4 + 2 * n)
-        return cls(bins.astype(np.int64), counts.astype(np.int64))
+        return cls() if not data else cls(raw=bytes(data))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SparseCounts) and self.to_bytes() == other.to_bytes()
@@ -86,6 +106,7 @@ class SparseCounts:
 
 _MIN_BIN = math.ceil(math.log(MIN_LATENCY_MS) / _LOG_GAMMA)
 _MAX_BIN = math.ceil(math.log(MAX_LATENCY_MS) / _LOG_GAMMA)
+_BIN_SPAN = _MAX_BIN - _MIN_BIN + 1
 
 
 def latency_bins(values_ms: np.ndarray) -> np.ndarray:
@@ -202,8 +223,7 @@ class LabelFacts:
         return None if p == 0 or n == 0 else float(0.5 * (pos * neg).sum() / (p * n))
 
 
-@dataclass(frozen=True, order=True)
-class BucketKey:
+class BucketKey(NamedTuple):
     """What a summary is kept per: a bucket of the prediction's time, its version, role, route, endpoint."""
 
     start: int
@@ -219,21 +239,37 @@ def bucket_start(ts: float, bucket_s: int = BUCKET_S) -> int:
 
 def request_facts(rows: Iterable[tuple]) -> dict[BucketKey, RequestFacts]:
     """Sum prediction-log rows (request_id, ts, version, role, route, endpoint, features, score, latency_ms,
-    status) per bucket key: what the writer adds for each batch it inserts."""
-    groups: dict[BucketKey, tuple[list[float], list[int]]] = {}
-    for row in rows:
-        ts = row[1]
-        key = BucketKey(int(ts // BUCKET_S) * BUCKET_S, row[2], row[3], row[4], row[5])
-        g = groups.get(key)
-        if g is None:
-            g = groups[key] = ([], [])
-        g[0].append(row[8])
-        g[1].append(row[9])
-    out = {}
-    for key, (lat, status) in groups.items():
-        errors = sum(1 for s in status if s >= 500)
-        out[key] = RequestFacts(len(lat), errors, LatencyHistogram.of(lat))
-    return out
+    status) per bucket key: what the writer adds for each batch it inserts (vectorised: a batch is
+    typically one version's last 0.1-1 s, one or two keys)."""
+    rows = rows if isinstance(rows, list) else list(rows)
+    if not rows:
+        return {}
+    _, ts, versions, roles, routes, endpoints, _, _, latency, status = zip(*rows, strict=True)
+    starts = np.asarray(ts, dtype=float) // BUCKET_S * BUCKET_S
+    same = set(zip(versions, roles, routes, endpoints, strict=True))
+    index: dict[tuple, int] = {}
+    if len(same) == 1:  # one version's writer: group by bucket alone, in numpy
+        (rest,) = same
+        uniq, inv = np.unique(starts.astype(np.int64), return_inverse=True)
+        index = {(int(start), *rest): i for i, start in enumerate(uniq.tolist())}
+    else:
+        keys = zip(starts.astype(np.int64).tolist(), versions, roles, routes, endpoints, strict=True)
+        inv = np.fromiter((index.setdefault(k, len(index)) for k in keys), dtype=np.int64, count=len(rows))
+    g = len(index)
+    requests = np.bincount(inv, minlength=g)
+    errors = np.bincount(inv, weights=np.asarray(status) >= 500, minlength=g)
+    bins = latency_bins(np.asarray(latency, dtype=float))
+    cells, counts = np.unique(inv * _BIN_SPAN + (bins - _MIN_BIN), return_counts=True)
+    group, cell_bins = cells // _BIN_SPAN, cells % _BIN_SPAN + _MIN_BIN
+    edges = np.searchsorted(group, np.arange(g + 1))
+    return {
+        BucketKey._make(key): RequestFacts(
+            int(requests[i]),
+            int(errors[i]),
+            LatencyHistogram(SparseCounts(cell_bins[edges[i] : edges[i + 1]], counts[edges[i] : edges[i + 1]])),
+        )
+        for key, i in index.items()
+    }
 
 
 def outcomes(
@@ -248,31 +284,37 @@ def outcomes(
 
 
 def label_facts(
-    keys: list[BucketKey], scores: np.ndarray, outcome: np.ndarray
+    keys: Iterable[tuple], scores: np.ndarray, outcome: np.ndarray
 ) -> dict[BucketKey, LabelFacts]:
-    """Sum closed predictions' outcomes per bucket key (one entry of `keys` per prediction)."""
+    """Sum closed predictions' outcomes per bucket key (one entry of `keys` per prediction), vectorised."""
     scores = np.asarray(scores, dtype=float)
-    outcome = np.asarray(outcome, dtype=np.int64)
+    y = np.asarray(outcome, dtype=np.int64)
+    if not len(y):
+        return {}
+    index: dict[tuple, int] = {}
+    inv = np.fromiter((index.setdefault(k, len(index)) for k in keys), dtype=np.int64, count=len(y))
+    g = len(index)
     p = np.clip(scores, 1e-7, 1 - 1e-7)
-    loss = -(outcome * np.log(p) + (1 - outcome) * np.log(1 - p))
-    right = (scores >= CORRECT_AT) == (outcome == 1)
-    sbins = score_bins(scores)
-    index: dict[BucketKey, list[int]] = {}
-    for i, key in enumerate(keys):
-        index.setdefault(key, []).append(i)
-    out = {}
-    for key, idx in index.items():
-        ix = np.asarray(idx)
-        y = outcome[ix]
-        out[key] = LabelFacts(
-            closed=len(ix),
-            positives=int(y.sum()),
-            correct=int(right[ix].sum()),
-            log_loss_sum=float(loss[ix].sum()),
-            scores_pos=SparseCounts.of_bins(sbins[ix][y == 1]),
-            scores_neg=SparseCounts.of_bins(sbins[ix][y == 0]),
+    loss = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    right = (scores >= CORRECT_AT) == (y == 1)
+    cell = inv * SCORE_BINS + score_bins(scores)
+    pos = np.bincount(cell[y == 1], minlength=g * SCORE_BINS).reshape(g, SCORE_BINS)
+    neg = np.bincount(cell[y == 0], minlength=g * SCORE_BINS).reshape(g, SCORE_BINS)
+    closed = np.bincount(inv, minlength=g)
+    positives = np.bincount(inv, weights=y, minlength=g)
+    correct = np.bincount(inv, weights=right, minlength=g)
+    losses = np.bincount(inv, weights=loss, minlength=g)
+
+    def sparse(row: np.ndarray) -> SparseCounts:
+        nz = np.flatnonzero(row)
+        return SparseCounts(nz, row[nz])
+
+    return {
+        BucketKey._make(key): LabelFacts(
+            int(closed[i]), int(positives[i]), int(correct[i]), float(losses[i]), sparse(pos[i]), sparse(neg[i])
         )
-    return out
+        for key, i in index.items()
+    }
 
 
 def merge_into(acc: dict, facts: dict) -> dict:

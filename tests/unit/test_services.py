@@ -12,6 +12,7 @@ from sqlalchemy import func, insert, select
 
 from control_plane import queries, services
 from control_plane.action_lock import ActionLock
+from control_plane.analysis.aggregates import BUCKET_S
 from control_plane.analysis.types import Phase
 from control_plane.context import Context
 from control_plane.db.engine import make_engine, migrate
@@ -194,12 +195,14 @@ def arriving_step(ctx, seconds: float, per_s: int, late: dict[int, float]) -> No
 @pytest.mark.parametrize("settle_s, halted", [(2.0, False), (0.0, True)])
 def test_a_step_is_judged_without_the_newest_rows_some_writers_have_not_written_yet(ctx, settle_s, halted):
     ctx.settings = dataclasses.replace(ctx.settings, log_settle_s=settle_s)
-    rollout = services.start_canary(ctx, 3, FAST, actor="test")
-    ctx.clock.t = ctx.ledger.get(rollout.id).step_started_at + 5.5
-    # A step of 5.5 s, just past the end of its first 5-second bucket: the baseline's writer has just
-    # written; the canary's and the control's newest 1.2 s (part of that bucket) are still on their way,
-    # as with a Bento writing once a second.
-    arriving_step(ctx, 5.5, 3000, late={3: 1.2, 1: 1.2})
+    # No attribution window closes within the step: only the sample-ratio check can act.
+    rollout = services.start_canary(ctx, 3, {**FAST, "label_window_s": 3600}, actor="test")
+    started = ctx.ledger.get(rollout.id).step_started_at
+    ctx.clock.t = (started // BUCKET_S + 2) * BUCKET_S + 0.5
+    # Half a second past the end of the step's first whole 5-second bucket: the baseline's writer has
+    # just written; the canary's and the control's newest 1.2 s (partly in that bucket) are still on
+    # their way, as with a Bento writing once a second.
+    arriving_step(ctx, ctx.clock.t - started, 3000, late={3: 1.2, 1: 1.2})
     result = services.evaluate(ctx, tick=1)
     assert (result["action"] == "halt") is halted, result
     assert ("sample-ratio mismatch" in result["reason"]) is halted

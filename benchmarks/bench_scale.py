@@ -1,0 +1,358 @@
+"""`make bench-scale`: what a decision, a scrape and an hour of storage cost as the window fills up.
+
+For each size it fills one hour of prediction time with that many predictions through the writer the
+Bentos use (bentos.predlog.PredictionLogWriter: COPY on Postgres, the aggregates added per batch),
+split 85/10/5 between three versions, 16 features each, 0.5 % errors; 90 % of the served ones get a
+label (a delay drawn from an exponential of mean 60 s, so some arrive after the attribution window).
+Then the label job closes the hour's windows, and it measures: one evaluation as the worker runs it
+(services.evaluate) and the read + decide() alone (median of 5, peak traced memory), GET /api/metrics,
+/api/timeseries and the control plane's /metrics (median of 5, through the Flask app), rows and bytes
+per hour of traffic, bytes per aggregate row (fine and rolled up), and what retention removes.
+
+    python benchmarks/bench_scale.py                       # 1, 5, 20 M on Postgres; 1, 5 M on SQLite
+    python benchmarks/bench_scale.py --sizes pg:1e5,sqlite:1e5   # a quick run
+
+A benchmark, not a test: the machine is shared, so figures are medians and vary from run to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import text
+
+from bentos.predlog import PredictionLogWriter
+from control_plane import observations, queries, retention, services
+from control_plane.analysis.aggregates import BUCKET_S, COARSE_BUCKET_S
+from control_plane.analysis.decide import decide
+from control_plane.analysis.policy import Policy
+from control_plane.context import Context
+from control_plane.db.engine import make_engine, migrate, read_snapshot
+from control_plane.deployer.memory import InMemoryDeployer
+from control_plane.log_backlog import InMemoryLogBacklog
+from control_plane.registry.memory import InMemoryRegistry
+from control_plane.settings import Settings
+from control_plane.traffic.memory import InMemoryRouter
+from control_plane.traffic_ops import apply_assignment
+
+PG_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+HOUR_S = 3600
+VERSIONS = {"baseline": (1, 85), "canary": (2, 10), "control": (3, 5)}
+LABEL_WINDOW_S = 300
+CHUNK = 50_000
+YEAR_S = 365 * 86400
+
+
+@dataclass
+class Clock:
+    t: float
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _rows(rng: np.random.Generator, start: float, n: int, offset: int, total: int):
+    """`n` prediction-log rows (tuples, as a Bento logs them) spread evenly over the hour."""
+    i = np.arange(offset, offset + n)
+    ts = start + i * (HOUR_S / total)
+    pick = rng.choice(3, size=n, p=[w / 100 for _, w in VERSIONS.values()])
+    roles = list(VERSIONS)
+    scores = rng.random(n)
+    lat = rng.lognormal(np.log(4.0), 0.4, n) * (1 + 0.05 * (pick == 1))
+    err = rng.random(n) < 0.005
+    feats = rng.random((n, 16)).round(6).tolist()
+    rows = []
+    for k in range(n):
+        role = roles[pick[k]]
+        bad = bool(err[k])
+        rows.append(
+            (
+                uuid.uuid4().hex,
+                float(ts[k]),
+                VERSIONS[role][0],
+                role,
+                "weighted",
+                "predict",
+                feats[k],
+                None if bad else float(scores[k]),
+                float(lat[k]),
+                503 if bad else 200,
+            )
+        )
+    return rows
+
+
+def _labels(rng: np.random.Generator, rows) -> list[dict]:
+    out = []
+    for r in rows:
+        if r[7] is None or rng.random() >= 0.9:
+            continue
+        truth = int(rng.random() < (0.78 if (r[7] >= 0.5) else 0.22))
+        out.append({"request_id": r[0], "label": truth, "ts": r[1] + float(rng.exponential(60.0))})
+    return out
+
+
+def fill(url: str, engine, n: int, start: float, spill: Path) -> dict:
+    """The hour's predictions through the Bentos' writer, then their labels; seconds taken for each."""
+    rng = np.random.default_rng(n)
+    # One writer per version, as each Bento has its own.
+    writers = {v: PredictionLogWriter(url, spill, max_queue=4 * CHUNK).start() for v, _ in VERSIONS.values()}
+    t0 = time.perf_counter()
+    written_labels = 0
+    label_s = 0.0
+    for offset in range(0, n, CHUNK):
+        rows = _rows(rng, start, min(CHUNK, n - offset), offset, n)
+        while max(w.stats().queue_depth for w in writers.values()) > 2 * CHUNK:
+            time.sleep(0.05)
+        for version, writer in writers.items():
+            writer.log_many([r for r in rows if r[2] == version])
+        labs = _labels(rng, rows)
+        t1 = time.perf_counter()
+        with engine.begin() as conn:
+            queries.insert_labels_rows(conn, labs)
+        label_s += time.perf_counter() - t1
+        written_labels += len(labs)
+    for writer in writers.values():
+        writer.close(timeout_s=3600)
+    ingest_s = time.perf_counter() - t0
+    stats = [w.stats() for w in writers.values()]
+    spilled = sum(s.rows_spilled for s in stats)
+    assert spilled == 0, f"the writers spilled {spilled} rows: the fill is not a fair one"
+    written = sum(s.rows_written for s in stats)
+    return {"ingest_s": ingest_s, "label_insert_s": label_s, "labels": written_labels, "rows_written": written}
+
+
+def context(engine, url: str, state: Path, clock: Clock) -> Context:
+    settings = Settings(state_dir=state, database_url=url, label_window_s=LABEL_WINDOW_S, api_token="bench-" * 6)
+    registry = InMemoryRegistry()
+    for profile in ("baseline", "better", "control"):
+        registry.add_version(profile=profile)
+    ctx = Context(
+        settings,
+        engine,
+        registry,
+        InMemoryRouter(),
+        InMemoryDeployer(),
+        clock=clock,
+        sleep=lambda _s: None,
+        drain_s=0,
+        log_backlog=InMemoryLogBacklog(),
+    )
+    for v in (1, 3):
+        ctx.deployer.deploy(v)
+    registry.set_alias("baseline", 1)
+    registry.set_alias("control", 3)
+    apply_assignment(ctx, {"baseline": (1, 95), "canary": (None, 0), "control": (3, 5)})
+    return ctx
+
+
+def _median_s(fn, repeat: int = 5) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _peak_mb(fn) -> float:
+    tracemalloc.start()
+    fn()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak / 1e6
+
+
+def measure(engine_name: str, url: str, n: int) -> dict:
+    state = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    migrate(url)
+    engine = make_engine(url)
+    end = time.time() // BUCKET_S * BUCKET_S
+    start = end - HOUR_S
+    with engine.begin() as conn:  # as if the stack had been running: the hour's partitions exist
+        if queries.predictions_partitioned(conn):
+            queries.create_partitions(conn, start, end + retention.AHEAD_S)
+    out = {"engine": engine_name, "rows": n, **fill(url, engine, n, start, state / "spill")}
+    clock = Clock(start)
+    ctx = context(engine, url, state, clock)
+    # The rollout began with the hour; the label job then closes its windows (the first evaluation
+    # would, in a shorter step): its time is the label work of an hour of traffic.
+    services.start_canary(ctx, 2, {"step_min_duration_s": 0, "max_duration_s": 4 * HOUR_S}, actor="bench")
+    apply_assignment(ctx, {r: v for r, v in VERSIONS.items()})
+    clock.t = end + LABEL_WINDOW_S  # every prediction of the hour has had its window closed
+    t0 = time.perf_counter()
+    closed = services.close_labels(ctx)
+    out["label_job_s"] = time.perf_counter() - t0
+    out["closed"] = closed
+    rollout = ctx.ledger.active()
+    policy = Policy.from_dict(rollout.policy_params)
+
+    def read_and_decide():
+        with read_snapshot(engine) as conn:
+            obs = observations.read_observations(
+                queries.SqlMetricsSource(conn),
+                versions={r: v for r, (v, _) in VERSIONS.items()},
+                since=rollout.started_at,
+                step_since=rollout.step_started_at,
+                now=clock.t,
+                label_window_s=LABEL_WINDOW_S,
+                settle_s=ctx.settings.log_settle_s,
+                step_weights={r: w for r, (_, w) in VERSIONS.items()},
+            )
+        return decide(rollout.state(0, {}), obs, policy)
+
+    out["decide_s"] = _median_s(read_and_decide)
+    out["decide_mb"] = _peak_mb(read_and_decide)
+    t0 = time.perf_counter()
+    result = services.evaluate(ctx, tick=1, actor="bench")  # as the worker runs it: label job, read, decide, record
+    out["evaluate_s"] = time.perf_counter() - t0
+    out["action"] = result["action"] if result else None
+    ctx.settings = replace(ctx.settings, window_s=HOUR_S + LABEL_WINDOW_S)
+    from control_plane.web.app import create_app
+
+    client = create_app(ctx=ctx).test_client()
+    for path in ("/api/metrics", "/api/timeseries?bucket_s=60", "/metrics"):
+        assert client.get(path).status_code == 200, path
+    out["api_metrics_s"] = _median_s(lambda: client.get("/api/metrics"))
+    out["api_timeseries_s"] = _median_s(lambda: client.get("/api/timeseries?bucket_s=60"))
+    out["scrape_s"] = _median_s(lambda: client.get("/metrics"))
+    out.update(storage(engine))
+    out.update(retention_check(engine, ctx, clock))
+    engine.dispose()
+    return out
+
+
+def storage(engine) -> dict:
+    with engine.connect() as conn:
+        sizes = queries.bucket_bytes(conn)
+        fine_rows = queries.count_rows(conn, "request_buckets")
+        label_rows = queries.count_rows(conn, "label_buckets")
+    return {
+        "pred_bytes": sizes["predictions"],
+        "label_bytes": sizes["labels"],
+        "req_bucket_bytes_per_row": sizes["request_buckets"] / max(fine_rows, 1),
+        "label_bucket_bytes_per_row": sizes["label_buckets"] / max(label_rows, 1),
+        "fine_rows": fine_rows,
+    }
+
+
+def retention_check(engine, ctx: Context, clock: Clock) -> dict:
+    """Retention at half the hour: what it removes and how long it takes; then a roll-up of every bucket."""
+    policy = retention.RetentionPolicy(raw_s=HOUR_S / 2 + ctx.settings.label_window_s, fine_s=0, aggregate_s=YEAR_S)
+    with engine.begin() as conn:  # the rollout is over for this check: only the retention window binds
+        conn.execute(text("UPDATE rollouts SET phase = 'promoted'"))
+    t0 = time.perf_counter()
+    report = retention.apply(engine, replace(policy, fine_s=10 * YEAR_S), clock.t, None)
+    took = time.perf_counter() - t0
+    with engine.connect() as conn:
+        older = conn.execute(
+            text("SELECT COUNT(*) FROM predictions WHERE ts < :c"), {"c": report.raw_cutoff}
+        ).scalar()
+        left = queries.prediction_count(conn)
+    with engine.begin() as conn:
+        rolled = 0
+        while (moved := queries.roll_up(conn, clock.t + COARSE_BUCKET_S, COARSE_BUCKET_S)) > 0:
+            rolled += moved
+    with engine.connect() as conn:
+        sizes = queries.bucket_bytes(conn)
+        coarse = queries.count_rows(conn, "request_buckets") + queries.count_rows(conn, "label_buckets")
+    return {
+        "retention_s": took,
+        "retention_dropped_partitions": report.partitions_dropped,
+        "retention_deleted": report.predictions_deleted,
+        "rows_left": left,
+        "rows_older_than_cutoff": older,
+        "coarse_bytes_per_row": (sizes["request_buckets"] + sizes["label_buckets"]) / max(coarse, 1),
+    }
+
+
+def year_of_aggregates(r: dict, fine_days: float = 8) -> tuple[float, float]:
+    """GB a year of aggregates takes at the default bucket and three arms: without and with the roll-up."""
+    arms = len(VERSIONS)
+    per_fine = r["req_bucket_bytes_per_row"] + r["label_bucket_bytes_per_row"]
+    flat = per_fine * arms * YEAR_S / BUCKET_S / 1e9
+    rolled = (per_fine * arms * fine_days * 86400 / BUCKET_S + r["coarse_bytes_per_row"] * 2 * arms * YEAR_S / COARSE_BUCKET_S) / 1e9
+    return flat, rolled
+
+
+def fresh_url(engine_name: str, n: int) -> str:
+    if engine_name == "sqlite":
+        return f"sqlite:///{tempfile.mkdtemp(prefix='bench-scale-db-')}/scale.db"
+    name = f"bench_scale_{n}_{uuid.uuid4().hex[:6]}"
+    admin = make_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_url(url: str) -> None:
+    if url.startswith("sqlite"):
+        Path(url.removeprefix("sqlite:///")).unlink(missing_ok=True)
+        return
+    admin = make_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)"))
+    admin.dispose()
+
+
+def table(results: list[dict]) -> str:
+    head = (
+        "| engine | rows in the hour | ingest (rows/s) | label job | evaluation (worker) | read + decide | its peak memory "
+        "| /api/metrics | /api/timeseries | /metrics | bytes/hour (predictions + labels) | aggregate B/row (fine, hourly) "
+        "| a year of aggregates (flat, rolled up) | retention at 30 min: rows older left |"
+    )
+    lines = [head, "|" + "---|" * 14]
+    for r in results:
+        flat, rolled = year_of_aggregates(r)
+        lines.append(
+            f"| {r['engine']} | {r['rows']:,} | {r['rows'] / r['ingest_s']:,.0f} | {r['label_job_s']:.1f} s "
+            f"| {1000 * r['evaluate_s']:.0f} ms | {1000 * r['decide_s']:.0f} ms | {r['decide_mb']:.1f} MB "
+            f"| {1000 * r['api_metrics_s']:.0f} ms | {1000 * r['api_timeseries_s']:.0f} ms | {1000 * r['scrape_s']:.0f} ms "
+            f"| {(r['pred_bytes'] + r['label_bytes']) / 1e9:.2f} GB "
+            f"| {r['req_bucket_bytes_per_row'] + r['label_bucket_bytes_per_row']:.0f}, {r['coarse_bytes_per_row']:.0f} "
+            f"| {flat:.1f} GB, {rolled:.2f} GB | {r['rows_older_than_cutoff']:,} of {r['rows_left']:,} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_sizes(spec: str) -> list[tuple[str, int]]:
+    out = []
+    for part in spec.split(","):
+        engine_name, _, n = part.partition(":")
+        if engine_name not in ("pg", "sqlite"):
+            raise SystemExit(f"--sizes: engine must be pg or sqlite, got {engine_name!r}")
+        out.append((engine_name, int(float(n))))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="pg:1e6,pg:5e6,pg:2e7,sqlite:1e6,sqlite:5e6", help="engine:rows,...")
+    p.add_argument("--keep", action="store_true", help="keep the databases (default: drop each after)")
+    args = p.parse_args(argv)
+    results = []
+    for engine_name, n in parse_sizes(args.sizes):
+        url = fresh_url(engine_name, n)
+        try:
+            r = measure(engine_name, url, n)
+        finally:
+            if not args.keep:
+                drop_url(url)
+        results.append(r)
+        print(r, flush=True)
+        print(table(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
