@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from control_plane.analysis.aggregates import LabelFacts, LatencyHistogram, RequestFacts, SparseCounts
+from control_plane.analysis.aggregates import LabelFacts, LatencyHistogram, RequestFacts
 from control_plane.analysis.types import ArmObservation, Observations
 from control_plane.metrics_source import MetricsSource
 
@@ -27,32 +27,8 @@ def window_ends(now: float, settle_s: float, label_window_s: float) -> tuple[flo
     return until, min(until, now - label_window_s)
 
 
-def _request_total(items) -> RequestFacts:
-    facts = [f for _, f in items]
-    counts = SparseCounts.concat([f.latency.counts for f in facts])
-    return RequestFacts(
-        sum(f.requests for f in facts), sum(f.errors for f in facts), LatencyHistogram(counts)
-    )
-
-
-def _label_total(items) -> LabelFacts:
-    facts = [f for _, f in items]
-    return LabelFacts(
-        closed=sum(f.closed for f in facts),
-        positives=sum(f.positives for f in facts),
-        correct=sum(f.correct for f in facts),
-        log_loss_sum=sum(f.log_loss_sum for f in facts),
-        scores_pos=SparseCounts.concat([f.scores_pos for f in facts]),
-        scores_neg=SparseCounts.concat([f.scores_neg for f in facts]),
-    )
-
-
-def requests_of(source: MetricsSource, version: int, since: float, until: float) -> RequestFacts:
-    return _request_total(source.request_buckets(since, until, version=version))
-
-
-def labels_of(source: MetricsSource, version: int, since: float, until: float, window_s: float) -> LabelFacts:
-    return _label_total(source.label_buckets(since, until, window_s, version=version))
+def _one(groups: dict, empty):
+    return groups.get(None, empty)
 
 
 def arm_observation(
@@ -68,10 +44,9 @@ def arm_observation(
     """One version's window: requests up to `until`, outcomes of windows closed before `labels_before`."""
     if version is None:
         return ArmObservation(version=None, requests=0, errors=0, latency=LatencyHistogram(), labelled=0, correct=0)
-    items = source.request_buckets(since, until, version=version)
-    req = _request_total(items)
-    step_requests = sum(f.requests for k, f in items if k.start >= step_since)
-    lab = labels_of(source, version, since, labels_before, label_window_s)
+    req = _one(source.requests(since, until, version=version), RequestFacts())
+    step_requests = _one(source.requests(max(step_since, since), until, version=version), RequestFacts()).requests
+    lab = _one(source.labels(since, labels_before, label_window_s, version=version), LabelFacts())
     return ArmObservation(
         version=version,
         requests=req.requests,
@@ -131,9 +106,9 @@ def window_counts(
     for role, version in versions.items():
         if version is None:
             continue
-        items = source.request_buckets(since, until, version=version)
-        requests, errors = sum(f.requests for _, f in items), sum(f.errors for _, f in items)
-        lab = labels_of(source, version, since, labels_before, label_window_s)
+        req = _one(source.requests(since, until, version=version), RequestFacts())
+        requests, errors = req.requests, req.errors
+        lab = _one(source.labels(since, labels_before, label_window_s, version=version), LabelFacts())
         out[role] = {
             "version": version,
             "requests": requests,
@@ -200,17 +175,15 @@ def timeseries(
 
     Accuracy is shown for a chart bucket once every prediction in it has had its window closed.
     """
-    requests: dict[tuple[int, str], list] = {}
-    for key, facts in source.request_buckets(since, now):
-        requests.setdefault((key.start // bucket_s * bucket_s, key.role), []).append((key, facts))
-    labels: dict[tuple[int, str], list] = {}
-    for key, facts in source.label_buckets(since, now - label_window_s, label_window_s):
-        labels.setdefault((key.start // bucket_s * bucket_s, key.role), []).append((key, facts))
+    def chart(key) -> tuple[int, str]:
+        return key.start // bucket_s * bucket_s, key.role
+
+    requests = source.requests(since, now, by=chart)
+    labels = source.labels(since, now - label_window_s, label_window_s, by=chart)
     out = []
-    for (t, role), items in sorted(requests.items()):
-        req = _request_total(items)
+    for (t, role), req in sorted(requests.items()):
         closed = t + bucket_s <= now - label_window_s
-        lab = _label_total(labels.get((t, role), [])) if closed else LabelFacts()
+        lab = labels.get((t, role), LabelFacts()) if closed else LabelFacts()
         out.append(
             SeriesPoint(
                 t=t,

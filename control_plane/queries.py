@@ -101,6 +101,11 @@ def _merge_upsert(cursor, dialect: str, table: _BucketTable, fixed: tuple, facts
     Creating first means two writers that meet on a new key both find the row and queue on its lock,
     so neither sum is lost; rows are locked in key order so that two such writers cannot deadlock.
     """
+    if len(facts) > 200:  # SQLite allows 32,766 parameters a statement
+        ordered = sorted(facts.items())
+        for i in range(0, len(ordered), 200):
+            _merge_upsert(cursor, dialect, table, fixed, dict(ordered[i : i + 200]), bucket_s)
+        return
     mark = "?" if dialect == "sqlite" else "%s"
     keys, values = table.keys, table.values
     ordered = sorted(facts.items())
@@ -131,11 +136,14 @@ def _merge_upsert(cursor, dialect: str, table: _BucketTable, fixed: tuple, facts
 
 
 def _insert_buckets(cursor, dialect: str, table: _BucketTable, fixed: tuple, facts: dict, bucket_s: int) -> None:
-    """Rows for keys that cannot exist yet, in one executemany."""
+    """Rows for keys that cannot exist yet, in one statement."""
     mark = "?" if dialect == "sqlite" else "%s"
     columns = (*table.keys, "bucket_s", *table.values)
-    sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))})"
-    cursor.executemany(sql, [(*fixed, *k, bucket_s, *_encode(f)) for k, f in sorted(facts.items())])
+    rows = [(*fixed, *k, bucket_s, *_encode(f)) for k, f in sorted(facts.items())]
+    for i in range(0, len(rows), 100):  # SQLite allows 32,766 parameters a statement
+        chunk = rows[i : i + 100]
+        marks = ", ".join(["(" + ", ".join([mark] * len(columns)) + ")"] * len(chunk))
+        cursor.execute(f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {marks}", [x for r in chunk for x in r])
 
 
 def add_request_facts(cursor, dialect: str, rows: Iterable[tuple], bucket_s: int = BUCKET_S) -> None:
@@ -189,19 +197,48 @@ class SqlMetricsSource:
             conds.append(table.c.route == route)
         return conds
 
-    def _rows(self, table, spec: _BucketTable, conds: list) -> list:
+    def _groups(self, table, spec: _BucketTable, conds: list, by) -> dict[object, list]:
+        """Rows of `table` per group: each a list of rows (key columns, then the values)."""
         key = [table.c.bucket_start, table.c.model_version, table.c.role, table.c.route, table.c.endpoint]
-        columns = key + [getattr(table.c, v) for v in spec.values]
-        return self.conn.execute(select(*columns).where(*conds).order_by(table.c.bucket_start)).all()
+        columns = ([] if by is None else key) + [getattr(table.c, v) for v in spec.values]
+        rows = self.conn.execute(select(*columns).where(*conds).order_by(table.c.bucket_start)).all()
+        if by is None:
+            return {None: [tuple(r) for r in rows]} if rows else {}
+        groups: dict[object, list] = {}
+        for r in rows:
+            groups.setdefault(by(BucketKey._make(r[:5])), []).append(tuple(r[5:]))
+        return groups
 
-    def request_buckets(self, since, until, *, version=None, route=WEIGHTED):
-        rows = self._rows(request_buckets, _REQUESTS, self._where(request_buckets, since, until, version, route))
-        return [(BucketKey(*r[:5]), _decode_requests(r[5:])) for r in rows]
+    def requests(self, since, until, *, by=None, version=None, route=WEIGHTED):
+        t = request_buckets
+        return {
+            g: RequestFacts(
+                sum(r[0] for r in rows),
+                sum(r[1] for r in rows),
+                LatencyHistogram(_summed(rows, 2)),
+            )
+            for g, rows in self._groups(t, _REQUESTS, self._where(t, since, until, version, route), by).items()
+        }
 
-    def label_buckets(self, since, until, window_s, *, version=None, route=WEIGHTED):
+    def labels(self, since, until, window_s, *, by=None, version=None, route=WEIGHTED):
         t = label_buckets
-        rows = self._rows(t, _LABELS, [t.c.window_s == int(window_s), *self._where(t, since, until, version, route)])
-        return [(BucketKey(*r[:5]), _decode_labels(r[5:])) for r in rows]
+        conds = [t.c.window_s == int(window_s), *self._where(t, since, until, version, route)]
+        return {
+            g: LabelFacts(
+                closed=sum(r[0] for r in rows),
+                positives=sum(r[1] for r in rows),
+                correct=sum(r[2] for r in rows),
+                log_loss_sum=float(sum(r[3] for r in rows)),
+                scores_pos=_summed(rows, 4),
+                scores_neg=_summed(rows, 5),
+            )
+            for g, rows in self._groups(t, _LABELS, conds, by).items()
+        }
+
+
+def _summed(rows: list[tuple], column: int) -> SparseCounts:
+    """The sum of one blob column over rows: their bytes joined, decoded once."""
+    return SparseCounts.summed(b"".join(bytes(r[column]) for r in rows if r[column]))
 
 
 # --- the label job ------------------------------------------------------------

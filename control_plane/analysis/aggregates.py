@@ -78,7 +78,11 @@ class SparseCounts:
     @classmethod
     def concat(cls, parts: list[SparseCounts]) -> SparseCounts:
         """The sum of many at once: their stored bytes joined and decoded once, one sort."""
-        blobs = b"".join(p.to_bytes() for p in parts)
+        return cls.summed(b"".join(p.to_bytes() for p in parts))
+
+    @classmethod
+    def summed(cls, blobs: bytes) -> SparseCounts:
+        """The sum of stored blobs joined back to back (bins may repeat across them)."""
         if not blobs:
             return cls()
         entries = np.frombuffer(blobs, dtype=_ENTRY)
