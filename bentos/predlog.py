@@ -36,7 +36,7 @@ from pydantic_core import PydanticSerializationError, to_json
 from sqlalchemy import Engine, text
 
 from control_plane.db.schema import predictions
-from control_plane.queries import add_request_facts
+from control_plane.queries import add_request_facts, first_of_each
 
 log = logging.getLogger("recsys.predlog")
 
@@ -194,8 +194,7 @@ def _copy_batch(conn, rows: list[PredictionRow]) -> None:
                     cur.execute(_STAGE_DDL)
                 cur.copy_expert(_COPY, io.BytesIO(text), size=size)
                 cur.execute(_MERGE)
-                fresh = {r[0] for r in cur.fetchall()}
-                rows = [r for r in rows if r[0] in fresh]
+                rows = first_of_each(rows, (r[0] for r in cur.fetchall()))
                 staged = True
             add_request_facts(cur, "postgresql", rows)  # the aggregates of the rows this batch inserted
         dbapi.commit()
@@ -473,9 +472,8 @@ class PredictionLogWriter(_WriterBase):
             self._copy(rows)
             return
         with self._engine.begin() as conn:
-            fresh = set(conn.execute(self._stmt, [row_dict(r) for r in rows]).scalars().all())
-            # the aggregates of the rows this batch inserted, in its transaction
-            add_request_facts(conn.connection.cursor(), conn.dialect.name, [r for r in rows if r[0] in fresh])
+            fresh = first_of_each(rows, conn.execute(self._stmt, [row_dict(r) for r in rows]).scalars().all())
+            add_request_facts(conn.connection.cursor(), conn.dialect.name, fresh)  # in the batch's transaction
 
     def _copy(self, rows: list[PredictionRow]) -> None:
         """COPY on the connection this thread holds from batch to batch.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, case
 
 from control_plane.db.schema import labels
 from control_plane.errors import InvalidRequest
@@ -51,8 +51,11 @@ def record_labels(engine: Engine, items: list[tuple[str, int]], now: float | Non
     else:
         from sqlalchemy.dialects.sqlite import insert
     stmt = insert(labels)
+    # A label sent again unchanged keeps its first arrival: a retry after the attribution window must
+    # not make a click that came in time look late (docs/scale.md, labels by attribution window).
+    arrival = case((labels.c.label == stmt.excluded.label, labels.c.ts), else_=stmt.excluded.ts)
     stmt = stmt.on_conflict_do_update(
-        index_elements=[labels.c.request_id], set_={"label": stmt.excluded.label, "ts": stmt.excluded.ts}
+        index_elements=[labels.c.request_id], set_={"label": stmt.excluded.label, "ts": arrival}
     )
     with engine.begin() as conn:
         conn.execute(stmt, rows)

@@ -146,6 +146,18 @@ def _insert_buckets(cursor, dialect: str, table: _BucketTable, fixed: tuple, fac
         cursor.execute(f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {marks}", [x for r in chunk for x in r])
 
 
+def first_of_each(rows: Iterable[tuple], inserted_ids) -> list[tuple]:
+    """The rows an INSERT ... ON CONFLICT DO NOTHING RETURNING request_id put in: each returned id once
+    (a batch can hold a row twice, a replay's and the original)."""
+    todo = set(inserted_ids)
+    out = []
+    for r in rows:
+        if r[0] in todo:
+            todo.discard(r[0])
+            out.append(r)
+    return out
+
+
 def add_request_facts(cursor, dialect: str, rows: Iterable[tuple], bucket_s: int = BUCKET_S) -> None:
     """Add the requests of prediction-log rows (tuples in the table's column order) to request_buckets,
     on `cursor`'s transaction: call it with exactly the rows that transaction inserted."""
@@ -170,8 +182,8 @@ def insert_predictions(conn: Connection, rows: list[dict]) -> int:
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
     stmt = dialect_insert(predictions).on_conflict_do_nothing().returning(predictions.c.request_id)
-    inserted = set(conn.execute(stmt, rows).scalars().all())
-    fresh = [tuple(r.get(c) for c in _PREDICTION_COLUMNS) for r in rows if r["request_id"] in inserted]
+    inserted = conn.execute(stmt, rows).scalars().all()
+    fresh = first_of_each((tuple(r.get(c) for c in _PREDICTION_COLUMNS) for r in rows), inserted)
     add_request_facts(conn.connection.cursor(), dialect, fresh)
     return len(fresh)
 
