@@ -75,7 +75,8 @@ class Settings:
     bento_base_port: int = 3100
     eval_interval_s: int = 60
     window_s: int = 3600
-    label_window_s: int = 60
+    # The attribution window (docs/scale.md): a prediction is positive if its click came within it.
+    label_window_s: int = 300
     # Seconds a window stops short of now: a Bento sends its rows to its writer every 0.2 s and the
     # writer writes them every 1 s, each Bento's on its own clock, so the newest rows are still arriving.
     log_settle_s: float = 2.0
@@ -119,7 +120,7 @@ class Settings:
             bento_base_port=int(env.get("RECSYS_BENTO_BASE_PORT", 3100)),
             eval_interval_s=int(env.get("RECSYS_EVAL_INTERVAL_S", 60)),
             window_s=int(env.get("RECSYS_WINDOW_S", 3600)),
-            label_window_s=int(env.get("RECSYS_LABEL_WINDOW_S", 60)),
+            label_window_s=int(env.get("RECSYS_LABEL_WINDOW_S", 300)),
             log_settle_s=float(env.get("RECSYS_LOG_SETTLE_S", 2.0)),
             action_wait_s=float(env.get("RECSYS_ACTION_WAIT_S", 20.0)),
             retention_s=int(env.get("RECSYS_RETENTION_S", 7 * 86400)),
