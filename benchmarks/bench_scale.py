@@ -146,11 +146,18 @@ def fill(url: str, engine, n: int, start: float, spill: Path) -> dict:
     spilled = sum(s.rows_spilled for s in stats)
     assert spilled == 0, f"the writers spilled {spilled} rows: the fill is not a fair one"
     written = sum(s.rows_written for s in stats)
-    return {"ingest_s": ingest_s, "label_insert_s": label_s, "labels": written_labels, "rows_written": written}
+    return {
+        "ingest_s": ingest_s,
+        "label_insert_s": label_s,
+        "labels": written_labels,
+        "rows_written": written,
+    }
 
 
 def context(engine, url: str, state: Path, clock: Clock) -> Context:
-    settings = Settings(state_dir=state, database_url=url, label_window_s=LABEL_WINDOW_S, api_token="bench-" * 6)
+    settings = Settings(
+        state_dir=state, database_url=url, label_window_s=LABEL_WINDOW_S, api_token="bench-" * 6
+    )
     registry = InMemoryRegistry()
     for profile in ("baseline", "better", "control"):
         registry.add_version(profile=profile)
@@ -231,7 +238,9 @@ def measure(engine_name: str, url: str, n: int) -> dict:
     out["decide_s"] = _median_s(read_and_decide)
     out["decide_mb"] = _peak_mb(read_and_decide)
     t0 = time.perf_counter()
-    result = services.evaluate(ctx, tick=1, actor="bench")  # as the worker runs it: label job, read, decide, record
+    result = services.evaluate(
+        ctx, tick=1, actor="bench"
+    )  # as the worker runs it: label job, read, decide, record
     out["evaluate_s"] = time.perf_counter() - t0
     out["action"] = result["action"] if result else None
     ctx.settings = replace(ctx.settings, window_s=HOUR_S + LABEL_WINDOW_S)
@@ -274,7 +283,9 @@ def storage(engine) -> dict:
 
 def retention_check(engine, ctx: Context, clock: Clock) -> dict:
     """Retention at half the hour: what it removes and how long it takes; then a roll-up of every bucket."""
-    policy = retention.RetentionPolicy(raw_s=HOUR_S / 2 + ctx.settings.label_window_s, fine_s=0, aggregate_s=YEAR_S)
+    policy = retention.RetentionPolicy(
+        raw_s=HOUR_S / 2 + ctx.settings.label_window_s, fine_s=0, aggregate_s=YEAR_S
+    )
     with engine.begin() as conn:  # the rollout is over for this check: only the retention window binds
         conn.execute(text("UPDATE rollouts SET phase = 'promoted'"))
     t0 = time.perf_counter()
@@ -302,12 +313,17 @@ def retention_check(engine, ctx: Context, clock: Clock) -> dict:
     }
 
 
-def year_of_aggregates(r: dict, fine_days: float = 8) -> tuple[float, float]:
+def year_of_aggregates(
+    r: dict, fine_days: float = Settings.aggregate_fine_retention_s / 86400
+) -> tuple[float, float]:
     """GB a year of aggregates takes at the default bucket and three arms: without and with the roll-up."""
     arms = len(VERSIONS)
     per_fine = r["req_bucket_bytes_per_row"] + r["label_bucket_bytes_per_row"]
     flat = per_fine * arms * YEAR_S / BUCKET_S / 1e9
-    rolled = (per_fine * arms * fine_days * 86400 / BUCKET_S + r["coarse_bytes_per_row"] * 2 * arms * YEAR_S / COARSE_BUCKET_S) / 1e9
+    rolled = (
+        per_fine * arms * fine_days * 86400 / BUCKET_S
+        + r["coarse_bytes_per_row"] * 2 * arms * YEAR_S / COARSE_BUCKET_S
+    ) / 1e9
     return flat, rolled
 
 

@@ -473,7 +473,9 @@ class PredictionLogWriter(_WriterBase):
             return
         with self._engine.begin() as conn:
             fresh = first_of_each(rows, conn.execute(self._stmt, [row_dict(r) for r in rows]).scalars().all())
-            add_request_facts(conn.connection.cursor(), conn.dialect.name, fresh)  # in the batch's transaction
+            add_request_facts(
+                conn.connection.cursor(), conn.dialect.name, fresh
+            )  # in the batch's transaction
 
     def _copy(self, rows: list[PredictionRow]) -> None:
         """COPY on the connection this thread holds from batch to batch.

@@ -43,9 +43,13 @@ def arm_observation(
 ) -> ArmObservation:
     """One version's window: requests up to `until`, outcomes of windows closed before `labels_before`."""
     if version is None:
-        return ArmObservation(version=None, requests=0, errors=0, latency=LatencyHistogram(), labelled=0, correct=0)
+        return ArmObservation(
+            version=None, requests=0, errors=0, latency=LatencyHistogram(), labelled=0, correct=0
+        )
     req = _one(source.requests(since, until, version=version), RequestFacts())
-    step_requests = _one(source.requests(max(step_since, since), until, version=version), RequestFacts()).requests
+    step_requests = _one(
+        source.requests(max(step_since, since), until, version=version), RequestFacts()
+    ).requests
     lab = _one(source.labels(since, labels_before, label_window_s, version=version), LabelFacts())
     return ArmObservation(
         version=version,
@@ -175,6 +179,7 @@ def timeseries(
 
     Accuracy is shown for a chart bucket once every prediction in it has had its window closed.
     """
+
     def chart(key) -> tuple[int, str]:
         return key.start // bucket_s * bucket_s, key.role
 

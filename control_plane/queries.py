@@ -80,7 +80,9 @@ def _blob(value) -> bytes | None:
 
 
 def _decode_requests(values: Sequence) -> RequestFacts:
-    return RequestFacts(int(values[0]), int(values[1]), LatencyHistogram(SparseCounts.from_bytes(_blob(values[2]))))
+    return RequestFacts(
+        int(values[0]), int(values[1]), LatencyHistogram(SparseCounts.from_bytes(_blob(values[2])))
+    )
 
 
 def _decode_labels(values: Sequence) -> LabelFacts:
@@ -94,7 +96,9 @@ def _decode_labels(values: Sequence) -> LabelFacts:
     )
 
 
-def _merge_upsert(cursor, dialect: str, table: _BucketTable, fixed: tuple, facts: dict, bucket_s: int) -> None:
+def _merge_upsert(
+    cursor, dialect: str, table: _BucketTable, fixed: tuple, facts: dict, bucket_s: int
+) -> None:
     """Add `facts` to their rows in three statements whatever their number: create the missing rows
     empty, lock and read them all, write the sums back.
 
@@ -127,7 +131,10 @@ def _merge_upsert(cursor, dialect: str, table: _BucketTable, fixed: tuple, facts
     )
     decode = _decode_requests if table is _REQUESTS else _decode_labels
     stored = {tuple(r[: len(keys)]): decode(r[len(keys) :]) for r in cursor.fetchall()}
-    merged = [(*kr, bucket_s, *_encode(stored[kr].merge(delta))) for kr, (_, delta) in zip(key_rows, ordered, strict=True)]
+    merged = [
+        (*kr, bucket_s, *_encode(stored[kr].merge(delta)))
+        for kr, (_, delta) in zip(key_rows, ordered, strict=True)
+    ]
     cursor.execute(
         f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {all_rows} "
         f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {', '.join(f'{v} = excluded.{v}' for v in values)}",
@@ -135,7 +142,9 @@ def _merge_upsert(cursor, dialect: str, table: _BucketTable, fixed: tuple, facts
     )
 
 
-def _insert_buckets(cursor, dialect: str, table: _BucketTable, fixed: tuple, facts: dict, bucket_s: int) -> None:
+def _insert_buckets(
+    cursor, dialect: str, table: _BucketTable, fixed: tuple, facts: dict, bucket_s: int
+) -> None:
     """Rows for keys that cannot exist yet, in one statement."""
     mark = "?" if dialect == "sqlite" else "%s"
     columns = (*table.keys, "bucket_s", *table.values)
@@ -143,7 +152,9 @@ def _insert_buckets(cursor, dialect: str, table: _BucketTable, fixed: tuple, fac
     for i in range(0, len(rows), 100):  # SQLite allows 32,766 parameters a statement
         chunk = rows[i : i + 100]
         marks = ", ".join(["(" + ", ".join([mark] * len(columns)) + ")"] * len(chunk))
-        cursor.execute(f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {marks}", [x for r in chunk for x in r])
+        cursor.execute(
+            f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {marks}", [x for r in chunk for x in r]
+        )
 
 
 def first_of_each(rows: Iterable[tuple], inserted_ids) -> list[tuple]:
@@ -229,7 +240,9 @@ class SqlMetricsSource:
                 sum(r[1] for r in rows),
                 LatencyHistogram(_summed(rows, 2)),
             )
-            for g, rows in self._groups(t, _REQUESTS, self._where(t, since, until, version, route), by).items()
+            for g, rows in self._groups(
+                t, _REQUESTS, self._where(t, since, until, version, route), by
+            ).items()
         }
 
     def labels(self, since, until, window_s, *, by=None, version=None, route=WEIGHTED):
@@ -293,7 +306,13 @@ def _closed_facts(conn: Connection, window_s: int, start: float, end: float) -> 
 
 
 def close_label_windows(
-    engine: Engine, *, window_s: float, now: float, settle_s: float, start_at: float, span_s: float = CLOSE_SPAN_S
+    engine: Engine,
+    *,
+    window_s: float,
+    now: float,
+    settle_s: float,
+    start_at: float,
+    span_s: float = CLOSE_SPAN_S,
 ) -> int:
     """Count the outcomes of every prediction whose attribution window closed since the watermark.
 
@@ -317,9 +336,13 @@ def close_label_windows(
             end = min(cutoff, mark + span_s)
             facts = _closed_facts(conn, window, mark, end)
             if facts:  # spans are whole buckets, each closed once: new rows, nothing to merge
-                _insert_buckets(conn.connection.cursor(), conn.dialect.name, _LABELS, (window,), facts, BUCKET_S)
+                _insert_buckets(
+                    conn.connection.cursor(), conn.dialect.name, _LABELS, (window,), facts, BUCKET_S
+                )
             conn.execute(
-                label_watermarks.update().where(label_watermarks.c.window_s == window).values(closed_until=end)
+                label_watermarks.update()
+                .where(label_watermarks.c.window_s == window)
+                .values(closed_until=end)
             )
             counted += sum(f.closed for f in facts.values())
 
@@ -435,7 +458,9 @@ def roll_up(conn: Connection, before: float, coarse_s: int, limit: int = 5000) -
         groups: dict[tuple, dict] = {}
         for r in rows:
             fixed = (r.window_s,) if spec is _LABELS else ()
-            key = BucketKey(int(r.bucket_start // coarse_s * coarse_s), r.model_version, r.role, r.route, r.endpoint)
+            key = BucketKey(
+                int(r.bucket_start // coarse_s * coarse_s), r.model_version, r.role, r.route, r.endpoint
+            )
             values = tuple(getattr(r, v) for v in spec.values)
             facts = _decode_requests(values) if spec is _REQUESTS else _decode_labels(values)
             group = groups.setdefault(fixed, {})
@@ -452,15 +477,19 @@ def bucket_bytes(conn: Connection) -> dict[str, int]:
     """Bytes on disk of each aggregate table and of predictions (Postgres; SQLite: dbstat if compiled)."""
     names = ("predictions", "labels", "request_buckets", "label_buckets")
     if conn.dialect.name == "postgresql":
-        q = text("SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c WHERE c.oid = to_regclass(:n) "
-                 "OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = to_regclass(:n))")
+        q = text(
+            "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c WHERE c.oid = to_regclass(:n) "
+            "OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = to_regclass(:n))"
+        )
         return {n: int(conn.execute(q, {"n": n}).scalar()) for n in names}
     out = {}
     for n in names:
         try:
             out[n] = int(
                 conn.execute(
-                    text("SELECT SUM(pgsize) FROM dbstat WHERE name IN (SELECT name FROM sqlite_master WHERE tbl_name = :n)"),
+                    text(
+                        "SELECT SUM(pgsize) FROM dbstat WHERE name IN (SELECT name FROM sqlite_master WHERE tbl_name = :n)"
+                    ),
                     {"n": n},
                 ).scalar()
                 or 0

@@ -22,7 +22,7 @@ AHEAD_S = 24 * 3600  # Postgres partitions exist this far ahead of now
 @dataclass(frozen=True)
 class RetentionPolicy:
     raw_s: float  # predictions and labels
-    fine_s: float  # 5-second aggregate buckets, then rolled up into hourly ones
+    fine_s: float  # 5-second aggregate buckets, then rolled up into hourly ones (never an open rollout's)
     aggregate_s: float  # hourly aggregate buckets
     batch_rows: int = 5000  # SQLite: rows per delete transaction
 
@@ -49,7 +49,9 @@ def raw_cutoff(engine: Engine, policy: RetentionPolicy, now: float, open_since: 
     return cutoff
 
 
-def apply(engine: Engine, policy: RetentionPolicy, now: float, open_since: float | None = None) -> RetentionReport:
+def apply(
+    engine: Engine, policy: RetentionPolicy, now: float, open_since: float | None = None
+) -> RetentionReport:
     """One pass; safe to run twice or at once with another (each step is idempotent)."""
     cutoff = raw_cutoff(engine, policy, now, open_since)
     created = dropped = deleted = 0
@@ -59,9 +61,13 @@ def apply(engine: Engine, policy: RetentionPolicy, now: float, open_since: float
             created = len(queries.create_partitions(conn, now, now + AHEAD_S))
             dropped = len(queries.drop_partitions_before(conn, cutoff))
     if not partitioned:
-        deleted = _in_batches(engine, lambda conn: queries.delete_predictions_before(conn, cutoff, policy.batch_rows))
+        deleted = _in_batches(
+            engine, lambda conn: queries.delete_predictions_before(conn, cutoff, policy.batch_rows)
+        )
     labels = _in_batches(engine, lambda conn: queries.delete_labels_before(conn, cutoff, policy.batch_rows))
-    rolled = _in_batches(engine, lambda conn: queries.roll_up(conn, now - policy.fine_s, COARSE_BUCKET_S))
+    # An open rollout's buckets stay fine: its window's edges are read at the fine bucket.
+    rollup_before = now - policy.fine_s if open_since is None else min(now - policy.fine_s, open_since)
+    rolled = _in_batches(engine, lambda conn: queries.roll_up(conn, rollup_before, COARSE_BUCKET_S))
     with engine.begin() as conn:
         gone = queries.delete_buckets_before(conn, now - policy.aggregate_s)
     return RetentionReport(cutoff, created, dropped, deleted, labels, rolled, gone)

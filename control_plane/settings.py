@@ -83,9 +83,9 @@ class Settings:
     action_wait_s: float = 20.0  # how long an action waits for one in progress before a 409
     # Storage (control_plane/retention.py, docs/scale.md): raw predictions and labels are kept a week
     # (a rollout lasts at most 6 h by default, and a week leaves time to audit or recompute one);
-    # 5-second aggregates 8 days, then hourly ones a year.
+    # 5-second aggregates 2 days (charts and any rollout's window), then hourly ones a year.
     retention_s: int = 7 * 86400
-    aggregate_fine_retention_s: int = 8 * 86400
+    aggregate_fine_retention_s: int = 2 * 86400
     aggregate_retention_s: int = 365 * 86400
     max_body_bytes: int = 1_000_000
     api_token: str = ""  # empty: read from (or created in) state_dir/api-token
@@ -124,7 +124,7 @@ class Settings:
             log_settle_s=float(env.get("RECSYS_LOG_SETTLE_S", 2.0)),
             action_wait_s=float(env.get("RECSYS_ACTION_WAIT_S", 20.0)),
             retention_s=int(env.get("RECSYS_RETENTION_S", 7 * 86400)),
-            aggregate_fine_retention_s=int(env.get("RECSYS_AGGREGATE_FINE_RETENTION_S", 8 * 86400)),
+            aggregate_fine_retention_s=int(env.get("RECSYS_AGGREGATE_FINE_RETENTION_S", 2 * 86400)),
             aggregate_retention_s=int(env.get("RECSYS_AGGREGATE_RETENTION_S", 365 * 86400)),
             max_body_bytes=int(env.get("RECSYS_MAX_BODY_BYTES", 1_000_000)),
             api_token=env.get("RECSYS_API_TOKEN", ""),

@@ -42,10 +42,14 @@ class SparseCounts:
 
     __slots__ = ("_bins", "_counts", "_raw")
 
-    def __init__(self, bins: np.ndarray | None = None, counts: np.ndarray | None = None, raw: bytes | None = None):
+    def __init__(
+        self, bins: np.ndarray | None = None, counts: np.ndarray | None = None, raw: bytes | None = None
+    ):
         self._raw = raw
         self._bins = None if raw is not None else np.asarray([] if bins is None else bins, dtype=np.int64)
-        self._counts = None if raw is not None else np.asarray([] if counts is None else counts, dtype=np.int64)
+        self._counts = (
+            None if raw is not None else np.asarray([] if counts is None else counts, dtype=np.int64)
+        )
 
     def _decode(self) -> None:
         entries = np.frombuffer(self._raw, dtype=_ENTRY)
@@ -270,15 +274,15 @@ def request_facts(rows: Iterable[tuple]) -> dict[BucketKey, RequestFacts]:
         BucketKey._make(key): RequestFacts(
             int(requests[i]),
             int(errors[i]),
-            LatencyHistogram(SparseCounts(cell_bins[edges[i] : edges[i + 1]], counts[edges[i] : edges[i + 1]])),
+            LatencyHistogram(
+                SparseCounts(cell_bins[edges[i] : edges[i + 1]], counts[edges[i] : edges[i + 1]])
+            ),
         )
         for key, i in index.items()
     }
 
 
-def outcomes(
-    pred_ts: np.ndarray, label: np.ndarray, label_ts: np.ndarray, window_s: float
-) -> np.ndarray:
+def outcomes(pred_ts: np.ndarray, label: np.ndarray, label_ts: np.ndarray, window_s: float) -> np.ndarray:
     """1 where a positive label arrived within the attribution window, else 0 (no label, 0, or too late).
 
     `label` and `label_ts` are NaN where no label was stored.
@@ -315,7 +319,12 @@ def label_facts(
 
     return {
         BucketKey._make(key): LabelFacts(
-            int(closed[i]), int(positives[i]), int(correct[i]), float(losses[i]), sparse(pos[i]), sparse(neg[i])
+            int(closed[i]),
+            int(positives[i]),
+            int(correct[i]),
+            float(losses[i]),
+            sparse(pos[i]),
+            sparse(neg[i]),
         )
         for key, i in index.items()
     }
