@@ -11,6 +11,7 @@ per hour of traffic, bytes per aggregate row (fine and rolled up), and what rete
 
     python benchmarks/bench_scale.py                       # 1, 5, 20 M on Postgres; 1, 5 M on SQLite
     python benchmarks/bench_scale.py --sizes pg:1e5,sqlite:1e5   # a quick run
+    python benchmarks/bench_scale.py --sizes pg-agg:2e7   # the read side alone: buckets built in numpy
 
 A benchmark, not a test: the machine is shared, so figures are medians and vary from run to run.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import sys
 import tempfile
@@ -33,7 +35,16 @@ from sqlalchemy import text
 
 from bentos.predlog import PredictionLogWriter
 from control_plane import observations, queries, retention, services
-from control_plane.analysis.aggregates import BUCKET_S, COARSE_BUCKET_S
+from control_plane.analysis.aggregates import (
+    BUCKET_S,
+    COARSE_BUCKET_S,
+    BucketKey,
+    LatencyHistogram,
+    RequestFacts,
+    SparseCounts,
+    label_facts,
+    latency_bins,
+)
 from control_plane.analysis.decide import decide
 from control_plane.analysis.policy import Policy
 from control_plane.context import Context
@@ -154,6 +165,30 @@ def fill(url: str, engine, n: int, start: float, spill: Path) -> dict:
     }
 
 
+def synthesize(engine, n: int, start: float) -> dict:
+    """The read side alone: the hour's bucket rows as `n` predictions would leave them, built in numpy
+    (the same bins and sums the writer and the label job compute), with no raw row written."""
+    rng = np.random.default_rng(n)
+    t0 = time.perf_counter()
+    buckets = int(HOUR_S // BUCKET_S)
+    for role, (version, weight) in VERSIONS.items():
+        per_bucket = rng.poisson(n * weight / 100 / buckets, size=buckets)
+        requests, labels = {}, {}
+        for b, m in enumerate(per_bucket.tolist()):
+            key = BucketKey(int(start) + b * BUCKET_S, version, role, "weighted", "predict")
+            lat = rng.lognormal(np.log(4.0), 0.4, m)
+            errors = int((rng.random(m) < 0.005).sum())
+            requests[key] = RequestFacts(m, errors, LatencyHistogram(SparseCounts.of_bins(latency_bins(lat))))
+            scores = rng.random(m - errors)
+            clicked = (rng.random(m - errors) < np.where(scores >= 0.5, 0.78, 0.22)) & (
+                rng.random(m - errors) < 0.9
+            )
+            labels.update(label_facts([key] * len(scores), scores, clicked.astype(int)))
+        with engine.begin() as conn:
+            queries.write_buckets(conn, requests, labels, LABEL_WINDOW_S)
+    return {"ingest_s": time.perf_counter() - t0, "label_insert_s": 0.0, "labels": 0, "rows_written": 0}
+
+
 def context(engine, url: str, state: Path, clock: Clock) -> Context:
     settings = Settings(
         state_dir=state, database_url=url, label_window_s=LABEL_WINDOW_S, api_token="bench-" * 6
@@ -181,12 +216,19 @@ def context(engine, url: str, state: Path, clock: Clock) -> Context:
 
 
 def _median_s(fn, repeat: int = 5) -> float:
-    times = []
+    return _medians(fn, repeat)[0]
+
+
+def _medians(fn, repeat: int = 5) -> tuple[float, float]:
+    """Median wall and median CPU seconds of this process (CPU is less at the mercy of a shared machine;
+    the database's own CPU is not in it)."""
+    wall, cpu = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def _peak_mb(fn) -> float:
@@ -197,7 +239,7 @@ def _peak_mb(fn) -> float:
     return peak / 1e6
 
 
-def measure(engine_name: str, url: str, n: int) -> dict:
+def measure(engine_name: str, url: str, n: int, synthetic: bool = False) -> dict:
     state = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     migrate(url)
     engine = make_engine(url)
@@ -206,7 +248,10 @@ def measure(engine_name: str, url: str, n: int) -> dict:
     with engine.begin() as conn:  # as if the stack had been running: the hour's partitions exist
         if queries.predictions_partitioned(conn):
             queries.create_partitions(conn, start, end + retention.AHEAD_S)
-    out = {"engine": engine_name, "rows": n, **fill(url, engine, n, start, state / "spill")}
+    if synthetic:
+        out = {"engine": f"{engine_name} (aggregates synthesized)", "rows": n, **synthesize(engine, n, start)}
+    else:
+        out = {"engine": engine_name, "rows": n, **fill(url, engine, n, start, state / "spill")}
     clock = Clock(start)
     ctx = context(engine, url, state, clock)
     # The rollout began with the hour; the label job then closes its windows (the first evaluation
@@ -235,7 +280,7 @@ def measure(engine_name: str, url: str, n: int) -> dict:
             )
         return decide(rollout.state(0, {}), obs, policy)
 
-    out["decide_s"] = _median_s(read_and_decide)
+    out["decide_s"], out["decide_cpu_s"] = _medians(read_and_decide)
     out["decide_mb"] = _peak_mb(read_and_decide)
     t0 = time.perf_counter()
     result = services.evaluate(
@@ -249,9 +294,12 @@ def measure(engine_name: str, url: str, n: int) -> dict:
     client = create_app(ctx=ctx).test_client()
     for path in ("/api/metrics", "/api/timeseries?bucket_s=60", "/metrics"):
         assert client.get(path).status_code == 200, path
-    out["api_metrics_s"] = _median_s(lambda: client.get("/api/metrics"))
-    out["api_timeseries_s"] = _median_s(lambda: client.get("/api/timeseries?bucket_s=60"))
-    out["scrape_s"] = _median_s(lambda: client.get("/metrics"))
+    out["api_metrics_s"], out["api_metrics_cpu_s"] = _medians(lambda: client.get("/api/metrics"))
+    out["api_timeseries_s"], out["api_timeseries_cpu_s"] = _medians(
+        lambda: client.get("/api/timeseries?bucket_s=60")
+    )
+    out["scrape_s"], out["scrape_cpu_s"] = _medians(lambda: client.get("/metrics"))
+    out["load_average"] = os.getloadavg()[0]
     out.update(storage(engine))
     out.update(retention_check(engine, ctx, clock))
     engine.dispose()
@@ -348,9 +396,19 @@ def drop_url(url: str) -> None:
     admin.dispose()
 
 
+def _ms(r: dict, name: str) -> str:
+    """Wall (CPU) milliseconds."""
+    cpu = r.get(f"{name}_cpu_s")
+    return f"{1000 * r[f'{name}_s']:.0f}" + ("" if cpu is None else f" ({1000 * cpu:.0f})") + " ms"
+
+
+def _hours(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f} h"
+
+
 def table(results: list[dict]) -> str:
     head = (
-        "| engine | rows in the hour | ingest (rows/s) | label job | evaluation (worker) | read + decide | its peak memory "
+        "| engine | rows in the hour | ingest (rows/s) | label job | evaluation (worker) | read + decide, wall (CPU) | its peak memory "
         "| /api/metrics | /api/timeseries | /metrics | bytes/hour (predictions + labels) | aggregate B/row (5 s, hourly) "
         "| a year of aggregates (flat, rolled up) | retention: window, oldest row left |"
     )
@@ -359,11 +417,11 @@ def table(results: list[dict]) -> str:
         flat, rolled = year_of_aggregates(r)
         lines.append(
             f"| {r['engine']} | {r['rows']:,} | {r['rows'] / r['ingest_s']:,.0f} | {r['label_job_s']:.1f} s "
-            f"| {1000 * r['evaluate_s']:.0f} ms | {1000 * r['decide_s']:.0f} ms | {r['decide_mb']:.1f} MB "
-            f"| {1000 * r['api_metrics_s']:.0f} ms | {1000 * r['api_timeseries_s']:.0f} ms | {1000 * r['scrape_s']:.0f} ms "
+            f"| {1000 * r['evaluate_s']:.0f} ms | {_ms(r, 'decide')} | {r['decide_mb']:.1f} MB "
+            f"| {_ms(r, 'api_metrics')} | {_ms(r, 'api_timeseries')} | {_ms(r, 'scrape')} "
             f"| {(r['pred_bytes'] + r['label_bytes']) / 1e9:.2f} GB "
             f"| {r['req_bucket_bytes_per_row'] + r['label_bucket_bytes_per_row']:.0f}, {r['coarse_bytes_per_row']:.0f} "
-            f"| {flat:.1f} GB, {rolled:.2f} GB | {r['retention_window_h']:.2f} h, {r['oldest_row_age_h']:.2f} h |"
+            f"| {flat:.1f} GB, {rolled:.2f} GB | {r['retention_window_h']:.2f} h, {_hours(r['oldest_row_age_h'])} |"
         )
     return "\n".join(lines)
 
@@ -372,8 +430,8 @@ def parse_sizes(spec: str) -> list[tuple[str, int]]:
     out = []
     for part in spec.split(","):
         engine_name, _, n = part.partition(":")
-        if engine_name not in ("pg", "sqlite"):
-            raise SystemExit(f"--sizes: engine must be pg or sqlite, got {engine_name!r}")
+        if engine_name not in ("pg", "sqlite", "pg-agg", "sqlite-agg"):
+            raise SystemExit(f"--sizes: engine must be pg, sqlite, pg-agg or sqlite-agg, got {engine_name!r}")
         out.append((engine_name, int(float(n))))
     return out
 
@@ -385,9 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     results = []
     for engine_name, n in parse_sizes(args.sizes):
-        url = fresh_url(engine_name, n)
+        base = engine_name.removesuffix("-agg")
+        url = fresh_url(base, n)
         try:
-            r = measure(engine_name, url, n)
+            r = measure(base, url, n, synthetic=engine_name.endswith("-agg"))
         finally:
             if not args.keep:
                 drop_url(url)

@@ -169,6 +169,15 @@ def first_of_each(rows: Iterable[tuple], inserted_ids) -> list[tuple]:
     return out
 
 
+def write_buckets(conn: Connection, requests: dict, labels: dict, window_s: float) -> None:
+    """Add bucket facts built without raw rows (a benchmark's synthetic window, a backfill)."""
+    cursor = conn.connection.cursor()
+    if requests:
+        _merge_upsert(cursor, conn.dialect.name, _REQUESTS, (), requests, BUCKET_S)
+    if labels:
+        _merge_upsert(cursor, conn.dialect.name, _LABELS, (int(window_s),), labels, BUCKET_S)
+
+
 def add_request_facts(cursor, dialect: str, rows: Iterable[tuple], bucket_s: int = BUCKET_S) -> None:
     """Add the requests of prediction-log rows (tuples in the table's column order) to request_buckets,
     on `cursor`'s transaction: call it with exactly the rows that transaction inserted."""
