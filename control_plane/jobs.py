@@ -111,32 +111,29 @@ def maintenance_job() -> dict:
 
 
 def _schedule_maintenance(scheduler, interval_s: int) -> str:
-    job_id = f"{MAINTENANCE_JOB_ID}-{uuid.uuid4().hex[:8]}"
-    scheduler.schedule(
-        scheduled_time=datetime.now(UTC),
-        func=MAINTENANCE_FUNC,
-        interval=interval_s,
-        repeat=None,
-        id=job_id,
-        result_ttl=max(600, interval_s * 10),
-        timeout=max(600, interval_s * 2),
-        queue_name=QUEUE,
+    return _schedule_job(
+        scheduler, MAINTENANCE_JOB_ID, MAINTENANCE_FUNC, [], interval_s, max(600, interval_s * 2)
     )
-    return job_id
 
 
 def _schedule(scheduler, interval_s: int) -> str:
-    job_id = f"{EVALUATE_JOB_ID}-{interval_s}s-{uuid.uuid4().hex[:8]}"
+    return _schedule_job(
+        scheduler, f"{EVALUATE_JOB_ID}-{interval_s}s", EVALUATE_FUNC, [interval_s], interval_s
+    )
+
+
+def _schedule_job(scheduler, prefix: str, func: str, args: list, interval_s: int, timeout_s: int = 0) -> str:
+    job_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
     scheduler.schedule(
         scheduled_time=datetime.now(UTC),
-        func=EVALUATE_FUNC,
-        args=[interval_s],
+        func=func,
+        args=args,
         interval=interval_s,
         repeat=None,
         # A fresh id per schedule: a run of the old job finishing now cannot overwrite the new one's arguments.
         id=job_id,
         result_ttl=max(600, interval_s * 10),
-        timeout=max(120, interval_s * 2),
+        timeout=timeout_s or max(120, interval_s * 2),
         queue_name=QUEUE,
     )
     return job_id

@@ -52,6 +52,19 @@ labels = Table(
     Index("ix_labels_ts", "ts"),
 )
 
+
+def _bucket_key() -> list[Column]:
+    """What an aggregate row is kept per (analysis/aggregates.py: BucketKey), and its width."""
+    return [
+        Column("bucket_start", BigInteger, primary_key=True),
+        Column("model_version", Integer, primary_key=True),
+        Column("role", String(32), primary_key=True),
+        Column("route", String(16), primary_key=True),
+        Column("endpoint", String(16), primary_key=True),
+        Column("bucket_s", Integer, nullable=False),
+    ]
+
+
 # Additive summaries of `predictions`, per bucket of the prediction's own time (control_plane/analysis/
 # aggregates.py): the prediction log's writer adds each batch it inserts, in the same transaction.
 # `bucket_s` is 5 for fine buckets and 3600 once rolled up (retention.py). Every read that decides or
@@ -59,12 +72,7 @@ labels = Table(
 request_buckets = Table(
     "request_buckets",
     metadata,
-    Column("bucket_start", BigInteger, primary_key=True),
-    Column("model_version", Integer, primary_key=True),
-    Column("role", String(32), primary_key=True),
-    Column("route", String(16), primary_key=True),
-    Column("endpoint", String(16), primary_key=True),
-    Column("bucket_s", Integer, nullable=False),
+    *_bucket_key(),
     Column("requests", BigInteger, nullable=False),
     Column("errors", BigInteger, nullable=False),
     Column("latency", LargeBinary, nullable=True),  # SparseCounts of the log-spaced latency bins
@@ -76,12 +84,7 @@ label_buckets = Table(
     "label_buckets",
     metadata,
     Column("window_s", Integer, primary_key=True),
-    Column("bucket_start", BigInteger, primary_key=True),
-    Column("model_version", Integer, primary_key=True),
-    Column("role", String(32), primary_key=True),
-    Column("route", String(16), primary_key=True),
-    Column("endpoint", String(16), primary_key=True),
-    Column("bucket_s", Integer, nullable=False),
+    *_bucket_key(),
     Column("closed", BigInteger, nullable=False),
     Column("positives", BigInteger, nullable=False),
     Column("correct", BigInteger, nullable=False),
