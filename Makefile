@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install up down status demo test test-unit bench soak simulate fmt lint precommit clean system-deps
+.PHONY: install up down status demo test test-unit bench bench-scale soak simulate fmt lint precommit clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,11 @@ test-unit: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m load.bench
+
+# The window filled through the Bentos' writer at 1, 5 and 20 million rows (Postgres) and 1 and 5 million
+# (SQLite): evaluation, API and scrape times, storage per hour. SIZES=pg:1e5 for a quick run.
+bench-scale: $(STAMP)
+	PYTHONPATH=. $(PY) benchmarks/bench_scale.py $(if $(SIZES),--sizes $(SIZES),)
 
 soak: $(STAMP)
 	$(PY) -m load.soak

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 QUEUE = "recsys"
 EVALUATE_JOB_ID = "recsys-evaluate"
 EVALUATE_FUNC = "control_plane.jobs.evaluate_job"  # by name: the scheduler may run this module as __main__
+MAINTENANCE_JOB_ID = "recsys-maintenance"
+MAINTENANCE_FUNC = "control_plane.jobs.maintenance_job"
 UNRECORDED_TICKS_KEY = "recsys:evaluations:unrecorded"  # hash: tick -> why the database did not take it
 _ctx = None  # one Context per worker process, built on the first job
 # Jobs go through Redis as JSON, never pickle: whoever can write to Redis cannot make the worker run code
@@ -132,18 +134,39 @@ def evaluate_job(interval_s: int | None = None) -> dict | None:
     return result
 
 
+def maintenance_job() -> dict:
+    """The scheduled upkeep (services.maintain): label windows closed, retention applied, partitions made."""
+    from control_plane import services
+
+    result = services.maintain(_context())
+    log.info("maintenance", extra={"result": result})
+    return result
+
+
+def _schedule_maintenance(scheduler, interval_s: int) -> str:
+    return _schedule_job(
+        scheduler, MAINTENANCE_JOB_ID, MAINTENANCE_FUNC, [], interval_s, max(600, interval_s * 2)
+    )
+
+
 def _schedule(scheduler, interval_s: int) -> str:
-    job_id = f"{EVALUATE_JOB_ID}-{interval_s}s-{uuid.uuid4().hex[:8]}"
+    return _schedule_job(
+        scheduler, f"{EVALUATE_JOB_ID}-{interval_s}s", EVALUATE_FUNC, [interval_s], interval_s
+    )
+
+
+def _schedule_job(scheduler, prefix: str, func: str, args: list, interval_s: int, timeout_s: int = 0) -> str:
+    job_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
     scheduler.schedule(
         scheduled_time=datetime.now(UTC),
-        func=EVALUATE_FUNC,
-        args=[interval_s],
+        func=func,
+        args=args,
         interval=interval_s,
         repeat=None,
         # A fresh id per schedule: a run of the old job finishing now cannot overwrite the new one's arguments.
         id=job_id,
         result_ttl=max(600, interval_s * 10),
-        timeout=max(120, interval_s * 2),
+        timeout=timeout_s or max(120, interval_s * 2),
         queue_name=QUEUE,
     )
     return job_id
@@ -162,8 +185,11 @@ def schedule_evaluations(redis_url: str, interval_s: int) -> None:
     conn = Redis.from_url(redis_url)
     scheduler = _scheduler(conn)
     new = _schedule(scheduler, interval_s)  # the new one first: there is never a moment with none
+    upkeep = _schedule_maintenance(scheduler, interval_s)
     for job_id in _scheduled_ids(conn, scheduler):
         if job_id.startswith(EVALUATE_JOB_ID) and job_id != new:
+            scheduler.cancel(job_id)
+        if job_id.startswith(MAINTENANCE_JOB_ID) and job_id != upkeep:
             scheduler.cancel(job_id)
     conn.close()
 
@@ -171,7 +197,10 @@ def schedule_evaluations(redis_url: str, interval_s: int) -> None:
 def ensure_scheduled(conn, interval_s: int) -> bool:
     """Schedule the periodic evaluation unless one is scheduled already; True when it had to."""
     scheduler = _scheduler(conn)
-    if any(i.startswith(EVALUATE_JOB_ID) for i in _scheduled_ids(conn, scheduler)):
+    ids = _scheduled_ids(conn, scheduler)
+    if not any(i.startswith(MAINTENANCE_JOB_ID) for i in ids):
+        _schedule_maintenance(scheduler, interval_s)
+    if any(i.startswith(EVALUATE_JOB_ID) for i in ids):
         return False
     _schedule(scheduler, interval_s)
     return True

@@ -1,245 +1,519 @@
-"""Where the numbers come from: every read of predictions and labels lives here."""
+"""Every SQL statement about predictions, labels and their aggregates lives here.
+
+- `SqlMetricsSource`: the MetricsSource (metrics_source.py) the control plane reads: bucket rows only.
+- `add_request_facts`: what the prediction log's writer runs in each batch's transaction, one merge per
+  bucket key (not per row); `insert_predictions` does the same for rows written without a writer.
+- `close_label_windows`: the label job: counts outcomes of predictions whose attribution window has
+  closed since its watermark.
+- partitions, retention and roll-up statements for retention.py.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import Connection, and_, case, func, select
+from sqlalchemy import Connection, Engine, func, insert, select, text
 
-from control_plane.analysis.types import ArmObservation, Observations
-from control_plane.db.schema import labels, predictions
+from control_plane.analysis.aggregates import (
+    BUCKET_S,
+    BucketKey,
+    LabelFacts,
+    LatencyHistogram,
+    RequestFacts,
+    SparseCounts,
+    label_facts,
+    outcomes,
+    request_facts,
+)
+from control_plane.db.schema import label_buckets, label_watermarks, labels, predictions, request_buckets
+from control_plane.metrics_source import WEIGHTED
 
-WEIGHTED = "weighted"
+log = logging.getLogger(__name__)
 
-
-def _count_requests(conn: Connection, version: int, since: float, until: float) -> tuple[int, int]:
-    p = predictions
-    row = conn.execute(
-        select(func.count(), func.coalesce(func.sum(case((p.c.status >= 500, 1), else_=0)), 0)).where(
-            p.c.model_version == version, p.c.route == WEIGHTED, p.c.ts >= since, p.c.ts < until
-        )
-    ).one()
-    return int(row[0]), int(row[1])
-
-
-def _latencies(conn: Connection, version: int, since: float, until: float, limit: int) -> tuple[float, ...]:
-    p = predictions
-    rows = conn.execute(
-        select(p.c.latency_ms)
-        .where(p.c.model_version == version, p.c.route == WEIGHTED, p.c.ts >= since, p.c.ts < until)
-        .order_by(p.c.ts.desc())
-        .limit(limit)
-    ).scalars()
-    return tuple(float(x) for x in rows)
+PARTITION_S = 3600  # Postgres: one `predictions` partition per hour of prediction time
+CLOSE_SPAN_S = 60  # the label job closes at most this much prediction time per transaction
 
 
-def _labelled(columns: list, version: int, since: float, closed_before: float):
-    """SELECT `columns` over served predictions whose label arrived and whose label window has closed."""
-    p, lab = predictions, labels
+# --- bucket tables: one generic merge-upsert on a DBAPI cursor ----------------
+@dataclass(frozen=True)
+class _BucketTable:
+    """How one kind of facts is stored: its table, the key columns and how values encode."""
+
+    name: str
+    fixed: tuple[str, ...]  # key columns before the bucket key's (label_buckets: window_s)
+    values: tuple[str, ...]
+    zero: tuple  # the values of a row with nothing in it yet
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (*self.fixed, "bucket_start", "model_version", "role", "route", "endpoint")
+
+
+_REQUESTS = _BucketTable("request_buckets", (), ("requests", "errors", "latency"), (0, 0, None))
+_LABELS = _BucketTable(
+    "label_buckets",
+    ("window_s",),
+    ("closed", "positives", "correct", "log_loss_sum", "scores_pos", "scores_neg"),
+    (0, 0, 0, 0.0, None, None),
+)
+
+
+def _encode(facts: RequestFacts | LabelFacts) -> tuple:
+    if isinstance(facts, RequestFacts):
+        return facts.requests, facts.errors, facts.latency.counts.to_bytes()
     return (
-        select(*columns)
-        .select_from(p.join(lab, lab.c.request_id == p.c.request_id))
-        .where(
-            p.c.model_version == version,
-            p.c.route == WEIGHTED,
-            p.c.status < 500,
-            p.c.score.is_not(None),
-            p.c.ts >= since,
-            p.c.ts < closed_before,
-        )
+        facts.closed,
+        facts.positives,
+        facts.correct,
+        facts.log_loss_sum,
+        facts.scores_pos.to_bytes(),
+        facts.scores_neg.to_bytes(),
     )
 
 
-def _labelled_pairs(conn: Connection, version: int, since: float, closed_before: float) -> np.ndarray:
-    """(score, label) for served predictions whose label arrived and whose label window has closed."""
-    rows = conn.execute(_labelled([predictions.c.score, labels.c.label], version, since, closed_before)).all()
-    return np.asarray(rows, dtype=float).reshape(-1, 2)
+def _blob(value) -> bytes | None:
+    return None if value is None else bytes(value)
 
 
-def _labelled_counts(conn: Connection, version: int, since: float, closed_before: float) -> tuple[int, int]:
-    """(labelled, correct) for the same predictions as `_labelled_pairs`, counted by the database."""
-    p, lab = predictions, labels
-    hit = case(
-        (and_(p.c.score >= 0.5, lab.c.label == 1), 1), (and_(p.c.score < 0.5, lab.c.label == 0), 1), else_=0
+def _decode_requests(values: Sequence) -> RequestFacts:
+    return RequestFacts(
+        int(values[0]), int(values[1]), LatencyHistogram(SparseCounts.from_bytes(_blob(values[2])))
     )
-    columns = [func.count(), func.coalesce(func.sum(hit), 0)]
-    row = conn.execute(_labelled(columns, version, since, closed_before)).one()
-    return int(row[0]), int(row[1])
 
 
-def window_ends(now: float, settle_s: float, label_window_s: float) -> tuple[float, float]:
-    """Where a window's requests end, and where its labelled predictions end.
+def _decode_labels(values: Sequence) -> LabelFacts:
+    return LabelFacts(
+        int(values[0]),
+        int(values[1]),
+        int(values[2]),
+        float(values[3]),
+        SparseCounts.from_bytes(_blob(values[4])),
+        SparseCounts.from_bytes(_blob(values[5])),
+    )
 
-    Requests end `settle_s` short of now: each Bento's writer writes on its own clock, so the newest
-    second or so holds some versions' rows and not yet others', which counted would look like a
-    sample-ratio mismatch. Labelled predictions end there too, or earlier: where their label window
-    has closed.
+
+def _merge_upsert(
+    cursor, dialect: str, table: _BucketTable, fixed: tuple, facts: dict, bucket_s: int
+) -> None:
+    """Add `facts` to their rows in three statements whatever their number: create the missing rows
+    empty, lock and read them all, write the sums back.
+
+    Creating first means two writers that meet on a new key both find the row and queue on its lock,
+    so neither sum is lost; rows are locked in key order so that two such writers cannot deadlock.
     """
-    until = now - max(settle_s, 0.0)
-    return until, min(until, now - label_window_s)
-
-
-def window_counts(
-    conn: Connection,
-    *,
-    versions: Mapping[str, int | None],
-    since: float,
-    now: float,
-    label_window_s: float,
-    settle_s: float = 0.0,
-) -> dict[str, dict]:
-    """Per role: requests, errors, labelled and correct over the window, as aggregates (cheap to scrape)."""
-    until, labels_before = window_ends(now, settle_s, label_window_s)
-    out = {}
-    for role, version in versions.items():
-        if version is None:
-            continue
-        requests, errors = _count_requests(conn, version, since, until)
-        labelled, correct = _labelled_counts(conn, version, since, labels_before)
-        out[role] = {
-            "version": version,
-            "requests": requests,
-            "errors": errors,
-            "error_rate": errors / requests if requests else 0.0,
-            "labelled": labelled,
-            "accuracy": correct / labelled if labelled else None,
-        }
-    return out
-
-
-def log_loss(scores: np.ndarray, y: np.ndarray) -> float | None:
-    if len(y) == 0:
-        return None
-    p = np.clip(scores, 1e-7, 1 - 1e-7)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
-def auc(scores: np.ndarray, y: np.ndarray) -> float | None:
-    """Area under the ROC curve by ranks (Mann-Whitney); None when one class is absent."""
-    pos, neg = int(y.sum()), int(len(y) - y.sum())
-    if pos == 0 or neg == 0:
-        return None
-    from scipy.stats import rankdata
-
-    ranks = rankdata(scores)
-    return float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def arm_observation(
-    conn: Connection,
-    version: int | None,
-    *,
-    since: float,
-    step_since: float,
-    until: float,
-    labels_before: float,
-    max_latency_samples: int = 500_000,
-) -> ArmObservation:
-    """One version's window: counts and latencies up to `until`, label metrics up to `labels_before`."""
-    if version is None:
-        return ArmObservation(version=None, requests=0, errors=0, latencies_ms=(), labelled=0, correct=0)
-    requests, errors = _count_requests(conn, version, since, until)
-    step_requests, _ = _count_requests(conn, version, max(step_since, since), until)
-    pairs = _labelled_pairs(conn, version, since, labels_before)
-    scores, y = pairs[:, 0], pairs[:, 1]
-    correct = int(((scores >= 0.5) == (y == 1)).sum())
-    return ArmObservation(
-        version=version,
-        requests=requests,
-        errors=errors,
-        latencies_ms=_latencies(conn, version, since, until, max_latency_samples),
-        labelled=len(y),
-        correct=correct,
-        log_loss=log_loss(scores, y),
-        auc=auc(scores, y),
-        step_requests=step_requests,
+    if len(facts) > 200:  # SQLite allows 32,766 parameters a statement
+        ordered = sorted(facts.items())
+        for i in range(0, len(ordered), 200):
+            _merge_upsert(cursor, dialect, table, fixed, dict(ordered[i : i + 200]), bucket_s)
+        return
+    mark = "?" if dialect == "sqlite" else "%s"
+    keys, values = table.keys, table.values
+    ordered = sorted(facts.items())
+    key_rows = [(*fixed, *k) for k, _ in ordered]
+    columns = (*keys, "bucket_s", *values)
+    row_marks = "(" + ", ".join([mark] * len(columns)) + ")"
+    key_marks = "(" + ", ".join([mark] * len(keys)) + ")"
+    all_rows = ", ".join([row_marks] * len(key_rows))
+    cursor.execute(
+        f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {all_rows} ON CONFLICT DO NOTHING",
+        [x for kr in key_rows for x in (*kr, bucket_s, *table.zero)],
+    )
+    lock = "" if dialect == "sqlite" else " FOR UPDATE"
+    cursor.execute(
+        f"SELECT {', '.join(keys)}, {', '.join(values)} FROM {table.name} "
+        f"WHERE ({', '.join(keys)}) IN (VALUES {', '.join([key_marks] * len(key_rows))}) "
+        f"ORDER BY {', '.join(keys)}{lock}",
+        [x for kr in key_rows for x in kr],
+    )
+    decode = _decode_requests if table is _REQUESTS else _decode_labels
+    stored = {tuple(r[: len(keys)]): decode(r[len(keys) :]) for r in cursor.fetchall()}
+    merged = [
+        (*kr, bucket_s, *_encode(stored[kr].merge(delta)))
+        for kr, (_, delta) in zip(key_rows, ordered, strict=True)
+    ]
+    cursor.execute(
+        f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {all_rows} "
+        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {', '.join(f'{v} = excluded.{v}' for v in values)}",
+        [x for row in merged for x in row],
     )
 
 
-def read_observations(
-    conn: Connection,
-    *,
-    versions: Mapping[str, int | None],
-    since: float,
-    step_since: float,
-    now: float,
-    label_window_s: float,
-    step_weights: Mapping[str, int],
-    settle_s: float = 0.0,
-) -> Observations:
-    """Every role's window (its ends from `window_ends`), as the decision function takes it."""
-    until, labels_before = window_ends(now, settle_s, label_window_s)
-    arms = {
-        role: arm_observation(
-            conn, version, since=since, step_since=step_since, until=until, labels_before=labels_before
+def _insert_buckets(
+    cursor, dialect: str, table: _BucketTable, fixed: tuple, facts: dict, bucket_s: int
+) -> None:
+    """Rows for keys that cannot exist yet, in one statement."""
+    mark = "?" if dialect == "sqlite" else "%s"
+    columns = (*table.keys, "bucket_s", *table.values)
+    rows = [(*fixed, *k, bucket_s, *_encode(f)) for k, f in sorted(facts.items())]
+    for i in range(0, len(rows), 100):  # SQLite allows 32,766 parameters a statement
+        chunk = rows[i : i + 100]
+        marks = ", ".join(["(" + ", ".join([mark] * len(columns)) + ")"] * len(chunk))
+        cursor.execute(
+            f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES {marks}", [x for r in chunk for x in r]
         )
-        for role, version in versions.items()
-    }
-    return Observations(
-        now=now, window_start=since, window_end=until, arms=arms, step_weights=dict(step_weights)
-    )
 
 
-def summarize(arm: ArmObservation) -> dict:
-    """The numbers a person reads for one arm (the ledger and the API show these)."""
-    lat = np.asarray(arm.latencies_ms, dtype=float)
-    pct = (lambda q: round(float(np.percentile(lat, q)), 3)) if len(lat) else (lambda q: None)
-    return {
-        "version": arm.version,
-        "requests": arm.requests,
-        "errors": arm.errors,
-        "error_rate": round(arm.error_rate, 6),
-        "p50_ms": pct(50),
-        "p95_ms": pct(95),
-        "p99_ms": pct(99),
-        "labelled": arm.labelled,
-        "accuracy": None if arm.accuracy is None else round(arm.accuracy, 6),
-        "log_loss": None if arm.log_loss is None else round(arm.log_loss, 6),
-        "auc": None if arm.auc is None else round(arm.auc, 6),
-    }
-
-
-def timeseries(
-    conn: Connection, *, since: float, now: float, bucket_s: int, label_window_s: float
-) -> list[dict]:
-    """Per time bucket and logged role: request rate, error rate, p99 latency and accuracy (for charts)."""
-    p, lab = predictions, labels
-    bucket = func.floor(p.c.ts / bucket_s).label("bucket")
-    rows = conn.execute(
-        select(bucket, p.c.role, p.c.latency_ms, p.c.status, p.c.score, lab.c.label)
-        .select_from(p.outerjoin(lab, lab.c.request_id == p.c.request_id))
-        .where(and_(p.c.ts >= since, p.c.ts < now, p.c.route == WEIGHTED))
-    ).all()
-    groups: dict[tuple[int, str], list] = {}
-    for b, role, latency, status, score, label in rows:
-        groups.setdefault((int(b), role), []).append((latency, status, score, label))
+def first_of_each(rows: Iterable[tuple], inserted_ids) -> list[tuple]:
+    """The rows an INSERT ... ON CONFLICT DO NOTHING RETURNING request_id put in: each returned id once
+    (a batch can hold a row twice, a replay's and the original)."""
+    todo = set(inserted_ids)
     out = []
-    for (b, role), items in sorted(groups.items()):
-        lat = np.array([i[0] for i in items], dtype=float)
-        errors = sum(1 for i in items if i[1] >= 500)
-        closed = (b + 1) * bucket_s <= now - label_window_s
-        lab_items = [(s, y) for _, st, s, y in items if y is not None and s is not None and st < 500]
-        acc = (
-            sum(1 for s, y in lab_items if (s >= 0.5) == (y == 1)) / len(lab_items)
-            if lab_items and closed
-            else None
-        )
-        out.append(
-            {
-                "t": b * bucket_s,
-                "role": role,
-                "rps": round(len(items) / bucket_s, 3),
-                "error_rate": round(errors / len(items), 6),
-                "p99_ms": round(float(np.percentile(lat, 99)), 3),
-                "accuracy": None if acc is None or math.isnan(acc) else round(acc, 6),
-            }
-        )
+    for r in rows:
+        if r[0] in todo:
+            todo.discard(r[0])
+            out.append(r)
     return out
+
+
+def write_buckets(conn: Connection, requests: dict, labels: dict, window_s: float) -> None:
+    """Add bucket facts built without raw rows (a benchmark's synthetic window, a backfill)."""
+    cursor = conn.connection.cursor()
+    if requests:
+        _merge_upsert(cursor, conn.dialect.name, _REQUESTS, (), requests, BUCKET_S)
+    if labels:
+        _merge_upsert(cursor, conn.dialect.name, _LABELS, (int(window_s),), labels, BUCKET_S)
+
+
+def add_request_facts(cursor, dialect: str, rows: Iterable[tuple], bucket_s: int = BUCKET_S) -> None:
+    """Add the requests of prediction-log rows (tuples in the table's column order) to request_buckets,
+    on `cursor`'s transaction: call it with exactly the rows that transaction inserted."""
+    facts = request_facts(rows)
+    if facts:
+        _merge_upsert(cursor, dialect, _REQUESTS, (), facts, bucket_s)
+
+
+_PREDICTION_COLUMNS = tuple(str(c.name) for c in predictions.columns)
+
+
+def insert_predictions(conn: Connection, rows: list[dict]) -> int:
+    """Insert `predictions` rows (dicts) as the writer does: duplicates skipped, aggregates added with them.
+
+    For tests, benchmarks and tools that write rows without a Bento; returns how many went in.
+    """
+    if not rows:
+        return 0
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    stmt = dialect_insert(predictions).on_conflict_do_nothing().returning(predictions.c.request_id)
+    inserted = conn.execute(stmt, rows).scalars().all()
+    fresh = first_of_each((tuple(r.get(c) for c in _PREDICTION_COLUMNS) for r in rows), inserted)
+    add_request_facts(conn.connection.cursor(), dialect, fresh)
+    return len(fresh)
+
+
+# --- reading: the MetricsSource over SQL --------------------------------------
+class SqlMetricsSource:
+    """Bucket rows read with one indexed range query each; never a raw prediction."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    @staticmethod
+    def _where(table, since: float, until: float, version: int | None, route: str | None) -> list:
+        # bucket_start < until lets the primary key's range bound the scan; the sum checks the width.
+        conds = [
+            table.c.bucket_start >= math.ceil(since),
+            table.c.bucket_start < until,
+            table.c.bucket_start + table.c.bucket_s <= until,
+        ]
+        if version is not None:
+            conds.append(table.c.model_version == version)
+        if route is not None:
+            conds.append(table.c.route == route)
+        return conds
+
+    def _groups(self, table, spec: _BucketTable, conds: list, by) -> dict[object, list]:
+        """Rows of `table` per group: each a list of rows (key columns, then the values)."""
+        key = [table.c.bucket_start, table.c.model_version, table.c.role, table.c.route, table.c.endpoint]
+        columns = ([] if by is None else key) + [getattr(table.c, v) for v in spec.values]
+        rows = self.conn.execute(select(*columns).where(*conds).order_by(table.c.bucket_start)).all()
+        if by is None:
+            return {None: [tuple(r) for r in rows]} if rows else {}
+        groups: dict[object, list] = {}
+        for r in rows:
+            groups.setdefault(by(BucketKey._make(r[:5])), []).append(tuple(r[5:]))
+        return groups
+
+    def requests(self, since, until, *, by=None, version=None, route=WEIGHTED):
+        t = request_buckets
+        return {
+            g: RequestFacts(
+                sum(r[0] for r in rows),
+                sum(r[1] for r in rows),
+                LatencyHistogram(_summed(rows, 2)),
+            )
+            for g, rows in self._groups(
+                t, _REQUESTS, self._where(t, since, until, version, route), by
+            ).items()
+        }
+
+    def labels(self, since, until, window_s, *, by=None, version=None, route=WEIGHTED):
+        t = label_buckets
+        conds = [t.c.window_s == int(window_s), *self._where(t, since, until, version, route)]
+        return {
+            g: LabelFacts(
+                closed=sum(r[0] for r in rows),
+                positives=sum(r[1] for r in rows),
+                correct=sum(r[2] for r in rows),
+                log_loss_sum=float(sum(r[3] for r in rows)),
+                scores_pos=_summed(rows, 4),
+                scores_neg=_summed(rows, 5),
+            )
+            for g, rows in self._groups(t, _LABELS, conds, by).items()
+        }
+
+
+def _summed(rows: list[tuple], column: int) -> SparseCounts:
+    """The sum of one blob column over rows: their bytes joined, decoded once."""
+    return SparseCounts.summed(b"".join(bytes(r[column]) for r in rows if r[column]))
+
+
+# --- the label job ------------------------------------------------------------
+def _lock_watermark(conn: Connection, window_s: int, start_at: float) -> float:
+    """The window's watermark, created at `start_at` if new, locked until the transaction ends."""
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    # The insert also takes SQLite's write lock first, so two jobs never read the same watermark.
+    conn.execute(
+        dialect_insert(label_watermarks)
+        .values(window_s=window_s, closed_until=float(start_at))
+        .on_conflict_do_nothing()
+    )
+    q = select(label_watermarks.c.closed_until).where(label_watermarks.c.window_s == window_s)
+    if dialect == "postgresql":
+        q = q.with_for_update()
+    return float(conn.execute(q).scalar_one())
+
+
+def _closed_facts(conn: Connection, window_s: int, start: float, end: float) -> dict[BucketKey, LabelFacts]:
+    """Outcomes of the served predictions of [start, end), each joined to its label (if any)."""
+    p, lab = predictions, labels
+    rows = conn.execute(
+        select(p.c.ts, p.c.model_version, p.c.role, p.c.route, p.c.endpoint, p.c.score, lab.c.label, lab.c.ts)
+        .select_from(p.outerjoin(lab, lab.c.request_id == p.c.request_id))
+        .where(p.c.ts >= start, p.c.ts < end, p.c.status < 500, p.c.score.is_not(None))
+    ).all()
+    if not rows:
+        return {}
+    cols = list(zip(*rows, strict=True))
+    ts = np.asarray(cols[0], dtype=float)
+    starts = ((ts // BUCKET_S) * BUCKET_S).astype(np.int64).tolist()
+    keys = zip(starts, cols[1], cols[2], cols[3], cols[4], strict=True)
+    label = np.asarray([np.nan if x is None else x for x in cols[6]], dtype=float)
+    label_ts = np.asarray([np.nan if x is None else x for x in cols[7]], dtype=float)
+    return label_facts(keys, np.asarray(cols[5], dtype=float), outcomes(ts, label, label_ts, window_s))
+
+
+def close_label_windows(
+    engine: Engine,
+    *,
+    window_s: float,
+    now: float,
+    settle_s: float,
+    start_at: float,
+    span_s: float = CLOSE_SPAN_S,
+) -> int:
+    """Count the outcomes of every prediction whose attribution window closed since the watermark.
+
+    A prediction made at t closes at t + window_s (and no sooner than the log's settling): positive if
+    a positive label arrived by then, negative otherwise. Each step is one transaction that holds the
+    watermark's lock, adds at most `span_s` of prediction time to label_buckets and moves the watermark:
+    its cost is the predictions newly closed, a second run finds nothing to do, and two runs at once
+    take turns. Predictions written after the watermark passed their time (a replay after a long
+    outage) are left out of label metrics; labels stored after the count are kept but never change it.
+    Returns how many predictions were counted.
+    """
+    window = int(window_s)
+    cutoff = math.floor(min(now - settle_s, now - window) / BUCKET_S) * BUCKET_S
+    start = math.floor(start_at / BUCKET_S) * BUCKET_S
+    counted = 0
+    while True:
+        with engine.begin() as conn:
+            mark = _lock_watermark(conn, window, start)
+            if mark >= cutoff:
+                return counted
+            end = min(cutoff, mark + span_s)
+            facts = _closed_facts(conn, window, mark, end)
+            if facts:  # spans are whole buckets, each closed once: new rows, nothing to merge
+                _insert_buckets(
+                    conn.connection.cursor(), conn.dialect.name, _LABELS, (window,), facts, BUCKET_S
+                )
+            conn.execute(
+                label_watermarks.update()
+                .where(label_watermarks.c.window_s == window)
+                .values(closed_until=end)
+            )
+            counted += sum(f.closed for f in facts.values())
+
+
+def label_watermark(conn: Connection, window_s: float) -> float | None:
+    q = select(label_watermarks.c.closed_until).where(label_watermarks.c.window_s == int(window_s))
+    return conn.execute(q).scalar()
+
+
+def oldest_watermark(conn: Connection) -> float | None:
+    return conn.execute(select(func.min(label_watermarks.c.closed_until))).scalar()
 
 
 def prediction_count(conn: Connection, *, since: float = 0.0) -> int:
     return int(
         conn.execute(select(func.count()).select_from(predictions).where(predictions.c.ts >= since)).scalar()
     )
+
+
+def earliest_prediction(conn: Connection) -> float | None:
+    return conn.execute(select(func.min(predictions.c.ts))).scalar()
+
+
+# --- partitions (Postgres) ----------------------------------------------------
+def partition_name(start: int) -> str:
+    return f"predictions_p{start}"
+
+
+def predictions_partitioned(conn: Connection) -> bool:
+    if conn.dialect.name != "postgresql":
+        return False
+    q = text("SELECT c.relkind FROM pg_class c WHERE c.oid = to_regclass('predictions')")
+    return conn.execute(q).scalar() == "p"
+
+
+def partition_starts(conn: Connection) -> list[int]:
+    """Starts of the hourly partitions of `predictions` (the default partition is not listed)."""
+    rows = conn.execute(
+        text(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = to_regclass('predictions')"
+        )
+    ).scalars()
+    return sorted(int(n.removeprefix("predictions_p")) for n in rows if n.startswith("predictions_p"))
+
+
+def create_partitions(conn: Connection, since: float, until: float) -> list[int]:
+    """Hourly partitions covering [since, until) that do not exist yet; returns their starts."""
+    have = set(partition_starts(conn))
+    made = []
+    start = int(since // PARTITION_S) * PARTITION_S
+    while start < until:
+        if start not in have:
+            conn.execute(
+                text(
+                    f"CREATE TABLE IF NOT EXISTS {partition_name(start)} PARTITION OF predictions "
+                    f"FOR VALUES FROM ({start}) TO ({start + PARTITION_S})"
+                )
+            )
+            made.append(start)
+        start += PARTITION_S
+    return made
+
+
+def drop_partitions_before(conn: Connection, cutoff: float) -> list[int]:
+    """Drop every hourly partition that ends at or before `cutoff`; returns their starts."""
+    dropped = [s for s in partition_starts(conn) if s + PARTITION_S <= cutoff]
+    for start in dropped:
+        conn.execute(text(f"DROP TABLE IF EXISTS {partition_name(start)}"))
+    return dropped
+
+
+PARTITIONED_PREDICTIONS_DDL = (
+    "CREATE TABLE predictions ("
+    " request_id VARCHAR(128) NOT NULL, ts DOUBLE PRECISION NOT NULL, model_version INTEGER NOT NULL,"
+    " role VARCHAR(32) NOT NULL DEFAULT 'unknown', route VARCHAR(16) NOT NULL DEFAULT 'direct',"
+    " endpoint VARCHAR(16) NOT NULL, features JSON, score DOUBLE PRECISION, latency_ms DOUBLE PRECISION NOT NULL,"
+    " status SMALLINT NOT NULL, PRIMARY KEY (request_id, ts)"
+    ") PARTITION BY RANGE (ts)"
+)
+
+
+# --- retention ----------------------------------------------------------------
+def delete_predictions_before(conn: Connection, cutoff: float, batch: int) -> int:
+    """SQLite: delete up to `batch` of the oldest predictions before `cutoff` (one short write lock)."""
+    ids = select(predictions.c.request_id).where(predictions.c.ts < cutoff).limit(batch).scalar_subquery()
+    return conn.execute(predictions.delete().where(predictions.c.request_id.in_(ids))).rowcount
+
+
+def delete_labels_before(conn: Connection, cutoff: float, batch: int) -> int:
+    """Delete up to `batch` labels stored before `cutoff` (both engines: labels are upserted by request)."""
+    ids = select(labels.c.request_id).where(labels.c.ts < cutoff).limit(batch).scalar_subquery()
+    return conn.execute(labels.delete().where(labels.c.request_id.in_(ids))).rowcount
+
+
+def delete_buckets_before(conn: Connection, cutoff: float) -> int:
+    n = conn.execute(request_buckets.delete().where(request_buckets.c.bucket_start < cutoff)).rowcount
+    return n + conn.execute(label_buckets.delete().where(label_buckets.c.bucket_start < cutoff)).rowcount
+
+
+def roll_up(conn: Connection, before: float, coarse_s: int, limit: int = 5000) -> int:
+    """Merge up to `limit` fine bucket rows older than `before` into `coarse_s` buckets; returns how many.
+
+    Fine rows are deleted and their sums added to the coarse rows in the same transaction, so a read
+    sees either the fine rows or the coarse ones, never both.
+    """
+    moved = 0
+    cursor = conn.connection.cursor()
+    for table, spec in ((request_buckets, _REQUESTS), (label_buckets, _LABELS)):
+        rows = conn.execute(
+            select(table).where(table.c.bucket_s < coarse_s, table.c.bucket_start < before).limit(limit)
+        ).all()
+        groups: dict[tuple, dict] = {}
+        for r in rows:
+            fixed = (r.window_s,) if spec is _LABELS else ()
+            key = BucketKey(
+                int(r.bucket_start // coarse_s * coarse_s), r.model_version, r.role, r.route, r.endpoint
+            )
+            values = tuple(getattr(r, v) for v in spec.values)
+            facts = _decode_requests(values) if spec is _REQUESTS else _decode_labels(values)
+            group = groups.setdefault(fixed, {})
+            group[key] = facts if key not in group else group[key].merge(facts)
+            where = [getattr(table.c, k) == getattr(r, k) for k in spec.keys]
+            conn.execute(table.delete().where(*where))
+        for fixed, facts in groups.items():
+            _merge_upsert(cursor, conn.dialect.name, spec, fixed, facts, coarse_s)
+        moved += len(rows)
+    return moved
+
+
+def bucket_bytes(conn: Connection) -> dict[str, int]:
+    """Bytes on disk of each aggregate table and of predictions (Postgres; SQLite: dbstat if compiled)."""
+    names = ("predictions", "labels", "request_buckets", "label_buckets")
+    if conn.dialect.name == "postgresql":
+        q = text(
+            "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c WHERE c.oid = to_regclass(:n) "
+            "OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = to_regclass(:n))"
+        )
+        return {n: int(conn.execute(q, {"n": n}).scalar()) for n in names}
+    out = {}
+    for n in names:
+        try:
+            out[n] = int(
+                conn.execute(
+                    text(
+                        "SELECT SUM(pgsize) FROM dbstat WHERE name IN (SELECT name FROM sqlite_master WHERE tbl_name = :n)"
+                    ),
+                    {"n": n},
+                ).scalar()
+                or 0
+            )
+        except Exception:  # dbstat is a compile-time option of SQLite
+            out[n] = -1
+    return out
+
+
+def count_rows(conn: Connection, table_name: str) -> int:
+    table = {"request_buckets": request_buckets, "label_buckets": label_buckets, "labels": labels}[table_name]
+    return int(conn.execute(select(func.count()).select_from(table)).scalar())
+
+
+def insert_labels_rows(conn: Connection, rows: list[dict]) -> None:
+    """Labels as stored rows (tests and benchmarks that stamp their own arrival times)."""
+    if rows:
+        conn.execute(insert(labels), rows)

@@ -6,6 +6,7 @@ write left, whichever process made it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from control_plane import queries
+from control_plane import observations, queries, retention
 from control_plane.analysis.decide import decide
 from control_plane.analysis.policy import Policy
 from control_plane.analysis.types import Action, Decision, Phase
@@ -23,6 +24,7 @@ from control_plane.context import Context
 from control_plane.db.engine import read_snapshot
 from control_plane.errors import InvalidRequest, NoPreviousBaseline, RolloutConflict
 from control_plane.ledger import Rollout
+from control_plane.retention import RetentionPolicy
 from control_plane.settings import ROLES
 from control_plane.traffic.base import InvalidWeights, validate_weights
 from control_plane.traffic_ops import apply_assignment, split
@@ -96,8 +98,8 @@ def window_metrics(ctx: Context, window_s: int | None = None) -> dict[str, Any]:
     since = now - (window_s or ctx.settings.window_s)
     assignment = ctx.traffic_store.load()
     with ctx.engine.connect() as conn:
-        obs = queries.read_observations(
-            conn,
+        obs = observations.read_observations(
+            queries.SqlMetricsSource(conn),
             versions={r: v for r, (v, _) in assignment.items()},
             since=since,
             step_since=since,
@@ -106,7 +108,7 @@ def window_metrics(ctx: Context, window_s: int | None = None) -> dict[str, Any]:
             settle_s=ctx.settings.log_settle_s,
             step_weights={r: w for r, (_, w) in assignment.items()},
         )
-    return {"since": since, "now": now, "roles": {r: queries.summarize(a) for r, a in obs.arms.items()}}
+    return {"since": since, "now": now, "roles": {r: observations.summarize(a) for r, a in obs.arms.items()}}
 
 
 def window_counts(ctx: Context, window_s: int | None = None) -> dict[str, dict[str, Any]]:
@@ -117,14 +119,51 @@ def window_counts(ctx: Context, window_s: int | None = None) -> dict[str, dict[s
     now = ctx.clock()
     assignment = ctx.traffic_store.load()
     with ctx.engine.connect() as conn:
-        return queries.window_counts(
-            conn,
+        return observations.window_counts(
+            queries.SqlMetricsSource(conn),
             versions={r: v for r, (v, _) in assignment.items()},
             since=now - (window_s or ctx.settings.window_s),
             now=now,
             label_window_s=ctx.settings.label_window_s,
             settle_s=ctx.settings.log_settle_s,
         )
+
+
+def _close_labels(ctx: Context, window_s: float, now: float, start_at: float) -> int:
+    """Count the outcomes whose attribution window has closed (the label job); 0 if the database fails."""
+    try:
+        return queries.close_label_windows(
+            ctx.engine, window_s=window_s, now=now, settle_s=ctx.settings.log_settle_s, start_at=start_at
+        )
+    except SQLAlchemyError as exc:
+        log.warning("label windows not closed: %s", exc.__class__.__name__)
+        return 0
+
+
+def close_labels(ctx: Context) -> int:
+    """The scheduled label job: the stack's attribution window and the active rollout's, each from its
+    watermark; waits while a Bento's log is replaying rows (their windows would be passed over)."""
+    now = ctx.clock()
+    endpoints = ctx.deployer.endpoints()
+    if ctx.log_backlog.waiting(endpoints):
+        return 0
+    windows = {float(ctx.settings.label_window_s): now - ctx.settings.window_s}
+    rollout = ctx.ledger.active()
+    if rollout is not None:
+        policy = Policy.from_dict(rollout.policy_params)
+        if policy.label_window_s is not None:
+            windows.setdefault(float(policy.label_window_s), rollout.started_at)
+    return sum(_close_labels(ctx, w, now, start_at) for w, start_at in windows.items())
+
+
+def maintain(ctx: Context) -> dict[str, Any]:
+    """The scheduled upkeep: close attribution windows, then apply retention (services.retention)."""
+    closed = close_labels(ctx)
+    rollout = ctx.ledger.active()
+    s = ctx.settings
+    policy = RetentionPolicy(s.retention_s, s.aggregate_fine_retention_s, s.aggregate_retention_s)
+    report = retention.apply(ctx.engine, policy, ctx.clock(), None if rollout is None else rollout.started_at)
+    return {"labels_closed": closed, **dataclasses.asdict(report)}
 
 
 # --- traffic -----------------------------------------------------------------
@@ -280,14 +319,16 @@ def evaluate(
     endpoints = ctx.deployer.endpoints()
     backlog = ctx.log_backlog.waiting({v: endpoints[v] for v in versions_by_role.values() if v in endpoints})
     label_window_s = ctx.settings.label_window_s if policy.label_window_s is None else policy.label_window_s
+    if not backlog:  # rows still being replayed would be passed over by the label job's watermark
+        _close_labels(ctx, label_window_s, now, start_at=rollout.started_at)
     with read_snapshot(ctx.engine) as conn:
         evaluations, last_tick = ctx.ledger.evaluations(conn, rollout.id)
         running_p = ctx.ledger.last_stat(conn, rollout.id, "running_p_values") or {}
         if tick is not None and last_tick is not None and tick <= last_tick:
             return None  # this tick (or a later one) already ran
         try:
-            obs = queries.read_observations(
-                conn,
+            obs = observations.read_observations(
+                queries.SqlMetricsSource(conn),
                 versions=versions_by_role,
                 since=since,
                 step_since=rollout.step_started_at,
@@ -655,7 +696,7 @@ def _record(
     obs=None,
     missed_ticks: int = 0,
 ) -> int:
-    arms = {} if obs is None else {r: queries.summarize(a) for r, a in obs.arms.items()}
+    arms = {} if obs is None else {r: observations.summarize(a) for r, a in obs.arms.items()}
     sizes = (
         {}
         if obs is None

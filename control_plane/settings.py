@@ -90,11 +90,18 @@ class Settings:
     bento_base_port: int = 3100
     eval_interval_s: int = 60
     window_s: int = 3600
-    label_window_s: int = 60
+    # The attribution window (docs/scale.md): a prediction is positive if its click came within it.
+    label_window_s: int = 300
     # Seconds a window stops short of now: a Bento sends its rows to its writer every 0.2 s and the
     # writer writes them every 1 s, each Bento's on its own clock, so the newest rows are still arriving.
     log_settle_s: float = 2.0
     action_wait_s: float = 20.0  # how long an action waits for one in progress before a 409
+    # Storage (control_plane/retention.py, docs/scale.md): raw predictions and labels are kept a week
+    # (a rollout lasts at most 6 h by default, and a week leaves time to audit or recompute one);
+    # 5-second aggregates 2 days (charts and any rollout's window), then hourly ones a year.
+    retention_s: int = 7 * 86400
+    aggregate_fine_retention_s: int = 2 * 86400
+    aggregate_retention_s: int = 365 * 86400
     max_body_bytes: int = 1_000_000
     api_token: str = ""  # empty: read from (or created in) state_dir/api-token
     # Labels (docs/labels.md): their own token, the key the Bentos sign request ids with, and what one
@@ -146,9 +153,12 @@ class Settings:
             bento_base_port=int(env.get("RECSYS_BENTO_BASE_PORT", 3100)),
             eval_interval_s=int(env.get("RECSYS_EVAL_INTERVAL_S", 60)),
             window_s=int(env.get("RECSYS_WINDOW_S", 3600)),
-            label_window_s=int(env.get("RECSYS_LABEL_WINDOW_S", 60)),
+            label_window_s=int(env.get("RECSYS_LABEL_WINDOW_S", 300)),
             log_settle_s=float(env.get("RECSYS_LOG_SETTLE_S", 2.0)),
             action_wait_s=float(env.get("RECSYS_ACTION_WAIT_S", 20.0)),
+            retention_s=int(env.get("RECSYS_RETENTION_S", 7 * 86400)),
+            aggregate_fine_retention_s=int(env.get("RECSYS_AGGREGATE_FINE_RETENTION_S", 2 * 86400)),
+            aggregate_retention_s=int(env.get("RECSYS_AGGREGATE_RETENTION_S", 365 * 86400)),
             max_body_bytes=int(env.get("RECSYS_MAX_BODY_BYTES", 1_000_000)),
             api_token=env.get("RECSYS_API_TOKEN", ""),
             label_token=env.get("RECSYS_LABEL_TOKEN", ""),
@@ -211,6 +221,9 @@ class Settings:
             "RECSYS_LABEL_WINDOW_S": str(self.label_window_s),
             "RECSYS_LOG_SETTLE_S": str(self.log_settle_s),
             "RECSYS_ACTION_WAIT_S": str(self.action_wait_s),
+            "RECSYS_RETENTION_S": str(self.retention_s),
+            "RECSYS_AGGREGATE_FINE_RETENTION_S": str(self.aggregate_fine_retention_s),
+            "RECSYS_AGGREGATE_RETENTION_S": str(self.aggregate_retention_s),
             "RECSYS_MAX_BODY_BYTES": str(self.max_body_bytes),
             "RECSYS_LABEL_RATE_PER_S": str(self.label_rate_per_s),
             "RECSYS_LABEL_BURST": str(self.label_burst),

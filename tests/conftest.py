@@ -118,7 +118,10 @@ def pg_engine(pg_url):
     engine = make_engine(pg_url)
     with engine.begin() as conn:
         conn.execute(
-            text("TRUNCATE predictions, labels, traffic_config, decisions, rollouts RESTART IDENTITY CASCADE")
+            text(
+                "TRUNCATE predictions, labels, request_buckets, label_buckets, label_watermarks, traffic_config,"
+                " decisions, rollouts RESTART IDENTITY CASCADE"
+            )
         )
     yield engine
     engine.dispose()

@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 from sqlalchemy import insert
 
-from control_plane.db.schema import labels, predictions
+from control_plane import queries
+from control_plane.db.schema import labels
 
 # A policy for tests that feed a few thousand rows: no step minimum, small samples.
 FAST_POLICY = {
@@ -63,8 +64,8 @@ def feed(ctx, n: int, accuracy: dict[int, float], rng, error_rate: dict[int, flo
             score = float(rng.random())
             label = int(score >= 0.5) if rng.random() < accuracy[version] else int(score < 0.5)
             preds.append(served_row(rid, now - rng.random(), version, score, 4 + rng.random(), err))
-            if not err:
-                labs.append({"request_id": rid, "label": label, "ts": now})
+            if not err:  # the label arrives with its prediction: within any attribution window
+                labs.append({"request_id": rid, "label": label, "ts": preds[-1]["ts"]})
     with ctx.engine.begin() as conn:
-        conn.execute(insert(predictions), preds)
+        queries.insert_predictions(conn, preds)
         conn.execute(insert(labels), labs)

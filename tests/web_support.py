@@ -9,8 +9,9 @@ from pathlib import Path
 
 from sqlalchemy import Engine, insert
 
+from control_plane import queries
 from control_plane.context import Context
-from control_plane.db.schema import labels, predictions
+from control_plane.db.schema import labels
 from control_plane.deployer.memory import InMemoryDeployer
 from control_plane.log_backlog import InMemoryLogBacklog
 from control_plane.registry.memory import InMemoryRegistry
@@ -90,7 +91,7 @@ def seed_predictions(
                 )
                 labs.append(dict(request_id=rid, label=1 if i % 2 else 0, ts=ts + 1))
     with engine.begin() as conn:
-        conn.execute(insert(predictions), preds)
+        queries.insert_predictions(conn, preds)
         conn.execute(insert(labels), labs)
     return len(preds)
 

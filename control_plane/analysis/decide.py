@@ -87,8 +87,8 @@ def _numbers(
         c.errors, c.requests, b.errors, b.requests, err["tau2"], a, policy.harm_alpha
     )
     lat = guardrails.p99_ratio(
-        np.asarray(c.latencies_ms),
-        np.asarray(b.latencies_ms),
+        c.latency,
+        b.latency,
         a,
         policy.planned_n,
         policy.harm_expected_n,
@@ -133,8 +133,8 @@ def _evidence(n: dict, state: RolloutState) -> Evidence:
         correct_c=arr(c.correct),
         labelled_b=arr(b.labelled),
         correct_b=arr(b.correct),
-        latencies_c=arr(len(c.latencies_ms)),
-        latencies_b=arr(len(b.latencies_ms)),
+        latencies_c=arr(c.latency.count),
+        latencies_b=arr(b.latency.count),
         p99_ratio=arr(lat["ratio"] if math.isfinite(lat["ratio"]) else np.inf),
         p99_ratio_lower=arr(lat["lower"]),
         p99_ratio_upper=arr(lat["upper"]),
@@ -212,7 +212,7 @@ def _reason(policy: Policy, state: RolloutState, n: dict, st: dict, act: Action,
         return (
             f"waiting for data: labelled {c.labelled}/{b.labelled} (canary/baseline, need "
             f"{policy.labelled_minimum}), requests {c.requests}/{b.requests} (need {policy.min_requests_per_arm}),"
-            f" latencies {len(c.latencies_ms)}/{len(b.latencies_ms)} (need {policy.min_latency_samples})"
+            f" latencies {c.latency.count}/{b.latency.count} (need {policy.min_latency_samples})"
         )
     if why is Cause.ACCURACY_WORSE:
         return f"{acc}: confidently below the baseline (p={_p(st.get('p_worse'))}); rolling back"
@@ -377,7 +377,7 @@ def _stats(
                 "errors": arm.errors,
                 "labelled": arm.labelled,
                 "correct": arm.correct,
-                "latencies": len(arm.latencies_ms),
+                "latencies": arm.latency.count,
                 "step_requests": arm.step_requests,
             }
             for role, arm in obs.arms.items()

@@ -10,6 +10,7 @@ import numpy as np
 from scipy import special
 
 from control_plane.analysis import sequential as seq
+from control_plane.analysis.aggregates import LatencyHistogram
 
 Array = np.ndarray | float
 
@@ -114,17 +115,28 @@ def quantile_ranks(n: Array, q: float, alpha: float, expected_n: float) -> tuple
 
 
 def quantile_bounds(
-    values: np.ndarray, q: float, alpha: float, expected_n: float
+    values: np.ndarray | LatencyHistogram, q: float, alpha: float, expected_n: float
 ) -> tuple[float, float, float]:
-    """Point estimate, lower and upper always-valid bound of the q-quantile of one sample (inf: no bound yet)."""
-    x = np.sort(np.asarray(values, dtype=float))
-    n = len(x)
+    """Point estimate, lower and upper always-valid bound of the q-quantile of one sample (inf: no bound yet).
+
+    `values` is the sample itself or its histogram; from a histogram each order statistic is within the
+    histogram's relative accuracy (1 %) of the sample's.
+    """
+    if isinstance(values, LatencyHistogram):
+        n, at = values.count, values.value_at_rank
+    else:
+        x = np.sort(np.asarray(values, dtype=float))
+        n = len(x)
+
+        def at(rank: int) -> float:
+            return float(x[rank - 1])
+
     if n == 0:
         return float("nan"), 0.0, float("inf")
     lo_rank, hi_rank = quantile_ranks(n, q, alpha, expected_n)
-    point = x[int(min(n, max(1, np.ceil(n * q)))) - 1]
-    lo = x[int(lo_rank) - 1] if lo_rank >= 1 else 0.0
-    hi = x[int(hi_rank) - 1] if hi_rank <= n else float("inf")
+    point = at(int(min(n, max(1, np.ceil(n * q)))))
+    lo = at(int(lo_rank)) if lo_rank >= 1 else 0.0
+    hi = at(int(hi_rank)) if hi_rank <= n else float("inf")
     return float(point), float(lo), float(hi)
 
 
@@ -141,8 +153,8 @@ def ratio_bounds(lo_c: Array, hi_c: Array, lo_b: Array, hi_b: Array) -> tuple[np
 
 
 def p99_ratio(
-    lat_c: np.ndarray,
-    lat_b: np.ndarray,
+    lat_c: np.ndarray | LatencyHistogram,
+    lat_b: np.ndarray | LatencyHistogram,
     alpha: float,
     expected_n: float,
     harm_expected_n: float,

@@ -40,7 +40,9 @@ class Policy:
     step_min_duration_s: float = 300.0  # a step lasts at least this long before advancing or promoting
     max_duration_s: float = 6 * 3600.0  # past this without a decision: inconclusive
     window_s: float = 3600.0  # the threshold rule's rolling window (the sequential rule uses all data)
-    label_window_s: float | None = None  # a prediction's label counts once it is this old; None: the stack's
+    label_window_s: float | None = (
+        None  # the attribution window (s): a click within it is positive; None: the stack's
+    )
     min_labelled_per_arm: int | None = None  # None: from a power calculation (see `labelled_minimum`)
     min_requests_per_arm: int = 100  # requests per arm before error harm is judged
     min_latency_samples: int = 200  # latencies per arm before a p99 is judged

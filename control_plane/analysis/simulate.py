@@ -399,6 +399,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="sim-results", help="directory for simulation.md and power_curve.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="200 replications: a quick look, not the report")
+    p.add_argument(
+        "--through-aggregates",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run N replications a scenario through the production path: rows, aggregates, the "
+        "worker's observation builder and decide() (control_plane/replay.py)",
+    )
     argv = list(argv) if argv is not None else None
     if argv and argv[0] == "--":  # `recsys simulate -- --reps 10` passes the separator through
         argv = argv[1:]
@@ -426,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
         "Times: minutes to a promote/rollback/halt decision (inconclusive runs end at the time limit).\n\n"
         f"{tables}\nRun time: {elapsed:.0f} s\n"
     )
+    if args.through_aggregates > 0:
+        # replay.py builds on this module (Scenario, Traffic), so it is imported here, not at the top.
+        from control_plane.replay import replay_table
+
+        doc += "\n" + replay_table(SCENARIOS, policies[0], traffic, args.through_aggregates, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "simulation.md").write_text(doc)

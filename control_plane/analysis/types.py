@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from control_plane.analysis.aggregates import LatencyHistogram
+
 
 class Phase(StrEnum):
     """A rollout's phase; the terminal ones never change again."""
@@ -41,11 +43,12 @@ class ArmObservation:
     version: int | None
     requests: int  # all weighted requests in the window
     errors: int  # of those, status >= 500
-    latencies_ms: tuple[float, ...]  # latency of each request in the window (may be a sample)
-    labelled: int  # predictions whose label arrived and whose label window has closed
-    correct: int  # of those, (score >= 0.5) == label
+    latency: LatencyHistogram  # the window's latencies, each quantile within 1 % (aggregates.py)
+    labelled: int  # served predictions whose attribution window has closed (positive or negative)
+    correct: int  # of those, (score >= 0.5) == outcome
     log_loss: float | None = None
-    auc: float | None = None
+    auc: float | None = None  # binned: within auc_max_error of the exact AUC
+    auc_max_error: float | None = None
     step_requests: int = 0  # weighted requests since the current step began (for the SRM check)
 
     @property

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Column,
     Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     String,
@@ -47,6 +49,56 @@ labels = Table(
     Column("request_id", String(128), primary_key=True),
     Column("label", SmallInteger, nullable=False),
     Column("ts", Float, nullable=False),
+    Index("ix_labels_ts", "ts"),
+)
+
+
+def _bucket_key() -> list[Column]:
+    """What an aggregate row is kept per (analysis/aggregates.py: BucketKey), and its width."""
+    return [
+        Column("bucket_start", BigInteger, primary_key=True),
+        Column("model_version", Integer, primary_key=True),
+        Column("role", String(32), primary_key=True),
+        Column("route", String(16), primary_key=True),
+        Column("endpoint", String(16), primary_key=True),
+        Column("bucket_s", Integer, nullable=False),
+    ]
+
+
+# Additive summaries of `predictions`, per bucket of the prediction's own time (control_plane/analysis/
+# aggregates.py): the prediction log's writer adds each batch it inserts, in the same transaction.
+# `bucket_s` is 5 for fine buckets and 3600 once rolled up (retention.py). Every read that decides or
+# shows something reads these, never the raw rows.
+request_buckets = Table(
+    "request_buckets",
+    metadata,
+    *_bucket_key(),
+    Column("requests", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),
+    Column("latency", LargeBinary, nullable=True),  # SparseCounts of the log-spaced latency bins
+)
+
+# Outcomes of predictions whose attribution window (`window_s`) has closed, per the same buckets:
+# added by the label job (queries.close_label_windows) as its watermark passes them.
+label_buckets = Table(
+    "label_buckets",
+    metadata,
+    Column("window_s", Integer, primary_key=True),
+    *_bucket_key(),
+    Column("closed", BigInteger, nullable=False),
+    Column("positives", BigInteger, nullable=False),
+    Column("correct", BigInteger, nullable=False),
+    Column("log_loss_sum", Float, nullable=False),
+    Column("scores_pos", LargeBinary, nullable=True),
+    Column("scores_neg", LargeBinary, nullable=True),
+)
+
+# Per attribution window: predictions before `closed_until` have been counted in label_buckets.
+label_watermarks = Table(
+    "label_watermarks",
+    metadata,
+    Column("window_s", Integer, primary_key=True),
+    Column("closed_until", Float, nullable=False),
 )
 
 # The weights in force and which version holds each role; survives restarts.

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request, url_for
 
-from control_plane import queries, services
+from control_plane import observations, queries, services
 from control_plane.errors import InvalidRequest, RolloutConflict
 from control_plane.web.auth import WRITE_METHODS, bearer_ok
 from control_plane.web.errors import Unauthorized
@@ -85,10 +85,14 @@ def timeseries():
     now = ctx.clock()
     since = now - window_s
     with ctx.engine.connect() as conn:
-        points = queries.timeseries(
-            conn, since=since, now=now, bucket_s=bucket_s, label_window_s=ctx.settings.label_window_s
+        points = observations.timeseries(
+            queries.SqlMetricsSource(conn),
+            since=since,
+            now=now,
+            bucket_s=bucket_s,
+            label_window_s=ctx.settings.label_window_s,
         )
-    return jsonify(since=since, now=now, bucket_s=bucket_s, points=points)
+    return jsonify(since=since, now=now, bucket_s=bucket_s, points=[p.as_dict() for p in points])
 
 
 # --- writing -----------------------------------------------------------------

@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 import httpx
 from sqlalchemy import insert
 
-from control_plane import jobs
+from control_plane import jobs, queries
 from control_plane.context import Context, bootstrap
-from control_plane.db.schema import labels, predictions
+from control_plane.db.schema import labels
 from control_plane.settings import Settings
 from control_plane.traffic_ops import apply_assignment
 from tests.conftest import free_port, ready_servers, wait_for
@@ -170,7 +170,6 @@ def baseline_rows(engine, moments, rng) -> None:
     """What the baseline's Bento would have logged at 50 % (it is a fake here): a twin of each of the
     canary's rows at each of `moments` (so that the windows, which stop short of now while the newest rows
     arrive, count the two arms alike), slow, with labels."""
-    now = time.time()
     rows = [
         {
             "request_id": f"base-{uuid.uuid4().hex}",
@@ -187,8 +186,8 @@ def baseline_rows(engine, moments, rng) -> None:
         for t in moments
     ]
     with engine.begin() as conn:
-        conn.execute(insert(predictions), rows)
+        queries.insert_predictions(conn, rows)
         conn.execute(
             insert(labels),
-            [{"request_id": r["request_id"], "label": int(rng.random() < 0.3), "ts": now} for r in rows],
+            [{"request_id": r["request_id"], "label": int(rng.random() < 0.3), "ts": r["ts"]} for r in rows],
         )

@@ -107,12 +107,13 @@ def test_rows_written_during_an_outage_arrive_exactly_once(pg_url, pg_engine, tm
 
 def test_replaying_rows_already_in_postgres_inserts_nothing_twice(pg_url, pg_engine, tmp_path):
     ids = [f"dup-{uuid.uuid4().hex[:8]}-{i}" for i in range(50)]
+    records = {rid: record(rid) for rid in ids}  # a replayed row is the very row (its ts too)
     with PredictionLogWriter(pg_url, tmp_path / "spill", flush_interval_s=0.02) as w:
         for rid in ids[:30]:
-            w.log(row(rid))
+            w.log(row_from_dict(records[rid]))
     spill = tmp_path / "spill" / "predlog-deadhost-1-1-0001.jsonl"
     spill.parent.mkdir(parents=True, exist_ok=True)
-    spill.write_text("".join(json.dumps(record(rid)) + "\n" for rid in ids))  # 30 already written, 20 new
+    spill.write_text("".join(json.dumps(records[rid]) + "\n" for rid in ids))  # 30 already written, 20 new
     with PredictionLogWriter(pg_url, tmp_path / "spill", flush_interval_s=0.02) as w2:
         wait_until(lambda: w2.stats().rows_replayed == 50)
     assert count_ids(pg_engine, ids) == (50, 50)
@@ -174,11 +175,12 @@ def test_batches_with_and_without_rows_already_there_alternate_on_one_session(pg
     conn = engine.raw_connection()  # one session, held as the writer holds it
     tag = uuid.uuid4().hex[:8]
     batches = [[f"alt-{tag}-{b}-{i}" for i in range(20)] for b in range(4)]
+    made = {rid: row(rid) for b in batches for rid in b}  # a row sent again is the very row (its ts too)
     try:
-        _copy_batch(conn, [row(r) for r in batches[0]])
-        _copy_batch(conn, [row(r) for r in batches[0][:5] + batches[1]])  # 5 already there
-        _copy_batch(conn, [row(r) for r in batches[2]])
-        _copy_batch(conn, [row(r) for r in batches[2][-1:] + batches[3] + batches[1][:1]])
+        _copy_batch(conn, [made[r] for r in batches[0]])
+        _copy_batch(conn, [made[r] for r in batches[0][:5] + batches[1]])  # 5 already there
+        _copy_batch(conn, [made[r] for r in batches[2]])
+        _copy_batch(conn, [made[r] for r in batches[2][-1:] + batches[3] + batches[1][:1]])
     finally:
         conn.close()
         engine.dispose()

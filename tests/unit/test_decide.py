@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 from control_plane.analysis import power
+from control_plane.analysis.aggregates import LatencyHistogram
 from control_plane.analysis.decide import decide
 from control_plane.analysis.policy import Policy
 from control_plane.analysis.types import Action, ArmObservation, Observations, Phase, RolloutState
@@ -38,7 +39,7 @@ def arm(
         version=1,
         requests=n,
         errors=round(n * error_rate),
-        latencies_ms=latencies(n, lat_ratio),
+        latency=LatencyHistogram.of(latencies(n, lat_ratio)),
         labelled=labelled,
         correct=round(labelled * accuracy),
         step_requests=n if step_requests is None else step_requests,

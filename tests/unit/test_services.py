@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from sqlalchemy import func, insert, select
 
-from control_plane import services
+from control_plane import queries, services
 from control_plane.action_lock import ActionLock
+from control_plane.analysis.aggregates import BUCKET_S
 from control_plane.analysis.types import Phase
 from control_plane.context import Context
 from control_plane.db.engine import make_engine, migrate
-from control_plane.db.schema import decisions, labels, predictions
+from control_plane.db.schema import decisions, labels
 from control_plane.deployer.memory import InMemoryDeployer
 from control_plane.errors import ActionBusy, DeployFailed, InvalidRequest, RolloutConflict
 from control_plane.log_backlog import InMemoryLogBacklog
@@ -77,10 +78,10 @@ def seed(
         right = rng.random() < accuracy
         label = int(score >= 0.5) if right else int(score < 0.5)
         preds.append(served_row(rid, now - 1 - i * 50 / n, version, score, latency_ms + rng.random(), err))
-        if not err:
-            labs.append({"request_id": rid, "label": label, "ts": now})
+        if not err:  # the label arrives with its prediction: within any attribution window
+            labs.append({"request_id": rid, "label": label, "ts": preds[-1]["ts"]})
     with ctx.engine.begin() as conn:
-        conn.execute(insert(predictions), preds)
+        queries.insert_predictions(conn, preds)
         if labs:
             conn.execute(insert(labels), labs)
 
@@ -188,17 +189,20 @@ def arriving_step(ctx, seconds: float, per_s: int, late: dict[int, float]) -> No
         if ts < now - late.get(version, 0.0):
             rows.append(served_row(uuid.uuid4().hex, ts, version, 0.7, 5.0, False))
     with ctx.engine.begin() as conn:
-        conn.execute(insert(predictions), rows)
+        queries.insert_predictions(conn, rows)
 
 
 @pytest.mark.parametrize("settle_s, halted", [(2.0, False), (0.0, True)])
 def test_a_step_is_judged_without_the_newest_rows_some_writers_have_not_written_yet(ctx, settle_s, halted):
     ctx.settings = dataclasses.replace(ctx.settings, log_settle_s=settle_s)
-    rollout = services.start_canary(ctx, 3, FAST, actor="test")
-    ctx.clock.t = ctx.ledger.get(rollout.id).step_started_at + 4.0
-    # A four-second step: the baseline's writer has just written; the canary's and the control's
-    # newest 1.2 s are still on their way, as with a Bento writing once a second.
-    arriving_step(ctx, 4.0, 1000, late={3: 1.2, 1: 1.2})
+    # No attribution window closes within the step: only the sample-ratio check can act.
+    rollout = services.start_canary(ctx, 3, {**FAST, "label_window_s": 3600}, actor="test")
+    started = ctx.ledger.get(rollout.id).step_started_at
+    ctx.clock.t = (started // BUCKET_S + 2) * BUCKET_S + 0.5
+    # Half a second past the end of the step's first whole 5-second bucket: the baseline's writer has
+    # just written; the canary's and the control's newest 1.2 s (partly in that bucket) are still on
+    # their way, as with a Bento writing once a second.
+    arriving_step(ctx, ctx.clock.t - started, 3000, late={3: 1.2, 1: 1.2})
     result = services.evaluate(ctx, tick=1)
     assert (result["action"] == "halt") is halted, result
     assert ("sample-ratio mismatch" in result["reason"]) is halted

@@ -113,6 +113,7 @@ def test_decisions_are_listed_per_rollout(client):
 
 def test_window_metrics_summarise_each_role(client, ctx):
     seed_predictions(ctx.engine, {"baseline": 1, "control": 2})
+    services.close_labels(ctx)  # the label job: outcomes count once their attribution window closed
     roles = client.get("/api/metrics?window_s=3600").get_json()["roles"]
     assert roles["baseline"]["requests"] == 120
     assert roles["baseline"]["accuracy"] is not None
@@ -123,6 +124,7 @@ def test_the_scrape_s_sql_counts_match_the_row_by_row_window(client, ctx):
     from control_plane import services
 
     seed_predictions(ctx.engine, {"baseline": 1, "control": 2})
+    services.close_labels(ctx)
     rows = services.window_metrics(ctx)["roles"]
     counts = services.window_counts(ctx)
     assert set(counts) == {"baseline", "control"}
@@ -321,6 +323,7 @@ def test_restore_previous_baseline(client, ctx):
 # --- /metrics ----------------------------------------------------------------
 def test_metrics_exports_rollout_state_from_the_database(client, ctx):
     seed_predictions(ctx.engine, {"baseline": 1, "control": 2})
+    services.close_labels(ctx)
     rid = start(client)["id"]
     client.post(f"/api/rollouts/{rid}/evaluate", headers=AUTH)
     client.get("/api/versions")

@@ -1,0 +1,202 @@
+"""decide()'s inputs, the API's window numbers and the charts' series, built from a MetricsSource.
+
+The worker, the web views, `/metrics` and the simulation build them here, so they all count alike.
+Windows are made of whole buckets: a bucket counts when it lies wholly in [since, until), so a window
+can start up to a bucket (5 s) later and end up to a bucket earlier than asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from control_plane.analysis.aggregates import LabelFacts, LatencyHistogram, RequestFacts
+from control_plane.analysis.types import ArmObservation, Observations
+from control_plane.metrics_source import MetricsSource
+
+
+def window_ends(now: float, settle_s: float, label_window_s: float) -> tuple[float, float]:
+    """Where a window's requests end, and where its labelled predictions end.
+
+    Requests end `settle_s` short of now: each Bento's writer writes on its own clock, so the newest
+    second or so holds some versions' rows and not yet others', which counted would look like a
+    sample-ratio mismatch. Labelled predictions end there too, or earlier: where their attribution
+    window has closed.
+    """
+    until = now - max(settle_s, 0.0)
+    return until, min(until, now - label_window_s)
+
+
+def _one(groups: dict, empty):
+    return groups.get(None, empty)
+
+
+def arm_observation(
+    source: MetricsSource,
+    version: int | None,
+    *,
+    since: float,
+    step_since: float,
+    until: float,
+    labels_before: float,
+    label_window_s: float,
+) -> ArmObservation:
+    """One version's window: requests up to `until`, outcomes of windows closed before `labels_before`."""
+    if version is None:
+        return ArmObservation(
+            version=None, requests=0, errors=0, latency=LatencyHistogram(), labelled=0, correct=0
+        )
+    req = _one(source.requests(since, until, version=version), RequestFacts())
+    step_requests = _one(
+        source.requests(max(step_since, since), until, version=version), RequestFacts()
+    ).requests
+    lab = _one(source.labels(since, labels_before, label_window_s, version=version), LabelFacts())
+    return ArmObservation(
+        version=version,
+        requests=req.requests,
+        errors=req.errors,
+        latency=req.latency,
+        labelled=lab.closed,
+        correct=lab.correct,
+        log_loss=lab.log_loss,
+        auc=lab.auc,
+        auc_max_error=lab.auc_max_error,
+        step_requests=step_requests,
+    )
+
+
+def read_observations(
+    source: MetricsSource,
+    *,
+    versions: Mapping[str, int | None],
+    since: float,
+    step_since: float,
+    now: float,
+    label_window_s: float,
+    step_weights: Mapping[str, int],
+    settle_s: float = 0.0,
+) -> Observations:
+    """Every role's window (its ends from `window_ends`), as the decision function takes it."""
+    until, labels_before = window_ends(now, settle_s, label_window_s)
+    arms = {
+        role: arm_observation(
+            source,
+            version,
+            since=since,
+            step_since=step_since,
+            until=until,
+            labels_before=labels_before,
+            label_window_s=label_window_s,
+        )
+        for role, version in versions.items()
+    }
+    return Observations(
+        now=now, window_start=since, window_end=until, arms=arms, step_weights=dict(step_weights)
+    )
+
+
+def window_counts(
+    source: MetricsSource,
+    *,
+    versions: Mapping[str, int | None],
+    since: float,
+    now: float,
+    label_window_s: float,
+    settle_s: float = 0.0,
+) -> dict[str, dict]:
+    """Per role: requests, errors, labelled and correct over the window (what /metrics shows)."""
+    until, labels_before = window_ends(now, settle_s, label_window_s)
+    out = {}
+    for role, version in versions.items():
+        if version is None:
+            continue
+        req = _one(source.requests(since, until, version=version), RequestFacts())
+        requests, errors = req.requests, req.errors
+        lab = _one(source.labels(since, labels_before, label_window_s, version=version), LabelFacts())
+        out[role] = {
+            "version": version,
+            "requests": requests,
+            "errors": errors,
+            "error_rate": errors / requests if requests else 0.0,
+            "labelled": lab.closed,
+            "accuracy": lab.accuracy,
+        }
+    return out
+
+
+def _round(x: float | None, digits: int = 6) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def summarize(arm: ArmObservation) -> dict:
+    """The numbers a person reads for one arm (the ledger and the API show these)."""
+
+    def pct(q: float) -> float | None:
+        return _round(arm.latency.quantile(q), 3)
+
+    return {
+        "version": arm.version,
+        "requests": arm.requests,
+        "errors": arm.errors,
+        "error_rate": round(arm.error_rate, 6),
+        "p50_ms": pct(0.50),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+        "labelled": arm.labelled,
+        "accuracy": _round(arm.accuracy),
+        "log_loss": _round(arm.log_loss),
+        "auc": _round(arm.auc),
+        "auc_max_error": _round(arm.auc_max_error),
+    }
+
+
+@dataclass(frozen=True)
+class SeriesPoint:
+    """One chart bucket of one logged role."""
+
+    t: int
+    role: str
+    rps: float
+    error_rate: float
+    p99_ms: float | None
+    accuracy: float | None
+
+    def as_dict(self) -> dict:
+        return {
+            "t": self.t,
+            "role": self.role,
+            "rps": self.rps,
+            "error_rate": self.error_rate,
+            "p99_ms": self.p99_ms,
+            "accuracy": self.accuracy,
+        }
+
+
+def timeseries(
+    source: MetricsSource, *, since: float, now: float, bucket_s: int, label_window_s: float
+) -> list[SeriesPoint]:
+    """Per chart bucket and logged role: request rate, error rate, p99 latency and accuracy (for charts).
+
+    Accuracy is shown for a chart bucket once every prediction in it has had its window closed.
+    """
+
+    def chart(key) -> tuple[int, str]:
+        return key.start // bucket_s * bucket_s, key.role
+
+    requests = source.requests(since, now, by=chart)
+    labels = source.labels(since, now - label_window_s, label_window_s, by=chart)
+    out = []
+    for (t, role), req in sorted(requests.items()):
+        closed = t + bucket_s <= now - label_window_s
+        lab = labels.get((t, role), LabelFacts()) if closed else LabelFacts()
+        out.append(
+            SeriesPoint(
+                t=t,
+                role=role,
+                rps=round(req.requests / bucket_s, 3),
+                error_rate=round(req.errors / req.requests, 6) if req.requests else 0.0,
+                p99_ms=_round(req.latency.quantile(0.99), 3),
+                accuracy=_round(lab.accuracy),
+            )
+        )
+    return out
