@@ -84,7 +84,9 @@ class LabelSink:
     def __init__(self, engine: Engine, spill_dir, on_rows: Callable[[str, int], None] | None = None):
         self.engine = engine
         self.spill = LabelSpill(
-            spill_dir, lambda items, ts: record_labels(engine, items, ts, refuse_conflicts=False), on_rows=on_rows
+            spill_dir,
+            lambda items, ts: record_labels(engine, items, ts, refuse_conflicts=False),
+            on_rows=on_rows,
         )
 
     def record(self, items: list[tuple[str, int]]) -> str:

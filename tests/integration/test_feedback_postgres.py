@@ -235,10 +235,14 @@ def test_with_the_database_down_and_the_spill_disk_full_feedback_answers_503_and
             as_text=True
         )
         disk.free()  # space is back: the next label is kept again, without a restart
-        assert c.post("/feedback", json={"request_id": cc, "label": 1}, headers=LABEL_HEADERS).status_code == 202
+        assert (
+            c.post("/feedback", json={"request_id": cc, "label": 1}, headers=LABEL_HEADERS).status_code == 202
+        )
         ctx.engine = pg_engine
         from control_plane.web.wiring import EXTENSION
 
         c.application.extensions[EXTENSION].label_sink = None
-        assert c.post("/feedback", json={"request_id": d, "label": 1}, headers=LABEL_HEADERS).status_code == 200
+        assert (
+            c.post("/feedback", json={"request_id": d, "label": 1}, headers=LABEL_HEADERS).status_code == 200
+        )
         wait_for(lambda: set(label_rows(pg_engine)) == {cc, d}, 10, "the spilled label replayed")
