@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 from flask import Blueprint, jsonify, request
 
-from control_plane.errors import InvalidRequest
+from control_plane.bounds import load_json_body
 from control_plane.labels import LabelSink, parse_labels
 from control_plane.web.wiring import current_ctx, wiring
 
@@ -23,16 +21,8 @@ def _sink() -> LabelSink:
 
 @bp.post("/feedback")
 def feedback():
-    raw = request.get_data(cache=True)
-    try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    body = load_json_body(request.get_data(cache=True))
     items = parse_labels(body)
     outcome = _sink().record(items)
     status = 200 if outcome == "stored" else 202
     return jsonify({"accepted": len(items), "stored": outcome}), status
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
