@@ -198,7 +198,18 @@ def test_extra_versions_are_reachable_by_header_but_get_no_weighted_traffic():
 
 def test_nothing_is_routed_before_any_role_has_a_backend():
     http = render_dynamic_config({}, {}, None)["http"]
-    assert http["routers"] == {} and http["services"] == {}
+    assert list(http["routers"]) == ["length-required"] and http["services"] == {}
+
+
+def test_a_body_without_a_content_length_is_refused_before_any_backend_router():
+    http = _render()
+    refusal = http["routers"]["length-required"]
+    assert refusal["priority"] > max(
+        r.get("priority", 0) for n, r in http["routers"].items() if n != "length-required"
+    )
+    assert "!HeaderRegexp(`Content-Length`" in refusal["rule"] and "Method(`POST`)" in refusal["rule"]
+    (middleware,) = refusal["middlewares"]
+    assert http["middlewares"][middleware]["ipAllowList"]["rejectStatusCode"] == 411
 
 
 # --- TraefikFileRouter: the file is the state -------------------------------------------------
@@ -292,9 +303,9 @@ def test_a_garbled_file_is_reported_not_taken_as_empty(tmp_path):
 
 def test_static_config_binds_loopback_and_keeps_the_api_off_the_gateway(tmp_path):
     config = yaml.safe_load(render_static_config(dynamic_dir=tmp_path, access_log_path=tmp_path / "a.log"))
-    assert config["entryPoints"] == {
-        "web": {"address": "127.0.0.1:8080"},
-        "traefik": {"address": "127.0.0.1:8081"},
+    assert {name: ep["address"] for name, ep in config["entryPoints"].items()} == {
+        "web": "127.0.0.1:8080",
+        "traefik": "127.0.0.1:8081",
     }
     assert config["api"]["insecure"] is True  # served on the entry point named "traefik" only
     assert config["metrics"]["prometheus"]["entryPoint"] == "traefik"
@@ -303,6 +314,17 @@ def test_static_config_binds_loopback_and_keeps_the_api_off_the_gateway(tmp_path
     assert config["providers"]["file"] == {"directory": str(tmp_path), "watch": True}
     assert config["accessLog"]["format"] == "json"
     assert config["accessLog"]["filePath"] == str(tmp_path / "a.log")
+
+
+def test_every_entry_point_bounds_how_long_a_client_may_take(tmp_path):
+    config = yaml.safe_load(render_static_config(dynamic_dir=tmp_path, read_timeout_s=2.5))
+    for entry_point in config["entryPoints"].values():
+        assert entry_point["transport"]["respondingTimeouts"] == {
+            "readTimeout": "2.5s",
+            "writeTimeout": "30s",
+            "idleTimeout": "60s",
+        }
+    assert "&id" not in render_static_config(dynamic_dir=tmp_path)  # no YAML anchors shared between them
 
 
 def test_static_config_uses_the_fast_proxy_unless_told_not_to(tmp_path):
