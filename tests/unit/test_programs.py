@@ -55,3 +55,24 @@ def test_the_access_log_mode_is_read_passed_on_and_checked(tmp_path):
         ValueError, match="RECSYS_TRAEFIK_ACCESS_LOG='sometimes': expected one of problems, all, off"
     ):
         Settings.from_env({**base, "RECSYS_TRAEFIK_ACCESS_LOG": "sometimes"})
+
+
+def test_the_control_plane_is_served_by_waitress_as_compose_serves_it(tmp_path):
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    settings = Settings.from_env({"RECSYS_STATE_DIR": str(tmp_path), "RECSYS_CONTROL_PLANE_PORT": "8123"})
+    local = programs.control_plane_server(settings)
+    assert Path(local[0]).name == "waitress-serve" and "--listen=127.0.0.1:8123" in local
+    assert f"--max-request-body-size={settings.max_body_bytes}" in local
+    assert "exec " + " ".join(local[:2]) in programs.control_plane(settings).command[-1]
+    repo = Path(__file__).resolve().parents[2]
+    compose = yaml.safe_load((repo / "docker-compose.yml").read_text())["services"]["control-plane"][
+        "command"
+    ]
+    container = ["waitress-serve", *programs.control_plane_server(settings, listen="0.0.0.0:8090")[1:]]
+    assert compose == container
+    dockerfile = (repo / "infra/docker/app.Dockerfile").read_text()
+    assert f"CMD {json.dumps(container)}" in dockerfile
