@@ -17,7 +17,7 @@ came within 10 s of the client's last byte. Every 2xx from /predict or /recommen
 `predictions` (by the X-Request-ID it answered with), every 2xx from /feedback its rows in `labels`.
 The traffic split and the rollouts are read before and after: hostile requests must change neither.
 
-    python -m benchmarks.hostile --state-dir /tmp/stack/.recsys      # reads ports from the stack's env
+    python -m benchmarks.hostile      # in the environment `recsys up` ran with (ports, state directory)
 """
 
 from __future__ import annotations
@@ -533,12 +533,10 @@ def run(probes: list[Probe], target: Target, database_url: str, workers: int = 8
     return report
 
 
-def target_from_state_dir(state_dir: str) -> tuple[Target, str]:
-    """The stack's ports and database from the environment `recsys up` gave its programs."""
+def target_from_env(env: dict[str, str]) -> tuple[Target, str]:
+    """The stack's ports, token and database, from the environment `recsys up` ran with."""
     from control_plane.settings import Settings
 
-    env = dict(os.environ)
-    env["RECSYS_STATE_DIR"] = state_dir
     s = Settings.from_env(env)
     baseline = s.bento_base_port + _baseline_version(s)
     token = s.api_token or (s.state_dir / "api-token").read_text().strip()
@@ -560,14 +558,13 @@ def _baseline_version(settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--state-dir", default=os.environ.get("RECSYS_STATE_DIR", ".recsys"))
     p.add_argument("--seed", type=int, default=None, help="default: a fresh one, printed")
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--per-kind", type=int, default=None, help="a random subset of each kind")
     p.add_argument("--workers", type=int, default=8)
     args = p.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(32)
-    target, database_url = target_from_state_dir(args.state_dir)
+    target, database_url = target_from_env(dict(os.environ))
     probes = generate(seed, target, args.kinds.split(","), args.per_kind)
     started = time.monotonic()
     report = run(probes, target, database_url, args.workers)

@@ -21,6 +21,22 @@ TRICKLE = b"POST /feedback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json
 
 
 @dataclass(frozen=True)
+class Setup:
+    """Who trickles where, and what the probes ask meanwhile."""
+
+    target: str  # host:port the tricklers connect to
+    probe_target: str | None = None  # host:port the probes go to (default: target)
+    probe: str = "GET:/healthz"  # METHOD:PATH
+    body: str = ""
+    tricklers: int = 12
+    byte_every_s: float = 1.0
+    settle_s: float = 3.0
+    probes: int = 20
+    timeout_s: float = 10.0
+    label: str = ""
+
+
+@dataclass(frozen=True)
 class Result:
     server: str
     tricklers: int
@@ -80,7 +96,7 @@ def probe(host: str, port: int, method: str, path: str, body: bytes, timeout_s: 
     return time.monotonic() - started
 
 
-def run(args) -> Result:
+def run(args: Setup) -> Result:
     host, port = args.target.rsplit(":", 1)
     port = int(port)
     ph, pp = (args.probe_target or args.target).rsplit(":", 1)
@@ -126,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--probes", type=int, default=20)
     p.add_argument("--timeout-s", type=float, default=10.0)
     p.add_argument("--label", default="")
-    print(json.dumps(asdict(run(p.parse_args(argv)))))
+    print(json.dumps(asdict(run(Setup(**vars(p.parse_args(argv)))))))
 
 
 if __name__ == "__main__":
