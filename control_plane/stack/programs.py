@@ -107,14 +107,15 @@ def traefik_env(cpu_count: int | None = None) -> dict[str, str]:
 
 
 def control_plane(settings: Settings) -> Program:
-    d = settings.state_dir / "prometheus-multiproc" / "control-plane"
+    metrics_dir = settings.state_dir / "prometheus-multiproc" / "control-plane"
     # prometheus-client's multiprocess files must start empty on every (re)start.
-    script = f"rm -rf {shlex.quote(str(d))} && mkdir -p {shlex.quote(str(d))} && exec {shlex.join(control_plane_server(settings))}"
+    d = shlex.quote(str(metrics_dir))
+    script = f"rm -rf {d} && mkdir -p {d} && exec {shlex.join(control_plane_server(settings))}"
     return _program(
         settings,
         "control-plane",
         ["/bin/sh", "-c", script],
-        env={"PROMETHEUS_MULTIPROC_DIR": str(d)},
+        env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
         startsecs=2,
     )
 
@@ -126,7 +127,7 @@ def control_plane_server(settings: Settings, listen: str | None = None) -> list[
     thread, so a client that trickles its headers or stalls its body holds no thread. Gunicorn's
     gthread workers (two of four threads before) gave each such client a thread until it finished:
     twelve connections trickling a byte a second froze the control plane and /feedback through the
-    gateway. Measured on this machine (benchmarks/slow_clients.py, docs/what-it-survives.md): with 12
+    gateway. Measured on this machine (benchmarks/slow_clients.py, docs/hostile-input.md): with 12
     and with 100 tricklers waitress answered every probe, gthread 2x4 froze at 12 and 2x32 at 100;
     gevent workers survived them too but served /feedback at a third of the rate (a SQLite or
     psycopg2 call blocks a gevent worker whole), where waitress served it as gthread did.
@@ -140,7 +141,8 @@ def control_plane_server(settings: Settings, listen: str | None = None) -> list[
         "--asyncore-use-poll",  # poll(2), not select(2): select cannot watch past 1,024 descriptors
         # An idle or stalled connection is closed after this long without a byte. Longer than Traefik
         # keeps its idle connections to the control plane (90 s), so the proxy, not waitress, closes
-        # them, and Traefik never sends a /feedback on a connection waitress has just closed (a 502).
+        # them, and Traefik never sends a /feedback on a connection waitress has just closed (a 502:
+        # at 3 s, 24 of 341 labels sent through the gateway every 3-4 s got one, retries and all).
         f"--channel-timeout={CONTROL_PLANE_CHANNEL_TIMEOUT_S}",
         "--cleanup-interval=10",
         f"--max-request-body-size={settings.max_body_bytes}",
