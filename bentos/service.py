@@ -68,6 +68,10 @@ class BentoArgs(BaseModel):
 
 
 TRAFFIC_TIMEOUT_S = 10
+# A body not in after this long is answered 408 (bentos/http.py: BodyDeadline, kept to within a second).
+# Through the gateway a body comes whole (Traefik buffers it, and closes on a client slower than its own
+# read timeout, 5 s); this bound is for a client that connects to the Bento directly.
+BODY_TIMEOUT_S = 5
 
 # Read at import because that is how BentoML delivers build arguments; it touches no I/O.
 ARGS = bentoml.use_arguments(BentoArgs)
@@ -266,7 +270,7 @@ Recsys.add_asgi_middleware(
     endpoints=ENDPOINTS,
     max_body_bytes=lambda: _settings().max_body_bytes,
     state=lambda: _current_service_or_none(),
-    body_timeout_s=TRAFFIC_TIMEOUT_S,
+    body_timeout_s=BODY_TIMEOUT_S,
     request_ids=lambda: _request_id_signer(),
 )
 # Before BentoML's own middlewares, which each model request paid for (bentos/bentoml_fixes.py);

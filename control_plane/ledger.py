@@ -10,6 +10,7 @@ from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from control_plane.analysis.types import Phase, RolloutState
+from control_plane.bounds import row_int_in_range
 from control_plane.db.schema import decisions, rollouts
 from control_plane.errors import RolloutNotFound
 
@@ -92,6 +93,8 @@ class Ledger:
         return int(result.inserted_primary_key[0])
 
     def get(self, rollout_id: int, conn: Connection | None = None) -> Rollout:
+        if not row_int_in_range(rollout_id):  # 2**63 would overflow SQLite's driver: no such row anyway
+            raise RolloutNotFound(rollout_id)
         stmt = select(rollouts).where(rollouts.c.id == rollout_id)
         if conn is None:
             with self.engine.connect() as c:

@@ -20,6 +20,7 @@ from control_plane import observations, queries, retention
 from control_plane.analysis.decide import decide
 from control_plane.analysis.policy import Policy
 from control_plane.analysis.types import Action, Decision, Phase
+from control_plane.bounds import check_row_int
 from control_plane.context import Context
 from control_plane.db.engine import read_snapshot
 from control_plane.errors import InvalidRequest, NoPreviousBaseline, RolloutConflict
@@ -223,6 +224,7 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
     """Deploy `version` as the canary at the first step's weight, under a new rollout."""
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise InvalidRequest(f"version must be a positive integer, got {version!r}")
+    check_row_int(version, "version")  # never past what the registry's and our columns hold
     try:
         pol = Policy.from_dict(policy or {})
     except (ValueError, TypeError) as exc:

@@ -131,6 +131,9 @@ class Settings:
     k8s_ready_timeout_s: float = 300.0
     k8s_min_replicas: int = 2
     k8s_max_replicas: int = 10
+    # How long a client has to send a whole request through the gateway (headers and body) before
+    # Traefik closes the connection: a stalled or trickled request is never held longer.
+    gateway_read_timeout_s: float = 5.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -176,6 +179,7 @@ class Settings:
                 env.get("RECSYS_TRAEFIK_ACCESS_LOG", "problems"),
                 TRAEFIK_ACCESS_LOG_MODES,
             ),
+            gateway_read_timeout_s=float(env.get("RECSYS_GATEWAY_READ_TIMEOUT_S", 5.0)),
             traefik_fast_proxy=parse_switch(
                 "RECSYS_TRAEFIK_FAST_PROXY", env.get("RECSYS_TRAEFIK_FAST_PROXY", "on")
             ),
@@ -231,6 +235,7 @@ class Settings:
             "RECSYS_WORKER_METRICS_PORT": str(self.worker_metrics_port),
             "RECSYS_TRAEFIK_FAST_PROXY": "on" if self.traefik_fast_proxy else "off",
             "RECSYS_TRAEFIK_ACCESS_LOG": self.traefik_access_log,
+            "RECSYS_GATEWAY_READ_TIMEOUT_S": str(self.gateway_read_timeout_s),
             "BENTOML_HOME": str(self.bentoml_home),
             "BENTOML_DO_NOT_TRACK": "true",
             **({"RECSYS_CONTROL_PLANE_URL": self.control_plane_url} if self.control_plane_url else {}),

@@ -83,6 +83,7 @@ def write_infra_configs(settings: Settings) -> None:
             access_log_path=settings.log_dir / "traefik-access.json",
             fast_proxy=settings.traefik_fast_proxy,
             access_log_mode=settings.traefik_access_log,
+            read_timeout_s=settings.gateway_read_timeout_s,
         )
     )
     try:

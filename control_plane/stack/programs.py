@@ -17,6 +17,10 @@ BIN = Path(sys.executable).parent
 # each failed start (1, 2, 3 ... s), so with its default of 10 tries an outage of about a minute would
 # leave them given up for good. With 1,000, they come back within minutes of the longest outage.
 REDIS_CLIENT_RETRIES = 1000
+# The control plane's server (control_plane_server says why waitress and these numbers).
+CONTROL_PLANE_THREADS = 8
+CONTROL_PLANE_CONNECTIONS = 1000
+CONTROL_PLANE_CHANNEL_TIMEOUT_S = 120
 
 
 def _env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -146,25 +150,9 @@ def traefik_env(cpu_count: int | None = None) -> dict[str, str]:
 
 def control_plane(settings: Settings) -> Program:
     metrics_dir = settings.state_dir / "prometheus-multiproc" / "control-plane"
-    gunicorn = [
-        str(BIN / "gunicorn"),
-        "--workers",
-        "2",
-        "--threads",
-        "4",
-        # Longer than Traefik's idle connections to it live (90 s): the proxy, not gunicorn, closes them,
-        # so Traefik never sends a /feedback on a connection gunicorn has just closed (a 502).
-        "--keep-alive",
-        "120",
-        "--bind",
-        f"{settings.bind_host}:{settings.control_plane_port}",
-        "--access-logfile",
-        "-",
-        "control_plane.web.app:create_app()",
-    ]
     # prometheus-client's multiprocess files must start empty on every (re)start.
     d = shlex.quote(str(metrics_dir))
-    script = f"rm -rf {d} && mkdir -p {d} && exec {shlex.join(gunicorn)}"
+    script = f"rm -rf {d} && mkdir -p {d} && exec {shlex.join(control_plane_server(settings))}"
     return _program(
         settings,
         "control-plane",
@@ -172,6 +160,37 @@ def control_plane(settings: Settings) -> Program:
         env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
         startsecs=2,
     )
+
+
+def control_plane_server(settings: Settings, listen: str | None = None) -> list[str]:
+    """Waitress serving the Flask app: slow clients cost it a buffer, never a thread.
+
+    Waitress reads every request, headers and body, on one event loop and only then hands it to a
+    thread, so a client that trickles its headers or stalls its body holds no thread. Gunicorn's
+    gthread workers (two of four threads before) gave each such client a thread until it finished:
+    twelve connections trickling a byte a second froze the control plane and /feedback through the
+    gateway. Measured on this machine (benchmarks/slow_clients.py, docs/hostile-input.md): with 12
+    and with 100 tricklers waitress answered every probe, gthread 2x4 froze at 12 and 2x32 at 100;
+    gevent workers survived them too but served /feedback at a third of the rate (a SQLite or
+    psycopg2 call blocks a gevent worker whole), where waitress served it as gthread did.
+    """
+    return [
+        str(BIN / "waitress-serve"),
+        f"--listen={listen or f'{settings.bind_host}:{settings.control_plane_port}'}",
+        f"--threads={CONTROL_PLANE_THREADS}",
+        # Past this many open connections waitress stops accepting: the bound a slow client must reach.
+        f"--connection-limit={CONTROL_PLANE_CONNECTIONS}",
+        "--asyncore-use-poll",  # poll(2), not select(2): select cannot watch past 1,024 descriptors
+        # An idle or stalled connection is closed after this long without a byte. Longer than Traefik
+        # keeps its idle connections to the control plane (90 s), so the proxy, not waitress, closes
+        # them, and Traefik never sends a /feedback on a connection waitress has just closed (a 502:
+        # at 3 s, 24 of 341 labels sent through the gateway every 3-4 s got one, retries and all).
+        f"--channel-timeout={CONTROL_PLANE_CHANNEL_TIMEOUT_S}",
+        "--cleanup-interval=10",
+        f"--max-request-body-size={settings.max_body_bytes}",
+        "--call",
+        "control_plane.web.app:create_app",
+    ]
 
 
 def worker(settings: Settings) -> Program:

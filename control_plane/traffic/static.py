@@ -56,6 +56,29 @@ ACCESS_LOG_FIELDS = (
 # Traefik's CPU from 181 to 147 us a request and served 11 % more requests/s (docs/performance.md).
 SLOW_REQUEST = "100ms"
 
+# How long Traefik waits on a client (entryPoints.<name>.transport.respondingTimeouts; Traefik 3's
+# defaults are a 60 s read, no write limit and a 180 s idle keep-alive). `readTimeout` bounds the
+# whole request, headers and body: Traefik reads a body before the Bento sees it, so without it a
+# stalled body or a header trickled a byte at a time held a connection for a minute with no answer.
+# Past it Traefik closes the connection (measured in docs/what-it-survives.md). `writeTimeout` runs
+# from the end of the headers to the end of the response, so it must cover the slowest backend
+# answer: a Bento's 10 s and a /feedback spilled to disk are far under it.
+WRITE_TIMEOUT = "30s"
+IDLE_TIMEOUT = "60s"
+
+
+def client_timeouts(read_timeout_s: float) -> dict[str, Any]:
+    """An entry point's `transport` with its responding timeouts (a fresh dict: YAML gets no anchors)."""
+    return {
+        "transport": {
+            "respondingTimeouts": {
+                "readTimeout": f"{read_timeout_s:g}s",
+                "writeTimeout": WRITE_TIMEOUT,
+                "idleTimeout": IDLE_TIMEOUT,
+            }
+        }
+    }
+
 
 def access_log(mode: str, path: Path | str | None = None) -> dict[str, Any] | None:
     """Traefik's `accessLog` for `mode` (its filters are OR-ed), written to `path` (stdout if None);
@@ -99,6 +122,7 @@ def static_config(
     providers_throttle: str = "500ms",
     fast_proxy: bool = True,
     access_log_mode: str = "problems",
+    read_timeout_s: float = 5.0,
 ) -> dict[str, Any]:
     """The static configuration as a dict; an empty host binds every interface (as in a container).
 
@@ -111,14 +135,18 @@ def static_config(
     `RECSYS_TRAEFIK_FAST_PROXY=off` goes back to Go's proxy.
 
     `access_log_mode`: problems, all or off (above).
+    `read_timeout_s`: how long a client has to send a whole request (RECSYS_GATEWAY_READ_TIMEOUT_S).
     """
     log = access_log(access_log_mode, access_log_path)
     config: dict[str, Any] = {
         "global": {"checkNewVersion": False, "sendAnonymousUsage": False},
         "log": {"level": log_level},
         "entryPoints": {
-            GATEWAY_ENTRYPOINT: {"address": f"{gateway_host}:{gateway_port}"},
-            ADMIN_ENTRYPOINT: {"address": f"{api_host}:{api_port}"},
+            GATEWAY_ENTRYPOINT: {
+                "address": f"{gateway_host}:{gateway_port}",
+                **client_timeouts(read_timeout_s),
+            },
+            ADMIN_ENTRYPOINT: {"address": f"{api_host}:{api_port}", **client_timeouts(read_timeout_s)},
         },
         # A rewrite is applied at once; a burst of rewrites is folded into one reload per interval.
         "providers": {

@@ -35,6 +35,8 @@ ROUTE_OVERRIDE_MIDDLEWARE = "recsys-route-override"
 RETRY_MIDDLEWARE = "recsys-retry"
 BODY_LIMIT_MIDDLEWARE = "recsys-body-limit"
 LABEL_RATE_MIDDLEWARE = "recsys-label-rate"
+LENGTH_REQUIRED_ROUTER = "length-required"
+LENGTH_REQUIRED_MIDDLEWARE = "recsys-length-required"
 ROUTE_HEADER = "X-Recsys-Route"
 VERSION_HEADER = "X-Model-Version"
 ROLE_HEADER = "X-Model-Role"
@@ -45,6 +47,18 @@ PREDICTION_PATHS_RULE = "Path(`/predict`) || Path(`/recommend`)"
 GATEWAY_PRIORITY = 100
 ROLE_OVERRIDE_PRIORITY = 200
 VERSION_OVERRIDE_PRIORITY = 300
+LENGTH_REQUIRED_PRIORITY = 1000
+
+# A POST to the gateway's paths whose body has no Content-Length (a chunked one) is refused with 411
+# "Length Required" before any other router sees it. Traefik answers a chunked body whose chunk-size
+# line is malformed with a 500 from its buffering middleware (and its fast proxy does too), and every
+# client this API has sends a Content-Length for a JSON body. An allow-list that allows no address is
+# Traefik's one way to answer a request itself with a chosen status (its `rejectStatusCode`); the
+# router's rule sees Content-Length, which Go removes from a chunked request's headers.
+LENGTH_REQUIRED_RULE = (
+    "Method(`POST`) && (Path(`/predict`) || Path(`/recommend`) || PathPrefix(`/feedback`))"
+    " && !HeaderRegexp(`Content-Length`, `^[0-9]+$`)"
+)
 
 _HEADER_COMMENT = (
     "# Written by control_plane.traffic.traefik_file: the whole file is replaced atomically on every change.\n"
@@ -106,6 +120,14 @@ def render_dynamic_config(
         LABEL_RATE_MIDDLEWARE: {
             "rateLimit": {"average": opts.label_rate_per_s, "period": "1s", "burst": opts.label_burst}
         },
+        LENGTH_REQUIRED_MIDDLEWARE: {"ipAllowList": {"sourceRange": ["0.0.0.0/32"], "rejectStatusCode": 411}},
+    }
+    routers[LENGTH_REQUIRED_ROUTER] = {
+        "entryPoints": [opts.entrypoint],
+        "rule": LENGTH_REQUIRED_RULE,
+        "priority": LENGTH_REQUIRED_PRIORITY,
+        "middlewares": [LENGTH_REQUIRED_MIDDLEWARE],
+        "service": "noop@internal",  # never reached: the middleware answers every request
     }
 
     urls = {version: url for version, url in opts.extra_versions.items()}

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from flask import Blueprint, jsonify, request, url_for
 
 from control_plane import observations, queries, services
+from control_plane.bounds import check_row_int, load_json_body
 from control_plane.errors import InvalidRequest, RolloutConflict
 from control_plane.web.auth import WRITE_METHODS, bearer_ok
 from control_plane.web.errors import Unauthorized
@@ -110,6 +110,7 @@ def start_rollout():
     version = body.get("version")
     if isinstance(version, bool) or not isinstance(version, int):
         raise InvalidRequest(f"field 'version' must be an integer, got {_type(version)}")
+    check_row_int(version, "field 'version'")  # before the registry: MLflow's column is 32 bits too
     policy = body.get("policy")
     if policy is not None and not isinstance(policy, dict):
         raise InvalidRequest(f"field 'policy' must be an object, got {_type(policy)}")
@@ -148,17 +149,10 @@ def _body() -> dict[str, Any]:
     raw = request.get_data(cache=True)
     if not raw.strip():
         return {}
-    try:
-        data = json.loads(raw, parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    data = load_json_body(raw)
     if not isinstance(data, dict):
         raise InvalidRequest(f"request body must be a JSON object, got {_type(data)}")
     return data
-
-
-def _no_constants(name: str):
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _query_int(name: str, default: int | None, lo: int, hi: int) -> int | None:

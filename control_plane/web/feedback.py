@@ -7,10 +7,9 @@ a request's first label is its outcome (control_plane/labels.py). docs/labels.md
 
 from __future__ import annotations
 
-import json
-
 from flask import Blueprint, current_app, jsonify, request
 
+from control_plane.bounds import load_json_body
 from control_plane.errors import InvalidRequest
 from control_plane.labels import LabelSink, parse_labels
 from control_plane.web.auth import bearer_ok
@@ -39,11 +38,7 @@ def feedback():
             "labels need Authorization: Bearer <label-ingest token> (RECSYS_LABEL_TOKEN or the state "
             "directory's label-token file; not the operator's token)"
         )
-    raw = request.get_data(cache=True)
-    try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    body = load_json_body(request.get_data(cache=True))
     items = parse_labels(body)
     forged = [rid for rid, _ in items if w.request_ids is None or not w.request_ids.issued(rid)]
     if forged:
@@ -54,7 +49,3 @@ def feedback():
     outcome = _sink().record(items)
     status = 200 if outcome == "stored" else 202
     return jsonify({"accepted": len(items), "stored": outcome}), status
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")

@@ -86,7 +86,7 @@ def test_app_services_get_the_production_urls(compose):
         assert env["DATABASE_URL"].endswith("@postgres:5432/recsys")
         assert env["REDIS_URL"] == "redis://redis:6379/0"
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert "control_plane.web.app:create_app()" in compose["services"]["control-plane"]["command"]
+    assert "control_plane.web.app:create_app" in compose["services"]["control-plane"]["command"]
     assert compose["services"]["worker"]["command"] == [
         "rq",
         "worker",

@@ -1,8 +1,11 @@
-"""Bad input to the control plane, systematically: generated bodies, query strings and forms on real Postgres.
+"""Bad input to the control plane, systematically: generated bodies, query strings and forms, on real
+Postgres and on SQLite (the embedded default), each database's own limits in play.
 
 The control plane has no OpenAPI document, so Hypothesis generates the input and the Flask test client sends
 it. For every case: no 5xx; every 4xx carries a message; a refused write changes nothing (traffic, rollouts,
-ledger, registry, router, deployer, labels). About 1,300 generated cases plus the fixed ones below.
+ledger, registry, router, deployer, labels). About 1,300 generated cases a database plus the fixed ones
+below, among them the hostile classes of issue 25: nesting 100,000 deep, large label bodies that look
+valid, lone surrogates and NULs, ids and versions at and past integer limits.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from sqlalchemy import func, select, text
 
 from control_plane import services
 from control_plane.analysis.policy import Policy
-from control_plane.db.engine import make_engine
+from control_plane.bounds import MAX_JSON_DEPTH, MAX_ROW_INT
+from control_plane.db.engine import make_engine, migrate
 from control_plane.db.schema import decisions, labels, predictions, rollouts, traffic_config
 from control_plane.settings import ROLES
 from control_plane.web import create_app
@@ -68,6 +72,9 @@ INJECTIONS = [
     "9" * 40,
     "1 AND pg_sleep(5) IS NULL",
 ]
+# Text no database here stores (Postgres refuses NUL; a lone surrogate has no UTF-8 form).
+UNSTORABLE = ["\ud800", "a\udfffb", "\x00", "id\x00", "\udbff"]
+INT_LIMITS = [2**31 - 1, 2**31, 2**63 - 1, 2**63, 2**64, 10**30]
 
 # JSON-ish values, from the plausible to the hostile.
 scalars = (
@@ -78,6 +85,8 @@ scalars = (
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=30)
     | st.sampled_from(INJECTIONS)
+    | st.sampled_from(UNSTORABLE)
+    | st.sampled_from(INT_LIMITS)
 )
 values = st.recursive(
     scalars,
@@ -88,21 +97,25 @@ role_keys = st.sampled_from([*ROLES, "Baseline", "canary ", "", "shadow", "__pro
 
 
 class World:
-    """The app over real Postgres, with in-memory registry, router and deployer (versions 1-3)."""
+    """The app over a real database, with in-memory registry, router and deployer (versions 1-3)."""
 
-    def __init__(self, pg_url: str, state_dir) -> None:
-        self.engine = make_engine(pg_url)
+    def __init__(self, url: str, state_dir) -> None:
+        self.engine = make_engine(url)
         self.state_dir = state_dir
         self.reset()
 
     def reset(self) -> None:
         with self.engine.begin() as conn:
-            conn.execute(
-                text(
-                    "TRUNCATE predictions, labels, traffic_config, decisions, rollouts RESTART IDENTITY CASCADE"
+            if conn.dialect.name == "postgresql":
+                conn.execute(
+                    text(
+                        "TRUNCATE predictions, labels, traffic_config, decisions, rollouts RESTART IDENTITY CASCADE"
+                    )
                 )
-            )
-        self.ctx = make_context(make_settings(self.state_dir, "postgresql://fuzz"), self.engine)
+            else:
+                for table in reversed(TABLES):  # decisions before the rollouts they point at
+                    conn.execute(table.delete())
+        self.ctx = make_context(make_settings(self.state_dir, str(self.engine.url)), self.engine)
         self.app = create_app(ctx=self.ctx)
         self.client = self.app.test_client()
         seed_predictions(self.engine, {"baseline": 1, "control": 2}, minutes=3, per_minute=3)
@@ -120,9 +133,15 @@ class World:
         return snapshot(self.ctx), digest
 
 
-@pytest.fixture(scope="module")
-def world(pg_url, tmp_path_factory):
-    w = World(pg_url, tmp_path_factory.mktemp("fuzz"))
+@pytest.fixture(scope="module", params=["postgresql", "sqlite"])
+def world(request, tmp_path_factory):
+    state_dir = tmp_path_factory.mktemp("fuzz")
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_url")
+    else:
+        url = f"sqlite:///{state_dir / 'recsys.db'}"
+        migrate(url)
+    w = World(url, state_dir)
     yield w
     w.engine.dispose()
 
@@ -315,10 +334,10 @@ def test_weights_out_of_range_are_refused_with_a_message_and_change_nothing(worl
 @pytest.mark.parametrize(
     "version, status, words",
     [
-        (0, 400, "positive integer"),
-        (-1, 400, "positive integer"),
+        (0, 400, "between 1 and 2147483647, got 0"),
+        (-1, 400, "between 1 and 2147483647, got -1"),
         (99, 404, "99"),
-        (2**63, 404, str(2**63)),
+        (2**63, 400, f"between 1 and {2**31 - 1}, got {2**63}"),
         ("3", 400, "integer"),
         (3.0, 400, "integer"),
         (True, 400, "integer"),
@@ -405,4 +424,150 @@ def test_an_oversized_body_is_refused_before_it_is_read(world, path):
     )
     assert resp.status_code == 413 and resp.get_json()["error"]
     assert stream.read_bytes == 0, f"read {stream.read_bytes} bytes of a refused body"
+    assert world.state() == before
+
+
+# --- the hostile classes (issue 25), on both databases ------------------------------------------------
+def _raw(world: World, method: str, path: str, raw: bytes, *, auth: bool = True):
+    return world.client.open(
+        path, method=method, data=raw, headers=AUTH if auth else {}, content_type="application/json"
+    )
+
+
+DEEP = 100_000
+DEEP_BODIES = {
+    "bare": "[" * DEEP,
+    "closed": "[" * DEEP + "]" * DEEP,
+    "inside labels": '{"labels": ' + "[" * 5_000 + "]" * 5_000 + "}",
+    "inside a field": '{"request_id": ' + "[" * DEEP + ', "label": 1}',
+    "objects": '{"a": ' * DEEP + "1" + "}" * DEEP,
+    "just past the limit": "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(DEEP_BODIES))
+@pytest.mark.parametrize(
+    "method, path", [("POST", "/feedback"), ("PUT", "/api/traffic"), ("POST", "/api/rollouts")]
+)
+def test_deep_nesting_is_refused_naming_the_depth_and_changes_nothing(world, shape, method, path):
+    world.reset()
+    before = world.state()
+    resp = _raw(world, method, path, DEEP_BODIES[shape].encode())
+    assert resp.status_code == 400, resp.get_data(as_text=True)[:300]
+    assert f"the limit is {MAX_JSON_DEPTH}" in resp.get_json()["error"]
+    assert world.state() == before
+
+
+def test_a_policy_nested_past_the_limit_is_refused_before_the_registry_is_asked(world):
+    world.reset()
+    before = world.state()
+    policy = '{"name": "sequential", "steps": ' + "[" * 40 + "10" + "]" * 40 + "}"
+    resp = _raw(world, "POST", "/api/rollouts", f'{{"version": 3, "policy": {policy}}}'.encode())
+    assert resp.status_code == 400 and "levels deep" in resp.get_json()["error"]
+    assert world.state() == before
+
+
+def test_a_thousand_labels_with_the_longest_ids_near_the_body_limit_are_all_stored(world):
+    world.reset()
+    ids = [f"{i:0128x}" for i in range(1000)]
+    body = json.dumps({"labels": [{"request_id": rid, "label": i % 2} for i, rid in enumerate(ids)]})
+    body = body[:-1] + " " * (world.ctx.settings.max_body_bytes - 10_000 - len(body)) + "}"
+    resp = _raw(world, "POST", "/feedback", body.encode(), auth=False)
+    assert resp.status_code == 200 and resp.get_json() == {"accepted": 1000, "stored": "stored"}
+    with world.engine.connect() as conn:
+        stored = dict(conn.execute(select(labels.c.request_id, labels.c.label)).all())
+    assert {rid: stored.get(rid) for rid in ids} == {rid: i % 2 for i, rid in enumerate(ids)}
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ([{"request_id": f"{i:032x}", "label": 1} for i in range(1001)], "too many labels"),
+        ({"request_id": "a" * 129, "label": 1}, "longer than 128"),
+        ({"labels": [{"request_id": "a", "label": 1}] * 999 + [{"request_id": "b", "label": 2}]}, "0 or 1"),
+    ],
+)
+def test_label_bodies_just_past_a_limit_store_none_of_their_labels(world, body, words):
+    world.reset()
+    before = world.state()
+    resp = _raw(world, "POST", "/feedback", json.dumps(body).encode(), auth=False)
+    assert resp.status_code == 400 and words in resp.get_json()["error"]
+    assert world.state() == before
+
+
+SURROGATE_BODIES = {
+    "escaped surrogate in an id": b'{"request_id": "\\ud800", "label": 1}',
+    "escaped low surrogate in a batch": b'[{"request_id": "ok", "label": 1}, {"request_id": "x\\udfff", "label": 0}]',
+    "raw surrogate bytes": '{"request_id": "\ud800", "label": 1}'.encode("utf-8", "surrogatepass"),
+    "NUL in an id": b'{"request_id": "a\\u0000b", "label": 1}',
+    "NUL alone": b'{"labels": [{"request_id": "\\u0000", "label": 1}]}',
+    "NUL in a key": b'{"request_id": "a", "label": 1, "\\u0000": 1}',
+}
+
+
+@pytest.mark.parametrize("case", sorted(SURROGATE_BODIES))
+def test_labels_with_text_a_database_refuses_are_refused_at_the_edge(world, case):
+    world.reset()
+    before = world.state()
+    resp = _raw(world, "POST", "/feedback", SURROGATE_BODIES[case], auth=False)
+    assert resp.status_code == 400, resp.get_data(as_text=True)[:300]
+    assert "NUL character or a lone UTF-16 surrogate" in resp.get_json()["error"]
+    assert world.state() == before
+
+
+@pytest.mark.parametrize("text_", UNSTORABLE)
+@pytest.mark.parametrize(
+    "method, path, template",
+    [
+        ("POST", "/api/rollouts", '{{"version": 3, "policy": {{"name": {}}}}}'),
+        ("POST", "/api/rollouts", '{{"version": 3, "policy": {{{}: 1}}}}'),
+        ("PUT", "/api/traffic", '{{"weights": {{{}: 5, "baseline": 95}}}}'),
+    ],
+)
+def test_operator_writes_with_text_a_database_refuses_change_nothing(world, text_, method, path, template):
+    world.reset()
+    before = world.state()
+    resp = _raw(world, method, path, template.format(json.dumps(text_)).encode())
+    assert resp.status_code == 400 and "cannot be stored" in resp.get_json()["error"]
+    assert world.state() == before
+
+
+@pytest.mark.parametrize("rollout_id", [*INT_LIMITS, 0, 10**4000])
+def test_rollout_ids_at_and_past_integer_limits_do_not_exist(world, rollout_id):
+    world.reset()
+    services.start_canary(world.ctx, 3, None, "test")
+    before = world.state()
+    resp = world.client.get(f"/api/rollouts/{rollout_id}")
+    assert resp.status_code == 404, resp.get_data(as_text=True)[:300]
+    for action in ("pause", "resume", "promote", "rollback", "evaluate"):
+        resp = world.client.post(f"/api/rollouts/{rollout_id}/{action}", headers=AUTH)
+        assert resp.status_code == 404, (action, resp.get_data(as_text=True)[:300])
+        assert resp.get_json()["error"]
+    resp = world.client.get("/api/decisions", query_string={"rollout_id": str(rollout_id)})
+    assert resp.status_code in (200, 400) and (resp.status_code == 200) == (1 <= rollout_id <= MAX_ROW_INT)
+    assert world.state() == before
+
+
+@pytest.mark.parametrize("version", INT_LIMITS[1:] + [-(2**63), 10**4000])
+def test_versions_past_what_a_column_holds_never_reach_the_registry(world, version):
+    world.reset()
+    before = world.state()
+    asked = []
+    original = world.ctx.registry.get
+    world.ctx.registry.get = lambda v: asked.append(v) or original(v)
+    try:
+        resp = _raw(world, "POST", "/api/rollouts", f'{{"version": {version}}}'.encode())
+    finally:
+        world.ctx.registry.get = original
+    assert resp.status_code == 400, resp.get_data(as_text=True)[:300]
+    assert asked == [] and world.state() == before
+    error = resp.get_json()["error"]
+    assert str(MAX_ROW_INT) in error or "not valid JSON" in error or "positive" in error
+
+
+def test_the_largest_version_a_column_holds_is_looked_up_and_not_found(world):
+    world.reset()
+    before = world.state()
+    resp = _raw(world, "POST", "/api/rollouts", f'{{"version": {MAX_ROW_INT}}}'.encode())
+    assert resp.status_code == 404 and str(MAX_ROW_INT) in resp.get_json()["error"]
     assert world.state() == before

@@ -97,3 +97,24 @@ def test_the_mlflow_server_runs_its_basic_auth_app_configured_from_the_state_dir
     ini = programs.mlflow_auth_config(settings, "the-token")
     assert "admin_username = operator\n" in ini and "admin_password = the-token\n" in ini
     assert f"database_uri = sqlite:///{tmp_path / 'mlflow-auth.db'}\n" in ini
+
+
+def test_the_control_plane_is_served_by_waitress_as_compose_serves_it(tmp_path):
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    settings = Settings.from_env({"RECSYS_STATE_DIR": str(tmp_path), "RECSYS_CONTROL_PLANE_PORT": "8123"})
+    local = programs.control_plane_server(settings)
+    assert Path(local[0]).name == "waitress-serve" and "--listen=127.0.0.1:8123" in local
+    assert f"--max-request-body-size={settings.max_body_bytes}" in local
+    assert "exec " + " ".join(local[:2]) in programs.control_plane(settings).command[-1]
+    repo = Path(__file__).resolve().parents[2]
+    compose = yaml.safe_load((repo / "docker-compose.yml").read_text())["services"]["control-plane"][
+        "command"
+    ]
+    container = ["waitress-serve", *programs.control_plane_server(settings, listen="0.0.0.0:8090")[1:]]
+    assert compose == container
+    dockerfile = (repo / "infra/docker/app.Dockerfile").read_text()
+    assert f"CMD {json.dumps(container)}" in dockerfile

@@ -203,7 +203,18 @@ def test_extra_versions_are_reachable_by_header_but_get_no_weighted_traffic():
 
 def test_nothing_is_routed_before_any_role_has_a_backend():
     http = render_dynamic_config({}, {}, None)["http"]
-    assert http["routers"] == {} and http["services"] == {}
+    assert list(http["routers"]) == ["length-required"] and http["services"] == {}
+
+
+def test_a_body_without_a_content_length_is_refused_before_any_backend_router():
+    http = _render()
+    refusal = http["routers"]["length-required"]
+    assert refusal["priority"] > max(
+        r.get("priority", 0) for n, r in http["routers"].items() if n != "length-required"
+    )
+    assert "!HeaderRegexp(`Content-Length`" in refusal["rule"] and "Method(`POST`)" in refusal["rule"]
+    (middleware,) = refusal["middlewares"]
+    assert http["middlewares"][middleware]["ipAllowList"]["rejectStatusCode"] == 411
 
 
 # --- TraefikFileRouter: the file is the state -------------------------------------------------
@@ -297,9 +308,9 @@ def test_a_garbled_file_is_reported_not_taken_as_empty(tmp_path):
 
 def test_static_config_binds_loopback_and_keeps_the_api_off_the_gateway(tmp_path):
     config = yaml.safe_load(render_static_config(dynamic_dir=tmp_path, access_log_path=tmp_path / "a.log"))
-    assert config["entryPoints"] == {
-        "web": {"address": "127.0.0.1:8080"},
-        "traefik": {"address": "127.0.0.1:8081"},
+    assert {name: ep["address"] for name, ep in config["entryPoints"].items()} == {
+        "web": "127.0.0.1:8080",
+        "traefik": "127.0.0.1:8081",
     }
     assert config["api"] == {"dashboard": True}  # not insecure: only admin_dynamic_config's router serves it
     assert config["metrics"]["prometheus"]["entryPoint"] == "traefik"
@@ -323,6 +334,17 @@ def test_labels_are_rate_limited_per_client_before_anything_else():
     http = _render(control_plane_url="http://cp:8090", label_rate_per_s=7, label_burst=9)
     first = http["routers"]["feedback"]["middlewares"][0]
     assert http["middlewares"][first] == {"rateLimit": {"average": 7, "period": "1s", "burst": 9}}
+
+
+def test_every_entry_point_bounds_how_long_a_client_may_take(tmp_path):
+    config = yaml.safe_load(render_static_config(dynamic_dir=tmp_path, read_timeout_s=2.5))
+    for entry_point in config["entryPoints"].values():
+        assert entry_point["transport"]["respondingTimeouts"] == {
+            "readTimeout": "2.5s",
+            "writeTimeout": "30s",
+            "idleTimeout": "60s",
+        }
+    assert "&id" not in render_static_config(dynamic_dir=tmp_path)  # no YAML anchors shared between them
 
 
 def test_static_config_uses_the_fast_proxy_unless_told_not_to(tmp_path):

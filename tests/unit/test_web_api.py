@@ -238,7 +238,7 @@ def test_starting_a_canary_deploys_it_and_gives_it_the_first_step(client, ctx):
         ({}, 400, "field 'version' must be an integer"),
         ({"version": "3"}, 400, "field 'version' must be an integer, got str '3'"),
         ({"version": 3.0}, 400, "field 'version' must be an integer"),
-        ({"version": 0}, 400, "version must be a positive integer"),
+        ({"version": 0}, 400, "field 'version' must be between 1 and 2147483647, got 0"),
         ({"version": 1}, 400, "version 1 is already the baseline"),
         ({"version": 99}, 404, "has no version 99"),
         ({"version": 3, "policy": "sequential"}, 400, "field 'policy' must be an object"),
