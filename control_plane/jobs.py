@@ -30,6 +30,7 @@ EVALUATE_JOB_ID = "recsys-evaluate"
 EVALUATE_FUNC = "control_plane.jobs.evaluate_job"  # by name: the scheduler may run this module as __main__
 MAINTENANCE_JOB_ID = "recsys-maintenance"
 MAINTENANCE_FUNC = "control_plane.jobs.maintenance_job"
+MAINTENANCE_MIN_INTERVAL_S = 60
 UNRECORDED_TICKS_KEY = "recsys:evaluations:unrecorded"  # hash: tick -> why the database did not take it
 _ctx = None  # one Context per worker process, built on the first job
 # Jobs go through Redis as JSON, never pickle: whoever can write to Redis cannot make the worker run code
@@ -144,9 +145,10 @@ def maintenance_job() -> dict:
 
 
 def _schedule_maintenance(scheduler, interval_s: int) -> str:
-    return _schedule_job(
-        scheduler, MAINTENANCE_JOB_ID, MAINTENANCE_FUNC, [], interval_s, max(600, interval_s * 2)
-    )
+    # At most once a minute: evaluations close their own label windows, so the upkeep only keeps the
+    # dashboards' outcomes current and storage bounded, and must not queue ahead of fast evaluations.
+    every_s = max(MAINTENANCE_MIN_INTERVAL_S, interval_s)
+    return _schedule_job(scheduler, MAINTENANCE_JOB_ID, MAINTENANCE_FUNC, [], every_s, max(600, every_s * 2))
 
 
 def _schedule(scheduler, interval_s: int) -> str:
