@@ -46,6 +46,7 @@ class Target:
     control_plane: str
     bento: str
     token: str
+    label_token: str = ""  # /feedback's own credential: without it every label probe stops at the 401
 
 
 @dataclass(frozen=True)
@@ -422,12 +423,23 @@ def generate(seed: int, target: Target, kinds=KINDS, per_kind: int | None = None
 
 
 # --- sending -----------------------------------------------------------------------------------
+def with_label_token(parts: tuple[bytes, ...], label_token: str) -> tuple[bytes, ...]:
+    """The request's parts with /feedback's credential after its request line, so that a hostile body
+    reaches the parser instead of stopping at the 401 (a request that names one keeps its own)."""
+    first = parts[0] if parts else b""
+    if not label_token or not first.startswith(b"POST /feedback ") or b"\r\nAuthorization:" in first:
+        return parts
+    line, sep, rest = first.partition(b"\r\n")
+    return (line + sep + f"Authorization: Bearer {label_token}\r\n".encode() + rest, *parts[1:])
+
+
 def send(probe: Probe, target: Target) -> Answer:
     host, port = getattr(target, probe.to).rsplit(":", 1)
+    parts = with_label_token(probe.parts, target.label_token)
     status, closed, data = None, False, b""
     with socket.create_connection((host, int(port)), timeout=HANG_S) as s:
         try:
-            for i, part in enumerate(probe.parts):
+            for i, part in enumerate(parts):
                 if i and probe.pause_s:
                     time.sleep(probe.pause_s)
                 s.sendall(part)
@@ -540,9 +552,16 @@ def target_from_env(env: dict[str, str]) -> tuple[Target, str]:
     s = Settings.from_env(env)
     baseline = s.bento_base_port + _baseline_version(s)
     token = s.api_token or (s.state_dir / "api-token").read_text().strip()
+    label_token = s.label_token or (s.state_dir / "label-token").read_text().strip()
     host = s.bind_host
     return (
-        Target(f"{host}:{s.gateway_port}", f"{host}:{s.control_plane_port}", f"{host}:{baseline}", token),
+        Target(
+            f"{host}:{s.gateway_port}",
+            f"{host}:{s.control_plane_port}",
+            f"{host}:{baseline}",
+            token,
+            label_token,
+        ),
         s.database_url,
     )
 
