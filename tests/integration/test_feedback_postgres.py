@@ -29,6 +29,9 @@ class LabelClient:
     def post(self, path, *, headers=None, **kwargs):
         return self.client.post(path, headers=LABEL_HEADERS if headers is None else headers, **kwargs)
 
+    def get(self, path, **kwargs):
+        return self.client.get(path, **kwargs)
+
 
 @pytest.fixture
 def client(pg_url, pg_engine, tmp_path):

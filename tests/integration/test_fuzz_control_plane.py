@@ -430,7 +430,11 @@ def test_an_oversized_body_is_refused_before_it_is_read(world, path):
 # --- the hostile classes (issue 25), on both databases ------------------------------------------------
 def _raw(world: World, method: str, path: str, raw: bytes, *, auth: bool = True):
     return world.client.open(
-        path, method=method, data=raw, headers=AUTH if auth else {}, content_type="application/json"
+        path,
+        method=method,
+        data=raw,
+        headers=credentials_for(path) if auth else {},
+        content_type="application/json",
     )
 
 
@@ -469,10 +473,11 @@ def test_a_policy_nested_past_the_limit_is_refused_before_the_registry_is_asked(
 
 def test_a_thousand_labels_with_the_longest_ids_near_the_body_limit_are_all_stored(world):
     world.reset()
-    ids = [f"{i:0128x}" for i in range(1000)]
+    ids = [issued_id(f"{i:070x}") for i in range(1000)]  # the longest an issued id can be
+    assert {len(rid) for rid in ids} == {128}
     body = json.dumps({"labels": [{"request_id": rid, "label": i % 2} for i, rid in enumerate(ids)]})
     body = body[:-1] + " " * (world.ctx.settings.max_body_bytes - 10_000 - len(body)) + "}"
-    resp = _raw(world, "POST", "/feedback", body.encode(), auth=False)
+    resp = _raw(world, "POST", "/feedback", body.encode())
     assert resp.status_code == 200 and resp.get_json() == {"accepted": 1000, "stored": "stored"}
     with world.engine.connect() as conn:
         stored = dict(conn.execute(select(labels.c.request_id, labels.c.label)).all())
@@ -490,7 +495,7 @@ def test_a_thousand_labels_with_the_longest_ids_near_the_body_limit_are_all_stor
 def test_label_bodies_just_past_a_limit_store_none_of_their_labels(world, body, words):
     world.reset()
     before = world.state()
-    resp = _raw(world, "POST", "/feedback", json.dumps(body).encode(), auth=False)
+    resp = _raw(world, "POST", "/feedback", json.dumps(body).encode())
     assert resp.status_code == 400 and words in resp.get_json()["error"]
     assert world.state() == before
 
@@ -509,7 +514,7 @@ SURROGATE_BODIES = {
 def test_labels_with_text_a_database_refuses_are_refused_at_the_edge(world, case):
     world.reset()
     before = world.state()
-    resp = _raw(world, "POST", "/feedback", SURROGATE_BODIES[case], auth=False)
+    resp = _raw(world, "POST", "/feedback", SURROGATE_BODIES[case])
     assert resp.status_code == 400, resp.get_data(as_text=True)[:300]
     assert "NUL character or a lone UTF-16 surrogate" in resp.get_json()["error"]
     assert world.state() == before
