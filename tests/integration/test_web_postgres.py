@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from control_plane import services
 from control_plane.context import Context
 from control_plane.db.engine import make_engine
 from control_plane.deployer.memory import InMemoryDeployer
@@ -37,7 +38,9 @@ def test_a_canary_started_through_the_api_is_in_the_ledger(ctx):
 
 def test_timeseries_and_metrics_read_postgres(ctx):
     client = create_app(ctx=ctx).test_client()
-    seed_predictions(ctx.engine, {"baseline": 1, "control": 2}, minutes=5)
+    # older than the attribution window (300 s by default), so the label job can count them
+    seed_predictions(ctx.engine, {"baseline": 1, "control": 2}, minutes=15)
+    services.close_labels(ctx)  # the label job: accuracy counts predictions whose window has closed
     points = client.get("/api/timeseries?window_s=1800&bucket_s=60").get_json()["points"]
     assert {p["role"] for p in points} == {"baseline", "control"}
     client.post("/api/rollouts", json={"version": 3}, headers=AUTH)
