@@ -11,11 +11,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first, so that a code change does not reinstall them.
+# Dependencies first, so that a code change does not reinstall them. The [k8s] extra (the Kubernetes
+# client, boto3 for MLflow's S3 store) lets the same image run the control plane on a cluster
+# (docs/kubernetes.md).
 COPY pyproject.toml README.md ./
 RUN mkdir -p control_plane bentos training load \
     && touch control_plane/__init__.py bentos/__init__.py training/__init__.py load/__init__.py \
-    && pip install . \
+    && pip install '.[k8s]' \
     && pip uninstall -y recsys-canary
 
 COPY control_plane ./control_plane
