@@ -42,10 +42,8 @@ class Context:
 
 
 def bootstrap(settings: Settings | None = None) -> Context:
-    """Build the real Context from settings: database, MLflow registry, Traefik file, local deployer."""
+    """Build the real Context from settings: database, MLflow registry, Traefik file, deployer."""
     from control_plane.db.engine import make_engine
-    from control_plane.deployer.fixed import FixedDeployer
-    from control_plane.deployer.local import LocalDeployer
     from control_plane.registry.mlflow_registry import MlflowRegistry
     from control_plane.traffic.traefik_file import TraefikFileRouter
 
@@ -60,5 +58,20 @@ def bootstrap(settings: Settings | None = None) -> Context:
             control_plane_url=settings.effective_control_plane_url,
             max_body_bytes=settings.max_body_bytes,
         ),
-        deployer=FixedDeployer(settings.bento_urls) if settings.bento_urls else LocalDeployer(settings),
+        deployer=_deployer(settings),
     )
+
+
+def _deployer(settings: Settings) -> Deployer:
+    """Containers through the Docker gate, fixed endpoints (Kubernetes), or local processes."""
+    if settings.docker_host:
+        from control_plane.deployer.docker import DockerDeployer
+
+        return DockerDeployer(settings)
+    if settings.bento_urls:
+        from control_plane.deployer.fixed import FixedDeployer
+
+        return FixedDeployer(settings.bento_urls)
+    from control_plane.deployer.local import LocalDeployer
+
+    return LocalDeployer(settings)

@@ -1,28 +1,40 @@
-# The Python image for the control plane, the RQ worker, rq-scheduler, the migration step and the MLflow
-# server (docker-compose.yml). Bentos get their own images from `bentoml containerize`.
-# Build from the repository root: docker build -f infra/docker/app.Dockerfile -t recsys-app:0.1.0 .
-FROM python:3.11-slim
+# The Python image for the control plane, the RQ worker, rq-scheduler, the migration and seed steps, the
+# MLflow server and the Docker API gate; every Bento image (bento.Dockerfile) starts from it too.
+# Build with BuildKit from the repository root (infra/docker/build-images.sh does):
+#   DOCKER_BUILDKIT=1 docker build -f infra/docker/app.Dockerfile -t recsys-app:0.1.0 \
+#     [--build-arg PYTHON_IMAGE=recsys-python:3.11] [--secret id=ca,src=/etc/ssl/certs/ca-certificates.crt] .
+# The CA bundle, where package downloads need one, is a build secret: never a layer of the image.
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    BENTOML_DO_NOT_TRACK=true
+    BENTOML_DO_NOT_TRACK=true \
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 
 WORKDIR /app
 
-# Dependencies first, so that a code change does not reinstall them.
+# Dependencies first, so that a code change does not reinstall them; pip's cache is a BuildKit cache
+# mount, kept between builds and never in the image.
 COPY pyproject.toml README.md ./
-RUN mkdir -p control_plane bentos training load \
+RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+    && mkdir -p control_plane bentos training load \
     && touch control_plane/__init__.py bentos/__init__.py training/__init__.py load/__init__.py \
-    && pip install . \
-    && pip uninstall -y recsys-canary
+    && pip install -q "setuptools>=68" wheel \
+    && pip install -q . \
+    && pip uninstall -q -y recsys-canary \
+    && rm -rf control_plane bentos training load build *.egg-info
 
 COPY control_plane ./control_plane
 COPY bentos ./bentos
 COPY training ./training
 COPY load ./load
-RUN pip install --no-deps .
+COPY bentofile.yaml ./
+# Editable, so that bentos.build finds bentofile.yaml and the Bento's sources in /app.
+RUN pip install -q --no-deps --no-build-isolation -e . && rm -rf build
 
 # An unprivileged user; uid 10001 owns the shared state volumes (traefik-init chowns traefik-state).
 RUN useradd --uid 10001 --create-home recsys \
