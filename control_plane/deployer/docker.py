@@ -8,6 +8,7 @@ never the socket itself.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import re
@@ -25,7 +26,9 @@ log = logging.getLogger(__name__)
 
 BENTO_IMAGE_REPO = "recsys-bento"
 BENTO_PORT = 3000
-RUN_ID_LABEL = "recsys.mlflow_run_id"  # the image is rebuilt when the registry's version changes run
+# The image is rebuilt when its key changes: another MLflow run behind the version, another Dockerfile or
+# another app image name.
+BUILD_KEY_LABEL = "recsys.build_key"
 MAX_STARTS = 3  # a container restarted this often while starting will not come up
 
 
@@ -56,16 +59,24 @@ class DockerDeployer:
 
         bento = bentoml.bentos.get(tag)
         run_id = _mlflow_run_id(bento)
+        key = hashlib.sha256(
+            b"\0".join([BENTO_DOCKERFILE.read_bytes(), run_id.encode(), self.settings.app_image.encode()])
+        ).hexdigest()[:16]
         image = self.image(version)
         labels = self.api.image_labels(image)
-        if labels is not None and labels.get(RUN_ID_LABEL) == run_id:
+        if labels is not None and labels.get(BUILD_KEY_LABEL) == key:
             return image
         t0 = time.monotonic()
+        models = {str(m.tag): Path(bentoml.models.get(m.tag).path) for m in bento.info.all_models}
         self.api.build(
             image,
-            bento_context(Path(bento.path)),
+            bento_context(Path(bento.path), models),
             buildargs={"APP_IMAGE": self.settings.app_image},
-            labels={RUN_ID_LABEL: run_id, "recsys.model_version": str(version)},
+            labels={
+                BUILD_KEY_LABEL: key,
+                "recsys.mlflow_run_id": run_id,
+                "recsys.model_version": str(version),
+            },
         )
         log.info("built image", extra={"image": image, "seconds": round(time.monotonic() - t0, 1)})
         return image
@@ -162,8 +173,12 @@ class DockerDeployer:
         return out
 
 
-def bento_context(bento_dir: Path) -> bytes:
-    """The build context: bento.Dockerfile as `Dockerfile` and the built Bento under `bento/`."""
+def bento_context(bento_dir: Path, models: dict[str, Path] | None = None) -> bytes:
+    """The build context: bento.Dockerfile as `Dockerfile`, the built Bento under `bento/`, and its models.
+
+    A Bento in the store only names its models; served from a directory, BentoML looks for them in
+    `bento/models/<name>/<version>` (as `bentoml export` lays them out), so they are copied there.
+    """
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         data = BENTO_DOCKERFILE.read_bytes()
@@ -171,6 +186,13 @@ def bento_context(bento_dir: Path) -> bytes:
         info.size, info.mode = len(data), 0o644
         tar.addfile(info, io.BytesIO(data))
         tar.add(str(bento_dir), arcname="bento", filter=_readable)
+        for tag, path in (models or {}).items():
+            name, _, version = tag.partition(":")
+            tar.add(str(path), arcname=f"bento/models/{name}/{version}", filter=_readable)
+            latest = version.encode()
+            info = tarfile.TarInfo(f"bento/models/{name}/latest")
+            info.size, info.mode = len(latest), 0o644
+            tar.addfile(info, io.BytesIO(latest))
     return buf.getvalue()
 
 
@@ -184,9 +206,9 @@ def _readable(info: tarfile.TarInfo) -> tarfile.TarInfo:
 
 def _mlflow_run_id(bento) -> str:
     """The MLflow run of the model inside the Bento (stamped on the image; empty if unknown)."""
-    for model in bento.info.all_models if hasattr(bento.info, "all_models") else bento.info.models:
-        import bentoml
+    import bentoml
 
+    for model in bento.info.all_models:
         try:
             return str(bentoml.models.get(model.tag).info.metadata.get("mlflow_run_id", ""))
         except Exception:  # the model store lost it: the image is rebuilt, which is safe

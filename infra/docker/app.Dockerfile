@@ -11,7 +11,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     BENTOML_DO_NOT_TRACK=true \
-    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
+    GIT_PYTHON_REFRESH=quiet
 
 WORKDIR /app
 
@@ -27,6 +28,13 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && pip install -q . \
     && pip uninstall -q -y recsys-canary \
     && rm -rf control_plane bentos training load build *.egg-info
+
+# BentoML runs uv when it builds a Bento (the DockerDeployer builds one per new version, in this image).
+ARG UV_VERSION=0.13.9
+RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+    && pip install -q "uv==${UV_VERSION}"
 
 COPY control_plane ./control_plane
 COPY bentos ./bentos

