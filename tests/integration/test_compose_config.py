@@ -166,6 +166,7 @@ def test_the_local_build_path_swaps_images_only():
             check=True,
         ).stdout
     )
+
     def normal(value):  # merging files reorders lists and spells an empty network {} instead of null
         if isinstance(value, list):
             return sorted(map(str, value))
