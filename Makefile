@@ -109,4 +109,4 @@ compose-down:
 
 # `make demo` against the compose stack: the story runs in a container on the stack's network.
 compose-demo:
-	$(COMPOSE) run --rm --no-deps -e RECSYS_GATEWAY_URL=http://traefik:8080 seed recsys demo
+	$(COMPOSE) run --rm --no-deps seed recsys demo

@@ -281,7 +281,8 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_DELETE = do_HEAD = do_PUT = _handle
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        log.info("%s %s", self.address_string(), format % args)
+        if "/_ping" not in self.path:  # the health check's, every few seconds
+            log.info("%s %s", self.address_string(), format % args)
 
 
 def serve(host: str, port: int, socket_path: str, config: GateConfig) -> None:

@@ -14,7 +14,12 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from tests.conftest import wait_for
+
+# The first test also builds the images (cold: about 15 minutes here) and starts the stack.
+pytestmark = pytest.mark.timeout(3600)
 
 SPLIT = {"baseline": 85, "canary": 10, "control": 5}
 
