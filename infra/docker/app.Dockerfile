@@ -11,23 +11,23 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     BENTOML_DO_NOT_TRACK=true \
-    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
-    GIT_PYTHON_REFRESH=quiet
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 
 WORKDIR /app
 
-# Dependencies first, so that a code change does not reinstall them; pip's cache is a BuildKit cache
-# mount, kept between builds and never in the image.
-COPY pyproject.toml README.md ./
+# Dependencies first, so that a code change does not reinstall them (nor a README change: an empty
+# README stands in for it here); pip's cache is a BuildKit cache mount, kept between builds, never in
+# the image.
+COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
-    && mkdir -p control_plane bentos training load \
+    && touch README.md && mkdir -p control_plane bentos training load \
     && touch control_plane/__init__.py bentos/__init__.py training/__init__.py load/__init__.py \
     && pip install -q "setuptools>=68" wheel \
     && pip install -q . \
     && pip uninstall -q -y recsys-canary \
-    && rm -rf control_plane bentos training load build *.egg-info
+    && rm -rf README.md control_plane bentos training load build *.egg-info
 
 # BentoML runs uv when it builds a Bento (the DockerDeployer builds one per new version, in this image).
 ARG UV_VERSION=0.13.9
@@ -36,6 +36,9 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
     && pip install -q "uv==${UV_VERSION}"
 
+# MLflow imports GitPython, which warns at every start when there is no git binary.
+ENV GIT_PYTHON_REFRESH=quiet
+COPY README.md ./
 COPY control_plane ./control_plane
 COPY bentos ./bentos
 COPY training ./training
@@ -44,7 +47,7 @@ COPY bentofile.yaml ./
 # Editable, so that bentos.build finds bentofile.yaml and the Bento's sources in /app.
 RUN pip install -q --no-deps --no-build-isolation -e . && rm -rf build
 
-# An unprivileged user; uid 10001 owns the shared state volumes (traefik-init chowns traefik-state).
+# An unprivileged user; uid 10001 owns the shared state volumes (state-init chowns the state volumes).
 RUN useradd --uid 10001 --create-home recsys \
     && mkdir -p /var/lib/recsys/traefik /mlartifacts \
     && chown -R recsys:recsys /var/lib/recsys /mlartifacts
