@@ -94,6 +94,7 @@ def ensure_models(ctx) -> dict[str, int]:
                 artifact_location=ctx.settings.training_artifact_location,
                 model_name=ctx.settings.registered_model_name,
                 profile=profile,
+                progress=False,
             )
             registry.set_alias(alias, version)
             _say(f"  registered version {version} ({profile}) as {alias}")
