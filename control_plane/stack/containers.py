@@ -17,10 +17,12 @@ def seed(settings: Settings) -> dict[int, str]:
     from control_plane.context import bootstrap
     from control_plane.stack.local import ensure_models
     from control_plane.traffic_ops import sync_router
+    from control_plane.web.auth import ensure_api_token
 
     t0 = time.monotonic()
     for d in (settings.state_dir, settings.spill_dir, settings.bentoml_home):
         d.mkdir(parents=True, exist_ok=True)
+    ensure_api_token(settings)  # the operator token, on the state volume before the control plane starts
     ctx = bootstrap(settings)
     roles = ensure_models(ctx)
     ctx.traffic_store.seed_if_empty(settings.traffic_weights, roles)
