@@ -171,28 +171,33 @@ def test_a_killed_bento_container_is_restarted_and_costs_at_most_two_seconds_of_
     name = f"{compose_stack.project}-bento-v{baseline}"
     restarts = int(compose_stack.docker("inspect", "-f", "{{.RestartCount}}", name))
     killed_at: list[float] = []
-
-    def kill_later() -> None:
-        time.sleep(5)
-        pid = int(compose_stack.docker("inspect", "-f", "{{.State.Pid}}", name))
-        os.kill(pid, signal.SIGKILL)  # a crash: the restart policy, not a person, brings it back
-        killed_at.append(time.monotonic())
-
-    killer = threading.Thread(target=kill_later)
-    killer.start()
-    results = _paced_load(compose_stack, 30, 40, f"kill-{uuid.uuid4().hex[:8]}-")
-    killer.join()
+    back_at: list[float] = []
 
     def baseline_answers() -> bool:
         status, headers = compose_stack.predict({"X-Model-Role": "baseline"})
         return status == 200 and headers.get("x-model-version") == str(baseline)
 
-    wait_for(baseline_answers, 60, "the killed Bento serving again")
-    back_after_s = time.monotonic() - killed_at[0]
+    def kill_then_watch() -> None:
+        time.sleep(5)
+        pid = int(compose_stack.docker("inspect", "-f", "{{.State.Pid}}", name))
+        os.kill(pid, signal.SIGKILL)  # a crash: the restart policy, not a person, brings it back
+        killed_at.append(time.monotonic())
+        time.sleep(1)  # the override header goes to the killed Bento alone: it answers once it is back
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not baseline_answers():
+            time.sleep(0.25)
+        back_at.append(time.monotonic())
+
+    watcher = threading.Thread(target=kill_then_watch)
+    watcher.start()
+    results = _paced_load(compose_stack, 30, 40, f"kill-{uuid.uuid4().hex[:8]}-")
+    watcher.join()
+    assert baseline_answers(), "the killed Bento did not serve again within 90 s"
+    back_after_s = back_at[0] - killed_at[0]
     failed = [r for r in results if r[1] != 200]
     print(
         f"\nkilled {name}: {len(failed)} of {len(results)} requests failed at 30/s; "
-        f"serving again {back_after_s:.1f} s after the kill (upper bound)"
+        f"serving again {back_after_s:.1f} s after the kill"
     )
     assert len(failed) <= 2 * 30 * SPLIT["baseline"] / 100, failed[:10]
     assert int(compose_stack.docker("inspect", "-f", "{{.RestartCount}}", name)) > restarts
