@@ -74,7 +74,7 @@ def record_labels(
             raise LabelConflict(conflicts)
         rows = [{"request_id": rid, "label": label, "ts": ts} for rid, label in items if rid not in stored]
         if rows:  # two writers at once: the first insert wins, the other's row is dropped here
-            conn.execute(insert(labels).on_conflict_do_nothing(index_elements=[labels.c.request_id]), rows)
+            conn.execute(insert(labels).on_conflict_do_nothing(), rows)  # issued_ts: schema's default
     return len(rows)
 
 
