@@ -22,6 +22,7 @@ from control_plane.traffic.base import (
     merge_backends,
     validate_weights,
 )
+from control_plane.traffic.user_assignment import DEFAULT_SEED, STICKY_COOKIE, plugin_config
 
 DYNAMIC_FILENAME = "recsys.yml"
 
@@ -37,6 +38,7 @@ BODY_LIMIT_MIDDLEWARE = "recsys-body-limit"
 LABEL_RATE_MIDDLEWARE = "recsys-label-rate"
 LENGTH_REQUIRED_ROUTER = "length-required"
 LENGTH_REQUIRED_MIDDLEWARE = "recsys-length-required"
+USER_ASSIGN_MIDDLEWARE = "recsys-user-assign"
 ROUTE_HEADER = "X-Recsys-Route"
 VERSION_HEADER = "X-Model-Version"
 ROLE_HEADER = "X-Model-Role"
@@ -98,6 +100,10 @@ class GatewayOptions:
     # /feedback per client (source address): requests a second on average, and a burst (docs/labels.md).
     label_rate_per_s: int = 300
     label_burst: int = 600
+    # Sticky, monotone assignment of users (X-User-Id) by the `userassign` local plugin, and Traefik's
+    # sticky cookie for browsers; Traefik must be started with the plugin (static_config(user_plugin=True)).
+    user_assignment: bool = False
+    user_seed: str = DEFAULT_SEED
 
 
 def render_dynamic_config(
@@ -164,11 +170,27 @@ def render_dynamic_config(
                 "healthCheck": {},
             }
         }
+        gateway_middlewares = [ROUTE_WEIGHTED_MIDDLEWARE, BODY_LIMIT_MIDDLEWARE, RETRY_MIDDLEWARE]
+        if opts.user_assignment:
+            # The plugin names the user's child in this cookie; a browser without a user id is given
+            # one by the weighted service and keeps its version while the weights allow it.
+            services[SPLIT_SERVICE]["weighted"]["sticky"] = {
+                "cookie": {"name": STICKY_COOKIE, "httpOnly": True, "sameSite": "lax"}
+            }
+            # Rendered from the same weights as the split, in the same file: one reload changes both.
+            middlewares[USER_ASSIGN_MIDDLEWARE] = {
+                "plugin": plugin_config(
+                    {role: version_service(b.version) for role, b in backends.items()},
+                    weights,
+                    opts.user_seed,
+                )
+            }
+            gateway_middlewares.insert(2, USER_ASSIGN_MIDDLEWARE)
         routers[GATEWAY_ROUTER] = {
             "entryPoints": [opts.entrypoint],
             "rule": PREDICTION_PATHS_RULE,
             "priority": GATEWAY_PRIORITY,
-            "middlewares": [ROUTE_WEIGHTED_MIDDLEWARE, BODY_LIMIT_MIDDLEWARE, RETRY_MIDDLEWARE],
+            "middlewares": gateway_middlewares,
             "service": SPLIT_SERVICE,
         }
         for role in ROLES:
