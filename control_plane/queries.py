@@ -40,7 +40,15 @@ from control_plane.analysis.user_level import (
     user_label_facts,
     user_request_facts,
 )
-from control_plane.db.schema import label_buckets, label_watermarks, labels, predictions, request_buckets
+from control_plane.db.schema import (
+    label_buckets,
+    label_watermarks,
+    labels,
+    predictions,
+    request_buckets,
+    user_labels,
+    user_requests,
+)
 from control_plane.metrics_source import WEIGHTED
 
 log = logging.getLogger(__name__)
@@ -361,7 +369,7 @@ class SqlMetricsSource:
                 "SELECT u.model_version, u.role, COUNT(DISTINCT u.user_key) FROM user_requests u JOIN "
                 f"(SELECT user_key, MIN(first_ts) AS ft FROM user_requests WHERE {where} GROUP BY user_key "
                 "HAVING MIN(first_ts) >= :step) f ON u.user_key = f.user_key AND u.first_ts = f.ft "
-                f"WHERE u.bucket_start >= :lo AND u.bucket_start < :hi{route_cond.replace('route', 'u.route')} "
+                f"WHERE u.bucket_start >= :lo AND u.bucket_start < :hi{'' if route is None else ' AND u.route = :route'} "
                 "GROUP BY u.model_version, u.role"
             ),
             {**p, "step": float(step_start)},
@@ -584,6 +592,11 @@ def delete_labels_before(conn: Connection, cutoff: float, batch: int) -> int:
 def delete_buckets_before(conn: Connection, cutoff: float) -> int:
     n = conn.execute(request_buckets.delete().where(request_buckets.c.bucket_start < cutoff)).rowcount
     return n + conn.execute(label_buckets.delete().where(label_buckets.c.bucket_start < cutoff)).rowcount
+
+
+def delete_user_buckets_before(conn: Connection, cutoff: float) -> int:
+    n = conn.execute(user_requests.delete().where(user_requests.c.bucket_start < cutoff)).rowcount
+    return n + conn.execute(user_labels.delete().where(user_labels.c.bucket_start < cutoff)).rowcount
 
 
 def roll_up(conn: Connection, before: float, coarse_s: int, limit: int = 5000) -> int:
