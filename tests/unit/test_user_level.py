@@ -142,6 +142,17 @@ def test_user_aggregates_follow_the_rows_and_read_back_per_arm(tmp_path):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     migrate(url)
     engine = make_engine(url)
+
+    def insert(batch: list[dict]) -> None:
+        with engine.begin() as conn:
+            queries.insert_predictions(conn, batch)
+
+    check_user_aggregates(engine, insert)
+    engine.dispose()
+
+
+def check_user_aggregates(engine, insert) -> None:
+    """Rows written in two batches by `insert`, labelled, closed; the per-arm user sums read back."""
     step_start = T0 + 1000
     rows = []
     # u0: 30 requests on the baseline before the step; u1: 5 on the canary after it; u2 moved
@@ -153,9 +164,9 @@ def test_user_aggregates_follow_the_rows_and_read_back_per_arm(tmp_path):
     rows.append(_row(40, T0 + 5, "u2"))
     rows.append(_row(41, step_start + 5, "u2", "canary"))
     rows += [_row(100 + i, T0 + i, None) for i in range(50)]
+    for chunk in (rows[:20], rows[20:]):  # two batches: the sums add up
+        insert(chunk)
     with engine.begin() as conn:
-        for chunk in (rows[:20], rows[20:]):  # two batches: the sums add up
-            queries.insert_predictions(conn, chunk)
         queries.insert_labels_rows(
             conn, [{"request_id": r["request_id"], "label": 1, "ts": r["ts"]} for r in rows]
         )
@@ -175,4 +186,3 @@ def test_user_aggregates_follow_the_rows_and_read_back_per_arm(tmp_path):
                 per_user.setdefault(r["user_key"], []).append(int(r["score"] >= 0.5))
         expected = RatioSums.of([sum(v) for v in per_user.values()], [len(v) for v in per_user.values()])
         assert arm.accuracy == expected
-    engine.dispose()
