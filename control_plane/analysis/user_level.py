@@ -108,6 +108,13 @@ class RatioSums:
         return cls(int(keep.sum()), na.sum(), ya.sum(), (na * na).sum(), (ya * ya).sum(), (ya * na).sum())
 
 
+def with_singletons(s: RatioSums, labelled: int, correct: int) -> RatioSums:
+    """`s` plus the arm's predictions that named no user, each a cluster of its own (n = 1): `labelled`
+    and `correct` are the arm's totals, users' and anonymous alike."""
+    n, y = max(labelled - s.n, 0.0), min(max(correct - s.y, 0.0), max(labelled - s.n, 0.0))
+    return RatioSums(s.users + int(n), s.n + n, s.y + y, s.nn + n, s.yy + y, s.yn + y)
+
+
 @dataclass(frozen=True)
 class ArmEstimate:
     """An arm's ratio and the variance of that estimate, with the users and units behind it."""
@@ -156,12 +163,18 @@ class UserEvidence:
 
     arms: dict[str, ArmUsers]
 
-    def accuracy_diff(self) -> tuple[float, float] | None:
-        """(diff, variance) of canary minus baseline accuracy with users as the unit; None without both."""
+    def accuracy_diff(self, totals: dict[str, tuple[int, int]] | None = None) -> tuple[float, float] | None:
+        """(diff, variance) of canary minus baseline accuracy with users as the unit; None without users
+        in both. `totals` (role -> (labelled, correct) over all predictions) adds the predictions that
+        named no user, each its own cluster."""
         c, b = self.arms.get("canary"), self.arms.get("baseline")
         if c is None or b is None or c.accuracy.users == 0 or b.accuracy.users == 0:
             return None
-        return diff_estimate(c.accuracy_estimate(), b.accuracy_estimate())
+        est = {}
+        for role, arm in (("canary", c), ("baseline", b)):
+            sums = arm.accuracy if totals is None else with_singletons(arm.accuracy, *totals[role])
+            est[role] = ratio_estimate(sums)
+        return diff_estimate(est["canary"], est["baseline"])
 
     def new_users(self) -> dict[str, int]:
         return {role: arm.new_users for role, arm in self.arms.items()}

@@ -186,3 +186,52 @@ def check_user_aggregates(engine, insert) -> None:
                 per_user.setdefault(r["user_key"], []).append(int(r["score"] >= 0.5))
         expected = RatioSums.of([sum(v) for v in per_user.values()], [len(v) for v in per_user.values()])
         assert arm.accuracy == expected
+
+
+# --- decide() with users ----------------------------------------------------------------------------
+
+
+def _obs(users):
+    from control_plane.analysis.aggregates import LatencyHistogram
+    from control_plane.analysis.types import ArmObservation, Observations
+
+    lat = LatencyHistogram.of([10.0] * 5000)
+
+    def arm(v, correct):
+        return ArmObservation(v, 20000, 0, lat, 20000, correct, step_requests=10000)
+
+    return Observations(
+        now=10_000.0,
+        window_start=0.0,
+        window_end=10_000.0,
+        arms={"baseline": arm(1, 15600), "canary": arm(2, 16400)},
+        step_weights={"baseline": 50, "canary": 50},
+        users=users,
+    )
+
+
+def test_decide_takes_users_as_the_unit_when_requests_name_them():
+    from control_plane.analysis.decide import decide
+    from control_plane.analysis.policy import Policy
+    from control_plane.analysis.types import Phase, RolloutState
+
+    state = RolloutState(Phase.PROGRESSING, 2, 50, 0.0, 0.0)
+    by_requests = decide(state, _obs(None), Policy())
+    # the same totals from 20 users an arm, one of whom made half the requests
+    n = [10000] + [526] * 19
+    heavy = {
+        "baseline": ArmUsers(20, 20000, 20, RatioSums.of([9000] + [347] * 19, n)),
+        "canary": ArmUsers(20, 20000, 20, RatioSums.of([9800] + [347] * 19, n)),
+    }
+    by_users = decide(state, _obs(UserEvidence(heavy)), Policy())
+    assert by_requests.action.value == "promote" and by_requests.stats["unit"] == "request"
+    assert by_users.stats["unit"] == "user" and by_users.action.value != "promote"
+    assert by_users.stats["users"]["canary"] == {"users": 20, "requests": 20000, "new_users": 20}
+    assert by_users.stats["accuracy"]["upper"] - by_users.stats["accuracy"]["lower"] > 3 * (
+        by_requests.stats["accuracy"]["upper"] - by_requests.stats["accuracy"]["lower"]
+    )
+    # the sample-ratio check counts users first assigned in the step
+    skewed = {**heavy, "canary": ArmUsers(5000, 20000, 5000, heavy["canary"].accuracy)}
+    skewed["baseline"] = ArmUsers(9000, 20000, 9000, heavy["baseline"].accuracy)
+    halted = decide(state, _obs(UserEvidence(skewed)), Policy())
+    assert halted.action.value == "halt" and "users first assigned" in halted.reason
