@@ -134,6 +134,8 @@ def window_counts(
 ) -> dict[str, dict]:
     """Per role: requests, errors, labelled and correct over the window (what /metrics shows)."""
     until, labels_before = window_ends(now, settle_s, label_window_s)
+    evidence = user_evidence(source, versions, since, until, label_window_s, since)
+    users = {} if evidence is None else evidence.arms
     out = {}
     for role, version in versions.items():
         if version is None:
@@ -148,6 +150,7 @@ def window_counts(
             "error_rate": errors / requests if requests else 0.0,
             "labelled": lab.closed,
             "accuracy": lab.accuracy,
+            "users": users[role].users if role in users else 0,
         }
     return out
 
