@@ -108,3 +108,37 @@ def test_install_plugin_puts_the_source_where_traefik_looks(tmp_path):
     assert {p.name for p in dest.iterdir()} >= {"userassign.go", "go.mod", ".traefik.yml"}
     install_plugin(tmp_path)  # again: replaced, not nested
     assert not (dest / "userassign").exists()
+
+
+# --- the Kubernetes CRD router keeps the plugin's Middleware in step ---------------------------------
+
+
+def test_the_crd_router_patches_the_plugin_middleware_before_the_split():
+    from pathlib import Path
+
+    from control_plane.traffic.traefik_crd import TraefikCrdRouter, child_name
+    from tests.k8s_fake import FakeCluster
+
+    cluster = FakeCluster()
+    cluster.load(Path(__file__).resolve().parents[2] / "infra" / "k8s" / "base" / "gateway.yaml")
+    cluster._store(
+        "middlewares", {"kind": "Middleware", "metadata": {"name": USER_ASSIGN_MIDDLEWARE}, "spec": {}}
+    )
+    router = TraefikCrdRouter(cluster.clients(), "recsys", user_assignment=True)
+    router.set_weights({"baseline": 70, "canary": 25, "control": 5})
+    writes = [(c.resource, c.name) for c in cluster.writes()]
+    assert writes[:2] == [("middlewares", USER_ASSIGN_MIDDLEWARE), ("traefikservices", "recsys-split")]
+    arms = cluster.get("middlewares", USER_ASSIGN_MIDDLEWARE)["spec"]["plugin"][PLUGIN_ALIAS]["arms"]
+    # the shipped seed: baseline v2, canary v3, control v1, children named as Traefik's CRD provider does
+    assert child_name("recsys", 3) == "recsys-bento-v3-3000"
+    assert arms == [
+        {"cookie": sticky_cookie_value("recsys-bento-v1-3000"), "weight": 5},
+        {"cookie": sticky_cookie_value("recsys-bento-v2-3000"), "weight": 70},
+        {"cookie": sticky_cookie_value("recsys-bento-v3-3000"), "weight": 25},
+    ]
+    split = cluster.get("traefikservices", "recsys-split")["spec"]["weighted"]
+    assert split["sticky"]["cookie"]["name"] == STICKY_COOKIE
+    plain = FakeCluster()
+    plain.load(Path(__file__).resolve().parents[2] / "infra" / "k8s" / "base" / "gateway.yaml")
+    TraefikCrdRouter(plain.clients(), "recsys").set_weights({"baseline": 70, "canary": 25, "control": 5})
+    assert [c.resource for c in plain.writes()] == ["traefikservices"]
