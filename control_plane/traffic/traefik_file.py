@@ -22,12 +22,13 @@ from control_plane.traffic.base import (
     merge_backends,
     validate_weights,
 )
-from control_plane.traffic.user_assignment import DEFAULT_SEED, STICKY_COOKIE, plugin_config
+from control_plane.traffic.user_assignment import DEFAULT_SEED, STICKY_COOKIE, USER_HEADER, plugin_config
 
 DYNAMIC_FILENAME = "recsys.yml"
 
 # Names in the dynamic config; Prometheus labels (router, service) and dashboards use them.
 GATEWAY_ROUTER = "gateway"
+USERS_ROUTER = "gateway-users"  # the gateway's requests that name a user: through the userassign plugin
 FEEDBACK_ROUTER = "feedback"
 SPLIT_SERVICE = "recsys-split"
 CONTROL_PLANE_SERVICE = "control-plane"
@@ -47,6 +48,7 @@ PREDICTION_PATHS_RULE = "Path(`/predict`) || Path(`/recommend`)"
 
 # A tester's header beats the weighted split; a version header beats a role header.
 GATEWAY_PRIORITY = 100
+USERS_PRIORITY = 150
 ROLE_OVERRIDE_PRIORITY = 200
 VERSION_OVERRIDE_PRIORITY = 300
 LENGTH_REQUIRED_PRIORITY = 1000
@@ -170,7 +172,6 @@ def render_dynamic_config(
                 "healthCheck": {},
             }
         }
-        gateway_middlewares = [ROUTE_WEIGHTED_MIDDLEWARE, BODY_LIMIT_MIDDLEWARE, RETRY_MIDDLEWARE]
         if opts.user_assignment:
             # The plugin names the user's child in this cookie; a browser without a user id is given
             # one by the weighted service and keeps its version while the weights allow it.
@@ -185,12 +186,25 @@ def render_dynamic_config(
                     opts.user_seed,
                 )
             }
-            gateway_middlewares.insert(2, USER_ASSIGN_MIDDLEWARE)
+            # Only requests that name a user pass through the plugin (Yaegi interprets it, so a call
+            # costs); the others take the plain gateway router below, to the same weighted service.
+            routers[USERS_ROUTER] = {
+                "entryPoints": [opts.entrypoint],
+                "rule": f"({PREDICTION_PATHS_RULE}) && HeaderRegexp(`{USER_HEADER}`, `.`)",
+                "priority": USERS_PRIORITY,
+                "middlewares": [
+                    ROUTE_WEIGHTED_MIDDLEWARE,
+                    BODY_LIMIT_MIDDLEWARE,
+                    USER_ASSIGN_MIDDLEWARE,
+                    RETRY_MIDDLEWARE,
+                ],
+                "service": SPLIT_SERVICE,
+            }
         routers[GATEWAY_ROUTER] = {
             "entryPoints": [opts.entrypoint],
             "rule": PREDICTION_PATHS_RULE,
             "priority": GATEWAY_PRIORITY,
-            "middlewares": gateway_middlewares,
+            "middlewares": [ROUTE_WEIGHTED_MIDDLEWARE, BODY_LIMIT_MIDDLEWARE, RETRY_MIDDLEWARE],
             "service": SPLIT_SERVICE,
         }
         for role in ROLES:

@@ -12,6 +12,7 @@ from control_plane.traffic.traefik_file import (
     GATEWAY_ROUTER,
     SPLIT_SERVICE,
     USER_ASSIGN_MIDDLEWARE,
+    USERS_ROUTER,
     GatewayOptions,
     render_dynamic_config,
 )
@@ -84,7 +85,9 @@ def test_the_router_renders_the_plugin_from_the_same_weights_as_the_split():
         {"cookie": sticky_cookie_value("recsys-v2"), "weight": 25},
     ]
     assert http["services"][SPLIT_SERVICE]["weighted"]["sticky"]["cookie"]["name"] == STICKY_COOKIE
-    assert USER_ASSIGN_MIDDLEWARE in http["routers"][GATEWAY_ROUTER]["middlewares"]
+    assert USER_ASSIGN_MIDDLEWARE in http["routers"][USERS_ROUTER]["middlewares"]
+    assert "X-User-Id" in http["routers"][USERS_ROUTER]["rule"]
+    assert USER_ASSIGN_MIDDLEWARE not in http["routers"][GATEWAY_ROUTER]["middlewares"]
     plain = render_dynamic_config(ALL, {"baseline": 70, "canary": 25, "control": 5})["http"]
     assert USER_ASSIGN_MIDDLEWARE not in plain["middlewares"]
     assert "sticky" not in plain["services"][SPLIT_SERVICE]["weighted"]

@@ -13,8 +13,8 @@ package userassign
 import (
 	"context"
 	"fmt"
-	"hash/fnv"
 	"net/http"
+	"net/textproto"
 )
 
 // Buckets is the resolution of the layout: a weight share is placed to 1/10000.
@@ -39,14 +39,20 @@ func CreateConfig() *Config {
 	return &Config{Header: "X-User-Id", CookieName: "recsys_arm"}
 }
 
-// Assign is the middleware.
+const (
+	offset64 = 14695981039346656037
+	prime64  = 1099511628211
+)
+
+// Assign is the middleware. Everything a request needs is computed here once: Yaegi interprets
+// ServeHTTP, so each operation there costs, and calls into compiled packages cost the most.
 type Assign struct {
 	next    http.Handler
-	header  string
-	prefix  string
-	seed    []byte
-	bounds  []uint64
-	cookies []string
+	header  string   // canonical form, for a direct map read
+	start   uint64   // FNV-1a state after the seed
+	bounds  []uint64 // upper bucket bound of each arm with weight
+	cookies []string // "name=value" of each arm's sticky cookie
+	lines   [][]string
 }
 
 // New checks the configuration and precomputes each arm's upper bucket bound.
@@ -61,7 +67,7 @@ func New(ctx context.Context, next http.Handler, config *Config, name string) (h
 		}
 		total += arm.Weight
 	}
-	a := &Assign{next: next, header: config.Header, prefix: config.CookieName + "=", seed: []byte(config.Seed)}
+	a := &Assign{next: next, header: textproto.CanonicalMIMEHeaderKey(config.Header), start: fnv1a(offset64, config.Seed)}
 	if total == 0 {
 		return a, nil
 	}
@@ -73,27 +79,38 @@ func New(ctx context.Context, next http.Handler, config *Config, name string) (h
 		cumulative += arm.Weight
 		a.bounds = append(a.bounds, uint64(cumulative*Buckets/total))
 		a.cookies = append(a.cookies, config.CookieName+"="+arm.Cookie)
+		a.lines = append(a.lines, []string{config.CookieName + "=" + arm.Cookie})
 	}
 	return a, nil
 }
 
+func fnv1a(h uint64, s string) uint64 {
+	for i := 0; i < len(s); i++ {
+		h ^= uint64(s[i])
+		h *= prime64
+	}
+	return h
+}
+
 // Bucket is the user's place on [0, Buckets): FNV-1a 64 of the seed and the user id.
-func Bucket(seed []byte, user string) uint64 {
-	h := fnv.New64a()
-	h.Write(seed)
-	h.Write([]byte(user))
-	return h.Sum64() % Buckets
+func Bucket(seed, user string) uint64 {
+	return fnv1a(fnv1a(offset64, seed), user) % Buckets
 }
 
 func (a *Assign) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
-	user := req.Header.Get(a.header)
-	if user != "" && len(a.bounds) > 0 {
-		b := Bucket(a.seed, user)
+	values := req.Header[a.header]
+	if len(values) > 0 && len(a.bounds) > 0 {
+		b := fnv1a(a.start, values[0]) % Buckets
 		for i, bound := range a.bounds {
 			if b < bound {
 				// First in line: Go's Request.Cookie returns the first cookie of a name, so the
-				// assignment beats any sticky cookie the client sent.
-				req.Header["Cookie"] = append([]string{a.cookies[i]}, req.Header["Cookie"]...)
+				// assignment beats any sticky cookie the client sent. Without cookies, the shared
+				// one-line slice (read, never written, by the weighted service and the proxy).
+				if old := req.Header["Cookie"]; len(old) > 0 {
+					req.Header["Cookie"] = append([]string{a.cookies[i]}, old...)
+				} else {
+					req.Header["Cookie"] = a.lines[i]
+				}
 				break
 			}
 		}
