@@ -9,13 +9,14 @@ the same sticky cookie in the response, so they stay on one version too).
 The arms are laid out in `ARM_ORDER`: control, baseline, canary. A canary that gains weight from the
 baseline takes buckets from the baseline's end only, so its users never leave it; at weight 0 its
 buckets all go back to the baseline; the control's buckets move only when the control's weight does.
-This module mirrors the plugin's hash (FNV-1a 64) so that tests and analysis can predict a user's arm.
+This module mirrors the plugin's hash (CRC-32, IEEE) so that tests and analysis can predict a user's arm.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,6 @@ STICKY_COOKIE = "recsys_arm"
 DEFAULT_SEED = "recsys"
 BUCKETS = 10_000
 ARM_ORDER = ("control", "baseline", "canary")
-
-_FNV_OFFSET = 0xCBF29CE484222325
-_FNV_PRIME = 0x100000001B3
-_MASK = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -50,11 +47,8 @@ def sticky_cookie_value(child_service: str) -> str:
 
 
 def bucket(user_id: str, seed: str = DEFAULT_SEED) -> int:
-    """The user's place on [0, BUCKETS), as the plugin computes it (FNV-1a 64 of seed + user id)."""
-    h = _FNV_OFFSET
-    for byte in seed.encode() + user_id.encode():
-        h = ((h ^ byte) * _FNV_PRIME) & _MASK
-    return h % BUCKETS
+    """The user's place on [0, BUCKETS), as the plugin computes it: CRC-32 (IEEE) of seed + user id."""
+    return zlib.crc32(user_id.encode(), zlib.crc32(seed.encode())) % BUCKETS
 
 
 def upper_bounds(weights: Mapping[str, int]) -> list[tuple[str, int]]:

@@ -35,10 +35,10 @@ ALL = {
 USERS = [f"u{i}" for i in range(20_000)]
 
 
-def test_fnv_1a_matches_the_published_test_vectors():
-    # FNV-1a 64 of "" and "a" (the Go plugin uses hash/fnv's New64a), reduced to the bucket range.
-    assert bucket("", seed="") == 0xCBF29CE484222325 % BUCKETS
-    assert bucket("a", seed="") == 0xAF63DC4C8601EC8C % BUCKETS
+def test_the_hash_is_crc32_ieee_of_seed_and_id_as_go_s_crc32_update_continues_it():
+    # CRC-32 (IEEE) check value of "123456789" is 0xCBF43926; a seed is continued, not mixed otherwise.
+    assert bucket("123456789", seed="") == 0xCBF43926 % BUCKETS
+    assert bucket("56789", seed="1234") == 0xCBF43926 % BUCKETS
 
 
 @pytest.mark.parametrize("canary", [0, 1, 10, 25, 50, 90])

@@ -13,6 +13,7 @@ package userassign
 import (
 	"context"
 	"fmt"
+	"hash/crc32"
 	"net/http"
 	"net/textproto"
 )
@@ -39,20 +40,15 @@ func CreateConfig() *Config {
 	return &Config{Header: "X-User-Id", CookieName: "recsys_arm"}
 }
 
-const (
-	offset64 = 14695981039346656037
-	prime64  = 1099511628211
-)
-
 // Assign is the middleware. Everything a request needs is computed here once: Yaegi interprets
 // ServeHTTP, so each operation there costs, and calls into compiled packages cost the most.
 type Assign struct {
 	next    http.Handler
-	header  string   // canonical form, for a direct map read
-	start   uint64   // FNV-1a state after the seed
-	bounds  []uint64 // upper bucket bound of each arm with weight
-	cookies []string // "name=value" of each arm's sticky cookie
-	lines   [][]string
+	header  string     // canonical form, for a direct map read
+	start   uint32     // the CRC-32 of the seed, continued by each user id
+	arm     []int      // bucket -> arm, for every bucket
+	cookies []string   // "name=value" of each arm's sticky cookie
+	lines   [][]string // the same, each as a Cookie header of one line
 }
 
 // New checks the configuration and precomputes each arm's upper bucket bound.
@@ -67,52 +63,49 @@ func New(ctx context.Context, next http.Handler, config *Config, name string) (h
 		}
 		total += arm.Weight
 	}
-	a := &Assign{next: next, header: textproto.CanonicalMIMEHeaderKey(config.Header), start: fnv1a(offset64, config.Seed)}
+	a := &Assign{
+		next:   next,
+		header: textproto.CanonicalMIMEHeaderKey(config.Header),
+		start:  crc32.ChecksumIEEE([]byte(config.Seed)),
+	}
 	if total == 0 {
 		return a, nil
 	}
-	cumulative := 0
+	a.arm = make([]int, Buckets)
+	cumulative, lower := 0, 0
 	for _, arm := range config.Arms {
 		if arm.Weight == 0 {
 			continue
 		}
 		cumulative += arm.Weight
-		a.bounds = append(a.bounds, uint64(cumulative*Buckets/total))
+		upper := cumulative * Buckets / total
+		for b := lower; b < upper; b++ {
+			a.arm[b] = len(a.cookies)
+		}
+		lower = upper
 		a.cookies = append(a.cookies, config.CookieName+"="+arm.Cookie)
 		a.lines = append(a.lines, []string{config.CookieName + "=" + arm.Cookie})
 	}
 	return a, nil
 }
 
-func fnv1a(h uint64, s string) uint64 {
-	for i := 0; i < len(s); i++ {
-		h ^= uint64(s[i])
-		h *= prime64
-	}
-	return h
-}
-
-// Bucket is the user's place on [0, Buckets): FNV-1a 64 of the seed and the user id.
-func Bucket(seed, user string) uint64 {
-	return fnv1a(fnv1a(offset64, seed), user) % Buckets
+// Bucket is the user's place on [0, Buckets): the CRC-32 (IEEE) of the seed followed by the user id.
+// One call into compiled code: an interpreted hash loop cost more than the rest of the middleware.
+func Bucket(start uint32, user string) int {
+	return int(crc32.Update(start, crc32.IEEETable, []byte(user)) % Buckets)
 }
 
 func (a *Assign) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
 	values := req.Header[a.header]
-	if len(values) > 0 && len(a.bounds) > 0 {
-		b := fnv1a(a.start, values[0]) % Buckets
-		for i, bound := range a.bounds {
-			if b < bound {
-				// First in line: Go's Request.Cookie returns the first cookie of a name, so the
-				// assignment beats any sticky cookie the client sent. Without cookies, the shared
-				// one-line slice (read, never written, by the weighted service and the proxy).
-				if old := req.Header["Cookie"]; len(old) > 0 {
-					req.Header["Cookie"] = append([]string{a.cookies[i]}, old...)
-				} else {
-					req.Header["Cookie"] = a.lines[i]
-				}
-				break
-			}
+	if len(values) > 0 && a.arm != nil {
+		i := a.arm[Bucket(a.start, values[0])]
+		// First in line: Go's Request.Cookie returns the first cookie of a name, so the assignment
+		// beats any sticky cookie the client sent. Without cookies, the shared one-line slice (read,
+		// never written, by the weighted service and the proxy).
+		if old := req.Header["Cookie"]; len(old) > 0 {
+			req.Header["Cookie"] = append([]string{a.cookies[i]}, old...)
+		} else {
+			req.Header["Cookie"] = a.lines[i]
 		}
 	}
 	a.next.ServeHTTP(rw, req)
