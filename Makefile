@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install up down status demo test test-unit bench bench-scale soak simulate fmt lint precommit clean system-deps
+.PHONY: install up down status demo test test-unit bench bench-scale bench-users soak simulate fmt lint precommit clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: $(STAMP)
 # (SQLite): evaluation, API and scrape times, storage per hour. SIZES=pg:1e5 for a quick run.
 bench-scale: $(STAMP)
 	PYTHONPATH=. $(PY) benchmarks/bench_scale.py $(if $(SIZES),--sizes $(SIZES),)
+
+# Traefik's CPU per request with and without the user-assignment plugin, side by side (docs/users.md).
+bench-users: $(STAMP)
+	PYTHONPATH=. $(PY) benchmarks/bench_user_assignment.py
 
 soak: $(STAMP)
 	$(PY) -m load.soak

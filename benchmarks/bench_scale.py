@@ -99,6 +99,7 @@ def _rows(rng: np.random.Generator, start: float, n: int, offset: int, total: in
                 None if bad else float(scores[k]),
                 float(lat[k]),
                 503 if bad else 200,
+                None,  # user_key: the scale benchmark's requests name no user
             )
         )
     return rows

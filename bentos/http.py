@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from control_plane.request_ids import MAX_CLIENT_ID_CHARS, RequestIdSigner
+from control_plane.users import user_id_problem
 
 log = logging.getLogger("recsys.http")
 
@@ -52,6 +53,7 @@ class RequestInfo:
     started: float  # perf_counter at arrival
     in_handler: bool = False  # the model endpoint's code started (past body parsing and validation)
     logged: bool = False  # the handler wrote its predictions row
+    user: str | None = None  # the X-User-Id it named (valid, or the request was refused)
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000.0
@@ -153,6 +155,7 @@ class RequestGate:
             endpoint=endpoint,
             ts=time.time(),
             started=started,
+            user=headers.get("x-user-id"),
         )
         extra_headers = [
             (b"x-request-id", request_id.encode()),
@@ -241,6 +244,9 @@ def _refusal(scope, headers: dict[str, str], supplied_id: str | None, limit: int
         return 400, (
             f"X-Request-ID must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces"
         )
+    user = headers.get("x-user-id")
+    if user is not None and (problem := user_id_problem(user)) is not None:
+        return 400, problem
     if scope["method"] != "POST":
         return None  # the router answers 405
     length = headers.get("content-length")

@@ -55,12 +55,14 @@ DEAD_LETTER_GLOB = "rejected-*.jsonl"  # rows the database refused and spill lin
 
 
 # One row of `predictions`, exactly as inserted: a tuple in the table's column order (`_COLUMNS`):
-# request_id, ts, model_version, role, route, endpoint, features, score, latency_ms, status.
+# request_id, ts, model_version, role, route, endpoint, features, score, latency_ms, status, user_key.
 # A tuple, not a dict: a Bento builds one for every request and pickles it to the writer process,
 # and a dict's ten keys went with every row, pickled and unpickled each time: 1.2 against 0.6 us a
 # row to unpickle, 335 against 243 bytes (docs/performance.md). Files hold rows as JSON objects
 # (`row_dict`), and SQLAlchemy gets dicts.
-PredictionRow = tuple[str, float, int, str, str, str, "list[float] | None", "float | None", float, int]
+PredictionRow = tuple[
+    str, float, int, str, str, str, "list[float] | None", "float | None", float, int, "str | None"
+]
 
 
 @dataclass(frozen=True)
@@ -106,9 +108,12 @@ def row_dict(row: PredictionRow) -> dict:
     return dict(zip(_COLUMNS, row, strict=True))
 
 
+_OPTIONAL = frozenset({"user_key"})  # added in revision 0003: spill files written before lack it
+
+
 def row_from_dict(values: dict) -> PredictionRow:
-    """The row a `row_dict` holds; KeyError when it lacks a column."""
-    return tuple(values[c] for c in _COLUMNS)
+    """The row a `row_dict` holds; KeyError when it lacks a column (other than an optional one)."""
+    return tuple(values.get(c) if c in _OPTIONAL else values[c] for c in _COLUMNS)
 
 
 _STAGE = "predlog_stage"
@@ -131,7 +136,7 @@ def _esc(value: str) -> str:
     return value
 
 
-_LINE = "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\n"  # the columns of `_COLUMNS`, in order
+_LINE = "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n"  # the columns of `_COLUMNS`, in order
 
 
 def _features_json(features: list[float]) -> str:
@@ -157,11 +162,13 @@ def _floats_text(values: list[float]) -> list[str]:
 def _copy_text(rows: list[PredictionRow]) -> str:
     """The rows in COPY's text format (tab-separated, \\N for NULL), columns in `_COLUMNS` order."""
     floats: list[float] = []
-    for _, ts, _, _, _, _, _, score, latency_ms, _ in rows:
+    for _, ts, _, _, _, _, _, score, latency_ms, _, _ in rows:
         floats += (float(ts), 0.0 if score is None else float(score), float(latency_ms))
     text = _floats_text(floats)
     lines = []
-    for i, (request_id, _, version, role, route, endpoint, features, score, _, status) in enumerate(rows):
+    for i, (request_id, _, version, role, route, endpoint, features, score, _, status, user) in enumerate(
+        rows
+    ):
         lines.append(
             _LINE
             % (
@@ -175,6 +182,7 @@ def _copy_text(rows: list[PredictionRow]) -> str:
                 _NULL if score is None else text[3 * i + 1],
                 text[3 * i + 2],
                 int(status),
+                _NULL if user is None else _esc(str(user)),
             )
         )
     return "".join(lines)

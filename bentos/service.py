@@ -23,6 +23,9 @@ Environment (read when the worker starts):
   RECSYS_ACCESS_LOG=on    one JSON log line per model request (default off)
   RECSYS_MAX_BODY_BYTES   larger request bodies get 413 (default 1000000)
 
+A request may name its user in `X-User-Id` (control_plane/users.py: 1 to 128 letters, digits or
+`. _ : @ -`; anything else is a 400 naming the problem); the row keeps a keyed hash of it, `user_key`.
+
 Only requests that reach the model are logged to `predictions`: 2xx, and 5xx raised by the model
 code. Refused input (4xx) is counted in recsys_requests_total{status} but never logged: it has no
 score, and it would dilute the error rate the canary analysis compares.
@@ -119,6 +122,9 @@ class Recsys:
 
         engine_factory = default_engine_factory(settings.database_url)
         self.roles = RoleWatcher(engine_factory, self.model_version).start()
+        self.user_keys = _user_keyer(
+            settings
+        )  # X-User-Id is logged as this keyed hash (control_plane/users.py)
         self.predlog = _prediction_log(settings, engine_factory, self.metrics.observe_writer).start()
         # A writer thread in this process (RECSYS_PREDLOG=thread) holds the GIL while it formats a
         # batch; at Python's default 5 ms a request waiting for the event loop could wait that long.
@@ -236,6 +242,7 @@ class Recsys:
                 score,
                 info.elapsed_ms(),
                 status,
+                None if info.user is None else self.user_keys.user_key(info.user),
             )
         )
 
@@ -328,6 +335,21 @@ def _request_id_signer():
             "can be accepted for them (set RECSYS_REQUEST_ID_KEY or make the state directory readable)"
         )
         return RequestIdSigner.ephemeral()
+
+
+def _user_keyer(settings):
+    """The keyed hash user ids are logged under: one key for every Bento, from the request-id key."""
+    from control_plane.credentials import ensure_request_id_key
+    from control_plane.users import UserKeyer
+
+    try:
+        return UserKeyer.from_secret(ensure_request_id_key(settings))
+    except OSError:
+        logging.getLogger("recsys.bento").exception(
+            "no request-id key readable: this Bento logs users under a key of its own, so the same user "
+            "is not matched across versions (set RECSYS_REQUEST_ID_KEY or make the state directory readable)"
+        )
+        return UserKeyer.ephemeral()
 
 
 def _current_service_or_none():

@@ -66,6 +66,7 @@ def bootstrap(settings: Settings | None = None) -> Context:
                 max_body_bytes=settings.max_body_bytes,
                 label_rate_per_s=settings.label_rate_per_s,
                 label_burst=settings.label_burst,
+                user_assignment=settings.user_assignment,
             ),
         ),
         deployer=FixedDeployer(settings.bento_urls) if settings.bento_urls else LocalDeployer(settings),

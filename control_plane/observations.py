@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from control_plane.analysis.aggregates import LabelFacts, LatencyHistogram, RequestFacts
 from control_plane.analysis.types import ArmObservation, Observations
+from control_plane.analysis.user_level import UserEvidence
 from control_plane.metrics_source import MetricsSource
 
 
@@ -91,8 +92,35 @@ def read_observations(
         for role, version in versions.items()
     }
     return Observations(
-        now=now, window_start=since, window_end=until, arms=arms, step_weights=dict(step_weights)
+        now=now,
+        window_start=since,
+        window_end=until,
+        arms=arms,
+        step_weights=dict(step_weights),
+        users=user_evidence(source, versions, since, until, label_window_s, step_since),
     )
+
+
+def user_evidence(
+    source: MetricsSource,
+    versions: Mapping[str, int | None],
+    since: float,
+    until: float,
+    label_window_s: float,
+    step_since: float,
+) -> UserEvidence | None:
+    """Per role, the users of the window, when the source keeps per-user aggregates and requests named
+    users; None otherwise (then every test counts requests)."""
+    users = getattr(source, "users", None)
+    if users is None:
+        return None
+    by_arm = users(since, until, label_window_s, step_start=step_since)
+    arms = {
+        role: by_arm[(version, role)]
+        for role, version in versions.items()
+        if version is not None and (version, role) in by_arm
+    }
+    return UserEvidence(arms) if arms else None
 
 
 def window_counts(
@@ -106,6 +134,8 @@ def window_counts(
 ) -> dict[str, dict]:
     """Per role: requests, errors, labelled and correct over the window (what /metrics shows)."""
     until, labels_before = window_ends(now, settle_s, label_window_s)
+    evidence = user_evidence(source, versions, since, until, label_window_s, since)
+    users = {} if evidence is None else evidence.arms
     out = {}
     for role, version in versions.items():
         if version is None:
@@ -120,6 +150,7 @@ def window_counts(
             "error_rate": errors / requests if requests else 0.0,
             "labelled": lab.closed,
             "accuracy": lab.accuracy,
+            "users": users[role].users if role in users else 0,
         }
     return out
 

@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Engine, and_, func, insert, select, text
 
 from control_plane.analysis.aggregates import (
     BUCKET_S,
+    CORRECT_AT,
     BucketKey,
     LabelFacts,
     LatencyHistogram,
@@ -29,7 +30,25 @@ from control_plane.analysis.aggregates import (
     outcomes,
     request_facts,
 )
-from control_plane.db.schema import label_buckets, label_watermarks, labels, predictions, request_buckets
+from control_plane.analysis.user_level import (
+    ArmUsers,
+    RatioSums,
+    UserKey,
+    UserLabels,
+    UserRequests,
+    user_bucket,
+    user_label_facts,
+    user_request_facts,
+)
+from control_plane.db.schema import (
+    label_buckets,
+    label_watermarks,
+    labels,
+    predictions,
+    request_buckets,
+    user_labels,
+    user_requests,
+)
 from control_plane.metrics_source import WEIGHTED
 
 log = logging.getLogger(__name__)
@@ -182,9 +201,65 @@ def write_buckets(conn: Connection, requests: dict, labels: dict, window_s: floa
 def add_request_facts(cursor, dialect: str, rows: Iterable[tuple], bucket_s: int = BUCKET_S) -> None:
     """Add the requests of prediction-log rows (tuples in the table's column order) to request_buckets,
     on `cursor`'s transaction: call it with exactly the rows that transaction inserted."""
+    rows = rows if isinstance(rows, list) else list(rows)
     facts = request_facts(rows)
     if facts:
         _merge_upsert(cursor, dialect, _REQUESTS, (), facts, bucket_s)
+    add_user_facts(cursor, dialect, user_request_facts(rows))
+
+
+_USER_KEYS = ("bucket_start", "user_key", "model_version", "role", "route")
+
+
+def _add_rows(
+    cursor, dialect: str, table: str, keys: tuple, values: tuple, rows: list[tuple], merge: str
+) -> None:
+    """INSERT ... ON CONFLICT DO UPDATE (an atomic add on both databases), in key order so that two
+    writers meeting on the same users lock them in the same order."""
+    mark = "?" if dialect == "sqlite" else "%s"
+    columns = (*keys, *values)
+    rows = sorted(rows)
+    for i in range(0, len(rows), 500):  # SQLite allows 32,766 parameters a statement
+        chunk = rows[i : i + 500]
+        marks = ", ".join(["(" + ", ".join([mark] * len(columns)) + ")"] * len(chunk))
+        cursor.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES {marks} "
+            f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {merge}",
+            [x for r in chunk for x in r],
+        )
+
+
+def add_user_facts(cursor, dialect: str, facts: dict[UserKey, UserRequests]) -> None:
+    """Add per-user requests to user_requests (one row per user, arm and bucket in the batch)."""
+    if not facts:
+        return
+    least = "min" if dialect == "sqlite" else "LEAST"
+    _add_rows(
+        cursor,
+        dialect,
+        "user_requests",
+        _USER_KEYS,
+        ("requests", "errors", "first_ts"),
+        [(*k.row(), f.requests, f.errors, f.first_ts) for k, f in facts.items()],
+        "requests = user_requests.requests + excluded.requests, "
+        "errors = user_requests.errors + excluded.errors, "
+        f"first_ts = {least}(user_requests.first_ts, excluded.first_ts)",
+    )
+
+
+def add_user_labels(cursor, dialect: str, window_s: int, facts: dict[UserKey, UserLabels]) -> None:
+    """Add per-user closed predictions to user_labels (the label job, beside label_buckets)."""
+    if not facts:
+        return
+    _add_rows(
+        cursor,
+        dialect,
+        "user_labels",
+        ("window_s", *_USER_KEYS),
+        ("closed", "correct"),
+        [(window_s, *k.row(), f.closed, f.correct) for k, f in facts.items()],
+        "closed = user_labels.closed + excluded.closed, correct = user_labels.correct + excluded.correct",
+    )
 
 
 _PREDICTION_COLUMNS = tuple(str(c.name) for c in predictions.columns)
@@ -270,6 +345,50 @@ class SqlMetricsSource:
             for g, rows in self._groups(t, _LABELS, conds, by).items()
         }
 
+    def users(
+        self, since: float, until: float, window_s: float, *, step_start: float, route: str | None = WEIGHTED
+    ) -> dict[tuple[int, str], ArmUsers]:
+        """Per (version, role): its users in [since, until) (user buckets from the one holding `since`),
+        their requests, how many were first seen (in any arm) at or after `step_start`, and the sums of
+        their closed and correct predictions for the user-level accuracy. Three grouped queries over
+        the per-user tables: the cost follows the users active in the window, not their requests."""
+        p = {"lo": user_bucket(since), "hi": until, "route": route, "w": int(window_s)}
+        route_cond = "" if route is None else " AND route = :route"
+        where = f"bucket_start >= :lo AND bucket_start < :hi{route_cond}"
+        out: dict[tuple[int, str], dict] = {}
+        for version, role, users, requests in self.conn.execute(
+            text(
+                "SELECT model_version, role, COUNT(*), SUM(r) FROM (SELECT user_key, model_version, role, "
+                f"SUM(requests) AS r FROM user_requests WHERE {where} GROUP BY user_key, model_version, role) t "
+                "GROUP BY model_version, role"
+            ),
+            p,
+        ):
+            out[(int(version), role)] = {"users": int(users), "requests": int(requests or 0)}
+        for version, role, new in self.conn.execute(
+            text(
+                "SELECT u.model_version, u.role, COUNT(DISTINCT u.user_key) FROM user_requests u JOIN "
+                f"(SELECT user_key, MIN(first_ts) AS ft FROM user_requests WHERE {where} GROUP BY user_key "
+                "HAVING MIN(first_ts) >= :step) f ON u.user_key = f.user_key AND u.first_ts = f.ft "
+                f"WHERE u.bucket_start >= :lo AND u.bucket_start < :hi{'' if route is None else ' AND u.route = :route'} "
+                "GROUP BY u.model_version, u.role"
+            ),
+            {**p, "step": float(step_start)},
+        ):
+            out.setdefault((int(version), role), {"users": 0, "requests": 0})["new_users"] = int(new)
+        for version, role, k, n, y, nn, yy, yn in self.conn.execute(
+            text(
+                "SELECT model_version, role, COUNT(*), SUM(n), SUM(c), SUM(n * n), SUM(c * c), SUM(c * n) "
+                "FROM (SELECT user_key, model_version, role, SUM(closed) AS n, SUM(correct) AS c "
+                f"FROM user_labels WHERE window_s = :w AND {where} GROUP BY user_key, model_version, role) t "
+                "WHERE n > 0 GROUP BY model_version, role"
+            ),
+            p,
+        ):
+            sums = RatioSums(int(k), float(n), float(y), float(nn), float(yy), float(yn))
+            out.setdefault((int(version), role), {"users": 0, "requests": 0})["accuracy"] = sums
+        return {key: ArmUsers(**values) for key, values in out.items()}
+
 
 def _summed(rows: list[tuple], column: int) -> SparseCounts:
     """The sum of one blob column over rows: their bytes joined, decoded once."""
@@ -296,8 +415,11 @@ def _lock_watermark(conn: Connection, window_s: int, start_at: float) -> float:
     return float(conn.execute(q).scalar_one())
 
 
-def _closed_facts(conn: Connection, window_s: int, start: float, end: float) -> dict[BucketKey, LabelFacts]:
-    """Outcomes of the served predictions of [start, end), each joined to its label (if any)."""
+def _closed_facts(
+    conn: Connection, window_s: int, start: float, end: float
+) -> tuple[dict[BucketKey, LabelFacts], dict[UserKey, UserLabels]]:
+    """Outcomes of the served predictions of [start, end), each joined to its label (if any): per
+    bucket key, and per user key for the rows that named a user."""
     p, lab = predictions, labels
     # Only labels whose id was issued in the span (or, for an id of another form, that arrived while a
     # prediction of the span could still count them) can match: on Postgres this prunes the labels'
@@ -308,19 +430,37 @@ def _closed_facts(conn: Connection, window_s: int, start: float, end: float) -> 
         lab.c.issued_ts < end + window_s + ISSUE_SLACK_S,
     )
     rows = conn.execute(
-        select(p.c.ts, p.c.model_version, p.c.role, p.c.route, p.c.endpoint, p.c.score, lab.c.label, lab.c.ts)
+        select(
+            p.c.ts,
+            p.c.model_version,
+            p.c.role,
+            p.c.route,
+            p.c.endpoint,
+            p.c.score,
+            lab.c.label,
+            lab.c.ts,
+            p.c.user_key,
+        )
         .select_from(p.outerjoin(lab, joined))
         .where(p.c.ts >= start, p.c.ts < end, p.c.status < 500, p.c.score.is_not(None))
     ).all()
     if not rows:
-        return {}
+        return {}, {}
     cols = list(zip(*rows, strict=True))
     ts = np.asarray(cols[0], dtype=float)
     starts = ((ts // BUCKET_S) * BUCKET_S).astype(np.int64).tolist()
     keys = zip(starts, cols[1], cols[2], cols[3], cols[4], strict=True)
     label = np.asarray([np.nan if x is None else x for x in cols[6]], dtype=float)
     label_ts = np.asarray([np.nan if x is None else x for x in cols[7]], dtype=float)
-    return label_facts(keys, np.asarray(cols[5], dtype=float), outcomes(ts, label, label_ts, window_s))
+    scores = np.asarray(cols[5], dtype=float)
+    outcome = outcomes(ts, label, label_ts, window_s)
+    facts = label_facts(keys, scores, outcome)
+    users = [i for i, u in enumerate(cols[8]) if u is not None]
+    user_facts = user_label_facts(
+        (UserKey(user_bucket(ts[i]), cols[8][i], cols[1][i], cols[2][i], cols[3][i]) for i in users),
+        ((scores[i] >= CORRECT_AT) == bool(outcome[i]) for i in users),
+    )
+    return facts, user_facts
 
 
 def close_label_windows(
@@ -352,11 +492,13 @@ def close_label_windows(
             if mark >= cutoff:
                 return counted
             end = min(cutoff, mark + span_s)
-            facts = _closed_facts(conn, window, mark, end)
+            facts, user_facts = _closed_facts(conn, window, mark, end)
             if facts:  # spans are whole buckets, each closed once: new rows, nothing to merge
                 _insert_buckets(
                     conn.connection.cursor(), conn.dialect.name, _LABELS, (window,), facts, BUCKET_S
                 )
+            # a user's bucket spans several spans: these are added to
+            add_user_labels(conn.connection.cursor(), conn.dialect.name, window, user_facts)
             conn.execute(
                 label_watermarks.update()
                 .where(label_watermarks.c.window_s == window)
@@ -480,6 +622,11 @@ def delete_labels_before(conn: Connection, cutoff: float, batch: int) -> int:
 def delete_buckets_before(conn: Connection, cutoff: float) -> int:
     n = conn.execute(request_buckets.delete().where(request_buckets.c.bucket_start < cutoff)).rowcount
     return n + conn.execute(label_buckets.delete().where(label_buckets.c.bucket_start < cutoff)).rowcount
+
+
+def delete_user_buckets_before(conn: Connection, cutoff: float) -> int:
+    n = conn.execute(user_requests.delete().where(user_requests.c.bucket_start < cutoff)).rowcount
+    return n + conn.execute(user_labels.delete().where(user_labels.c.bucket_start < cutoff)).rowcount
 
 
 def roll_up(conn: Connection, before: float, coarse_s: int, limit: int = 5000) -> int:

@@ -62,6 +62,8 @@ def apply(
     rolled = _in_batches(engine, lambda conn: queries.roll_up(conn, rollup_before, COARSE_BUCKET_S))
     with engine.begin() as conn:
         gone = queries.delete_buckets_before(conn, now - policy.aggregate_s)
+        # Per-user rows serve a rollout's user-level tests only: kept as long as the raw rows.
+        gone += queries.delete_user_buckets_before(conn, cutoff)
     return RetentionReport(
         cutoff,
         partitions_created=preds.created + labs.created,

@@ -109,7 +109,15 @@ def window_metrics(ctx: Context, window_s: int | None = None) -> dict[str, Any]:
             settle_s=ctx.settings.log_settle_s,
             step_weights={r: w for r, (_, w) in assignment.items()},
         )
-    return {"since": since, "now": now, "roles": {r: observations.summarize(a) for r, a in obs.arms.items()}}
+    users = {} if obs.users is None else obs.users.arms
+    return {
+        "since": since,
+        "now": now,
+        "roles": {
+            r: {**observations.summarize(a), "users": users[r].users if r in users else None}
+            for r, a in obs.arms.items()
+        },
+    }
 
 
 def window_counts(ctx: Context, window_s: int | None = None) -> dict[str, dict[str, Any]]:
@@ -707,6 +715,11 @@ def _record(
             for r, a in obs.arms.items()
         }
     )
+    if obs is not None and obs.users is not None:  # users per arm beside requests (ledger, API)
+        for r, u in obs.users.arms.items():
+            if r in sizes:
+                sizes[r].update(users=u.users, new_users=u.new_users)
+                arms[r]["users"] = u.users
     rules = (
         []
         if decision is None

@@ -121,6 +121,9 @@ class Settings:
     # all or off); control_plane/traffic/static.py says why each is the default.
     traefik_fast_proxy: bool = True
     traefik_access_log: str = "problems"
+    # Sticky, monotone assignment of users (X-User-Id) in the gateway by Traefik's `userassign` local
+    # plugin (control_plane/traffic/user_assignment.py); off: every request takes the weighted split.
+    user_assignment: bool = True
     deployer: str = "auto"
     # Kubernetes (RECSYS_DEPLOYER=kubernetes): the namespace everything lives in, the Bento images'
     # repository (tag v<N>), what scales each version, how long a new version may take to be ready, and
@@ -183,6 +186,7 @@ class Settings:
             traefik_fast_proxy=parse_switch(
                 "RECSYS_TRAEFIK_FAST_PROXY", env.get("RECSYS_TRAEFIK_FAST_PROXY", "on")
             ),
+            user_assignment=parse_switch("RECSYS_USER_ASSIGNMENT", env.get("RECSYS_USER_ASSIGNMENT", "on")),
             deployer=parse_choice("RECSYS_DEPLOYER", env.get("RECSYS_DEPLOYER", "auto"), DEPLOYERS),
             k8s_namespace=env.get("RECSYS_K8S_NAMESPACE", "recsys"),
             k8s_bento_image=env.get("RECSYS_K8S_BENTO_IMAGE", "recsys-bento"),
@@ -235,6 +239,7 @@ class Settings:
             "RECSYS_WORKER_METRICS_PORT": str(self.worker_metrics_port),
             "RECSYS_TRAEFIK_FAST_PROXY": "on" if self.traefik_fast_proxy else "off",
             "RECSYS_TRAEFIK_ACCESS_LOG": self.traefik_access_log,
+            "RECSYS_USER_ASSIGNMENT": "on" if self.user_assignment else "off",
             "RECSYS_GATEWAY_READ_TIMEOUT_S": str(self.gateway_read_timeout_s),
             "BENTOML_HOME": str(self.bentoml_home),
             "BENTOML_DO_NOT_TRACK": "true",

@@ -37,6 +37,7 @@ def sample_rows(n: int) -> list[PredictionRow]:
             random.random(),
             0.4 + random.random(),
             200,
+            f"{random.randrange(10_000):032x}",  # a user's keyed hash (control_plane/users.py)
         )
         for _ in range(n)
     ]

@@ -4,7 +4,14 @@ Headless:  locust -f load/locustfile.py --headless -u 20 -r 10 -t 2m --host http
 Web UI:    locust -f load/locustfile.py --host http://127.0.0.1:8080   (then open http://127.0.0.1:8089)
 Knobs (command line or LOCUST_* environment variables): --predict-weight, --recommend-weight,
 --candidates, --label-share, --label-delay-min, --label-delay-max, --think-min, --think-max,
---label-token (default: RECSYS_LABEL_TOKEN, else the state directory's label-token file).
+--label-token (default: RECSYS_LABEL_TOKEN, else the state directory's label-token file),
+--user-pool, --anonymous-share.
+
+Every request names its user in `X-User-Id` (control_plane/users.py), so the gateway keeps each user on
+one version: each request comes from one of `--user-pool` people (default 10,000, drawn uniformly, so
+that a demo's few minutes of traffic hold enough users for a user-level test); `--heavy-users` draws
+them Zipf-like instead (person k is 1/k as likely: a few people make many of the requests), and
+`--user-pool 0` makes each Locust user one person. `--anonymous-share` of requests name no user.
 
 A label names the request id the gateway's answer carried (X-Request-Id, issued and signed by the Bento),
 not the id the user sent: /feedback refuses ids the system did not issue (docs/labels.md).
@@ -40,6 +47,13 @@ def _add_arguments(parser) -> None:
         "--ok-log", default="", help="append the request id of every 2xx prediction to this file"
     )
     parser.add_argument(
+        "--user-pool", type=int, default=10_000, help="people the requests come from (0: one per Locust user)"
+    )
+    parser.add_argument("--heavy-users", action="store_true", help="draw people Zipf-like, not uniformly")
+    parser.add_argument(
+        "--anonymous-share", type=float, default=0.0, help="share of requests without a user id"
+    )
+    parser.add_argument(
         "--label-token", default="", help="the label-ingest token (default: RECSYS_LABEL_TOKEN or its file)"
     )
 
@@ -55,6 +69,10 @@ class RecsysUser(FastHttpUser):
         }
         self.rng = np.random.default_rng(random.randrange(2**32))
         self.ok_log = open(opts.ok_log, "a", buffering=1) if opts.ok_log else None  # noqa: SIM115 (closed on stop)
+        self.user_id = f"locust-{uuid.uuid4().hex[:8]}"
+        if opts.user_pool > 0:
+            weights = 1.0 / np.arange(1, opts.user_pool + 1) if opts.heavy_users else np.ones(opts.user_pool)
+            self.user_cdf = np.cumsum(weights / weights.sum())
         self.tasks = [RecsysUser.predict] * max(0, opts.predict_weight) + [RecsysUser.recommend] * max(
             0, opts.recommend_weight
         )
@@ -67,6 +85,17 @@ class RecsysUser(FastHttpUser):
         if self.ok_log:
             self.ok_log.write(rid + "\n")
 
+    def _headers(self, rid: str) -> dict[str, str]:
+        """X-Request-ID, and X-User-Id unless this request is one of the anonymous share."""
+        headers = {"X-Request-ID": rid}
+        if random.random() >= self.opts.anonymous_share:
+            if self.opts.user_pool > 0:
+                k = int(np.searchsorted(self.user_cdf, self.rng.random()))
+                headers["X-User-Id"] = f"person-{k}"
+            else:
+                headers["X-User-Id"] = self.user_id
+        return headers
+
     def wait_time(self) -> float:
         return random.uniform(self.opts.think_min, self.opts.think_max)
 
@@ -75,7 +104,7 @@ class RecsysUser(FastHttpUser):
         x = sample_features(self.rng, 1)[0]
         rid = uuid.uuid4().hex
         with self.client.post(
-            "/predict", json={"features": x.tolist()}, headers={"X-Request-ID": rid}, catch_response=True
+            "/predict", json={"features": x.tolist()}, headers=self._headers(rid), catch_response=True
         ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"/predict answered {resp.status_code}: {resp.text[:200]}")
@@ -92,7 +121,7 @@ class RecsysUser(FastHttpUser):
         with self.client.post(
             "/recommend",
             json={"candidates": cands, "k": 5},
-            headers={"X-Request-ID": rid},
+            headers=self._headers(rid),
             catch_response=True,
         ) as resp:
             if resp.status_code != 200:

@@ -120,6 +120,7 @@ def pg_engine(pg_url):
         conn.execute(
             text(
                 "TRUNCATE predictions, labels, request_buckets, label_buckets, label_watermarks, traffic_config,"
+                " user_requests, user_labels,"
                 " decisions, rollouts RESTART IDENTITY CASCADE"
             )
         )

@@ -64,7 +64,7 @@ def make_context(settings: Settings, engine: Engine) -> Context:
 
 
 def seed_predictions(
-    engine: Engine, versions: dict[str, int], *, minutes: int = 20, per_minute: int = 6
+    engine: Engine, versions: dict[str, int], *, minutes: int = 20, per_minute: int = 6, users: int = 0
 ) -> int:
     """Weighted predictions over the last `minutes`, labelled, so charts and window metrics have data."""
     now = time.time()
@@ -87,6 +87,7 @@ def seed_predictions(
                         score=score,
                         latency_ms=10.0 + i + version,
                         status=500 if (role == "canary" and i == 0 and m % 4 == 0) else 200,
+                        user_key=f"{role}-user-{i % users}" if users else None,
                     )
                 )
                 labs.append(dict(request_id=rid, label=1 if i % 2 else 0, ts=ts + 1))

@@ -252,7 +252,8 @@ def request_facts(rows: Iterable[tuple]) -> dict[BucketKey, RequestFacts]:
     rows = rows if isinstance(rows, list) else list(rows)
     if not rows:
         return {}
-    _, ts, versions, roles, routes, endpoints, _, _, latency, status = zip(*rows, strict=True)
+    cols = list(zip(*rows, strict=True))  # the table's columns (user_key, the 11th, is summed elsewhere)
+    ts, versions, roles, routes, endpoints, latency, status = (cols[i] for i in (1, 2, 3, 4, 5, 8, 9))
     starts = np.asarray(ts, dtype=float) // BUCKET_S * BUCKET_S
     same = set(zip(versions, roles, routes, endpoints, strict=True))
     index: dict[tuple, int] = {}

@@ -79,6 +79,9 @@ def _numbers(
     """Every estimate and interval shown with a decision, whichever rule acts on them."""
     a, p0 = policy.alpha, policy.planning_accuracy
     diff, var = seq.proportion_diff(c.correct, c.labelled, b.correct, b.labelled)
+    users = _user_unit(obs, c, b)  # requests that name users: users are the unit (user_level.py)
+    if users is not None:
+        var = users["accuracy_var"]
     tau2 = seq.mixing_variance(2 * p0 * (1 - p0), policy.planned_n, a)
     err = guardrails.rate_tests(
         c.errors, c.requests, b.errors, b.requests, policy.error_margin, a, policy.planned_n
@@ -95,6 +98,8 @@ def _numbers(
         harm_alpha=policy.harm_alpha,
     )
     step_obs = {r: arm.step_requests for r, arm in obs.arms.items()}
+    if users is not None and users["new_users"]:  # users counted at first assignment, not requests
+        step_obs = {r: users["new_users"].get(r, 0) for r in obs.arms}
     srm_check = srm.srm_check(step_obs, obs.step_weights, policy.planned_n, policy.srm_p)
     return {
         "c": c,
@@ -114,6 +119,7 @@ def _numbers(
         "weights": dict(obs.step_weights),
         "elapsed_s": obs.now - state.started_at,
         "step_elapsed_s": obs.now - state.step_started_at,
+        "users": users,
     }
 
 
@@ -144,6 +150,7 @@ def _evidence(n: dict, state: RolloutState) -> Evidence:
         step_elapsed_s=arr(n["step_elapsed_s"]),
         step_index=arr(state.step_index),
         running_p=arr(state.running_p_values.get(SUPERIORITY_KEY, 1.0)),
+        accuracy_var=None if n["users"] is None else arr(n["var"]),
     )
 
 
@@ -185,7 +192,8 @@ def _reason(policy: Policy, state: RolloutState, n: dict, st: dict, act: Action,
         seen = ", ".join(f"{r} {k}" for r, k in n["step_obs"].items())
         want = ", ".join(f"{r} {w}%" for r, w in n["weights"].items())
         return (
-            f"sample-ratio mismatch: step requests {seen} against weights {want} (chi-square "
+            f"sample-ratio mismatch: {'users first assigned in' if n['users'] else 'requests of'} this step "
+            f"{seen} against weights {want} (chi-square "
             f"{n['srm']['chi_square']:.1f}, p={_p(n['srm']['p'])}, always-valid p={_p(n['srm_p'])} < "
             f"{policy.srm_p:g}); halting, nothing is promoted"
         )
@@ -411,6 +419,8 @@ def _stats(
         else {},
         "min_labelled_per_arm": policy.labelled_minimum,
         "expected_n": policy.planned_n,
+        "unit": "request" if n["users"] is None else "user",
+        "users": None if n["users"] is None else n["users"]["arms"],
     }
 
 
@@ -435,3 +445,24 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, float | np.floating):
         return _num(x)
     return x
+
+
+def _user_unit(obs: Observations, c: ArmObservation, b: ArmObservation) -> dict | None:
+    """With users in both arms: the accuracy difference's variance with users as clusters (predictions
+    without a user each a cluster of one), users first assigned in this step per role, and per-arm
+    users and requests for the record. None when no request named a user."""
+    if obs.users is None:
+        return None
+    totals = {"canary": (c.labelled, c.correct), "baseline": (b.labelled, b.correct)}
+    est = obs.users.accuracy_diff(totals)
+    if est is None:
+        return None
+    new = obs.users.new_users()
+    return {
+        "accuracy_var": float(est[1]),
+        "new_users": new if sum(new.values()) else {},
+        "arms": {
+            role: {"users": arm.users, "requests": arm.requests, "new_users": arm.new_users}
+            for role, arm in obs.users.arms.items()
+        },
+    }

@@ -215,6 +215,8 @@ class Evidence:
     step_elapsed_s: np.ndarray
     step_index: np.ndarray
     running_p: np.ndarray  # the smallest superiority p-value seen so far in this rollout (1.0 at first)
+    # The accuracy difference's variance with users as the unit (analysis/user_level.py); None: requests
+    accuracy_var: np.ndarray | None = None
 
 
 def evaluate(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -256,6 +258,8 @@ def _sequential(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, d
     g = _common(policy, ev)
     a = policy.alpha
     diff, var = seq.proportion_diff(ev.correct_c, ev.labelled_c, ev.correct_b, ev.labelled_b)
+    if ev.accuracy_var is not None:  # same ratio of sums, users as clusters
+        var = ev.accuracy_var
     p0 = policy.planning_accuracy
     tau2 = seq.mixing_variance(2 * p0 * (1 - p0), policy.planned_n, a)
     p_sup = seq.running_p(ev.running_p, seq.one_sided_p(diff, var, tau2, policy.accuracy_margin, +1))

@@ -434,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         "Times: minutes to a promote/rollback/halt decision (inconclusive runs end at the time limit).\n\n"
         f"{tables}\nRun time: {elapsed:.0f} s\n"
     )
+    # Users as the unit: the heavy-user A/A scenario, request-level beside user-level (simulate_users.py).
+    from control_plane.analysis.simulate_users import HeavyUsers, heavy_user_table
+
+    doc += "\n" + heavy_user_table(policies[0], HeavyUsers(), min(reps, 200), args.seed)
     if args.through_aggregates > 0:
         # replay.py builds on this module (Scenario, Traffic), so it is imported here, not at the top.
         from control_plane.replay import replay_table

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from control_plane.analysis.aggregates import LatencyHistogram
+from control_plane.analysis.user_level import UserEvidence
 
 
 class Phase(StrEnum):
@@ -69,6 +70,8 @@ class Observations:
     window_end: float  # where requests stop being counted: now less the log's settling
     arms: dict[str, ArmObservation]
     step_weights: dict[str, int]  # the weights in force since the current step began
+    # Per-arm users when requests name them (analysis/user_level.py); None: no user-level numbers
+    users: UserEvidence | None = None
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ predictions = Table(
     Column("score", Float, nullable=True),
     Column("latency_ms", Float, nullable=False),
     Column("status", SmallInteger, nullable=False),
+    # Keyed hash of the request's X-User-Id (control_plane/users.py), NULL when it named no user.
+    Column("user_key", String(64), nullable=True),
     Index("ix_predictions_version_ts", "model_version", "ts"),
     Index("ix_predictions_ts", "ts"),
 )
@@ -107,6 +109,41 @@ label_buckets = Table(
     Column("log_loss_sum", Float, nullable=False),
     Column("scores_pos", LargeBinary, nullable=True),
     Column("scores_neg", LargeBinary, nullable=True),
+)
+
+
+def _user_key() -> list[Column]:
+    """What a per-user aggregate row is kept per (analysis/user_level.py): a user in one arm, per bucket."""
+    return [
+        Column("bucket_start", BigInteger, primary_key=True),
+        Column("user_key", String(64), primary_key=True),
+        Column("model_version", Integer, primary_key=True),
+        Column("role", String(32), primary_key=True),
+        Column("route", String(16), primary_key=True),
+    ]
+
+
+# Per user, arm and USER_BUCKET_S of prediction time: the requests of rows that named a user, added
+# by the prediction log's writer in each batch's transaction (one upsert per user in the batch), and
+# when the user was first seen there. A user-level evaluation reads one row per user and bucket, so
+# its cost follows users, not requests.
+user_requests = Table(
+    "user_requests",
+    metadata,
+    *_user_key(),
+    Column("requests", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),
+    Column("first_ts", Float, nullable=False),
+)
+
+# The same users' closed label windows, added by the label job beside label_buckets.
+user_labels = Table(
+    "user_labels",
+    metadata,
+    Column("window_s", Integer, primary_key=True),
+    *_user_key(),
+    Column("closed", BigInteger, nullable=False),
+    Column("correct", BigInteger, nullable=False),
 )
 
 # Per attribution window: predictions before `closed_until` have been counted in label_buckets.

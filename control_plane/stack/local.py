@@ -84,8 +84,13 @@ def write_infra_configs(settings: Settings) -> None:
             fast_proxy=settings.traefik_fast_proxy,
             access_log_mode=settings.traefik_access_log,
             read_timeout_s=settings.gateway_read_timeout_s,
+            user_plugin=settings.user_assignment,
         )
     )
+    if settings.user_assignment:
+        from control_plane.traffic.user_assignment import install_plugin
+
+        install_plugin(tdir)  # Traefik runs in tdir (programs.traefik) and loads ./plugins-local
     try:
         from control_plane.stack.prometheus_config import render_local_prometheus
     except ImportError:

@@ -6,6 +6,7 @@ import os
 import shlex
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from control_plane.jobs import QUEUE, WORKER_SERIALIZER
@@ -128,12 +129,12 @@ def mlflow_auth_config(settings: Settings, admin_password: str) -> str:
 
 
 def traefik(settings: Settings) -> Program:
-    return _program(
-        settings,
-        "traefik",
-        [str(BIN / "traefik"), f"--configFile={settings.state_dir / 'traefik' / 'traefik.yml'}"],
-        env=traefik_env(),
+    tdir = settings.state_dir / "traefik"
+    program = _program(
+        settings, "traefik", [str(BIN / "traefik"), f"--configFile={tdir / 'traefik.yml'}"], env=traefik_env()
     )
+    # Traefik loads local plugins (the user-assignment one) from ./plugins-local of its working directory.
+    return replace(program, directory=str(tdir))
 
 
 def traefik_env(cpu_count: int | None = None) -> dict[str, str]:

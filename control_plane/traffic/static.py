@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from control_plane.settings import TRAEFIK_ACCESS_LOG_MODES
+from control_plane.traffic.user_assignment import static_plugins
 
 GATEWAY_ENTRYPOINT = "web"
 # The admin entry point: /ping and /metrics (read-only, for health checks and Prometheus), and the API
@@ -123,6 +124,7 @@ def static_config(
     fast_proxy: bool = True,
     access_log_mode: str = "problems",
     read_timeout_s: float = 5.0,
+    user_plugin: bool = False,
 ) -> dict[str, Any]:
     """The static configuration as a dict; an empty host binds every interface (as in a container).
 
@@ -136,6 +138,9 @@ def static_config(
 
     `access_log_mode`: problems, all or off (above).
     `read_timeout_s`: how long a client has to send a whole request (RECSYS_GATEWAY_READ_TIMEOUT_S).
+    `user_plugin`: load the `userassign` local plugin (sticky assignment of users,
+    control_plane/traffic/user_assignment.py); Traefik must then run in a directory holding
+    `plugins-local/` (`user_assignment.install_plugin`). RECSYS_USER_ASSIGNMENT=off leaves it out.
     """
     log = access_log(access_log_mode, access_log_path)
     config: dict[str, Any] = {
@@ -167,8 +172,13 @@ def static_config(
     }
     if log is not None:
         config["accessLog"] = log
+    experimental: dict[str, Any] = {}
     if fast_proxy:
-        config["experimental"] = {"fastProxy": {}}
+        experimental["fastProxy"] = {}
+    if user_plugin:
+        experimental["localPlugins"] = static_plugins()
+    if experimental:
+        config["experimental"] = experimental
     return config
 
 

@@ -5,10 +5,17 @@ annotation, which version holds which role; one merge patch carrying the resourc
 both at once, so a promotion's swap is atomic and a concurrent writer gets a conflict, not a lost update.
 The IngressRoute `recsys-role-overrides` (X-Model-Role: <role>) is derived from it and patched after it
 when the roles move; the TraefikService `recsys-mirror` mirrors a share of requests to a shadow version.
+
+With `user_assignment`, the Middleware `recsys-user-assign` (the `userassign` local plugin, docs/users.md)
+is patched with the same weights just before the split, and the split carries Traefik's sticky cookie.
+Patched first, a rollback sends the canary's users to the baseline's child while it still exists, and a
+raise names the canary's child, which already has weight; either way no user leaves the canary early.
+Traefik must load the plugin (docs/kubernetes.md), so it is off unless asked for.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,10 +37,12 @@ from control_plane.traffic.traefik_file import (
     ROLE_OVERRIDE_PRIORITY,
     ROUTE_OVERRIDE_MIDDLEWARE,
     SPLIT_SERVICE,
+    USER_ASSIGN_MIDDLEWARE,
 )
+from control_plane.traffic.user_assignment import STICKY_COOKIE, plugin_config
 
 TRAEFIK = ("traefik.io", "v1alpha1")
-TRAEFIK_SERVICES, INGRESS_ROUTES = "traefikservices", "ingressroutes"
+TRAEFIK_SERVICES, INGRESS_ROUTES, MIDDLEWARES = "traefikservices", "ingressroutes", "middlewares"
 ROLES_ANNOTATION = "recsys.io/roles"
 ROLE_ROUTES = "recsys-role-overrides"
 MIRROR_SERVICE = "recsys-mirror"
@@ -77,9 +86,10 @@ def parse_roles(text: str) -> dict[str, int]:
 class TraefikCrdRouter:
     """Keeps role assignments and weights in the TraefikService `recsys-split` of one namespace."""
 
-    def __init__(self, clients: KubeClients, namespace: str):
+    def __init__(self, clients: KubeClients, namespace: str, *, user_assignment: bool = False):
         self.clients = clients
         self.namespace = namespace
+        self.user_assignment = user_assignment
 
     # -- reads ----------------------------------------------------------------------------------------
 
@@ -142,6 +152,15 @@ class TraefikCrdRouter:
                 },
                 "spec": {"weighted": {"services": split_services(backends, new_weights)}},
             }
+            if self.user_assignment:
+                patch["spec"]["weighted"]["sticky"] = {
+                    "cookie": {"name": STICKY_COOKIE, "httpOnly": True, "sameSite": "lax"}
+                }
+                self._patch(
+                    MIDDLEWARES,
+                    USER_ASSIGN_MIDDLEWARE,
+                    {"spec": {"plugin": user_plugin(self.namespace, backends, new_weights)}},
+                )
             try:
                 self._patch(TRAEFIK_SERVICES, SPLIT_SERVICE, patch)
             except self.clients.error as exc:
@@ -192,6 +211,21 @@ def split_services(backends: Mapping[str, Backend], weights: Mapping[str, int]) 
         for role in ROLES
         if role in backends
     ]
+
+
+def child_name(namespace: str, version: int) -> str:
+    """The name Traefik's CRD provider gives a weighted child Service (its fullServiceName): namespace,
+    Service and port, each run of other characters a dash; its sticky cookie is a hash of it."""
+    return "-".join(
+        filter(None, re.split(r"[^0-9A-Za-z]+", f"{namespace}-{version_name(version)}-{BENTO_PORT}"))
+    )
+
+
+def user_plugin(
+    namespace: str, backends: Mapping[str, Backend], weights: Mapping[str, int]
+) -> dict[str, Any]:
+    """The Middleware's `plugin` block for these weights (as the file router renders it)."""
+    return plugin_config({role: child_name(namespace, b.version) for role, b in backends.items()}, weights)
 
 
 def role_routes(backends: Mapping[str, Backend]) -> list[dict[str, Any]]:

@@ -22,11 +22,13 @@ from control_plane.traffic.base import (
     merge_backends,
     validate_weights,
 )
+from control_plane.traffic.user_assignment import DEFAULT_SEED, STICKY_COOKIE, USER_HEADER, plugin_config
 
 DYNAMIC_FILENAME = "recsys.yml"
 
 # Names in the dynamic config; Prometheus labels (router, service) and dashboards use them.
 GATEWAY_ROUTER = "gateway"
+USERS_ROUTER = "gateway-users"  # the gateway's requests that name a user: through the userassign plugin
 FEEDBACK_ROUTER = "feedback"
 SPLIT_SERVICE = "recsys-split"
 CONTROL_PLANE_SERVICE = "control-plane"
@@ -37,6 +39,7 @@ BODY_LIMIT_MIDDLEWARE = "recsys-body-limit"
 LABEL_RATE_MIDDLEWARE = "recsys-label-rate"
 LENGTH_REQUIRED_ROUTER = "length-required"
 LENGTH_REQUIRED_MIDDLEWARE = "recsys-length-required"
+USER_ASSIGN_MIDDLEWARE = "recsys-user-assign"
 ROUTE_HEADER = "X-Recsys-Route"
 VERSION_HEADER = "X-Model-Version"
 ROLE_HEADER = "X-Model-Role"
@@ -45,6 +48,7 @@ PREDICTION_PATHS_RULE = "Path(`/predict`) || Path(`/recommend`)"
 
 # A tester's header beats the weighted split; a version header beats a role header.
 GATEWAY_PRIORITY = 100
+USERS_PRIORITY = 150
 ROLE_OVERRIDE_PRIORITY = 200
 VERSION_OVERRIDE_PRIORITY = 300
 LENGTH_REQUIRED_PRIORITY = 1000
@@ -98,6 +102,10 @@ class GatewayOptions:
     # /feedback per client (source address): requests a second on average, and a burst (docs/labels.md).
     label_rate_per_s: int = 300
     label_burst: int = 600
+    # Sticky, monotone assignment of users (X-User-Id) by the `userassign` local plugin, and Traefik's
+    # sticky cookie for browsers; Traefik must be started with the plugin (static_config(user_plugin=True)).
+    user_assignment: bool = False
+    user_seed: str = DEFAULT_SEED
 
 
 def render_dynamic_config(
@@ -164,6 +172,34 @@ def render_dynamic_config(
                 "healthCheck": {},
             }
         }
+        if opts.user_assignment:
+            # The plugin names the user's child in this cookie; a browser without a user id is given
+            # one by the weighted service and keeps its version while the weights allow it.
+            services[SPLIT_SERVICE]["weighted"]["sticky"] = {
+                "cookie": {"name": STICKY_COOKIE, "httpOnly": True, "sameSite": "lax"}
+            }
+            # Rendered from the same weights as the split, in the same file: one reload changes both.
+            middlewares[USER_ASSIGN_MIDDLEWARE] = {
+                "plugin": plugin_config(
+                    {role: version_service(b.version) for role, b in backends.items()},
+                    weights,
+                    opts.user_seed,
+                )
+            }
+            # Only requests that name a user pass through the plugin (Yaegi interprets it, so a call
+            # costs); the others take the plain gateway router below, to the same weighted service.
+            routers[USERS_ROUTER] = {
+                "entryPoints": [opts.entrypoint],
+                "rule": f"({PREDICTION_PATHS_RULE}) && HeaderRegexp(`{USER_HEADER}`, `.`)",
+                "priority": USERS_PRIORITY,
+                "middlewares": [
+                    ROUTE_WEIGHTED_MIDDLEWARE,
+                    BODY_LIMIT_MIDDLEWARE,
+                    USER_ASSIGN_MIDDLEWARE,
+                    RETRY_MIDDLEWARE,
+                ],
+                "service": SPLIT_SERVICE,
+            }
         routers[GATEWAY_ROUTER] = {
             "entryPoints": [opts.entrypoint],
             "rule": PREDICTION_PATHS_RULE,

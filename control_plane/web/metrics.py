@@ -137,13 +137,19 @@ class RolloutCollector(Collector):
         errors = GaugeMetricFamily(
             "recsys_window_error_rate", "Share of 5xx over the window", labels=["role"]
         )
+        users = GaugeMetricFamily(
+            "recsys_window_users",
+            "Distinct users (X-User-Id) with a weighted request over the window",
+            labels=["role"],
+        )
         for role, arm in sorted(window.items()):
+            users.add_metric([role], arm["users"])
             requests.add_metric([role], arm["requests"])
             errors.add_metric([role], arm["error_rate"])
             coverage.add_metric([role], arm["labelled"] / arm["requests"] if arm["requests"] else 0.0)
             if arm["accuracy"] is not None:
                 accuracy.add_metric([role], arm["accuracy"])
-        yield from (coverage, accuracy, requests, errors)
+        yield from (coverage, accuracy, requests, errors, users)
 
 
 def _ledger_summary(ctx: Context) -> tuple[dict[str, int], dict[str, Any] | None]:

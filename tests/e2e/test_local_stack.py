@@ -242,3 +242,44 @@ def test_deploying_a_new_version_into_a_role_fails_no_request(stack):
     control = next(v for v in st["versions"] if v["role"] == "control")
     assert (control["version"], control["weight"], control["healthy"]) == (version, 5, True)
     assert "bento-v1" not in st["processes"], "the replaced version was drained and stopped"
+
+
+def test_a_user_keeps_one_version_through_the_stack_and_is_logged_as_a_keyed_hash(stack):
+    from control_plane.traffic.user_assignment import assigned_role
+
+    users = [f"e2e-user-{i}" for i in range(60)]
+    served: dict[str, set[int]] = {u: set() for u in users}
+    ids: dict[str, str] = {}
+    for _ in range(5):
+        for user in users:
+            status, headers, body = stack.post(
+                f"{stack.gateway}/predict", {"features": FEATURES}, {"X-User-Id": user}
+            )
+            assert status == 200, body
+            served[user].add(body["model_version"])
+            ids[headers["X-Request-Id"]] = user
+    assert all(len(v) == 1 for v in served.values()), served
+    roles = {1: "control", 2: "baseline", 3: "canary"}
+    split = {"baseline": 85, "canary": 10, "control": 5}
+    assert all(roles[next(iter(served[u]))] == assigned_role(u, split) for u in users)
+    logged(stack, list(ids))
+    engine = make_engine(stack.settings().database_url)
+    try:
+        with engine.connect() as conn:
+            keys = dict(
+                conn.execute(
+                    select(predictions.c.request_id, predictions.c.user_key).where(
+                        predictions.c.request_id.in_(list(ids))
+                    )
+                ).all()
+            )
+    finally:
+        engine.dispose()
+    by_user: dict[str, set[str]] = {}
+    for rid, key in keys.items():
+        by_user.setdefault(ids[rid], set()).add(key)
+    assert all(len(k) == 1 and len(next(iter(k))) == 32 for k in by_user.values())
+    assert len({next(iter(k)) for k in by_user.values()}) == len(users)
+    assert not any(user in key for user, k in by_user.items() for key in k)  # never the id itself
+    status, _, body = stack.post(f"{stack.gateway}/predict", {"features": FEATURES}, {"X-User-Id": "a b"})
+    assert status == 400 and "X-User-Id" in body["error"]

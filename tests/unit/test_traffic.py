@@ -374,7 +374,11 @@ def test_compose_static_config_is_the_rendered_one_for_a_container():
     committed = yaml.safe_load((REPO / "infra/traefik/traefik.yml").read_text())
     rendered = yaml.safe_load(
         render_static_config(
-            dynamic_dir="/var/lib/recsys/traefik/dynamic", gateway_host="", api_host="", access_log_path=None
+            dynamic_dir="/var/lib/recsys/traefik/dynamic",
+            gateway_host="",
+            api_host="",
+            access_log_path=None,
+            user_plugin=True,
         )
     )
     assert committed == rendered

@@ -476,3 +476,14 @@ def test_a_refused_ui_action_shows_the_reason_on_the_page(client, ctx):
     html = client.get("/").get_data(as_text=True)
     assert "field &#39;version&#39; must be an integer" in html
     assert ctx.ledger.list() == []
+
+
+def test_users_per_arm_in_the_api_the_page_and_prometheus(client, ctx):
+    seed_predictions(ctx.engine, {"baseline": 1, "control": 2}, users=4)
+    services.close_labels(ctx)
+    roles = client.get("/api/metrics?window_s=3600").get_json()["roles"]
+    assert (roles["baseline"]["users"], roles["baseline"]["requests"]) == (4, 120)
+    assert roles["canary"]["users"] is None
+    scrape = client.get("/metrics").get_data(as_text=True)
+    assert 'recsys_window_users{role="baseline"} 4.0' in scrape
+    assert 'recsys_window_users{role="control"} 4.0' in scrape

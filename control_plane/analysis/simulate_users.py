@@ -1,0 +1,201 @@
+"""The heavy-user A/A scenario: users, not requests, are assigned, and a few users make most requests.
+
+Each user has an accuracy of its own (how well any model predicts that person's clicks) and a request
+rate; 1 % of users make requests 100 times as often as the rest, so they make half of all requests.
+Users are assigned as the gateway assigns them (control_plane/traffic/user_assignment.py: a fixed place
+per user, the canary's share at the top, growing with each step), and both arms run the same model.
+The canary's accuracy then differs from the baseline's by which users it happened to get: an arm
+holding one heavy user with a high accuracy looks better by points, over tens of thousands of requests.
+
+The same policy decides each replication twice: once with the request-level variance (each request
+a unit) and once with the user-level one (analysis/user_level.py: delta method, each user in each
+arm a cluster). The sample-ratio check counts users at first assignment in both, so the two differ
+only in the unit of the accuracy test. Latency is the same in both arms and taken as known (this
+scenario is about the accuracy test); errors are drawn per request at the same rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from control_plane.analysis import srm
+from control_plane.analysis.policy import (
+    ADVANCE,
+    HALT,
+    INCONCLUSIVE,
+    PROMOTE,
+    ROLLBACK,
+    Evidence,
+    Policy,
+    evaluate,
+)
+
+
+@dataclass(frozen=True)
+class HeavyUsers:
+    """The population of the heavy-user scenario."""
+
+    users: int = 1000
+    heavy_share: float = 0.01  # share of users who are heavy
+    heavy_factor: float = 100.0  # a heavy user's request rate over a light one's
+    rate_per_s: float = 20.0  # all users together
+    base_accuracy: float = 0.78
+    accuracy_sd: float = 0.12  # spread of the users' own accuracies
+    error_rate: float = 0.005
+    label_delay_s: float = 300.0
+    eval_interval_s: float = 60.0
+    control_share: float = 0.05
+
+
+@dataclass(frozen=True)
+class UnitOutcome:
+    """Per replication, for one unit of analysis: the final action code."""
+
+    unit: str
+    action: np.ndarray
+
+    def share(self, code: int) -> float:
+        return float(np.mean(self.action == code))
+
+
+def _ratio_sums(n: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per replication (rows), over users (columns) with n > 0: k, S_n, S_c, S_nn, S_cc, S_cn."""
+    has = n > 0
+    return has.sum(1), n.sum(1), c.sum(1), (n * n).sum(1), (c * c).sum(1), (c * n).sum(1)
+
+
+def _delta_var(k, sn, sc, snn, scc, scn) -> np.ndarray:
+    """user_level.ratio_estimate, vectorised over replications."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(sn > 0, sc / sn, np.nan)
+        resid = np.maximum(scc - 2 * r * scn + r * r * snn, 0.0)
+        var = np.where(k > 1, k / np.maximum(k - 1, 1) * resid / (sn * sn), np.inf)
+        return np.maximum(var, r * (1 - r) / sn)
+
+
+def run_heavy_users(policy: Policy, pop: HeavyUsers, reps: int, seed: int) -> dict[str, UnitOutcome]:
+    """Replay the policy on `reps` A/A streams; the same draws judged with each unit."""
+    rng = np.random.default_rng(seed)
+    u, dt = pop.users, pop.eval_interval_s
+    heavy = rng.random((reps, u)) < pop.heavy_share
+    weight = np.where(heavy, pop.heavy_factor, 1.0)
+    rate = weight / weight.sum(1, keepdims=True) * pop.rate_per_s * dt  # requests a minute
+    acc = np.clip(rng.normal(pop.base_accuracy, pop.accuracy_sd, (reps, u)), 0.0, 1.0)
+    place = rng.random((reps, u))  # the user's place on the gateway's hash line
+    first = np.full((reps, u), -1)  # arm of the first request: 0 baseline, 1 canary, 2 control
+    steps = np.array(policy.steps)
+    horizon = int(np.ceil(policy.max_duration_s / dt)) + 1
+    delay = int(np.ceil(pop.label_delay_s / dt))
+    results = {}
+    for unit in ("request", "user"):
+        sub = np.random.default_rng(rng.integers(1 << 62))
+        step_idx, step_start = np.zeros(reps, np.int64), np.zeros(reps)
+        running, active = np.ones(reps), np.ones(reps, bool)
+        out = np.full(reps, -1)
+        # per arm (0 baseline, 1 canary) and user: requests, errors, served, correct; labels lag `delay`
+        cum = np.zeros((2, 4, reps, u))
+        lagged = [cum[:, 2:].copy() for _ in range(delay + 1)]
+        first[:] = -1
+        new_users = np.zeros((reps, 3))
+        for t in range(1, horizon + 1):
+            w_c = steps[step_idx][:, None] / 100.0
+            arm = np.where(place < pop.control_share, 2, np.where(place >= 1.0 - w_c, 1, 0))
+            n = sub.poisson(rate)
+            e = sub.binomial(n, pop.error_rate)
+            k = sub.binomial(n - e, acc)
+            fresh = (first < 0) & (n > 0)
+            first = np.where(fresh, arm, first)
+            for a in range(3):
+                new_users[:, a] += (fresh & (arm == a)).sum(1)
+            for a in (0, 1):
+                m = arm == a
+                cum[a, 0] += n * m
+                cum[a, 1] += e * m
+                cum[a, 2] += (n - e) * m
+                cum[a, 3] += k * m
+            lagged.append(cum[:, 2:].copy())
+            labelled = lagged.pop(0)  # served and correct as of `delay` minutes ago
+            lab_c, lab_b = labelled[1], labelled[0]
+            ev = _evidence(policy, cum, lab_c, lab_b, reps)
+            weights = np.stack(
+                [
+                    100 - steps[step_idx] - 100 * pop.control_share,
+                    steps[step_idx],
+                    np.full(reps, 100 * pop.control_share),
+                ],
+                axis=1,
+            )
+            ev = replace(
+                ev,
+                srm_p=srm.always_valid_srm_p(new_users, weights, policy.planned_n, policy.srm_p),
+                srm_p_fixed=srm.srm_p_values(new_users, weights),
+                elapsed_s=np.full(reps, t * dt),
+                step_elapsed_s=t * dt - step_start,
+                step_index=step_idx.astype(float),
+                running_p=running,
+                accuracy_var=_delta_var(*_ratio_sums(lab_c[0], lab_c[1]))
+                + _delta_var(*_ratio_sums(lab_b[0], lab_b[1]))
+                if unit == "user"
+                else None,
+            )
+            action, _, stats = evaluate(policy, ev)
+            done = active & np.isin(action, (PROMOTE, ROLLBACK, HALT, INCONCLUSIVE))
+            out[done] = action[done]
+            adv = active & (action == ADVANCE)
+            step_idx = np.where(adv, np.minimum(step_idx + 1, len(steps) - 1), step_idx)
+            step_start = np.where(adv, t * dt, step_start)
+            new_users[adv] = 0  # the check counts users first assigned in the current step
+            running = np.where(active, stats["p_superior"], running)
+            active &= ~done
+            if not active.any():
+                break
+        results[unit] = UnitOutcome(unit, out)
+    return results
+
+
+def _evidence(policy: Policy, cum: np.ndarray, lab_c, lab_b, reps: int) -> Evidence:
+    def tot(x: np.ndarray) -> np.ndarray:
+        return x.sum(1).astype(float)
+
+    ones, zeros = np.ones(reps), np.zeros(reps)
+    big = np.full(reps, 1e9)  # latency: equal in both arms and taken as known
+    return Evidence(
+        requests_c=tot(cum[1, 0]),
+        errors_c=tot(cum[1, 1]),
+        requests_b=tot(cum[0, 0]),
+        errors_b=tot(cum[0, 1]),
+        labelled_c=tot(lab_c[0]),
+        correct_c=tot(lab_c[1]),
+        labelled_b=tot(lab_b[0]),
+        correct_b=tot(lab_b[1]),
+        latencies_c=big,
+        latencies_b=big,
+        p99_ratio=ones,
+        p99_ratio_lower=ones,
+        p99_ratio_upper=ones,
+        srm_p=ones,
+        srm_p_fixed=ones,
+        elapsed_s=zeros,
+        step_elapsed_s=zeros,
+        step_index=zeros,
+        running_p=ones,
+    )
+
+
+def heavy_user_table(policy: Policy, pop: HeavyUsers, reps: int, seed: int) -> str:
+    """The scenario's result as markdown: false promotions (and the rest) per unit of analysis."""
+    res = run_heavy_users(policy, pop, reps, seed)
+    head = "| unit of analysis | false promotion | rolled back | halted | inconclusive |\n|---|---|---|---|---|\n"
+    body = "".join(
+        f"| {o.unit} | {100 * o.share(PROMOTE):.1f}% | {100 * o.share(ROLLBACK):.1f}% "
+        f"| {100 * o.share(HALT):.1f}% | {100 * o.share(INCONCLUSIVE):.1f}% |\n"
+        for o in res.values()
+    )
+    return (
+        f"### heavy-user A/A ({policy.name}, {reps} replications)\n\n{pop}\n\n{head}{body}\n"
+        "Both arms run the same model; every promotion is false. Request-level: each request a unit; "
+        "user-level: each user in each arm a cluster (delta method). The sample-ratio check counts users "
+        "at first assignment in both.\n"
+    )

@@ -1,0 +1,3 @@
+module recsys/userassign
+
+go 1.22
