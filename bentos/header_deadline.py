@@ -69,7 +69,9 @@ class HeaderDeadline:
             await asyncio.sleep(self.sweep_s)
             now = loop.time()
             late = [
-                (p, began) for p, (deadline, began) in self._watched.items() if deadline <= now and p.loop is loop
+                (p, began)
+                for p, (deadline, began) in self._watched.items()
+                if deadline <= now and p.loop is loop
             ]
             for protocol, began in late:
                 self._end(protocol, began)
@@ -113,7 +115,9 @@ def install(timeout_s: float) -> HeaderDeadline | None:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     if AutoHTTPProtocol is not HttpToolsProtocol:
-        log.warning("uvicorn serves with %s, not httptools: no deadline for request headers", AutoHTTPProtocol)
+        log.warning(
+            "uvicorn serves with %s, not httptools: no deadline for request headers", AutoHTTPProtocol
+        )
         return None
     cls = HttpToolsProtocol
     installed = getattr(cls, "_recsys_header_deadline", None)
@@ -140,7 +144,9 @@ def install(timeout_s: float) -> HeaderDeadline | None:
 
     # httptools looks the callbacks up when a protocol makes its parser: patching the class is in time
     # for every connection made after this.
-    for name, fn in zip(WRAPPED, (connection_made, on_message_begin, on_headers_complete, connection_lost)):
+    for name, fn in zip(
+        WRAPPED, (connection_made, on_message_begin, on_headers_complete, connection_lost), strict=True
+    ):
         setattr(cls, name, fn)
     cls._recsys_header_deadline = deadline
     return deadline
