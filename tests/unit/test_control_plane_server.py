@@ -34,9 +34,9 @@ def _source_hashes() -> dict[tuple[str, str, str], str]:
         src = inspect.getsource(importlib.import_module(f"waitress.{module}"))
         (cls,) = [n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == cls_name]
         (fn,) = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == method]
-        out[(module, cls_name, method)] = hashlib.sha256(ast.get_source_segment(src, fn).encode()).hexdigest()[
-            :16
-        ]
+        out[(module, cls_name, method)] = hashlib.sha256(
+            ast.get_source_segment(src, fn).encode()
+        ).hexdigest()[:16]
     return out
 
 
@@ -55,7 +55,13 @@ def _app(environ, start_response):
 def server():
     """The control plane's server with a 1 s request deadline and the stack's options, on a free port."""
     srv = cp_server.create_server(
-        1.0, _app, listen="127.0.0.1:0", threads=2, channel_timeout=120, cleanup_interval=10, asyncore_use_poll=True
+        1.0,
+        _app,
+        listen="127.0.0.1:0",
+        threads=2,
+        channel_timeout=120,
+        cleanup_interval=10,
+        asyncore_use_poll=True,
     )
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -109,12 +115,17 @@ def test_an_idle_keep_alive_connection_is_kept_past_the_deadline_and_served(serv
 
 def test_whole_requests_are_served(server):
     for _ in range(20):
-        data = _answer(server, [b"POST / HTTP/1.1\r\nHost: r\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi"])
+        data = _answer(
+            server, [b"POST / HTTP/1.1\r\nHost: r\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi"]
+        )
         assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"okhi")
 
 
 def test_the_timeout_option_is_taken_out_of_waitress_arguments():
-    assert cp_server.split_timeout(["--request-timeout=5", "--threads=8", "m:app"]) == (5.0, ["--threads=8", "m:app"])
+    assert cp_server.split_timeout(["--request-timeout=5", "--threads=8", "m:app"]) == (
+        5.0,
+        ["--threads=8", "m:app"],
+    )
     assert cp_server.split_timeout(["m:app"]) == (None, ["m:app"])
     with pytest.raises(SystemExit):
         cp_server.split_timeout(["--request-timeout=0"])
