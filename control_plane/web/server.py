@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import threading
 import time
 from importlib.metadata import version
 
@@ -121,11 +122,35 @@ def split_timeout(argv: list[str]) -> tuple[float | None, list[str]]:
     return timeout_s, rest
 
 
+def import_mlflow_in_the_background() -> threading.Thread:
+    """Import the MLflow client on a thread of its own while the server starts serving.
+
+    The registry imports it on first use (control_plane/registry/mlflow_registry.py), which cost the
+    first request that needed it 7 s of a loaded machine, inside the action lock when that request
+    started a rollout: on a fresh stack, every operator action queued behind it for 12-15 s.
+    """
+
+    def _import() -> None:
+        try:
+            import mlflow  # noqa: F401
+        except Exception:  # the request that needs it reports the problem
+            log.exception("importing mlflow failed")
+
+    thread = threading.Thread(target=_import, name="import-mlflow", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str] | None = None) -> int:
     from waitress import runner, serve
 
     timeout_s, rest = split_timeout(list(sys.argv[1:] if argv is None else argv))
-    _serve = functools.partial(serve, _server=functools.partial(create_server, timeout_s))
+    server = functools.partial(create_server, timeout_s)
+
+    def _serve(app, **kw) -> None:
+        import_mlflow_in_the_background()
+        serve(app, _server=server, **kw)
+
     return runner.run(["waitress-serve", *rest], _serve=_serve)
 
 
