@@ -17,8 +17,10 @@ Environment (read when the worker starts):
   RECSYS_PREDLOG_WRITE_S  how long the writer process gathers rows before it writes them (default 1:
                           rows reach the database up to 1.2 s late, within the control plane's
                           RECSYS_LOG_SETTLE_S; 0.2 costs the log more)
-  RECSYS_PREDLOG_MAX_QUEUE  rows the Bento and its writer each hold in memory (default 10000): with the
-                          database unreachable and the spill disk full, rows past it are counted lost
+  RECSYS_PREDLOG_MAX_QUEUE  rows the Bento and its writer each hold in memory (default 10000); past it the
+                          Bento's rows wait in an overflow of as many again, spilled by a thread of its
+                          own; with the database unreachable and the spill disk full, rows past it are
+                          counted lost
   RECSYS_GIL_SWITCH_MS    the interpreter's thread switch interval in ms (default 1; Python's is 5)
   RECSYS_ACCESS_LOG=on    one JSON log line per model request (default off)
   RECSYS_MAX_BODY_BYTES   larger request bodies get 413 (default 1000000)
