@@ -129,3 +129,16 @@ def test_the_timeout_option_is_taken_out_of_waitress_arguments():
     assert cp_server.split_timeout(["m:app"]) == (None, ["m:app"])
     with pytest.raises(SystemExit):
         cp_server.split_timeout(["--request-timeout=0"])
+
+
+def test_the_context_and_the_registry_are_warmed_up_on_a_thread_of_their_own():
+    from types import SimpleNamespace
+
+    from control_plane.web.wiring import EXTENSION
+
+    calls = []
+    registry = SimpleNamespace(versions=lambda: calls.append(threading.current_thread().name) or [])
+    ctx = SimpleNamespace(registry=registry)
+    app = SimpleNamespace(extensions={EXTENSION: SimpleNamespace(context=lambda: ctx)})
+    cp_server.warm_up_in_the_background(app).join(10)
+    assert calls == ["warm-up"]
