@@ -52,6 +52,7 @@ from control_plane.db.engine import make_engine, migrate, read_snapshot
 from control_plane.deployer.memory import InMemoryDeployer
 from control_plane.log_backlog import InMemoryLogBacklog
 from control_plane.registry.memory import InMemoryRegistry
+from control_plane.request_ids import issued_at
 from control_plane.settings import Settings
 from control_plane.traffic.memory import InMemoryRouter
 from control_plane.traffic_ops import apply_assignment
@@ -113,18 +114,27 @@ def _labels(rng: np.random.Generator, rows) -> list[dict]:
     return out
 
 
+def _issued(label: dict) -> float:
+    """The label's partition time, as the schema's default computes it for an insert through SQLAlchemy."""
+    return issued_at(label["request_id"]) or label["ts"]
+
+
 def _load_labels(engine, labs: list[dict]) -> None:
     """The labels as stored rows, by the fastest bulk path of the engine (the fill, not what is measured)."""
     raw = engine.raw_connection()
     try:
         cur = raw.cursor()
         if engine.dialect.name == "postgresql":
-            text_rows = "".join(f"{x['request_id']}\t{x['label']}\t{x['ts']!r}\n" for x in labs)
-            cur.copy_expert("COPY labels (request_id, label, ts) FROM STDIN", io.StringIO(text_rows))
+            text_rows = "".join(
+                f"{x['request_id']}\t{x['label']}\t{x['ts']!r}\t{_issued(x)!r}\n" for x in labs
+            )
+            cur.copy_expert(
+                "COPY labels (request_id, label, ts, issued_ts) FROM STDIN", io.StringIO(text_rows)
+            )
         else:
             cur.executemany(
-                "INSERT INTO labels (request_id, label, ts) VALUES (?, ?, ?)",
-                [(x["request_id"], x["label"], x["ts"]) for x in labs],
+                "INSERT INTO labels (request_id, label, ts, issued_ts) VALUES (?, ?, ?, ?)",
+                [(x["request_id"], x["label"], x["ts"], _issued(x)) for x in labs],
             )
         raw.commit()
     finally:
@@ -246,8 +256,9 @@ def measure(engine_name: str, url: str, n: int, synthetic: bool = False) -> dict
     end = time.time() // BUCKET_S * BUCKET_S
     start = end - HOUR_S
     with engine.begin() as conn:  # as if the stack had been running: the hour's partitions exist
-        if queries.predictions_partitioned(conn):
-            queries.create_partitions(conn, start, end + retention.AHEAD_S)
+        for table in queries.PARTITIONED:
+            if queries.partitioned(conn, table):
+                queries.create_partitions(conn, start, end + retention.AHEAD_S, table)
     if synthetic:
         out = {"engine": f"{engine_name} (aggregates synthesized)", "rows": n, **synthesize(engine, n, start)}
     else:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import Connection, Engine, func, insert, select, text
+from sqlalchemy import Connection, Engine, and_, func, insert, select, text
 
 from control_plane.analysis.aggregates import (
     BUCKET_S,
@@ -35,6 +35,7 @@ from control_plane.metrics_source import WEIGHTED
 log = logging.getLogger(__name__)
 
 PARTITION_S = 3600  # Postgres: one `predictions` partition per hour of prediction time
+ISSUE_SLACK_S = 60.0  # a prediction's logged time and its id's issue time differ by its latency, at most
 CLOSE_SPAN_S = 60  # the label job closes at most this much prediction time per transaction
 
 
@@ -298,9 +299,17 @@ def _lock_watermark(conn: Connection, window_s: int, start_at: float) -> float:
 def _closed_facts(conn: Connection, window_s: int, start: float, end: float) -> dict[BucketKey, LabelFacts]:
     """Outcomes of the served predictions of [start, end), each joined to its label (if any)."""
     p, lab = predictions, labels
+    # Only labels whose id was issued in the span (or, for an id of another form, that arrived while a
+    # prediction of the span could still count them) can match: on Postgres this prunes the labels'
+    # partitions to the span's hour or two, whatever the retention window holds.
+    joined = and_(
+        lab.c.request_id == p.c.request_id,
+        lab.c.issued_ts >= start - ISSUE_SLACK_S,
+        lab.c.issued_ts < end + window_s + ISSUE_SLACK_S,
+    )
     rows = conn.execute(
         select(p.c.ts, p.c.model_version, p.c.role, p.c.route, p.c.endpoint, p.c.score, lab.c.label, lab.c.ts)
-        .select_from(p.outerjoin(lab, lab.c.request_id == p.c.request_id))
+        .select_from(p.outerjoin(lab, joined))
         .where(p.c.ts >= start, p.c.ts < end, p.c.status < 500, p.c.score.is_not(None))
     ).all()
     if not rows:
@@ -376,38 +385,50 @@ def earliest_prediction(conn: Connection) -> float | None:
 
 
 # --- partitions (Postgres) ----------------------------------------------------
-def partition_name(start: int) -> str:
-    return f"predictions_p{start}"
+# `predictions` by `ts` and `labels` by `issued_ts` (the time of the prediction a label is for), one
+# partition an hour each, so retention drops a prediction and its label together.
+PARTITIONED = ("predictions", "labels")
+
+
+def partition_name(start: int, table: str = "predictions") -> str:
+    return f"{table}_p{start}"
+
+
+def partitioned(conn: Connection, table: str) -> bool:
+    if conn.dialect.name != "postgresql" or table not in PARTITIONED:
+        return False
+    q = text("SELECT c.relkind FROM pg_class c WHERE c.oid = to_regclass(:t)")
+    return conn.execute(q, {"t": table}).scalar() == "p"
 
 
 def predictions_partitioned(conn: Connection) -> bool:
-    if conn.dialect.name != "postgresql":
-        return False
-    q = text("SELECT c.relkind FROM pg_class c WHERE c.oid = to_regclass('predictions')")
-    return conn.execute(q).scalar() == "p"
+    return partitioned(conn, "predictions")
 
 
-def partition_starts(conn: Connection) -> list[int]:
-    """Starts of the hourly partitions of `predictions` (the default partition is not listed)."""
+def partition_starts(conn: Connection, table: str = "predictions") -> list[int]:
+    """Starts of the hourly partitions of `table` (the default partition is not listed)."""
     rows = conn.execute(
         text(
             "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-            "WHERE i.inhparent = to_regclass('predictions')"
-        )
+            "WHERE i.inhparent = to_regclass(:t)"
+        ),
+        {"t": table},
     ).scalars()
-    return sorted(int(n.removeprefix("predictions_p")) for n in rows if n.startswith("predictions_p"))
+    prefix = f"{table}_p"
+    return sorted(int(n.removeprefix(prefix)) for n in rows if n.startswith(prefix))
 
 
-def create_partitions(conn: Connection, since: float, until: float) -> list[int]:
-    """Hourly partitions covering [since, until) that do not exist yet; returns their starts."""
-    have = set(partition_starts(conn))
+def create_partitions(conn: Connection, since: float, until: float, table: str = "predictions") -> list[int]:
+    """Hourly partitions of `table` covering [since, until) that do not exist yet; returns their starts."""
+    assert table in PARTITIONED
+    have = set(partition_starts(conn, table))
     made = []
     start = int(since // PARTITION_S) * PARTITION_S
     while start < until:
         if start not in have:
             conn.execute(
                 text(
-                    f"CREATE TABLE IF NOT EXISTS {partition_name(start)} PARTITION OF predictions "
+                    f"CREATE TABLE IF NOT EXISTS {partition_name(start, table)} PARTITION OF {table} "
                     f"FOR VALUES FROM ({start}) TO ({start + PARTITION_S})"
                 )
             )
@@ -416,11 +437,12 @@ def create_partitions(conn: Connection, since: float, until: float) -> list[int]
     return made
 
 
-def drop_partitions_before(conn: Connection, cutoff: float) -> list[int]:
-    """Drop every hourly partition that ends at or before `cutoff`; returns their starts."""
-    dropped = [s for s in partition_starts(conn) if s + PARTITION_S <= cutoff]
+def drop_partitions_before(conn: Connection, cutoff: float, table: str = "predictions") -> list[int]:
+    """Drop every hourly partition of `table` that ends at or before `cutoff`; returns their starts."""
+    assert table in PARTITIONED
+    dropped = [s for s in partition_starts(conn, table) if s + PARTITION_S <= cutoff]
     for start in dropped:
-        conn.execute(text(f"DROP TABLE IF EXISTS {partition_name(start)}"))
+        conn.execute(text(f"DROP TABLE IF EXISTS {partition_name(start, table)}"))
     return dropped
 
 
@@ -433,6 +455,13 @@ PARTITIONED_PREDICTIONS_DDL = (
     ") PARTITION BY RANGE (ts)"
 )
 
+PARTITIONED_LABELS_DDL = (
+    "CREATE TABLE labels ("
+    " request_id VARCHAR(128) NOT NULL, label SMALLINT NOT NULL, ts DOUBLE PRECISION NOT NULL,"
+    " issued_ts DOUBLE PRECISION NOT NULL, PRIMARY KEY (request_id, issued_ts)"
+    ") PARTITION BY RANGE (issued_ts)"
+)
+
 
 # --- retention ----------------------------------------------------------------
 def delete_predictions_before(conn: Connection, cutoff: float, batch: int) -> int:
@@ -442,8 +471,9 @@ def delete_predictions_before(conn: Connection, cutoff: float, batch: int) -> in
 
 
 def delete_labels_before(conn: Connection, cutoff: float, batch: int) -> int:
-    """Delete up to `batch` labels stored before `cutoff` (both engines: labels are upserted by request)."""
-    ids = select(labels.c.request_id).where(labels.c.ts < cutoff).limit(batch).scalar_subquery()
+    """SQLite: delete up to `batch` labels of predictions before `cutoff` (by the time their id was issued,
+    so a label goes with its prediction)."""
+    ids = select(labels.c.request_id).where(labels.c.issued_ts < cutoff).limit(batch).scalar_subquery()
     return conn.execute(labels.delete().where(labels.c.request_id.in_(ids))).rowcount
 
 

@@ -5,7 +5,9 @@ Bento makes the fresh part for every request (bentos/http.py: time first, then 6
 no two answers share an id and every 2xx is exactly one row of `predictions`, whatever id the client
 sent; the client's own id stays in front, so it can still find its request in the logs. The signature,
 with a key only the Bentos and the control plane hold (control_plane/credentials.py), lets `/feedback`
-refuse a label for an id the system never issued without a look-up in the log.
+refuse a label for an id the system never issued without a look-up in the log. The fresh part begins
+with the issue time in nanoseconds (16 hex digits), which is how `labels` is partitioned by the time of
+the prediction it labels (`issued_at`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,23 @@ MAX_ID_CHARS = 128  # predictions.request_id and labels.request_id are String(12
 FRESH_CHARS = 32
 SIGNATURE_CHARS = 24  # 96 bits of the HMAC: forging one is a 2^-96 guess
 MAX_CLIENT_ID_CHARS = MAX_ID_CHARS - FRESH_CHARS - SIGNATURE_CHARS - 2  # 70, with the two dots
+TIME_CHARS = 16  # the fresh part's first 16 hex digits: time.time_ns() when the id was issued
+_HEX = frozenset("0123456789abcdef")
+_PLAUSIBLE_S = (946_684_800.0, 7_258_118_400.0)  # 2000 to 2200: anything else is not an issue time
+
+
+def issued_at(request_id: str) -> float | None:
+    """When an id of the system's form was issued (epoch seconds), read from its fresh part; None for
+    an id of another form. It does not check the signature: call `issued` for that."""
+    parts = request_id.rsplit(".", 2)  # [client id,] fresh part, signature
+    if len(parts) < 2:
+        return None
+    fresh = parts[-2]
+    if len(fresh) != FRESH_CHARS or not all(c in _HEX for c in fresh[:TIME_CHARS]):
+        return None
+    seconds = int(fresh[:TIME_CHARS], 16) / 1e9
+    low, high = _PLAUSIBLE_S
+    return seconds if low <= seconds < high else None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Bounded storage: raw rows kept for a retention window, aggregates for a year, partitions made ahead.
 
-On Postgres `predictions` is partitioned by hour of prediction time: retention drops whole partitions
+On Postgres `predictions` and `labels` are partitioned by hour of prediction time (a label's by the
+time its request id was issued): retention drops whole partitions
 (no row-by-row delete, no vacuum debt) and creates the next day's ahead of the writers. On SQLite it
 deletes in small batches, each its own short transaction, so writers wait for one batch at most.
 Nothing an open rollout or an unclosed attribution window still needs is removed: the cutoff never
@@ -30,7 +31,7 @@ class RetentionPolicy:
 @dataclass(frozen=True)
 class RetentionReport:
     raw_cutoff: float
-    partitions_created: int = 0
+    partitions_created: int = 0  # of predictions and labels together
     partitions_dropped: int = 0
     predictions_deleted: int = 0
     labels_deleted: int = 0
@@ -54,23 +55,41 @@ def apply(
 ) -> RetentionReport:
     """One pass; safe to run twice or at once with another (each step is idempotent)."""
     cutoff = raw_cutoff(engine, policy, now, open_since)
-    created = dropped = deleted = 0
-    with engine.begin() as conn:
-        partitioned = queries.predictions_partitioned(conn)
-        if partitioned:
-            created = len(queries.create_partitions(conn, now, now + AHEAD_S))
-            dropped = len(queries.drop_partitions_before(conn, cutoff))
-    if not partitioned:
-        deleted = _in_batches(
-            engine, lambda conn: queries.delete_predictions_before(conn, cutoff, policy.batch_rows)
-        )
-    labels = _in_batches(engine, lambda conn: queries.delete_labels_before(conn, cutoff, policy.batch_rows))
+    preds = _expire(engine, "predictions", queries.delete_predictions_before, cutoff, now, policy.batch_rows)
+    labs = _expire(engine, "labels", queries.delete_labels_before, cutoff, now, policy.batch_rows)
     # An open rollout's buckets stay fine: its window's edges are read at the fine bucket.
     rollup_before = now - policy.fine_s if open_since is None else min(now - policy.fine_s, open_since)
     rolled = _in_batches(engine, lambda conn: queries.roll_up(conn, rollup_before, COARSE_BUCKET_S))
     with engine.begin() as conn:
         gone = queries.delete_buckets_before(conn, now - policy.aggregate_s)
-    return RetentionReport(cutoff, created, dropped, deleted, labels, rolled, gone)
+    return RetentionReport(
+        cutoff,
+        partitions_created=preds.created + labs.created,
+        partitions_dropped=preds.dropped + labs.dropped,
+        predictions_deleted=preds.deleted,
+        labels_deleted=labs.deleted,
+        buckets_rolled_up=rolled,
+        buckets_deleted=gone,
+    )
+
+
+@dataclass(frozen=True)
+class _Expired:
+    created: int = 0
+    dropped: int = 0
+    deleted: int = 0
+
+
+def _expire(engine: Engine, table: str, delete, cutoff: float, now: float, batch: int) -> _Expired:
+    """Postgres: make the next day's partitions of `table` and drop those past the cutoff; SQLite: delete
+    the rows past it in batches."""
+    with engine.begin() as conn:
+        if queries.partitioned(conn, table):
+            made = queries.create_partitions(conn, now, now + AHEAD_S, table)
+            return _Expired(
+                created=len(made), dropped=len(queries.drop_partitions_before(conn, cutoff, table))
+            )
+    return _Expired(deleted=_in_batches(engine, lambda conn: delete(conn, cutoff, batch)))
 
 
 def _in_batches(engine: Engine, step) -> int:

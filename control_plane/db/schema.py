@@ -19,6 +19,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
+from control_plane.request_ids import issued_at
+
 metadata = MetaData()
 
 # One row per served request, written by the Bento off the request path.
@@ -42,14 +44,28 @@ predictions = Table(
     Index("ix_predictions_ts", "ts"),
 )
 
-# Late-arriving ground truth, keyed by the request it labels; a second label replaces the first.
+
+def _issued_ts(context) -> float:
+    """A label's partition time: when its request id was issued (the prediction's time, within the
+    request's own duration), read from the id; the label's arrival for an id of another form."""
+    row = context.get_current_parameters()
+    return issued_at(row["request_id"]) or row["ts"]
+
+
+# Late-arriving ground truth, keyed by the request it labels; a request's first label is kept
+# (control_plane/labels.py). `ts` is when the label arrived, `issued_ts` when its request id was
+# issued: on Postgres the table is partitioned by `issued_ts` by hour, like `predictions` by `ts`, so
+# retention drops a label's partition with its prediction's, and its primary key is
+# (request_id, issued_ts), which is as unique as request_id since the id determines the time.
 labels = Table(
     "labels",
     metadata,
     Column("request_id", String(128), primary_key=True),
     Column("label", SmallInteger, nullable=False),
     Column("ts", Float, nullable=False),
+    Column("issued_ts", Float, nullable=False, default=_issued_ts),
     Index("ix_labels_ts", "ts"),
+    Index("ix_labels_issued_ts", "issued_ts"),
 )
 
 

@@ -1,6 +1,6 @@
-"""Postgres: the migration partitions an existing `predictions` table by hour and sums it into the
-aggregates; retention drops whole partitions past the window, never an open rollout's, and makes the
-next day's partitions ahead."""
+"""Postgres: the migrations partition existing `predictions` and `labels` tables by hour (a label by the
+time its request id was issued) and sum the predictions into the aggregates; retention drops whole
+partitions of both past the window, never an open rollout's, and makes the next day's ahead."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import uuid
 
 import pytest
 from alembic import command
-from sqlalchemy import create_engine, insert, text
+from sqlalchemy import create_engine, func, insert, select, text
 
 from control_plane import queries, retention
 from control_plane.db.engine import alembic_config, make_engine
-from control_plane.db.schema import predictions
+from control_plane.db.schema import labels, predictions
+from control_plane.errors import LabelConflict
+from control_plane.labels import record_labels
+from control_plane.request_ids import RequestIdSigner, issued_at
 from tests.conftest import PG_ADMIN_URL
 
 HOUR = 3600
@@ -32,10 +35,18 @@ def empty_database():
     admin.dispose()
 
 
+SIGNER = RequestIdSigner.ephemeral()
+
+
+def issued_id(ts: float) -> str:
+    """An id of the form the Bentos issue, issued at `ts`."""
+    return SIGNER.issue(f"{int(ts * 1e9):016x}{uuid.uuid4().int & (2**64 - 1):016x}")
+
+
 def rows(now: float, hours: int, per_hour: int) -> list[dict]:
     return [
         {
-            "request_id": f"r{h}-{i}",
+            "request_id": issued_id(now - (h + 0.5) * HOUR + i),
             "ts": now - (h + 0.5) * HOUR + i,
             "model_version": 1,
             "role": "baseline",
@@ -55,12 +66,28 @@ def test_the_migration_partitions_existing_rows_and_retention_drops_whole_hours(
     now = time.time() // HOUR * HOUR + 1800
     command.upgrade(alembic_config(empty_database), "0001")
     engine = make_engine(empty_database)
+    served = rows(now, hours=10, per_hour=30)
     with engine.begin() as conn:
-        conn.execute(insert(predictions), rows(now, hours=10, per_hour=30))
+        conn.execute(insert(predictions), served)
+        # labels as they were stored before issued_ts existed: half of them, each 90 s after its prediction
+        conn.execute(
+            text("INSERT INTO labels (request_id, label, ts) VALUES (:request_id, 1, :ts)"),
+            [{"request_id": r["request_id"], "ts": r["ts"] + 90} for r in served[::2]],
+        )
+        conn.execute(
+            text("INSERT INTO labels (request_id, label, ts) VALUES ('not-issued', 0, :ts)"), {"ts": now}
+        )
     command.upgrade(alembic_config(empty_database), "head")
     with engine.connect() as conn:
-        assert queries.predictions_partitioned(conn)
+        assert queries.predictions_partitioned(conn) and queries.partitioned(conn, "labels")
         assert queries.prediction_count(conn) == 300  # every existing row kept
+        stored = dict(conn.execute(select(labels.c.request_id, labels.c.issued_ts)).all())
+        assert len(stored) == 151
+        # each label sits at its prediction's time; the one whose id has another form at its arrival
+        assert all(stored[r["request_id"]] == pytest.approx(r["ts"], abs=1e-6) for r in served[::2])
+        assert stored["not-issued"] == now
+        assert conn.execute(text("SELECT COUNT(*) FROM labels_default")).scalar() == 0
+        assert queries.partition_starts(conn, "labels") == queries.partition_starts(conn)
         starts = queries.partition_starts(conn)
         src = queries.SqlMetricsSource(conn)
         assert src.requests(0, now + HOUR, version=1)[None].requests == 300  # summed into the aggregates
@@ -71,7 +98,7 @@ def test_the_migration_partitions_existing_rows_and_retention_drops_whole_hours(
     report = retention.apply(engine, policy, now, open_since=now - 6 * HOUR)  # a rollout began 6 h ago
     with engine.connect() as conn:
         assert queries.earliest_prediction(conn) >= now - 7 * HOUR  # the rollout's hours stay
-    assert report.partitions_dropped == 3  # the hours before the rollout began, and no more
+    assert report.partitions_dropped == 6  # the hours before the rollout began, and no more, of both tables
     report = retention.apply(engine, policy, now)  # the rollout is over
     with engine.connect() as conn:
         oldest = queries.earliest_prediction(conn)
@@ -79,8 +106,33 @@ def test_the_migration_partitions_existing_rows_and_retention_drops_whole_hours(
         assert queries.partition_starts(conn)[-1] >= now + 23 * HOUR  # made ahead
     assert now - 5 * HOUR <= oldest  # within the window and at most one partition more
     assert kept <= 5 * 30  # four hours of the window and the partition the cutoff falls in
+    with engine.connect() as conn:  # the labels went with their predictions
+        oldest_label = conn.execute(select(func.min(labels.c.issued_ts))).scalar()
+    assert oldest_label >= oldest
     # A row written now lands in its hour's partition, not the default one.
     with engine.begin() as conn:
         queries.insert_predictions(conn, [{**rows(now, 1, 1)[0], "request_id": "new", "ts": now}])
         assert conn.execute(text("SELECT COUNT(*) FROM predictions_default")).scalar() == 0
+    engine.dispose()
+
+
+def test_a_label_lands_in_its_prediction_s_hour_and_stays_the_request_s_only_label(empty_database):
+    command.upgrade(alembic_config(empty_database), "head")
+    engine = make_engine(empty_database)
+    now = time.time()
+    old, new = issued_id(now - 2 * HOUR), issued_id(now)
+    assert issued_at(old) == pytest.approx(now - 2 * HOUR, abs=1e-6)
+    with engine.begin() as conn:
+        queries.create_partitions(conn, now - 3 * HOUR, now + HOUR, "labels")
+    assert record_labels(engine, [(old, 1), (new, 0)], now) == 2
+    with engine.connect() as conn:
+        where = dict(conn.execute(text("SELECT request_id, tableoid::regclass::text FROM labels")).all())
+    hour = lambda t: int(t // HOUR * HOUR)  # noqa: E731
+    assert where == {old: f"labels_p{hour(now - 2 * HOUR)}", new: f"labels_p{hour(now)}"}
+    # the key includes the issue time, which the id fixes: a second label for the id is still refused
+    with pytest.raises(LabelConflict):
+        record_labels(engine, [(old, 0)], now + 1)
+    assert record_labels(engine, [(old, 1)], now + 2, refuse_conflicts=False) == 0
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(labels)).scalar() == 2
     engine.dispose()

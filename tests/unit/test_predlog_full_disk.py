@@ -56,7 +56,8 @@ def test_with_the_database_down_and_the_disk_full_rows_wait_in_memory_and_reach_
         assert w._thread.is_alive(), "the writer thread survives ENOSPC"
         s = w.stats()
         assert s.rows_lost == 0 and s.rows_spilled == 0 and not s.disk_ok and not s.db_up
-        assert s.queue_depth == 30, "the rows are held, not dropped"
+        # the rows are held, not dropped (a batch being retried is out of the queue for a moment)
+        wait_until(lambda: w.stats().queue_depth == 30)
         db.down = False  # the database comes back first: everything goes there
         wait_until(lambda: db.count() == 30)
     finally:
