@@ -187,7 +187,7 @@ class ProcessLogWriter(_WriterBase):
         )
         # Rows log() finds no room for: spilled by a thread of their own, for the child to replay.
         self._overflow = OverflowSpiller(
-            self._fallback.spill_for_replay,
+            self._spill_overflow,
             self._fallback.count_lost,
             max_rows=max_queue,
             batch_size=batch_size,
@@ -378,6 +378,13 @@ class ProcessLogWriter(_WriterBase):
                 len(rows), "no writer process took them and the spill file is not writable"
             )
         self._publish_stats()
+
+    def _spill_overflow(self, rows: list[PredictionRow]) -> bool:
+        """The overflow's spill: `rows` in a spill file for the child to replay, reported at once so that
+        /predlog shows them waiting (the control plane waits for them before it evaluates)."""
+        kept = self._fallback.spill_for_replay(rows)
+        self._publish_stats()
+        return kept
 
     # ---- the child process -------------------------------------------------------------------
 
