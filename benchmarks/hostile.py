@@ -47,6 +47,20 @@ class Target:
     bento: str
     token: str
     label_token: str = ""  # /feedback's own credential: without it every label probe stops at the 401
+    # The key the Bentos sign request ids with: labels that must be stored name ids signed with it (the
+    # control plane refuses a label for an id the stack did not issue); empty, the ids are unsigned.
+    request_id_key: str = ""
+
+    def label_id(self, rng: random.Random, client_chars: int = 0) -> str:
+        """A request id as a Bento issues it (32 fresh hex digits, signed), after `client_chars`
+        characters of a client's own id: 0 gives 57 characters, 70 the longest id, 128."""
+        fresh = f"{rng.getrandbits(128):032x}"
+        client = f"{rng.getrandbits(512):x}".rjust(client_chars, "0")[:client_chars] if client_chars else None
+        if not self.request_id_key:
+            return f"{client}.{fresh}" if client else fresh
+        from control_plane.request_ids import RequestIdSigner
+
+        return RequestIdSigner.from_secret(self.request_id_key).issue(fresh, client)
 
 
 @dataclass(frozen=True)
@@ -165,12 +179,12 @@ def deep(rng: random.Random, t: Target) -> list[Probe]:
 def labels(rng: random.Random, t: Target) -> list[Probe]:
     out = []
     for to in ("gateway", "control_plane"):
-        ids = tuple(f"{rng.getrandbits(128):032x}" for _ in range(1000))
+        ids = tuple(t.label_id(rng) for _ in range(1000))
         items = [{"request_id": i, "label": rng.randrange(2)} for i in ids]
         out.append(
             P("labels", f"1000 labels {to}", to, http("POST", "/feedback", _json(items), JSON), label_ids=ids)
         )
-        long_ids = tuple(f"{rng.getrandbits(512):x}".rjust(128, "0")[:128] for _ in range(1000))
+        long_ids = tuple(t.label_id(rng, client_chars=70) for _ in range(1000))  # 128 characters
         body = _json({"labels": [{"request_id": i, "label": 1} for i in long_ids]})
         padded = body[:-1] + b" " * (990_000 - len(body)) + b"}"  # near the 1 MB limit, still valid
         out.append(
@@ -387,7 +401,7 @@ def control(rng: random.Random, t: Target) -> list[Probe]:
                 logs_prediction=True,
             )
         )
-        rid = f"hostile-{rng.getrandbits(64):016x}"
+        rid = t.label_id(rng)
         out.append(
             P(
                 "control",
@@ -553,6 +567,8 @@ def target_from_env(env: dict[str, str]) -> tuple[Target, str]:
     baseline = s.bento_base_port + _baseline_version(s)
     token = s.api_token or (s.state_dir / "api-token").read_text().strip()
     label_token = s.label_token or (s.state_dir / "label-token").read_text().strip()
+    key_file = s.state_dir / "request-id-key"
+    request_id_key = s.request_id_key or (key_file.read_text().strip() if key_file.exists() else "")
     host = s.bind_host
     return (
         Target(
@@ -561,6 +577,7 @@ def target_from_env(env: dict[str, str]) -> tuple[Target, str]:
             f"{host}:{baseline}",
             token,
             label_token,
+            request_id_key,
         ),
         s.database_url,
     )

@@ -2,9 +2,9 @@
 
 The request thread only appends a row to a bounded deque. One writer thread takes batches off it
 (once a flush interval, or at once when a whole batch is waiting) and inserts them with ON CONFLICT
-DO NOTHING on `request_id`, so writing a row twice is harmless. When the deque is full the caller
-appends the row to the spill file itself; when the database is unreachable the writer appends whole
-batches there. Spill files are fsync'd JSON lines, one file per process (locked with flock while its
+DO NOTHING on `request_id`, so writing a row twice is harmless. When the deque is full the row goes
+to a bounded overflow that a thread of its own appends to the spill file (bentos/predlog_overflow.py),
+never the request; when the database is unreachable the writer appends whole batches there. Spill files are fsync'd JSON lines, one file per process (locked with flock while its
 owner has it open), and are replayed into the database once it answers again, including the files a
 dead process left behind. A row the database refuses as bad data (a constraint, not the connection)
 is set aside in rejected-*.jsonl instead of being retried for ever, and so is a spill line that cannot
@@ -44,6 +44,7 @@ from typing import BinaryIO
 from pydantic_core import PydanticSerializationError, to_json
 from sqlalchemy import Engine, text
 
+from bentos.predlog_overflow import OverflowSpiller
 from control_plane.db.schema import predictions
 from control_plane.queries import add_request_facts, first_of_each
 
@@ -320,6 +321,10 @@ class PredictionLogWriter(_WriterBase):
         self._wake_at = max(1, max_queue // 2)
         self._closed = False
         self._inflight: list[PredictionRow] = []
+        # Rows log() finds no room for, spilled by a thread of its own (started on the first one).
+        self._overflow = OverflowSpiller(
+            self._spill, self.count_lost, max_rows=max_queue, settled=self._settled, batch_size=batch_size
+        )
         # Spill file state, shared by the writer thread and callers that find the queue full.
         self._spill_lock = threading.Lock()
         self._spill_file = None
@@ -359,16 +364,26 @@ class PredictionLogWriter(_WriterBase):
         return self
 
     def log(self, row: PredictionRow) -> None:
-        """Queue `row`; never blocks on the database and never drops: a full queue spills here."""
+        """Queue `row`; never blocks on the database or the disk and never drops a row silently.
+
+        A full queue hands the row to the overflow, whose own thread spills it (bentos/predlog_overflow.py):
+        the caller is a request, which must not wait for an fsync. After close() the row is spilled
+        here: nothing else would write it.
+        """
         if not self._closed and len(self._rows) < self.max_queue:
             self._rows.append(row)
             if len(self._rows) >= self._wake_at:
                 self._wake.set()
             return
-        self._keep_or_lose([row])
+        if self._closed:
+            self._keep_or_lose([row])
+        else:
+            self._overflow.put(row)
 
     def log_many(self, rows: list[PredictionRow]) -> None:
-        """`log` for each of `rows`, in one step: the writer process hands on a whole frame so."""
+        """`log` for each of `rows`, in one step: the writer process hands on a whole frame so. What does
+        not fit in the queue is spilled here, by the caller: the writer process' reader, not a request,
+        which then reads the pipe more slowly (the Bento's queue and overflow take the wait)."""
         room = 0 if self._closed else self.max_queue - len(self._rows)
         if len(rows) <= room:
             self._rows.extend(rows)
@@ -406,6 +421,7 @@ class PredictionLogWriter(_WriterBase):
         if self._closed:
             return
         self._closed = True
+        self._overflow.close(timeout_s)
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
@@ -426,7 +442,7 @@ class PredictionLogWriter(_WriterBase):
 
     def stats(self) -> WriterStats:
         return WriterStats(
-            queue_depth=len(self._rows),
+            queue_depth=len(self._rows) + len(self._inflight) + len(self._overflow),  # all held in memory
             rows_written=self._rows_written,
             rows_spilled=self._rows_spilled,
             rows_replayed=self._rows_replayed,

@@ -18,7 +18,8 @@ the next child replays it (a row written twice is deduplicated by ON CONFLICT DO
 that keeps dying is restarted ever less often, and meanwhile the Bento spills. Rows the Bento can
 neither hand on nor spill (the spill disk full or failing) are counted in `rows_lost`, never dropped
 silently; a request never waits for the disk and never fails because of the log: `log()` only appends
-to a bounded deque, and past `max_queue` rows the row is counted lost. The child ignores
+to a bounded deque, and past `max_queue` rows to a bounded overflow that a thread of its own spills
+for the child to replay (bentos/predlog_overflow.py); past that too, the row is counted lost. The child ignores
 SIGTERM and SIGINT: it ends when its stdin closes, which happens when the Bento closes the log or
 dies, and then drains everything it holds to the database or to a spill file.
 """
@@ -54,6 +55,7 @@ from bentos.predlog import (
     default_engine_factory,
     take,
 )
+from bentos.predlog_overflow import OverflowSpiller
 
 log = logging.getLogger("recsys.predlog")
 
@@ -183,6 +185,13 @@ class ProcessLogWriter(_WriterBase):
         self._fallback = PredictionLogWriter(  # never started: no thread
             lambda: None, self.spill_dir, retry_interval_s=restart_interval_s, open_file=open_file
         )
+        # Rows log() finds no room for: spilled by a thread of their own, for the child to replay.
+        self._overflow = OverflowSpiller(
+            self._spill_overflow,
+            self._fallback.count_lost,
+            max_rows=max_queue,
+            batch_size=batch_size,
+        )
         self._child: subprocess.Popen | None = None
         self._next_start = 0.0
         self._started_at = 0.0
@@ -218,8 +227,10 @@ class ProcessLogWriter(_WriterBase):
         """Keep `row` for the next frame; never blocks, never raises, never touches the disk.
 
         Past `max_queue` rows (the sender has taken nothing for that long: a child that takes no data
-        for up to send_timeout_s at thousands of requests/s) the row is counted lost: spilling it here
-        cost an fsync on the serving path for every request, and raised with the disk full.
+        for up to send_timeout_s at thousands of requests/s) the row goes to the overflow, which a
+        thread of its own spills for the child to replay (bentos/predlog_overflow.py): spilling it here
+        cost an fsync on the serving path for every request, and raised with the disk full. Past
+        another `max_queue` rows there, or with the disk full, it is counted lost.
         """
         if not self._closed and len(self._rows) < self.max_queue:
             self._rows.append(row)
@@ -227,15 +238,16 @@ class ProcessLogWriter(_WriterBase):
         if self._closed:
             self._spill([row])  # a request that finishes after close(): nothing else will send it
         else:
-            self._fallback.count_lost(1, f"the queue of {self.max_queue} rows for the writer process is full")
+            self._overflow.put(row)
 
     def close(self, timeout_s: float = 15.0) -> None:
         """Send what is held, let the child drain to the database (or spill), wait for it. Safe twice."""
         if self._closed:
             return
         self._closed = True
-        self._stopping.set()
         deadline = time.monotonic() + timeout_s
+        self._overflow.close(timeout_s)
+        self._stopping.set()
         if self._sender is not None:
             self._sender.join(timeout_s)
         if self._sender is None or self._sender.is_alive():
@@ -262,7 +274,7 @@ class ProcessLogWriter(_WriterBase):
         counters = {n: ended[n] + getattr(child, n) + getattr(own, n) for n in _COUNTERS}
         return dataclasses.replace(
             child,
-            queue_depth=child.queue_depth + len(self._rows),
+            queue_depth=child.queue_depth + len(self._rows) + len(self._overflow),
             spill_rows=child.spill_rows + own.spill_rows,
             spill_bytes=max(child.spill_bytes, own.spill_bytes),  # both measure the same directory
             disk_ok=child.disk_ok and own.disk_ok,
@@ -366,6 +378,13 @@ class ProcessLogWriter(_WriterBase):
                 len(rows), "no writer process took them and the spill file is not writable"
             )
         self._publish_stats()
+
+    def _spill_overflow(self, rows: list[PredictionRow]) -> bool:
+        """The overflow's spill: `rows` in a spill file for the child to replay, reported at once so that
+        /predlog shows them waiting (the control plane waits for them before it evaluates)."""
+        kept = self._fallback.spill_for_replay(rows)
+        self._publish_stats()
+        return kept
 
     # ---- the child process -------------------------------------------------------------------
 

@@ -17,8 +17,10 @@ Environment (read when the worker starts):
   RECSYS_PREDLOG_WRITE_S  how long the writer process gathers rows before it writes them (default 1:
                           rows reach the database up to 1.2 s late, within the control plane's
                           RECSYS_LOG_SETTLE_S; 0.2 costs the log more)
-  RECSYS_PREDLOG_MAX_QUEUE  rows the Bento and its writer each hold in memory (default 10000): with the
-                          database unreachable and the spill disk full, rows past it are counted lost
+  RECSYS_PREDLOG_MAX_QUEUE  rows the Bento and its writer each hold in memory (default 10000); past it the
+                          Bento's rows wait in an overflow of as many again, spilled by a thread of its
+                          own; with the database unreachable and the spill disk full, rows past it are
+                          counted lost
   RECSYS_GIL_SWITCH_MS    the interpreter's thread switch interval in ms (default 1; Python's is 5)
   RECSYS_ACCESS_LOG=on    one JSON log line per model request (default off)
   RECSYS_MAX_BODY_BYTES   larger request bodies get 413 (default 1000000)
@@ -47,6 +49,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from bentos.bentoml_fixes import gate_first, separate_prometheus_dir
+from bentos.header_deadline import install as install_header_deadline
 from bentos.http import RequestGate, RequestInfo, current_request
 from bentos.schemas import (
     Candidate,
@@ -75,6 +78,9 @@ TRAFFIC_TIMEOUT_S = 10
 # Through the gateway a body comes whole (Traefik buffers it, and closes on a client slower than its own
 # read timeout, 5 s); this bound is for a client that connects to the Bento directly.
 BODY_TIMEOUT_S = 5
+# A request whose headers are not in after this long (from its first byte; from the connection's opening
+# for the first request) gets 408 and a close: uvicorn has no such deadline (bentos/header_deadline.py).
+HEADER_TIMEOUT_S = 5
 
 # Read at import because that is how BentoML delivers build arguments; it touches no I/O.
 ARGS = bentoml.use_arguments(BentoArgs)
@@ -283,6 +289,8 @@ Recsys.add_asgi_middleware(
 # Before BentoML's own middlewares, which each model request paid for (bentos/bentoml_fixes.py);
 # patched here, at import, because `bentoml serve` builds the app right after importing this module.
 gate_first(RequestGate)
+# Before uvicorn makes its first connection, which happens after this import too.
+install_header_deadline(HEADER_TIMEOUT_S)
 
 
 def _prediction_log(settings, engine_factory, on_stats):

@@ -74,7 +74,12 @@ def record_labels(
             raise LabelConflict(conflicts)
         rows = [{"request_id": rid, "label": label, "ts": ts} for rid, label in items if rid not in stored]
         if rows:  # two writers at once: the first insert wins, the other's row is dropped here
-            conn.execute(insert(labels).on_conflict_do_nothing(), rows)  # issued_ts: schema's default
+            # RETURNING makes SQLAlchemy send the rows as a few multi-row INSERTs; with ON CONFLICT and no
+            # RETURNING it sends one statement per row (SQLAlchemy #13130): 1,000 labels on Postgres took
+            # 0.41 s against 0.07 (medians of 5), 0.87 against 0.15 with labels partitioned, on a loaded
+            # machine. issued_ts: the schema's default, computed per row either way.
+            stmt = insert(labels).on_conflict_do_nothing()
+            conn.execute(stmt.returning(labels.c.request_id), rows).all()
     return len(rows)
 
 

@@ -175,6 +175,31 @@ def maintain(ctx: Context) -> dict[str, Any]:
     return {"labels_closed": closed, **dataclasses.asdict(report)}
 
 
+# --- checks before the lock --------------------------------------------------
+# A request that is refused anyway is refused before the action lock: it must not wait (up to
+# RECSYS_ACTION_WAIT_S) behind an action in progress to learn that its input was wrong. Measured on a
+# fresh stack: 400s for bad weights and 404s for unknown versions and rollouts took 2.5 to 15 s behind a
+# rollout's start whose first MLflow call was slow. The locked services check again, as they must.
+def check_weights(weights: dict[str, Any]) -> None:
+    """InvalidRequest (400) when `weights` can never be set."""
+    try:
+        validate_weights(weights)
+    except InvalidWeights as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def check_canary(ctx: Context, version: int, policy: dict | None) -> None:
+    """InvalidRequest (400) for a bad policy, VersionNotFound (404) for a version not registered."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InvalidRequest(f"version must be a positive integer, got {version!r}")
+    check_row_int(version, "version")
+    try:
+        Policy.from_dict(policy or {})
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(f"invalid policy: {exc}") from None
+    ctx.registry.get(version)
+
+
 # --- traffic -----------------------------------------------------------------
 @one_at_a_time
 def set_weights(ctx: Context, weights: dict[str, Any], actor: str) -> dict[str, Any]:

@@ -22,6 +22,8 @@ REDIS_CLIENT_RETRIES = 1000
 CONTROL_PLANE_THREADS = 8
 CONTROL_PLANE_CONNECTIONS = 1000
 CONTROL_PLANE_CHANNEL_TIMEOUT_S = 120
+# A request not read whole this long after its first byte gets 408 (control_plane/web/server.py).
+CONTROL_PLANE_REQUEST_TIMEOUT_S = 5
 
 
 def _env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -174,9 +176,16 @@ def control_plane_server(settings: Settings, listen: str | None = None) -> list[
     and with 100 tricklers waitress answered every probe, gthread 2x4 froze at 12 and 2x32 at 100;
     gevent workers survived them too but served /feedback at a third of the rate (a SQLite or
     psycopg2 call blocks a gevent worker whole), where waitress served it as gthread did.
+
+    Waitress is run through control_plane.web.server, which adds a deadline for reading a request
+    (`--request-timeout`): without it a client that stalled in its headers held its connection for
+    the channel timeout, and one that trickled them for ever.
     """
     return [
-        str(BIN / "waitress-serve"),
+        sys.executable,
+        "-m",
+        "control_plane.web.server",
+        f"--request-timeout={CONTROL_PLANE_REQUEST_TIMEOUT_S}",
         f"--listen={listen or f'{settings.bind_host}:{settings.control_plane_port}'}",
         f"--threads={CONTROL_PLANE_THREADS}",
         # Past this many open connections waitress stops accepting: the bound a slow client must reach.

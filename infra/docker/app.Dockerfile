@@ -33,4 +33,4 @@ RUN useradd --uid 10001 --create-home recsys \
 USER recsys
 
 EXPOSE 8090
-CMD ["waitress-serve", "--listen=0.0.0.0:8090", "--threads=8", "--connection-limit=1000", "--asyncore-use-poll", "--channel-timeout=120", "--cleanup-interval=10", "--max-request-body-size=1000000", "--call", "control_plane.web.app:create_app"]
+CMD ["python", "-m", "control_plane.web.server", "--request-timeout=5", "--listen=0.0.0.0:8090", "--threads=8", "--connection-limit=1000", "--asyncore-use-poll", "--channel-timeout=120", "--cleanup-interval=10", "--max-request-body-size=1000000", "--call", "control_plane.web.app:create_app"]

@@ -182,8 +182,8 @@ def test_a_hung_child_is_replaced_and_the_rows_it_held_arrive(pg_url, pg_engine,
                 time.sleep(0.001)
         wait_for(lambda: hung.poll() is not None, 20, "the hung child killed")
         # Every row arrives, but for those counted lost: with a 50-row queue, the requests of the moment
-        # the sender spends replacing the child can overflow it (a request never spills: no fsync on the
-        # serving path).
+        # the sender spends replacing the child go to the overflow, which its own thread spills (a request
+        # never spills: no fsync on the serving path); past its 50 rows too they are counted lost.
         wait_for(
             lambda: count_ids(pg_engine, rids) == (n - w.stats().rows_lost,) * 2,
             40,

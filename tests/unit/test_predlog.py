@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -146,17 +147,46 @@ def test_half_a_queue_waiting_wakes_the_writer_before_its_interval(db, spill_dir
     assert db.count() == 60  # close() writes them at once
 
 
-def test_a_full_queue_spills_from_the_caller_instead_of_dropping(db, spill_dir):
-    w = writer(db, spill_dir, max_queue=5)  # not started: nothing drains the queue
+class ThreadRecordingOpener:
+    """`open`, remembering which threads opened files for writing."""
+
+    def __init__(self) -> None:
+        self.writers: set[str] = set()
+
+    def __call__(self, path, mode="r", buffering=-1, **kwargs):
+        if "a" in mode or "w" in mode:
+            self.writers.add(threading.current_thread().name)
+        return open(path, mode, buffering=buffering, **kwargs)  # noqa: SIM115 - the caller closes it
+
+
+def test_a_full_queue_spills_on_a_thread_of_its_own_instead_of_dropping(db, spill_dir):
+    opener = ThreadRecordingOpener()
+    w = writer(db, spill_dir, max_queue=5, open_file=opener)  # not started: nothing drains the queue
     for i in range(8):
-        w.log(row(i))
+        w.log(row(i))  # returns at once: the three that do not fit wait for the overflow's thread
+    wait_until(lambda: len(spill_lines(spill_dir)) == 3)
     assert [r["request_id"] for r in spill_lines(spill_dir)] == ["req-5", "req-6", "req-7"]
-    assert w.stats().rows_spilled == 3 and w.stats().queue_depth == 5
+    assert opener.writers == {"predlog-overflow"}, "the caller's thread never touches the disk"
+    wait_until(lambda: w.stats().rows_spilled == 3 and w.stats().rows_settled == 3)
+    assert w.stats().queue_depth == 5 and w.stats().rows_lost == 0
     w.start()
     wait_until(lambda: db.count() == 8)
     w.close()
     assert sorted(db.request_ids()) == sorted(f"req-{i}" for i in range(8))
     assert not list(spill_dir.glob("predlog-*.jsonl"))
+
+
+def test_past_the_queue_and_its_overflow_rows_are_counted_lost_and_settled(db, spill_dir):
+    w = writer(db, spill_dir, max_queue=5)  # not started
+    w._overflow._start = lambda: None  # no spill thread: the overflow fills
+    for i in range(13):
+        w.log(row(i))
+    s = w.stats()
+    assert s.queue_depth == 10 and s.rows_lost == 3 and s.rows_settled == 3 and s.rows_spilled == 0
+    w.close()  # spills the overflow's five, writes the queue's five (or spills them)
+    s = w.stats()
+    assert s.rows_lost == 3 and s.rows_settled == 13
+    assert len(spill_lines(spill_dir)) + db.count() >= 10
 
 
 def test_a_frame_logged_at_once_fills_the_queue_and_spills_only_what_does_not_fit(db, spill_dir):

@@ -99,7 +99,7 @@ def test_the_mlflow_server_runs_its_basic_auth_app_configured_from_the_state_dir
     assert f"database_uri = sqlite:///{tmp_path / 'mlflow-auth.db'}\n" in ini
 
 
-def test_the_control_plane_is_served_by_waitress_as_compose_serves_it(tmp_path):
+def test_the_control_plane_is_served_by_waitress_with_a_request_deadline_as_compose_serves_it(tmp_path):
     import json
     from pathlib import Path
 
@@ -107,14 +107,15 @@ def test_the_control_plane_is_served_by_waitress_as_compose_serves_it(tmp_path):
 
     settings = Settings.from_env({"RECSYS_STATE_DIR": str(tmp_path), "RECSYS_CONTROL_PLANE_PORT": "8123"})
     local = programs.control_plane_server(settings)
-    assert Path(local[0]).name == "waitress-serve" and "--listen=127.0.0.1:8123" in local
+    assert local[1:3] == ["-m", "control_plane.web.server"] and "--listen=127.0.0.1:8123" in local
+    assert f"--request-timeout={programs.CONTROL_PLANE_REQUEST_TIMEOUT_S}" in local
     assert f"--max-request-body-size={settings.max_body_bytes}" in local
-    assert "exec " + " ".join(local[:2]) in programs.control_plane(settings).command[-1]
+    assert "exec " + " ".join(local[:4]) in programs.control_plane(settings).command[-1]
     repo = Path(__file__).resolve().parents[2]
     compose = yaml.safe_load((repo / "docker-compose.yml").read_text())["services"]["control-plane"][
         "command"
     ]
-    container = ["waitress-serve", *programs.control_plane_server(settings, listen="0.0.0.0:8090")[1:]]
+    container = ["python", *programs.control_plane_server(settings, listen="0.0.0.0:8090")[1:]]
     assert compose == container
     dockerfile = (repo / "infra/docker/app.Dockerfile").read_text()
     assert f"CMD {json.dumps(container)}" in dockerfile

@@ -293,6 +293,38 @@ def test_an_action_while_another_holds_the_lock_is_a_409_naming_it_and_changes_n
     assert client.post(f"/api/rollouts/{rid}/rollback", headers=AUTH).status_code == 200
 
 
+@pytest.mark.parametrize("rollout_id", ["999", str(2**31), str(2**63)])
+def test_an_action_on_an_unknown_rollout_is_a_404_even_while_another_action_holds_the_lock(
+    client, ctx, rollout_id
+):
+    start(client)
+    ctx.action_lock.wait_s = 0.1
+    with held_by_another_thread(ActionLock(ctx.engine), "start_canary by operator"):
+        for action in ("pause", "resume", "promote", "rollback"):
+            resp = client.post(f"/api/rollouts/{rollout_id}/{action}", headers=AUTH)
+            assert resp.status_code == 404, (action, resp.get_json())
+            assert f"rollout {rollout_id} does not exist" in resp.get_json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("PUT", "/api/traffic", {"weights": {"baseline": 2**31, "control": 5}}, 400),
+        ("PUT", "/api/traffic", {"weights": {"nobody": 5}}, 400),
+        ("POST", "/api/rollouts", {"version": 2**31 - 1}, 404),
+        ("POST", "/api/rollouts", {"version": 3, "policy": {"steps": "x"}}, 400),
+    ],
+)
+def test_input_refused_anyway_is_refused_without_waiting_for_the_action_lock(
+    client, ctx, method, path, body, status
+):
+    ctx.action_lock.wait_s = 0.1
+    with held_by_another_thread(ActionLock(ctx.engine), "start_canary by operator"):
+        resp = client.open(path, method=method, json=body, headers=AUTH)
+    assert resp.status_code == status, resp.get_json()
+    assert "another action is in progress" not in resp.get_json()["error"]
+
+
 def test_evaluate_runs_one_evaluation_of_the_active_rollout(client, ctx):
     rid = start(client)["id"]
     body = client.post(f"/api/rollouts/{rid}/evaluate", headers=AUTH).get_json()
