@@ -66,6 +66,11 @@ SLOW_REQUEST = "100ms"
 # answer: a Bento's 10 s and a /feedback spilled to disk are far under it.
 WRITE_TIMEOUT = "30s"
 IDLE_TIMEOUT = "60s"
+# How long Traefik keeps an idle connection to a backend. It must be shorter than the backends' own
+# keep-alive (uvicorn under `bentoml serve`: 5 s), or Traefik sends a request on a connection the Bento
+# is closing at that moment and answers 502 without a retry: seen once in a hostile run
+# (docs/hostile-input.md). The fast proxy's pool honours it (serversTransport.forwardingTimeouts).
+BACKEND_IDLE_TIMEOUT = "3s"
 
 
 def client_timeouts(read_timeout_s: float) -> dict[str, Any]:
@@ -158,6 +163,7 @@ def static_config(
             "providersThrottleDuration": providers_throttle,
             "file": {"directory": str(dynamic_dir), "watch": True},
         },
+        "serversTransport": {"forwardingTimeouts": {"idleConnTimeout": BACKEND_IDLE_TIMEOUT}},
         "api": {"dashboard": True},  # served by the router of admin_dynamic_config only
         "ping": {"entryPoint": ADMIN_ENTRYPOINT},
         "metrics": {
