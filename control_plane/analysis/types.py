@@ -12,6 +12,7 @@ class Phase(StrEnum):
     """A rollout's phase; the terminal ones never change again."""
 
     PENDING = "pending"  # created, canary not yet deployed or given weight
+    SHADOW = "shadow"  # candidate deployed at weight 0; Traefik mirrors a share of requests to it
     PROGRESSING = "progressing"  # canary serving at a step's weight, evaluated every tick
     PAUSED = "paused"  # an operator froze it: ticks record but do not act
     PROMOTED = "promoted"  # terminal: the canary became the baseline
