@@ -54,9 +54,9 @@ class Policy:
     # The shadow phase (0: none). With a percent, the rollout begins with the candidate at weight 0 while
     # Traefik mirrors that share of the weighted requests to it (answers discarded); its errors and p99
     # on those copies are compared with the baseline's on the live requests of the same window. Any
-    # harm stops it there; it gets the first step's weight once, after `shadow_min_duration_s`, its
-    # error rate is shown non-inferior (always-valid, `alpha`) and its p99 ratio is at most `p99_ratio`,
-    # each from at least min_requests_per_arm / min_latency_samples copies.
+    # harm (the always-valid harm tests at `harm_alpha`) stops it there; it gets the first step's weight
+    # once it has run `shadow_min_duration_s`, with at least min_requests_per_arm / min_latency_samples
+    # copies, no harm shown, and its error difference and p99 ratio within `error_margin` / `p99_ratio`.
     shadow_percent: int = 0
     shadow_min_duration_s: float = 120.0
 

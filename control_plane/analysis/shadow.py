@@ -50,7 +50,9 @@ def decide_shadow(state: RolloutState, obs: Observations, policy: Policy) -> Dec
     enough_latency = min(c.latency.count, b.latency.count) >= policy.min_latency_samples
     err_harm = enough_requests and err["p_harm"] <= policy.harm_alpha
     lat_harm = enough_latency and lat["lower"] > policy.p99_ratio
-    err_ok = enough_requests and err["p_noninferior"] <= policy.alpha
+    # A safety gate, not the efficacy test: the harm tests did not fire and the point estimates are
+    # within the margins (the canary steps then show non-inferiority on live traffic).
+    err_ok = enough_requests and err["diff"] <= policy.error_margin
     lat_ok = enough_latency and math.isfinite(lat["ratio"]) and lat["ratio"] <= policy.p99_ratio
     long_enough = shadow_elapsed >= policy.shadow_min_duration_s
 
@@ -84,7 +86,10 @@ def decide_shadow(state: RolloutState, obs: Observations, policy: Policy) -> Dec
         )
     elif err_ok and lat_ok and long_enough:
         action, weight = Action.ADVANCE, first
-        reason = f"shadow phase passed: {errs}, non-inferior (p={err['p_noninferior']:.2g}); {p99}: giving it {first}%"
+        reason = (
+            f"shadow phase passed: {errs}, within the {100 * policy.error_margin:.1f} pts margin and no harm "
+            f"(p={err['p_harm']:.2g}); {p99}: giving it {first}%"
+        )
     else:
         action, weight = Action.HOLD, 0
         missing = [
@@ -93,7 +98,7 @@ def decide_shadow(state: RolloutState, obs: Observations, policy: Policy) -> Dec
                 if long_enough
                 else [f"{shadow_elapsed:.0f} s of the {policy.shadow_min_duration_s:.0f} s minimum"]
             ),
-            *([] if err_ok else [f"errors not yet shown within the margin (p={err['p_noninferior']:.2g})"]),
+            *([] if err_ok else [f"error diff above the {100 * policy.error_margin:.1f} pts margin"]),
             *([] if lat_ok else [f"p99 ratio {_ratio(lat['ratio'])} above {policy.p99_ratio:.2f}"]),
         ]
         reason = f"shadow: {errs}; {p99}; holding: {', '.join(missing)}"
