@@ -135,6 +135,7 @@ def test_a_faulty_candidate_is_stopped_in_the_shadow_phase_and_answers_no_user(
     ctx.registry.set_alias("baseline", 1)
     gateway_port, api_port = free_port(), free_port()
     dynamic = ctx.router.dynamic_dir
+    dynamic.mkdir(parents=True, exist_ok=True)  # Traefik's file provider needs it before it starts
     (tmp_path / "traefik.yml").write_text(
         render_static_config(
             dynamic_dir=dynamic, gateway_port=gateway_port, api_port=api_port,
