@@ -69,10 +69,10 @@ def test_bad_shadow_settings_are_refused_naming_the_field(field, value):
 
 
 def shadow_rows(
-    ctx, version: int, route: str, n: int, *, error_rate: float, latency_ms: float, seed: int
+    context, version: int, route: str, n: int, *, error_rate: float, latency_ms: float, seed: int
 ) -> None:
     rng = np.random.default_rng(seed)
-    now = ctx.clock()
+    now = context.clock()
     rows = []
     for i in range(n):
         err = bool(rng.random() < error_rate)
@@ -90,16 +90,16 @@ def shadow_rows(
                 "status": 500 if err else 200,
             }
         )
-    with ctx.engine.begin() as conn:
+    with context.engine.begin() as conn:
         queries.insert_predictions(conn, rows)
 
 
-def shadow_minute(ctx, *, error_rate: float = 0.0, latency_ms: float = 5.0) -> None:
+def shadow_minute(context, *, error_rate: float = 0.0, latency_ms: float = 5.0) -> None:
     """A minute: the baseline answers 1,000 live requests; 20 % of them are copied to the shadow (v3)."""
-    ctx.clock.t += 60
-    tick = int(ctx.clock.t)
-    shadow_rows(ctx, 2, "weighted", 1000, error_rate=0.0, latency_ms=5.0, seed=tick)
-    shadow_rows(ctx, 3, "shadow", 200, error_rate=error_rate, latency_ms=latency_ms, seed=tick + 1)
+    context.clock.t += 60
+    tick = int(context.clock.t)
+    shadow_rows(context, 2, "weighted", 1000, error_rate=0.0, latency_ms=5.0, seed=tick)
+    shadow_rows(context, 3, "shadow", 200, error_rate=error_rate, latency_ms=latency_ms, seed=tick + 1)
 
 
 def test_a_shadow_rollout_starts_at_weight_0_with_its_share_mirrored(ctx):  # noqa: F811
