@@ -242,6 +242,13 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
         pol = Policy.from_dict(policy or {})
     except (ValueError, TypeError) as exc:
         raise InvalidRequest(f"invalid policy: {exc}") from None
+    if pol.shadow_percent and ctx.settings.deployer == "kubernetes":
+        # Traefik's CRD mirror sends the copies to the Bento's Service on the live paths, where they
+        # cannot be told from live requests; only the file provider's /shadow path marks them.
+        raise InvalidRequest(
+            "policy field shadow_percent: the shadow phase needs Traefik's file provider; "
+            "with RECSYS_DEPLOYER=kubernetes set it to 0"
+        )
     ctx.registry.get(version)  # raises VersionNotFound
     assignment = ctx.traffic_store.load()
     baseline_version = assignment.get("baseline", (None, 0))[0]

@@ -1,8 +1,8 @@
 """The shadow stage with real parts: Traefik mirrors live requests to a real `bentoml serve` candidate.
 
 The baseline (v1) is the built Bento; the candidate (v2) is the same service served from source through
-tests/integration/faulty_bento.py, which makes it answer 10 % of its requests with errors, or adds
-latency that at least doubles its p99. A rollout starts with a shadow phase (Traefik's `mirroring`
+tests/integration/faulty_bento.py, which makes it answer 10 % of its requests with errors, or take
+twice as long over every request (its p99 doubles). A rollout starts with a shadow phase (Traefik's `mirroring`
 service copies half the weighted requests to the candidate and discards its answers); the control
 plane evaluates it every two seconds on Postgres. In every run the candidate must be stopped in the
 shadow phase, with weight 0 throughout, and no answer a user received may come from it.
@@ -53,7 +53,7 @@ SHADOW_POLICY = {
 }
 FAULTS = {
     "errors_10_percent": {"RECSYS_TEST_FAULT_ERROR_RATE": "0.1"},
-    "p99_doubled": {"RECSYS_TEST_FAULT_DELAY_MS": "25"},
+    "p99_doubled": {"RECSYS_TEST_FAULT_SLOWDOWN": "2"},
 }
 
 
@@ -188,9 +188,9 @@ def test_a_faulty_candidate_is_stopped_in_the_shadow_phase_and_answers_no_user(
     assert all(d["canary_weight"] == 0 for d in decisions), "weight given before the rollback"
     shadow = last["stats"]["shadow"]
     if fault == "p99_doubled":
-        assert shadow["latency"]["ratio"] >= 2.0, shadow  # the fault did at least double the p99
+        assert last["reason"].startswith("shadow p99") and shadow["latency"]["ratio"] > 1.5, shadow
     else:
-        assert shadow["errors"]["shadow"] > 0.03, shadow
+        assert last["reason"].startswith("shadow errors") and shadow["errors"]["shadow"] > 0.03, shadow
     assert ctx.router.get_mirror() is None and ctx.router.get_weights()["canary"] == 0
 
     # Users: every answer came from the baseline, and was a 2xx.
