@@ -3,6 +3,7 @@ shadow → rollback / shadow → first step, with the in-memory router, registry
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import numpy as np
@@ -12,6 +13,7 @@ import yaml
 from control_plane import queries, services
 from control_plane.analysis.policy import Policy
 from control_plane.analysis.types import Phase
+from control_plane.errors import InvalidRequest
 from control_plane.traffic.base import Backend, InvalidBackends, Mirror
 from control_plane.traffic.traefik_file import (
     GATEWAY_ROUTER,
@@ -144,3 +146,10 @@ def test_a_healthy_shadow_gets_the_first_step_once_its_minimum_time_has_passed(c
     assert after.step_index == 0 and after.canary_weight == 10
     assert ctx.router.get_weights() == {"baseline": 85, "canary": 10, "control": 5}
     assert ctx.router.get_mirror() is None
+
+
+def test_the_shadow_phase_is_refused_where_the_mirror_cannot_mark_its_copies(ctx):  # noqa: F811
+    ctx.settings = dataclasses.replace(ctx.settings, deployer="kubernetes")
+    with pytest.raises(InvalidRequest, match="shadow_percent"):
+        services.start_canary(ctx, 3, SHADOW, actor="test")
+    assert ctx.ledger.active() is None and ctx.router.get_mirror() is None
