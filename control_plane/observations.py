@@ -66,6 +66,7 @@ def arm_observation(
         auc=lab.auc,
         auc_max_error=lab.auc_max_error,
         step_requests=step_requests,
+        scores=lab.scores_pos.merge(lab.scores_neg),
     )
 
 

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from control_plane.analysis import guardrails
+from control_plane.analysis.aggregates import SCORE_BINS, SparseCounts
 from control_plane.analysis.policy import Policy
 from control_plane.analysis.types import (
     Action,
@@ -157,10 +158,29 @@ def decide_shadow(state: RolloutState, obs: Observations, policy: Policy) -> Dec
                 "margin": policy.error_margin,
             },
             "latency": {**{k: _num(v) for k, v in lat.items()}, "max_ratio": policy.p99_ratio},
+            "scores": score_drift(c.scores, b.scores),
         },
         "samples": {role: _sample(arm) for role, arm in obs.arms.items()},
     }
     return Decision(action, reason, weight, rules, stats)
+
+
+def score_drift(shadow: SparseCounts, baseline: SparseCounts) -> dict:
+    """How the shadow's score distribution differs from the baseline's on the same window's requests:
+    the difference of the mean scores and the largest gap between the two distribution functions
+    (Kolmogorov-Smirnov), both from the score bins the label job keeps (bin width 1/SCORE_BINS).
+    Unpaired: the copies are the same requests, but the rows are not matched one to one."""
+    n_s, n_b = shadow.total, baseline.total
+    out = {"shadow_n": n_s, "baseline_n": n_b, "shadow_mean": None, "baseline_mean": None}
+    if not n_s or not n_b:
+        return {**out, "mean_diff": None, "ks": None}
+    centres = (np.arange(SCORE_BINS) + 0.5) / SCORE_BINS
+    hist_s, hist_b = np.zeros(SCORE_BINS), np.zeros(SCORE_BINS)
+    np.add.at(hist_s, shadow.bins, shadow.counts)
+    np.add.at(hist_b, baseline.bins, baseline.counts)
+    mean_s, mean_b = float(centres @ hist_s / n_s), float(centres @ hist_b / n_b)
+    ks = float(np.max(np.abs(np.cumsum(hist_s) / n_s - np.cumsum(hist_b) / n_b)))
+    return {**out, "shadow_mean": mean_s, "baseline_mean": mean_b, "mean_diff": mean_s - mean_b, "ks": ks}
 
 
 def _sample(arm: ArmObservation) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from control_plane.analysis.aggregates import LatencyHistogram
+from control_plane.analysis.aggregates import LatencyHistogram, SparseCounts
 
 
 class Phase(StrEnum):
@@ -51,6 +51,8 @@ class ArmObservation:
     auc: float | None = None  # binned: within auc_max_error of the exact AUC
     auc_max_error: float | None = None
     step_requests: int = 0  # weighted requests since the current step began (for the SRM check)
+    # score bins (aggregates.SCORE_BINS) of the labelled predictions: the score distribution, for drift
+    scores: SparseCounts = field(default_factory=SparseCounts)
 
     @property
     def error_rate(self) -> float:

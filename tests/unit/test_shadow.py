@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from control_plane import queries, services
+from control_plane.analysis.aggregates import SparseCounts
 from control_plane.analysis.policy import Policy
+from control_plane.analysis.shadow import score_drift
 from control_plane.analysis.types import Phase
 from control_plane.errors import InvalidRequest
 from control_plane.traffic.base import Backend, InvalidBackends, Mirror
@@ -146,6 +148,8 @@ def test_a_healthy_shadow_gets_the_first_step_once_its_minimum_time_has_passed(c
     assert after.step_index == 0 and after.canary_weight == 10
     assert ctx.router.get_weights() == {"baseline": 85, "canary": 10, "control": 5}
     assert ctx.router.get_mirror() is None
+    scores = ctx.ledger.decisions(rollout.id, limit=1)[0]["stats"]["shadow"]["scores"]
+    assert scores["shadow_n"] > 0 and scores["baseline_n"] > 0 and abs(scores["mean_diff"]) < 0.1, scores
 
 
 def test_the_shadow_phase_is_refused_where_the_mirror_cannot_mark_its_copies(ctx):  # noqa: F811
@@ -153,3 +157,13 @@ def test_the_shadow_phase_is_refused_where_the_mirror_cannot_mark_its_copies(ctx
     with pytest.raises(InvalidRequest, match="shadow_percent"):
         services.start_canary(ctx, 3, SHADOW, actor="test")
     assert ctx.ledger.active() is None and ctx.router.get_mirror() is None
+
+
+def test_score_drift_is_the_mean_difference_and_the_largest_cdf_gap_of_the_bins():
+    same = SparseCounts.of_bins(np.array([10, 20, 30, 40]))
+    assert score_drift(same, same)["mean_diff"] == 0 and score_drift(same, same)["ks"] == 0
+    higher = SparseCounts.of_bins(np.array([60, 70, 80, 90]))
+    drift = score_drift(higher, same)
+    assert drift["mean_diff"] == pytest.approx(0.5) and drift["ks"] == 1.0
+    assert drift["shadow_n"] == drift["baseline_n"] == 4
+    assert score_drift(SparseCounts(), same)["mean_diff"] is None
