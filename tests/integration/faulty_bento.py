@@ -3,9 +3,9 @@
 `bentoml serve tests.integration.faulty_bento:Recsys --arg model_version=N` serves the production
 service (bentos/service.py) unchanged except for its scoring of /predict, which this module wraps:
   RECSYS_TEST_FAULT_ERROR_RATE  the share of requests answered 500 (drawn per request)
-  RECSYS_TEST_FAULT_SLOWDOWN    every request takes this many times as long as it would have (2: each
-                                request waits as long again as it took, before it is logged and answered,
-                                so every latency and the p99 double)
+  RECSYS_TEST_FAULT_DELAY_MS    every request waits this long before it is logged and answered (the
+                                shadow test sets it to the baseline's p99, measured just before, so the
+                                candidate's p99 is about twice the baseline's)
 The production code has no such hook: only a process that imports this test module has the faults.
 """
 
@@ -18,7 +18,7 @@ import time
 from bentos.service import Recsys
 
 _ERROR_RATE = float(os.environ.get("RECSYS_TEST_FAULT_ERROR_RATE", "0"))
-_SLOWDOWN = float(os.environ.get("RECSYS_TEST_FAULT_SLOWDOWN", "1"))
+_DELAY_S = float(os.environ.get("RECSYS_TEST_FAULT_DELAY_MS", "0")) / 1000.0
 _predict = Recsys.inner._predict
 _log = Recsys.inner._log
 
@@ -34,8 +34,8 @@ def _faulty_predict(self, info, features):
 
 
 def _slow_log(self, info, features, score, status):
-    if _SLOWDOWN > 1:
-        time.sleep((_SLOWDOWN - 1) * info.elapsed_ms() / 1000.0)
+    if _DELAY_S:
+        time.sleep(_DELAY_S)  # blocks the worker's loop, as a slower model would
     _log(self, info, features, score, status)
 
 

@@ -1,8 +1,8 @@
 """The shadow stage with real parts: Traefik mirrors live requests to a real `bentoml serve` candidate.
 
 The baseline (v1) is the built Bento; the candidate (v2) is the same service served from source through
-tests/integration/faulty_bento.py, which makes it answer 10 % of its requests with errors, or take
-twice as long over every request (its p99 doubles). A rollout starts with a shadow phase (Traefik's `mirroring`
+tests/integration/faulty_bento.py, which makes it answer 10 % of its requests with errors, or delays
+every answer by the baseline's p99 as measured through the gateway just before (its p99 doubles). A rollout starts with a shadow phase (Traefik's `mirroring`
 service copies half the weighted requests to the candidate and discards its answers); the control
 plane evaluates it every two seconds on Postgres. In every run the candidate must be stopped in the
 shadow phase, with weight 0 throughout, and no answer a user received may come from it.
@@ -22,7 +22,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from control_plane import services
+from control_plane import queries, services
 from control_plane.analysis.types import Phase
 from control_plane.context import bootstrap
 from control_plane.settings import Settings
@@ -51,10 +51,13 @@ SHADOW_POLICY = {
     "label_window_s": 5.0,
     "max_duration_s": 600.0,
 }
-FAULTS = {
-    "errors_10_percent": {"RECSYS_TEST_FAULT_ERROR_RATE": "0.1"},
-    "p99_doubled": {"RECSYS_TEST_FAULT_SLOWDOWN": "2"},
-}
+FAULTS = ("errors_10_percent", "p99_doubled")
+
+
+def fault_env(fault: str, baseline_p99_ms: float) -> dict[str, str]:
+    if fault == "errors_10_percent":
+        return {"RECSYS_TEST_FAULT_ERROR_RATE": "0.1"}
+    return {"RECSYS_TEST_FAULT_DELAY_MS": f"{baseline_p99_ms:.3f}"}
 
 
 @pytest.fixture(scope="module")
@@ -143,42 +146,35 @@ def test_a_faulty_candidate_is_stopped_in_the_shadow_phase_and_answers_no_user(
         )
     )  # fmt: skip
     serve = [str(BIN / "bentoml"), "serve", "--host", "127.0.0.1", "--port"]
-    with (
-        process([*serve, str(ports[1]), "recsys:v1"], env, tmp_path / "v1.log", work) as v1,
-        process(
-            [
-                *serve,
-                str(ports[2]),
-                "tests.integration.faulty_bento:Recsys",
-                "--working-dir",
-                str(ROOT),
-                "--arg",
-                "model_version=2",
-            ],
-            {**env, **FAULTS[fault]},
-            tmp_path / "v2.log",
-            work,
-        ) as v2,  # fmt: skip
-        process(
-            [str(TRAEFIK), f"--configFile={tmp_path / 'traefik.yml'}"], env, tmp_path / "traefik.log", work
-        ),
-    ):
+    candidate = [*serve, str(ports[2]), "tests.integration.faulty_bento:Recsys", "--working-dir", str(ROOT),
+                 "--arg", "model_version=2"]  # fmt: skip
+    gateway = f"http://127.0.0.1:{gateway_port}"
+    traffic = Traffic(gateway, 20, FEATURES, prefix=f"shadow-{fault}")
+    with contextlib.ExitStack() as running:
+        v1 = running.enter_context(
+            process([*serve, str(ports[1]), "recsys:v1"], env, tmp_path / "v1.log", work)
+        )
+        traefik = [str(TRAEFIK), f"--configFile={tmp_path / 'traefik.yml'}"]
+        running.enter_context(process(traefik, env, tmp_path / "traefik.log", work))
         wait_ready(urls[1], v1, tmp_path / "v1.log")
-        wait_ready(urls[2], v2, tmp_path / "v2.log")
         apply_assignment(ctx, {"baseline": (1, 100)})
-        gateway = f"http://127.0.0.1:{gateway_port}"
         wait_for(lambda: _answers(gateway), 30, "the gateway answers /predict")
-        traffic = Traffic(gateway, 20, FEATURES, prefix=f"shadow-{fault}")
-        with traffic:
-            rollout = services.start_canary(ctx, 2, SHADOW_POLICY, actor="test")
-            assert rollout.phase is Phase.SHADOW
-            assert ctx.router.get_mirror() is not None and ctx.router.get_weights()["canary"] == 0
-            deadline = time.monotonic() + 240
-            while not ctx.ledger.get(rollout.id).phase.terminal and time.monotonic() < deadline:
-                time.sleep(2)
-                services.evaluate(ctx, actor="test")
-                assert ctx.router.get_weights()["canary"] == 0, "the candidate got weight"
-            time.sleep(3)  # answers in flight when the rollback was applied come back
+        measured_from = time.time()
+        running.enter_context(traffic)
+        time.sleep(25)
+        baseline_p99_ms = latency_p99(pg_engine, 1, measured_from, time.time() - 3)
+        env2 = {**env, **fault_env(fault, baseline_p99_ms)}
+        v2 = running.enter_context(process(candidate, env2, tmp_path / "v2.log", work))
+        wait_ready(urls[2], v2, tmp_path / "v2.log")
+        rollout = services.start_canary(ctx, 2, SHADOW_POLICY, actor="test")
+        assert rollout.phase is Phase.SHADOW
+        assert ctx.router.get_mirror() is not None and ctx.router.get_weights()["canary"] == 0
+        deadline = time.monotonic() + 300
+        while not ctx.ledger.get(rollout.id).phase.terminal and time.monotonic() < deadline:
+            time.sleep(2)
+            services.evaluate(ctx, actor="test")
+            assert ctx.router.get_weights()["canary"] == 0, "the candidate got weight"
+        time.sleep(3)  # answers in flight when the rollback was applied come back
 
     final = ctx.ledger.get(rollout.id)
     decisions = ctx.ledger.decisions(rollout_id=rollout.id, limit=500)
@@ -206,7 +202,16 @@ def test_a_faulty_candidate_is_stopped_in_the_shadow_phase_and_answers_no_user(
             ).all()
         )
     assert set(routes) == {"shadow"} and routes["shadow"] >= 100, routes
-    print(f"\n{fault}: {last['reason']}")
+    print(f"\n{fault} (baseline p99 before the rollout {baseline_p99_ms:.2f} ms): {last['reason']}")
+
+
+def latency_p99(engine, version: int, since: float, until: float) -> float:
+    """The version's p99 (ms) over its weighted requests in [since, until), from the aggregates."""
+    with engine.connect() as conn:
+        facts = queries.SqlMetricsSource(conn).requests(since, until, version=version)
+    (req,) = facts.values()
+    assert req.requests >= 100, req.requests
+    return float(req.latency.quantile(0.99))
 
 
 def _answers(gateway: str) -> bool:
