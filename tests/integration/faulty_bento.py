@@ -1,7 +1,7 @@
 """Test-only: the one Bento template with injected faults, served from source by the shadow tests.
 
 `bentoml serve tests.integration.faulty_bento:Recsys --arg model_version=N` serves the production
-service (bentos/service.py) unchanged except for its scoring of /predict, which this module wraps:
+service (bentos/service.py) unchanged except for what this module wraps (in its own process only):
   RECSYS_TEST_FAULT_ERROR_RATE  the share of requests answered 500 (drawn per request)
   RECSYS_TEST_FAULT_DELAY_MS    every model request waits this long (without blocking the others, as on a
                                 slow feature store) before it is scored, logged and answered; the shadow
