@@ -51,13 +51,15 @@ SHADOW_POLICY = {
     "label_window_s": 5.0,
     "max_duration_s": 600.0,
 }
-FAULTS = ("errors_10_percent", "p99_doubled")
+FAULTS = ("errors_10_percent", "p99_doubled", "none")
 
 
 def fault_env(fault: str, baseline_p99_ms: float) -> dict[str, str]:
     if fault == "errors_10_percent":
         return {"RECSYS_TEST_FAULT_ERROR_RATE": "0.1"}
-    return {"RECSYS_TEST_FAULT_DELAY_MS": f"{baseline_p99_ms:.3f}"}
+    if fault == "p99_doubled":
+        return {"RECSYS_TEST_FAULT_DELAY_MS": f"{baseline_p99_ms:.3f}"}
+    return {}
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,7 @@ def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, path: str = "/r
     wait_for(ready, 180, f"{url}{path}")
 
 
-@pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.parametrize("fault", FAULTS)
 def test_a_faulty_candidate_is_stopped_in_the_shadow_phase_and_answers_no_user(
     fault, built, pg_url, pg_engine, redis_url, tmp_path
 ):
@@ -170,14 +172,20 @@ def test_a_faulty_candidate_is_stopped_in_the_shadow_phase_and_answers_no_user(
         assert rollout.phase is Phase.SHADOW
         assert ctx.router.get_mirror() is not None and ctx.router.get_weights()["canary"] == 0
         deadline = time.monotonic() + 300
-        while not ctx.ledger.get(rollout.id).phase.terminal and time.monotonic() < deadline:
+        while ctx.ledger.get(rollout.id).phase is Phase.SHADOW and time.monotonic() < deadline:
+            assert ctx.router.get_weights()["canary"] == 0, "the candidate got weight in the shadow phase"
             time.sleep(2)
             services.evaluate(ctx, actor="test")
-            assert ctx.router.get_weights()["canary"] == 0, "the candidate got weight"
         time.sleep(3)  # answers in flight when the rollback was applied come back
 
     final = ctx.ledger.get(rollout.id)
     decisions = ctx.ledger.decisions(rollout_id=rollout.id, limit=500)
+    if fault == "none":  # the control: the same candidate without a fault passes the shadow phase
+        assert final.phase is Phase.PROGRESSING and final.canary_weight == 10, [
+            d["reason"] for d in decisions
+        ][:3]
+        print(f"\nnone: {decisions[0]['reason']}")
+        return
     assert final.phase is Phase.ROLLED_BACK, [d["reason"] for d in decisions][:3]
     last = max(decisions, key=lambda d: d["id"])
     assert last["phase_before"] == "shadow" and "stopped in the shadow phase" in last["reason"]
