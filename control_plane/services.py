@@ -349,6 +349,9 @@ def evaluate(
         "control": assignment.get("control", (None, 0))[0],
     }
     since = policy.window_start(rollout.started_at, now)
+    if rollout.phase is Phase.SHADOW:
+        # from when the mirror was in force (the deploy before it takes a while): both arms, same requests
+        since = max(since, rollout.step_started_at)
     endpoints = ctx.deployer.endpoints()
     backlog = ctx.log_backlog.waiting({v: endpoints[v] for v in versions_by_role.values() if v in endpoints})
     label_window_s = ctx.settings.label_window_s if policy.label_window_s is None else policy.label_window_s
