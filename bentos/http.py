@@ -37,6 +37,10 @@ log = logging.getLogger("recsys.http")
 
 LOG_STATE_PATH = "/predlog"
 ROUTES = ("weighted", "override")  # values of X-Recsys-Route set by Traefik; anything else is "direct"
+# Traefik's mirror reaches a shadow version's endpoints under this prefix (control_plane/traffic/
+# traefik_file.py: SHADOW_PATH_PREFIX); such a request is a copy whose answer nobody sees: route = shadow.
+SHADOW_PREFIX = "/shadow"
+SHADOW_ROUTE = "shadow"
 # The client's X-Request-ID is kept in front of the id the Bento issues (control_plane/request_ids.py).
 MAX_REQUEST_ID_CHARS = MAX_CLIENT_ID_CHARS
 
@@ -131,7 +135,9 @@ class RequestGate:
         return self._state
 
     async def __call__(self, scope, receive, send) -> None:
-        endpoint = self.endpoints.get(scope["path"]) if scope["type"] == "http" else None
+        path = scope["path"] if scope["type"] == "http" else ""
+        shadow = path.startswith(SHADOW_PREFIX + "/")
+        endpoint = self.endpoints.get(path[len(SHADOW_PREFIX) :] if shadow else path) if path else None
         if endpoint is None:
             if scope["type"] == "http" and scope["path"] == LOG_STATE_PATH and scope["method"] == "GET":
                 await self._log_state(scope, receive, send)
@@ -139,6 +145,12 @@ class RequestGate:
                 await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        if shadow:  # the app (if the gate does not answer itself) knows the endpoint by its own path
+            scope = {
+                **scope,
+                "path": path[len(SHADOW_PREFIX) :],
+                "raw_path": path[len(SHADOW_PREFIX) :].encode(),
+            }
         state = self._serving_state()
         headers = _headers(scope)
         role = state.current_role() if state is not None else "unknown"
@@ -150,7 +162,7 @@ class RequestGate:
         route = headers.get("x-recsys-route", "direct")
         info = RequestInfo(
             request_id=request_id,
-            route=route if route in ROUTES else "direct",
+            route=SHADOW_ROUTE if shadow else route if route in ROUTES else "direct",
             role=role,
             endpoint=endpoint,
             ts=time.time(),

@@ -14,7 +14,7 @@ from control_plane.bounds import row_int_in_range
 from control_plane.db.schema import decisions, rollouts
 from control_plane.errors import RolloutNotFound
 
-ACTIVE_PHASES = (Phase.PENDING, Phase.PROGRESSING, Phase.PAUSED)
+ACTIVE_PHASES = (Phase.PENDING, Phase.SHADOW, Phase.PROGRESSING, Phase.PAUSED)
 
 
 @dataclass(frozen=True)

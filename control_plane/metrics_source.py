@@ -26,6 +26,7 @@ from control_plane.analysis.aggregates import (
 )
 
 WEIGHTED = "weighted"
+SHADOW_ROUTE = "shadow"  # a shadow candidate's answers to Traefik's mirrored copies (bentos/http.py)
 
 GroupBy = Callable[[BucketKey], Hashable] | None
 

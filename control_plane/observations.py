@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from control_plane.analysis.aggregates import LabelFacts, LatencyHistogram, RequestFacts
 from control_plane.analysis.types import ArmObservation, Observations
 from control_plane.analysis.user_level import UserEvidence
-from control_plane.metrics_source import MetricsSource
+from control_plane.metrics_source import WEIGHTED, MetricsSource
 
 
 def window_ends(now: float, settle_s: float, label_window_s: float) -> tuple[float, float]:
@@ -41,17 +41,21 @@ def arm_observation(
     until: float,
     labels_before: float,
     label_window_s: float,
+    route: str = WEIGHTED,
 ) -> ArmObservation:
-    """One version's window: requests up to `until`, outcomes of windows closed before `labels_before`."""
+    """One version's window on one route: requests up to `until`, outcomes of windows closed before
+    `labels_before`."""
     if version is None:
         return ArmObservation(
             version=None, requests=0, errors=0, latency=LatencyHistogram(), labelled=0, correct=0
         )
-    req = _one(source.requests(since, until, version=version), RequestFacts())
+    req = _one(source.requests(since, until, version=version, route=route), RequestFacts())
     step_requests = _one(
-        source.requests(max(step_since, since), until, version=version), RequestFacts()
+        source.requests(max(step_since, since), until, version=version, route=route), RequestFacts()
     ).requests
-    lab = _one(source.labels(since, labels_before, label_window_s, version=version), LabelFacts())
+    lab = _one(
+        source.labels(since, labels_before, label_window_s, version=version, route=route), LabelFacts()
+    )
     return ArmObservation(
         version=version,
         requests=req.requests,
@@ -63,6 +67,7 @@ def arm_observation(
         auc=lab.auc,
         auc_max_error=lab.auc_max_error,
         step_requests=step_requests,
+        scores=lab.scores_pos.merge(lab.scores_neg),
     )
 
 
@@ -76,8 +81,12 @@ def read_observations(
     label_window_s: float,
     step_weights: Mapping[str, int],
     settle_s: float = 0.0,
+    routes: Mapping[str, str] | None = None,
 ) -> Observations:
-    """Every role's window (its ends from `window_ends`), as the decision function takes it."""
+    """Every role's window (its ends from `window_ends`), as the decision function takes it.
+
+    Each role counts its weighted requests, or the route `routes` names for it (a shadow candidate's
+    "shadow" copies)."""
     until, labels_before = window_ends(now, settle_s, label_window_s)
     arms = {
         role: arm_observation(
@@ -88,6 +97,7 @@ def read_observations(
             until=until,
             labels_before=labels_before,
             label_window_s=label_window_s,
+            route=(routes or {}).get(role, WEIGHTED),
         )
         for role, version in versions.items()
     }

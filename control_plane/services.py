@@ -25,9 +25,10 @@ from control_plane.context import Context
 from control_plane.db.engine import read_snapshot
 from control_plane.errors import InvalidRequest, NoPreviousBaseline, RolloutConflict
 from control_plane.ledger import Rollout
+from control_plane.metrics_source import SHADOW_ROUTE
 from control_plane.retention import RetentionPolicy
 from control_plane.settings import ROLES
-from control_plane.traffic.base import InvalidWeights, validate_weights
+from control_plane.traffic.base import InvalidWeights, Mirror, TrafficStateUnreadable, validate_weights
 from control_plane.traffic_ops import apply_assignment, split
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,17 @@ def traffic(ctx: Context) -> dict[str, Any]:
         "weights": {r: w for r, (_, w) in assignment.items()},
         "versions": {r: v for r, (v, _) in assignment.items()},
         "router_weights": ctx.router.get_weights(),
+        "shadow": _mirror_info(ctx),
     }
+
+
+def _mirror_info(ctx: Context) -> dict[str, int] | None:
+    """The version Traefik mirrors a share of requests to (a shadow phase), and that share."""
+    try:
+        mirror = ctx.router.get_mirror()
+    except TrafficStateUnreadable:
+        return None
+    return None if mirror is None else {"version": mirror.version, "percent": mirror.percent}
 
 
 def window_metrics(ctx: Context, window_s: int | None = None) -> dict[str, Any]:
@@ -209,8 +220,10 @@ def set_weights(ctx: Context, weights: dict[str, Any], actor: str) -> dict[str, 
     except InvalidWeights as exc:
         raise InvalidRequest(str(exc)) from None
     active = ctx.ledger.active()
-    if active is not None and active.phase is Phase.PROGRESSING:
-        raise RolloutConflict(f"rollout {active.id} is progressing; pause it before changing weights by hand")
+    if active is not None and active.phase in (Phase.PROGRESSING, Phase.SHADOW):
+        raise RolloutConflict(
+            f"rollout {active.id} is {active.phase}; pause or end it before changing weights by hand"
+        )
     assignment = ctx.traffic_store.load()
     for role, weight in clean.items():
         if weight and assignment.get(role, (None, 0))[0] is None:
@@ -262,6 +275,13 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
         pol = Policy.from_dict(policy or {})
     except (ValueError, TypeError) as exc:
         raise InvalidRequest(f"invalid policy: {exc}") from None
+    if pol.shadow_percent and ctx.settings.deployer == "kubernetes":
+        # Traefik's CRD mirror sends the copies to the Bento's Service on the live paths, where they
+        # cannot be told from live requests; only the file provider's /shadow path marks them.
+        raise InvalidRequest(
+            "policy field shadow_percent: the shadow phase needs Traefik's file provider; "
+            "with RECSYS_DEPLOYER=kubernetes set it to 0"
+        )
     ctx.registry.get(version)  # raises VersionNotFound
     assignment = ctx.traffic_store.load()
     baseline_version = assignment.get("baseline", (None, 0))[0]
@@ -294,7 +314,9 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
         raise
     previous_canary = assignment.get("canary", (None, 0))[0]
     control_version, control_weight = assignment.get("control", (None, 0))
-    weights = split(pol.steps[0], control_weight, True, control_version is not None)
+    shadow = pol.shadow_percent > 0
+    # With a shadow phase the candidate holds the canary role at weight 0: only Traefik's mirror reaches it.
+    weights = split(0 if shadow else pol.steps[0], control_weight, True, control_version is not None)
     apply_assignment(
         ctx,
         {
@@ -303,12 +325,21 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
             "control": (control_version, weights["control"]),
         },
     )
+    if shadow:
+        ctx.router.set_mirror(Mirror(version=version, percent=pol.shadow_percent))
     ctx.registry.set_alias("canary", version)
+    phase = Phase.SHADOW if shadow else Phase.PROGRESSING
+    started = (
+        f"candidate {version} deployed at 0% in the shadow phase: {pol.shadow_percent}% of requests "
+        f"mirrored to it, under policy {pol.name}"
+        if shadow
+        else f"canary {version} deployed at {weights['canary']}% under policy {pol.name}"
+    )
     with ctx.engine.begin() as conn:
         ctx.ledger.update(
             conn,
             rollout_id,
-            phase=Phase.PROGRESSING,
+            phase=phase,
             canary_weight=weights["canary"],
             step_started_at=ctx.clock() + SETTLE_S,
         )
@@ -317,10 +348,10 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
             conn,
             ctx.ledger.get(rollout_id, conn),
             Phase.PENDING,
-            Phase.PROGRESSING,
+            phase,
             "start",
             actor,
-            f"canary {version} deployed at {weights['canary']}% under policy {pol.name}",
+            started,
             weights["canary"],
         )
     if previous_canary not in (None, version, baseline_version, control_version):
@@ -351,6 +382,9 @@ def evaluate(
         "control": assignment.get("control", (None, 0))[0],
     }
     since = policy.window_start(rollout.started_at, now)
+    if rollout.phase is Phase.SHADOW:
+        # from when the mirror was in force (the deploy before it takes a while): both arms, same requests
+        since = max(since, rollout.step_started_at)
     endpoints = ctx.deployer.endpoints()
     backlog = ctx.log_backlog.waiting({v: endpoints[v] for v in versions_by_role.values() if v in endpoints})
     label_window_s = ctx.settings.label_window_s if policy.label_window_s is None else policy.label_window_s
@@ -371,6 +405,8 @@ def evaluate(
                 label_window_s=label_window_s,
                 settle_s=ctx.settings.log_settle_s,
                 step_weights={r: w for r, (_, w) in assignment.items()},
+                # in the shadow phase the candidate's numbers are its answers to the mirrored copies
+                routes={"canary": SHADOW_ROUTE} if rollout.phase is Phase.SHADOW else None,
             )
         except SQLAlchemyError as exc:
             obs = None
@@ -560,6 +596,9 @@ def _act(
     """Record the decision and the intended action in one transaction, then apply it, then clear it."""
     target = _target(ctx, rollout, decision, policy)
     new_phase = TERMINAL_FOR.get(decision.action, rollout.phase)
+    leaves_shadow = rollout.phase is Phase.SHADOW and decision.action is Action.ADVANCE
+    if leaves_shadow:
+        new_phase = Phase.PROGRESSING  # the shadow phase passed: the first step's weight, step_index 0
     now = ctx.clock()
     updates: dict[str, Any] = {"phase": new_phase}
     if target is not None:
@@ -567,7 +606,7 @@ def _act(
         # After a promotion the candidate carries all of the baseline's traffic: recorded as 100.
         updates["canary_weight"] = 100 if decision.action is Action.PROMOTE else target["weights"]["canary"]
     if decision.action is Action.ADVANCE:
-        updates["step_index"] = rollout.step_index + 1
+        updates["step_index"] = rollout.step_index + (0 if leaves_shadow else 1)
         updates["step_started_at"] = now
     if new_phase.terminal:
         updates["ended_at"] = now
@@ -613,6 +652,7 @@ def _apply(ctx: Context, rollout: Rollout, action: dict[str, Any]) -> None:
     assignment = ctx.traffic_store.load()
     control = assignment.get("control", (None, 0))[0]
     w = action["weights"]
+    _stop_mirror(ctx)  # every action ends a shadow phase: the candidate gets weight, or is retired
     if action["kind"] == "weights":
         apply_assignment(
             ctx,
@@ -649,6 +689,15 @@ def _apply(ctx: Context, rollout: Rollout, action: dict[str, Any]) -> None:
             ctx.registry.remove_alias("canary")
         ctx.registry.archive(rollout.candidate_version)
         _retire(ctx, rollout.candidate_version, archive=False)
+
+
+def _stop_mirror(ctx: Context) -> None:
+    """No more copies to a shadow version (idempotent: a redo of a half-applied action calls it again)."""
+    try:
+        if ctx.router.get_mirror() is not None:
+            ctx.router.set_mirror(None)
+    except TrafficStateUnreadable:
+        pass  # no mirroring service at all (the Kubernetes manifests not applied): nothing mirrors
 
 
 def _fault_point(name: str) -> None:

@@ -100,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         default=1.5,
         help="latency guardrail for the demo (the better model has more trees: slower by ~10%% at p99)",
     )
+    p.add_argument(
+        "--shadow-percent",
+        type=int,
+        default=50,
+        help="each rollout begins with a shadow phase: this share of requests mirrored to the candidate (0: none)",
+    )
+    p.add_argument("--shadow-seconds", type=float, default=20, help="minimum seconds of the shadow phase")
     args = p.parse_args(argv)
 
     from control_plane.analysis.policy import Policy
@@ -110,9 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     settings = ensure_stack(Settings.from_env())
     ctx = bootstrap(settings)
     schedule_evaluations(settings.effective_redis_url, args.interval)
-    policy = Policy.fast(step_min_duration_s=args.step_seconds, p99_ratio=args.p99_ratio).to_dict()
+    policy = Policy.fast(
+        step_min_duration_s=args.step_seconds,
+        p99_ratio=args.p99_ratio,
+        shadow_percent=args.shadow_percent,
+        shadow_min_duration_s=args.shadow_seconds,
+    ).to_dict()
+    shadow = (
+        f"a shadow phase first ({args.shadow_percent}% of requests mirrored to the candidate, answers "
+        f"discarded, at least {args.shadow_seconds:.0f} s), then "
+        if args.shadow_percent
+        else ""
+    )
     _say(
-        f"Policy: sequential, steps {policy['steps']}, at least {args.step_seconds:.0f} s a step, "
+        f"Policy: sequential, {shadow}steps {policy['steps']}, at least {args.step_seconds:.0f} s a step, "
         f"accuracy margin {policy['accuracy_margin'] * 100:.0f} pt, p99 ≤ {args.p99_ratio}× baseline, "
         f"errors ≤ +{policy['error_margin'] * 100:.1f} pt; evaluations every {args.interval} s."
     )

@@ -21,6 +21,7 @@ from control_plane.analysis.policy import (
     Policy,
     evaluate,
 )
+from control_plane.analysis.shadow import decide_shadow
 from control_plane.analysis.types import (
     Action,
     ArmObservation,
@@ -45,6 +46,8 @@ SUPERIORITY_KEY = "accuracy_superiority"  # key of the running p-value in Rollou
 
 def decide(state: RolloutState, obs: Observations, policy: Policy) -> Decision:
     """Decide one evaluation of a rollout from its observations under its policy; no I/O."""
+    if state.phase is Phase.SHADOW:
+        return decide_shadow(state, obs, policy)
     if state.phase is not Phase.PROGRESSING:
         why = {Phase.PAUSED: "rollout is paused by an operator", Phase.PENDING: "rollout has not started"}
         return Decision(

@@ -51,6 +51,14 @@ class Policy:
     planning_accuracy: float = 0.78  # baseline accuracy assumed by the power calculation
     target_lift: float = 0.02  # the accuracy gain the rollout should detect with `target_power`
     target_power: float = 0.8
+    # The shadow phase (0: none). With a percent, the rollout begins with the candidate at weight 0 while
+    # Traefik mirrors that share of the weighted requests to it (answers discarded); its errors and p99
+    # on those copies are compared with the baseline's on the live requests of the same window. Any
+    # harm (the always-valid harm tests at `harm_alpha`) stops it there; it gets the first step's weight
+    # once it has run `shadow_min_duration_s`, with at least min_requests_per_arm / min_latency_samples
+    # copies, no harm shown, and its error difference and p99 ratio within `error_margin` / `p99_ratio`.
+    shadow_percent: int = 0
+    shadow_min_duration_s: float = 120.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps) if isinstance(self.steps, list) else self.steps)
@@ -153,6 +161,16 @@ def _validate(p: Policy) -> None:
     need(is_num(p.step_min_duration_s) and p.step_min_duration_s >= 0, "step_min_duration_s", "a number >= 0")
     for f in ("max_duration_s", "window_s"):
         need(is_num(getattr(p, f)) and getattr(p, f) > 0, f, "a positive number of seconds")
+    need(
+        is_int(p.shadow_percent) and 0 <= p.shadow_percent <= 100,
+        "shadow_percent",
+        "an integer from 0 to 100",
+    )
+    need(
+        is_num(p.shadow_min_duration_s) and p.shadow_min_duration_s >= 0,
+        "shadow_min_duration_s",
+        "a number of seconds >= 0",
+    )
     for f in ("min_requests_per_arm", "harm_expected_n"):
         need(is_int(getattr(p, f)) and getattr(p, f) >= 1, f, "a positive integer")
     need(

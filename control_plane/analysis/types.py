@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from control_plane.analysis.aggregates import LatencyHistogram
+from control_plane.analysis.aggregates import LatencyHistogram, SparseCounts
 from control_plane.analysis.user_level import UserEvidence
 
 
@@ -13,6 +13,7 @@ class Phase(StrEnum):
     """A rollout's phase; the terminal ones never change again."""
 
     PENDING = "pending"  # created, canary not yet deployed or given weight
+    SHADOW = "shadow"  # candidate deployed at weight 0; Traefik mirrors a share of requests to it
     PROGRESSING = "progressing"  # canary serving at a step's weight, evaluated every tick
     PAUSED = "paused"  # an operator froze it: ticks record but do not act
     PROMOTED = "promoted"  # terminal: the canary became the baseline
@@ -51,6 +52,8 @@ class ArmObservation:
     auc: float | None = None  # binned: within auc_max_error of the exact AUC
     auc_max_error: float | None = None
     step_requests: int = 0  # weighted requests since the current step began (for the SRM check)
+    # score bins (aggregates.SCORE_BINS) of the labelled predictions: the score distribution, for drift
+    scores: SparseCounts = field(default_factory=SparseCounts)
 
     @property
     def error_rate(self) -> float:

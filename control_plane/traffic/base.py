@@ -12,6 +12,7 @@ __all__ = [
     "ROLES",
     "Backend",
     "InvalidBackends",
+    "Mirror",
     "InvalidWeights",
     "TrafficRouter",
     "TrafficStateUnreadable",
@@ -28,6 +29,26 @@ class Backend:
 
     version: int
     url: str
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A shadow version and the percentage of the gateway's weighted requests Traefik copies to it.
+
+    Traefik's `mirroring` service sends the copy after the main answer and discards the mirror's answer,
+    so the users only ever see the weighted split's answers.
+    """
+
+    version: int
+    percent: int
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.percent, bool)
+            or not isinstance(self.percent, int)
+            or not 0 <= self.percent <= 100
+        ):
+            raise ValueError(f"mirror percent must be an integer from 0 to 100, got {self.percent!r}")
 
 
 class InvalidWeights(ValueError):
@@ -151,4 +172,12 @@ class TrafficRouter(Protocol):
 
     def apply(self, backends: Mapping[str, Backend | None], weights: Mapping[str, int]) -> None:
         """Change backends and weights together in one write (a promotion swaps both at once)."""
+        ...
+
+    def get_mirror(self) -> Mirror | None:
+        """The shadow version the gateway copies a share of its weighted requests to, if any."""
+        ...
+
+    def set_mirror(self, mirror: Mirror | None) -> None:
+        """Start, change or (None) stop mirroring; the version must hold a role."""
         ...

@@ -7,6 +7,7 @@ from typing import Protocol
 
 from control_plane.traffic.base import (
     Backend,
+    Mirror,
     TrafficRouter,
     check_assignment,
     merge_backends,
@@ -41,6 +42,12 @@ class ScalingRouter:
 
     def get_backends(self) -> dict[str, Backend]:
         return self.inner.get_backends()
+
+    def get_mirror(self) -> Mirror | None:
+        return self.inner.get_mirror()
+
+    def set_mirror(self, mirror: Mirror | None) -> None:
+        self.inner.set_mirror(mirror)
 
     def set_weights(self, weights: Mapping[str, int]) -> None:
         self._move({}, validate_weights(weights))

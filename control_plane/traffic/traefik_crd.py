@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from control_plane.deployer.k8s_objects import BENTO_PORT, version_name, version_url
@@ -25,6 +24,7 @@ from control_plane.k8s_client import MERGE_PATCH, KubeClients, status_of
 from control_plane.traffic.base import (
     ROLES,
     Backend,
+    Mirror,
     TrafficStateUnreadable,
     check_assignment,
     merge_backends,
@@ -51,22 +51,6 @@ WRITE_ATTEMPTS = 3  # reads again after a conflict (another writer's resourceVer
 
 class TrafficWriteConflict(RuntimeError):
     """The TraefikService kept changing under this writer; nothing of this write was put in force."""
-
-
-@dataclass(frozen=True)
-class Mirror:
-    """A shadow version and the percentage of the gateway's requests Traefik copies to it."""
-
-    version: int
-    percent: int
-
-    def __post_init__(self) -> None:
-        if (
-            isinstance(self.percent, bool)
-            or not isinstance(self.percent, int)
-            or not 0 <= self.percent <= 100
-        ):
-            raise ValueError(f"mirror percent must be an integer from 0 to 100, got {self.percent!r}")
 
 
 def format_roles(backends: Mapping[str, Backend]) -> str:

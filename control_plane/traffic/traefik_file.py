@@ -17,6 +17,8 @@ import yaml
 from control_plane.traffic.base import (
     ROLES,
     Backend,
+    InvalidBackends,
+    Mirror,
     TrafficStateUnreadable,
     check_assignment,
     merge_backends,
@@ -31,6 +33,13 @@ GATEWAY_ROUTER = "gateway"
 USERS_ROUTER = "gateway-users"  # the gateway's requests that name a user: through the userassign plugin
 FEEDBACK_ROUTER = "feedback"
 SPLIT_SERVICE = "recsys-split"
+# During a rollout's shadow phase the gateway's router points at this mirroring service: the weighted
+# split answers, and a share of its requests is copied to the shadow version (answers discarded).
+MIRROR_SERVICE = "recsys-mirror"
+# The shadow version is reached under this path prefix (`preservePath`), so its Bento logs the copies
+# with route = shadow (bentos/http.py); the gateway routes only /predict and /recommend, so no client
+# can reach that path through it.
+SHADOW_PATH_PREFIX = "/shadow"
 CONTROL_PLANE_SERVICE = "control-plane"
 ROUTE_WEIGHTED_MIDDLEWARE = "recsys-route-weighted"
 ROUTE_OVERRIDE_MIDDLEWARE = "recsys-route-override"
@@ -69,10 +78,15 @@ _HEADER_COMMENT = (
     "# Do not edit by hand while the control plane runs; change weights through it instead.\n"
 )
 _SERVICE_RE = re.compile(r"^recsys-v(\d+)$")
+_SHADOW_RE = re.compile(r"^recsys-shadow-v(\d+)$")
 
 
 def version_service(version: int) -> str:
     return f"recsys-v{version}"
+
+
+def shadow_service(version: int) -> str:
+    return f"recsys-shadow-v{version}"
 
 
 def version_router(version: int) -> str:
@@ -109,9 +123,12 @@ class GatewayOptions:
 
 
 def render_dynamic_config(
-    backends: Mapping[str, Backend], weights: Mapping[str, int], options: GatewayOptions | None = None
+    backends: Mapping[str, Backend],
+    weights: Mapping[str, int],
+    options: GatewayOptions | None = None,
+    mirror: Mirror | None = None,
 ) -> dict[str, Any]:
-    """The dynamic configuration (as a dict) for these role assignments and weights."""
+    """The dynamic configuration (as a dict) for these role assignments, weights and shadow mirror."""
     opts = options or GatewayOptions()
     routers: dict[str, Any] = {}
     services: dict[str, Any] = {}
@@ -172,6 +189,23 @@ def render_dynamic_config(
                 "healthCheck": {},
             }
         }
+        gateway_service = SPLIT_SERVICE
+        if mirror is not None and mirror.percent > 0 and mirror.version in urls:
+            services[shadow_service(mirror.version)] = {
+                "loadBalancer": {
+                    "servers": [{"url": urls[mirror.version] + SHADOW_PATH_PREFIX, "preservePath": True}],
+                    "passHostHeader": True,
+                }
+            }
+            services[MIRROR_SERVICE] = {
+                "mirroring": {
+                    "service": SPLIT_SERVICE,
+                    "mirrorBody": True,
+                    "maxBodySize": opts.max_body_bytes,
+                    "mirrors": [{"name": shadow_service(mirror.version), "percent": mirror.percent}],
+                }
+            }
+            gateway_service = MIRROR_SERVICE
         if opts.user_assignment:
             # The plugin names the user's child in this cookie; a browser without a user id is given
             # one by the weighted service and keeps its version while the weights allow it.
@@ -198,14 +232,14 @@ def render_dynamic_config(
                     USER_ASSIGN_MIDDLEWARE,
                     RETRY_MIDDLEWARE,
                 ],
-                "service": SPLIT_SERVICE,
+                "service": gateway_service,  # the shadow phase's mirror too
             }
         routers[GATEWAY_ROUTER] = {
             "entryPoints": [opts.entrypoint],
             "rule": PREDICTION_PATHS_RULE,
             "priority": GATEWAY_PRIORITY,
             "middlewares": [ROUTE_WEIGHTED_MIDDLEWARE, BODY_LIMIT_MIDDLEWARE, RETRY_MIDDLEWARE],
-            "service": SPLIT_SERVICE,
+            "service": gateway_service,
         }
         for role in ROLES:
             if role in backends:
@@ -267,6 +301,18 @@ def parse_dynamic_config(config: Mapping[str, Any] | None) -> tuple[dict[str, Ba
     return backends, weights
 
 
+def parse_mirror(config: Mapping[str, Any] | None) -> Mirror | None:
+    """The shadow mirror a rendered config holds, if any."""
+    services = ((config or {}).get("http") or {}).get("services") or {}
+    mirrors = ((services.get(MIRROR_SERVICE) or {}).get("mirroring") or {}).get("mirrors") or []
+    if not mirrors:
+        return None
+    match = _SHADOW_RE.match(str(mirrors[0].get("name", "")))
+    if not match:
+        raise TrafficStateUnreadable(f"mirror {mirrors[0]!r} does not name a shadow service")
+    return Mirror(version=int(match.group(1)), percent=int(mirrors[0].get("percent", 0)))
+
+
 class TraefikFileRouter:
     """Keeps role assignments and weights in `<dynamic_dir>/recsys.yml`, which Traefik watches."""
 
@@ -302,41 +348,62 @@ class TraefikFileRouter:
     def get_backends(self) -> dict[str, Backend]:
         return self._read()[0]
 
+    def get_mirror(self) -> Mirror | None:
+        return self._read()[2]
+
     def set_weights(self, weights: Mapping[str, int]) -> None:
         clean = validate_weights(weights)
         with self._locked():
-            backends, _ = self._read()
-            self._write(backends, clean)
+            backends, _, mirror = self._read()
+            self._write(backends, clean, mirror)
 
     def set_backends(self, backends: Mapping[str, Backend | None]) -> None:
         with self._locked():
-            current, weights = self._read()
-            self._write(merge_backends(current, backends), weights)
+            current, weights, mirror = self._read()
+            self._write(merge_backends(current, backends), weights, mirror)
 
     def apply(self, backends: Mapping[str, Backend | None], weights: Mapping[str, int]) -> None:
         clean = validate_weights(weights)
         with self._locked():
-            current, _ = self._read()
-            self._write(merge_backends(current, backends), clean)
+            current, _, mirror = self._read()
+            self._write(merge_backends(current, backends), clean, mirror)
+
+    def set_mirror(self, mirror: Mirror | None) -> None:
+        """Copy `percent` of the weighted requests to a deployed version (answers discarded), or stop."""
+        with self._locked():
+            backends, weights, _ = self._read()
+            if mirror is not None and mirror.version not in {b.version for b in backends.values()}:
+                raise InvalidBackends(f"version {mirror.version} holds no role: it cannot be mirrored to")
+            self._write(backends, weights, mirror)
+
+    def release(self, version: int) -> None:
+        """Stop mirroring to `version` if the mirror names it."""
+        with self._locked():
+            backends, weights, mirror = self._read()
+            if mirror is not None and mirror.version == version:
+                self._write(backends, weights, None)
 
     def rewrite(self) -> None:
         """Write the file again from its own state, e.g. after the options (extra versions) changed."""
         with self._locked():
             self._write(*self._read())
 
-    def _read(self) -> tuple[dict[str, Backend], dict[str, int]]:
+    def _read(self) -> tuple[dict[str, Backend], dict[str, int], Mirror | None]:
         try:
             text = self.path.read_text()
         except FileNotFoundError:
-            return parse_dynamic_config(None)
+            return (*parse_dynamic_config(None), None)
         try:
-            return parse_dynamic_config(yaml.safe_load(text))
+            config = yaml.safe_load(text)
+            return (*parse_dynamic_config(config), parse_mirror(config))
         except (yaml.YAMLError, KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise TrafficStateUnreadable(f"cannot read routing state from {self.path}: {exc}") from exc
 
-    def _write(self, backends: dict[str, Backend], weights: dict[str, int]) -> None:
+    def _write(self, backends: dict[str, Backend], weights: dict[str, int], mirror: Mirror | None) -> None:
         check_assignment(weights, backends)
-        text = dump_dynamic_config(render_dynamic_config(backends, weights, self.options))
+        if mirror is not None and mirror.version not in {b.version for b in backends.values()}:
+            mirror = None  # its version lost its role (a rollback retires it): nothing left to mirror to
+        text = dump_dynamic_config(render_dynamic_config(backends, weights, self.options, mirror))
         with contextlib.suppress(FileNotFoundError):
             if self.path.read_text() == text:
                 return  # unchanged: spare Traefik a reload

@@ -74,6 +74,14 @@ class RolloutCollector(Collector):
             version = versions.get(role)
             tw.add_metric([role, "" if version is None else str(version)], weight)
         yield tw
+        mirror = GaugeMetricFamily(
+            "recsys_shadow_mirror_percent",
+            "Share of the weighted requests Traefik copies to a shadow candidate (percent; absent: no shadow)",
+            labels=["version"],
+        )
+        if traffic["shadow"] is not None:
+            mirror.add_metric([str(traffic["shadow"]["version"])], traffic["shadow"]["percent"])
+        yield mirror
 
         latest = ctx.ledger.list(1)
         phase = GaugeMetricFamily(

@@ -71,6 +71,7 @@ def index():
         current=current,
         decisions=ledger,
         last_evaluation=next((d for d in ledger if d["rules"] or d["stats"]), None),
+        last_shadow=next((d for d in ledger if (d["stats"] or {}).get("shadow")), None),
         policies=POLICIES,
         roles=ROLES,
         settings=ctx.settings,
@@ -104,7 +105,13 @@ def start_canary():
     policy = request.form.get("policy", "")
     if policy not in POLICIES:
         raise InvalidRequest(f"field 'policy' must be one of {', '.join(POLICIES)}, got {policy[:40]!r}")
-    rollout = services.start_canary(current_ctx(), version, {"name": policy}, ACTOR)
+    shadow = _form_int("shadow_percent") if request.form.get("shadow_percent", "").strip() else 0
+    rollout = services.start_canary(current_ctx(), version, {"name": policy, "shadow_percent": shadow}, ACTOR)
+    if rollout.phase == "shadow":
+        return _done(
+            f"Rollout {rollout.id} started: version {version} is in the shadow phase, {shadow}% of requests "
+            "mirrored to it and no user answered by it."
+        )
     return _done(
         f"Rollout {rollout.id} started: version {version} is the canary at {rollout.canary_weight}%."
     )

@@ -122,6 +122,18 @@ def test_route_comes_from_traefik_s_header(client, header, route):
     assert client.post("/predict", content=b"{}", headers={"x-recsys-route": header}).json()["route"] == route
 
 
+@pytest.mark.parametrize("header", ["weighted", "override", None])
+def test_a_copy_from_traefik_s_mirror_under_the_shadow_path_is_route_shadow(client, header):
+    headers = {"x-recsys-route": header} if header else {}
+    answer = client.post("/shadow/predict", content=b"{}", headers=headers)
+    assert answer.status_code == 200 and answer.json()["route"] == "shadow"
+
+
+def test_the_shadow_prefix_alone_is_no_endpoint(client):
+    assert client.post("/shadow/other", content=b"{}").status_code == 404
+    assert client.post("/shadow", content=b"{}").status_code == 404
+
+
 def test_no_route_header_means_direct(client):
     assert client.post("/predict", content=b"{}").json()["route"] == "direct"
 

@@ -519,3 +519,27 @@ def test_users_per_arm_in_the_api_the_page_and_prometheus(client, ctx):
     scrape = client.get("/metrics").get_data(as_text=True)
     assert 'recsys_window_users{role="baseline"} 4.0' in scrape
     assert 'recsys_window_users{role="control"} 4.0' in scrape
+
+
+def test_a_shadow_rollout_is_shown_on_the_page_in_the_api_and_in_prometheus(client, ctx):
+    bad = client.post(
+        "/api/rollouts",
+        json={"version": 3, "policy": {"shadow_percent": 120}},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    assert bad.status_code == 400 and "shadow_percent" in bad.get_json()["error"]
+    log_in(client)
+    token = csrf_token(client.get("/").get_data(as_text=True))
+    resp = client.post(
+        "/ui/canary",
+        data={"csrf_token": token, "version": "3", "policy": "sequential", "shadow_percent": "30"},
+    )
+    assert resp.status_code == 303
+    rollout = ctx.ledger.active()
+    assert rollout.phase is Phase.SHADOW and rollout.canary_weight == 0
+    html = client.get("/").get_data(as_text=True)
+    assert 'id="shadow-mirror"' in html and "30% of requests" in html
+    assert client.get("/api/traffic").get_json()["shadow"] == {"version": 3, "percent": 30}
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'recsys_shadow_mirror_percent{version="3"} 30.0' in metrics
+    assert 'recsys_rollout_phase{phase="shadow",rollout_id="1"} 1.0' in metrics
