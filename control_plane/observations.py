@@ -7,11 +7,12 @@ can start up to a bucket (5 s) later and end up to a bucket earlier than asked.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from bisect import bisect_right
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from control_plane.analysis.aggregates import LabelFacts, LatencyHistogram, RequestFacts
-from control_plane.analysis.types import ArmObservation, Observations
+from control_plane.analysis.types import ArmObservation, Observations, PeriodCounts
 from control_plane.metrics_source import MetricsSource
 
 
@@ -40,8 +41,13 @@ def arm_observation(
     until: float,
     labels_before: float,
     label_window_s: float,
+    period_starts: Sequence[float] = (),
 ) -> ArmObservation:
-    """One version's window: requests up to `until`, outcomes of windows closed before `labels_before`."""
+    """One version's window: requests up to `until`, outcomes of windows closed before `labels_before`.
+
+    With `period_starts` (the ramp steps' starts, oldest first) the requests and labelled predictions are
+    also summed per period, by the bucket of the prediction's own time: the ramp-aware estimate's input.
+    """
     if version is None:
         return ArmObservation(
             version=None, requests=0, errors=0, latency=LatencyHistogram(), labelled=0, correct=0
@@ -51,6 +57,23 @@ def arm_observation(
         source.requests(max(step_since, since), until, version=version), RequestFacts()
     ).requests
     lab = _one(source.labels(since, labels_before, label_window_s, version=version), LabelFacts())
+    periods: tuple[PeriodCounts, ...] = ()
+    if period_starts:
+        starts = list(period_starts)
+
+        def period(key) -> int:
+            return max(bisect_right(starts, key.start) - 1, 0)
+
+        req_p = source.requests(since, until, by=period, version=version)
+        lab_p = source.labels(since, labels_before, label_window_s, by=period, version=version)
+        periods = tuple(
+            PeriodCounts(
+                requests=req_p.get(i, RequestFacts()).requests,
+                labelled=lab_p.get(i, LabelFacts()).closed,
+                correct=lab_p.get(i, LabelFacts()).correct,
+            )
+            for i in range(len(starts))
+        )
     return ArmObservation(
         version=version,
         requests=req.requests,
@@ -62,6 +85,7 @@ def arm_observation(
         auc=lab.auc,
         auc_max_error=lab.auc_max_error,
         step_requests=step_requests,
+        periods=periods,
     )
 
 
@@ -75,8 +99,14 @@ def read_observations(
     label_window_s: float,
     step_weights: Mapping[str, int],
     settle_s: float = 0.0,
+    periods: Sequence[tuple[float, Mapping[str, int]]] = (),
+    assigned: Mapping[str, int] | None = None,
 ) -> Observations:
-    """Every role's window (its ends from `window_ends`), as the decision function takes it."""
+    """Every role's window (its ends from `window_ends`), as the decision function takes it.
+
+    `periods` are the ramp's steps since `since`: (start, weights in force), oldest first; each arm's
+    numbers are then read per step too. `assigned` is the router's own count of requests per role.
+    """
     until, labels_before = window_ends(now, settle_s, label_window_s)
     arms = {
         role: arm_observation(
@@ -87,11 +117,18 @@ def read_observations(
             until=until,
             labels_before=labels_before,
             label_window_s=label_window_s,
+            period_starts=[start for start, _ in periods],
         )
         for role, version in versions.items()
     }
     return Observations(
-        now=now, window_start=since, window_end=until, arms=arms, step_weights=dict(step_weights)
+        now=now,
+        window_start=since,
+        window_end=until,
+        arms=arms,
+        step_weights=dict(step_weights),
+        periods=tuple((float(start), dict(w)) for start, w in periods),
+        assigned=None if assigned is None else dict(assigned),
     )
 
 

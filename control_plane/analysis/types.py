@@ -37,6 +37,15 @@ class Action(StrEnum):
 
 
 @dataclass(frozen=True)
+class PeriodCounts:
+    """One arm's numbers within one period of constant weights (a ramp step)."""
+
+    requests: int
+    labelled: int
+    correct: int
+
+
+@dataclass(frozen=True)
 class ArmObservation:
     """One role's numbers over the evaluation window (weighted traffic only, overrides left out)."""
 
@@ -50,6 +59,8 @@ class ArmObservation:
     auc: float | None = None  # binned: within auc_max_error of the exact AUC
     auc_max_error: float | None = None
     step_requests: int = 0  # weighted requests since the current step began (for the SRM check)
+    # per period of constant weights (Observations.periods), in order; empty: not read per period
+    periods: tuple[PeriodCounts, ...] = ()
 
     @property
     def error_rate(self) -> float:
@@ -69,6 +80,10 @@ class Observations:
     window_end: float  # where requests stop being counted: now less the log's settling
     arms: dict[str, ArmObservation]
     step_weights: dict[str, int]  # the weights in force since the current step began
+    # the periods of constant weights since the window began: (start, weights then), oldest first
+    periods: tuple[tuple[float, dict[str, int]], ...] = ()
+    # requests per role as the router counted them over the window; None: not known
+    assigned: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
