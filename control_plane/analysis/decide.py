@@ -20,6 +20,7 @@ from control_plane.analysis.policy import (
     Evidence,
     Policy,
     evaluate,
+    harm,
 )
 from control_plane.analysis.types import (
     Action,
@@ -71,6 +72,26 @@ def decide(state: RolloutState, obs: Observations, policy: Policy) -> Decision:
     stats = _stats(policy, state, obs, n, st, why)
     reason = _reason(policy, state, n, st, act, why, next_weight)
     return Decision(act, reason, next_weight, _rules(policy, n, st), _jsonable(stats))
+
+
+def decide_harm(state: RolloutState, obs: Observations, policy: Policy) -> Decision | None:
+    """The harm tests alone (the faster harm cadence): a rollback decision if errors or p99 are confidently
+    beyond their margin, else None. The same tests `decide()` runs first; no I/O."""
+    if state.phase is not Phase.PROGRESSING or policy.name != "sequential":
+        return None
+    canary, baseline = obs.arms.get("canary"), obs.arms.get("baseline")
+    if canary is None or baseline is None:
+        return None
+    n = _numbers(state, obs, policy, canary, baseline)
+    h = harm(policy, _evidence(n, state))
+    if not (bool(h["err_harm"][0]) or bool(h["lat_harm"][0])):
+        return None
+    why = Cause.ERRORS if bool(h["err_harm"][0]) else Cause.LATENCY
+    st = {"p_error_harm": float(h["err"]["p_harm"][0])}
+    stats = _stats(policy, state, obs, n, st, why)
+    stats["harm_check"] = True
+    reason = _reason(policy, state, n, st, Action.ROLLBACK, why, 0) + " (harm check between evaluations)"
+    return Decision(Action.ROLLBACK, reason, 0, (), _jsonable(stats))
 
 
 def _numbers(

@@ -24,6 +24,7 @@ OPERATOR_ACTIONS = {
     "promote": services.promote_now,
     "rollback": services.rollback_now,
 }
+OVERRIDES = ("promote", "rollback")  # these two override the analysis: a reason is required
 
 
 @bp.before_request
@@ -123,7 +124,17 @@ def start_rollout():
 
 @bp.post("/rollouts/<int:rollout_id>/<any(pause, resume, promote, rollback):action>")
 def operate(rollout_id: int, action: str):
-    return jsonify(OPERATOR_ACTIONS[action](current_ctx(), rollout_id, ACTOR).to_dict())
+    """Pause/resume; or promote/roll back now, an override of the analysis: the body must give
+    {"reason": "..."}, and the ledger records it with the evidence at that moment."""
+    fn = OPERATOR_ACTIONS[action]
+    if action in OVERRIDES:
+        reason = _body().get("reason")
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidRequest(
+                f"{action} now overrides the analysis: send a JSON body with a non-empty 'reason' string"
+            )
+        return jsonify(fn(current_ctx(), rollout_id, ACTOR, reason).to_dict())
+    return jsonify(fn(current_ctx(), rollout_id, ACTOR).to_dict())
 
 
 @bp.post("/rollouts/<int:rollout_id>/evaluate")

@@ -209,4 +209,4 @@ def test_a_redis_outage_leaves_a_gap_in_the_ledger_not_a_double_or_a_silent_skip
     assert first_after["stats"]["missed_ticks"] >= 4, "the outage shows in the ledger"
     assert {r["action"] for r in rows} <= {"hold", "no_data"}, "nothing was decided"
     assert after
-    services.rollback_now(ctx, rollout.id, actor="test")
+    services.rollback_now(ctx, rollout.id, actor="test", reason="test")

@@ -243,7 +243,7 @@ def test_a_crash_between_the_traffic_write_and_the_registry_move_is_completed_ne
 
     monkeypatch.setattr(ctx.registry, "promote", crash)
     with pytest.raises(RuntimeError):
-        services.promote_now(ctx, rollout.id, actor="test")
+        services.promote_now(ctx, rollout.id, actor="test", reason="test")
     assert ctx.router.get_backends()["baseline"].version == 3  # traffic moved ...
     assert ctx.registry.version_for("baseline") == 2  # ... the registry did not
     assert ctx.ledger.get(rollout.id).pending_action is not None
@@ -279,7 +279,7 @@ def test_bad_weights_are_refused_with_a_message_and_change_nothing(ctx, weights,
 
 def test_restoring_the_previous_baseline_is_one_step(ctx):
     rollout = services.start_canary(ctx, 3, FAST, actor="test")
-    services.promote_now(ctx, rollout.id, actor="test")
+    services.promote_now(ctx, rollout.id, actor="test", reason="test")
     assert ctx.registry.version_for("baseline") == 3
     services.restore_previous_baseline(ctx, actor="test")
     assert ctx.registry.version_for("baseline") == 2
@@ -357,7 +357,7 @@ def test_an_operators_rollback_waits_for_the_tick_in_progress_and_is_not_undone_
     tick.start()
     assert router.entered.wait(10), "the tick did not move traffic"
     operator = threading.Thread(
-        target=run, args=("rollback", services.rollback_now, ctx, rollout.id), kwargs={"actor": "operator"}
+        target=run, args=("rollback", services.rollback_now, ctx, rollout.id), kwargs={"actor": "operator", "reason": "test"}
     )
     operator.start()
     operator.join(0.5)
