@@ -28,6 +28,24 @@ def window_ends(now: float, settle_s: float, label_window_s: float) -> tuple[flo
     return until, min(until, now - label_window_s)
 
 
+def ramp_periods(
+    history: Sequence[tuple[float, int]], since: float, control_weight: int
+) -> list[tuple[float, dict[str, int]]]:
+    """The ramp's periods of constant weights from its step history ((when, canary weight) of the start
+    and of each advance, oldest first): (start, weights the router applied then), none before `since`."""
+    periods: list[tuple[float, dict[str, int]]] = []
+    for i, (ts, canary) in enumerate(history):
+        start = since if i == 0 else max(float(ts), since)
+        weights = {"baseline": 100 - canary - control_weight, "canary": canary}
+        if control_weight:
+            weights["control"] = control_weight
+        if periods and start <= periods[-1][0]:
+            periods[-1] = (periods[-1][0], weights)  # a step that began before the window: the window's
+        else:
+            periods.append((start, weights))
+    return periods
+
+
 def _one(groups: dict, empty):
     return groups.get(None, empty)
 

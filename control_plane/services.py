@@ -347,19 +347,9 @@ def evaluate(
 
 
 def _steps(ctx: Context, conn, rollout: Rollout, since: float, control_weight: int):
-    """The ramp's periods of constant weights since `since`: (start, weights the router applied then)."""
+    """The ramp's periods of constant weights since `since`, from the ledger's start and advance rows."""
     history = ctx.ledger.step_history(conn, rollout.id) or [(rollout.started_at, rollout.canary_weight)]
-    periods = []
-    for i, (ts, canary) in enumerate(history):
-        start = since if i == 0 else max(ts, since)
-        weights = {"baseline": 100 - canary - control_weight, "canary": canary}
-        if control_weight:
-            weights["control"] = control_weight
-        if periods and start <= periods[-1][0]:
-            periods[-1] = (periods[-1][0], weights)  # a step that began before the window: the window's
-        else:
-            periods.append((start, weights))
-    return periods
+    return observations.ramp_periods(history, since, control_weight)
 
 
 def _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s):

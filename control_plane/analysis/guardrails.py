@@ -76,10 +76,21 @@ def rate_tests(
     tau2 = seq.mixing_variance(v0 * np.maximum(n_c, 1), expected_n, alpha)
     return {
         "diff": rc - rb,
-        "p_harm": np.minimum(1.0, np.exp(-log_rate_evidence(x_c, n_c, rb + margin))),
+        "p_harm": _harm_p(x_c, n_c, rb + margin),
         "p_noninferior": seq.one_sided_p(rc - rb, v0, tau2, margin, -1),
         "tau2": tau2,
     }
+
+
+def _harm_p(x: np.ndarray, n: np.ndarray, p0: np.ndarray) -> np.ndarray:
+    """min(1, 1/e-value) of "rate above p0"; 1 without computing where the observed rate is at most p0
+    (every ratio in the mixture is then at most 1, so the e-value is too)."""
+    x, n, p0 = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in (x, n, p0)))
+    out = np.ones(x.shape)
+    live = x > n * p0
+    if live.any():
+        out[live] = np.minimum(1.0, np.exp(-log_rate_evidence(x[live], n[live], p0[live])))
+    return out
 
 
 def rate_bounds(

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from scipy import special
+from scipy import special, stats
 
 from control_plane.analysis import guardrails, srm, strata
 from control_plane.analysis.policy import (
@@ -169,10 +169,10 @@ class _TailGrid:
         counts = np.bincount(rows * (self.bins + 1) + idx, minlength=len(n) * (self.bins + 1))
         return n - tail, counts.reshape(len(n), self.bins + 1)
 
-    def order_stat(self, under: np.ndarray, counts: np.ndarray, k: np.ndarray, upper: bool) -> np.ndarray:
-        """The k-th smallest latency (1-based) per replication; conservative outside the grid."""
-        n = under + counts.sum(axis=1)
-        cum = np.cumsum(counts, axis=1)
+    def order_stat(self, under: np.ndarray, cum: np.ndarray, k: np.ndarray, upper: bool) -> np.ndarray:
+        """The k-th smallest latency (1-based) per replication, from the tail's cumulative bin counts;
+        conservative outside the grid."""
+        n = under + cum[:, -1]
         j = np.clip(k - under, 1, None)
         idx = np.minimum((cum < j[:, None]).sum(axis=1), self.bins)
         value = np.exp(self.lo + (idx + 0.5) * self.width)
@@ -181,20 +181,18 @@ class _TailGrid:
         value = np.where(k <= under, below, value)
         return np.where(k < 1, 0.0, np.where(k > n, np.inf, value))
 
-    def p99(self, under: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    def p99(self, under: np.ndarray, cum: np.ndarray) -> np.ndarray:
         """Point estimate of the p99 (the ceil(0.99 n)-th smallest)."""
-        n = under + counts.sum(axis=1)
-        return self.order_stat(under, counts, np.maximum(np.ceil(n * Q), 1), upper=True)
+        n = under + cum[:, -1]
+        return self.order_stat(under, cum, np.maximum(np.ceil(n * Q), 1), upper=True)
 
     def bounds(
-        self, under: np.ndarray, counts: np.ndarray, alpha: float, expected_n: float
+        self, under: np.ndarray, cum: np.ndarray, alpha: float, expected_n: float
     ) -> tuple[np.ndarray, np.ndarray]:
         """Always-valid lower and upper bound of the p99, each one-sided at alpha."""
-        n = under + counts.sum(axis=1)
+        n = under + cum[:, -1]
         lo_k, hi_k = guardrails.quantile_ranks(n, Q, alpha, expected_n)
-        return self.order_stat(under, counts, lo_k, upper=False), self.order_stat(
-            under, counts, hi_k, upper=True
-        )
+        return self.order_stat(under, cum, lo_k, upper=False), self.order_stat(under, cum, hi_k, upper=True)
 
 
 def _rate(scenario: Scenario, traffic: Traffic, t: float, phase: np.ndarray) -> np.ndarray:
@@ -288,6 +286,7 @@ def run_scenario(scenario: Scenario, policy: Policy, traffic: Traffic, reps: int
     novelty_held = np.full(reps, np.nan)
     pending = {a: np.zeros(reps) for a in "cb"}  # the newest bucket: not whole until the next one starts
     pending_e = {a: np.zeros(reps) for a in "cb"}
+    orig = np.arange(reps)  # the replications still simulated, by their index in the outcome
     for t in range(1, horizon + 1):
         w_c = steps[step_idx]
         weights = np.stack(
@@ -311,10 +310,10 @@ def run_scenario(scenario: Scenario, policy: Policy, traffic: Traffic, reps: int
                 pending[a], pending_e[a] = n.astype(float), e.astype(float)
                 minute_n[a] += n
                 minute_e[a] += e
-                np.add.at(w.roles[:, :, i], (np.arange(reps), step_idx), n)
+                w.roles[np.arange(reps), step_idx, i] += n
             n_k = rng.poisson(lam * traffic.control_weight)
             w.assigned[:, 2] += n_k
-            np.add.at(w.roles[:, :, 2], (np.arange(reps), step_idx), n_k)
+            w.roles[np.arange(reps), step_idx, 2] += n_k
             if j == per_eval - 1 or (j + 1) % harm_every:
                 continue
             # the harm job, between evaluations: requests and errors of whole buckets, last minute's p99 bound
@@ -322,8 +321,9 @@ def run_scenario(scenario: Scenario, policy: Policy, traffic: Traffic, reps: int
             h = harm(policy, ev) if policy.name == "sequential" else None
             if h is not None:
                 hit = active & (h["err_harm"] | h["lat_harm"])
-                out_action[hit], out_time[hit], out_evals[hit] = ROLLBACK, now, t - 1
-                out_cause[hit] = np.where(h["err_harm"][hit], int(Cause.ERRORS), int(Cause.LATENCY))
+                o = orig[hit]
+                out_action[o], out_time[o], out_evals[o] = ROLLBACK, now, t - 1
+                out_cause[o] = np.where(h["err_harm"][hit], int(Cause.ERRORS), int(Cause.LATENCY))
                 active &= ~hit
         now = t * dt
         t_mid = now - dt / 2
@@ -346,8 +346,8 @@ def run_scenario(scenario: Scenario, policy: Policy, traffic: Traffic, reps: int
         closed = t - lag  # this minute's predictions have just had their window close
         if closed >= 1:
             for a in "cb":
-                np.add.at(w.lab_n[a], (np.arange(reps), step_hist[closed]), served_hist[a][closed])
-                np.add.at(w.lab_k[a], (np.arange(reps), step_hist[closed]), correct_hist[a][closed])
+                w.lab_n[a][np.arange(reps), step_hist[closed]] += served_hist[a][closed]
+                w.lab_k[a][np.arange(reps), step_hist[closed]] += correct_hist[a][closed]
         ev = _evidence(policy, grid, w, cum, ring, t, lag, win) if windowed else _evidence(policy, grid, w)
         all_weights = np.broadcast_to(
             np.stack(
@@ -369,9 +369,10 @@ def run_scenario(scenario: Scenario, policy: Policy, traffic: Traffic, reps: int
         action, cause, st = evaluate(policy, ev)
         lat_lower = ev.p99_ratio_lower
         held = active & (cause == Cause.NOVELTY)
-        novelty_held[held] = now
+        novelty_held[orig[held]] = now
         done = active & np.isin(action, (PROMOTE, ROLLBACK, HALT, INCONCLUSIVE))
-        out_action[done], out_cause[done], out_time[done], out_evals[done] = action[done], cause[done], now, t
+        o = orig[done]
+        out_action[o], out_cause[o], out_time[o], out_evals[o] = action[done], cause[done], now, t
         adv = active & (action == ADVANCE)
         step_idx = np.where(adv, np.minimum(step_idx + 1, len(steps) - 1), step_idx)
         step_start = np.where(adv, now, step_start)
@@ -380,6 +381,22 @@ def run_scenario(scenario: Scenario, policy: Policy, traffic: Traffic, reps: int
         active &= ~done
         if not active.any():
             break
+        if active.sum() < 0.6 * len(active):  # simulate only the rollouts still running
+            k = np.flatnonzero(active)
+            orig, phase, step_idx, step_start = orig[k], phase[k], step_idx[k], step_start[k]
+            running, lat_lower, active = running[k], lat_lower[k], active[k]
+            step_hist = step_hist[:, k]
+            w.roles, w.assigned, w.reps = w.roles[k], w.assigned[k], len(k)
+            for a in "cb":
+                pending[a], pending_e[a] = pending[a][k], pending_e[a][k]
+                served_hist[a], correct_hist[a] = served_hist[a][:, k], correct_hist[a][:, k]
+                for d in (w.visible_n, w.visible_e, w.lat_under, w.lat_bins, w.lab_n, w.lab_k):
+                    d[a] = d[a][k]
+                if windowed:
+                    ring[a] = ring[a][:, k]
+                    for m in "nesk":
+                        cum[a, m] = cum[a, m][:, k]
+            reps = len(k)
     return Outcome(out_action, out_cause, out_time, out_evals, novelty_held)
 
 
@@ -432,19 +449,19 @@ def _evidence(
         lat = {}
         for a in "cb":
             old = ring[a][start % (win + 1)] if t > win else np.zeros_like(ring[a][0])
-            lat[a] = (w.lat_under[a] - old[:, 0], w.lat_bins[a] - old[:, 1:])
+            lat[a] = (w.lat_under[a] - old[:, 0], np.cumsum(w.lat_bins[a] - old[:, 1:], axis=1))
         counts = {
             a: (since(a, "n", t), since(a, "e", t), since(a, "s", lab_t), since(a, "k", lab_t)) for a in "cb"
         }
         periods = {}
     else:
-        lat = {a: (w.lat_under[a], w.lat_bins[a]) for a in "cb"}
+        lat = {a: (w.lat_under[a], np.cumsum(w.lat_bins[a], axis=1)) for a in "cb"}
         counts = {
             a: (w.visible_n[a], w.visible_e[a], w.lab_n[a].sum(axis=1), w.lab_k[a].sum(axis=1)) for a in "cb"
         }
         periods = {a: strata.proportion_periods(w.lab_k[a], w.lab_n[a]) for a in "cb"}
     p99 = {a: grid.p99(*lat[a]) for a in "cb"}
-    n_lat = {a: (lat[a][0] + lat[a][1].sum(axis=1)).astype(float) for a in "cb"}
+    n_lat = {a: (lat[a][0] + lat[a][1][:, -1]).astype(float) for a in "cb"}
     if policy.name == "sequential":
         a, ha = policy.alpha / 2, policy.harm_alpha / 2
         lo_c, _ = grid.bounds(*lat["c"], ha, policy.harm_expected_n)
@@ -486,92 +503,158 @@ def _evidence(
 def false_rollback(scenario: Scenario, policy: Policy, out: Outcome) -> np.ndarray:
     """Per replication: stopped for a reason the truth does not support."""
     rb, c = out.action == ROLLBACK, out.cause
+    lift_end = float(scenario.lift_at(policy.max_duration_s))
     wrong = (
         ((c == Cause.ERRORS) & (scenario.error_diff <= policy.error_margin))
         | ((c == Cause.LATENCY) & (scenario.latency_ratio <= policy.p99_ratio))
-        | ((c == Cause.ACCURACY_WORSE) & (scenario.lift >= 0))
-        | ((c == Cause.FUTILITY) & (scenario.lift > policy.accuracy_margin))
+        | ((c == Cause.ACCURACY_WORSE) & (lift_end >= 0))
+        | ((c == Cause.FUTILITY) & (lift_end > policy.accuracy_margin))
     )
     halted_wrongly = (out.action == HALT) & (scenario.srm_loss == 0)
     return (rb & wrong) | halted_wrongly
 
 
-def summarize(scenario: Scenario, policy: Policy, out: Outcome) -> dict:
-    """The table row of one scenario under one policy."""
-    share = {
-        k: float(np.mean(out.action == v))
-        for k, v in (
-            ("promoted", PROMOTE),
-            ("rolled_back", ROLLBACK),
-            ("halted", HALT),
-            ("inconclusive", INCONCLUSIVE),
-        )
-    }
+def interval(hits: np.ndarray) -> tuple[float, float, float]:
+    """Share of True and its exact (Clopper-Pearson) 95 % interval."""
+    n, k = len(hits), int(np.sum(hits))
+    lo = 0.0 if k == 0 else float(stats.beta.ppf(0.025, k, n - k + 1))
+    hi = 1.0 if k == n else float(stats.beta.ppf(0.975, k + 1, n - k))
+    return k / n, lo, hi
+
+
+def summarize(scenario: Scenario, policy: Policy, out: Outcome, traffic: Traffic | None = None) -> dict:
+    """The table row of one scenario under one policy: each rate with its 95 % interval."""
+    traffic = traffic or Traffic()
+    promoted = out.action == PROMOTE
     decided = out.time_s[(out.action >= 0) & (out.action != INCONCLUSIVE)] / 60.0
-    null = not scenario.better(policy)
-    return {
+    null = not scenario.better(policy) and scenario.novelty_tau_s is None
+    # within two evaluations: by the second scheduled evaluation (harm checks may come in between)
+    in_two = (out.action == ROLLBACK) & (out.time_s <= 2 * traffic.eval_interval_s + 1e-9)
+    row = {
         "scenario": scenario.name,
-        "null": null,
-        **share,
-        "false_promotion": share["promoted"] if null else None,
-        "power": None if null or scenario.srm_loss else share["promoted"],
-        "false_rollback": float(np.mean(false_rollback(scenario, policy, out))),
+        "kind": _kind(scenario, policy),
+        "reps": len(out.action),
+        "promoted": interval(promoted),
+        "rolled_back": interval(out.action == ROLLBACK),
+        "halted": interval(out.action == HALT),
+        "inconclusive": interval(out.action == INCONCLUSIVE),
+        "false_promotion": interval(promoted) if null else None,
+        "power": interval(promoted) if scenario.better(policy) and not scenario.srm_loss else None,
+        "false_rollback": interval(false_rollback(scenario, policy, out)),
+        "rollback_within_2": interval(in_two),
+        "halted_before_verdict": interval(out.action == HALT) if scenario.srm_loss else None,
         "median_min": float(np.median(decided)) if len(decided) else None,
         "p90_min": float(np.percentile(decided, 90)) if len(decided) else None,
-        "rollback_within_2": float(np.mean((out.action == ROLLBACK) & (out.evals <= 2))),
-        "rollback_within_3": float(np.mean((out.action == ROLLBACK) & (out.evals <= 3))),
+        "median_promote_min": float(np.median(out.time_s[promoted] / 60.0)) if promoted.any() else None,
     }
+    return row
 
 
-def _fmt(x: float | None, pct: bool = True) -> str:
+def _kind(scenario: Scenario, policy: Policy) -> str:
+    if scenario.srm_loss:
+        return "sample loss"
+    if scenario.novelty_tau_s is not None:
+        return "novelty"
+    if scenario.error_diff or scenario.latency_ratio != 1.0:
+        return "guardrail"
+    return "better" if scenario.better(policy) else "not better"
+
+
+def _ci(x: tuple[float, float, float] | None) -> str:
     if x is None:
         return "—"
-    return f"{100 * x:.1f}%" if pct else f"{x:.0f}"
+    p, lo, hi = x
+    return f"{100 * p:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _pct(x: tuple[float, float, float] | None) -> str:
+    return "—" if x is None else f"{100 * x[0]:.1f} %"
+
+
+def _min(x: float | None) -> str:
+    return "—" if x is None else f"{x:.0f}"
 
 
 def table(policy: Policy, rows: list[dict]) -> str:
-    """One policy's results as a markdown table with a summary underneath."""
+    """One policy's results as a markdown table (rates with 95 % intervals)."""
     head = (
-        "| scenario | promoted | rolled back | halted | inconclusive | false promotion | false rollback "
-        "| median min | p90 min |\n|---|---|---|---|---|---|---|---|---|\n"
+        "| scenario | kind | promoted | false promotion [95 % CI] | rolled back | rolled back within 2 evals "
+        "[95 % CI] | halted | inconclusive | false rollback [95 % CI] | median min | p90 min |\n"
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n"
     )
     body = "".join(
-        f"| {r['scenario']} | {_fmt(r['promoted'])} | {_fmt(r['rolled_back'])} | {_fmt(r['halted'])} "
-        f"| {_fmt(r['inconclusive'])} | {_fmt(r['false_promotion'])} | {_fmt(r['false_rollback'])} "
-        f"| {_fmt(r['median_min'], False)} | {_fmt(r['p90_min'], False)} |\n"
+        f"| {r['scenario']} | {r['kind']} | {_pct(r['promoted'])} | {_ci(r['false_promotion'])} "
+        f"| {_pct(r['rolled_back'])} | {_ci(r['rollback_within_2']) if r['kind'] == 'guardrail' else '—'} "
+        f"| {_pct(r['halted'])} | {_pct(r['inconclusive'])} | {_ci(r['false_rollback'])} "
+        f"| {_min(r['median_min'])} | {_min(r['p90_min'])} |\n"
         for r in rows
     )
+    return f"### policy: {policy.name}\n\n{head}{body}"
+
+
+def targets(policy: Policy, rows: list[dict]) -> tuple[str, bool]:
+    """The issue's targets checked against the sequential policy's rows: (markdown list, all met)."""
     by = {r["scenario"]: r for r in rows}
-    worst = max(rows, key=lambda r: r["false_promotion"] or 0.0)
-    lines = [
-        f"- worst false-promotion rate over null scenarios: {_fmt(worst['false_promotion'])} ({worst['scenario']})",
-        "- power: "
-        + ", ".join(
-            f"{r['scenario'].removeprefix('accuracy ')} {_fmt(r['power'])}"
-            for r in rows
-            if r["power"] is not None
-        ),
+    checks: list[tuple[str, bool]] = []
+    nulls = [
+        r for r in rows if r["false_promotion"] is not None and r["kind"] in ("not better", "sample loss")
     ]
-    if "errors +5 pts" in by:
-        r = by["errors +5 pts"]
-        lines.append(
-            f"- errors +5 pts rolled back within two evaluations: {_fmt(r['rollback_within_2'])} "
-            f"(within three: {_fmt(r['rollback_within_3'])})"
+    worst = max(nulls, key=lambda r: r["false_promotion"][0])
+    worst_hi = max(nulls, key=lambda r: r["false_promotion"][2])
+    checks.append(
+        (
+            f"false promotions ≤ 5 % (upper 95 % end ≤ 6.5 %) in every scenario not better than the margin: "
+            f"worst {_ci(worst['false_promotion'])} ({worst['scenario']}); highest upper end "
+            f"{100 * worst_hi['false_promotion'][2]:.1f} % ({worst_hi['scenario']})",
+            worst["false_promotion"][0] <= 0.05 and worst_hi["false_promotion"][2] <= 0.065,
         )
-    if "errors +0.5 pt (at margin)" in by:
-        r = by["errors +0.5 pt (at margin)"]
-        bound = f" (the harm test's bound: {_fmt(policy.harm_alpha)})" if policy.name == "sequential" else ""
-        lines.append(
-            f"- errors +0.5 pt (at the margin, not harm): rolled back for errors {_fmt(r['false_rollback'])}{bound}"
+    )
+    for r in rows:
+        if r["kind"] == "novelty":
+            checks.append(
+                (f"{r['scenario']}: promoted {_ci(r['promoted'])} (≤ 10 %)", r["promoted"][0] <= 0.10)
+            )
+    if "accuracy +2 pts" in by:
+        r = by["accuracy +2 pts"]
+        checks.append(
+            (
+                f"power at +2 pts, 20 req/s, within 6 h: {_ci(r['power'])} (≥ 90 %), median time to promote "
+                f"{_min(r['median_promote_min'])} min",
+                r["power"][0] >= 0.90,
+            )
+        )
+    for name in ("errors +5 pts", "errors +5 pts, traffic ±50 %"):
+        if name in by:
+            r = by[name]
+            checks.append(
+                (
+                    f"{name}: rolled back within two evaluations {_ci(r['rollback_within_2'])} (≥ 95 %)",
+                    r["rollback_within_2"][0] >= 0.95,
+                )
+            )
+    if "A/A" in by:
+        r = by["A/A"]
+        checks.append(
+            (
+                f"A/A (canary equal to the baseline): false rollbacks {_ci(r['false_rollback'])} (≤ 10 %)",
+                r["false_rollback"][0] <= 0.10,
+            )
         )
     for r in rows:
-        if r["scenario"].startswith("SRM"):
-            lines.append(f"- {r['scenario']}: halted {_fmt(r['halted'])}, promoted {_fmt(r['promoted'])}")
-    return f"### policy: {policy.name}\n\n{head}{body}\n" + "\n".join(lines) + "\n"
+        if r["kind"] == "sample loss" and "2 %" in r["scenario"]:
+            checks.append(
+                (
+                    f"{r['scenario']}: halted before any promotion or futility rollback "
+                    f"{_ci(r['halted'])} (≥ 80 %)",
+                    r["halted"][0] >= 0.80,
+                )
+            )
+    lines = "\n".join(f"- {'✅' if ok else '❌'} {text}" for text, ok in checks)
+    return lines + "\n", all(ok for _, ok in checks)
 
 
 def power_curve(results: dict[str, list[tuple[Scenario, dict]]], path: Path, margin: float) -> None:
-    """P(promote) against the true accuracy lift, one line per policy."""
+    """P(promote) against the true accuracy lift (constant lift, 20 req/s, nothing else changed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -580,74 +663,105 @@ def power_curve(results: dict[str, list[tuple[Scenario, dict]]], path: Path, mar
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, pairs in results.items():
         pts = sorted(
-            (s.lift * 100, r["promoted"])
-            for s, r in pairs
-            if s.error_diff == 0 and s.latency_ratio == 1 and s.srm_loss == 0
+            (s.lift * 100, r["promoted"]) for s, r in pairs if s == replace(Scenario(s.name), lift=s.lift)
         )
-        ax.plot(*zip(*pts, strict=True), marker="o", label=name)
-    ax.axhline(0.8, color="grey", ls="--", lw=0.8, label="80% power")
-    ax.axhline(0.05, color="red", ls=":", lw=0.8, label="5% false promotions")
+        if len(pts) < 2:
+            continue
+        x = [p[0] for p in pts]
+        y = [p[1][0] for p in pts]
+        ax.plot(x, y, marker="o", label=name)
+        ax.fill_between(x, [p[1][1] for p in pts], [p[1][2] for p in pts], alpha=0.2)
+    ax.axhline(0.9, color="grey", ls="--", lw=0.8, label="90 % power")
+    ax.axhline(0.05, color="red", ls=":", lw=0.8, label="5 % false promotions")
     ax.axvline(margin * 100, color="black", ls=":", lw=0.8, label="margin")
-    ax.set(xlabel="true accuracy lift (pts)", ylabel="P(promote)", ylim=(0, 1.02), title="Power curve")
+    ax.set(
+        xlabel="true accuracy lift (pts)", ylabel="P(promote) within 6 h", ylim=(0, 1.02), title="Power curve"
+    )
     ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def power_table(pairs: list[tuple[Scenario, dict]]) -> str:
+    """The power curve's points as text: lift, P(promote) with its interval, median minutes to promote."""
+    pts = [(s, r) for s, r in pairs if s == replace(Scenario(s.name), lift=s.lift)]
+    lines = ["| true lift | P(promote) [95 % CI] | median min to promote |", "|--:|--:|--:|"]
+    lines += [
+        f"| {100 * s.lift:+.1f} pts | {_ci(r['promoted'])} | {_min(r['median_promote_min'])} |"
+        for s, r in sorted(pts, key=lambda p: p[0].lift)
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run every scenario under both policies; print and write the tables and the power curve."""
+    """Run every scenario under the sequential policy (and a few under the threshold rule); print and write
+    the tables, the targets and the power curve."""
     p = argparse.ArgumentParser(prog="recsys simulate", description=__doc__.splitlines()[0])
     p.add_argument(
-        "--reps", type=int, default=None, help="replications per scenario (default 1000, quick 200)"
+        "--reps", type=int, default=None, help="replications per scenario (default 600, quick 150)"
     )
     p.add_argument("--out", default="sim-results", help="directory for simulation.md and power_curve.png")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="200 replications: a quick look, not the report")
+    p.add_argument("--quick", action="store_true", help="150 replications: a quick look, not the report")
     p.add_argument(
         "--through-aggregates",
         type=int,
         default=0,
         metavar="N",
-        help="also run N replications a scenario through the production path: rows, aggregates, the "
-        "worker's observation builder and decide() (control_plane/replay.py)",
+        help="also run N replications of a few scenarios through the production path: rows, aggregates, "
+        "the worker's observation builder and decide() (control_plane/replay.py)",
     )
     argv = list(argv) if argv is not None else None
     if argv and argv[0] == "--":  # `recsys simulate -- --reps 10` passes the separator through
         argv = argv[1:]
     args = p.parse_args(argv)
-    reps = args.reps or (200 if args.quick else 1000)
+    reps = args.reps or (150 if args.quick else 600)
     if reps < 1:
         p.error("--reps must be positive")
-    traffic, policies = Traffic(), (Policy(name="sequential"), Policy(name="threshold"))
+    traffic, seq_policy, thr_policy = Traffic(), Policy(name="sequential"), Policy(name="threshold")
     started = time.perf_counter()
-    results: dict[str, list[tuple[Scenario, dict]]] = {}
-    for policy in policies:
-        results[policy.name] = [
-            (s, summarize(s, policy, run_scenario(s, policy, traffic, reps, seed=args.seed * 1000 + i)))
-            for i, s in enumerate(SCENARIOS)
-        ]
+    results: dict[str, list[tuple[Scenario, dict]]] = {"sequential": [], "threshold": []}
+    for i, s in enumerate(SCENARIOS):
+        out = run_scenario(s, seq_policy, traffic, reps, seed=args.seed * 1000 + i)
+        results["sequential"].append((s, summarize(s, seq_policy, out, traffic)))
+        if s.name in THRESHOLD_SCENARIOS:
+            out = run_scenario(s, thr_policy, traffic, reps, seed=args.seed * 1000 + i)
+            results["threshold"].append((s, summarize(s, thr_policy, out, traffic)))
     elapsed = time.perf_counter() - started
-    tables = "\n".join(table(pol, [r for _, r in results[pol.name]]) for pol in policies)
+    seq_rows = [r for _, r in results["sequential"]]
+    checks, met = targets(seq_policy, seq_rows)
     doc = (
-        f"# Simulation: {reps} replications per scenario, both policies\n\n"
-        f"Traffic: {traffic}\n\nPolicy defaults: {Policy().to_dict()}\n\n"
-        "False promotion: promoted although the truth is not better than the margin or a guardrail is truly "
-        "broken (shown for those null scenarios only). Power: promoted when the truth is better and traffic "
-        "sound. False rollback: rolled back for a cause the truth does not support (errors/latency not truly "
-        "beyond the margin, accuracy not truly worse / truly above the margin), or halted without a mismatch. "
-        "Times: minutes to a promote/rollback/halt decision (inconclusive runs end at the time limit).\n\n"
-        f"{tables}\nRun time: {elapsed:.0f} s\n"
+        f"# Simulation: {reps} replications per scenario (seed {args.seed})\n\n"
+        f"Traffic: {traffic}\n\nPolicy defaults: {seq_policy.to_dict()}\n\n"
+        "Each rate is the share of replications, with its exact 95 % interval. False promotion: promoted "
+        "although the truth is not better than the margin (scenarios of kind *not better* and *sample loss*; "
+        "novelty is judged on its own). False rollback: rolled back for a cause the truth does not support, "
+        "or halted without a sample loss. Rolled back within 2 evals: by the second scheduled evaluation "
+        "(2 min), counting the harm checks that run every "
+        f"{traffic.harm_interval_s:.0f} s in between; requests count once their 5 s bucket is whole. "
+        "Times: minutes to a promote/rollback/halt decision (inconclusive runs end at the 6 h limit).\n\n"
+        f"## Targets (sequential policy)\n\n{checks}\n"
+        f"{table(seq_policy, seq_rows)}\n"
+        f"### Power curve (sequential; constant lift, 20 req/s)\n\n{power_table(results['sequential'])}\n"
+        "### The threshold rule, for comparison (unsafe under repeated looks)\n\n"
+        f"{table(thr_policy, [r for _, r in results['threshold']])}\n"
+        f"Run time: {elapsed:.0f} s\n"
     )
     if args.through_aggregates > 0:
         # replay.py builds on this module (Scenario, Traffic), so it is imported here, not at the top.
         from control_plane.replay import replay_table
 
-        doc += "\n" + replay_table(SCENARIOS, policies[0], traffic, args.through_aggregates, args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "simulation.md").write_text(doc)
-    power_curve(results, out / "power_curve.png", policies[0].accuracy_margin)
+        picked = [s for s in SCENARIOS if s.name in REPLAY_SCENARIOS]
+        doc += "\n" + replay_table(picked, seq_policy, traffic, args.through_aggregates, args.seed)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "simulation.md").write_text(doc)
+    power_curve(results, out_dir / "power_curve.png", seq_policy.accuracy_margin)
     print(doc)
-    print(f"wrote {out / 'simulation.md'} and {out / 'power_curve.png'}")
+    print(f"wrote {out_dir / 'simulation.md'} and {out_dir / 'power_curve.png'}")
+    print("all targets met" if met else "NOT all targets met")
     return 0
+
+
+REPLAY_SCENARIOS = ("A/A", "accuracy +3 pts", "errors +5 pts", "+0.8 pt, both arms +2 pts/h (drift)")
