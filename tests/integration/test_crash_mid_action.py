@@ -64,6 +64,7 @@ def loop(tmp_path_factory, pg_url):
         "RECSYS_EMBEDDED_REDIS_PORT": str(free_port()),
         "RECSYS_WORKER_METRICS_PORT": str(free_port()),
         "RECSYS_EVAL_INTERVAL_S": "1",
+        "RECSYS_HARM_INTERVAL_S": "0",  # this test follows the scheduled ticks; the harm job has its own
         "RECSYS_LABEL_WINDOW_S": "0",
         "RECSYS_LOG_SETTLE_S": "0",  # `feed` writes every arm's rows at once: none is still arriving
     }
