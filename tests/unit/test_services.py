@@ -375,7 +375,7 @@ def test_an_operators_rollback_waits_for_the_tick_in_progress_and_is_not_undone_
     assert "canary" not in ctx.router.get_backends()
     assert 3 not in ctx.deployer.endpoints()
     actions = [d["action"] for d in reversed(ctx.ledger.decisions(rollout.id))]
-    assert actions[-2:] == ["advance", "rollback"], actions
+    assert actions[-2:] == ["advance", "override_rollback"], actions
 
 
 def test_an_action_that_cannot_wait_any_longer_is_refused_naming_the_one_in_progress(ctx):
