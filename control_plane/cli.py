@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
@@ -137,6 +138,12 @@ def cmd_canary(args) -> int:
         "promote": services.promote_now,
         "rollback": services.rollback_now,
     }[args.action]
+    if args.action in ("promote", "rollback"):  # overrides of the analysis: a reason is required
+        if not (args.reason or "").strip():
+            print(f"error: `canary {args.action}` overrides the analysis; give --reason", file=sys.stderr)
+            return 2
+        _print(fn(ctx, rollout.id, actor=f"cli:{getpass.getuser()}", reason=args.reason).to_dict())
+        return 0
     _print(fn(ctx, rollout.id, actor="cli").to_dict())
     return 0
 
@@ -210,11 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--version", type=int, required=True)
     s.add_argument("--role", choices=["baseline", "canary", "control"], required=True)
     s.set_defaults(fn=cmd_deploy)
-    s = sub.add_parser("canary", help="start or steer a canary rollout")
+    s = sub.add_parser(
+        "canary",
+        help="start or steer a canary rollout",
+        description="promote/rollback during a rollout override the analysis: they need --reason, and the "
+        "ledger, the UI and /metrics mark them as overrides.",
+    )
     s.add_argument("action", choices=["start", "status", "pause", "resume", "promote", "rollback"])
     s.add_argument("--version", type=int)
     s.add_argument("--rollout", type=int)
-    s.add_argument("--policy-name", choices=["sequential", "threshold"])
+    s.add_argument("--reason", help="why an operator promotes or rolls back now (required for those two)")
+    s.add_argument(
+        "--policy-name",
+        choices=["sequential", "threshold"],
+        help="sequential (default: always-valid tests); threshold: the seed's point-estimate rule, UNSAFE "
+        "under repeated looks (about 23 %% false promotions of an identical canary), for comparison only",
+    )
     s.add_argument("--policy", help="policy parameters as JSON")
     s.set_defaults(fn=cmd_canary)
     sub.add_parser("rollback", help="restore the previous baseline in one step").set_defaults(fn=cmd_rollback)

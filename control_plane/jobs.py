@@ -31,6 +31,8 @@ EVALUATE_FUNC = "control_plane.jobs.evaluate_job"  # by name: the scheduler may 
 MAINTENANCE_JOB_ID = "recsys-maintenance"
 MAINTENANCE_FUNC = "control_plane.jobs.maintenance_job"
 MAINTENANCE_MIN_INTERVAL_S = 60
+HARM_JOB_ID = "recsys-harm"
+HARM_FUNC = "control_plane.jobs.harm_job"
 UNRECORDED_TICKS_KEY = "recsys:evaluations:unrecorded"  # hash: tick -> why the database did not take it
 _ctx = None  # one Context per worker process, built on the first job
 # Jobs go through Redis as JSON, never pickle: whoever can write to Redis cannot make the worker run code
@@ -135,6 +137,28 @@ def evaluate_job(interval_s: int | None = None) -> dict | None:
     return result
 
 
+def harm_job() -> dict | None:
+    """The harm checks between evaluations (services.check_harm); records only a rollback."""
+    from control_plane import services
+    from control_plane.errors import ActionBusy
+
+    try:
+        result = services.check_harm(_context())
+    except (ActionBusy, *_database_unreachable()) as exc:
+        # the next check (seconds away) or the scheduled evaluation will look again
+        log.info("harm check skipped: %s", exc.__class__.__name__)
+        return {"action": "skipped", "reason": exc.__class__.__name__}
+    if result is not None:
+        log.warning("harm check", extra={"result": result})
+    return result
+
+
+def _schedule_harm(scheduler, harm_interval_s: int) -> str | None:
+    if harm_interval_s <= 0:
+        return None
+    return _schedule_job(scheduler, HARM_JOB_ID, HARM_FUNC, [], harm_interval_s, max(60, harm_interval_s * 4))
+
+
 def maintenance_job() -> dict:
     """The scheduled upkeep (services.maintain): label windows closed, retention applied, partitions made."""
     from control_plane import services
@@ -180,7 +204,7 @@ def _scheduled_ids(conn, scheduler) -> list[str]:
     ]
 
 
-def schedule_evaluations(redis_url: str, interval_s: int) -> None:
+def schedule_evaluations(redis_url: str, interval_s: int, harm_interval_s: int = 0) -> None:
     """Register (or re-register) the periodic evaluation with rq-scheduler; safe to call on every start."""
     from redis import Redis
 
@@ -188,27 +212,32 @@ def schedule_evaluations(redis_url: str, interval_s: int) -> None:
     scheduler = _scheduler(conn)
     new = _schedule(scheduler, interval_s)  # the new one first: there is never a moment with none
     upkeep = _schedule_maintenance(scheduler, interval_s)
+    harm = _schedule_harm(scheduler, harm_interval_s)
     for job_id in _scheduled_ids(conn, scheduler):
         if job_id.startswith(EVALUATE_JOB_ID) and job_id != new:
             scheduler.cancel(job_id)
         if job_id.startswith(MAINTENANCE_JOB_ID) and job_id != upkeep:
             scheduler.cancel(job_id)
+        if job_id.startswith(HARM_JOB_ID) and job_id != harm:
+            scheduler.cancel(job_id)
     conn.close()
 
 
-def ensure_scheduled(conn, interval_s: int) -> bool:
+def ensure_scheduled(conn, interval_s: int, harm_interval_s: int = 0) -> bool:
     """Schedule the periodic evaluation unless one is scheduled already; True when it had to."""
     scheduler = _scheduler(conn)
     ids = _scheduled_ids(conn, scheduler)
     if not any(i.startswith(MAINTENANCE_JOB_ID) for i in ids):
         _schedule_maintenance(scheduler, interval_s)
+    if harm_interval_s > 0 and not any(i.startswith(HARM_JOB_ID) for i in ids):
+        _schedule_harm(scheduler, harm_interval_s)
     if any(i.startswith(EVALUATE_JOB_ID) for i in ids):
         return False
     _schedule(scheduler, interval_s)
     return True
 
 
-def run_scheduler(redis_url: str, interval_s: int, poll_s: float = 1.0) -> None:
+def run_scheduler(redis_url: str, interval_s: int, poll_s: float = 1.0, harm_interval_s: int = 0) -> None:
     """rq-scheduler's loop, keeping the periodic evaluation registered and waiting out Redis outages."""
     from redis import Redis
     from redis.exceptions import ConnectionError as RedisConnectionError
@@ -217,7 +246,7 @@ def run_scheduler(redis_url: str, interval_s: int, poll_s: float = 1.0) -> None:
 
     class EvaluationScheduler(Scheduler):
         def enqueue_jobs(self):
-            if ensure_scheduled(self.connection, interval_s):
+            if ensure_scheduled(self.connection, interval_s, harm_interval_s):
                 log.warning("no periodic evaluation in Redis (restarted empty?): scheduled it again")
             return super().enqueue_jobs()
 
@@ -253,10 +282,16 @@ def main(argv: list[str] | None = None) -> int:
         default=settings.eval_interval_s,
         help="seconds between scheduled evaluations (default: RECSYS_EVAL_INTERVAL_S)",
     )
+    p.add_argument(
+        "--harm-interval-s",
+        type=int,
+        default=settings.harm_interval_s,
+        help="seconds between harm checks (default: RECSYS_HARM_INTERVAL_S; 0: none)",
+    )
     p.add_argument("--poll-s", type=float, default=1.0, help="how often due jobs are moved to the queue")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    run_scheduler(args.url, args.interval_s, args.poll_s)
+    run_scheduler(args.url, args.interval_s, args.poll_s, args.harm_interval_s)
     return 0
 
 

@@ -166,6 +166,15 @@ class Ledger:
         ).first()
         return None if row is None else (row[0] or {}).get(key)
 
+    def step_history(self, conn: Connection, rollout_id: int) -> list[tuple[float, int]]:
+        """(when, canary weight) of the rollout's start and each advance, oldest first: its ramp steps."""
+        rows = conn.execute(
+            select(decisions.c.ts, decisions.c.canary_weight)
+            .where(decisions.c.rollout_id == rollout_id, decisions.c.action.in_(("start", "advance")))
+            .order_by(decisions.c.id)
+        ).all()
+        return [(float(ts), int(w)) for ts, w in rows]
+
     def evaluations(self, conn: Connection, rollout_id: int) -> tuple[int, int | None]:
         """How many scheduled evaluations the rollout has had, and the newest tick."""
         from sqlalchemy import func

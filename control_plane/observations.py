@@ -7,11 +7,12 @@ can start up to a bucket (5 s) later and end up to a bucket earlier than asked.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from bisect import bisect_right
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from control_plane.analysis.aggregates import LabelFacts, LatencyHistogram, RequestFacts
-from control_plane.analysis.types import ArmObservation, Observations
+from control_plane.analysis.types import ArmObservation, Observations, PeriodCounts
 from control_plane.analysis.user_level import UserEvidence
 from control_plane.metrics_source import WEIGHTED, MetricsSource
 
@@ -28,6 +29,24 @@ def window_ends(now: float, settle_s: float, label_window_s: float) -> tuple[flo
     return until, min(until, now - label_window_s)
 
 
+def ramp_periods(
+    history: Sequence[tuple[float, int]], since: float, control_weight: int
+) -> list[tuple[float, dict[str, int]]]:
+    """The ramp's periods of constant weights from its step history ((when, canary weight) of the start
+    and of each advance, oldest first): (start, weights the router applied then), none before `since`."""
+    periods: list[tuple[float, dict[str, int]]] = []
+    for i, (ts, canary) in enumerate(history):
+        start = since if i == 0 else max(float(ts), since)
+        weights = {"baseline": 100 - canary - control_weight, "canary": canary}
+        if control_weight:
+            weights["control"] = control_weight
+        if periods and start <= periods[-1][0]:
+            periods[-1] = (periods[-1][0], weights)  # a step that began before the window: the window's
+        else:
+            periods.append((start, weights))
+    return periods
+
+
 def _one(groups: dict, empty):
     return groups.get(None, empty)
 
@@ -42,9 +61,14 @@ def arm_observation(
     labels_before: float,
     label_window_s: float,
     route: str = WEIGHTED,
+    period_starts: Sequence[float] = (),
 ) -> ArmObservation:
     """One version's window on one route: requests up to `until`, outcomes of windows closed before
-    `labels_before`."""
+    `labels_before`.
+
+    With `period_starts` (the ramp steps' starts, oldest first) the requests and labelled predictions are
+    also summed per period, by the bucket of the prediction's own time: the ramp-aware estimate's input.
+    """
     if version is None:
         return ArmObservation(
             version=None, requests=0, errors=0, latency=LatencyHistogram(), labelled=0, correct=0
@@ -56,6 +80,23 @@ def arm_observation(
     lab = _one(
         source.labels(since, labels_before, label_window_s, version=version, route=route), LabelFacts()
     )
+    periods: tuple[PeriodCounts, ...] = ()
+    if period_starts:
+        starts = list(period_starts)
+
+        def period(key) -> int:
+            return max(bisect_right(starts, key.start) - 1, 0)
+
+        req_p = source.requests(since, until, by=period, version=version, route=route)
+        lab_p = source.labels(since, labels_before, label_window_s, by=period, version=version, route=route)
+        periods = tuple(
+            PeriodCounts(
+                requests=req_p.get(i, RequestFacts()).requests,
+                labelled=lab_p.get(i, LabelFacts()).closed,
+                correct=lab_p.get(i, LabelFacts()).correct,
+            )
+            for i in range(len(starts))
+        )
     return ArmObservation(
         version=version,
         requests=req.requests,
@@ -68,6 +109,7 @@ def arm_observation(
         auc_max_error=lab.auc_max_error,
         step_requests=step_requests,
         scores=lab.scores_pos.merge(lab.scores_neg),
+        periods=periods,
     )
 
 
@@ -82,11 +124,16 @@ def read_observations(
     step_weights: Mapping[str, int],
     settle_s: float = 0.0,
     routes: Mapping[str, str] | None = None,
+    periods: Sequence[tuple[float, Mapping[str, int]]] = (),
+    assigned: Mapping[str, int] | None = None,
 ) -> Observations:
     """Every role's window (its ends from `window_ends`), as the decision function takes it.
 
     Each role counts its weighted requests, or the route `routes` names for it (a shadow candidate's
-    "shadow" copies)."""
+    "shadow" copies). `periods` are the ramp's steps since `since`: (start, weights in force), oldest
+    first; each arm's numbers are then read per step too. `assigned` is the router's own count of
+    requests per role.
+    """
     until, labels_before = window_ends(now, settle_s, label_window_s)
     arms = {
         role: arm_observation(
@@ -98,6 +145,7 @@ def read_observations(
             labels_before=labels_before,
             label_window_s=label_window_s,
             route=(routes or {}).get(role, WEIGHTED),
+            period_starts=[start for start, _ in periods],
         )
         for role, version in versions.items()
     }
@@ -108,6 +156,8 @@ def read_observations(
         arms=arms,
         step_weights=dict(step_weights),
         users=user_evidence(source, versions, since, until, label_window_s, step_since),
+        periods=tuple((float(start), dict(w)) for start, w in periods),
+        assigned=None if assigned is None else dict(assigned),
     )
 
 

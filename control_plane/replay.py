@@ -21,7 +21,7 @@ from control_plane.analysis.policy import Policy
 from control_plane.analysis.simulate import Scenario, Traffic
 from control_plane.analysis.types import Action, Phase, RolloutState
 from control_plane.metrics_source import MemoryMetricsSource
-from control_plane.observations import read_observations
+from control_plane.observations import ramp_periods, read_observations
 
 VERSIONS = {"baseline": 1, "canary": 2, "control": 3}
 T0 = 1_000_000_000.0  # on a bucket
@@ -47,7 +47,10 @@ def _minute(rng, scenario: Scenario, traffic: Traffic, t: float, weights: dict[s
         lat = float(rng.lognormal(math.log(traffic.latency_median_ms), traffic.latency_sigma))
         lat *= scenario.latency_ratio if canary else 1.0
         score = float(rng.random())
-        right = rng.random() < traffic.base_accuracy + (scenario.lift if canary else 0.0)
+        base = traffic.base_accuracy if scenario.base_accuracy is None else scenario.base_accuracy
+        elapsed = float(when) - T0
+        accuracy = base + scenario.drift_per_h * elapsed / 3600.0
+        right = rng.random() < accuracy + (float(scenario.lift_at(elapsed)) if canary else 0.0)
         clicked = int(score >= 0.5) if right else int(score < 0.5)
         rid = f"{t}-{i}"
         rows.append(
@@ -85,6 +88,7 @@ def replay(scenario: Scenario, policy: Policy, traffic: Traffic, seed: int) -> R
     step, evaluations, running_p = 0, 0, {}
     weight = policy.steps[0]
     started = step_started = T0
+    history = [(T0, weight)]  # what the ledger's start and advance rows hold
     pending: list[tuple] = []
     closed_until = T0
     t = T0
@@ -124,6 +128,7 @@ def replay(scenario: Scenario, policy: Policy, traffic: Traffic, seed: int) -> R
             now=t,
             label_window_s=window_s,
             step_weights=weights,
+            periods=ramp_periods(history, started, traffic.control_weight),
         )
         state = RolloutState(Phase.PROGRESSING, step, weight, started, step_started, evaluations, running_p)
         decision = decide(state, obs, policy)
@@ -133,6 +138,7 @@ def replay(scenario: Scenario, policy: Policy, traffic: Traffic, seed: int) -> R
             return ReplayOutcome(decision.action.value, (t - started) / 60)
         if decision.action is Action.ADVANCE:
             step, weight, step_started = step + 1, decision.next_weight, t
+            history.append((t, weight))
 
 
 def replay_table(scenarios, policy: Policy, traffic: Traffic, reps: int, seed: int) -> str:

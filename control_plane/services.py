@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from control_plane import observations, queries, retention
-from control_plane.analysis.decide import decide
+from control_plane.analysis.decide import decide, decide_harm
 from control_plane.analysis.policy import Policy
 from control_plane.analysis.types import Action, Decision, Phase
 from control_plane.bounds import check_row_int
@@ -381,10 +381,6 @@ def evaluate(
         "canary": rollout.candidate_version,
         "control": assignment.get("control", (None, 0))[0],
     }
-    since = policy.window_start(rollout.started_at, now)
-    if rollout.phase is Phase.SHADOW:
-        # from when the mirror was in force (the deploy before it takes a while): both arms, same requests
-        since = max(since, rollout.step_started_at)
     endpoints = ctx.deployer.endpoints()
     backlog = ctx.log_backlog.waiting({v: endpoints[v] for v in versions_by_role.values() if v in endpoints})
     label_window_s = ctx.settings.label_window_s if policy.label_window_s is None else policy.label_window_s
@@ -396,18 +392,7 @@ def evaluate(
         if tick is not None and last_tick is not None and tick <= last_tick:
             return None  # this tick (or a later one) already ran
         try:
-            obs = observations.read_observations(
-                queries.SqlMetricsSource(conn),
-                versions=versions_by_role,
-                since=since,
-                step_since=rollout.step_started_at,
-                now=now,
-                label_window_s=label_window_s,
-                settle_s=ctx.settings.log_settle_s,
-                step_weights={r: w for r, (_, w) in assignment.items()},
-                # in the shadow phase the candidate's numbers are its answers to the mirrored copies
-                routes={"canary": SHADOW_ROUTE} if rollout.phase is Phase.SHADOW else None,
-            )
+            obs = _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s)
         except SQLAlchemyError as exc:
             obs = None
             failure = f"metrics could not be read: {exc.__class__.__name__}"
@@ -423,6 +408,66 @@ def evaluate(
         decision = _carry_running_p(decision, running_p)
     missed = _missed_ticks(tick, last_tick, interval_s or ctx.settings.eval_interval_s)
     return _act(ctx, rollout, decision, policy, actor, tick=tick, obs=obs, missed_ticks=missed)
+
+
+def _steps(ctx: Context, conn, rollout: Rollout, since: float, control_weight: int):
+    """The ramp's periods of constant weights since `since`, from the ledger's start and advance rows."""
+    history = ctx.ledger.step_history(conn, rollout.id) or [(rollout.started_at, rollout.canary_weight)]
+    return observations.ramp_periods(history, since, control_weight)
+
+
+def _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s):
+    """decide()'s inputs for the rollout: its window read through the aggregates, per ramp step."""
+    since = policy.window_start(rollout.started_at, now)
+    shadow = rollout.phase is Phase.SHADOW
+    if shadow:
+        # from when the mirror was in force (the deploy before it takes a while): both arms, same requests
+        since = max(since, rollout.step_started_at)
+    control_weight = assignment.get("control", (None, 0))[1] if versions_by_role.get("control") else 0
+    ramp = policy.name == "sequential" and not shadow
+    return observations.read_observations(
+        queries.SqlMetricsSource(conn),
+        versions=versions_by_role,
+        since=since,
+        step_since=rollout.step_started_at,
+        now=now,
+        label_window_s=label_window_s,
+        settle_s=ctx.settings.log_settle_s,
+        step_weights={r: w for r, (_, w) in assignment.items()},
+        periods=_steps(ctx, conn, rollout, since, control_weight) if ramp else (),
+        # in the shadow phase the candidate's numbers are its answers to the mirrored copies
+        routes={"canary": SHADOW_ROUTE} if shadow else None,
+    )
+
+
+@one_at_a_time
+def check_harm(ctx: Context, actor: str = "harm-check") -> dict[str, Any] | None:
+    """The harm tests alone, on their own faster cadence (settings.harm_interval_s): roll back a canary
+    whose errors or p99 are confidently beyond the margin between two scheduled evaluations.
+
+    Records nothing unless it rolls back; the scheduled evaluation still records every tick.
+    """
+    rollout = ctx.ledger.active()
+    if rollout is None or rollout.phase is not Phase.PROGRESSING or rollout.pending_action:
+        return None
+    policy = Policy.from_dict(rollout.policy_params)
+    if policy.name != "sequential":
+        return None
+    now = ctx.clock()
+    assignment = ctx.traffic_store.load()
+    versions_by_role = {
+        "baseline": rollout.baseline_version,
+        "canary": rollout.candidate_version,
+        "control": assignment.get("control", (None, 0))[0],
+    }
+    label_window_s = ctx.settings.label_window_s if policy.label_window_s is None else policy.label_window_s
+    with read_snapshot(ctx.engine) as conn:
+        obs = _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s)
+        evaluations, _ = ctx.ledger.evaluations(conn, rollout.id)
+    decision = decide_harm(rollout.state(evaluations), obs, policy)
+    if decision is None:
+        return None
+    return _act(ctx, rollout, decision, policy, actor, obs=obs)
 
 
 @one_at_a_time
@@ -511,22 +556,78 @@ def _switch(ctx: Context, rollout_id: int, before: Phase, after: Phase, action: 
     return ctx.ledger.get(rollout_id)
 
 
-@one_at_a_time
-def promote_now(ctx: Context, rollout_id: int, actor: str) -> Rollout:
-    """An operator promotes the canary without waiting for the analysis."""
-    rollout = _require_active(ctx, rollout_id)
-    decision = Decision(Action.PROMOTE, f"promoted by {actor}", 100)
-    _act(ctx, rollout, decision, Policy.from_dict(rollout.policy_params), actor)
-    return ctx.ledger.get(rollout_id)
+OVERRIDE_ACTIONS = {Action.PROMOTE: "override_promote", Action.ROLLBACK: "override_rollback"}
 
 
 @one_at_a_time
-def rollback_now(ctx: Context, rollout_id: int, actor: str) -> Rollout:
-    """An operator rolls the canary back at once."""
+def promote_now(ctx: Context, rollout_id: int, actor: str, reason: str) -> Rollout:
+    """An operator promotes the canary without waiting for the analysis: an override, with its reason and
+    the evidence at that moment recorded in the ledger."""
+    return _override(ctx, rollout_id, Action.PROMOTE, actor, reason)
+
+
+@one_at_a_time
+def rollback_now(ctx: Context, rollout_id: int, actor: str, reason: str) -> Rollout:
+    """An operator rolls the canary back at once: an override, recorded as `promote_now` is."""
+    return _override(ctx, rollout_id, Action.ROLLBACK, actor, reason)
+
+
+def _override(ctx: Context, rollout_id: int, action: Action, actor: str, reason: str) -> Rollout:
+    if not isinstance(reason, str) or not reason.strip():
+        raise InvalidRequest(
+            f"an operator's {action} overrides the analysis and needs a reason (a non-empty string)"
+        )
+    reason = reason.strip()[:1000]
     rollout = _require_active(ctx, rollout_id)
-    decision = Decision(Action.ROLLBACK, f"rolled back by {actor}", 0)
-    _act(ctx, rollout, decision, Policy.from_dict(rollout.policy_params), actor)
+    policy = Policy.from_dict(rollout.policy_params)
+    evidence, obs = _evidence_now(ctx, rollout, policy)
+    said = (
+        f"the analysis said {evidence.action}: {evidence.reason}"
+        if evidence is not None
+        else "the analysis could not be read"
+    )
+    weight = 100 if action is Action.PROMOTE else 0
+    stats = dict(evidence.stats) if evidence is not None else {}
+    stats["override"] = {
+        "action": str(action),
+        "actor": actor,
+        "reason": reason,
+        "analysis_action": None if evidence is None else str(evidence.action),
+        "analysis_reason": None if evidence is None else evidence.reason,
+    }
+    decision = Decision(
+        action,
+        f"OVERRIDE by {actor}: {reason} ({said})",
+        weight,
+        () if evidence is None else evidence.rules,
+        stats,
+    )
+    _act(ctx, rollout, decision, policy, actor, obs=obs, recorded_as=OVERRIDE_ACTIONS[action])
+    log.warning("override", extra={"rollout_id": rollout_id, "action": str(action), "actor": actor})
     return ctx.ledger.get(rollout_id)
+
+
+def _evidence_now(ctx: Context, rollout: Rollout, policy: Policy):
+    """What the analysis would decide now (recorded beside an override), or (None, None) if unreadable."""
+    if rollout.phase is not Phase.PROGRESSING and rollout.phase is not Phase.PAUSED:
+        return None, None
+    now = ctx.clock()
+    assignment = ctx.traffic_store.load()
+    versions_by_role = {
+        "baseline": rollout.baseline_version,
+        "canary": rollout.candidate_version,
+        "control": assignment.get("control", (None, 0))[0],
+    }
+    label_window_s = ctx.settings.label_window_s if policy.label_window_s is None else policy.label_window_s
+    try:
+        with read_snapshot(ctx.engine) as conn:
+            obs = _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s)
+            evaluations, _ = ctx.ledger.evaluations(conn, rollout.id)
+            running_p = ctx.ledger.last_stat(conn, rollout.id, "running_p_values") or {}
+    except SQLAlchemyError:
+        return None, None
+    state = dataclasses.replace(rollout.state(evaluations, running_p), phase=Phase.PROGRESSING)
+    return decide(state, obs, policy), obs
 
 
 @one_at_a_time
@@ -537,7 +638,7 @@ def restore_previous_baseline(ctx: Context, actor: str) -> dict[str, Any]:
         raise NoPreviousBaseline()
     active = ctx.ledger.active()
     if active is not None:
-        rollback_now(ctx, active.id, actor)
+        rollback_now(ctx, active.id, actor, "the previous baseline was restored (`recsys rollback`)")
     assignment = ctx.traffic_store.load()
     current = assignment.get("baseline", (None, 0))[0]
     ctx.deployer.deploy(previous)
@@ -592,8 +693,11 @@ def _act(
     tick=None,
     obs=None,
     missed_ticks: int = 0,
+    recorded_as: str | None = None,
 ) -> dict[str, Any] | None:
-    """Record the decision and the intended action in one transaction, then apply it, then clear it."""
+    """Record the decision and the intended action in one transaction, then apply it, then clear it.
+
+    `recorded_as` names the ledger's action when it is not the decision's own (an operator's override)."""
     target = _target(ctx, rollout, decision, policy)
     new_phase = TERMINAL_FOR.get(decision.action, rollout.phase)
     leaves_shadow = rollout.phase is Phase.SHADOW and decision.action is Action.ADVANCE
@@ -622,7 +726,7 @@ def _act(
                 rollout,
                 rollout.phase,
                 new_phase,
-                str(decision.action),
+                recorded_as or str(decision.action),
                 actor,
                 reason,
                 updates.get("canary_weight", rollout.canary_weight),

@@ -89,6 +89,9 @@ class Settings:
     prometheus_port: int = 9090
     bento_base_port: int = 3100
     eval_interval_s: int = 60
+    # The harm checks' own cadence (services.check_harm): errors or p99 confidently beyond their margin
+    # roll back between scheduled evaluations; 0 turns the separate check off.
+    harm_interval_s: int = 15
     window_s: int = 3600
     # The attribution window (docs/scale.md): a prediction is positive if its click came within it.
     label_window_s: int = 300
@@ -158,6 +161,7 @@ class Settings:
             prometheus_port=int(env.get("RECSYS_PROMETHEUS_PORT", 9090)),
             bento_base_port=int(env.get("RECSYS_BENTO_BASE_PORT", 3100)),
             eval_interval_s=int(env.get("RECSYS_EVAL_INTERVAL_S", 60)),
+            harm_interval_s=int(env.get("RECSYS_HARM_INTERVAL_S", 15)),
             window_s=int(env.get("RECSYS_WINDOW_S", 3600)),
             label_window_s=int(env.get("RECSYS_LABEL_WINDOW_S", 300)),
             log_settle_s=float(env.get("RECSYS_LOG_SETTLE_S", 2.0)),
@@ -225,6 +229,7 @@ class Settings:
             "RECSYS_PROMETHEUS_PORT": str(self.prometheus_port),
             "RECSYS_BENTO_BASE_PORT": str(self.bento_base_port),
             "RECSYS_EVAL_INTERVAL_S": str(self.eval_interval_s),
+            "RECSYS_HARM_INTERVAL_S": str(self.harm_interval_s),
             "RECSYS_WINDOW_S": str(self.window_s),
             "RECSYS_LABEL_WINDOW_S": str(self.label_window_s),
             "RECSYS_LOG_SETTLE_S": str(self.log_settle_s),

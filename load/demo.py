@@ -181,7 +181,7 @@ def services_rollback(ctx, rollout_id: int) -> None:
     from control_plane import services
 
     _say(f"Rollout {rollout_id} was still running: rolling it back first.")
-    services.rollback_now(ctx, rollout_id, actor="demo")
+    services.rollback_now(ctx, rollout_id, actor="demo", reason="the demo ends its rollout")
 
 
 def _version_with_profile(ctx, profile: str) -> int | None:

@@ -4,7 +4,7 @@
 
 It starts the stack if it is not up (`recsys up`), runs Locust headless through the gateway (predictions,
 recommendations and their labels, `load/locustfile.py`), starts a canary through the API after a warm-up
-(the rollout goes on after the soak: watch it, or `recsys canary rollback`), samples the memory of every
+(the rollout goes on after the soak: watch it, or `recsys canary rollback --reason ...`), samples the memory of every
 process of the stack (each supervisord program with its children) every 10 s for --duration-s, and at the
 end prints a Markdown table of the figures, writes it to --out and exits 1 if a bound is broken:
 
@@ -208,7 +208,7 @@ def start_canary(settings: Settings, version: int, policy: dict) -> int:
         # Ending it here and starting the same version at once races the scheduler's completion of the
         # rollback (it retires the version again while it is being redeployed): leave that to the operator.
         raise RuntimeError(
-            f"rollout {rollouts['active']} is still running; end it (recsys canary rollback) first"
+            f"rollout {rollouts['active']} is still running; end it (recsys canary rollback --reason ...) first"
         )
     status, body = _api(settings, "POST", "/api/rollouts", {"version": version, "policy": policy})
     if status != 201:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from control_plane.analysis import guardrails, srm
+from control_plane.analysis import guardrails, srm, strata
 from control_plane.analysis import sequential as seq
 from control_plane.analysis.policy import (
     ADVANCE,
@@ -19,7 +19,9 @@ from control_plane.analysis.policy import (
     Cause,
     Evidence,
     Policy,
+    design_effect,
     evaluate,
+    harm,
 )
 from control_plane.analysis.shadow import decide_shadow
 from control_plane.analysis.types import (
@@ -76,16 +78,42 @@ def decide(state: RolloutState, obs: Observations, policy: Policy) -> Decision:
     return Decision(act, reason, next_weight, _rules(policy, n, st), _jsonable(stats))
 
 
+def decide_harm(state: RolloutState, obs: Observations, policy: Policy) -> Decision | None:
+    """The harm tests alone (the faster harm cadence): a rollback decision if errors or p99 are confidently
+    beyond their margin, else None. The same tests `decide()` runs first; no I/O."""
+    if state.phase is not Phase.PROGRESSING or policy.name != "sequential":
+        return None
+    canary, baseline = obs.arms.get("canary"), obs.arms.get("baseline")
+    if canary is None or baseline is None:
+        return None
+    n = _numbers(state, obs, policy, canary, baseline)
+    h = harm(policy, _evidence(n, state))
+    if not (bool(h["err_harm"][0]) or bool(h["lat_harm"][0])):
+        return None
+    why = Cause.ERRORS if bool(h["err_harm"][0]) else Cause.LATENCY
+    st = {"p_error_harm": float(h["err"]["p_harm"][0])}
+    stats = _stats(policy, state, obs, n, st, why)
+    stats["harm_check"] = True
+    reason = _reason(policy, state, n, st, Action.ROLLBACK, why, 0) + " (harm check between evaluations)"
+    return Decision(Action.ROLLBACK, reason, 0, (), _jsonable(stats))
+
+
 def _numbers(
     state: RolloutState, obs: Observations, policy: Policy, c: ArmObservation, b: ArmObservation
 ) -> dict:
     """Every estimate and interval shown with a decision, whichever rule acts on them."""
     a, p0 = policy.alpha, policy.planning_accuracy
-    diff, var = seq.proportion_diff(c.correct, c.labelled, b.correct, b.labelled)
+    pc, pb = _arm_periods(c), _arm_periods(b)
+    est = strata.combine(pc, pb)
+    diff, var = est.diff[0], est.var[0]
     users = _user_unit(obs, c, b)  # requests that name users: users are the unit (user_level.py)
+    deff = 1.0
     if users is not None:
-        var = users["accuracy_var"]
+        deff = float(design_effect(users["accuracy_var"], c.correct, c.labelled, b.correct, b.labelled))
+        var = var * deff
     tau2 = seq.mixing_variance(2 * p0 * (1 - p0), policy.planned_n, a)
+    recent_diff, recent_var = strata.period_at(est.period_diff, est.period_var, [state.step_index])
+    recent_var = recent_var * deff
     err = guardrails.rate_tests(
         c.errors, c.requests, b.errors, b.requests, policy.error_margin, a, policy.planned_n
     )
@@ -101,15 +129,43 @@ def _numbers(
         harm_alpha=policy.harm_alpha,
     )
     step_obs = {r: arm.step_requests for r, arm in obs.arms.items()}
+    periods = _period_requests(obs)
     if users is not None and users["new_users"]:  # users counted at first assignment, not requests
         step_obs = {r: users["new_users"].get(r, 0) for r in obs.arms}
-    srm_check = srm.srm_check(step_obs, obs.step_weights, policy.planned_n, policy.srm_p)
+        srm_check = srm.srm_check(step_obs, obs.step_weights, policy.planned_n, policy.srm_p)
+    elif periods:  # every step's requests against the weights the router applied then
+        srm_check = srm.stratified_check(
+            [counts for counts, _ in periods],
+            [w for _, w in periods],
+            policy.srm_expected_n,
+            policy.srm_p,
+        )
+    else:
+        srm_check = srm.srm_check(step_obs, obs.step_weights, policy.planned_n, policy.srm_p)
+    loss = None
+    if obs.assigned is not None:
+        roles = sorted(obs.assigned)
+        logged = [obs.arms[r].requests if r in obs.arms else 0 for r in roles]
+        loss = {
+            "assigned": dict(obs.assigned),
+            "logged": dict(zip(roles, logged, strict=True)),
+            "p_always_valid": float(
+                srm.loss_p_values([[obs.assigned[r] for r in roles]], [logged], policy.srm_p)[0]
+            ),
+        }
     return {
         "c": c,
         "b": b,
+        "pc": pc,
+        "pb": pb,
+        "periods": est,
+        "recent_diff": float(recent_diff[0]),
+        "recent_var": float(recent_var[0]),
+        "loss": loss,
         "diff": float(diff),
         "var": float(var),
         "tau2": float(tau2),
+        "recent_lower": float(seq.one_sided_bound(recent_diff[0], recent_var[0], tau2, a, +1)),
         "acc_lower": float(seq.one_sided_bound(diff, var, tau2, a, +1)),
         "acc_upper": float(seq.one_sided_bound(diff, var, tau2, a, -1)),
         "err": {k: float(v) for k, v in err.items()},
@@ -123,7 +179,30 @@ def _numbers(
         "elapsed_s": obs.now - state.started_at,
         "step_elapsed_s": obs.now - state.step_started_at,
         "users": users,
+        "deff": deff,
     }
+
+
+def _arm_periods(arm: ArmObservation) -> strata.ArmPeriods:
+    """One arm's per-step accuracy summaries, shape (1, steps); one period of the pooled counts if the
+    observations were not read per step."""
+    if arm.periods:
+        correct = [[p.correct for p in arm.periods]]
+        labelled = [[p.labelled for p in arm.periods]]
+    else:
+        correct, labelled = [[arm.correct]], [[arm.labelled]]
+    return strata.proportion_periods(correct, labelled)
+
+
+def _period_requests(obs: Observations) -> list[tuple[dict[str, int], dict[str, int]]]:
+    """Per period: (logged requests per role, weights then); empty unless every arm was read per period."""
+    arms = {r: a for r, a in obs.arms.items() if a.version is not None}
+    if not obs.periods or any(len(a.periods) != len(obs.periods) for a in arms.values()):
+        return []
+    return [
+        ({r: a.periods[i].requests for r, a in arms.items()}, dict(weights))
+        for i, (_, weights) in enumerate(obs.periods)
+    ]
 
 
 def _evidence(n: dict, state: RolloutState) -> Evidence:
@@ -153,7 +232,10 @@ def _evidence(n: dict, state: RolloutState) -> Evidence:
         step_elapsed_s=arr(n["step_elapsed_s"]),
         step_index=arr(state.step_index),
         running_p=arr(state.running_p_values.get(SUPERIORITY_KEY, 1.0)),
-        accuracy_var=None if n["users"] is None else arr(n["var"]),
+        periods_c=n["pc"],
+        periods_b=n["pb"],
+        loss_p=None if n["loss"] is None else arr(n["loss"]["p_always_valid"]),
+        accuracy_var=None if n["users"] is None else arr(n["users"]["accuracy_var"]),
     )
 
 
@@ -191,6 +273,12 @@ def _reason(policy: Policy, state: RolloutState, n: dict, st: dict, act: Action,
     errs = f"canary errors {_pct(c.error_rate)} vs baseline {_pct(b.error_rate)} ({_pts(err['diff'])})"
     p99 = f"p99 {lat['p99_canary']:.1f} ms vs {lat['p99_baseline']:.1f} ms (ratio {_ratio(lat['ratio'])})"
     step = f"step {state.step_index + 1} of {len(policy.steps)} at {policy.steps[state.step_index]}%"
+    if why is Cause.SRM and n["loss"] is not None and n["loss"]["p_always_valid"] < policy.srm_p:
+        lost = ", ".join(f"{r} {n['loss']['logged'][r]}/{k}" for r, k in n["loss"]["assigned"].items())
+        return (
+            f"requests missing from the log: logged/assigned by the router {lost} (always-valid "
+            f"p={_p(n['loss']['p_always_valid'])} < {policy.srm_p:g}); halting, nothing is promoted"
+        )
     if why is Cause.SRM:
         seen = ", ".join(f"{r} {k}" for r, k in n["step_obs"].items())
         want = ", ".join(f"{r} {w}%" for r, w in n["weights"].items())
@@ -231,6 +319,13 @@ def _reason(policy: Policy, state: RolloutState, n: dict, st: dict, act: Action,
         return (
             f"{acc}: confidently below the {_pts(policy.accuracy_margin, False)} margin "
             f"(p={_p(st.get('p_futile'))}), so it cannot be promoted; rolling back"
+        )
+    if why is Cause.NOVELTY:
+        return (
+            f"{acc}, running p={_p(st.get('p_superior'))}, exceeds margin {_pts(policy.accuracy_margin, False)} "
+            f"overall, but not yet in the last step on its own (step {state.step_index + 1}: "
+            f"{_pts(n['recent_diff'])}, always-valid lower bound {_pts(n['recent_lower'])}, "
+            f"p={_p(st.get('p_recent'))}): novelty check blocks the promotion; holding"
         )
     if why is Cause.STEP_TIME:
         return f"{step} has run {n['step_elapsed_s']:.0f} s of the {policy.step_min_duration_s:.0f} s minimum; holding"
@@ -319,7 +414,14 @@ def _rules(policy: Policy, n: dict, st: dict) -> tuple[RuleOutcome, ...]:
                 st["p_superior"],
                 a,
                 bool(st["superior"]) if labels else None,
-                f"running always-valid p of gain > margin; bounds {_interval(n)}",
+                f"always-valid p of gain > margin, per-step differences combined; bounds {_interval(n)}",
+            ),
+            RuleOutcome(
+                "novelty_last_step",
+                st["p_recent"],
+                a,
+                bool(st["recent_holds"]) if labels else None,
+                f"the last step's own always-valid p of gain > margin; lower bound {_pts(n['recent_lower'])}",
             ),
             RuleOutcome(
                 "accuracy_futility",
@@ -417,7 +519,23 @@ def _stats(
         },
         "latency": {**lat, "max_ratio": policy.p99_ratio},
         "srm": {**(n["srm"] or {}), "step_requests": n["step_obs"], "weights": dict(obs.step_weights)},
-        "running_p_values": {SUPERIORITY_KEY: st.get("p_superior", 1.0)}
+        "log_loss_check": n["loss"],
+        "steps": _steps(obs, n),
+        "novelty": {
+            "rule": "promote only if the last step's own always-valid lower bound exceeds the margin",
+            "step": state.step_index + 1,
+            "diff": n["recent_diff"],
+            "lower": n["recent_lower"],
+            "p": st.get("p_recent"),
+            "passed": st.get("recent_holds"),
+            "verdict": _novelty_verdict(policy, st, why),
+        }
+        if policy.name == "sequential"
+        else None,
+        # the smallest p so far, shown for reference; no rule acts on it (it would lock in an early effect)
+        "running_p_values": {
+            SUPERIORITY_KEY: min(st.get("p_superior", 1.0), state.running_p_values.get(SUPERIORITY_KEY, 1.0))
+        }
         if policy.name == "sequential"
         else {},
         "min_labelled_per_arm": policy.labelled_minimum,
@@ -425,6 +543,40 @@ def _stats(
         "unit": "request" if n["users"] is None else "user",
         "users": None if n["users"] is None else n["users"]["arms"],
     }
+
+
+def _novelty_verdict(policy: Policy, st: dict, why: Cause) -> str:
+    """Which check blocked or allowed a promotion at this evaluation."""
+    if why is Cause.NOVELTY:
+        return "blocked: the last step's own gain is not yet above the margin"
+    if why is Cause.PASSED and st.get("superior"):
+        return "allowed: the last step's own gain is above the margin"
+    return "not reached"
+
+
+def _steps(obs: Observations, n: dict) -> list[dict[str, Any]]:
+    """Per step: its start, weights, each arm's labelled/correct, and the step's own difference."""
+    est: strata.Combined = n["periods"]
+    starts = obs.periods or ((obs.window_start, dict(obs.step_weights)),)
+    out = []
+    for i, (start, weights) in enumerate(starts):
+        if i >= est.period_diff.shape[-1]:
+            break
+        v = float(est.period_var[0, i])
+        out.append(
+            {
+                "step": i + 1,
+                "start": start,
+                "weights": dict(weights),
+                "canary_labelled": int(n["pc"].n[0, i]),
+                "baseline_labelled": int(n["pb"].n[0, i]),
+                "canary_accuracy": _num(n["pc"].mean[0, i]),
+                "baseline_accuracy": _num(n["pb"].mean[0, i]),
+                "diff": _num(est.period_diff[0, i]),
+                "se": _num(math.sqrt(v)) if math.isfinite(v) else None,
+            }
+        )
+    return out
 
 
 def _num(x: Any) -> float | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from control_plane.analysis import guardrails, power
+from control_plane.analysis import guardrails, power, strata
 from control_plane.analysis import sequential as seq
 
 NAMES = ("sequential", "threshold")
@@ -33,9 +33,10 @@ class Policy:
     alpha: float = 0.05  # error rate of each always-valid test that can promote or judge accuracy
     # Error rate of the two harm tests (errors, p99), which only ever roll back. Looser than alpha on
     # purpose: a false rollback costs a redeploy, a missed regression costs users, and at 10% of
-    # 20 requests/s an alpha of 0.05 catches a 5-point error regression within two evaluations only
-    # ~94% of the time (docs/simulation). At the margin itself it rolls back at most this often.
-    harm_alpha: float = 0.1
+    # 20 requests/s (±50 % over the hour) 0.1 catches a 5-point error regression within two evaluations
+    # only ~95 % of the time (`recsys simulate`). At the margin itself it rolls back at most this often
+    # (the simulation: ~10 %); a canary equal to the baseline, under 1 %.
+    harm_alpha: float = 0.2
     srm_p: float = 0.001  # a sample-ratio-mismatch p-value below this halts the rollout
     step_min_duration_s: float = 300.0  # a step lasts at least this long before advancing or promoting
     max_duration_s: float = 6 * 3600.0  # past this without a decision: inconclusive
@@ -79,6 +80,12 @@ class Policy:
         return power.samples_per_arm(
             self.planning_accuracy, self.target_lift, self.accuracy_margin, self.alpha, self.target_power
         )
+
+    @property
+    def srm_expected_n(self) -> float:
+        """Requests (all roles) at which the sample-ratio test's mixture is tuned: the planned labels per
+        arm at the last step's share."""
+        return self.planned_n * 100.0 / self.steps[-1]
 
     def window_start(self, started_at: float, now: float) -> float:
         """Where this policy's observations begin: the rollout's start (sequential) or the rolling window."""
@@ -204,6 +211,7 @@ class Cause(IntEnum):
     STEP_TIME = 7  # the step has not lasted step_min_duration_s: hold
     WAITING = 8  # rules not (yet) met: hold
     PASSED = 9  # rules met: advance, or promote at the last step
+    NOVELTY = 10  # the combined gain passes but the last step's own gain does not (yet): hold
 
 
 # Action codes in the arrays the rules return; decide() maps them to types.Action.
@@ -232,9 +240,74 @@ class Evidence:
     elapsed_s: np.ndarray
     step_elapsed_s: np.ndarray
     step_index: np.ndarray
-    running_p: np.ndarray  # the smallest superiority p-value seen so far in this rollout (1.0 at first)
-    # The accuracy difference's variance with users as the unit (analysis/user_level.py); None: requests
+    running_p: np.ndarray  # the smallest superiority p-value seen so far (shown; no rule acts on it)
+    # The pooled accuracy difference's variance with users as the unit (analysis/user_level.py); None:
+    # requests are the unit. The ramp-aware variance is scaled by the design effect it implies.
     accuracy_var: np.ndarray | None = None
+    # Accuracy per period of constant weights (one per step), the arms' means and variances of the mean
+    # (strata.ArmPeriods); None: one period, from the pooled counts above.
+    periods_c: strata.ArmPeriods | None = None
+    periods_b: strata.ArmPeriods | None = None
+    # always-valid p that the log misses one role's requests more than the others' (srm.loss_p_values,
+    # from the router's own counts); None: the router's counts are not known
+    loss_p: np.ndarray | None = None
+
+
+def design_effect(user_var, correct_c, labelled_c, correct_b, labelled_b) -> np.ndarray:
+    """How much clustering by user inflates the accuracy difference's variance (Kish's design effect):
+    the users-as-clusters (delta-method) variance of the pooled difference over its requests-as-units
+    variance, at least 1. The ramp-aware estimate's per-step variances are scaled by it, since the steps
+    are not read per user."""
+    _, request_var = seq.proportion_diff(correct_c, labelled_c, correct_b, labelled_b)
+    request_var = np.asarray(request_var, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        deff = np.asarray(user_var, dtype=float) / request_var
+    return np.maximum(1.0, np.where(np.isfinite(deff), deff, 1.0))
+
+
+def _clustering(ev: Evidence) -> np.ndarray | float:
+    if ev.accuracy_var is None:
+        return 1.0
+    return design_effect(ev.accuracy_var, ev.correct_c, ev.labelled_c, ev.correct_b, ev.labelled_b)
+
+
+def accuracy_estimate(ev: Evidence) -> strata.Combined:
+    """The ramp-aware accuracy difference: per-period differences combined (strata.py)."""
+    if ev.periods_c is None or ev.periods_b is None:
+        pc = strata.proportion_periods(ev.correct_c[..., None], ev.labelled_c[..., None])
+        pb = strata.proportion_periods(ev.correct_b[..., None], ev.labelled_b[..., None])
+        return strata.combine(pc, pb)
+    return strata.combine(ev.periods_c, ev.periods_b)
+
+
+def harm(policy: Policy, ev: Evidence) -> dict[str, np.ndarray]:
+    """The two harm tests alone (they only ever roll back): what the faster harm cadence runs."""
+    err = guardrails.rate_tests(
+        ev.errors_c,
+        ev.requests_c,
+        ev.errors_b,
+        ev.requests_b,
+        policy.error_margin,
+        policy.alpha,
+        policy.planned_n,
+    )
+    # The error e-value is exact whatever the canary's sample (Ville, no CLT): no minimum of canary requests.
+    # The baseline, whose observed rate is plugged in (guardrails.rate_tests), needs enough requests.
+    err_harm = (
+        (ev.requests_b >= policy.min_requests_per_arm)
+        & (ev.requests_c > 0)
+        & (err["p_harm"] <= policy.harm_alpha)
+    )
+    lat_harm = (
+        (ev.latencies_c >= policy.min_latency_samples)
+        & (ev.latencies_b >= policy.min_latency_samples)
+        & (ev.p99_ratio_lower > policy.p99_ratio)  # the bound is at harm_alpha
+    )
+    return {"err": err, "err_harm": err_harm, "lat_harm": lat_harm}
+
+
+def _loss_p(ev: Evidence) -> np.ndarray:
+    return np.ones_like(np.asarray(ev.srm_p, dtype=float)) if ev.loss_p is None else ev.loss_p
 
 
 def evaluate(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -262,7 +335,7 @@ def _common(policy: Policy, ev: Evidence) -> dict[str, np.ndarray]:
         & (ev.latencies_b >= policy.min_latency_samples),
         "enough_labels": (ev.labelled_c >= policy.labelled_minimum)
         & (ev.labelled_b >= policy.labelled_minimum),
-        "srm": ev.srm_p < policy.srm_p,
+        "srm": (ev.srm_p < policy.srm_p) | (_loss_p(ev) < policy.srm_p),
         # a fixed-sample chi-square below srm_p is not enough to halt, but enough to block a promotion
         "srm_suspect": ev.srm_p_fixed < policy.srm_p,
         "timed_out": ev.elapsed_s >= policy.max_duration_s,
@@ -272,41 +345,51 @@ def _common(policy: Policy, ev: Evidence) -> dict[str, np.ndarray]:
 
 
 def _sequential(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Always-valid tests: superiority by the margin and non-inferiority on guardrails to promote."""
+    """Always-valid tests: superiority by the margin, overall and in the last step on its own, and
+    non-inferiority on guardrails to promote."""
     g = _common(policy, ev)
     a = policy.alpha
-    diff, var = seq.proportion_diff(ev.correct_c, ev.labelled_c, ev.correct_b, ev.labelled_b)
-    if ev.accuracy_var is not None:  # same ratio of sums, users as clusters
-        var = ev.accuracy_var
+    est = accuracy_estimate(ev)
+    deff = _clustering(ev)  # users as the unit: the steps' variances inflated alike
+    diff, var = est.diff, est.var * deff
     p0 = policy.planning_accuracy
     tau2 = seq.mixing_variance(2 * p0 * (1 - p0), policy.planned_n, a)
-    p_sup = seq.running_p(ev.running_p, seq.one_sided_p(diff, var, tau2, policy.accuracy_margin, +1))
+    # The current p-value, not its running minimum: the minimum would lock in an early (novelty) effect.
+    p_sup = seq.one_sided_p(diff, var, tau2, policy.accuracy_margin, +1)
     p_fut = seq.one_sided_p(diff, var, tau2, policy.accuracy_margin, -1)
     p_worse = seq.one_sided_p(diff, var, tau2, 0.0, -1)
-    err = guardrails.rate_tests(
-        ev.errors_c, ev.requests_c, ev.errors_b, ev.requests_b, policy.error_margin, a, policy.planned_n
-    )
+    # Novelty: the current step's own difference must clear the margin on its own always-valid test too.
+    last_diff, last_var = strata.period_at(est.period_diff, est.period_var, ev.step_index)
+    last_var = last_var * deff
+    p_recent = seq.one_sided_p(last_diff, last_var, tau2, policy.accuracy_margin, +1)
+    recent_lower = seq.one_sided_bound(last_diff, last_var, tau2, a, +1)
+    h = harm(policy, ev)
+    err = h["err"]
     labels = g["enough_labels"]
-    err_harm = g["enough_requests"] & (err["p_harm"] <= policy.harm_alpha)
-    lat_harm = g["enough_latency"] & (ev.p99_ratio_lower > policy.p99_ratio)  # bound at harm_alpha
     sup, ni_err = p_sup <= a, g["enough_requests"] & (err["p_noninferior"] <= a)
+    recent = p_recent <= a
     ni_lat = g["enough_latency"] & (ev.p99_ratio_upper <= policy.p99_ratio)
     safe = g["enough_requests"] & g["enough_latency"]
+    ready = sup & ni_err & ni_lat
+    worse, futile = p_worse <= a, p_fut <= a
     shape = np.broadcast(diff, ev.srm_p, ev.elapsed_s).shape
     action, cause = _select(
         [
             (g["srm"], HALT, Cause.SRM),
-            (err_harm, ROLLBACK, Cause.ERRORS),
-            (lat_harm, ROLLBACK, Cause.LATENCY),
+            (h["err_harm"], ROLLBACK, Cause.ERRORS),
+            (h["lat_harm"], ROLLBACK, Cause.LATENCY),
             (g["timed_out"], INCONCLUSIVE, Cause.TIME_LIMIT),
             (~labels | ~safe, HOLD, Cause.MIN_SAMPLE),
-            (p_worse <= a, ROLLBACK, Cause.ACCURACY_WORSE),
-            (p_fut <= a, ROLLBACK, Cause.FUTILITY),
+            # a terminal verdict on accuracy is one look: a fixed-sample mismatch there halts instead
+            ((worse | futile) & g["srm_suspect"], HALT, Cause.SRM),
+            (worse, ROLLBACK, Cause.ACCURACY_WORSE),
+            (futile, ROLLBACK, Cause.FUTILITY),
             (~g["step_done"], HOLD, Cause.STEP_TIME),
             # earlier steps advance once safe; the efficacy decision is taken at the last step
             (~g["last_step"], ADVANCE, Cause.PASSED),
-            (sup & ni_err & ni_lat & g["srm_suspect"], HALT, Cause.SRM),
-            (sup & ni_err & ni_lat, PROMOTE, Cause.PASSED),
+            (ready & g["srm_suspect"], HALT, Cause.SRM),
+            (ready & ~recent, HOLD, Cause.NOVELTY),
+            (ready, PROMOTE, Cause.PASSED),
         ],
         shape,
     )
@@ -317,6 +400,11 @@ def _sequential(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, d
         "p_superior": p_sup,
         "p_futile": p_fut,
         "p_worse": p_worse,
+        "recent_diff": last_diff,
+        "recent_var": last_var,
+        "recent_lower": recent_lower,
+        "p_recent": p_recent,
+        "recent_holds": recent,
         "error_diff": err["diff"],
         "p_error_harm": err["p_harm"],
         "p_error_noninferior": err["p_noninferior"],

@@ -39,6 +39,15 @@ class Action(StrEnum):
 
 
 @dataclass(frozen=True)
+class PeriodCounts:
+    """One arm's numbers within one period of constant weights (a ramp step)."""
+
+    requests: int
+    labelled: int
+    correct: int
+
+
+@dataclass(frozen=True)
 class ArmObservation:
     """One role's numbers over the evaluation window (weighted traffic only, overrides left out)."""
 
@@ -54,6 +63,8 @@ class ArmObservation:
     step_requests: int = 0  # weighted requests since the current step began (for the SRM check)
     # score bins (aggregates.SCORE_BINS) of the labelled predictions: the score distribution, for drift
     scores: SparseCounts = field(default_factory=SparseCounts)
+    # per period of constant weights (Observations.periods), in order; empty: not read per period
+    periods: tuple[PeriodCounts, ...] = ()
 
     @property
     def error_rate(self) -> float:
@@ -75,6 +86,10 @@ class Observations:
     step_weights: dict[str, int]  # the weights in force since the current step began
     # Per-arm users when requests name them (analysis/user_level.py); None: no user-level numbers
     users: UserEvidence | None = None
+    # the periods of constant weights since the window began: (start, weights then), oldest first
+    periods: tuple[tuple[float, dict[str, int]], ...] = ()
+    # requests per role as the router counted them over the window; None: not known
+    assigned: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)

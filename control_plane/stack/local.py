@@ -179,7 +179,7 @@ def up(settings: Settings) -> Settings:
     for program in base:
         sup.add(program)
     _wait("Redis", lambda: _redis_up(settings.effective_redis_url), 30)
-    schedule_evaluations(settings.effective_redis_url, settings.eval_interval_s)
+    schedule_evaluations(settings.effective_redis_url, settings.eval_interval_s, settings.harm_interval_s)
 
     ctx = bootstrap(settings)
     roles = ensure_models(ctx)

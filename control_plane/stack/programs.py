@@ -244,6 +244,8 @@ def scheduler(settings: Settings) -> Program:
             "control_plane.jobs",  # its Redis URL from REDIS_URL in the environment, not the command line
             "--interval-s",
             str(settings.eval_interval_s),
+            "--harm-interval-s",
+            str(settings.harm_interval_s),
         ],
         startretries=REDIS_CLIENT_RETRIES,
     )

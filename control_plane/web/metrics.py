@@ -97,6 +97,14 @@ class RolloutCollector(Collector):
         for action, n in sorted(counts.items()):
             total.add_metric([action], n)
         yield total
+        overrides = CounterMetricFamily(
+            "recsys_overrides",
+            "Operator promotions and rollbacks that overrode the analysis (ledger actions override_*)",
+            labels=["action"],
+        )
+        for action in ("promote", "rollback"):
+            overrides.add_metric([action], counts.get(f"override_{action}", 0))
+        yield overrides
 
         last_ts = GaugeMetricFamily(
             "recsys_rollout_last_evaluation_timestamp_seconds", "When the latest evaluation was recorded"

@@ -127,6 +127,12 @@ def set_traffic():
 @bp.post("/ui/rollouts/<int:rollout_id>/<any(pause, resume, promote, rollback):action>")
 def operate(rollout_id: int, action: str):
     fn, done = OPERATOR_ACTIONS[action]
+    if action in ("promote", "rollback"):  # overrides of the analysis: a reason is required
+        reason = request.form.get("reason", "").strip()
+        if not reason:
+            raise InvalidRequest(f"{action} now overrides the analysis: give a reason")
+        rollout = fn(current_ctx(), rollout_id, ACTOR, reason)
+        return _done(f"Rollout {rollout_id} {done} by override; it is now {rollout.phase}.")
     rollout = fn(current_ctx(), rollout_id, ACTOR)
     return _done(f"Rollout {rollout_id} {done}; it is now {rollout.phase}.")
 

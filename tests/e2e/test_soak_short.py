@@ -40,4 +40,9 @@ def test_a_short_soak_holds_the_error_memory_and_logging_bounds_while_a_canary_a
     finally:
         _, rollouts = soak._api(settings, "GET", "/api/rollouts?limit=1")
         if rollouts["active"]:
-            soak._api(settings, "POST", f"/api/rollouts/{rollouts['active']}/rollback")
+            soak._api(
+                settings,
+                "POST",
+                f"/api/rollouts/{rollouts['active']}/rollback",
+                {"reason": "the soak test ends its rollout"},
+            )

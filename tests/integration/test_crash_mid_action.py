@@ -64,6 +64,7 @@ def loop(tmp_path_factory, pg_url):
         "RECSYS_EMBEDDED_REDIS_PORT": str(free_port()),
         "RECSYS_WORKER_METRICS_PORT": str(free_port()),
         "RECSYS_EVAL_INTERVAL_S": "1",
+        "RECSYS_HARM_INTERVAL_S": "0",  # this test follows the scheduled ticks; the harm job has its own
         "RECSYS_LABEL_WINDOW_S": "0",
         "RECSYS_LOG_SETTLE_S": "0",  # `feed` writes every arm's rows at once: none is still arriving
     }
@@ -209,4 +210,4 @@ def test_a_redis_outage_leaves_a_gap_in_the_ledger_not_a_double_or_a_silent_skip
     assert first_after["stats"]["missed_ticks"] >= 4, "the outage shows in the ledger"
     assert {r["action"] for r in rows} <= {"hold", "no_data"}, "nothing was decided"
     assert after
-    services.rollback_now(ctx, rollout.id, actor="test")
+    services.rollback_now(ctx, rollout.id, actor="test", reason="test")

@@ -172,5 +172,5 @@ def test_a_30_second_database_outage_under_load(world, database, monkeypatch):
     for prev, row in zip(ledger, ledger[1:], strict=False):  # ticks in between show as missed, not lost
         assert (row["stats"] or {}).get("missed_ticks", 0) == (row["tick"] - prev["tick"]) // INTERVAL_S - 1
     assert ctx.ledger.get(rollout.id).phase is Phase.PROGRESSING
-    services.rollback_now(ctx, rollout.id, actor="test")
+    services.rollback_now(ctx, rollout.id, actor="test", reason="test")
     direct.dispose()

@@ -201,7 +201,7 @@ def test_a_disk_filled_during_a_30_second_outage_costs_only_counted_rows_and_eve
     after = run_tick(monkeypatch, ctx)
     assert after is not None and after["action"] == "hold", after
     assert ctx.ledger.get(rollout.id).phase is Phase.PROGRESSING
-    services.rollback_now(ctx, rollout.id, actor="test")
+    services.rollback_now(ctx, rollout.id, actor="test", reason="test")
     print(
         f"\n{OUTAGE_S} s outage, spill disk ({filled_bytes:,} bytes filled) full for {freed_at - full_at:.1f} s: "
         f"{len(statuses)} requests, all 200; {len(rows)} rows in Postgres, {len(missing)} missing = "

@@ -58,6 +58,7 @@ def world(models, pg_url, pg_engine, redis_url, tmp_path):
         "RECSYS_LABEL_WINDOW_S": "0",
         "RECSYS_LOG_SETTLE_S": "0",  # `feed` writes every arm's rows at once: none is still arriving
         "RECSYS_EVAL_INTERVAL_S": "1",
+        "RECSYS_HARM_INTERVAL_S": "0",  # this test follows the scheduled ticks; the harm job has its own
     }
     settings = Settings.from_env(env)
     ctx = bootstrap(settings)

@@ -243,7 +243,7 @@ def test_a_crash_between_the_traffic_write_and_the_registry_move_is_completed_ne
 
     monkeypatch.setattr(ctx.registry, "promote", crash)
     with pytest.raises(RuntimeError):
-        services.promote_now(ctx, rollout.id, actor="test")
+        services.promote_now(ctx, rollout.id, actor="test", reason="test")
     assert ctx.router.get_backends()["baseline"].version == 3  # traffic moved ...
     assert ctx.registry.version_for("baseline") == 2  # ... the registry did not
     assert ctx.ledger.get(rollout.id).pending_action is not None
@@ -279,7 +279,7 @@ def test_bad_weights_are_refused_with_a_message_and_change_nothing(ctx, weights,
 
 def test_restoring_the_previous_baseline_is_one_step(ctx):
     rollout = services.start_canary(ctx, 3, FAST, actor="test")
-    services.promote_now(ctx, rollout.id, actor="test")
+    services.promote_now(ctx, rollout.id, actor="test", reason="test")
     assert ctx.registry.version_for("baseline") == 3
     services.restore_previous_baseline(ctx, actor="test")
     assert ctx.registry.version_for("baseline") == 2
@@ -357,7 +357,9 @@ def test_an_operators_rollback_waits_for_the_tick_in_progress_and_is_not_undone_
     tick.start()
     assert router.entered.wait(10), "the tick did not move traffic"
     operator = threading.Thread(
-        target=run, args=("rollback", services.rollback_now, ctx, rollout.id), kwargs={"actor": "operator"}
+        target=run,
+        args=("rollback", services.rollback_now, ctx, rollout.id),
+        kwargs={"actor": "operator", "reason": "test"},
     )
     operator.start()
     operator.join(0.5)
@@ -373,7 +375,7 @@ def test_an_operators_rollback_waits_for_the_tick_in_progress_and_is_not_undone_
     assert "canary" not in ctx.router.get_backends()
     assert 3 not in ctx.deployer.endpoints()
     actions = [d["action"] for d in reversed(ctx.ledger.decisions(rollout.id))]
-    assert actions[-2:] == ["advance", "rollback"], actions
+    assert actions[-2:] == ["advance", "override_rollback"], actions
 
 
 def test_an_action_that_cannot_wait_any_longer_is_refused_naming_the_one_in_progress(ctx):
@@ -385,3 +387,33 @@ def test_an_action_that_cannot_wait_any_longer_is_refused_naming_the_one_in_prog
         assert ctx.ledger.get(rollout.id).phase is Phase.PROGRESSING  # nothing was done
     services.pause(ctx, rollout.id, actor="operator")  # free again
     assert ctx.ledger.get(rollout.id).phase is Phase.PAUSED
+
+
+def test_the_harm_check_between_evaluations_rolls_back_an_erroring_canary_and_records_only_that(ctx):
+    rollout = services.start_canary(ctx, 3, FAST, actor="test")
+    assert services.check_harm(ctx) is None, "no traffic yet: nothing to judge, nothing recorded"
+    seed_tick(ctx, 3000, accuracy={1: 0.75, 2: 0.75, 3: 0.75}, error_rate={3: 0.0})
+    assert services.check_harm(ctx) is None
+    assert [d["action"] for d in ctx.ledger.decisions(rollout.id)] == ["start"]
+    seed_tick(ctx, 3000, accuracy={1: 0.75, 2: 0.75, 3: 0.75}, error_rate={3: 0.3})
+    result = services.check_harm(ctx)
+    assert result["action"] == "rollback" and "harm check between evaluations" in result["reason"], result
+    assert ctx.ledger.get(rollout.id).phase is Phase.ROLLED_BACK
+    assert ctx.router.get_weights()["canary"] == 0
+    row = ctx.ledger.decisions(rollout.id, limit=1)[0]
+    assert row["actor"] == "harm-check" and row["tick"] is None and row["stats"]["harm_check"] is True
+
+
+def test_an_evaluation_reads_each_ramp_step_and_records_its_own_difference(ctx):
+    rollout = services.start_canary(ctx, 3, FAST, actor="test")
+    seed_tick(ctx, 3000, accuracy={1: 0.75, 2: 0.75, 3: 0.80})
+    services.evaluate(ctx, tick=1)
+    seed_tick(ctx, 3000, accuracy={1: 0.75, 2: 0.75, 3: 0.80})
+    services.evaluate(ctx, tick=2)
+    rows = ctx.ledger.decisions(rollout.id)
+    assert [d["action"] for d in reversed(rows)] == ["start", "advance", "advance"]
+    steps = rows[0]["stats"]["steps"]  # the second evaluation saw two steps: 10 % then 25 %
+    assert [s["weights"]["canary"] for s in steps] == [10, 25]
+    assert steps[0]["start"] == rollout.started_at and steps[1]["start"] == rows[1]["ts"]
+    assert all(s["canary_labelled"] > 0 and s["baseline_labelled"] > 0 for s in steps)
+    assert all(s["diff"] is None or -0.2 < s["diff"] < 0.3 for s in steps)

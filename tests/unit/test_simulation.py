@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from control_plane.analysis import simulate
-from control_plane.analysis.policy import PROMOTE, ROLLBACK, Cause, Policy
+from control_plane.analysis.policy import HALT, PROMOTE, ROLLBACK, Cause, Policy
 from control_plane.analysis.simulate import Scenario, Traffic, run_scenario
 
 SEQ, THR, TRAFFIC = Policy(), Policy(name="threshold"), Traffic()
@@ -33,16 +33,35 @@ def test_sequential_policy_has_the_power_to_promote_a_two_point_gain():
     assert promoted(Scenario("+2 pts", lift=0.02), SEQ, reps=200) >= 0.8
 
 
-def test_five_points_more_errors_are_rolled_back_within_two_evaluations():
-    out = run_scenario(Scenario("errors", error_diff=0.05), SEQ, TRAFFIC, 1000, seed=1)
-    assert np.mean((out.action == ROLLBACK) & (out.evals <= 2)) >= 0.95
-    assert np.mean((out.action == ROLLBACK) & (out.evals <= 3)) >= 0.98
+def within_two_evaluations(out) -> float:
+    return float(np.mean((out.action == ROLLBACK) & (out.time_s <= 2 * TRAFFIC.eval_interval_s)))
+
+
+@pytest.mark.parametrize("swing", [0.0, 0.5], ids=["steady", "traffic ±50 %"])
+def test_five_points_more_errors_are_rolled_back_within_two_evaluations(swing):
+    out = run_scenario(Scenario("errors", error_diff=0.05, rate_swing=swing), SEQ, TRAFFIC, 1000, seed=1)
+    assert within_two_evaluations(out) >= 0.95
+    assert np.mean(out.action == ROLLBACK) >= 0.99
 
 
 def test_the_looser_harm_alpha_is_what_catches_them_in_time():
     strict = replace(SEQ, harm_alpha=SEQ.alpha)
-    out = run_scenario(Scenario("errors", error_diff=0.05), strict, TRAFFIC, 1000, seed=1)
-    assert np.mean((out.action == ROLLBACK) & (out.evals <= 2)) < 0.95
+    scenario = Scenario("errors", error_diff=0.05, rate_swing=0.5)
+    out = run_scenario(scenario, strict, TRAFFIC, 1000, seed=1)
+    assert within_two_evaluations(out) < 0.95
+
+
+def test_a_trend_common_to_both_arms_during_the_ramp_does_not_promote_a_canary_below_the_margin():
+    assert promoted(Scenario("drift", lift=0.008, drift_per_h=0.02), SEQ, reps=200) <= 0.05
+
+
+def test_a_gain_that_decays_to_nothing_is_rarely_promoted():
+    assert promoted(Scenario("novelty", lift=0.03, novelty_tau_s=2700.0), SEQ, reps=200) <= 0.10
+
+
+def test_a_canary_losing_two_percent_of_its_requests_is_halted_before_any_verdict():
+    out = run_scenario(Scenario("loss", srm_loss=0.02), SEQ, TRAFFIC, 200, seed=3)
+    assert np.mean(out.action == HALT) >= 0.8 and np.mean(out.action == PROMOTE) == 0
 
 
 def test_errors_exactly_at_the_margin_are_rolled_back_no_more_often_than_harm_alpha():
@@ -52,9 +71,19 @@ def test_errors_exactly_at_the_margin_are_rolled_back_no_more_often_than_harm_al
 
 
 def test_main_writes_the_tables_and_the_power_curve(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(simulate, "SCENARIOS", (Scenario("A/A"), Scenario("accuracy +3 pts", lift=0.03)))
+    monkeypatch.setattr(
+        simulate,
+        "SCENARIOS",
+        (Scenario("A/A"), Scenario("accuracy +3 pts", lift=0.03), Scenario("errors +5 pts", error_diff=0.05)),
+    )
     assert simulate.main(["--reps", "20", "--out", str(tmp_path), "--seed", "3"]) == 0
     text = (tmp_path / "simulation.md").read_text()
-    assert "### policy: sequential" in text and "### policy: threshold" in text and "| A/A |" in text
+    assert (
+        "### policy: sequential" in text
+        and "### policy: threshold" in text
+        and "| A/A | not better |" in text
+    )
+    assert "## Targets" in text and "errors +5 pts: rolled back within two evaluations" in text
+    assert "| +3.0 pts |" in text, "the power curve's points are tabulated"
     assert (tmp_path / "power_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "false promotion" in capsys.readouterr().out

@@ -269,16 +269,48 @@ def test_pause_and_resume(client):
 
 def test_promote_now_makes_the_canary_the_baseline(client, ctx):
     rid = start(client)["id"]
-    assert client.post(f"/api/rollouts/{rid}/promote", headers=AUTH).get_json()["phase"] == "promoted"
+    assert (
+        client.post(f"/api/rollouts/{rid}/promote", headers=AUTH, json={"reason": "test"}).get_json()["phase"]
+        == "promoted"
+    )
     assert ctx.registry.version_for("baseline") == 3
     assert ctx.registry.version_for("previous_baseline") == 1
 
 
+def test_promote_or_rollback_now_without_a_reason_is_a_400_and_changes_nothing(client, ctx):
+    rid = start(client)["id"]
+    for action in ("promote", "rollback"):
+        for body in (None, {}, {"reason": "  "}, {"reason": 3}):
+            resp = client.post(f"/api/rollouts/{rid}/{action}", headers=AUTH, json=body)
+            assert resp.status_code == 400 and "reason" in resp.get_json()["error"], (action, body)
+    assert ctx.ledger.get(rid).phase is Phase.PROGRESSING
+    assert ctx.ledger.decisions(rid, 1)[0]["action"] == "start"
+
+
+def test_an_override_is_marked_in_the_ledger_with_its_reason_actor_and_evidence(client, ctx):
+    rid = start(client)["id"]
+    client.post(f"/api/rollouts/{rid}/promote", headers=AUTH, json={"reason": "hotfix needed now"})
+    row = ctx.ledger.decisions(rid, 1)[0]
+    assert row["action"] == "override_promote" and row["actor"] == "api"
+    assert row["reason"].startswith("OVERRIDE by api: hotfix needed now (the analysis said ")
+    override = row["stats"]["override"]
+    assert override["reason"] == "hotfix needed now" and override["analysis_action"] is not None
+    assert "samples" in row["stats"] and row["rules"], "the evidence at that moment is recorded"
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'recsys_overrides_total{action="promote"} 1.0' in metrics
+    assert 'recsys_decisions_total{action="override_promote"} 1.0' in metrics
+
+
 def test_rollback_now_takes_the_canary_out(client, ctx):
     rid = start(client)["id"]
-    assert client.post(f"/api/rollouts/{rid}/rollback", headers=AUTH).get_json()["phase"] == "rolled_back"
+    assert (
+        client.post(f"/api/rollouts/{rid}/rollback", headers=AUTH, json={"reason": "test"}).get_json()[
+            "phase"
+        ]
+        == "rolled_back"
+    )
     assert ctx.router.get_weights()["canary"] == 0
-    ended = client.post(f"/api/rollouts/{rid}/rollback", headers=AUTH)
+    ended = client.post(f"/api/rollouts/{rid}/rollback", headers=AUTH, json={"reason": "test"})
     assert ended.status_code == 409 and "already ended" in ended.get_json()["error"]
 
 
@@ -286,11 +318,13 @@ def test_an_action_while_another_holds_the_lock_is_a_409_naming_it_and_changes_n
     rid = start(client)["id"]
     ctx.action_lock.wait_s = 0.1
     with held_by_another_thread(ActionLock(ctx.engine), "evaluate by scheduler"):
-        resp = client.post(f"/api/rollouts/{rid}/rollback", headers=AUTH)
+        resp = client.post(f"/api/rollouts/{rid}/rollback", headers=AUTH, json={"reason": "test"})
         assert resp.status_code == 409
         assert "another action is in progress (evaluate by scheduler" in resp.get_json()["error"]
         assert ctx.ledger.get(rid).phase is Phase.PROGRESSING
-    assert client.post(f"/api/rollouts/{rid}/rollback", headers=AUTH).status_code == 200
+    assert (
+        client.post(f"/api/rollouts/{rid}/rollback", headers=AUTH, json={"reason": "test"}).status_code == 200
+    )
 
 
 @pytest.mark.parametrize("rollout_id", ["999", str(2**31), str(2**63)])
@@ -335,7 +369,7 @@ def test_evaluate_runs_one_evaluation_of_the_active_rollout(client, ctx):
 
 def test_evaluate_refuses_a_rollout_that_is_not_active(client):
     rid = start(client)["id"]
-    client.post(f"/api/rollouts/{rid}/rollback", headers=AUTH)
+    client.post(f"/api/rollouts/{rid}/rollback", headers=AUTH, json={"reason": "test"})
     resp = client.post(f"/api/rollouts/{rid}/evaluate", headers=AUTH)
     assert resp.status_code == 409 and "not the active rollout" in resp.get_json()["error"]
     assert client.post("/api/rollouts/77/evaluate", headers=AUTH).status_code == 404
@@ -345,7 +379,7 @@ def test_restore_previous_baseline(client, ctx):
     resp = client.post("/api/rollback", headers=AUTH)
     assert resp.status_code == 409 and "previous_baseline" in resp.get_json()["error"]
     rid = start(client)["id"]
-    client.post(f"/api/rollouts/{rid}/promote", headers=AUTH)
+    client.post(f"/api/rollouts/{rid}/promote", headers=AUTH, json={"reason": "test"})
     resp = client.post("/api/rollback", headers=AUTH)
     assert resp.status_code == 200, resp.get_json()
     assert resp.get_json()["baseline"] == 1
@@ -479,12 +513,21 @@ def test_an_operator_rolls_back_the_canary_from_the_page(client, ctx):
     rollout = services.start_canary(ctx, 3, None, "test")
     log_in(client)
     html = client.get("/").get_data(as_text=True)
-    assert 'id="operate"' in html and "Roll back canary" in html
-    resp = client.post(f"/ui/rollouts/{rollout.id}/rollback", data={"csrf_token": csrf_token(html)})
+    assert 'id="operate"' in html and "Roll back now (override)" in html
+    no_reason = client.post(f"/ui/rollouts/{rollout.id}/rollback", data={"csrf_token": csrf_token(html)})
+    assert no_reason.status_code == 303 and ctx.ledger.get(rollout.id).phase is Phase.PROGRESSING
+    assert "overrides the analysis: give a reason" in client.get("/").get_data(as_text=True)
+    resp = client.post(
+        f"/ui/rollouts/{rollout.id}/rollback",
+        data={"csrf_token": csrf_token(html), "reason": "users complain"},
+    )
     assert resp.status_code == 303
     assert ctx.ledger.get(rollout.id).phase is Phase.ROLLED_BACK
-    assert ctx.ledger.decisions(rollout.id, 1)[0]["actor"] == "ui:operator"
-    assert "rolled back" in client.get("/").get_data(as_text=True)
+    row = ctx.ledger.decisions(rollout.id, 1)[0]
+    assert row["actor"] == "ui:operator" and row["action"] == "override_rollback"
+    assert row["stats"]["override"]["reason"] == "users complain"
+    page = client.get("/").get_data(as_text=True)
+    assert "rolled back" in page and "Override</strong> by ui:operator: users complain" in page
 
 
 def test_ui_forms_start_a_canary_and_set_weights(client, ctx):
