@@ -175,6 +175,11 @@ class Ledger:
         ).all()
         return [(float(ts), int(w)) for ts, w in rows]
 
+    def decision_times(self, conn: Connection, rollout_id: int) -> list[float]:
+        """When each of the rollout's decisions was recorded, oldest first."""
+        q = select(decisions.c.ts).where(decisions.c.rollout_id == rollout_id).order_by(decisions.c.id)
+        return [float(ts) for ts in conn.execute(q).scalars()]
+
     def evaluations(self, conn: Connection, rollout_id: int) -> tuple[int, int | None]:
         """How many scheduled evaluations the rollout has had, and the newest tick."""
         from sqlalchemy import func

@@ -62,6 +62,7 @@ def arm_observation(
     label_window_s: float,
     route: str = WEIGHTED,
     period_starts: Sequence[float] = (),
+    period_settled: Sequence[float | None] = (),
 ) -> ArmObservation:
     """One version's window on one route: requests up to `until`, outcomes of windows closed before
     `labels_before`.
@@ -83,17 +84,29 @@ def arm_observation(
     periods: tuple[PeriodCounts, ...] = ()
     if period_starts:
         starts = list(period_starts)
+        settled = [
+            (period_settled[i] if i < len(period_settled) else None) or s for i, s in enumerate(starts)
+        ]
 
         def period(key) -> int:
             return max(bisect_right(starts, key.start) - 1, 0)
 
-        req_p = source.requests(since, until, by=period, version=version, route=route)
+        def steady(key) -> tuple[int, bool]:  # the period, and whether its weights were surely in force
+            i = period(key)
+            return i, key.start >= settled[i]
+
+        req_p = source.requests(since, until, by=steady, version=version, route=route)
         lab_p = source.labels(since, labels_before, label_window_s, by=period, version=version, route=route)
+
+        def requests(i: int, *states: bool) -> int:
+            return sum(req_p.get((i, s), RequestFacts()).requests for s in states)
+
         periods = tuple(
             PeriodCounts(
-                requests=req_p.get(i, RequestFacts()).requests,
+                requests=requests(i, True, False),
                 labelled=lab_p.get(i, LabelFacts()).closed,
                 correct=lab_p.get(i, LabelFacts()).correct,
+                steady_requests=requests(i, True),
             )
             for i in range(len(starts))
         )
@@ -126,12 +139,15 @@ def read_observations(
     routes: Mapping[str, str] | None = None,
     periods: Sequence[tuple[float, Mapping[str, int]]] = (),
     assigned: Mapping[str, int] | None = None,
+    period_settled: Sequence[float | None] = (),
 ) -> Observations:
     """Every role's window (its ends from `window_ends`), as the decision function takes it.
 
     Each role counts its weighted requests, or the route `routes` names for it (a shadow candidate's
     "shadow" copies). `periods` are the ramp's steps since `since`: (start, weights in force), oldest
-    first; each arm's numbers are then read per step too. `assigned` is the router's own count of
+    first; each arm's numbers are then read per step too. `period_settled[i]`, when known, is when step
+    i's weights were surely in force (its advance applied and the log settled): the requests before it
+    count for the estimates but not for the sample-ratio check. `assigned` is the router's own count of
     requests per role.
     """
     until, labels_before = window_ends(now, settle_s, label_window_s)
@@ -146,6 +162,7 @@ def read_observations(
             label_window_s=label_window_s,
             route=(routes or {}).get(role, WEIGHTED),
             period_starts=[start for start, _ in periods],
+            period_settled=period_settled,
         )
         for role, version in versions.items()
     }

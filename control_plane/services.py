@@ -410,10 +410,26 @@ def evaluate(
     return _act(ctx, rollout, decision, policy, actor, tick=tick, obs=obs, missed_ticks=missed)
 
 
-def _steps(ctx: Context, conn, rollout: Rollout, since: float, control_weight: int):
-    """The ramp's periods of constant weights since `since`, from the ledger's start and advance rows."""
-    history = ctx.ledger.step_history(conn, rollout.id) or [(rollout.started_at, rollout.canary_weight)]
-    return observations.ramp_periods(history, since, control_weight)
+def _history(ctx: Context, conn, rollout: Rollout) -> list[tuple[float, int]]:
+    """(when, canary weight) of the rollout's start and each advance, from the ledger: its ramp steps."""
+    return ctx.ledger.step_history(conn, rollout.id) or [(rollout.started_at, rollout.canary_weight)]
+
+
+def _settled(ctx: Context, conn, rollout: Rollout, history: list[tuple[float, int]]) -> list[float | None]:
+    """When each step's weights were surely in force. An advance is recorded before it is applied (the
+    traffic write, then the registry's aliases: tens of seconds under load), and the step's clock starts
+    once it is applied and the log has settled (`step_started_at`); the next decision is recorded only
+    after that, under the action lock. So: the current step's own start, and for an earlier step the
+    first decision after its advance, plus the settling."""
+    times = ctx.ledger.decision_times(conn, rollout.id)
+    out: list[float | None] = [None]  # the first step's weights were in force from the window's start
+    for i, (ts, _) in enumerate(history[1:], start=1):
+        if i == len(history) - 1:
+            out.append(rollout.step_started_at)
+        else:
+            after = [t for t in times if t > ts]
+            out.append(after[0] + SETTLE_S if after else None)
+    return out
 
 
 def _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s):
@@ -425,6 +441,8 @@ def _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, labe
         since = max(since, rollout.step_started_at)
     control_weight = assignment.get("control", (None, 0))[1] if versions_by_role.get("control") else 0
     ramp = policy.name == "sequential" and not shadow
+    history = _history(ctx, conn, rollout)
+    periods = observations.ramp_periods(history, since, control_weight) if ramp else ()
     return observations.read_observations(
         queries.SqlMetricsSource(conn),
         versions=versions_by_role,
@@ -434,7 +452,8 @@ def _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, labe
         label_window_s=label_window_s,
         settle_s=ctx.settings.log_settle_s,
         step_weights={r: w for r, (_, w) in assignment.items()},
-        periods=_steps(ctx, conn, rollout, since, control_weight) if ramp else (),
+        periods=periods,
+        period_settled=_settled(ctx, conn, rollout, history) if ramp else (),
         # in the shadow phase the candidate's numbers are its answers to the mirrored copies
         routes={"canary": SHADOW_ROUTE} if shadow else None,
     )

@@ -200,7 +200,7 @@ def _period_requests(obs: Observations) -> list[tuple[dict[str, int], dict[str, 
     if not obs.periods or any(len(a.periods) != len(obs.periods) for a in arms.values()):
         return []
     return [
-        ({r: a.periods[i].requests for r, a in arms.items()}, dict(weights))
+        ({r: a.periods[i].srm_requests for r, a in arms.items()}, dict(weights))
         for i, (_, weights) in enumerate(obs.periods)
     ]
 

@@ -45,6 +45,13 @@ class PeriodCounts:
     requests: int
     labelled: int
     correct: int
+    # of `requests`, those after the step's weights were surely in force (the sample-ratio check's);
+    # None: the same as `requests`
+    steady_requests: int | None = None
+
+    @property
+    def srm_requests(self) -> int:
+        return self.requests if self.steady_requests is None else self.steady_requests
 
 
 @dataclass(frozen=True)

@@ -210,3 +210,18 @@ def test_read_observations_sums_each_step_by_the_predictions_own_bucket():
     assert [p.labelled for p in c.periods] == [30, 30]
     assert [p.correct for p in c.periods] == [30, 0] and [p.correct for p in b.periods] == [0, 90]
     assert obs.periods[1] == (step2, {"baseline": 75, "canary": 25})
+    # with the second step's weights surely in force only 100 s after its advance, the sample-ratio
+    # check counts that step's requests from then on; the estimates still count them all
+    late = read_observations(
+        source,
+        versions={"baseline": 1, "canary": 2},
+        since=t0,
+        step_since=step2 + 100,
+        now=t0 + 1200 + 300,
+        label_window_s=300.0,
+        step_weights={"baseline": 75, "canary": 25},
+        periods=ramp_periods(history, t0, 0),
+        period_settled=[None, step2 + 100],
+    ).arms["canary"]
+    assert [p.requests for p in late.periods] == [30, 30]
+    assert [p.srm_requests for p in late.periods] == [30, 25]  # 20 of its buckets, 1 in 4 the canary's
