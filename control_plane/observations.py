@@ -7,11 +7,12 @@ can start up to a bucket (5 s) later and end up to a bucket earlier than asked.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from control_plane.analysis.aggregates import LabelFacts, LatencyHistogram, RequestFacts
+from control_plane.analysis.aggregates import BUCKET_S, LabelFacts, LatencyHistogram, RequestFacts
 from control_plane.analysis.types import ArmObservation, Observations, PeriodCounts
 from control_plane.analysis.user_level import UserEvidence
 from control_plane.metrics_source import WEIGHTED, MetricsSource
@@ -91,9 +92,13 @@ def arm_observation(
         def period(key) -> int:
             return max(bisect_right(starts, key.start) - 1, 0)
 
-        def steady(key) -> tuple[int, bool]:  # the period, and whether its weights were surely in force
+        ends = [*starts[1:], math.inf]
+
+        def steady(key) -> tuple[int, bool]:
+            """The period, and whether the bucket lies wholly where the period's weights were surely in
+            force: after they settled, and ending before the next step's advance."""
             i = period(key)
-            return i, key.start >= settled[i]
+            return i, key.start >= settled[i] and key.start + BUCKET_S <= ends[i]
 
         req_p = source.requests(since, until, by=steady, version=version, route=route)
         lab_p = source.labels(since, labels_before, label_window_s, by=period, version=version, route=route)
