@@ -24,11 +24,19 @@ class ModelVersionNotFound(BentoBuildError):
     """The MLflow registry has no such version."""
 
 
-def build_bento(version: int, *, tracking_uri: str, model_name: str = "recsys") -> str:
+def build_bento(
+    version: int, *, tracking_uri: str, model_name: str = "recsys", bentoml_home: Path | None = None
+) -> str:
     """Import `models:/{model_name}/{version}` and build the Bento `{model_name}:v{version}` pinned to it.
 
+    Into `bentoml_home` when given (the home `bentoml serve` will serve it from), else BentoML's own.
     Idempotent: an existing Bento (or imported model) is reused. Returns the Bento tag.
     """
+    from bentos.bentoml_fixes import no_usage_tracking, use_bentoml_home
+
+    if bentoml_home is not None:
+        use_bentoml_home(str(bentoml_home))
+    no_usage_tracking()
     import bentoml
     from bentoml.exceptions import NotFound
 
@@ -110,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     try:
         tag = build_bento(
-            args.version, tracking_uri=settings.mlflow_tracking_uri, model_name=settings.registered_model_name
+            args.version,
+            tracking_uri=settings.mlflow_tracking_uri,
+            model_name=settings.registered_model_name,
+            bentoml_home=settings.bentoml_home,
         )
     except BentoBuildError as exc:
         parser.exit(2, f"recsys build: {exc}\n")

@@ -18,6 +18,10 @@ from control_plane.traffic.base import TrafficRouter
 from control_plane.traffic.store import TrafficStore
 
 
+def no_fault(point: str) -> None:
+    """A named point in an action (e.g. AFTER_TRAFFIC_WRITE) where a test may make the process die."""
+
+
 @dataclass
 class Context:
     """Everything a service function needs; views, jobs and the CLI all pass one of these."""
@@ -31,6 +35,9 @@ class Context:
     sleep: Callable[[float], None] = time.sleep
     drain_s: float = 3.0
     log_backlog: LogBacklog = field(default_factory=HttpLogBacklog)  # rows the Bentos have yet to replay
+    # Called at named points of an action; only tests pass another (tests/fault_worker.py kills a worker
+    # between the Traefik write and the MLflow alias move with it).
+    fault_point: Callable[[str], None] = no_fault
     ledger: Ledger = field(init=False)
     traffic_store: TrafficStore = field(init=False)
     action_lock: ActionLock = field(init=False)

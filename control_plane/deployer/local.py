@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 import urllib.error
@@ -40,15 +39,9 @@ class LocalDeployer:
         return f"http://{self.settings.bind_host}:{programs.bento_port(self.settings, version)}"
 
     def build(self, version: int) -> str:
-        # The Bento is built in this process and served from settings.bentoml_home by `bentoml serve`:
-        # BentoML reads BENTOML_HOME once, when first imported, so it is set before that (without it, a
-        # caller such as `make soak` built into ~/bentoml and every Bento failed to start).
-        home = str(self.settings.bentoml_home)
-        os.environ.setdefault("BENTOML_HOME", home)
-        if os.environ["BENTOML_HOME"] != home:
-            raise DeployFailed(
-                f"BENTOML_HOME is {os.environ['BENTOML_HOME']}, but the stack serves its Bentos from {home}"
-            )
+        # The Bento is built in this process into settings.bentoml_home, which `bentoml serve` serves
+        # from (without it, a caller such as `make soak` built into ~/bentoml and every Bento failed to
+        # start). Imported here: BentoML and MLflow take seconds to import, and only a deploy needs them.
         from bentos.build import build_bento
 
         try:
@@ -56,6 +49,7 @@ class LocalDeployer:
                 version,
                 tracking_uri=self.settings.mlflow_tracking_uri,
                 model_name=self.settings.registered_model_name,
+                bentoml_home=self.settings.bentoml_home,
             )
         except Exception as exc:  # the registry or BentoML refused: nothing was started
             raise DeployFailed(f"could not build the Bento for version {version}: {exc}") from exc

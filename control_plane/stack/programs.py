@@ -21,6 +21,7 @@ REDIS_CLIENT_RETRIES = 1000
 CONTROL_PLANE_THREADS = 8
 CONTROL_PLANE_CONNECTIONS = 1000
 CONTROL_PLANE_CHANNEL_TIMEOUT_S = 120
+WORKER_CLASS = "control_plane.worker_metrics.MetricsWorker"  # exports job durations and failures
 
 
 def _env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -202,7 +203,7 @@ def worker(settings: Settings) -> Program:
         "--serializer",
         WORKER_SERIALIZER,
         "--worker-class",
-        "control_plane.worker_metrics.MetricsWorker",
+        WORKER_CLASS,
         "--name",
         f"recsys-worker-{os.getpid()}",
         QUEUE,
