@@ -282,16 +282,14 @@ def prepare(workdir: Path, env: dict[str, str]) -> dict[str, str]:
 
 
 def _bento_source_digest() -> str:
-    """A digest of the files bentofile.yaml copies into every Bento."""
+    """A digest of the files every Bento is built from (bentofile.yaml and what the service imports)."""
     import hashlib
 
-    import yaml
+    from bentos.build import PROJECT_DIR, bento_sources
 
-    root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
-    for pattern in yaml.safe_load((root / "bentofile.yaml").read_text())["include"]:
-        for path in sorted(root.glob(pattern)):
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    for name in ["bentofile.yaml", *bento_sources()]:
+        digest.update(name.encode() + b"\0" + (PROJECT_DIR / name).read_bytes())
     return digest.hexdigest()
 
 
