@@ -236,7 +236,9 @@ def test_a_caller_s_request_id_comes_back_in_front_of_a_fresh_signed_one(server,
     assert issued == r.headers["x-request-id"] and issued.startswith(f"{PREFIX}-mine-1.")
     signer = RequestIdSigner.from_secret(ensure_request_id_key(Settings.from_env(bento_env)))
     assert signer.issued(issued)  # the key the control plane checks labels with
-    assert not signer.issued(f"{PREFIX}-mine-1") and not signer.issued(issued[:-1] + ("1" if issued.endswith("0") else "0"))
+    assert not signer.issued(f"{PREFIX}-mine-1") and not signer.issued(
+        issued[:-1] + ("1" if issued.endswith("0") else "0")
+    )
 
 
 def test_a_request_id_sent_twice_gets_two_answers_each_with_its_own_row(server):
