@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from sqlalchemy import Engine
 
@@ -54,6 +55,7 @@ def bootstrap(settings: Settings | None = None) -> Context:
     from control_plane.deployer.fixed import FixedDeployer
     from control_plane.deployer.local import LocalDeployer
     from control_plane.registry.mlflow_registry import MlflowRegistry
+    from control_plane.stack.prometheus_config import write_bento_targets
     from control_plane.traffic.traefik_file import GatewayOptions, TraefikFileRouter
 
     settings = settings or Settings.from_env()
@@ -75,7 +77,11 @@ def bootstrap(settings: Settings | None = None) -> Context:
                 label_burst=settings.label_burst,
             ),
         ),
-        deployer=FixedDeployer(settings.bento_urls) if settings.bento_urls else LocalDeployer(settings),
+        deployer=(
+            FixedDeployer(settings.bento_urls)
+            if settings.bento_urls
+            else LocalDeployer(settings, on_endpoints=partial(write_bento_targets, settings))
+        ),
     )
 
 

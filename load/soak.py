@@ -101,7 +101,7 @@ def program_trees(settings: Settings) -> dict[str, list]:
     """supervisord program -> its process and every descendant (psutil.Process objects)."""
     import psutil
 
-    from control_plane.stack.supervisor import Supervisor
+    from control_plane.supervisor import Supervisor
 
     out = {}
     for name, info in Supervisor(settings.state_dir).processes().items():

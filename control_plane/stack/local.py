@@ -18,10 +18,11 @@ from control_plane.credentials import (
     ensure_request_id_key,
     write_private,
 )
+from control_plane.deployer.local import bento_port, is_ready
 from control_plane.label_spill import dead_letter_lines
 from control_plane.settings import Settings
 from control_plane.stack import programs
-from control_plane.stack.supervisor import Supervisor
+from control_plane.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,6 @@ def down(settings: Settings) -> None:
 
 def status(settings: Settings) -> dict:
     """Each process, each version with role, weight and health, and the URLs."""
-    from control_plane.deployer.local import is_ready
 
     sup = Supervisor(settings.state_dir)
     procs = sup.processes()
@@ -241,7 +241,7 @@ def status(settings: Settings) -> dict:
 
         ctx = bootstrap(settings)
         for role, (version, weight) in sorted(ctx.traffic_store.load().items()):
-            url = f"http://{settings.bind_host}:{programs.bento_port(settings, version)}" if version else None
+            url = f"http://{settings.bind_host}:{bento_port(settings, version)}" if version else None
             healthy = bool(url and is_ready(url))
             out["versions"].append(
                 {

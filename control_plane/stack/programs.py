@@ -10,9 +10,9 @@ from pathlib import Path
 
 from control_plane.jobs import QUEUE, WORKER_SERIALIZER
 from control_plane.settings import Settings
-from control_plane.stack.supervisor import Program
+from control_plane.supervisor import BIN, Program
+from control_plane.supervisor import program as _program
 
-BIN = Path(sys.executable).parent
 # The worker and the scheduler exit when Redis is unreachable; supervisord waits one second longer after
 # each failed start (1, 2, 3 ... s), so with its default of 10 tries an outage of about a minute would
 # leave them given up for good. With 1,000, they come back within minutes of the longest outage.
@@ -22,20 +22,6 @@ CONTROL_PLANE_THREADS = 8
 CONTROL_PLANE_CONNECTIONS = 1000
 CONTROL_PLANE_CHANNEL_TIMEOUT_S = 120
 WORKER_CLASS = "control_plane.worker_metrics.MetricsWorker"  # exports job durations and failures
-
-
-def _env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = settings.to_env()
-    path = os.environ.get("PATH", "/usr/bin:/bin")
-    # Prepend only once: a config that differs on every call would restart running Bentos on each deploy.
-    env["PATH"] = path if path.split(":")[0] == str(BIN) else f"{BIN}:{path}"
-    env.update(extra)
-    return env
-
-
-def _program(settings: Settings, name: str, command: list[str], **kw) -> Program:
-    env = kw.pop("env", {})
-    return Program(name=name, command=command, env=_env(settings, **env), directory=str(Path.cwd()), **kw)
 
 
 def redis(settings: Settings) -> Program:
@@ -255,30 +241,3 @@ def prometheus(settings: Settings) -> Program | None:
             f"--web.listen-address={settings.bind_host}:{settings.prometheus_port}",
         ],
     )
-
-
-def bento(settings: Settings, version: int) -> Program:
-    return _program(
-        settings,
-        f"bento-v{version}",
-        [
-            str(BIN / "bentoml"),
-            "serve",
-            f"recsys:v{version}",
-            "--host",
-            settings.bind_host,
-            "--port",
-            str(bento_port(settings, version)),
-        ],
-        # Each Bento keeps its Prometheus files apart (bentos/bentoml_fixes.py), so /metrics is its own.
-        # RECSYS_ACCESS_LOG: one JSON line per request with its id, so a request can be followed from the
-        # gateway (whose access log keeps problems, or every request with RECSYS_TRAEFIK_ACCESS_LOG=all)
-        # to the Bento, the prediction row and the label (costs a few % of throughput).
-        env={"RECSYS_SPILL_DIR": str(settings.spill_dir / f"v{version}"), "RECSYS_ACCESS_LOG": "on"},
-        startsecs=3,
-        stopwaitsecs=30,
-    )
-
-
-def bento_port(settings: Settings, version: int) -> int:
-    return settings.bento_base_port + version

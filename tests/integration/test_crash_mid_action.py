@@ -28,7 +28,7 @@ from control_plane.jobs import QUEUE, schedule_evaluations
 from control_plane.settings import Settings
 from control_plane.stack import programs
 from control_plane.stack.local import _redis_up, create_secrets
-from control_plane.stack.supervisor import Supervisor
+from control_plane.supervisor import Supervisor
 from control_plane.traffic_ops import apply_assignment
 from tests.conftest import free_port, ready_servers, wait_for
 from tests.fault_worker import FLAG_ENV
