@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 
+from bentos import build as bento_build
 from control_plane.errors import DeployFailed
 from control_plane.settings import Settings
 from control_plane.supervisor import BIN, Program, Supervisor, program
@@ -78,11 +79,9 @@ class LocalDeployer:
     def build(self, version: int) -> str:
         # The Bento is built in this process into settings.bentoml_home, which `bentoml serve` serves
         # from (without it, a caller such as `make soak` built into ~/bentoml and every Bento failed to
-        # start). Imported here: BentoML and MLflow take seconds to import, and only a deploy needs them.
-        from bentos.build import build_bento
-
+        # start). bentos.build imports BentoML and MLflow only when it builds.
         try:
-            return build_bento(
+            return bento_build.build_bento(
                 version,
                 tracking_uri=self.settings.mlflow_tracking_uri,
                 model_name=self.settings.registered_model_name,

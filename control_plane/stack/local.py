@@ -10,6 +10,7 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
+from control_plane.context import bootstrap
 from control_plane.credentials import (
     ensure_api_token,
     ensure_label_token,
@@ -18,11 +19,19 @@ from control_plane.credentials import (
     ensure_request_id_key,
     write_private,
 )
+from control_plane.db.engine import migrate
 from control_plane.deployer.local import bento_port, is_ready
+from control_plane.jobs import schedule_evaluations
 from control_plane.label_spill import dead_letter_lines
+from control_plane.log_backlog import HttpLogBacklog
+from control_plane.registry.mlflow_registry import create_store
 from control_plane.settings import Settings
 from control_plane.stack import programs
+from control_plane.stack.prometheus_config import render_local_prometheus
 from control_plane.supervisor import Supervisor
+from control_plane.traffic.static import ADMIN_FILENAME, render_admin_config, render_static_config
+from control_plane.traffic_ops import sync_router
+from training.train import train_and_register
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +76,6 @@ def gateway_answers(settings: Settings) -> bool:
 
 def write_infra_configs(settings: Settings) -> None:
     """Traefik's static config, its admin router and Prometheus's config, rendered into the state directory."""
-    from control_plane.traffic.static import ADMIN_FILENAME, render_admin_config, render_static_config
 
     tdir = settings.state_dir / "traefik"
     settings.traefik_dynamic_dir.mkdir(parents=True, exist_ok=True)
@@ -87,10 +95,6 @@ def write_infra_configs(settings: Settings) -> None:
             read_timeout_s=settings.gateway_read_timeout_s,
         )
     )
-    try:
-        from control_plane.stack.prometheus_config import render_local_prometheus
-    except ImportError:
-        return
     pdir = settings.state_dir / "prometheus"
     pdir.mkdir(parents=True, exist_ok=True)
     (pdir / "prometheus.yml").write_text(render_local_prometheus(settings))
@@ -98,7 +102,6 @@ def write_infra_configs(settings: Settings) -> None:
 
 def ensure_models(ctx) -> dict[str, int]:
     """Train and register the three starting versions when the registry is empty; return role -> version."""
-    from training.train import train_and_register
 
     registry = ctx.registry
     if not registry.versions():
@@ -141,11 +144,6 @@ def create_secrets(settings: Settings) -> Settings:
 
 def up(settings: Settings) -> Settings:
     """Start the whole stack; returns the settings it ran with (the embedded Redis' password among them)."""
-    from control_plane.context import bootstrap
-    from control_plane.db.engine import migrate
-    from control_plane.jobs import schedule_evaluations
-    from control_plane.registry.mlflow_registry import create_store
-    from control_plane.traffic_ops import sync_router
 
     t0 = time.monotonic()
     for d in (settings.state_dir, settings.log_dir, settings.spill_dir, settings.bentoml_home):
@@ -237,8 +235,6 @@ def status(settings: Settings) -> dict:
         "versions": [],
     }
     if procs:
-        from control_plane.context import bootstrap
-
         ctx = bootstrap(settings)
         for role, (version, weight) in sorted(ctx.traffic_store.load().items()):
             url = f"http://{settings.bind_host}:{bento_port(settings, version)}" if version else None
@@ -260,7 +256,6 @@ def status(settings: Settings) -> dict:
 
 def _log_state(url: str) -> dict | None:
     """What `recsys status` shows of a Bento's prediction log: rows lost, spilled, set aside; disk and database."""
-    from control_plane.log_backlog import HttpLogBacklog
 
     try:
         state = HttpLogBacklog(timeout_s=2.0).state(url)
