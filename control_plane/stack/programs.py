@@ -156,7 +156,7 @@ def control_plane_server(settings: Settings, listen: str | None = None) -> list[
     thread, so a client that trickles its headers or stalls its body holds no thread. Gunicorn's
     gthread workers (two of four threads before) gave each such client a thread until it finished:
     twelve connections trickling a byte a second froze the control plane and /feedback through the
-    gateway. Measured on this machine (benchmarks/slow_clients.py, docs/hostile-input.md): with 12
+    gateway. Measured on this machine (tests/slow_clients.py, docs/hostile-input.md): with 12
     and with 100 tricklers waitress answered every probe, gthread 2x4 froze at 12 and 2x32 at 100;
     gevent workers survived them too but served /feedback at a third of the rate (a SQLite or
     psycopg2 call blocks a gevent worker whole), where waitress served it as gthread did.
