@@ -571,3 +571,25 @@ def test_a_bento_holds_every_file_it_imports_and_serves_from_a_clean_directory(b
             proc.kill()
         client.close()
         engine.dispose()
+
+
+def test_a_bento_is_built_into_the_home_it_is_given_without_bentoml_home_set(registry, tmp_path):
+    # As `recsys up` builds: BENTOML_HOME unset (BentoML's default would be ~/bentoml), the stack's home
+    # given to build_bento, which points this process's BentoML there without changing its environment.
+    env = {k: v for k, v in os.environ.items() if k != "BENTOML_HOME"}
+    env["HOME"] = str(tmp_path)
+    code = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from bentos.build import build_bento\n"
+        f"print(build_bento(1, tracking_uri={registry!r}, bentoml_home=Path({str(tmp_path / 'stack')!r})))\n"
+        "assert 'BENTOML_HOME' not in os.environ\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "recsys:v1"
+    assert (tmp_path / "stack" / "bentos" / "recsys" / "v1" / "bento.yaml").is_file()
+    assert (tmp_path / "stack" / "models" / "recsys-model").is_dir()
+    assert not (tmp_path / "bentoml").exists()
