@@ -1,4 +1,10 @@
-"""Three fixes to BentoML 1.4.40 for running several Bentos side by side under load.
+"""Three fixes to BentoML 1.4.40 for running several Bentos side by side under load, and two settings.
+
+Each fix is skipped, with a warning, under another BentoML version (the Bentos still serve, slower);
+tests/unit/test_bentoml_pinned.py fails instead whenever BentoML's version or the source of anything
+patched here changes, so that an upgrade is a decision, not a surprise. The two settings, for a
+process that builds Bentos: `use_bentoml_home` (the stack's store, without setting BENTOML_HOME) and
+`no_usage_tracking` (BENTOML_DO_NOT_TRACK's effect, without setting it).
 
 1. Metrics. Every `bentoml serve` keeps Prometheus' multiprocess files in
 {BENTOML_HOME}/prometheus_multiproc_dir, empties that directory when it starts, and serves every

@@ -5,7 +5,7 @@ stores the arguments in the Bento and hands them back to `bentoml.use_arguments(
 Bento is served, so the model reference below is `recsys-model:v3` for ever (never `latest`).
 Serving it needs nothing else: `bentoml serve recsys:v3 --port 3103`.
 
-Environment (read when the worker starts):
+Environment (read once per process, through control_plane.settings.Settings):
   DATABASE_URL            where `predictions` rows go and `traffic_config` is read
                           (default sqlite:///$RECSYS_STATE_DIR/recsys.db)
   RECSYS_STATE_DIR        default .recsys
