@@ -89,8 +89,7 @@ def serve(port: int, workers: int, host: str = "127.0.0.1") -> None:
     from uvicorn.supervisors import Multiprocess
 
     config = uvicorn.Config(
-        "peer_app:create_app",
-        app_dir=str(Path(__file__).resolve().parent),
+        "peer_app:create_app",  # importable: this script's directory is on sys.path, its workers' too
         factory=True,
         host=host,
         port=port,
