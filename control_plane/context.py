@@ -42,10 +42,8 @@ class Context:
 
 
 def bootstrap(settings: Settings | None = None) -> Context:
-    """Build the real Context from settings: database, MLflow registry, Traefik file, local deployer."""
+    """Build the real Context from settings: database, MLflow registry, Traefik file, deployer."""
     from control_plane.db.engine import make_engine
-    from control_plane.deployer.fixed import FixedDeployer
-    from control_plane.deployer.local import LocalDeployer
     from control_plane.registry.mlflow_registry import MlflowRegistry
     from control_plane.traffic.traefik_file import GatewayOptions, TraefikFileRouter
 
@@ -68,8 +66,23 @@ def bootstrap(settings: Settings | None = None) -> Context:
                 label_burst=settings.label_burst,
             ),
         ),
-        deployer=FixedDeployer(settings.bento_urls) if settings.bento_urls else LocalDeployer(settings),
+        deployer=_deployer(settings),
     )
+
+
+def _deployer(settings: Settings) -> Deployer:
+    """Containers through the Docker gate, fixed endpoints (Kubernetes), or local processes."""
+    if settings.docker_host:
+        from control_plane.deployer.docker import DockerDeployer
+
+        return DockerDeployer(settings)
+    if settings.bento_urls:
+        from control_plane.deployer.fixed import FixedDeployer
+
+        return FixedDeployer(settings.bento_urls)
+    from control_plane.deployer.local import LocalDeployer
+
+    return LocalDeployer(settings)
 
 
 def kubernetes_parts(settings: Settings, clients=None) -> tuple[TrafficRouter, Deployer]:

@@ -116,7 +116,14 @@ class Settings:
     worker_metrics_port: int = 9101
     bentoml_home: Path = Path(".recsys/bentoml")
     control_plane_url: str = ""  # how Traefik reaches the control plane; empty: bind_host:control_plane_port
-    bento_urls: dict[int, str] = field(default_factory=dict)  # fixed endpoints (compose): version -> URL
+    gateway_url: str = ""  # how load and checks reach the gateway; empty: 127.0.0.1:gateway_port
+    bento_urls: dict[int, str] = field(default_factory=dict)  # fixed endpoints (Kubernetes): version -> URL
+    # Containers (docker-compose.yml): the Docker gate's address turns the DockerDeployer on; each version
+    # runs as <docker_project>-bento-v<N> on docker_network, built FROM app_image.
+    docker_host: str = ""
+    docker_project: str = "recsys"
+    docker_network: str = "recsys_default"
+    app_image: str = "recsys-app:0.1.0"
     # Traefik: its fasthttp proxy to the Bentos, and which requests its access log keeps (problems,
     # all or off); control_plane/traffic/static.py says why each is the default.
     traefik_fast_proxy: bool = True
@@ -173,7 +180,13 @@ class Settings:
             worker_metrics_port=int(env.get("RECSYS_WORKER_METRICS_PORT", 9101)),
             bentoml_home=Path(env.get("BENTOML_HOME") or state_dir / "bentoml").absolute(),
             control_plane_url=env.get("RECSYS_CONTROL_PLANE_URL", ""),
+            gateway_url=env.get("RECSYS_GATEWAY_URL", ""),
             bento_urls=parse_bento_urls(env.get("RECSYS_BENTO_URLS", "")),
+            docker_host=env.get("RECSYS_DOCKER_HOST", ""),
+            docker_project=env.get("RECSYS_DOCKER_PROJECT", "recsys"),
+            docker_network=env.get("RECSYS_DOCKER_NETWORK")
+            or f"{env.get('RECSYS_DOCKER_PROJECT', 'recsys')}_default",
+            app_image=env.get("RECSYS_APP_IMAGE", "recsys-app:0.1.0"),
             traefik_access_log=parse_choice(
                 "RECSYS_TRAEFIK_ACCESS_LOG",
                 env.get("RECSYS_TRAEFIK_ACCESS_LOG", "problems"),
@@ -197,6 +210,10 @@ class Settings:
     @property
     def effective_control_plane_url(self) -> str:
         return self.control_plane_url or f"http://{self.bind_host}:{self.control_plane_port}"
+
+    @property
+    def effective_gateway_url(self) -> str:
+        return self.gateway_url or f"http://127.0.0.1:{self.gateway_port}"
 
     @property
     def effective_redis_url(self) -> str:
@@ -239,12 +256,30 @@ class Settings:
             "BENTOML_HOME": str(self.bentoml_home),
             "BENTOML_DO_NOT_TRACK": "true",
             **({"RECSYS_CONTROL_PLANE_URL": self.control_plane_url} if self.control_plane_url else {}),
+            **({"RECSYS_GATEWAY_URL": self.gateway_url} if self.gateway_url else {}),
+            **(
+                {
+                    "RECSYS_DOCKER_HOST": self.docker_host,
+                    "RECSYS_DOCKER_PROJECT": self.docker_project,
+                    "RECSYS_DOCKER_NETWORK": self.docker_network,
+                    "RECSYS_APP_IMAGE": self.app_image,
+                }
+                if self.docker_host
+                else {}
+            ),
             "PYTHONUNBUFFERED": "1",
         }
 
     @property
     def mlflow_artifact_root(self) -> Path:
         return self.state_dir / "mlartifacts"
+
+    @property
+    def training_artifact_location(self) -> str | None:
+        """Where training stores a new version: an MLflow server's own artifact store, else a local directory."""
+        if self.mlflow_tracking_uri.startswith(("http://", "https://")):
+            return None
+        return str(self.mlflow_artifact_root)
 
     @property
     def traefik_dynamic_dir(self) -> Path:

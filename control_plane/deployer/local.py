@@ -26,6 +26,27 @@ def is_ready(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def build_version_bento(settings: Settings, version: int) -> str:
+    """Build (or reuse) the Bento for registry version `version` in settings.bentoml_home; its tag."""
+    # The Bento is built in this process and served from settings.bentoml_home: BentoML reads
+    # BENTOML_HOME once, when first imported, so it is set before that (without it, a caller such as
+    # `make soak` built into ~/bentoml and every Bento failed to start).
+    home = str(settings.bentoml_home)
+    os.environ.setdefault("BENTOML_HOME", home)
+    if os.environ["BENTOML_HOME"] != home:
+        raise DeployFailed(
+            f"BENTOML_HOME is {os.environ['BENTOML_HOME']}, but the stack serves its Bentos from {home}"
+        )
+    from bentos.build import build_bento
+
+    try:
+        return build_bento(
+            version, tracking_uri=settings.mlflow_tracking_uri, model_name=settings.registered_model_name
+        )
+    except Exception as exc:  # the registry or BentoML refused: nothing was started
+        raise DeployFailed(f"could not build the Bento for version {version}: {exc}") from exc
+
+
 class LocalDeployer:
     """Builds the version's Bento if needed, runs it under supervisord, waits for /readyz."""
 
@@ -40,25 +61,7 @@ class LocalDeployer:
         return f"http://{self.settings.bind_host}:{programs.bento_port(self.settings, version)}"
 
     def build(self, version: int) -> str:
-        # The Bento is built in this process and served from settings.bentoml_home by `bentoml serve`:
-        # BentoML reads BENTOML_HOME once, when first imported, so it is set before that (without it, a
-        # caller such as `make soak` built into ~/bentoml and every Bento failed to start).
-        home = str(self.settings.bentoml_home)
-        os.environ.setdefault("BENTOML_HOME", home)
-        if os.environ["BENTOML_HOME"] != home:
-            raise DeployFailed(
-                f"BENTOML_HOME is {os.environ['BENTOML_HOME']}, but the stack serves its Bentos from {home}"
-            )
-        from bentos.build import build_bento
-
-        try:
-            return build_bento(
-                version,
-                tracking_uri=self.settings.mlflow_tracking_uri,
-                model_name=self.settings.registered_model_name,
-            )
-        except Exception as exc:  # the registry or BentoML refused: nothing was started
-            raise DeployFailed(f"could not build the Bento for version {version}: {exc}") from exc
+        return build_version_bento(self.settings, version)
 
     def _start(self, version: int) -> None:
         self.supervisor.add(programs.bento(self.settings, version))
