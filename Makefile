@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install up down status demo test test-unit bench bench-scale soak simulate fmt lint precommit clean \
+.PHONY: install up down status demo test test-unit test-compose bench bench-scale soak simulate fmt lint precommit clean \
 	system-deps compose-images compose-up compose-down compose-demo
 
 $(STAMP): pyproject.toml
@@ -28,8 +28,19 @@ status: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/recsys demo
 
+# The compose tier (tests/compose: image builds, a whole stack in Docker) runs beside the other tiers, in
+# a second pytest session, since most of its time is spent waiting (downloads, containers starting,
+# rollout steps); its output follows the others'. docs/containers.md has the timings.
 test: system-deps $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider --durations=15
+	@mkdir -p .recsys; \
+	$(BIN)/pytest -q -p no:cacheprovider --durations=5 tests/compose >.recsys/compose-tier.log 2>&1 & compose=$$!; \
+	$(BIN)/pytest -q -p no:cacheprovider --durations=15 --ignore=tests/compose; status=$$?; \
+	wait $$compose; compose_status=$$?; \
+	echo "--- compose tier (tests/compose) ---"; cat .recsys/compose-tier.log; \
+	[ $$status = 0 ] && [ $$compose_status = 0 ]
+
+test-compose: system-deps $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider --durations=5 tests/compose
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

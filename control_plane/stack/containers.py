@@ -26,7 +26,9 @@ def seed(settings: Settings) -> dict[int, str]:
     # Traefik's API and dashboard: a router on its admin entry point behind basic auth (operator, the
     # operator's token), in the shared dynamic directory beside the routing.
     settings.traefik_dynamic_dir.mkdir(parents=True, exist_ok=True)
-    write_private(settings.traefik_dynamic_dir / ADMIN_FILENAME, render_admin_config(ensure_api_token(settings)))
+    write_private(
+        settings.traefik_dynamic_dir / ADMIN_FILENAME, render_admin_config(ensure_api_token(settings))
+    )
     ctx = bootstrap(settings)
     roles = ensure_models(ctx)
     ctx.traffic_store.seed_if_empty(settings.traffic_weights, roles)

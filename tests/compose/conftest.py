@@ -6,8 +6,8 @@ with free ports on 127.0.0.1, so that it never meets a developer's `make compose
 
 from __future__ import annotations
 
-import json
 import base64
+import json
 import os
 import secrets
 import shutil

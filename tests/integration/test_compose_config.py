@@ -105,7 +105,10 @@ def test_app_services_get_the_production_urls(compose):
         assert env["REDIS_URL"] == env["RQ_REDIS_URL"] == "redis://:redis-secret@redis:6379/0"
         assert env["RECSYS_DOCKER_HOST"] == "tcp://docker-gate:2375"
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-        assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == ("operator", "operator-secret")
+        assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == (
+            "operator",
+            "operator-secret",
+        )
         assert (env["RECSYS_LABEL_TOKEN"], env["RECSYS_REQUEST_ID_KEY"]) == ("label-secret", "id-key")
     assert "control_plane.web.app:create_app" in compose["services"]["control-plane"]["command"]
     assert compose["services"]["control-plane"]["command"][0] == "waitress-serve"
