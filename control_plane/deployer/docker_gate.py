@@ -267,6 +267,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             while chunk := resp.read(65536):
                 self.wfile.write(chunk)
+        except (BrokenPipeError, ConnectionResetError):  # the caller gave up (a health check's timeout)
+            log.info("%s %s: the caller hung up before the answer", self.command, req.path)
         finally:
             conn.close()
 
