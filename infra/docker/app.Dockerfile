@@ -16,7 +16,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # Dependencies first, so that a code change does not reinstall them (nor a README change: an empty
-# README stands in for it here). uv resolves and downloads in parallel (pip took 6-18 minutes here, cold);
+# README stands in for it here). uv resolves and downloads in parallel (pip took 6-18 minutes here, cold)
+# and compiles the bytecode pip would have;
 # its cache is a BuildKit cache mount, kept between builds, never in the image. The [k8s] extra (the
 # Kubernetes client, boto3 for MLflow's S3 store) lets the same image run the control plane on a cluster
 # (docs/kubernetes.md). BentoML runs uv too when it builds a Bento (one per new version, in this image).
@@ -29,7 +30,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && pip install -q "uv==${UV_VERSION}" \
     && touch README.md && mkdir -p control_plane bentos training load \
     && touch control_plane/__init__.py bentos/__init__.py training/__init__.py load/__init__.py \
-    && UV_LINK_MODE=copy uv pip install -q --python "$(command -v python3)" ".[k8s]" "setuptools>=68" wheel \
+    && UV_LINK_MODE=copy uv pip install -q --compile-bytecode --python "$(command -v python3)" ".[k8s]" "setuptools>=68" wheel \
     && uv pip uninstall -q --python "$(command -v python3)" recsys-canary \
     && rm -rf README.md control_plane bentos training load build *.egg-info
 
@@ -41,8 +42,12 @@ COPY bentos ./bentos
 COPY training ./training
 COPY load ./load
 COPY bentofile.yaml ./
-# Editable, so that bentos.build finds bentofile.yaml and the Bento's sources in /app.
-RUN pip install -q --no-deps --no-build-isolation -e . && rm -rf build
+# Editable, so that bentos.build finds bentofile.yaml and the Bento's sources in /app. Bytecode compiled
+# here, as for the dependencies (uv's --compile-bytecode): the root filesystem is read-only at run time, so
+# without it every process (each RQ job's forked horse too) compiled mlflow, pandas ... from source on
+# every import; an evaluation took 30-120 s instead of about a second.
+RUN pip install -q --no-deps --no-build-isolation -e . && rm -rf build \
+    && python -m compileall -q control_plane bentos training load
 
 # An unprivileged user; uid 10001 owns the shared state volumes (state-init chowns the state volumes).
 RUN useradd --uid 10001 --create-home recsys \

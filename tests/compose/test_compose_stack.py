@@ -218,7 +218,7 @@ def test_the_demo_story_runs_in_containers_and_moves_mlflow_aliases(compose_stac
     """A better canary promoted and a worse one rolled back, decided by the containerized worker."""
     before = _roles(compose_stack)
     run = compose_stack.recsys(
-        "demo", "--users", "8", "--interval", "2", "--step-seconds", "6", "--timeout", "420", timeout=1200
+        "demo", "--users", "8", "--interval", "2", "--step-seconds", "6", "--timeout", "600", timeout=1500
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "The story ended as expected." in run.stdout
