@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"\n1) The better candidate (version {better}) as a canary.")
         good, r1 = run_story(ctx, better, Phase.PROMOTED, policy, args.timeout)
         ok &= good
+        active = ctx.ledger.active()
+        if active is not None:  # the story timed out: end its rollout, or the next could not start
+            services_rollback(ctx, active.id)
         _say("\n2) Training a worse candidate and trying it as a canary.")
         worse = train_and_register(
             tracking_uri=settings.mlflow_tracking_uri,
