@@ -423,7 +423,7 @@ def _settled(ctx: Context, conn, rollout: Rollout, history: list[tuple[float, in
     first decision after its advance, plus the settling."""
     times = ctx.ledger.decision_times(conn, rollout.id)
     out: list[float | None] = [None]  # the first step's weights were in force from the window's start
-    for i, (ts, _) in enumerate(history[1:], start=1):
+    for i, (ts, _) in enumerate(history[1:], start=1):  # (`history` may begin after a shadow phase)
         if i == len(history) - 1:
             out.append(rollout.step_started_at)
         else:
@@ -442,6 +442,12 @@ def _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, labe
     control_weight = assignment.get("control", (None, 0))[1] if versions_by_role.get("control") else 0
     ramp = policy.name == "sequential" and not shadow
     history = _history(ctx, conn, rollout)
+    lead = next((i for i, (_, w) in enumerate(history) if w > 0), len(history) - 1)
+    if not shadow and lead:
+        # After a shadow phase (the steps at weight 0 before the first weighted one) the split's window
+        # begins once the first step's weights were surely in force, and the steps count from there.
+        since = max(since, _settled(ctx, conn, rollout, history)[lead] or history[lead][0])
+        history = history[lead:]
     periods = observations.ramp_periods(history, since, control_weight) if ramp else ()
     return observations.read_observations(
         queries.SqlMetricsSource(conn),

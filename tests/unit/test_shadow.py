@@ -152,6 +152,23 @@ def test_a_healthy_shadow_gets_the_first_step_once_its_minimum_time_has_passed(c
     assert scores["shadow_n"] > 0 and scores["baseline_n"] > 0 and abs(scores["mean_diff"]) < 0.1, scores
 
 
+def test_after_the_shadow_phase_the_steps_and_the_split_s_window_begin_at_the_first_weighted_step(ctx):  # noqa: F811
+    rollout = services.start_canary(ctx, 3, {**SHADOW, "shadow_min_duration_s": 30}, actor="test")
+    shadow_minute(ctx)
+    assert services.evaluate(ctx, tick=1)["action"] == "advance"
+    advanced = ctx.ledger.get(rollout.id)
+    ctx.clock.t += 60
+    shadow_rows(ctx, 2, "weighted", 900, error_rate=0.0, latency_ms=5.0, seed=7)
+    shadow_rows(ctx, 3, "weighted", 100, error_rate=0.0, latency_ms=5.0, seed=8)
+    services.evaluate(ctx, tick=2)
+    stats = ctx.ledger.decisions(rollout.id, limit=1)[0]["stats"]
+    # one step, the first weighted one (10 %): the shadow phase is not a step of the split
+    assert [s["weights"]["canary"] for s in stats["steps"]] == [10]
+    assert stats["steps"][0]["start"] >= advanced.step_started_at
+    # the baseline's requests of the shadow phase are not in the split's window
+    assert stats["window_start"] >= advanced.step_started_at
+
+
 def test_the_shadow_phase_is_refused_where_the_mirror_cannot_mark_its_copies(ctx):  # noqa: F811
     ctx.settings = dataclasses.replace(ctx.settings, deployer="kubernetes")
     with pytest.raises(InvalidRequest, match="shadow_percent"):
