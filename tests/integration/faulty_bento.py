@@ -5,8 +5,8 @@ service (bentos/service.py) unchanged except for what this module wraps (in its 
   RECSYS_TEST_FAULT_ERROR_RATE  the share of requests answered 500 (drawn per request)
   RECSYS_TEST_FAULT_DELAY_MS    every model request waits this long (without blocking the others, as on a
                                 slow feature store) before it is scored, logged and answered; the shadow
-                                test sets it to the baseline's p99 measured just before, so the candidate's
-                                p99 is at least about twice the baseline's
+                                test sets it to twice the baseline's p99 measured just before, so the
+                                candidate's p99 is at least about twice the baseline's
 The production code has no such hook: only a process that imports this test module has the faults.
 """
 

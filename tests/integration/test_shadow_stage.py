@@ -2,7 +2,7 @@
 
 The baseline (v1) is the built Bento; the candidate (v2) is the same service served from source through
 tests/integration/faulty_bento.py, which makes it answer 10 % of its requests with errors, or delays
-every answer by the baseline's p99 as measured through the gateway just before (its p99 doubles). A rollout starts with a shadow phase (Traefik's `mirroring`
+every answer by twice the baseline's p99 as measured just before (its p99 at least doubles). A rollout starts with a shadow phase (Traefik's `mirroring`
 service copies half the weighted requests to the candidate and discards its answers); the control
 plane evaluates it every two seconds on Postgres. In every run the candidate must be stopped in the
 shadow phase, with weight 0 throughout, and no answer a user received may come from it.
@@ -58,7 +58,10 @@ def fault_env(fault: str, baseline_p99_ms: float) -> dict[str, str]:
     if fault == "errors_10_percent":
         return {"RECSYS_TEST_FAULT_ERROR_RATE": "0.1"}
     if fault == "p99_doubled":
-        return {"RECSYS_TEST_FAULT_DELAY_MS": f"{baseline_p99_ms:.3f}"}
+        # Twice the p99 measured before the rollout: once the mirror runs, the copies load the same two
+        # cores and the baseline's own p99 rises by up to half, which left a delay of one p99 at about
+        # 1.4 times the live baseline's (not a doubling) in one run of four.
+        return {"RECSYS_TEST_FAULT_DELAY_MS": f"{2 * baseline_p99_ms:.3f}"}
     return {}
 
 
