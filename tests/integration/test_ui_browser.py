@@ -94,13 +94,17 @@ def test_an_operator_logs_in_sees_the_charts_and_rolls_the_canary_back(page, bas
         dialog.accept()
 
     page.on("dialog", accept)
-    page.click("button:has-text('Roll back canary')")
+    rollback = page.locator("form:has(button:has-text('Roll back now'))")
+    rollback.locator("input[name=reason]").fill("the canary's dashboards look wrong")
+    rollback.locator("button").click()
     page.wait_for_selector(".flash-ok")
 
     assert dialogs and "Roll back canary v3" in dialogs[0]
     assert ctx.ledger.get(rollout.id).phase is Phase.ROLLED_BACK
     assert page.locator("#rollout-phase").inner_text() == "rolled_back"
-    assert ctx.ledger.decisions(rollout.id, 1)[0]["actor"] == "ui:operator"
+    last = ctx.ledger.decisions(rollout.id, 1)[0]
+    assert last["actor"] == "ui:operator" and last["action"] == "override_rollback", last
+    assert "the canary's dashboards look wrong" in last["reason"], last
     assert problems == []
 
 
@@ -110,7 +114,11 @@ def test_dismissing_the_confirmation_changes_nothing(page, base_url, ctx):
     page.fill("input[name=password]", TOKEN)
     page.click("button:has-text('Log in')")
     page.wait_for_selector("#operate")
-    page.on("dialog", lambda d: d.dismiss())
-    page.click("button:has-text('Promote now')")
+    dismissed: list[str] = []
+    page.on("dialog", lambda d: (dismissed.append(d.message), d.dismiss()))
+    promote = page.locator("form:has(button:has-text('Promote now'))")
+    promote.locator("input[name=reason]").fill("a test that changes its mind")
+    promote.locator("button").click()
     page.wait_for_timeout(300)
+    assert dismissed, "the confirmation was asked for"
     assert ctx.ledger.get(rollout.id).phase is Phase.PROGRESSING
