@@ -124,10 +124,11 @@ def test_a_worker_killed_between_the_traffic_write_and_the_alias_move_is_complet
     fed = []
 
     def promoted_and_settled():
-        if len(fed) < 4:  # enough for a clear decision; the ticks then only have to act
+        r = ctx.ledger.get(rollout.id)
+        if r.phase is Phase.PROGRESSING and len(fed) < 120:
+            # every step needs rows of its own: the novelty check judges the last step on its own data
             feed(ctx, 1500, {1: 0.7, 2: 0.7, 3: 0.9}, rng)
             fed.append(1)
-        r = ctx.ledger.get(rollout.id)
         return r.phase is Phase.PROMOTED and r.pending_action is None
 
     # A step's rows count once their 5 s aggregate bucket is whole, so each step ends a bucket later than
