@@ -376,14 +376,10 @@ def evaluate(
     policy = Policy.from_dict(rollout.policy_params)
     now = ctx.clock()
     assignment = ctx.traffic_store.load()
-    versions_by_role = {
-        "baseline": rollout.baseline_version,
-        "canary": rollout.candidate_version,
-        "control": assignment.get("control", (None, 0))[0],
-    }
+    versions_by_role = _versions_by_role(rollout, assignment)
     endpoints = ctx.deployer.endpoints()
     backlog = ctx.log_backlog.waiting({v: endpoints[v] for v in versions_by_role.values() if v in endpoints})
-    label_window_s = ctx.settings.label_window_s if policy.label_window_s is None else policy.label_window_s
+    label_window_s = _label_window_s(ctx, policy)
     if not backlog:  # rows still being replayed would be passed over by the label job's watermark
         _close_labels(ctx, label_window_s, now, start_at=rollout.started_at)
     with read_snapshot(ctx.engine) as conn:
@@ -408,6 +404,20 @@ def evaluate(
         decision = _carry_running_p(decision, running_p)
     missed = _missed_ticks(tick, last_tick, interval_s or ctx.settings.eval_interval_s)
     return _act(ctx, rollout, decision, policy, actor, tick=tick, obs=obs, missed_ticks=missed)
+
+
+def _versions_by_role(rollout: Rollout, assignment) -> dict[str, int | None]:
+    """The versions a rollout compares: its baseline and candidate, and the control in force."""
+    return {
+        "baseline": rollout.baseline_version,
+        "canary": rollout.candidate_version,
+        "control": assignment.get("control", (None, 0))[0],
+    }
+
+
+def _label_window_s(ctx: Context, policy: Policy) -> float:
+    """The attribution window: the policy's own, else the setting."""
+    return ctx.settings.label_window_s if policy.label_window_s is None else policy.label_window_s
 
 
 def _history(ctx: Context, conn, rollout: Rollout) -> list[tuple[float, int]]:
@@ -480,12 +490,8 @@ def check_harm(ctx: Context, actor: str = "harm-check") -> dict[str, Any] | None
         return None
     now = ctx.clock()
     assignment = ctx.traffic_store.load()
-    versions_by_role = {
-        "baseline": rollout.baseline_version,
-        "canary": rollout.candidate_version,
-        "control": assignment.get("control", (None, 0))[0],
-    }
-    label_window_s = ctx.settings.label_window_s if policy.label_window_s is None else policy.label_window_s
+    versions_by_role = _versions_by_role(rollout, assignment)
+    label_window_s = _label_window_s(ctx, policy)
     with read_snapshot(ctx.engine) as conn:
         obs = _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s)
         evaluations, _ = ctx.ledger.evaluations(conn, rollout.id)
@@ -638,12 +644,8 @@ def _evidence_now(ctx: Context, rollout: Rollout, policy: Policy):
         return None, None
     now = ctx.clock()
     assignment = ctx.traffic_store.load()
-    versions_by_role = {
-        "baseline": rollout.baseline_version,
-        "canary": rollout.candidate_version,
-        "control": assignment.get("control", (None, 0))[0],
-    }
-    label_window_s = ctx.settings.label_window_s if policy.label_window_s is None else policy.label_window_s
+    versions_by_role = _versions_by_role(rollout, assignment)
+    label_window_s = _label_window_s(ctx, policy)
     try:
         with read_snapshot(ctx.engine) as conn:
             obs = _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s)
