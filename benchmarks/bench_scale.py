@@ -73,7 +73,7 @@ class Clock:
         return self.t
 
 
-def _rows(rng: np.random.Generator, start: float, n: int, offset: int, total: int):
+def synthetic_rows(rng: np.random.Generator, start: float, n: int, offset: int, total: int):
     """`n` prediction-log rows (tuples, as a Bento logs them) spread evenly over the hour."""
     i = np.arange(offset, offset + n)
     ts = start + i * (HOUR_S / total)
@@ -151,7 +151,7 @@ def fill(url: str, engine, n: int, start: float, spill: Path) -> dict:
     written_labels = 0
     label_s = 0.0
     for offset in range(0, n, CHUNK):
-        rows = _rows(rng, start, min(CHUNK, n - offset), offset, n)
+        rows = synthetic_rows(rng, start, min(CHUNK, n - offset), offset, n)
         while max(w.stats().queue_depth for w in writers.values()) > 2 * CHUNK:
             time.sleep(0.05)
         for version, writer in writers.items():

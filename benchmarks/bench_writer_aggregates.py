@@ -19,9 +19,9 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from bench_scale import PG_ADMIN, drop_url, fresh_url, synthetic_rows
 
 import bentos.predlog as predlog
-from benchmarks.bench_scale import PG_ADMIN, _rows, drop_url, fresh_url
 from control_plane.db.engine import migrate
 
 BATCH = 500
@@ -50,7 +50,7 @@ def run(engine_name: str, n: int, rounds: int) -> dict:
                 start = time.time() - 3600 + r * 60
                 rows = [
                     (uuid.uuid4().hex, start + i / RATE_PER_S, 1, "baseline", *row[4:])
-                    for i, row in enumerate(_rows(rng, start, n, 0, n))
+                    for i, row in enumerate(synthetic_rows(rng, start, n, 0, n))
                 ]
                 predlog.add_request_facts = real if aggregates else (lambda *a, **k: None)
                 cpu, wall = _store_all(writer, rows)

@@ -1,4 +1,10 @@
-"""Three fixes to BentoML 1.4.40 for running several Bentos side by side under load.
+"""Three fixes to BentoML 1.4.40 for running several Bentos side by side under load, and two settings.
+
+Each fix is skipped, with a warning, under another BentoML version (the Bentos still serve, slower);
+tests/unit/test_bentoml_pinned.py fails instead whenever BentoML's version or the source of anything
+patched here changes, so that an upgrade is a decision, not a surprise. The two settings, for a
+process that builds Bentos: `use_bentoml_home` (the stack's store, without setting BENTOML_HOME) and
+`no_usage_tracking` (BENTOML_DO_NOT_TRACK's effect, without setting it).
 
 1. Metrics. Every `bentoml serve` keeps Prometheus' multiprocess files in
 {BENTOML_HOME}/prometheus_multiproc_dir, empties that directory when it starts, and serves every
@@ -36,19 +42,52 @@ log = logging.getLogger("recsys.bento")
 PATCHED_VERSION = "1.4.40"
 
 
-def separate_prometheus_dir(bento_name: str) -> str:
-    """Point BentoML at a Prometheus directory of this Bento's own (RECSYS_PROMETHEUS_DIR overrides).
+def separate_prometheus_dir(bento_name: str, path: str | None = None) -> str:
+    """Point BentoML at a Prometheus directory of this Bento's own (`path`, else one under BENTOML_HOME).
 
     `bentoml serve` imports the service module before it prepares the directory, so calling this
     at import is early enough; the workers inherit the path through PROMETHEUS_MULTIPROC_DIR.
     """
     from bentoml._internal.configuration.containers import BentoMLContainer
 
-    path = os.environ.get("RECSYS_PROMETHEUS_DIR") or os.path.join(
-        BentoMLContainer.bentoml_home.get(), f"prometheus_multiproc_dir.{bento_name}"
-    )
+    path = path or os.path.join(BentoMLContainer.bentoml_home.get(), f"prometheus_multiproc_dir.{bento_name}")
     BentoMLContainer.prometheus_multiproc_dir.set(path)
     return path
+
+
+def use_bentoml_home(home: str) -> None:
+    """Make this process's BentoML keep its Bentos and models under `home`, as `bentoml serve` reads them.
+
+    BentoML resolves BENTOML_HOME once, the first time a store is needed, into singletons; its own test
+    plugin points them elsewhere by setting the container's providers, and so does this, instead of
+    changing the process's environment. A process whose BentoML already resolved another home is refused.
+    """
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from simple_di import _SentinelClass
+
+    provider = BentoMLContainer.bentoml_home
+    resolved = not (
+        isinstance(provider._cache, _SentinelClass) and isinstance(provider._override, _SentinelClass)
+    )
+    if resolved:
+        current = provider.get()
+        if os.path.abspath(current) != os.path.abspath(home):
+            raise RuntimeError(f"BentoML in this process already uses {current}, not {home}")
+        return
+    for sub in ("", "bentos", "models", "envs", "tmp"):
+        os.makedirs(os.path.join(home, sub), exist_ok=True)
+    provider.set(home)
+
+
+def no_usage_tracking() -> None:
+    """No usage events to BentoML's servers from this process (BENTOML_DO_NOT_TRACK=true, without the variable).
+
+    The Bentos the stack serves get BENTOML_DO_NOT_TRACK from their environment (Settings.to_env); a
+    process that builds them (`recsys up`, `recsys build`, a deploy) gets this instead.
+    """
+    from bentoml._internal.utils.analytics import usage_stats
+
+    usage_stats.do_not_track = lambda: True
 
 
 def cancel_timeout_timers() -> bool:

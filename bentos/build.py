@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import logging
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+import yaml
 
 from bentos.service_names import bento_tag, model_tag
 
@@ -14,6 +18,7 @@ log = logging.getLogger("recsys.build")
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 BENTOFILE = PROJECT_DIR / "bentofile.yaml"
+SERVICE_MODULE = "bentos.service"
 
 
 class BentoBuildError(Exception):
@@ -24,11 +29,19 @@ class ModelVersionNotFound(BentoBuildError):
     """The MLflow registry has no such version."""
 
 
-def build_bento(version: int, *, tracking_uri: str, model_name: str = "recsys") -> str:
+def build_bento(
+    version: int, *, tracking_uri: str, model_name: str = "recsys", bentoml_home: Path | None = None
+) -> str:
     """Import `models:/{model_name}/{version}` and build the Bento `{model_name}:v{version}` pinned to it.
 
+    Into `bentoml_home` when given (the home `bentoml serve` will serve it from), else BentoML's own.
     Idempotent: an existing Bento (or imported model) is reused. Returns the Bento tag.
     """
+    from bentos.bentoml_fixes import no_usage_tracking, use_bentoml_home
+
+    if bentoml_home is not None:
+        use_bentoml_home(str(bentoml_home))
+    no_usage_tracking()
     import bentoml
     from bentoml.exceptions import NotFound
 
@@ -38,18 +51,66 @@ def build_bento(version: int, *, tracking_uri: str, model_name: str = "recsys") 
     except NotFound:
         pass
     import_model(version, tracking_uri=tracking_uri, model_name=model_name)
-    bento = bentoml.bentos.build_bentofile(
-        str(BENTOFILE),
-        build_ctx=str(PROJECT_DIR),
-        name=model_name,
-        version=f"v{version}",
-        labels={"registered_model": model_name, "model_version": str(version)},
-        args={"model_version": version, "model_name": model_name},
-        # The service module reads its arguments when imported: re-import it for every build.
-        reload=True,
-    )
+    with tempfile.TemporaryDirectory(prefix="bentofile-") as tmp:
+        bentofile = Path(tmp) / "bentofile.yaml"
+        bentofile.write_text(yaml.safe_dump(bentofile_config()))
+        bento = bentoml.bentos.build_bentofile(
+            str(bentofile),
+            build_ctx=str(PROJECT_DIR),
+            name=model_name,
+            version=f"v{version}",
+            labels={"registered_model": model_name, "model_version": str(version)},
+            args={"model_version": version, "model_name": model_name},
+            # The service module reads its arguments when imported: re-import it for every build.
+            reload=True,
+        )
     log.info("built %s from %s", bento.tag, model_tag(version, model_name))
     return str(bento.tag)
+
+
+def bentofile_config() -> dict:
+    """bentofile.yaml, with `include` the files the service imports (`bento_sources`), never a list by hand."""
+    config = yaml.safe_load(BENTOFILE.read_text())
+    return {**config, "include": bento_sources()}
+
+
+def bento_sources(root: Path = PROJECT_DIR, entry: str = SERVICE_MODULE) -> list[str]:
+    """The project's files a Bento needs: `entry`'s module and every project module it imports, transitively.
+
+    Read from the source (every import statement, those inside functions included), so that a new
+    import from bentos/ is in the next Bento built; paths relative to `root`, packages' __init__.py too.
+    """
+    packages = {p.parent.name for p in root.glob("*/__init__.py")}
+    seen: dict[str, Path] = {}
+    todo = [entry]
+    while todo:
+        name = todo.pop()
+        path = _module_file(root, name)
+        if name in seen or path is None:
+            continue
+        seen[name] = path
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # its packages' __init__.py
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found = [
+                    node.module,
+                    *(f"{node.module}.{a.name}" for a in node.names),
+                ]  # a name may be a module
+            else:
+                continue
+            todo += [n for n in found if n.split(".")[0] in packages]
+    return sorted(p.relative_to(root).as_posix() for p in seen.values())
+
+
+def _module_file(root: Path, name: str) -> Path | None:
+    base = root.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
 
 
 def import_model(version: int, *, tracking_uri: str, model_name: str = "recsys") -> str:
@@ -110,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     try:
         tag = build_bento(
-            args.version, tracking_uri=settings.mlflow_tracking_uri, model_name=settings.registered_model_name
+            args.version,
+            tracking_uri=settings.mlflow_tracking_uri,
+            model_name=settings.registered_model_name,
+            bentoml_home=settings.bentoml_home,
         )
     except BentoBuildError as exc:
         parser.exit(2, f"recsys build: {exc}\n")

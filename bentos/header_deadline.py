@@ -2,7 +2,7 @@
 
 uvicorn 0.55 (under every `bentoml serve`) has a keep-alive timer for an idle connection between
 requests, but none for a request in progress: a client that sends part of its headers and stops, or
-trickles them a byte at a time, held its connection for ever (benchmarks/hostile.py counted it as a
+trickles them a byte at a time, held its connection for ever (tests/hostile.py counted it as a
 hang). Nothing in BentoML can see such a request (the app is only called once the headers are in),
 so the deadline has to be in uvicorn's protocol: `install` wraps four methods of its httptools
 protocol, the one uvicorn uses when httptools is installed (pinned in pyproject.toml).

@@ -5,9 +5,10 @@ It runs before BentoML reads the body, so an oversized request is refused by its
 that the handler and the log lines read, and puts them on every response of the model endpoints,
 errors included.
 
-When the serving state has an `answer(info, body)` method, the gate answers a model endpoint's POST
-itself instead of handing it to BentoML's router, request context, IO descriptors and streaming
-response: measured, that machinery cost as much CPU per request as the model (docs/performance.md).
+The gate answers every request to a model endpoint itself, with the serving state's `answer(info, body)`
+for a POST (a 405 for any other method, a 503 before the service has loaded), and never hands one to
+BentoML's router, request context, IO descriptors and streaming response: measured, that machinery cost
+as much CPU per request as the model (docs/performance.md). So a model endpoint has one path.
 The service also puts the gate before BentoML's own middlewares (bentos/bentoml_fixes.py: gate_first),
 so it bounds the wait for a body itself: a body that has not arrived in `body_timeout_s` is a 408
 (`BodyDeadline`: one sweep a second, not a timer per request).
@@ -67,15 +68,15 @@ current_request: ContextVar[RequestInfo | None] = ContextVar("recsys_request", d
 
 
 class ServingState(Protocol):
-    """What the middleware needs from the running service.
-
-    It may also have `answer(info, body: bytes) -> (status, JSON bytes)`: then the gate serves the
-    model endpoints' POSTs with it (see the module docstring); without it they go on to the app.
-    """
+    """What the middleware needs from the running service."""
 
     model_version: int
 
     def current_role(self) -> str: ...
+
+    def answer(self, info: RequestInfo, body: bytes) -> tuple[int, bytes]:
+        """The status and JSON body of a model endpoint's POST (see the module docstring)."""
+        ...
 
     def request_finished(self, info: RequestInfo, status: int) -> None: ...
 
@@ -186,16 +187,12 @@ class RequestGate:
         token = current_request.set(info)
         try:
             problem = _refusal(scope, headers, supplied_id, self.max_body_bytes)
-            answer = getattr(state, "answer", None) if scope["method"] == "POST" else None
-            if problem is None and answer is not None:
-                await self._answer(answer, info, receive, send_with_headers)
+            if problem is None and state is None:
+                problem = 503, "the model is not loaded yet"
+            if problem is not None:
+                await _send_json(send_with_headers, *problem)
             else:
-                if problem is None and "content-length" not in headers and scope["method"] == "POST":
-                    receive, problem = await self._buffered(receive)
-                if problem is not None:
-                    await _send_json(send_with_headers, *problem)
-                else:
-                    await self.app(scope, receive, send_with_headers)
+                await self._answer(state.answer, info, receive, send_with_headers)
         except asyncio.CancelledError:
             status = 504  # cancelled (the server stopping) before the response was done
             raise
@@ -206,22 +203,6 @@ class RequestGate:
                 except Exception:  # bookkeeping must not turn a served response into an error
                     log.exception("request bookkeeping failed")
             current_request.reset(token)
-
-    async def _buffered(self, receive):
-        """Read a body sent without Content-Length (chunked), refusing it once it passes the limit."""
-        body, problem = await self.body_deadline.read(receive, self.max_body_bytes)
-        if body is None:
-            return receive, problem  # a 413 or 408, or the client went away (the app sees it)
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return replay, None
 
     async def _log_state(self, scope, receive, send) -> None:
         state = self._serving_state()
@@ -260,7 +241,7 @@ def _refusal(scope, headers: dict[str, str], supplied_id: str | None, limit: int
     if user is not None and (problem := user_id_problem(user)) is not None:
         return 400, problem
     if scope["method"] != "POST":
-        return None  # the router answers 405
+        return 405, f"{scope['path']} takes POST, not {scope['method']}"
     length = headers.get("content-length")
     if length is not None:
         if not length.isdigit():

@@ -55,7 +55,7 @@ LOST_LOG_INTERVAL_S = 10.0  # rows lost are logged (with the total) at most this
 DEAD_LETTER_GLOB = "rejected-*.jsonl"  # rows the database refused and spill lines that cannot be read
 
 
-# One row of `predictions`, exactly as inserted: a tuple in the table's column order (`_COLUMNS`):
+# One row of `predictions`, exactly as inserted: a tuple in the table's column order (`COLUMNS`):
 # request_id, ts, model_version, role, route, endpoint, features, score, latency_ms, status, user_key.
 # A tuple, not a dict: a Bento builds one for every request and pickles it to the writer process,
 # and a dict's ten keys went with every row, pickled and unpickled each time: 1.2 against 0.6 us a
@@ -101,12 +101,12 @@ def default_engine_factory(url: str) -> Callable[[], Engine]:
     return factory
 
 
-_COLUMNS = tuple(str(c.name) for c in predictions.columns)  # plain str: SQLAlchemy names are a subclass
+COLUMNS = tuple(str(c.name) for c in predictions.columns)  # plain str: SQLAlchemy names are a subclass
 
 
 def row_dict(row: PredictionRow) -> dict:
     """`row` as a JSON object or SQLAlchemy parameters: column name -> value."""
-    return dict(zip(_COLUMNS, row, strict=True))
+    return dict(zip(COLUMNS, row, strict=True))
 
 
 _OPTIONAL = frozenset({"user_key"})  # added in revision 0003: spill files written before lack it
@@ -114,17 +114,17 @@ _OPTIONAL = frozenset({"user_key"})  # added in revision 0003: spill files writt
 
 def row_from_dict(values: dict) -> PredictionRow:
     """The row a `row_dict` holds; KeyError when it lacks a column (other than an optional one)."""
-    return tuple(values.get(c) if c in _OPTIONAL else values[c] for c in _COLUMNS)
+    return tuple(values.get(c) if c in _OPTIONAL else values[c] for c in COLUMNS)
 
 
 _STAGE = "predlog_stage"
 _STAGE_DDL = (
     f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (LIKE predictions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 )
-_COPY = f"COPY {_STAGE} ({', '.join(_COLUMNS)}) FROM STDIN"
-_COPY_DIRECT = f"COPY predictions ({', '.join(_COLUMNS)}) FROM STDIN"
+_COPY = f"COPY {_STAGE} ({', '.join(COLUMNS)}) FROM STDIN"
+_COPY_DIRECT = f"COPY predictions ({', '.join(COLUMNS)}) FROM STDIN"
 _MERGE = (
-    f"INSERT INTO predictions ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} FROM {_STAGE} "
+    f"INSERT INTO predictions ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM {_STAGE} "
     "ON CONFLICT DO NOTHING RETURNING request_id"  # any key: (request_id, ts) once partitioned
 )
 _NULL = "\\N"
@@ -137,7 +137,7 @@ def _esc(value: str) -> str:
     return value
 
 
-_LINE = "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n"  # the columns of `_COLUMNS`, in order
+_LINE = "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n"  # the columns of `COLUMNS`, in order
 
 
 def _features_json(features: list[float]) -> str:
@@ -160,8 +160,8 @@ def _floats_text(values: list[float]) -> list[str]:
     return to_json(values, inf_nan_mode="constants").decode()[1:-1].split(",") if values else []
 
 
-def _copy_text(rows: list[PredictionRow]) -> str:
-    """The rows in COPY's text format (tab-separated, \\N for NULL), columns in `_COLUMNS` order."""
+def copy_text(rows: list[PredictionRow]) -> str:
+    """The rows in COPY's text format (tab-separated, \\N for NULL), columns in `COLUMNS` order."""
     floats: list[float] = []
     for _, ts, _, _, _, _, _, score, latency_ms, _, _ in rows:
         floats += (float(ts), 0.0 if score is None else float(score), float(latency_ms))
@@ -189,7 +189,7 @@ def _copy_text(rows: list[PredictionRow]) -> str:
     return "".join(lines)
 
 
-def _copy_batch(conn, rows: list[PredictionRow]) -> None:
+def copy_batch(conn, rows: list[PredictionRow]) -> None:
     """Postgres: the batch as one COPY straight into `predictions`, on `conn` (a pooled DBAPI
     connection the writer holds); a batch that holds a row already there (a replay, typically) goes
     instead through a temporary table and one INSERT ... ON CONFLICT DO NOTHING, so that duplicates
@@ -205,7 +205,7 @@ def _copy_batch(conn, rows: list[PredictionRow]) -> None:
     """
     from psycopg2.errors import UniqueViolation
 
-    text = _copy_text(rows).encode()
+    text = copy_text(rows).encode()
     size = len(text) or 1  # one read of the buffer
     dbapi = conn.dbapi_connection
     staged = False
@@ -232,7 +232,7 @@ def _copy_batch(conn, rows: list[PredictionRow]) -> None:
         raise
 
 
-def _insert_statement(engine: Engine):
+def insert_statement(engine: Engine):
     """INSERT ... ON CONFLICT DO NOTHING RETURNING request_id in the engine's dialect."""
     name = engine.dialect.name
     if name == "postgresql":
@@ -591,7 +591,7 @@ class PredictionLogWriter(_WriterBase):
     def _insert(self, rows: list[PredictionRow]) -> None:
         if self._engine is None:
             self._engine = self._engine_factory()
-            self._stmt = _insert_statement(self._engine)
+            self._stmt = insert_statement(self._engine)
         if self._engine.dialect.name == "postgresql" and self._engine.dialect.driver == "psycopg2":
             self._copy(rows)
             return
@@ -615,7 +615,7 @@ class PredictionLogWriter(_WriterBase):
             if fresh:
                 self._conn = self._engine.raw_connection()
             try:
-                _copy_batch(self._conn, rows)
+                copy_batch(self._conn, rows)
                 return
             except Exception as exc:
                 if _is_bad_data(exc):
@@ -679,7 +679,7 @@ class PredictionLogWriter(_WriterBase):
         try:
             if self._engine is None:
                 self._engine = self._engine_factory()
-                self._stmt = _insert_statement(self._engine)
+                self._stmt = insert_statement(self._engine)
             with self._engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception as exc:

@@ -5,7 +5,7 @@ stores the arguments in the Bento and hands them back to `bentoml.use_arguments(
 Bento is served, so the model reference below is `recsys-model:v3` for ever (never `latest`).
 Serving it needs nothing else: `bentoml serve recsys:v3 --port 3103`.
 
-Environment (read when the worker starts):
+Environment (read once per process, through control_plane.settings.Settings):
   DATABASE_URL            where `predictions` rows go and `traffic_config` is read
                           (default sqlite:///$RECSYS_STATE_DIR/recsys.db)
   RECSYS_STATE_DIR        default .recsys
@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import gc
 import json
 import logging
-import os
 import sys
 import time
 
@@ -50,7 +50,7 @@ from pydantic import BaseModel, ValidationError
 
 from bentos.bentoml_fixes import gate_first, separate_prometheus_dir
 from bentos.header_deadline import install as install_header_deadline
-from bentos.http import RequestGate, RequestInfo, current_request
+from bentos.http import RequestGate, RequestInfo
 from bentos.schemas import (
     Candidate,
     PredictRequest,
@@ -60,10 +60,12 @@ from bentos.schemas import (
     ScoredItem,
 )
 from bentos.service_names import model_tag
+from control_plane.settings import Settings
 
 log = logging.getLogger("recsys.bento")
 
 ENDPOINTS = {"/predict": "predict", "/recommend": "recommend"}
+ANSWERED_BY_THE_GATE = "the RequestGate answers this endpoint with Recsys.answer (bentos/http.py)"
 
 
 class BentoArgs(BaseModel):
@@ -82,10 +84,20 @@ BODY_TIMEOUT_S = 5
 # for the first request) gets 408 and a close: uvicorn has no such deadline (bentos/header_deadline.py).
 HEADER_TIMEOUT_S = 5
 
+
+@functools.cache
+def settings() -> Settings:
+    """The environment, read once per process (`bentoml serve` gives a service nothing else)."""
+    return Settings.from_env()
+
+
 # Read at import because that is how BentoML delivers build arguments; it touches no I/O.
 ARGS = bentoml.use_arguments(BentoArgs)
 # Must precede `bentoml serve`'s own setup, which runs right after this import (see the module).
-separate_prometheus_dir(f"{ARGS.model_name}-v{ARGS.model_version}")
+separate_prometheus_dir(
+    f"{ARGS.model_name}-v{ARGS.model_version}",
+    str(settings().bento_prometheus_dir) if settings().bento_prometheus_dir else None,
+)
 
 
 @bentoml.service(
@@ -113,9 +125,8 @@ class Recsys:
         from bentos.model import CatBoostScorer
         from bentos.predlog import default_engine_factory
         from bentos.roles import RoleWatcher
-        from control_plane.settings import Settings
 
-        settings = Settings.from_env()
+        config = settings()
         self.model_version = ARGS.model_version
         use_json_logs(self.model_version)
         cancel_timeout_timers()
@@ -126,20 +137,20 @@ class Recsys:
         load_s = time.perf_counter() - started
         self.metrics.model_load_seconds.labels(str(self.model_version)).set(load_s)
 
-        engine_factory = default_engine_factory(settings.database_url)
+        engine_factory = default_engine_factory(config.database_url)
         self.roles = RoleWatcher(engine_factory, self.model_version).start()
         self.user_keys = _user_keyer(
-            settings
+            config
         )  # X-User-Id is logged as this keyed hash (control_plane/users.py)
-        self.predlog = _prediction_log(settings, engine_factory, self.metrics.observe_writer).start()
+        self.predlog = _prediction_log(config, engine_factory, self.metrics.observe_writer).start()
         # A writer thread in this process (RECSYS_PREDLOG=thread) holds the GIL while it formats a
         # batch; at Python's default 5 ms a request waiting for the event loop could wait that long.
         # At 1 ms the gateway served 6-15% more requests/s with a lower p99 at 8 connections. With the
         # writer in a process of its own (the default) it measured neutral (docs/performance.md).
-        sys.setswitchinterval(float(os.environ.get("RECSYS_GIL_SWITCH_MS", "1")) / 1000)
+        sys.setswitchinterval(config.gil_switch_ms / 1000)
         atexit.register(self.predlog.close)  # in case the shutdown hook never runs
         # One JSON line per request (BentoML's own access log is off: it costs 6-9% of throughput).
-        self.access_log = os.environ.get("RECSYS_ACCESS_LOG", "off").lower() in ("on", "1", "true", "yes")
+        self.access_log = config.bento_access_log
         log.info(
             "model %s loaded in %.2fs; prediction log %s",
             model_tag(self.model_version, ARGS.model_name),
@@ -183,10 +194,10 @@ class Recsys:
     def answer(self, info: RequestInfo, body: bytes) -> tuple[int, bytes]:
         """A model endpoint's response to a JSON body, without BentoML's per-request machinery.
 
-        The RequestGate calls this for every POST to /predict and /recommend (bentos/http.py says
-        why). It validates with the very input models BentoML builds for the APIs below and answers
-        validation errors as BentoML does (400, the error count and pydantic's details), so the
-        HTTP contract is the same either way.
+        The RequestGate answers every POST to /predict and /recommend with this, the endpoints' one
+        path (bentos/http.py says why). It validates with the very input models BentoML builds for the
+        APIs below and answers validation errors as BentoML does (400, the error count and pydantic's
+        details), so the HTTP contract is the one BentoML publishes.
         """
         spec = _INPUT_SPECS[info.endpoint]
         try:
@@ -200,15 +211,17 @@ class Recsys:
             response = self._recommend(info, request.candidates, request.k)
         return 200, response.__pydantic_serializer__.to_json(response)
 
+    # The endpoints' contract as BentoML publishes it (the OpenAPI document, the input models `answer`
+    # validates with). Requests to these routes never reach these bodies: the RequestGate answers them.
     @bentoml.api(route="/predict", input_spec=PredictRequest)
     async def predict(self, features: list[float]) -> PredictResponse:
         """Click probability for one impression (16 features)."""
-        return self._predict(_request_info("predict"), features)
+        raise NotImplementedError(ANSWERED_BY_THE_GATE)
 
     @bentoml.api(route="/recommend", input_spec=RecommendRequest)
     async def recommend(self, candidates: list[Candidate], k: int = 10) -> RecommendResponse:
         """The top k of up to 1000 candidates by click probability, best first (one batch predict)."""
-        return self._recommend(_request_info("recommend"), candidates, k)
+        raise NotImplementedError(ANSWERED_BY_THE_GATE)
 
     def _predict(self, info: RequestInfo, features: list[float]) -> PredictResponse:
         try:
@@ -253,17 +266,6 @@ class Recsys:
         )
 
 
-def _request_info(endpoint: str) -> RequestInfo:
-    """The middleware's record of this request (a fresh one if the endpoint is called without it)."""
-    info = current_request.get()
-    if info is None:
-        import uuid
-
-        info = RequestInfo(uuid.uuid4().hex, "direct", "unknown", endpoint, time.time(), time.perf_counter())
-    info.in_handler = True
-    return info
-
-
 # The models BentoML validates each API's JSON with (named after the API's input spec in errors).
 _INPUT_SPECS = {name: api.input_spec for name, api in Recsys.apis.items()}
 
@@ -281,7 +283,7 @@ def _validation_error(exc: ValidationError) -> bytes:
 Recsys.add_asgi_middleware(
     RequestGate,
     endpoints=ENDPOINTS,
-    max_body_bytes=lambda: _settings().max_body_bytes,
+    max_body_bytes=lambda: settings().max_body_bytes,
     state=lambda: _current_service_or_none(),
     body_timeout_s=BODY_TIMEOUT_S,
     request_ids=lambda: _request_id_signer(),
@@ -293,20 +295,17 @@ gate_first(RequestGate)
 install_header_deadline(HEADER_TIMEOUT_S)
 
 
-def _prediction_log(settings, engine_factory, on_stats):
+def _prediction_log(settings: Settings, engine_factory, on_stats):
     """The writer RECSYS_PREDLOG asks for: on (a process of its own, the default), thread, or off."""
     from bentos.predlog import NullLogWriter, PredictionLogWriter
     from bentos.predlog_process import ProcessLogWriter
 
-    mode = os.environ.get("RECSYS_PREDLOG", "on").lower()
-    if mode in ("off", "0", "false", "no"):
+    if settings.predlog == "off":
         return NullLogWriter()
-    if mode not in ("on", "1", "true", "yes", "process", "thread"):
-        raise ValueError(f"RECSYS_PREDLOG={mode!r}: expected on, thread or off")
-    spill_dir = os.environ.get("RECSYS_SPILL_DIR") or settings.spill_dir
-    flush_interval_s = float(os.environ.get("RECSYS_PREDLOG_FLUSH_S", "0.2"))
-    max_queue = int(os.environ.get("RECSYS_PREDLOG_MAX_QUEUE", "10000"))
-    if mode == "thread":
+    spill_dir = settings.spill_dir
+    flush_interval_s = settings.predlog_flush_s
+    max_queue = settings.predlog_max_queue
+    if settings.predlog == "thread":
         return PredictionLogWriter(
             engine_factory,
             spill_dir,
@@ -319,15 +318,9 @@ def _prediction_log(settings, engine_factory, on_stats):
         spill_dir,
         flush_interval_s=flush_interval_s,
         max_queue=max_queue,
-        write_interval_s=float(os.environ.get("RECSYS_PREDLOG_WRITE_S", "1")),
+        write_interval_s=settings.predlog_write_s,
         on_stats=on_stats,
     )
-
-
-def _settings():
-    from control_plane.settings import Settings
-
-    return Settings.from_env()
 
 
 def _request_id_signer():
@@ -336,7 +329,7 @@ def _request_id_signer():
     from control_plane.request_ids import RequestIdSigner
 
     try:
-        return RequestIdSigner.from_secret(ensure_request_id_key(_settings()))
+        return RequestIdSigner.from_secret(ensure_request_id_key(settings()))
     except OSError:
         logging.getLogger("recsys.http").exception(
             "no request-id key readable: this Bento's ids are signed with a key of its own, and no label "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from sqlalchemy import Engine
 
@@ -16,6 +17,10 @@ from control_plane.registry.base import ModelRegistry
 from control_plane.settings import Settings
 from control_plane.traffic.base import TrafficRouter
 from control_plane.traffic.store import TrafficStore
+
+
+def no_fault(point: str) -> None:
+    """A named point in an action (e.g. AFTER_TRAFFIC_WRITE) where a test may make the process die."""
 
 
 @dataclass
@@ -31,6 +36,9 @@ class Context:
     sleep: Callable[[float], None] = time.sleep
     drain_s: float = 3.0
     log_backlog: LogBacklog = field(default_factory=HttpLogBacklog)  # rows the Bentos have yet to replay
+    # Called at named points of an action; only tests pass another (tests/fault_worker.py kills a worker
+    # between the Traefik write and the MLflow alias move with it).
+    fault_point: Callable[[str], None] = no_fault
     ledger: Ledger = field(init=False)
     traffic_store: TrafficStore = field(init=False)
     action_lock: ActionLock = field(init=False)
@@ -47,6 +55,7 @@ def bootstrap(settings: Settings | None = None) -> Context:
     from control_plane.deployer.fixed import FixedDeployer
     from control_plane.deployer.local import LocalDeployer
     from control_plane.registry.mlflow_registry import MlflowRegistry
+    from control_plane.stack.prometheus_config import write_bento_targets
     from control_plane.traffic.traefik_file import GatewayOptions, TraefikFileRouter
 
     settings = settings or Settings.from_env()
@@ -69,7 +78,11 @@ def bootstrap(settings: Settings | None = None) -> Context:
                 user_assignment=settings.user_assignment,
             ),
         ),
-        deployer=FixedDeployer(settings.bento_urls) if settings.bento_urls else LocalDeployer(settings),
+        deployer=(
+            FixedDeployer(settings.bento_urls)
+            if settings.bento_urls
+            else LocalDeployer(settings, on_endpoints=partial(write_bento_targets, settings))
+        ),
     )
 
 

@@ -66,6 +66,12 @@ def _scheduler(conn, scheduler_class=None, **kwargs):
     return cls(queue_name=QUEUE, connection=conn, job_class=JSONJob, queue_class=JSONQueue, **kwargs)
 
 
+def install_context(ctx) -> None:
+    """Run this process's jobs with `ctx` instead of one bootstrapped from the environment (tests)."""
+    global _ctx
+    _ctx = ctx
+
+
 def _context():
     global _ctx
     if _ctx is None:

@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import inspect
 import logging
-import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -802,7 +801,7 @@ def _apply(ctx: Context, rollout: Rollout, action: dict[str, Any]) -> None:
                 "control": (control, w["control"]),
             },
         )
-        _fault_point("AFTER_TRAFFIC_WRITE")
+        ctx.fault_point("AFTER_TRAFFIC_WRITE")
         ctx.registry.promote(rollout.candidate_version)
         if rollout.baseline_version not in (None, rollout.candidate_version, control):
             _retire(ctx, rollout.baseline_version, archive=False)
@@ -815,7 +814,7 @@ def _apply(ctx: Context, rollout: Rollout, action: dict[str, Any]) -> None:
                 "control": (control, w["control"]),
             },
         )
-        _fault_point("AFTER_TRAFFIC_WRITE")
+        ctx.fault_point("AFTER_TRAFFIC_WRITE")
         if ctx.registry.version_for("canary") == rollout.candidate_version:
             ctx.registry.remove_alias("canary")
         ctx.registry.archive(rollout.candidate_version)
@@ -829,23 +828,6 @@ def _stop_mirror(ctx: Context) -> None:
             ctx.router.set_mirror(None)
     except TrafficStateUnreadable:
         pass  # no mirroring service at all (the Kubernetes manifests not applied): nothing mirrors
-
-
-def _fault_point(name: str) -> None:
-    """Fault injection for the crash tests: die here, once, when RECSYS_FAULT_<name> names a file that exists.
-
-    The file is removed before dying, so the run that completes the action afterwards goes through.
-    """
-    path = os.environ.get(f"RECSYS_FAULT_{name}")
-    if not path:
-        return
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return
-    log.error("fault injected: exiting at %s", name)
-    logging.shutdown()
-    os._exit(1)
 
 
 def _complete_pending(ctx: Context, rollout: Rollout) -> None:

@@ -28,6 +28,8 @@ from rq.job import Job, JobStatus
 from rq.utils import now
 from rq.worker import Worker
 
+from control_plane.settings import Settings
+
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
@@ -47,13 +49,9 @@ class MetricsConfig:
     multiproc_dir: Path | None = None  # None: a private temporary directory, removed at exit
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> MetricsConfig:
-        env = dict(os.environ if env is None else env)
-        multiproc = env.get("PROMETHEUS_MULTIPROC_DIR") or env.get("prometheus_multiproc_dir")
+    def from_settings(cls, settings: Settings) -> MetricsConfig:
         return cls(
-            host=env.get("RECSYS_WORKER_METRICS_HOST") or DEFAULT_HOST,
-            port=int(env.get("RECSYS_WORKER_METRICS_PORT") or DEFAULT_PORT),
-            multiproc_dir=Path(multiproc) if multiproc else None,
+            settings.worker_metrics_host, settings.worker_metrics_port, settings.prometheus_multiproc_dir
         )
 
 
@@ -150,7 +148,7 @@ class MetricsWorker(Worker):
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)
         if self._job_metrics is None:
-            self._start_metrics(MetricsConfig.from_env())
+            self._start_metrics(MetricsConfig.from_settings(Settings.from_env()))
 
     def _start_metrics(self, config: MetricsConfig) -> None:
         directory = _use_multiprocess_files(config)

@@ -83,7 +83,7 @@ def ensure_stack(settings: Settings) -> Settings:
     return up(settings)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, settings: Settings | None = None) -> int:
     p = argparse.ArgumentParser(prog="recsys demo")
     p.add_argument("--users", type=int, default=30)
     p.add_argument("--timeout", type=float, default=420, help="seconds allowed for each story")
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from control_plane.jobs import schedule_evaluations
     from training.train import train_and_register
 
-    settings = ensure_stack(Settings.from_env())
+    settings = ensure_stack(settings or Settings.from_env())
     ctx = bootstrap(settings)
     schedule_evaluations(settings.effective_redis_url, args.interval)
     policy = Policy.fast(

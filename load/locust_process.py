@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from control_plane.credentials import ensure_label_token
+from control_plane.errors import RecsysError
 from control_plane.settings import Settings
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -15,8 +16,11 @@ LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
 def start_locust(settings: Settings, users: int, log_path: Path, *options: str) -> subprocess.Popen:
     """`locust -f load/locustfile.py --headless` with `users` users at the gateway, plus `options`."""
+    locust = Path(sys.executable).with_name("locust")
+    if not locust.exists():  # Locust is not a runtime dependency of the product: the `load` extra
+        raise RecsysError(f"{locust} not found: the load needs the `load` extra (pip install -e '.[load]')")
     cmd = [
-        str(Path(sys.executable).with_name("locust")),
+        str(locust),
         "-f",
         str(LOCUSTFILE),
         "--headless",

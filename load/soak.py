@@ -101,7 +101,7 @@ def program_trees(settings: Settings) -> dict[str, list]:
     """supervisord program -> its process and every descendant (psutil.Process objects)."""
     import psutil
 
-    from control_plane.stack.supervisor import Supervisor
+    from control_plane.supervisor import Supervisor
 
     out = {}
     for name, info in Supervisor(settings.state_dir).processes().items():
@@ -175,7 +175,7 @@ class MemorySampler:
 
 
 # --- the control plane -------------------------------------------------------------------------------
-def _api(settings: Settings, method: str, path: str, body=None) -> tuple[int, dict]:
+def api(settings: Settings, method: str, path: str, body=None) -> tuple[int, dict]:
     from control_plane.credentials import ensure_api_token
 
     req = urllib.request.Request(
@@ -193,31 +193,31 @@ def _api(settings: Settings, method: str, path: str, body=None) -> tuple[int, di
 
 def canary_version(settings: Settings) -> int | None:
     """The version that holds the canary role now, else the newest one that holds no role."""
-    status, traffic = _api(settings, "GET", "/api/traffic")
+    status, traffic = api(settings, "GET", "/api/traffic")
     if traffic["versions"].get("canary"):
         return traffic["versions"]["canary"]
-    _, versions = _api(settings, "GET", "/api/versions")
+    _, versions = api(settings, "GET", "/api/versions")
     free = [v["version"] for v in versions["versions"] if not v["role"] and v["stage"] != "Archived"]
     return max(free) if free else None
 
 
 def start_canary(settings: Settings, version: int, policy: dict) -> int:
     """A rollout of `version`, started through the API as an operator would."""
-    _, rollouts = _api(settings, "GET", "/api/rollouts?limit=1")
+    _, rollouts = api(settings, "GET", "/api/rollouts?limit=1")
     if rollouts["active"]:
         # Ending it here and starting the same version at once races the scheduler's completion of the
         # rollback (it retires the version again while it is being redeployed): leave that to the operator.
         raise RuntimeError(
             f"rollout {rollouts['active']} is still running; end it (recsys canary rollback --reason ...) first"
         )
-    status, body = _api(settings, "POST", "/api/rollouts", {"version": version, "policy": policy})
+    status, body = api(settings, "POST", "/api/rollouts", {"version": version, "policy": policy})
     if status != 201:
         raise RuntimeError(f"could not start the canary (version {version}): {status} {body}")
     return body["id"]
 
 
 def ledger(settings: Settings, rollout_id: int) -> list[str]:
-    _, body = _api(settings, "GET", f"/api/decisions?rollout_id={rollout_id}&limit=1000")
+    _, body = api(settings, "GET", f"/api/decisions?rollout_id={rollout_id}&limit=1000")
     return [
         f"{d['action']} → canary {d['canary_weight']}%"
         for d in reversed(body["decisions"])
@@ -324,7 +324,7 @@ def soak(
         if policy is not None and (version := canary_version(settings)) is not None:
             rollout_id = start_canary(settings, version, policy)
         for _ in range(4):  # every control-plane worker has imported what its pages need: not growth
-            _api(settings, "GET", "/api/versions")
+            api(settings, "GET", "/api/versions")
         time.sleep(settle_s)
         with MemorySampler(settings, sample_every_s) as memory:
             time.sleep(duration_s)

@@ -118,7 +118,7 @@ def _progress_bar(spec: Profile, *, enabled: bool) -> Iterator[object]:
         yield lambda built: bar.update(built - bar.n)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, settings=None) -> int:
     """`recsys train [--profile NAME] [--rows N] [--iterations N]`: print the new version number."""
     from control_plane.settings import Settings
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    settings = Settings.from_env()
+    settings = settings or Settings.from_env()
     version = train_and_register(
         tracking_uri=settings.mlflow_tracking_uri,
         artifact_location=str(settings.mlflow_artifact_root),

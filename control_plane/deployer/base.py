@@ -12,6 +12,10 @@ class Deployer(Protocol):
         """Build (if needed) and start `version`; return its base URL once ready. Raises DeployFailed."""
         ...
 
+    def start_many(self, versions: list[int]) -> dict[int, str]:
+        """Deploy several versions (at once where the deployer can: they load in parallel); every URL."""
+        ...
+
     def undeploy(self, version: int) -> None:
         """Stop `version`'s Bento; a no-op if it is not running."""
         ...

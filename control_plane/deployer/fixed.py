@@ -23,6 +23,9 @@ class FixedDeployer:
             raise DeployFailed(f"version {version} at {url} does not answer /readyz")
         return url
 
+    def start_many(self, versions: list[int]) -> dict[int, str]:
+        return {v: self.deploy(v) for v in versions}
+
     def undeploy(self, version: int) -> None:
         """Containers are stopped by their orchestrator, not from here."""
 

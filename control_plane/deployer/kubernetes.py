@@ -105,6 +105,9 @@ class KubernetesDeployer:
         log.info("deployed", extra={"version": version, "namespace": self.shape.namespace})
         return version_url(self.shape.namespace, version)
 
+    def start_many(self, versions: list[int]) -> dict[int, str]:
+        return {v: self.deploy(v) for v in versions}
+
     def undeploy(self, version: int) -> None:
         """Remove what deploy created, the route first so that no request is sent to a going pod."""
         self.before_undeploy(version)

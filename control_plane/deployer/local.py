@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping
 
+from bentos import build as bento_build
 from control_plane.errors import DeployFailed
 from control_plane.settings import Settings
-from control_plane.stack import programs
-from control_plane.stack.supervisor import Supervisor
+from control_plane.supervisor import BIN, Program, Supervisor, program
 
 log = logging.getLogger(__name__)
 BENTO_NAME = re.compile(r"^bento-v(\d+)$")
@@ -26,49 +26,77 @@ def is_ready(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def bento_port(settings: Settings, version: int) -> int:
+    return settings.bento_base_port + version
+
+
+def bento_program(settings: Settings, version: int) -> Program:
+    """`bentoml serve recsys:vN` on its own port, restarted by supervisord if it dies."""
+    return program(
+        settings,
+        f"bento-v{version}",
+        [
+            str(BIN / "bentoml"),
+            "serve",
+            f"recsys:v{version}",
+            "--host",
+            settings.bind_host,
+            "--port",
+            str(bento_port(settings, version)),
+        ],
+        # Each Bento keeps its Prometheus files apart (bentos/bentoml_fixes.py), so /metrics is its own.
+        # RECSYS_ACCESS_LOG: one JSON line per request with its id, so a request can be followed from the
+        # gateway (whose access log keeps problems, or every request with RECSYS_TRAEFIK_ACCESS_LOG=all)
+        # to the Bento, the prediction row and the label (costs a few % of throughput).
+        env={"RECSYS_SPILL_DIR": str(settings.spill_dir / f"v{version}"), "RECSYS_ACCESS_LOG": "on"},
+        startsecs=3,
+        stopwaitsecs=30,
+    )
+
+
 class LocalDeployer:
-    """Builds the version's Bento if needed, runs it under supervisord, waits for /readyz."""
+    """Builds the version's Bento if needed, runs it under supervisord, waits for /readyz.
+
+    `on_endpoints` is told every running version's URL after each change (the local stack's
+    Prometheus scrapes them: control_plane/stack/prometheus_config.py).
+    """
 
     def __init__(
-        self, settings: Settings, supervisor: Supervisor | None = None, ready_timeout_s: float = 180
+        self,
+        settings: Settings,
+        supervisor: Supervisor | None = None,
+        ready_timeout_s: float = 180,
+        on_endpoints: Callable[[Mapping[int, str]], None] | None = None,
     ):
         self.settings = settings
         self.supervisor = supervisor or Supervisor(settings.state_dir)
         self.ready_timeout_s = ready_timeout_s
+        self.on_endpoints = on_endpoints
 
     def url(self, version: int) -> str:
-        return f"http://{self.settings.bind_host}:{programs.bento_port(self.settings, version)}"
+        return f"http://{self.settings.bind_host}:{bento_port(self.settings, version)}"
 
     def build(self, version: int) -> str:
-        # The Bento is built in this process and served from settings.bentoml_home by `bentoml serve`:
-        # BentoML reads BENTOML_HOME once, when first imported, so it is set before that (without it, a
-        # caller such as `make soak` built into ~/bentoml and every Bento failed to start).
-        home = str(self.settings.bentoml_home)
-        os.environ.setdefault("BENTOML_HOME", home)
-        if os.environ["BENTOML_HOME"] != home:
-            raise DeployFailed(
-                f"BENTOML_HOME is {os.environ['BENTOML_HOME']}, but the stack serves its Bentos from {home}"
-            )
-        from bentos.build import build_bento
-
+        # The Bento is built in this process into settings.bentoml_home, which `bentoml serve` serves
+        # from (without it, a caller such as `make soak` built into ~/bentoml and every Bento failed to
+        # start). bentos.build imports BentoML and MLflow only when it builds.
         try:
-            return build_bento(
+            return bento_build.build_bento(
                 version,
                 tracking_uri=self.settings.mlflow_tracking_uri,
                 model_name=self.settings.registered_model_name,
+                bentoml_home=self.settings.bentoml_home,
             )
         except Exception as exc:  # the registry or BentoML refused: nothing was started
             raise DeployFailed(f"could not build the Bento for version {version}: {exc}") from exc
 
     def _start(self, version: int) -> None:
-        self.supervisor.add(programs.bento(self.settings, version))
+        self.supervisor.add(bento_program(self.settings, version))
         self._publish_targets()
 
     def _publish_targets(self) -> None:
-        """Tell the local Prometheus which Bentos to scrape (file-based service discovery)."""
-        from control_plane.stack.prometheus_config import write_bento_targets
-
-        write_bento_targets(self.settings, self.endpoints())
+        if self.on_endpoints is not None:
+            self.on_endpoints(self.endpoints())
 
     def deploy(self, version: int) -> str:
         self.build(version)

@@ -20,6 +20,9 @@ class InMemoryDeployer:
         self._running[version] = url
         return url
 
+    def start_many(self, versions: list[int]) -> dict[int, str]:
+        return {v: self.deploy(v) for v in versions}
+
     def undeploy(self, version: int) -> None:
         self._running.pop(version, None)
 

@@ -10,6 +10,7 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
+from control_plane.context import bootstrap
 from control_plane.credentials import (
     ensure_api_token,
     ensure_label_token,
@@ -18,10 +19,20 @@ from control_plane.credentials import (
     ensure_request_id_key,
     write_private,
 )
+from control_plane.db.engine import migrate
+from control_plane.deployer.local import bento_port, is_ready
+from control_plane.jobs import schedule_evaluations
 from control_plane.label_spill import dead_letter_lines
+from control_plane.log_backlog import HttpLogBacklog
+from control_plane.registry.mlflow_registry import create_store
 from control_plane.settings import Settings
 from control_plane.stack import programs
-from control_plane.stack.supervisor import Supervisor
+from control_plane.stack.prometheus_config import render_local_prometheus
+from control_plane.supervisor import Supervisor
+from control_plane.traffic.static import ADMIN_FILENAME, render_admin_config, render_static_config
+from control_plane.traffic.user_assignment import install_plugin
+from control_plane.traffic_ops import sync_router
+from training.train import train_and_register
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +77,6 @@ def gateway_answers(settings: Settings) -> bool:
 
 def write_infra_configs(settings: Settings) -> None:
     """Traefik's static config, its admin router and Prometheus's config, rendered into the state directory."""
-    from control_plane.traffic.static import ADMIN_FILENAME, render_admin_config, render_static_config
 
     tdir = settings.state_dir / "traefik"
     settings.traefik_dynamic_dir.mkdir(parents=True, exist_ok=True)
@@ -88,13 +98,7 @@ def write_infra_configs(settings: Settings) -> None:
         )
     )
     if settings.user_assignment:
-        from control_plane.traffic.user_assignment import install_plugin
-
         install_plugin(tdir)  # Traefik runs in tdir (programs.traefik) and loads ./plugins-local
-    try:
-        from control_plane.stack.prometheus_config import render_local_prometheus
-    except ImportError:
-        return
     pdir = settings.state_dir / "prometheus"
     pdir.mkdir(parents=True, exist_ok=True)
     (pdir / "prometheus.yml").write_text(render_local_prometheus(settings))
@@ -102,7 +106,6 @@ def write_infra_configs(settings: Settings) -> None:
 
 def ensure_models(ctx) -> dict[str, int]:
     """Train and register the three starting versions when the registry is empty; return role -> version."""
-    from training.train import train_and_register
 
     registry = ctx.registry
     if not registry.versions():
@@ -145,11 +148,6 @@ def create_secrets(settings: Settings) -> Settings:
 
 def up(settings: Settings) -> Settings:
     """Start the whole stack; returns the settings it ran with (the embedded Redis' password among them)."""
-    from control_plane.context import bootstrap
-    from control_plane.db.engine import migrate
-    from control_plane.jobs import schedule_evaluations
-    from control_plane.registry.mlflow_registry import create_store
-    from control_plane.traffic_ops import sync_router
 
     t0 = time.monotonic()
     for d in (settings.state_dir, settings.log_dir, settings.spill_dir, settings.bentoml_home):
@@ -229,7 +227,6 @@ def down(settings: Settings) -> None:
 
 def status(settings: Settings) -> dict:
     """Each process, each version with role, weight and health, and the URLs."""
-    from control_plane.deployer.local import is_ready
 
     sup = Supervisor(settings.state_dir)
     procs = sup.processes()
@@ -242,11 +239,9 @@ def status(settings: Settings) -> dict:
         "versions": [],
     }
     if procs:
-        from control_plane.context import bootstrap
-
         ctx = bootstrap(settings)
         for role, (version, weight) in sorted(ctx.traffic_store.load().items()):
-            url = f"http://{settings.bind_host}:{programs.bento_port(settings, version)}" if version else None
+            url = f"http://{settings.bind_host}:{bento_port(settings, version)}" if version else None
             healthy = bool(url and is_ready(url))
             out["versions"].append(
                 {
@@ -265,7 +260,6 @@ def status(settings: Settings) -> dict:
 
 def _log_state(url: str) -> dict | None:
     """What `recsys status` shows of a Bento's prediction log: rows lost, spilled, set aside; disk and database."""
-    from control_plane.log_backlog import HttpLogBacklog
 
     try:
         state = HttpLogBacklog(timeout_s=2.0).state(url)

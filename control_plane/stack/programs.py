@@ -11,9 +11,9 @@ from pathlib import Path
 
 from control_plane.jobs import QUEUE, WORKER_SERIALIZER
 from control_plane.settings import Settings
-from control_plane.stack.supervisor import Program
+from control_plane.supervisor import BIN, Program
+from control_plane.supervisor import program as _program
 
-BIN = Path(sys.executable).parent
 # The worker and the scheduler exit when Redis is unreachable; supervisord waits one second longer after
 # each failed start (1, 2, 3 ... s), so with its default of 10 tries an outage of about a minute would
 # leave them given up for good. With 1,000, they come back within minutes of the longest outage.
@@ -24,20 +24,7 @@ CONTROL_PLANE_CONNECTIONS = 1000
 CONTROL_PLANE_CHANNEL_TIMEOUT_S = 120
 # A request not read whole this long after its first byte gets 408 (control_plane/web/server.py).
 CONTROL_PLANE_REQUEST_TIMEOUT_S = 5
-
-
-def _env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = settings.to_env()
-    path = os.environ.get("PATH", "/usr/bin:/bin")
-    # Prepend only once: a config that differs on every call would restart running Bentos on each deploy.
-    env["PATH"] = path if path.split(":")[0] == str(BIN) else f"{BIN}:{path}"
-    env.update(extra)
-    return env
-
-
-def _program(settings: Settings, name: str, command: list[str], **kw) -> Program:
-    env = kw.pop("env", {})
-    return Program(name=name, command=command, env=_env(settings, **env), directory=str(Path.cwd()), **kw)
+WORKER_CLASS = "control_plane.worker_metrics.MetricsWorker"  # exports job durations and failures
 
 
 def redis(settings: Settings) -> Program:
@@ -172,7 +159,7 @@ def control_plane_server(settings: Settings, listen: str | None = None) -> list[
     thread, so a client that trickles its headers or stalls its body holds no thread. Gunicorn's
     gthread workers (two of four threads before) gave each such client a thread until it finished:
     twelve connections trickling a byte a second froze the control plane and /feedback through the
-    gateway. Measured on this machine (benchmarks/slow_clients.py, docs/hostile-input.md): with 12
+    gateway. Measured on this machine (tests/slow_clients.py, docs/hostile-input.md): with 12
     and with 100 tricklers waitress answered every probe, gthread 2x4 froze at 12 and 2x32 at 100;
     gevent workers survived them too but served /feedback at a third of the rate (a SQLite or
     psycopg2 call blocks a gevent worker whole), where waitress served it as gthread did.
@@ -212,7 +199,7 @@ def worker(settings: Settings) -> Program:
         "--serializer",
         WORKER_SERIALIZER,
         "--worker-class",
-        "control_plane.worker_metrics.MetricsWorker",
+        WORKER_CLASS,
         "--name",
         f"recsys-worker-{os.getpid()}",
         QUEUE,
@@ -266,30 +253,3 @@ def prometheus(settings: Settings) -> Program | None:
             f"--web.listen-address={settings.bind_host}:{settings.prometheus_port}",
         ],
     )
-
-
-def bento(settings: Settings, version: int) -> Program:
-    return _program(
-        settings,
-        f"bento-v{version}",
-        [
-            str(BIN / "bentoml"),
-            "serve",
-            f"recsys:v{version}",
-            "--host",
-            settings.bind_host,
-            "--port",
-            str(bento_port(settings, version)),
-        ],
-        # Each Bento keeps its Prometheus files apart (bentos/bentoml_fixes.py), so /metrics is its own.
-        # RECSYS_ACCESS_LOG: one JSON line per request with its id, so a request can be followed from the
-        # gateway (whose access log keeps problems, or every request with RECSYS_TRAEFIK_ACCESS_LOG=all)
-        # to the Bento, the prediction row and the label (costs a few % of throughput).
-        env={"RECSYS_SPILL_DIR": str(settings.spill_dir / f"v{version}"), "RECSYS_ACCESS_LOG": "on"},
-        startsecs=3,
-        stopwaitsecs=30,
-    )
-
-
-def bento_port(settings: Settings, version: int) -> int:
-    return settings.bento_base_port + version

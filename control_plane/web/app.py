@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
     app.register_blueprint(feedback.bp)
     app.register_blueprint(ui.bp)
     register_error_handler(app)
-    install_metrics(app, wiring.context)
+    install_metrics(app, wiring.context, settings.prometheus_multiproc_dir)
     app.add_template_filter(_when, "when")
     app.add_template_filter(_num, "num")
     app.add_template_filter(_flat, "flat")

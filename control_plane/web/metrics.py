@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, g, request
@@ -204,9 +204,8 @@ LABEL_ROWS_EXTENSION = "recsys_label_rows"  # app.extensions: counts the label s
 LABEL_OUTCOMES = ("spilled", "replayed", "dead_letter", "refused", "lost")
 
 
-def install_metrics(app: Flask, get_ctx: Callable[[], Context]) -> None:
-    """Count requests per endpoint and status, and serve /metrics."""
-    multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+def install_metrics(app: Flask, get_ctx: Callable[[], Context], multiproc_dir: Path | None = None) -> None:
+    """Count requests per endpoint and status, and serve /metrics (every process's, from `multiproc_dir`)."""
     registry = CollectorRegistry()
     # In multiprocess mode the values live in files, so the metric objects belong to no registry.
     http_registry = None if multiproc_dir else registry

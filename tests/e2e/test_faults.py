@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from control_plane.stack import programs
-from control_plane.stack.supervisor import Supervisor
+from control_plane.deployer.local import bento_port
+from control_plane.supervisor import Supervisor
 from tests.conftest import wait_for as _wait_for
 from tests.steady_traffic import Traffic
 
@@ -304,7 +304,7 @@ def test_an_oversized_body_is_refused_before_it_is_read(stack, target):
     where, path = target.rsplit(" ", 1)
     port = {
         "gateway": s.gateway_port,
-        "bento": programs.bento_port(s, versions["baseline"]),
+        "bento": bento_port(s, versions["baseline"]),
         "control plane": s.control_plane_port,
     }[where]
     auth = f"Authorization: Bearer {stack.token}\r\n" if where == "control plane" else ""
@@ -357,7 +357,7 @@ def test_schemathesis_finds_no_5xx_and_no_silent_4xx_in_the_bento_api(stack):
 
     s = stack.settings()
     versions = traffic_state(stack)["versions"]
-    bento = f"http://127.0.0.1:{programs.bento_port(s, versions['control'])}"
+    bento = f"http://127.0.0.1:{bento_port(s, versions['control'])}"
     schema = schemathesis.openapi.from_url(f"{bento}/docs.json")
     session = requests.Session()
     counts: dict[tuple[str, str, int], int] = {}

@@ -1,6 +1,6 @@
 """Hostile requests against the running stack: no 5xx, no hang, no 2xx without its row, nothing changed.
 
-A bounded subset of benchmarks/hostile.py (every kind; the benchmark sends about 290), requests that stall
+A bounded subset of tests/hostile.py (every kind; the benchmark sends about 290), requests that stall
 or trickle at every server (the gateway, a Bento and the control plane reached directly), and slow
 clients against the control plane while labels go through the gateway.
 """
@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from benchmarks import hostile, slow_clients
+from tests import hostile, slow_clients
 
 pytestmark = pytest.mark.e2e
 

@@ -38,9 +38,9 @@ def test_a_short_soak_holds_the_error_memory_and_logging_bounds_while_a_canary_a
         assert result.canary and any(line.startswith("advance") for line in result.canary), table
         assert not result.broken, table
     finally:
-        _, rollouts = soak._api(settings, "GET", "/api/rollouts?limit=1")
+        _, rollouts = soak.api(settings, "GET", "/api/rollouts?limit=1")
         if rollouts["active"]:
-            soak._api(
+            soak.api(
                 settings,
                 "POST",
                 f"/api/rollouts/{rollouts['active']}/rollback",

@@ -236,7 +236,9 @@ def test_a_caller_s_request_id_comes_back_in_front_of_a_fresh_signed_one(server,
     assert issued == r.headers["x-request-id"] and issued.startswith(f"{PREFIX}-mine-1.")
     signer = RequestIdSigner.from_secret(ensure_request_id_key(Settings.from_env(bento_env)))
     assert signer.issued(issued)  # the key the control plane checks labels with
-    assert not signer.issued(f"{PREFIX}-mine-1") and not signer.issued(issued[:-1] + "0")
+    assert not signer.issued(f"{PREFIX}-mine-1") and not signer.issued(
+        issued[:-1] + ("1" if issued.endswith("0") else "0")
+    )
 
 
 def test_a_request_id_sent_twice_gets_two_answers_each_with_its_own_row(server):
@@ -492,3 +494,102 @@ def test_shutdown_drains_the_prediction_log(server):
     server.proc.send_signal(signal.SIGTERM)
     server.proc.wait(30)
     assert sorted(server.logged_ids()) == sorted(SERVED)
+
+
+# Hides this checkout from every Python process that loads it (`bentoml serve`, its worker, the log's
+# writer process): the editable install's finder and any path entry into the checkout. What the Bento
+# serves then comes from its own copy of the sources, as on a machine that has only the Bento.
+HIDE_THE_CHECKOUT = """
+import os
+import sys
+
+CHECKOUT = {checkout!r}
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path[:] = [p for p in sys.path if not os.path.realpath(p or os.getcwd()).startswith(CHECKOUT)]
+"""
+
+
+def test_a_bento_holds_every_file_it_imports_and_serves_from_a_clean_directory(bento_env, pg_url, tmp_path):
+    from bentos.build import PROJECT_DIR, bento_sources
+
+    src = Path(bento_env["BENTOML_HOME"]) / "bentos" / "recsys" / "v1" / "src"
+    copied = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.py"))
+    assert copied == bento_sources() and "control_plane/request_ids.py" in copied  # derived, not listed
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HIDE_THE_CHECKOUT.format(checkout=str(PROJECT_DIR)))
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    env = {
+        **{k: v for k, v in bento_env.items() if k != "PYTHONPATH"},
+        "PYTHONPATH": str(site),
+        "DATABASE_URL": pg_url,
+        "RECSYS_SPILL_DIR": str(tmp_path / "spill"),
+    }
+    hidden = subprocess.run(
+        [sys.executable, "-c", "import control_plane"], env=env, cwd=clean, capture_output=True
+    )
+    assert hidden.returncode != 0, "the checkout is still importable: the test would prove nothing"
+
+    port = free_port()
+    log_path = tmp_path / "serve-clean.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "bentoml"), "serve", "recsys:v1", "--port", str(port), "--host", "127.0.0.1"],
+            env=env, cwd=clean, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"bentoml serve exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            return client.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    engine = make_engine(pg_url)
+    try:
+        wait_until(ready, 90, "readyz")
+        r = client.post("/predict", json={"features": FEATURES}, headers={"x-request-id": f"{PREFIX}-clean"})
+        assert r.status_code == 200 and r.headers["x-model-version"] == "1", r.text
+        rid = r.headers["x-request-id"]
+
+        def logged() -> bool:  # through the log's writer process, also run from the Bento's copy
+            with engine.connect() as conn:
+                return conn.execute(
+                    select(predictions.c.request_id).where(predictions.c.request_id == rid)
+                ).first()
+
+        wait_until(logged, 20, "the row in postgres")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        client.close()
+        engine.dispose()
+
+
+def test_a_bento_is_built_into_the_home_it_is_given_without_bentoml_home_set(registry, tmp_path):
+    # As `recsys up` builds: BENTOML_HOME unset (BentoML's default would be ~/bentoml), the stack's home
+    # given to build_bento, which points this process's BentoML there without changing its environment.
+    env = {k: v for k, v in os.environ.items() if k != "BENTOML_HOME"}
+    env["HOME"] = str(tmp_path)
+    code = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from bentos.build import build_bento\n"
+        f"print(build_bento(1, tracking_uri={registry!r}, bentoml_home=Path({str(tmp_path / 'stack')!r})))\n"
+        "assert 'BENTOML_HOME' not in os.environ\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "recsys:v1"
+    assert (tmp_path / "stack" / "bentos" / "recsys" / "v1" / "bento.yaml").is_file()
+    assert (tmp_path / "stack" / "models" / "recsys-model").is_dir()
+    assert not (tmp_path / "bentoml").exists()

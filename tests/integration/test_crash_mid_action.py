@@ -10,7 +10,9 @@ and scheduler programs (control_plane.stack.programs) against real Postgres and 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,12 +28,15 @@ from control_plane.jobs import QUEUE, schedule_evaluations
 from control_plane.settings import Settings
 from control_plane.stack import programs
 from control_plane.stack.local import _redis_up, create_secrets
-from control_plane.stack.supervisor import Supervisor
+from control_plane.supervisor import Supervisor
 from control_plane.traffic_ops import apply_assignment
 from tests.conftest import free_port, ready_servers, wait_for
+from tests.fault_worker import FLAG_ENV
 from tests.traffic_rows import FAST_POLICY, feed, traefik_split
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # Small samples, one-second ticks; a single step so that the first conclusive evaluation promotes.
 POLICY = {**FAST_POLICY, "steps": [50], "label_window_s": 0}
@@ -70,13 +75,24 @@ def loop(tmp_path_factory, pg_url):
     }
     (work / "state").mkdir(parents=True, exist_ok=True)
     settings = create_secrets(Settings.from_env(env))  # the embedded Redis' password and config file
-    extra = {"RECSYS_BENTO_URLS": bento_urls, "RECSYS_FAULT_AFTER_TRAFFIC_WRITE": str(fault_flag)}
+    extra = {"RECSYS_BENTO_URLS": bento_urls}
+    # The worker's jobs die once at the fault point while the flag exists (tests/fault_worker.py).
+    worker = programs.worker(settings)
+    worker = dataclasses.replace(
+        worker,
+        command=[c.replace(programs.WORKER_CLASS, "tests.fault_worker.FaultWorker") for c in worker.command],
+        env={
+            **worker.env,
+            FLAG_ENV: str(fault_flag),
+            "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
+        },
+    )
     sup = Supervisor(settings.state_dir)
     sup.start()
     try:
         sup.add(programs.redis(settings))
         wait_for(lambda: _redis_up(settings.effective_redis_url), 30, "redis up")
-        for program in (programs.worker(settings), programs.scheduler(settings)):
+        for program in (worker, programs.scheduler(settings)):
             sup.add(dataclasses.replace(program, env={**program.env, **extra}))
         schedule_evaluations(settings.effective_redis_url, 1)
         ctx = bootstrap(settings)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 import uuid
 from urllib.parse import urlsplit, urlunsplit
@@ -172,7 +171,7 @@ def test_a_row_postgres_refuses_is_set_aside_and_the_rest_of_its_batch_goes_in(p
 def test_batches_with_and_without_rows_already_there_alternate_on_one_session(pg_url, pg_engine):
     # A fresh batch is COPYed straight in; one holding a row already there goes through the
     # temporary table. Either may follow the other on the same pooled database session.
-    from bentos.predlog import _copy_batch, default_engine_factory
+    from bentos.predlog import copy_batch, default_engine_factory
 
     engine = default_engine_factory(pg_url)()
     conn = engine.raw_connection()  # one session, held as the writer holds it
@@ -180,25 +179,15 @@ def test_batches_with_and_without_rows_already_there_alternate_on_one_session(pg
     batches = [[f"alt-{tag}-{b}-{i}" for i in range(20)] for b in range(4)]
     made = {rid: row(rid) for b in batches for rid in b}  # a row sent again is the very row (its ts too)
     try:
-        _copy_batch(conn, [made[r] for r in batches[0]])
-        _copy_batch(conn, [made[r] for r in batches[0][:5] + batches[1]])  # 5 already there
-        _copy_batch(conn, [made[r] for r in batches[2]])
-        _copy_batch(conn, [made[r] for r in batches[2][-1:] + batches[3] + batches[1][:1]])
+        copy_batch(conn, [made[r] for r in batches[0]])
+        copy_batch(conn, [made[r] for r in batches[0][:5] + batches[1]])  # 5 already there
+        copy_batch(conn, [made[r] for r in batches[2]])
+        copy_batch(conn, [made[r] for r in batches[2][-1:] + batches[3] + batches[1][:1]])
     finally:
         conn.close()
         engine.dispose()
     everything = [r for b in batches for r in b]
     assert count_ids(pg_engine, everything) == (80, 80)
-
-
-def test_the_schema_benchmark_times_every_variant_of_the_table(capsys):
-    from load.bench_predlog_schema import VARIANTS, main
-
-    assert main(["--rounds", "2", "--batch-size", "20"]) == 0
-    report = capsys.readouterr().out.splitlines()[1:]  # below the heading
-    lines = [re.fullmatch(r"\s*([\d.]+) us of the backend's time a row  (.+)", line) for line in report]
-    assert [m.group(2) for m in lines] == list(VARIANTS)
-    assert all(float(m.group(1)) > 0 for m in lines)
 
 
 def test_a_held_connection_that_died_while_idle_costs_no_spilled_batch(pg_url, pg_engine, tmp_path):

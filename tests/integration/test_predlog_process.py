@@ -14,7 +14,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-from sqlalchemy import text
 
 from bentos.predlog import PredictionLogWriter
 from bentos.predlog_process import PIPE_SIZE, ProcessLogWriter
@@ -191,17 +190,3 @@ def test_a_hung_child_is_replaced_and_the_rows_it_held_arrive(pg_url, pg_engine,
         )
     assert w._child is not hung
     assert w.stats().rows_lost < n // 4, w.stats()
-
-
-def test_the_writer_benchmark_measures_a_child_that_wrote_every_row(pg_url, pg_engine, tmp_path):
-    from sqlalchemy.engine import make_url
-
-    from load.bench_setups import Database
-    from load.bench_writer_process import run_once
-
-    db = Database(pg_url, "postgres", make_url(pg_url).database)
-    writer_us, postgres_us = run_once(ROOT, db, tmp_path / "spill", rate=500, seconds=0.4)
-    assert 0 < writer_us < 10_000
-    assert 0 < postgres_us < 10_000  # the backend that took the COPYs, found by the database's name
-    with pg_engine.connect() as conn:  # two frames of 100 rows, and the warm-up frame
-        assert conn.execute(text("SELECT count(*) FROM predictions")).scalar_one() == 300

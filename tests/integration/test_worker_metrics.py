@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from control_plane.settings import Settings
 from control_plane.worker_metrics import MetricsConfig
 from tests.conftest import free_port
 
@@ -135,9 +136,9 @@ def test_the_worker_serves_durations_and_outcomes_of_the_jobs_its_horses_ran(red
 
 
 def test_the_metrics_settings_come_from_the_environment(tmp_path):
-    assert MetricsConfig.from_env({}) == MetricsConfig("127.0.0.1", 9101, None)
-    cfg = MetricsConfig.from_env(
+    assert MetricsConfig.from_settings(Settings.from_env({})) == MetricsConfig("127.0.0.1", 9101, None)
+    cfg = MetricsConfig.from_settings(Settings.from_env(
         {"RECSYS_WORKER_METRICS_PORT": "9200", "RECSYS_WORKER_METRICS_HOST": "0.0.0.0",
          "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    )  # fmt: skip
+    ))  # fmt: skip
     assert cfg == MetricsConfig("0.0.0.0", 9200, tmp_path)

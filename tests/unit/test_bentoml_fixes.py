@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from bentos.bentoml_fixes import cancel_timeout_timers
 
 
@@ -54,13 +56,12 @@ def test_each_bento_gets_its_own_prometheus_directory(monkeypatch, tmp_path):
     from bentos.bentoml_fixes import separate_prometheus_dir
 
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
-    monkeypatch.delenv("RECSYS_PROMETHEUS_DIR", raising=False)
     try:
         path = separate_prometheus_dir("recsys-v3")
         assert path.endswith("prometheus_multiproc_dir.recsys-v3")
         assert BentoMLContainer.prometheus_multiproc_dir.get() == path
-        monkeypatch.setenv("RECSYS_PROMETHEUS_DIR", str(tmp_path / "mine"))
-        assert separate_prometheus_dir("recsys-v3") == str(tmp_path / "mine")
+        # RECSYS_PROMETHEUS_DIR (Settings.bento_prometheus_dir) chooses it
+        assert separate_prometheus_dir("recsys-v3", str(tmp_path / "mine")) == str(tmp_path / "mine")
     finally:
         BentoMLContainer.prometheus_multiproc_dir.reset()
 
@@ -99,3 +100,22 @@ def test_uvicorn_s_access_log_is_detached(monkeypatch):
     assert access.hasHandlers()
     detach_uvicorn_access_log()
     assert not access.hasHandlers()  # what uvicorn asks, per connection, before building a line
+
+
+def test_bentoml_keeps_its_bentos_in_the_home_it_is_given_and_refuses_another(tmp_path):
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from simple_di import sentinel
+
+    from bentos.bentoml_fixes import use_bentoml_home
+
+    provider = BentoMLContainer.bentoml_home
+    saved = provider._cache, provider._override
+    provider._cache = provider._override = sentinel  # as in a process whose BentoML has not resolved it yet
+    try:
+        use_bentoml_home(str(tmp_path / "home"))
+        assert provider.get() == str(tmp_path / "home") and (tmp_path / "home" / "bentos").is_dir()
+        use_bentoml_home(str(tmp_path / "home"))  # the same home again: nothing to do
+        with pytest.raises(RuntimeError, match="already uses"):
+            use_bentoml_home(str(tmp_path / "elsewhere"))
+    finally:
+        provider._cache, provider._override = saved

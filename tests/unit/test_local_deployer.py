@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
-from control_plane.deployer.local import LocalDeployer
+from control_plane.deployer.local import LocalDeployer, bento_program
 from control_plane.errors import DeployFailed
 from control_plane.settings import Settings
-from control_plane.stack import programs
 
 
 class ScriptedSupervisor:
@@ -93,16 +91,46 @@ def test_a_bento_that_never_answers_times_out(deployer):
 
 def test_the_bento_is_built_into_the_home_the_stack_serves_from(tmp_path, monkeypatch):
     settings = Settings.from_env({"RECSYS_STATE_DIR": str(tmp_path)})
-    monkeypatch.delenv("BENTOML_HOME", raising=False)
     homes = []
     monkeypatch.setattr(
-        "bentos.build.build_bento", lambda v, **kw: homes.append(os.environ["BENTOML_HOME"]) or f"recsys:v{v}"
+        "bentos.build.build_bento", lambda v, **kw: homes.append(kw["bentoml_home"]) or f"recsys:v{v}"
     )
     assert LocalDeployer(settings, ScriptedSupervisor([{}])).build(3) == "recsys:v3"
-    assert homes == [str(settings.bentoml_home)]
-    served_from = programs.bento(settings, 3).env["BENTOML_HOME"]
+    assert homes == [settings.bentoml_home]
+    served_from = bento_program(settings, 3).env["BENTOML_HOME"]
     assert served_from == str(settings.bentoml_home)
 
-    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "elsewhere"))
-    with pytest.raises(DeployFailed, match="elsewhere, but the stack serves its Bentos from"):
-        LocalDeployer(settings, ScriptedSupervisor([{}])).build(3)
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        LocalDeployer,
+        "control_plane.deployer.fixed.FixedDeployer",
+        "control_plane.deployer.memory.InMemoryDeployer",
+        "control_plane.deployer.kubernetes.KubernetesDeployer",
+    ],
+)
+def test_every_deployer_has_the_whole_interface(cls):
+    import importlib
+
+    from control_plane.deployer.base import Deployer
+
+    if isinstance(cls, str):
+        module, _, name = cls.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+    wanted = {n for n in vars(Deployer) if not n.startswith("_")}
+    assert wanted == {"deploy", "start_many", "undeploy", "endpoints"}
+    assert all(callable(getattr(cls, n, None)) for n in wanted), wanted - set(dir(cls))
+
+
+def test_the_running_endpoints_are_told_after_every_change(tmp_path, monkeypatch):
+    settings = Settings.from_env({"RECSYS_STATE_DIR": str(tmp_path)})
+    told = []
+    d = LocalDeployer(
+        settings, ScriptedSupervisor([{"statename": "RUNNING", "pid": 1}] * 4), on_endpoints=told.append
+    )
+    monkeypatch.setattr(d, "build", lambda v: f"recsys:v{v}")
+    monkeypatch.setattr(d, "ready", lambda url: True)
+    assert d.start_many([1, 2]) == {1: d.url(1), 2: d.url(2)}
+    d.undeploy(1)
+    assert told[-1] == {2: d.url(2)} and {1: d.url(1), 2: d.url(2)} in told

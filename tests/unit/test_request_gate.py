@@ -24,9 +24,16 @@ class FakeState:
     def __init__(self) -> None:
         self.role = "canary"
         self.finished: list[tuple[str, int]] = []
+        self.reads: list[int] = []  # the length of every body `answer` was given
 
     def current_role(self) -> str:
         return self.role
+
+    def answer(self, info, body: bytes) -> tuple[int, bytes]:
+        self.reads.append(len(body))
+        assert current_request.get() is info  # log lines and the handler read the same record
+        fields = {"request_id": info.request_id, "route": info.route, "role": info.role, "n": len(body)}
+        return 200, json.dumps(fields).encode()
 
     def request_finished(self, info, status: int) -> None:
         self.finished.append((info.request_id, status))
@@ -42,27 +49,19 @@ def state() -> FakeState:
 
 @pytest.fixture
 def client(state):
-    reads = []
+    app_calls = []
 
-    async def predict(request: Request):
-        body = await request.body()
-        reads.append(len(body))
-        info = current_request.get()
-        return JSONResponse(
-            {"request_id": info.request_id, "route": info.route, "role": info.role, "n": len(body)}
-        )
-
-    async def other(request: Request):
+    async def anything(request: Request):
+        app_calls.append(request.url.path)
         return JSONResponse({"ok": True})
 
-    app = Starlette(
-        routes=[Route("/predict", predict, methods=["POST"]), Route("/other", other, methods=["POST"])]
-    )
+    # /predict is routed too, as BentoML routes its APIs: only the gate may answer it
+    app = Starlette(routes=[Route(p, anything, methods=["GET", "POST"]) for p in ("/predict", "/other")])
     app.add_middleware(
         RequestGate, endpoints={"/predict": "predict"}, max_body_bytes=100, state=lambda: state
     )
     with TestClient(app) as c:
-        c.reads = reads
+        c.app_calls = app_calls
         yield c
 
 
@@ -86,7 +85,7 @@ def test_a_caller_supplied_request_id_is_kept_in_front_of_a_fresh_one(client):
 
 def test_the_same_caller_id_twice_gets_two_ids_each_signed(state):
     signer = RequestIdSigner.from_secret("k" * 64)
-    app = Starlette(routes=[Route("/predict", lambda r: JSONResponse({}), methods=["POST"])])
+    app = Starlette(routes=[])
     app.add_middleware(
         RequestGate,
         endpoints={"/predict": "predict"},
@@ -109,10 +108,10 @@ def test_the_longest_caller_id_still_fits_the_log_s_column(client):
 
 
 @pytest.mark.parametrize("bad", [b"x" * (MAX_CLIENT_ID_CHARS + 1), b"has space", "caf\u00e9".encode()])
-def test_an_unusable_request_id_is_refused(client, bad):
+def test_an_unusable_request_id_is_refused(client, state, bad):
     r = client.post("/predict", content=b"{}", headers={b"x-request-id": bad})
     assert r.status_code == 400 and "X-Request-ID" in r.json()["error"]
-    assert client.reads == []
+    assert state.reads == []
 
 
 @pytest.mark.parametrize(
@@ -148,25 +147,40 @@ def test_an_oversized_body_is_refused_by_content_length_without_being_read(clien
     r = client.post("/predict", content=b"x" * 101, headers={"content-type": "application/json"})
     assert r.status_code == 413
     assert "101 bytes" in r.json()["error"] and "RECSYS_MAX_BODY_BYTES" in r.json()["error"]
-    assert client.reads == []
+    assert state.reads == []
     assert r.headers["x-request-id"] and state.finished[-1][1] == 413
 
 
-def test_a_chunked_body_over_the_limit_is_refused(client):
+def test_a_chunked_body_over_the_limit_is_refused(client, state):
     def chunks():
         for _ in range(5):
             yield b"x" * 30
 
     r = client.post("/predict", content=chunks())
-    assert r.status_code == 413 and client.reads == []
+    assert r.status_code == 413 and state.reads == []
 
 
-def test_a_chunked_body_under_the_limit_reaches_the_app(client):
+def test_a_chunked_body_under_the_limit_is_answered_whole(client, state):
     def chunks():
         yield b"{"
         yield b"}"
 
-    assert client.post("/predict", content=chunks()).json()["n"] == 2
+    assert client.post("/predict", content=chunks()).json()["n"] == 2 and state.reads == [2]
+
+
+def test_a_model_endpoint_never_reaches_the_app_behind(client, state):
+    r = client.get("/predict")
+    assert r.status_code == 405 and "takes POST" in r.json()["error"] and r.headers["x-request-id"]
+    client.post("/predict", content=b"{}")
+    assert client.app_calls == [] and [s for _, s in state.finished] == [405, 200]
+
+
+def test_a_model_endpoint_before_the_service_has_loaded_is_a_503():
+    app = Starlette(routes=[])
+    app.add_middleware(RequestGate, endpoints={"/predict": "predict"}, max_body_bytes=100, state=lambda: None)
+    with TestClient(app) as c:
+        r = c.post("/predict", content=b"{}")
+    assert r.status_code == 503 and "not loaded" in r.json()["error"]
 
 
 def test_a_body_at_the_limit_is_accepted(client):
@@ -184,7 +198,7 @@ def test_only_json_is_accepted(client, ctype):
 def test_other_paths_are_passed_through_untouched(client, state):
     r = client.post("/other", content=b"x" * 500, headers={"content-type": "text/plain"})
     assert r.status_code == 200 and "x-request-id" not in r.headers
-    assert state.finished == []
+    assert state.finished == [] and client.app_calls == ["/other"]
 
 
 def test_the_log_s_state_is_answered_by_the_gate_and_counts_as_no_request(client, state):
@@ -201,13 +215,6 @@ def test_the_log_s_state_before_the_service_has_loaded_is_a_503():
     with TestClient(app) as c:
         r = c.get("/predlog")
     assert r.status_code == 503 and "not loaded" in r.json()["error"]
-
-
-class AnsweringState(FakeState):
-    """A state whose `answer` the gate serves model POSTs with (as the Recsys service does)."""
-
-    def answer(self, info, body: bytes) -> tuple[int, bytes]:
-        return 200, b'{"n": %d}' % len(body)
 
 
 def _gate(state, body_timeout_s: float) -> RequestGate:
@@ -244,16 +251,15 @@ async def _inner_app(scope, receive, send) -> None:
 
 
 @pytest.mark.parametrize(
-    "state, headers",
+    "headers",
     [
-        # answered by the gate itself: the wait for the body is the gate's own
-        (AnsweringState(), [(b"content-length", b"20"), (b"content-type", b"application/json")]),
-        # chunked, handed on to the app: buffered by the gate, under the same bound
-        (FakeState(), [(b"content-type", b"application/json")]),
+        [(b"content-length", b"20"), (b"content-type", b"application/json")],
+        [(b"content-type", b"application/json")],  # chunked: under the same bound
     ],
-    ids=["answered", "buffered"],
+    ids=["sized", "chunked"],
 )
-def test_a_body_that_does_not_arrive_in_time_is_a_408_naming_the_wait(state, headers):
+def test_a_body_that_does_not_arrive_in_time_is_a_408_naming_the_wait(headers):
+    state = FakeState()
     gate = _gate(state, body_timeout_s=0.05)
     sent = asyncio.run(_call_gate(gate, headers, _never_sends_its_body))
     assert sent[0]["status"] == 408
@@ -262,14 +268,14 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408_naming_the_wait(state, hea
 
 
 def test_a_body_that_arrives_is_answered_by_the_state():
-    state = AnsweringState()
+    state = FakeState()
     gate = _gate(state, body_timeout_s=0.05)
 
     async def body() -> dict:
         return {"type": "http.request", "body": b'{"features": []}', "more_body": False}
 
     sent = asyncio.run(_call_gate(gate, [(b"content-length", b"16")], body))
-    assert sent[0]["status"] == 200 and json.loads(sent[1]["body"]) == {"n": 16}
+    assert sent[0]["status"] == 200 and json.loads(sent[1]["body"])["n"] == 16
 
 
 def test_a_body_read_in_time_leaves_no_cancellation_behind():

@@ -1,4 +1,4 @@
-"""A serving state with `answer()` serves the model endpoints itself; the app behind sees none of them."""
+"""The serving state's `answer()` serves the model endpoints; the app behind sees none of them."""
 
 from __future__ import annotations
 
@@ -86,5 +86,5 @@ def test_a_failure_is_a_500_with_a_json_error(client, state):
     assert state.finished[-1][1] == 500
 
 
-def test_other_methods_still_reach_the_app(client):
-    assert client.get("/predict").status_code == 405 and client.app_calls == ["GET"]
+def test_other_methods_are_refused_by_the_gate_too(client, state):
+    assert client.get("/predict").status_code == 405 and client.app_calls == [] and state.bodies == []

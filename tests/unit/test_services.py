@@ -254,6 +254,39 @@ def test_a_crash_between_the_traffic_write_and_the_registry_move_is_completed_ne
     assert any(d["action"] == "recover" for d in ctx.ledger.decisions(rollout.id))
 
 
+def test_the_fault_point_is_between_the_traffic_write_and_the_registry_move(ctx):
+    rollout = services.start_canary(ctx, 3, FAST, actor="test")
+    seen = []
+
+    def fault_point(name: str) -> None:  # what tests/fault_worker.py kills a work horse with
+        seen.append(
+            (name, ctx.router.get_backends()["baseline"].version, ctx.registry.version_for("baseline"))
+        )
+
+    ctx.fault_point = fault_point
+    services.promote_now(ctx, rollout.id, actor="test", reason="the fault point's place")
+    assert seen == [("AFTER_TRAFFIC_WRITE", 3, 2)]  # traffic moved, the registry not yet
+
+
+def test_a_fault_point_dies_once_and_only_where_it_is_armed(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    flag = tmp_path / "armed"
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom tests.fault_worker import die_once_at\n"
+        f"point = die_once_at('AFTER_TRAFFIC_WRITE', Path({str(flag)!r}))\n"
+        "point('SOMEWHERE_ELSE')\npoint('AFTER_TRAFFIC_WRITE')\nprint('went on')\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    flag.write_text("armed")
+    died = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert died.returncode == 1 and "went on" not in died.stdout and not flag.exists()
+    again = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert again.returncode == 0 and "went on" in again.stdout  # the flag is gone: the action goes through
+
+
 def test_weights_cannot_be_changed_by_hand_while_a_rollout_progresses(ctx):
     services.start_canary(ctx, 3, FAST, actor="test")
     with pytest.raises(RolloutConflict):

@@ -441,7 +441,8 @@ def test_last_evaluation_statistics_are_flattened_into_gauges():
 
 
 def test_http_counters_use_multiprocess_files_when_gunicorn_asks(tmp_path):
-    """Under PROMETHEUS_MULTIPROC_DIR, a second process sees the first one's request counts."""
+    """Under PROMETHEUS_MULTIPROC_DIR (prometheus_client's, and the settings'), a second process sees the
+    first one's request counts."""
     script = f"""
 import sys
 from control_plane.db.engine import make_engine, migrate
@@ -449,7 +450,9 @@ from control_plane.web import create_app
 from tests.web_support import make_context, make_settings
 url = "sqlite:///{tmp_path / "mp.db"}"
 migrate(url)
-ctx = make_context(make_settings(__import__("pathlib").Path("{tmp_path}"), url), make_engine(url))
+from pathlib import Path
+settings = make_settings(Path("{tmp_path}"), url, prometheus_multiproc_dir=Path("{tmp_path / "prom"}"))
+ctx = make_context(settings, make_engine(url))
 client = create_app(ctx=ctx).test_client()
 client.get("/healthz")
 if sys.argv[1] == "scrape":

@@ -1,11 +1,11 @@
 """The benchmark's reference peer: one plain FastAPI app with every model in process (the seed's design).
 
-    .venv/bin/python -m load.peer_app --port 8200 --workers 2 --models '[{"version": 2, "role": "baseline",
+    .venv/bin/python benchmarks/peer_app.py --port 8200 --workers 2 --models '[{"version": 2, "role": "baseline",
         "weight": 85, "path": ".../recsys-model/v2/mlflow_model"}, ...]'
 
 Each request picks a model by a weighted random choice and scores it with CatBoost's own predict_proba
 (default arguments, as the seed did), validating with the same Pydantic request models as the Bento
-and answering the same JSON; nothing is logged. It is what `make bench` (load/bench.py) measures the
+and answering the same JSON; nothing is logged. It is what `make bench` (benchmarks/bench.py) measures the
 gateway path against, not something to deploy.
 """
 
@@ -89,7 +89,7 @@ def serve(port: int, workers: int, host: str = "127.0.0.1") -> None:
     from uvicorn.supervisors import Multiprocess
 
     config = uvicorn.Config(
-        "load.peer_app:create_app",
+        "peer_app:create_app",  # importable: this script's directory is on sys.path, its workers' too
         factory=True,
         host=host,
         port=port,

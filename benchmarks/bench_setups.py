@@ -17,7 +17,7 @@ from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from load.bench_bento import (
+from bench_bento import (
     OWN_SESSION,
     VENV_BIN,
     free_port,
@@ -242,7 +242,7 @@ def spawn_peer(
     versions: dict[str, int],
     workers: int,
 ) -> Proc:
-    """The reference peer (load/peer_app.py) with `workers` uvicorn workers, not waited for."""
+    """The reference peer (benchmarks/peer_app.py) with `workers` uvicorn workers, not waited for."""
     models = [
         {"version": versions[role], "role": role, "weight": WEIGHTS[role], "path": str(model_dir(env, tag))}
         for role, tag in tags.items()
@@ -251,7 +251,7 @@ def spawn_peer(
     log_path = workdir / f"peer-{workers}w.log"
     with open(log_path, "w") as log:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "load.peer_app", "--port", str(port), "--workers", str(workers),
+            [sys.executable, str(Path(__file__).resolve().parent / "peer_app.py"), "--port", str(port), "--workers", str(workers),
              "--models", json.dumps(models)],
             env=env,
             stdout=log,

@@ -1,6 +1,6 @@
 """Throughput and latency of one Bento's /predict, prediction log on vs off (a script, not a test).
 
-    .venv/bin/python -m load.bench_bento [--bento recsys:v3] [--connections 1,16] [--duration 10] [--rounds 3]
+    .venv/bin/python benchmarks/bench_bento.py [--bento recsys:v3] [--connections 1,16] [--duration 10] [--rounds 3]
 
 Without --bento it trains the `baseline` profile into a temporary MLflow store and builds its Bento in
 a temporary BENTOML_HOME. It starts that Bento twice (RECSYS_PREDLOG=on and =off, both writing to a

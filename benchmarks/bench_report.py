@@ -1,4 +1,4 @@
-"""The tables, targets and plot of `make bench` (load/bench.py), from its samples."""
+"""The tables, targets and plot of `make bench` (benchmarks/bench.py), from its samples."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """BentoML's adaptive batching on the same model, for docs/performance.md's comparison (not deployed).
 
     BENTOML_HOME=<a home with recsys-model:v2> RECSYS_BATCH_MAX_SIZE=32 RECSYS_BATCH_MAX_LATENCY_MS=10 \\
-        .venv/bin/bentoml serve load.batching_experiment:RecsysBatched --port 3200
+        .venv/bin/bentoml serve batching_experiment:RecsysBatched --working-dir benchmarks --port 3200
 
 /predict_batch takes {"rows": [[16 floats], ...]} (a client sends a batch of one row) and /score_batch
 {"rows": [[16 floats] x 100]}; BentoML's dispatcher joins concurrent requests into one CatBoost call
 of at most RECSYS_BATCH_MAX_SIZE rows, waiting at most RECSYS_BATCH_MAX_LATENCY_MS. The model
-version is RECSYS_BATCH_MODEL_VERSION (default 2). Used by `load/bench_batching.py`.
+version is RECSYS_BATCH_MODEL_VERSION (default 2). Used by `benchmarks/bench_batching.py`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ came within 10 s of the client's last byte. Every 2xx from /predict or /recommen
 `predictions` (by the X-Request-ID it answered with), every 2xx from /feedback its rows in `labels`.
 The traffic split and the rollouts are read before and after: hostile requests must change neither.
 
-    python -m benchmarks.hostile      # in the environment `recsys up` ran with (ports, state directory)
+    python -m tests.hostile      # in the environment `recsys up` ran with (ports, state directory)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`make bench`: the gateway path against a plain in-process peer, side by side on this machine (a script).
 
-    .venv/bin/python load/bench.py [--duration 8] [--repeats 3] [--database postgres|sqlite] [--out bench-results]
+    .venv/bin/python benchmarks/bench.py [--duration 8] [--repeats 3] [--database postgres|sqlite] [--out bench-results]
 
 It trains three versions (profiles control, baseline, better) into a temporary MLflow store, builds
 their Bentos in a temporary BENTOML_HOME and starts, all at once:
@@ -10,7 +10,7 @@ their Bentos in a temporary BENTOML_HOME and starts, all at once:
   gateway-nolog  the same with RECSYS_PREDLOG=off (what the log costs; /predict at 8 connections only,
                  and one more pair of runs, log on and off back to back, at the end of each repeat)
   bento          the gateway's baseline Bento, directly
-  peer-1w/-2w    load/peer_app.py: one FastAPI app, the three models in process, a weighted random
+  peer-1w/-2w    benchmarks/peer_app.py: one FastAPI app, the three models in process, a weighted random
                  choice, one and two uvicorn workers
 
 then drives each with wrk (/predict at 1, 8 and 32 connections, /recommend with 100 candidates at
@@ -28,18 +28,14 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file (`python load/bench.py`): make `load` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from load.bench_bento import FEATURES, prepare_bentos, run_wrk  # noqa: E402
-from load.bench_setups import (  # noqa: E402
+from bench_bento import FEATURES, prepare_bentos, run_wrk
+from bench_setups import (
     PROFILES,
     Database,
     Setup,
@@ -286,16 +282,14 @@ def prepare(workdir: Path, env: dict[str, str]) -> dict[str, str]:
 
 
 def _bento_source_digest() -> str:
-    """A digest of the files bentofile.yaml copies into every Bento."""
+    """A digest of the files every Bento is built from (bentofile.yaml and what the service imports)."""
     import hashlib
 
-    import yaml
+    from bentos.build import PROJECT_DIR, bento_sources
 
-    root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
-    for pattern in yaml.safe_load((root / "bentofile.yaml").read_text())["include"]:
-        for path in sorted(root.glob(pattern)):
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    for name in ["bentofile.yaml", *bento_sources()]:
+        digest.update(name.encode() + b"\0" + (PROJECT_DIR / name).read_bytes())
     return digest.hexdigest()
 
 
@@ -409,8 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: `make system-deps` (or apt-get install wrk)")
 
+    from bench_report import write_report
+
     from control_plane.db.engine import make_engine
-    from load.bench_report import write_report
 
     started = time.monotonic()
     kind = args.database or ("postgres" if postgres_reachable() else "sqlite")

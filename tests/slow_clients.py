@@ -4,7 +4,7 @@ Opens `--tricklers` connections that send a request's headers one byte every `--
 finish, then, while they trickle, sends ordinary requests one after another and times each (an answer
 slower than `--timeout-s`, or none, counts as frozen). Prints one JSON line with the medians and counts.
 
-    python -m benchmarks.slow_clients --target 127.0.0.1:8090 --tricklers 12 --probe GET:/healthz
+    python -m tests.slow_clients --target 127.0.0.1:8090 --tricklers 12 --probe GET:/healthz
 """
 
 from __future__ import annotations

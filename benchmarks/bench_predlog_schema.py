@@ -1,10 +1,10 @@
 """What each part of the `predictions` table costs Postgres a logged row (a script, not a test).
 
-    .venv/bin/python -m load.bench_predlog_schema [--rounds 60] [--batch-size 500]
+    .venv/bin/python benchmarks/bench_predlog_schema.py [--rounds 60] [--batch-size 500]
 
 Creates copies of `predictions` in a fresh Postgres database, each changed in one way (an index
 dropped, `features` stored as text or jsonb, `request_id` compared byte-wise), COPYs the same batch of
-rows into each in turn, as the log's writer does (`bentos.predlog._copy_text`, then a commit), and
+rows into each in turn, as the log's writer does (`bentos.predlog.copy_text`, then a commit), and
 reads how long each copy's backend ran (/proc/PID/task/*/schedstat; Postgres on this machine). Prints
 the medians in microseconds a row.
 """
@@ -18,9 +18,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from bentos.predlog import _COLUMNS, _copy_text, row_dict, row_from_dict
-from load.bench_predlog import sample_rows
-from load.bench_setups import create_database, ran_s
+from bench_predlog import sample_rows
+from bench_setups import create_database, ran_s
+
+from bentos.predlog import COLUMNS, copy_text, row_dict, row_from_dict
 
 VARIANTS = {
     "as is": "",
@@ -63,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                     rows = [row_from_dict({**row_dict(r), "features": None}) for r in batch]
                 else:
                     rows = batch
-                text = _copy_text(rows)
+                text = copy_text(rows)
                 start = ran_s(pid)
                 with conn.cursor() as cur:
-                    cur.copy_expert(f"COPY {table} ({', '.join(_COLUMNS)}) FROM STDIN", io.StringIO(text))
+                    cur.copy_expert(f"COPY {table} ({', '.join(COLUMNS)}) FROM STDIN", io.StringIO(text))
                 conn.commit()
                 costs[name].append((ran_s(pid) - start) / len(rows) * 1e6)
         print(f"{args.rounds} batches of {args.batch_size} rows into each table, alternating; medians")

@@ -1,6 +1,6 @@
 """The prediction log's writer process on its own: its CPU a row, fed as a Bento feeds it.
 
-    .venv/bin/python -m load.bench_writer_process [--rate 4000] [--seconds 6] [--repeats 5] [ROOT ...]
+    .venv/bin/python benchmarks/bench_writer_process.py [--rate 4000] [--seconds 6] [--repeats 5] [ROOT ...]
 
 Starts `python -m bentos.predlog_process` against a fresh Postgres database, writes it a frame of
 rows every flush interval (200 ms, as `ProcessLogWriter` does) at `--rate` rows a second, and reads
@@ -24,9 +24,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
+from bench_predlog import sample_rows
+from bench_setups import Database, create_database, db_backend_pids, ran_s
+
 from bentos.predlog_process import CONFIG_ENV, frame
-from load.bench_predlog import sample_rows
-from load.bench_setups import Database, create_database, db_backend_pids, ran_s
 
 FLUSH_INTERVAL_S = 0.2
 WARM_UP_S = 1.5  # the child imports SQLAlchemy and connects on its first batch

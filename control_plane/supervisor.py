@@ -1,4 +1,8 @@
-"""A thin client for supervisord: write a program's config, add it, remove it, list what runs."""
+"""A thin client for supervisord: write a program's config, add it, remove it, list what runs.
+
+The bottom of the process layer: the local stack (control_plane/stack/) and the local deployer define
+their programs with `program` and run them with a Supervisor.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,10 @@ import xmlrpc.client
 from dataclasses import dataclass
 from pathlib import Path
 
+from control_plane.settings import Settings
+
 log = logging.getLogger(__name__)
+BIN = Path(sys.executable).parent  # this environment's console scripts (rq, bentoml, waitress-serve, ...)
 
 BASE_CONF = """\
 [unix_http_server]
@@ -186,3 +193,21 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def program_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """A program's environment: the settings (Settings.to_env), this environment's scripts first on PATH."""
+    env = settings.to_env()
+    path = os.environ.get("PATH", "/usr/bin:/bin")
+    # Prepend only once: a config that differs on every call would restart running Bentos on each deploy.
+    env["PATH"] = path if path.split(":")[0] == str(BIN) else f"{BIN}:{path}"
+    env.update(extra)
+    return env
+
+
+def program(settings: Settings, name: str, command: list[str], **kw) -> Program:
+    """A Program run from the current directory with the settings' environment (plus `env`)."""
+    env = kw.pop("env", {})
+    return Program(
+        name=name, command=command, env=program_env(settings, **env), directory=str(Path.cwd()), **kw
+    )

@@ -1,6 +1,6 @@
 """The prediction log's two ways into Postgres, side by side: SQLAlchemy's multi-row INSERT and COPY.
 
-    .venv/bin/python -m load.bench_predlog [--batches 40] [--batch-size 500]
+    .venv/bin/python benchmarks/bench_predlog.py [--batches 40] [--batch-size 500]
 
 The writer thread holds the GIL while it turns a batch into a statement, and a request waiting for the
 event loop waits for that too; this measures that Python time (the thread's CPU time per row) and
@@ -17,10 +17,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
+from bench_setups import create_database
+
 from bentos.http import new_request_id
-from bentos.predlog import PredictionRow, _copy_batch, _insert_statement, row_dict
+from bentos.predlog import PredictionRow, copy_batch, insert_statement, row_dict
 from control_plane.db.engine import make_engine
-from load.bench_setups import create_database
 
 
 def sample_rows(n: int) -> list[PredictionRow]:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         db = create_database(stack, "postgres", workdir)
         engine = make_engine(db.url)
         stack.callback(engine.dispose)
-        stmt = _insert_statement(engine)
+        stmt = insert_statement(engine)
 
         def insert(rows: list[PredictionRow]) -> None:
             with engine.begin() as conn:
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
         held = engine.raw_connection()  # the log's writer holds one connection from batch to batch
         stack.callback(held.close)
-        paths = {"insert (SQLAlchemy)": insert, "copy": lambda rows: _copy_batch(held, rows)}
+        paths = {"insert (SQLAlchemy)": insert, "copy": lambda rows: copy_batch(held, rows)}
         cpu: dict[str, list[float]] = {name: [] for name in paths}
         wall: dict[str, list[float]] = {name: [] for name in paths}
         for write in paths.values():  # warm up: connections, the temporary table, caches

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from load.bench_report import write_report
+from bench_report import write_report
 
 META = {
     "duration_s": 8,

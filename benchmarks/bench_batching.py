@@ -1,9 +1,9 @@
 """Does BentoML's adaptive batching beat the Bento's direct path? (a script, for docs/performance.md)
 
-    .venv/bin/python load/bench_batching.py --work-dir DIR [--settings 32:5,64:20] [--duration 6] [--repeats 3]
+    .venv/bin/python benchmarks/bench_batching.py --work-dir DIR [--settings 32:5,64:20] [--duration 6] [--repeats 3]
 
-DIR is a `load/bench.py --work-dir` (its BENTOML_HOME has recsys:v2 and its model). It starts the
-Bento recsys:v2 (prediction log off) and one load/batching_experiment.py server per max_batch_size:
+DIR is a `benchmarks/bench.py --work-dir` (its BENTOML_HOME has recsys:v2 and its model). It starts the
+Bento recsys:v2 (prediction log off) and one benchmarks/batching_experiment.py server per max_batch_size:
 max_latency_ms setting, all side by side, and drives /predict at 1 and 32 connections and 100-row
 scoring at 8 with wrk, alternating the servers; it prints medians of requests/s, p50, p99, CPU per
 request and non-2xx responses (a batch that would miss max_latency_ms is refused with 503).
@@ -16,16 +16,12 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from load.bench import LUA, cpu_by_pid  # noqa: E402
-from load.bench_bento import VENV_BIN, free_port, run_wrk, spawn_bento, stop_process, wait_ready  # noqa: E402
+from bench import LUA, cpu_by_pid
+from bench_bento import VENV_BIN, free_port, run_wrk, spawn_bento, stop_process, wait_ready
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             log = work / f"serve-batching-{size}-{latency}.log"
             with open(log, "w") as out:
                 p = subprocess.Popen(
-                    [str(VENV_BIN / "bentoml"), "serve", "load.batching_experiment:RecsysBatched",
+                    [str(VENV_BIN / "bentoml"), "serve", "batching_experiment:RecsysBatched",
                      "--port", str(port), "--host", "127.0.0.1"],
                     env={**env, "RECSYS_BATCH_MAX_SIZE": size, "RECSYS_BATCH_MAX_LATENCY_MS": latency},
-                    cwd=Path(__file__).resolve().parent.parent, stdout=out, stderr=subprocess.STDOUT,
+                    cwd=Path(__file__).resolve().parent, stdout=out, stderr=subprocess.STDOUT,
                 )  # fmt: skip
             stack.callback(stop_process, p)
             servers[f"batchable {size} rows / {latency} ms"] = (
