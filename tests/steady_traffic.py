@@ -40,6 +40,9 @@ class Traffic:
             due = time.monotonic() + i * self.period_s / self.threads
             while not self._stop.is_set():
                 rid = f"{self.prefix}-{uuid.uuid4().hex}"
+                # A server-to-server caller: no cookies kept, so the gateway's sticky cookie (for browsers
+                # without a user id) does not pin a thread to one arm; each request takes the weighted split.
+                client.cookies.clear()
                 try:
                     r = client.post(
                         "/predict",

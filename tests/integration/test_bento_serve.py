@@ -504,8 +504,17 @@ import os
 import sys
 
 CHECKOUT = {checkout!r}
+ENVIRONMENT = os.path.realpath(sys.prefix)  # the virtualenv may sit inside the checkout (make's .venv)
+
+
+def _in_checkout(path):
+    real = os.path.realpath(path or os.getcwd())
+    inside = lambda root: real == root or real.startswith(root + os.sep)
+    return inside(CHECKOUT) and not inside(ENVIRONMENT)
+
+
 sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
-sys.path[:] = [p for p in sys.path if not os.path.realpath(p or os.getcwd()).startswith(CHECKOUT)]
+sys.path[:] = [p for p in sys.path if not _in_checkout(p)]
 """
 
 
