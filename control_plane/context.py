@@ -104,7 +104,7 @@ def kubernetes_parts(settings: Settings, clients=None) -> tuple[TrafficRouter, D
         min_replicas=settings.k8s_min_replicas,
         max_replicas=settings.k8s_max_replicas,
     )
-    crd_router = TraefikCrdRouter(clients, settings.k8s_namespace)
+    crd_router = TraefikCrdRouter(clients, settings.k8s_namespace, user_assignment=settings.user_assignment)
     deployer = KubernetesDeployer(
         clients,
         shape,

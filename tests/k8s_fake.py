@@ -87,7 +87,11 @@ class FakeCluster:
     def load(self, path: Path) -> None:
         """Create the objects of a manifest file, as `kubectl apply` would (not recorded)."""
         for doc in yaml.safe_load_all(path.read_text()):
-            self._store(KINDS[doc["kind"]][1], copy.deepcopy(doc))
+            self.load_object(doc)
+
+    def load_object(self, doc: dict) -> None:
+        """Create one object, as `kubectl apply` would (not recorded)."""
+        self._store(KINDS[doc["kind"]][1], copy.deepcopy(doc))
 
     def get(self, resource: str, name: str) -> dict:
         return self.objects[(resource, name)]

@@ -10,7 +10,10 @@ With `user_assignment`, the Middleware `recsys-user-assign` (the `userassign` lo
 is patched with the same weights just before the split, and the split carries Traefik's sticky cookie.
 Patched first, a rollback sends the canary's users to the baseline's child while it still exists, and a
 raise names the canary's child, which already has weight; either way no user leaves the canary early.
-Traefik must load the plugin (docs/kubernetes.md), so it is off unless asked for.
+Without it every write removes the sticky cookie from the split, so a Middleware left at old weights
+(infra/k8s routes requests with X-User-Id through it) names a child the split no longer honours.
+infra/k8s ships the Middleware and Traefik's plugin (docs/kubernetes.md), and RECSYS_USER_ASSIGNMENT
+(on by default, as in every shape) chooses it; a router built without the setting leaves it off.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ TRAEFIK_SERVICES, INGRESS_ROUTES, MIDDLEWARES = "traefikservices", "ingressroute
 ROLES_ANNOTATION = "recsys.io/roles"
 ROLE_ROUTES = "recsys-role-overrides"
 MIRROR_SERVICE = "recsys-mirror"
+# The weighted split's sticky cookie, which the plugin writes into a request naming a user's child.
+STICKY = {"cookie": {"name": STICKY_COOKIE, "httpOnly": True, "sameSite": "lax"}}
 WRITE_ATTEMPTS = 3  # reads again after a conflict (another writer's resourceVersion), then gives up
 
 
@@ -136,10 +141,9 @@ class TraefikCrdRouter:
                 },
                 "spec": {"weighted": {"services": split_services(backends, new_weights)}},
             }
+            # null removes the key (a merge patch): off, the split ignores whatever cookie a request has
+            patch["spec"]["weighted"]["sticky"] = STICKY if self.user_assignment else None
             if self.user_assignment:
-                patch["spec"]["weighted"]["sticky"] = {
-                    "cookie": {"name": STICKY_COOKIE, "httpOnly": True, "sameSite": "lax"}
-                }
                 self._patch(
                     MIDDLEWARES,
                     USER_ASSIGN_MIDDLEWARE,

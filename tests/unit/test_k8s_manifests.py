@@ -22,6 +22,18 @@ import yaml
 
 from control_plane.deployer import k8s_objects
 from control_plane.deployer.k8s_objects import BENTO_APP, SECRET_NAME, BentoShape, manifest_text
+from control_plane.traffic import traefik_crd
+from control_plane.traffic.base import ROLES, Backend
+from control_plane.traffic.plugin_manifest import (
+    PLUGIN_CONFIG_MAP,
+    PLUGIN_MOUNT_PATH,
+    TRAEFIK_NAMESPACE,
+    plugin_config_map_text,
+)
+from control_plane.traffic.static import static_config
+from control_plane.traffic.traefik_file import USERS_ROUTER, GatewayOptions, render_dynamic_config
+from control_plane.traffic.user_assignment import PLUGIN_ALIAS, PLUGIN_MODULE, PLUGIN_SOURCE
+from tests.k8s_fake import FakeCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "infra" / "k8s"
@@ -43,11 +55,15 @@ def kubectl() -> str:
 
 
 @functools.cache
-def rendered(overlay: str) -> tuple[dict, ...]:
+def kustomize(directory: Path) -> tuple[dict, ...]:
     out = subprocess.run(
-        [kubectl(), "kustomize", str(K8S / "overlays" / overlay)], check=True, capture_output=True, text=True
+        [kubectl(), "kustomize", str(directory)], check=True, capture_output=True, text=True
     ).stdout
     return tuple(doc for doc in yaml.safe_load_all(out) if doc)
+
+
+def rendered(overlay: str) -> tuple[dict, ...]:
+    return kustomize(K8S / "overlays" / overlay)
 
 
 def schema_for(doc: dict) -> dict | None:
@@ -70,10 +86,11 @@ def containers(doc: dict) -> list[dict]:
     return pod.get("initContainers", []) + pod.get("containers", [])
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_rendered_document_passes_strict_validation_or_its_pinned_crd_schema(overlay):
+def validation_problems(docs: tuple[dict, ...]) -> tuple[list[str], int, int]:
+    """(problems, core documents, custom resources): each core kind strictly for every Kubernetes
+    version, each custom resource against its pinned schema, a document neither knows a problem."""
     problems, core, custom = [], 0, 0
-    for doc in rendered(overlay):
+    for doc in docs:
         if schema_for(doc) is not None:
             custom += 1
             problems += [f"{label(doc)}: {e}" for e in crd_errors(doc)]
@@ -86,8 +103,19 @@ def test_every_rendered_document_passes_strict_validation_or_its_pinned_crd_sche
                 problems.append(f"{label(doc)}: no schema in kubernetes-validate {version} nor in {SCHEMAS}")
             except kubernetes_validate.ValidationError as exc:
                 problems.append(f"{label(doc)} on {version}: {exc.message}")
+    return problems, core, custom
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_rendered_document_passes_strict_validation_or_its_pinned_crd_schema(overlay):
+    problems, core, custom = validation_problems(rendered(overlay))
     assert problems == []
-    assert core >= 25 and custom >= 11, (core, custom)
+    assert core >= 25 and custom >= 12, (core, custom)
+
+
+def test_what_traefik_needs_in_its_namespace_passes_strict_validation():
+    problems, core, custom = validation_problems(kustomize(K8S / "traefik"))
+    assert problems == [] and (core, custom) == (2, 0)
 
 
 def test_the_pinned_schemas_refuse_what_the_api_server_would():
@@ -104,6 +132,10 @@ def test_the_pinned_schemas_refuse_what_the_api_server_would():
     )
     route = next(d for d in rendered("hpa") if label(d) == "IngressRoute recsys-gateway")
     assert crd_errors({**route, "spec": {**route["spec"], "entrypoints": ["web"]}})
+    # A plugin's configuration is any JSON (the CRD keeps it whole), but the Middleware around it is closed.
+    users = next(d for d in rendered("hpa") if label(d) == "Middleware recsys-user-assign")
+    assert crd_errors(users) == []
+    assert any("'plugins' was unexpected" in e for e in crd_errors({**users, "spec": {"plugins": {}}}))
 
 
 def test_strict_validation_refuses_an_unknown_field_in_a_core_kind():
@@ -227,3 +259,125 @@ def test_the_keda_overlay_tells_the_control_plane_to_create_scaled_objects():
         (config,) = [d for d in rendered(overlay) if label(d) == "ConfigMap recsys-config"]
         assert config["data"]["RECSYS_K8S_AUTOSCALER"] == autoscaler
         assert config["data"]["RECSYS_DEPLOYER"] == "kubernetes"
+
+
+# --- sticky assignment of users: the userassign plugin in Traefik, its Middleware, its route ------------
+
+
+def gateway(overlay: str = "hpa") -> dict[str, dict]:
+    """The rendered gateway objects (and the Role) by `Kind name`."""
+    return {label(d): d for d in rendered(overlay) if d["apiVersion"].startswith(("traefik.io", "rbac"))}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_user_assign_middleware_is_what_the_crd_router_writes_for_the_seed_weights(overlay):
+    shipped = gateway(overlay)
+    cluster = FakeCluster()
+    for doc in shipped.values():
+        if doc["kind"] in ("TraefikService", "Middleware", "IngressRoute"):
+            cluster.load_object(doc)
+    router = traefik_crd.TraefikCrdRouter(cluster.clients(), "recsys", user_assignment=True)
+    seed = router.get_weights()
+    assert seed == {"baseline": 85, "canary": 10, "control": 5}
+    assert router.get_backends() == {
+        role: Backend(version, k8s_objects.version_url("recsys", version))
+        for role, version in (("baseline", 2), ("canary", 3), ("control", 1))
+    }
+    # Away from the seed and back: the router rewrites the Middleware and the split as shipped.
+    router.set_weights({"baseline": 70, "canary": 25, "control": 5})
+    assert (
+        cluster.get("middlewares", "recsys-user-assign")["spec"]
+        != shipped["Middleware recsys-user-assign"]["spec"]
+    )
+    router.set_weights(seed)
+    for name in ("Middleware recsys-user-assign", "TraefikService recsys-split"):
+        resource = "middlewares" if name.startswith("Middleware") else "traefikservices"
+        assert cluster.get(resource, name.split()[1])["spec"] == shipped[name]["spec"], name
+    assert shipped["Middleware recsys-user-assign"]["spec"]["plugin"] == traefik_crd.user_plugin(
+        "recsys", router.get_backends(), seed
+    )
+    assert shipped["TraefikService recsys-split"]["spec"]["weighted"]["sticky"] == traefik_crd.STICKY
+    (config,) = [d for d in rendered(overlay) if label(d) == "ConfigMap recsys-config"]
+    assert config["data"]["RECSYS_USER_ASSIGNMENT"] == "on"
+    assert config["data"]["TRAFFIC_WEIGHTS"] == ",".join(f"{r}={seed[r]}" for r in ROLES)
+
+
+def test_requests_naming_a_user_take_the_file_providers_users_route_through_the_middleware():
+    routes = gateway()["IngressRoute recsys-gateway"]["spec"]["routes"]
+    (users,) = [r for r in routes if "X-User-Id" in r["match"]]
+    plain = next(r for r in routes if r["match"] == "Path(`/predict`) || Path(`/recommend`)")
+    backends = {role: Backend(v, f"http://bento-v{v}") for role, v in (("baseline", 2), ("canary", 3))}
+    local = render_dynamic_config(
+        backends, {"baseline": 90, "canary": 10}, GatewayOptions(user_assignment=True)
+    )
+    router = local["http"]["routers"][USERS_ROUTER]
+    assert users["match"] == router["rule"] and users["priority"] == router["priority"]
+    assert [m["name"] for m in users["middlewares"]] == router["middlewares"]
+    assert "recsys-user-assign" in router["middlewares"] and users["services"] == plain["services"]
+    assert (
+        plain["priority"]
+        < users["priority"]
+        < min(r["priority"] for r in gateway()["IngressRoute recsys-role-overrides"]["spec"]["routes"])
+    )
+
+
+def test_the_control_plane_may_patch_the_middleware_and_nothing_more():
+    (role,) = [d for d in gateway().values() if d["kind"] == "Role"]
+    middlewares = [r for r in role["rules"] if "middlewares" in r["resources"]]
+    assert middlewares == [{"apiGroups": ["traefik.io"], "resources": ["middlewares"], "verbs": ["patch"]}]
+
+
+def test_the_plugin_config_map_holds_the_repositorys_plugin_source():
+    committed = K8S / "traefik" / "userassign-plugin.yaml"
+    assert committed.read_text() == plugin_config_map_text(), (
+        f"{committed} is stale: run `.venv/bin/python infra/k8s/render_versions.py`"
+    )
+    (config_map,) = [d for d in kustomize(K8S / "traefik") if d["kind"] == "ConfigMap"]
+    assert config_map["metadata"]["name"] == PLUGIN_CONFIG_MAP
+    assert config_map["metadata"]["namespace"] == TRAEFIK_NAMESPACE == "traefik"
+    source = {p.name: p.read_text() for p in PLUGIN_SOURCE.iterdir()}
+    assert set(source) >= {".traefik.yml", "go.mod", "userassign.go"}
+    assert config_map["data"] == source
+
+
+def traefik_values() -> dict:
+    return yaml.safe_load((K8S / "traefik" / "values.yaml").read_text())
+
+
+def test_traefiks_static_configuration_loads_the_plugin_from_the_config_map():
+    values = traefik_values()
+    # The same localPlugins entry as the local stack's static configuration, as command-line flags.
+    local = static_config(dynamic_dir="/d", user_plugin=True)["experimental"]["localPlugins"]
+    flags = [
+        f"--experimental.localPlugins.{alias}.{key}={value}"
+        for alias, entry in local.items()
+        for key, value in entry.items()
+    ]
+    assert flags == [f"--experimental.localPlugins.{PLUGIN_ALIAS}.moduleName={PLUGIN_MODULE}"]
+    assert set(flags) <= set(values["additionalArguments"])
+    # Traefik reads ./plugins-local/src/<module> under its working directory, / in its image.
+    (mount,) = values["additionalVolumeMounts"]
+    assert mount["mountPath"] == PLUGIN_MOUNT_PATH == f"/plugins-local/src/{PLUGIN_MODULE}"
+    (volume,) = [v for v in values["deployment"]["additionalVolumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == PLUGIN_CONFIG_MAP
+    # The Middleware's plugin is named by the alias Traefik loads.
+    assert set(gateway()["Middleware recsys-user-assign"]["spec"]["plugin"]) == {PLUGIN_ALIAS}
+    # The chart puts these in Traefik's pod as given: they pass strict validation as a pod's.
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "traefik", "namespace": TRAEFIK_NAMESPACE},
+        "spec": {
+            "containers": [
+                {
+                    "name": "traefik",
+                    "image": "traefik:v3.7",
+                    "args": values["additionalArguments"],
+                    "volumeMounts": values["additionalVolumeMounts"],
+                }
+            ],
+            "volumes": values["deployment"]["additionalVolumes"],
+        },
+    }
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(pod, version, strict=True)

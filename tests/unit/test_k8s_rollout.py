@@ -14,7 +14,8 @@ from control_plane.db.engine import make_engine, migrate
 from control_plane.log_backlog import InMemoryLogBacklog
 from control_plane.registry.memory import InMemoryRegistry
 from control_plane.settings import Settings
-from control_plane.traffic.traefik_crd import Mirror
+from control_plane.traffic.traefik_crd import Mirror, child_name
+from control_plane.traffic.user_assignment import PLUGIN_ALIAS, sticky_cookie_value
 from control_plane.traffic_ops import apply_assignment
 from tests.k8s_fake import FakeCluster
 from tests.traffic_rows import FAST_POLICY
@@ -24,7 +25,9 @@ K8S = Path(__file__).resolve().parents[2] / "infra" / "k8s"
 BUSY_BASELINE = 8  # replicas the baseline's autoscaler gave it for the traffic it serves
 
 
-def k8s_context(tmp_path, cluster: FakeCluster, autoscaler: str = "hpa") -> Context:
+def k8s_context(
+    tmp_path, cluster: FakeCluster, autoscaler: str = "hpa", user_assignment: bool = True
+) -> Context:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     migrate(url)
     registry = InMemoryRegistry()
@@ -38,6 +41,7 @@ def k8s_context(tmp_path, cluster: FakeCluster, autoscaler: str = "hpa") -> Cont
         label_window_s=0,
         deployer="kubernetes",
         k8s_autoscaler=autoscaler,
+        user_assignment=user_assignment,
     )
     router, deployer = kubernetes_parts(settings, clients=cluster.clients())
     deployer.sleep = lambda s: None
@@ -77,6 +81,13 @@ def drive(ctx, rollout_id: int, accuracy: dict[int, float]) -> list[str]:
     return actions
 
 
+def user_arms(middleware_spec: dict) -> dict[str, int]:
+    """The userassign plugin's weights by the version's Service its arm's cookie names (v1 to v9)."""
+    services = {sticky_cookie_value(child_name("recsys", v)): f"bento-v{v}" for v in range(1, 10)}
+    arms = middleware_spec["plugin"][PLUGIN_ALIAS]["arms"]
+    return {services[a["cookie"]]: a["weight"] for a in arms}
+
+
 def write_log(cluster: FakeCluster) -> list[tuple]:
     """Every write, compactly: what the split and the floors were set to, what was created or removed."""
     out = []
@@ -86,6 +97,8 @@ def write_log(cluster: FakeCluster) -> list[tuple]:
         elif c.resource == "traefikservices":
             split = {s["name"]: s["weight"] for s in c.body["spec"]["weighted"]["services"]}
             out.append(("split", split))
+        elif c.resource == "middlewares":
+            out.append(("users", user_arms(c.body["spec"])))
         elif c.resource in ("horizontalpodautoscalers", "scaledobjects") and c.verb == "patch":
             out.append(("floor", c.name, next(iter(c.body["spec"].values()))))
         elif c.resource == "deployments/scale":
@@ -123,18 +136,22 @@ def test_a_promoted_rollout_issues_exactly_the_designed_writes_in_order(ctx, clu
     assert write_log(cluster) == [
         *CREATE_V3,
         ("floor", "bento-v2", 8),  # the baseline is held at its share (85 % of 9) while a canary runs
+        ("users", {"bento-v2": 85, "bento-v3": 10, "bento-v1": 5}),  # the plugin's weights just before
         ("split", {"bento-v2": 85, "bento-v3": 10, "bento-v1": 5}),
         ("role routes", ["bento-v2", "bento-v3", "bento-v1"]),
         ("floor", "bento-v3", 3),  # the canary's floor first (25 % of 10), and its replicas ...
         ("scale", "bento-v3", 3),
+        ("users", {"bento-v2": 70, "bento-v3": 25, "bento-v1": 5}),
         ("split", {"bento-v2": 70, "bento-v3": 25, "bento-v1": 5}),  # ... ready before it gets 25 %
         ("floor", "bento-v2", 7),  # the baseline lowered only after it gave the share away
         ("floor", "bento-v3", 6),  # 50 % of 12
         ("scale", "bento-v3", 6),
+        ("users", {"bento-v2": 45, "bento-v3": 50, "bento-v1": 5}),
         ("split", {"bento-v2": 45, "bento-v3": 50, "bento-v1": 5}),
         ("floor", "bento-v2", 6),
         ("floor", "bento-v3", 10),  # promotion: the new baseline scaled to its whole share first (max 10)
         ("scale", "bento-v3", 10),
+        ("users", {"bento-v3": 95, "bento-v1": 5}),
         ("split", {"bento-v3": 95, "bento-v1": 5}),
         ("role routes", ["bento-v3", "bento-v1"]),
         ("floor", "bento-v2", 2),  # then every floor is the autoscaler's minimum again
@@ -172,8 +189,13 @@ def test_a_rolled_back_canary_gives_its_share_back_to_a_baseline_raised_first(ct
     assert actions[-1] == "rollback", actions
     log = write_log(cluster)
     back = log.index(("split", {"bento-v2": 95, "bento-v1": 5}))
-    # The baseline's floor covers its whole share (95 % of a fleet of 10) before it takes the share back.
-    assert log[back - 2 : back] == [("floor", "bento-v2", 10), ("scale", "bento-v2", 10)]
+    # The baseline's floor covers its whole share (95 % of a fleet of 10) before it takes the share back,
+    # and the canary's users are sent back to it (the plugin's weights) just before the split moves.
+    assert log[back - 3 : back] == [
+        ("floor", "bento-v2", 10),
+        ("scale", "bento-v2", 10),
+        ("users", {"bento-v2": 95, "bento-v1": 5}),
+    ]
     assert ("delete", "deployments", "bento-v4") in log[back:]
 
 
@@ -222,11 +244,13 @@ def test_settings_choose_the_kubernetes_deployer_and_the_crd_router(tmp_path, mo
             "RECSYS_K8S_NAMESPACE": "models",
             "RECSYS_K8S_AUTOSCALER": "keda",
             "RECSYS_K8S_MIN_REPLICAS": "3",
+            "RECSYS_USER_ASSIGNMENT": "off",
         }
     )
     ctx = context.bootstrap(settings)
     assert isinstance(ctx.deployer, KubernetesDeployer) and isinstance(ctx.router, ScalingRouter)
     assert isinstance(ctx.router.inner, TraefikCrdRouter) and ctx.router.inner.namespace == "models"
+    assert ctx.router.inner.user_assignment is False
     assert (ctx.deployer.shape.autoscaler, ctx.deployer.shape.min_replicas, ctx.router.min_replicas) == (
         "keda",
         3,
@@ -260,3 +284,42 @@ def test_a_mirror_to_a_rolled_back_canary_is_stopped_before_its_service_goes(ctx
     log = write_log(cluster)
     assert log.index(("mirror", [])) < log.index(("delete", "services", "bento-v4"))
     assert ctx.router.inner.get_mirror() is None
+
+
+def test_the_user_assignment_middleware_moves_in_step_with_every_split(ctx, cluster):
+    promoted = services.start_canary(ctx, 3, FAST_POLICY, actor="test")
+    drive(ctx, promoted.id, accuracy={1: 0.7, 2: 0.70, 3: 0.90})
+    rolled_back = services.start_canary(ctx, 4, FAST_POLICY, actor="test")
+    drive(ctx, rolled_back.id, accuracy={1: 0.75, 3: 0.80, 4: 0.50})
+    log = write_log(cluster)
+    splits = [i for i, entry in enumerate(log) if entry[0] == "split"]
+    assert [log[i][1] for i in splits] == [
+        {"bento-v2": 85, "bento-v3": 10, "bento-v1": 5},
+        {"bento-v2": 70, "bento-v3": 25, "bento-v1": 5},
+        {"bento-v2": 45, "bento-v3": 50, "bento-v1": 5},
+        {"bento-v3": 95, "bento-v1": 5},  # promoted
+        {"bento-v3": 85, "bento-v4": 10, "bento-v1": 5},
+        {"bento-v3": 95, "bento-v1": 5},  # rolled back
+    ]
+    for i in splits:
+        assert log[i - 1] == ("users", log[i][1]), log[i - 1 : i + 1]
+    assert sum(entry[0] == "users" for entry in log) == len(splits)
+    # What Traefik holds at the end: the plugin's arms name the split's children with the split's weights.
+    split = cluster.get("traefikservices", "recsys-split")["spec"]["weighted"]
+    assert user_arms(cluster.get("middlewares", "recsys-user-assign")["spec"]) == {
+        s["name"]: s["weight"] for s in split["services"]
+    }
+    assert split["sticky"]["cookie"]["name"] == "recsys_arm"
+
+
+def test_with_user_assignment_off_the_middleware_is_left_and_the_split_ignores_its_cookie(tmp_path):
+    cluster = FakeCluster()
+    ctx = k8s_context(tmp_path, cluster, user_assignment=False)  # RECSYS_USER_ASSIGNMENT=off
+    shipped = yaml.safe_load_all((K8S / "base" / "gateway.yaml").read_text())
+    (shipped,) = [d for d in shipped if d["metadata"]["name"] == "recsys-user-assign"]
+    rollout = services.start_canary(ctx, 3, FAST_POLICY, actor="test")
+    drive(ctx, rollout.id, accuracy={1: 0.7, 2: 0.70, 3: 0.90})
+    assert not cluster.writes("middlewares")
+    assert cluster.get("middlewares", "recsys-user-assign")["spec"] == shipped["spec"]
+    assert "sticky" not in cluster.get("traefikservices", "recsys-split")["spec"]["weighted"]
+    ctx.engine.dispose()

@@ -145,3 +145,5 @@ def test_the_crd_router_patches_the_plugin_middleware_before_the_split():
     plain.load(Path(__file__).resolve().parents[2] / "infra" / "k8s" / "base" / "gateway.yaml")
     TraefikCrdRouter(plain.clients(), "recsys").set_weights({"baseline": 70, "canary": 25, "control": 5})
     assert [c.resource for c in plain.writes()] == ["traefikservices"]
+    # off, the split drops the shipped sticky cookie: the Middleware's old weights steer nobody
+    assert "sticky" not in plain.get("traefikservices", "recsys-split")["spec"]["weighted"]

