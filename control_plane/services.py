@@ -19,12 +19,13 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from control_plane import observations, queries, retention
 from control_plane.analysis.decide import decide, decide_harm
 from control_plane.analysis.policy import Policy
-from control_plane.analysis.types import Action, Decision, Phase
+from control_plane.analysis.types import Action, Decision, Observations, Phase
 from control_plane.bounds import check_row_int
 from control_plane.context import Context
 from control_plane.db.engine import read_snapshot
 from control_plane.errors import InvalidRequest, NoPreviousBaseline, RolloutConflict
 from control_plane.ledger import Rollout
+from control_plane.log_backlog import Backlog
 from control_plane.metrics_source import SHADOW_ROUTE
 from control_plane.retention import RetentionPolicy
 from control_plane.rollout.assignment import Assignment, Slot
@@ -333,7 +334,7 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
 def evaluate(
     ctx: Context, tick: int | None = None, actor: str = "scheduler", interval_s: int | None = None
 ) -> dict[str, Any] | None:
-    """One evaluation of the active rollout: read → decide → apply → record. Safe to run twice.
+    """One evaluation of the active rollout: read → decide → plan → record → apply. Safe to run twice.
 
     `tick` is the epoch second the scheduled interval starts at; a tick already recorded is not run again,
     and ticks skipped since the last one are counted (with `interval_s`) and shown in the ledger.
@@ -344,6 +345,28 @@ def evaluate(
     if rollout is None or rollout.phase is Phase.PENDING:
         return None
     policy = Policy.from_dict(rollout.policy_params)
+    reading = _read(ctx, rollout, policy, tick)
+    if reading is None:
+        return None  # this tick (or a later one) already ran
+    decision = _decision(rollout, policy, reading)
+    missed = _missed_ticks(tick, reading.last_tick, interval_s or ctx.settings.eval_interval_s)
+    return _act(ctx, rollout, decision, actor, tick=tick, obs=reading.obs, missed_ticks=missed)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reading:
+    """What one evaluation read: the rollout's ledger so far, and its observations or why there are none."""
+
+    evaluations: int
+    last_tick: int | None
+    running_p: dict[str, float]
+    obs: Observations | None
+    failure: str | None  # why the metrics could not be read (obs is None)
+    backlog: tuple[Backlog, ...]  # the Bentos still replaying spilled rows: nothing is decided until they have
+
+
+def _read(ctx: Context, rollout: Rollout, policy: Policy, tick: int | None) -> _Reading | None:
+    """decide()'s inputs, read in one snapshot; None when `tick` (or a later one) was already recorded."""
     now = ctx.clock()
     assignment = Assignment.of(ctx.traffic_store.load())
     versions_by_role = _versions_by_role(rollout, assignment)
@@ -352,28 +375,32 @@ def evaluate(
     label_window_s = _label_window_s(ctx, policy)
     if not backlog:  # rows still being replayed would be passed over by the label job's watermark
         _close_labels(ctx, label_window_s, now, start_at=rollout.started_at)
+    obs, failure = None, None
     with read_snapshot(ctx.engine) as conn:
         evaluations, last_tick = ctx.ledger.evaluations(conn, rollout.id)
         running_p = ctx.ledger.last_stat(conn, rollout.id, "running_p_values") or {}
         if tick is not None and last_tick is not None and tick <= last_tick:
-            return None  # this tick (or a later one) already ran
+            return None
         try:
             obs = _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s)
         except SQLAlchemyError as exc:
-            obs = None
             failure = f"metrics could not be read: {exc.__class__.__name__}"
+    return _Reading(evaluations, last_tick, running_p, obs, failure, tuple(backlog))
+
+
+def _decision(rollout: Rollout, policy: Policy, reading: _Reading) -> Decision:
+    """decide() on what was read, unless the rollout is paused or the reading cannot be judged."""
     if rollout.phase is Phase.PAUSED:
         decision = Decision(Action.HOLD, "rollout is paused by an operator", rollout.canary_weight)
-    elif obs is None:
-        decision = Decision(Action.NO_DATA, failure, rollout.canary_weight)
-    elif backlog:
-        decision = Decision(Action.NO_DATA, _replaying(backlog), rollout.canary_weight)
+    elif reading.obs is None:
+        decision = Decision(Action.NO_DATA, str(reading.failure), rollout.canary_weight)
+    elif reading.backlog:
+        decision = Decision(Action.NO_DATA, _replaying(reading.backlog), rollout.canary_weight)
     else:
-        decision = decide(rollout.state(evaluations, running_p), obs, policy)
+        decision = decide(rollout.state(reading.evaluations, reading.running_p), reading.obs, policy)
     if decision.action is Action.NO_DATA and "running_p_values" not in decision.stats:
-        decision = _carry_running_p(decision, running_p)
-    missed = _missed_ticks(tick, last_tick, interval_s or ctx.settings.eval_interval_s)
-    return _act(ctx, rollout, decision, actor, tick=tick, obs=obs, missed_ticks=missed)
+        decision = _carry_running_p(decision, reading.running_p)
+    return decision
 
 
 def _versions_by_role(rollout: Rollout, assignment: Assignment) -> dict[str, int | None]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from control_plane.analysis.types import Action, Phase
@@ -69,3 +72,15 @@ def test_an_operators_refusal_names_the_phases_that_allow_the_move():
     assert allowed_from(Operator.PAUSE) == (P,)
     assert allowed_from(Operator.RESUME) == (PA,)
     assert allowed_from(Action.ADVANCE) == (S, P)
+
+
+def test_the_rollout_core_imports_nothing_above_it():
+    """Imports point down: the core loads no service layer, web, database or SQL module."""
+    code = (
+        "import sys, control_plane.rollout.plan, control_plane.rollout.entry;"
+        "above = ('control_plane.services', 'control_plane.web', 'control_plane.db', 'control_plane.ledger',"
+        " 'sqlalchemy', 'flask');"
+        "print(sorted(m for m in sys.modules if m.startswith(above)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
