@@ -362,7 +362,7 @@ class _Reading:
     running_p: dict[str, float]
     obs: Observations | None
     failure: str | None  # why the metrics could not be read (obs is None)
-    backlog: tuple[Backlog, ...]  # the Bentos still replaying spilled rows: nothing is decided until they have
+    backlog: tuple[Backlog, ...]  # Bentos still replaying spilled rows: nothing is decided until they have
 
 
 def _read(ctx: Context, rollout: Rollout, policy: Policy, tick: int | None) -> _Reading | None:
@@ -753,8 +753,10 @@ def _stop_mirror(ctx: Context) -> None:
 
 def _complete_pending(ctx: Context, rollout: Rollout) -> None:
     """A previous run recorded a move and died before finishing it: finish it now."""
+    move = rollout.pending
+    if move is None:
+        return
     log.warning("completing a half-applied action", extra={"rollout_id": rollout.id})
-    move = TrafficMove.from_dict(rollout.pending_action)
     _apply(ctx, rollout, move)
     ctx.ledger.clear_pending(rollout.id)
     reason = f"completed the half-applied {move.kind} action"

@@ -193,3 +193,13 @@ def test_a_stored_move_reads_back_as_it_was(kind):
 def test_a_move_targets_the_rollouts_versions(kind, expected):
     w = weights(45, 50, 5) if kind is MoveKind.WEIGHTS else weights(95, 0, 5)
     assert TrafficMove(kind, w).target(baseline=2, candidate=3, control=1) == expected
+
+
+def test_a_rollout_reads_its_pending_move_back():
+    from control_plane.ledger import Rollout
+
+    stored = move(MoveKind.PROMOTE, 95, 0, 5).to_dict(rollout_id=3)
+    fields = dict.fromkeys(Rollout.__dataclass_fields__)
+    rollout = Rollout(**{**fields, "pending_action": stored})
+    assert rollout.pending == move(MoveKind.PROMOTE, 95, 0, 5)
+    assert Rollout(**{**fields, "pending_action": None}).pending is None
