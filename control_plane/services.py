@@ -19,28 +19,32 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from control_plane import observations, queries, retention
 from control_plane.analysis.decide import decide, decide_harm
 from control_plane.analysis.policy import Policy
-from control_plane.analysis.types import Action, Decision, Observations, Phase
+from control_plane.analysis.types import Action, Decision, Phase
 from control_plane.bounds import check_row_int
 from control_plane.context import Context
 from control_plane.db.engine import read_snapshot
 from control_plane.errors import InvalidRequest, NoPreviousBaseline, RolloutConflict
 from control_plane.ledger import Rollout
-from control_plane.log_backlog import Backlog
-from control_plane.metrics_source import SHADOW_ROUTE
 from control_plane.retention import RetentionPolicy
 from control_plane.rollout.assignment import Assignment, Slot
 from control_plane.rollout.entry import Entry
 from control_plane.rollout.phases import ForbiddenTransition, Operator, allowed_from, transition
 from control_plane.rollout.plan import MoveKind, TrafficMove, plan
+from control_plane.rollout_reading import (
+    SETTLE_S,
+    Reading,
+    attribution_window_s,
+    close_window,
+    compared_versions,
+    observe,
+    read_evaluation,
+    replaying,
+)
 from control_plane.settings import ROLES
 from control_plane.traffic.base import InvalidWeights, Mirror, TrafficStateUnreadable, validate_weights
 from control_plane.traffic_ops import apply_assignment
 
 log = logging.getLogger(__name__)
-
-# Seconds after a weight change before requests count toward the new step's sample-ratio check:
-# Traefik reloads within ~0.5-2 s, and requests served meanwhile follow the old weights.
-SETTLE_S = 3.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -146,17 +150,6 @@ def window_counts(ctx: Context, window_s: int | None = None) -> dict[str, dict[s
         )
 
 
-def _close_labels(ctx: Context, window_s: float, now: float, start_at: float) -> int:
-    """Count the outcomes whose attribution window has closed (the label job); 0 if the database fails."""
-    try:
-        return queries.close_label_windows(
-            ctx.engine, window_s=window_s, now=now, settle_s=ctx.settings.log_settle_s, start_at=start_at
-        )
-    except SQLAlchemyError as exc:
-        log.warning("label windows not closed: %s", exc.__class__.__name__)
-        return 0
-
-
 def close_labels(ctx: Context) -> int:
     """The scheduled label job: the stack's attribution window and the active rollout's, each from its
     watermark; waits while a Bento's log is replaying rows (their windows would be passed over)."""
@@ -170,7 +163,7 @@ def close_labels(ctx: Context) -> int:
         policy = Policy.from_dict(rollout.policy_params)
         if policy.label_window_s is not None:
             windows.setdefault(float(policy.label_window_s), rollout.started_at)
-    return sum(_close_labels(ctx, w, now, start_at) for w, start_at in windows.items())
+    return sum(close_window(ctx, w, now, start_at) for w, start_at in windows.items())
 
 
 def maintain(ctx: Context) -> dict[str, Any]:
@@ -345,7 +338,7 @@ def evaluate(
     if rollout is None or rollout.phase is Phase.PENDING:
         return None
     policy = Policy.from_dict(rollout.policy_params)
-    reading = _read(ctx, rollout, policy, tick)
+    reading = read_evaluation(ctx, rollout, policy, tick)
     if reading is None:
         return None  # this tick (or a later one) already ran
     decision = _decision(rollout, policy, reading)
@@ -353,123 +346,19 @@ def evaluate(
     return _act(ctx, rollout, decision, actor, tick=tick, obs=reading.obs, missed_ticks=missed)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Reading:
-    """What one evaluation read: the rollout's ledger so far, and its observations or why there are none."""
-
-    evaluations: int
-    last_tick: int | None
-    running_p: dict[str, float]
-    obs: Observations | None
-    failure: str | None  # why the metrics could not be read (obs is None)
-    backlog: tuple[Backlog, ...]  # Bentos still replaying spilled rows: nothing is decided until they have
-
-
-def _read(ctx: Context, rollout: Rollout, policy: Policy, tick: int | None) -> _Reading | None:
-    """decide()'s inputs, read in one snapshot; None when `tick` (or a later one) was already recorded."""
-    now = ctx.clock()
-    assignment = Assignment.of(ctx.traffic_store.load())
-    versions_by_role = _versions_by_role(rollout, assignment)
-    endpoints = ctx.deployer.endpoints()
-    backlog = ctx.log_backlog.waiting({v: endpoints[v] for v in versions_by_role.values() if v in endpoints})
-    label_window_s = _label_window_s(ctx, policy)
-    if not backlog:  # rows still being replayed would be passed over by the label job's watermark
-        _close_labels(ctx, label_window_s, now, start_at=rollout.started_at)
-    obs, failure = None, None
-    with read_snapshot(ctx.engine) as conn:
-        evaluations, last_tick = ctx.ledger.evaluations(conn, rollout.id)
-        running_p = ctx.ledger.last_stat(conn, rollout.id, "running_p_values") or {}
-        if tick is not None and last_tick is not None and tick <= last_tick:
-            return None
-        try:
-            obs = _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s)
-        except SQLAlchemyError as exc:
-            failure = f"metrics could not be read: {exc.__class__.__name__}"
-    return _Reading(evaluations, last_tick, running_p, obs, failure, tuple(backlog))
-
-
-def _decision(rollout: Rollout, policy: Policy, reading: _Reading) -> Decision:
+def _decision(rollout: Rollout, policy: Policy, reading: Reading) -> Decision:
     """decide() on what was read, unless the rollout is paused or the reading cannot be judged."""
     if rollout.phase is Phase.PAUSED:
         decision = Decision(Action.HOLD, "rollout is paused by an operator", rollout.canary_weight)
     elif reading.obs is None:
         decision = Decision(Action.NO_DATA, str(reading.failure), rollout.canary_weight)
     elif reading.backlog:
-        decision = Decision(Action.NO_DATA, _replaying(reading.backlog), rollout.canary_weight)
+        decision = Decision(Action.NO_DATA, replaying(reading.backlog), rollout.canary_weight)
     else:
         decision = decide(rollout.state(reading.evaluations, reading.running_p), reading.obs, policy)
     if decision.action is Action.NO_DATA and "running_p_values" not in decision.stats:
         decision = _carry_running_p(decision, reading.running_p)
     return decision
-
-
-def _versions_by_role(rollout: Rollout, assignment: Assignment) -> dict[str, int | None]:
-    """The versions a rollout compares: its baseline and candidate, and the control in force."""
-    return {
-        "baseline": rollout.baseline_version,
-        "canary": rollout.candidate_version,
-        "control": assignment.control.version,
-    }
-
-
-def _label_window_s(ctx: Context, policy: Policy) -> float:
-    """The attribution window: the policy's own, else the setting."""
-    return ctx.settings.label_window_s if policy.label_window_s is None else policy.label_window_s
-
-
-def _history(ctx: Context, conn, rollout: Rollout) -> list[tuple[float, int]]:
-    """(when, canary weight) of the rollout's start and each advance, from the ledger: its ramp steps."""
-    return ctx.ledger.step_history(conn, rollout.id) or [(rollout.started_at, rollout.canary_weight)]
-
-
-def _settled(ctx: Context, conn, rollout: Rollout, history: list[tuple[float, int]]) -> list[float | None]:
-    """When each step's weights were surely in force. An advance is recorded before it is applied (the
-    traffic write, then the registry's aliases: tens of seconds under load), and the step's clock starts
-    once it is applied and the log has settled (`step_started_at`); the next decision is recorded only
-    after that, under the action lock. So: the current step's own start, and for an earlier step the
-    first decision after its advance, plus the settling."""
-    times = ctx.ledger.decision_times(conn, rollout.id)
-    out: list[float | None] = [None]  # the first step's weights were in force from the window's start
-    for i, (ts, _) in enumerate(history[1:], start=1):  # (`history` may begin after a shadow phase)
-        if i == len(history) - 1:
-            out.append(rollout.step_started_at)
-        else:
-            after = [t for t in times if t > ts]
-            out.append(after[0] + SETTLE_S if after else None)
-    return out
-
-
-def _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s):
-    """decide()'s inputs for the rollout: its window read through the aggregates, per ramp step."""
-    since = policy.window_start(rollout.started_at, now)
-    shadow = rollout.phase is Phase.SHADOW
-    if shadow:
-        # from when the mirror was in force (the deploy before it takes a while): both arms, same requests
-        since = max(since, rollout.step_started_at)
-    control_weight = assignment.control.weight if versions_by_role.get("control") else 0
-    ramp = policy.name == "sequential" and not shadow
-    history = _history(ctx, conn, rollout)
-    lead = next((i for i, (_, w) in enumerate(history) if w > 0), len(history) - 1)
-    if not shadow and lead:
-        # After a shadow phase (the steps at weight 0 before the first weighted one) the split's window
-        # begins once the first step's weights were surely in force, and the steps count from there.
-        since = max(since, _settled(ctx, conn, rollout, history)[lead] or history[lead][0])
-        history = history[lead:]
-    periods = observations.ramp_periods(history, since, control_weight) if ramp else ()
-    return observations.read_observations(
-        queries.SqlMetricsSource(conn),
-        versions=versions_by_role,
-        since=since,
-        step_since=rollout.step_started_at,
-        now=now,
-        label_window_s=label_window_s,
-        settle_s=ctx.settings.log_settle_s,
-        step_weights=assignment.weights,
-        periods=periods,
-        period_settled=_settled(ctx, conn, rollout, history) if ramp else (),
-        # in the shadow phase the candidate's numbers are its answers to the mirrored copies
-        routes={"canary": SHADOW_ROUTE} if shadow else None,
-    )
 
 
 @one_at_a_time
@@ -487,10 +376,10 @@ def check_harm(ctx: Context, actor: str = "harm-check") -> dict[str, Any] | None
         return None
     now = ctx.clock()
     assignment = Assignment.of(ctx.traffic_store.load())
-    versions_by_role = _versions_by_role(rollout, assignment)
-    label_window_s = _label_window_s(ctx, policy)
+    versions_by_role = compared_versions(rollout, assignment)
+    label_window_s = attribution_window_s(ctx, policy)
     with read_snapshot(ctx.engine) as conn:
-        obs = _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s)
+        obs = observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s)
         evaluations, _ = ctx.ledger.evaluations(conn, rollout.id)
     decision = decide_harm(rollout.state(evaluations), obs, policy)
     if decision is None:
@@ -521,14 +410,6 @@ def record_unreachable_tick(
         running_p,
     )
     return _act(ctx, rollout, decision, actor, tick=tick, missed_ticks=_missed_ticks(tick, last_tick, step))
-
-
-def _replaying(backlog) -> str:
-    return (
-        "the prediction log is still replaying rows spilled while the database was unreachable ("
-        + "; ".join(map(str, backlog))
-        + "): the arms would be counted unevenly, so nothing is decided until it has"
-    )
 
 
 def _missed_ticks(tick: int | None, last_tick: int | None, step: int) -> int:
@@ -629,11 +510,11 @@ def _evidence_now(ctx: Context, rollout: Rollout, policy: Policy):
         return None, None
     now = ctx.clock()
     assignment = Assignment.of(ctx.traffic_store.load())
-    versions_by_role = _versions_by_role(rollout, assignment)
-    label_window_s = _label_window_s(ctx, policy)
+    versions_by_role = compared_versions(rollout, assignment)
+    label_window_s = attribution_window_s(ctx, policy)
     try:
         with read_snapshot(ctx.engine) as conn:
-            obs = _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s)
+            obs = observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s)
             evaluations, _ = ctx.ledger.evaluations(conn, rollout.id)
             running_p = ctx.ledger.last_stat(conn, rollout.id, "running_p_values") or {}
     except SQLAlchemyError:
