@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from control_plane import observations, queries, retention
 from control_plane.analysis.decide import decide, decide_harm
 from control_plane.analysis.policy import Policy
-from control_plane.analysis.types import Action, Decision, Phase
+from control_plane.analysis.types import Action, Decision, Observations, Phase
 from control_plane.bounds import check_row_int
 from control_plane.context import Context
 from control_plane.db.engine import read_snapshot
@@ -559,8 +559,8 @@ def _act(
     decision: Decision,
     actor: str,
     *,
-    tick=None,
-    obs=None,
+    tick: int | None = None,
+    obs: Observations | None = None,
     missed_ticks: int = 0,
     recorded_as: str | None = None,
 ) -> dict[str, Any] | None:
