@@ -13,6 +13,7 @@ from control_plane.analysis.types import Phase, RolloutState
 from control_plane.bounds import row_int_in_range
 from control_plane.db.schema import decisions, rollouts
 from control_plane.errors import RolloutNotFound
+from control_plane.rollout.plan import TrafficMove
 
 ACTIVE_PHASES = (Phase.PENDING, Phase.SHADOW, Phase.PROGRESSING, Phase.PAUSED)
 
@@ -34,7 +35,12 @@ class Rollout:
     updated_at: float
     ended_at: float | None
     reason: str | None
-    pending_action: dict[str, Any] | None
+    pending_action: dict[str, Any] | None  # a recorded move not yet applied, as stored (the API shows it)
+
+    @property
+    def pending(self) -> TrafficMove | None:
+        """The recorded move not yet applied (a run died before finishing it), if any."""
+        return None if not self.pending_action else TrafficMove.from_dict(self.pending_action)
 
     def state(self, evaluations: int = 0, running_p_values: dict | None = None) -> RolloutState:
         return RolloutState(

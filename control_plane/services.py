@@ -1,4 +1,5 @@
-"""The service layer: what views, RQ jobs and the CLI all call. Each write is read → decide → apply → record.
+"""The service layer: what views, RQ jobs and the CLI all call. Each write is read → decide → plan → record →
+apply: the plan (control_plane/rollout/) is recorded with its ledger row in one transaction, then applied.
 
 Each write runs holding the action lock (control_plane/action_lock.py), so it reads what the previous
 write left, whichever process made it.
@@ -18,31 +19,32 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from control_plane import observations, queries, retention
 from control_plane.analysis.decide import decide, decide_harm
 from control_plane.analysis.policy import Policy
-from control_plane.analysis.types import Action, Decision, Phase
+from control_plane.analysis.types import Action, Decision, Observations, Phase
 from control_plane.bounds import check_row_int
 from control_plane.context import Context
 from control_plane.db.engine import read_snapshot
 from control_plane.errors import InvalidRequest, NoPreviousBaseline, RolloutConflict
 from control_plane.ledger import Rollout
-from control_plane.metrics_source import SHADOW_ROUTE
 from control_plane.retention import RetentionPolicy
+from control_plane.rollout.assignment import Assignment, Slot
+from control_plane.rollout.entry import Entry
+from control_plane.rollout.phases import ForbiddenTransition, Operator, allowed_from, transition
+from control_plane.rollout.plan import MoveKind, TrafficMove, plan
+from control_plane.rollout_reading import (
+    SETTLE_S,
+    Reading,
+    attribution_window_s,
+    close_window,
+    compared_versions,
+    observe,
+    read_evaluation,
+    replaying,
+)
 from control_plane.settings import ROLES
 from control_plane.traffic.base import InvalidWeights, Mirror, TrafficStateUnreadable, validate_weights
-from control_plane.traffic_ops import apply_assignment, split
+from control_plane.traffic_ops import apply_assignment
 
 log = logging.getLogger(__name__)
-
-# Seconds after a weight change before requests count toward the new step's sample-ratio check:
-# Traefik reloads within ~0.5-2 s, and requests served meanwhile follow the old weights.
-SETTLE_S = 3.0
-
-TERMINAL_FOR = {
-    Action.PROMOTE: Phase.PROMOTED,
-    Action.ROLLBACK: Phase.ROLLED_BACK,
-    Action.HALT: Phase.HALTED,
-    Action.INCONCLUSIVE: Phase.INCONCLUSIVE,
-}
-
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -148,17 +150,6 @@ def window_counts(ctx: Context, window_s: int | None = None) -> dict[str, dict[s
         )
 
 
-def _close_labels(ctx: Context, window_s: float, now: float, start_at: float) -> int:
-    """Count the outcomes whose attribution window has closed (the label job); 0 if the database fails."""
-    try:
-        return queries.close_label_windows(
-            ctx.engine, window_s=window_s, now=now, settle_s=ctx.settings.log_settle_s, start_at=start_at
-        )
-    except SQLAlchemyError as exc:
-        log.warning("label windows not closed: %s", exc.__class__.__name__)
-        return 0
-
-
 def close_labels(ctx: Context) -> int:
     """The scheduled label job: the stack's attribution window and the active rollout's, each from its
     watermark; waits while a Bento's log is replaying rows (their windows would be passed over)."""
@@ -172,7 +163,7 @@ def close_labels(ctx: Context) -> int:
         policy = Policy.from_dict(rollout.policy_params)
         if policy.label_window_s is not None:
             windows.setdefault(float(policy.label_window_s), rollout.started_at)
-    return sum(_close_labels(ctx, w, now, start_at) for w, start_at in windows.items())
+    return sum(close_window(ctx, w, now, start_at) for w, start_at in windows.items())
 
 
 def maintain(ctx: Context) -> dict[str, Any]:
@@ -223,11 +214,11 @@ def set_weights(ctx: Context, weights: dict[str, Any], actor: str) -> dict[str, 
         raise RolloutConflict(
             f"rollout {active.id} is {active.phase}; pause or end it before changing weights by hand"
         )
-    assignment = ctx.traffic_store.load()
+    assignment = Assignment.of(ctx.traffic_store.load())
     for role, weight in clean.items():
-        if weight and assignment.get(role, (None, 0))[0] is None:
+        if weight and assignment.slot(role).version is None:
             raise InvalidRequest(f"role {role!r} has no deployed version, so it cannot take weight {weight}")
-    new = {r: (assignment.get(r, (None, 0))[0], clean.get(r, 0)) for r in ROLES}
+    new = {r: (assignment.slot(r).version, clean.get(r, 0)) for r in ROLES}
     try:
         apply_assignment(ctx, new)
     except ValueError as exc:
@@ -246,9 +237,9 @@ def deploy_role(ctx: Context, version: int, role: str, actor: str) -> dict[str, 
     if active is not None and role in ("baseline", "canary"):
         raise RolloutConflict(f"rollout {active.id} is running; end it before redeploying the {role}")
     ctx.deployer.deploy(version)
-    assignment = ctx.traffic_store.load()
-    replaced, weight = assignment.get(role, (None, 0))
-    others = {r: a for r, a in assignment.items() if r != role}
+    assignment = Assignment.of(ctx.traffic_store.load())
+    replaced, weight = assignment.slot(role).version, assignment.slot(role).weight
+    others = {r: a for r, a in assignment.as_mapping().items() if r != role}
     apply_assignment(
         ctx,
         {**others, role: (version, 0)}
@@ -282,11 +273,11 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
             "with RECSYS_DEPLOYER=kubernetes set it to 0"
         )
     ctx.registry.get(version)  # raises VersionNotFound
-    assignment = ctx.traffic_store.load()
-    baseline_version = assignment.get("baseline", (None, 0))[0]
+    assignment = Assignment.of(ctx.traffic_store.load())
+    baseline_version = assignment.baseline.version
     if version == baseline_version:
         raise InvalidRequest(f"version {version} is already the baseline")
-    if version == assignment.get("control", (None, 0))[0]:
+    if version == assignment.control.version:
         raise InvalidRequest(f"version {version} is the control; one version holds one role at a time")
     if ctx.ledger.active() is not None:
         raise RolloutConflict("a rollout is already running; end it before starting another")
@@ -303,56 +294,30 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
     try:
         ctx.deployer.deploy(version)  # raises DeployFailed: the canary never gets weight
     except Exception as exc:
-        _finish(
-            ctx,
-            ctx.ledger.get(rollout_id),
-            Phase.ROLLED_BACK,
-            f"canary {version} failed to start: {exc}",
-            actor,
-        )
+        _finish(ctx, ctx.ledger.get(rollout_id), f"canary {version} failed to start: {exc}", actor)
         raise
-    previous_canary = assignment.get("canary", (None, 0))[0]
-    control_version, control_weight = assignment.get("control", (None, 0))
     shadow = pol.shadow_percent > 0
     # With a shadow phase the candidate holds the canary role at weight 0: only Traefik's mirror reaches it.
-    weights = split(0 if shadow else pol.steps[0], control_weight, True, control_version is not None)
-    apply_assignment(
-        ctx,
-        {
-            "baseline": (baseline_version, weights["baseline"]),
-            "canary": (version, weights["canary"]),
-            "control": (control_version, weights["control"]),
-        },
-    )
+    target = assignment.with_canary(0 if shadow else pol.steps[0], version)
+    apply_assignment(ctx, target.as_mapping())
     if shadow:
         ctx.router.set_mirror(Mirror(version=version, percent=pol.shadow_percent))
     ctx.registry.set_alias("canary", version)
-    phase = Phase.SHADOW if shadow else Phase.PROGRESSING
+    phase = transition(Phase.PENDING, Operator.START_SHADOW if shadow else Operator.START)
     started = (
         f"candidate {version} deployed at 0% in the shadow phase: {pol.shadow_percent}% of requests "
         f"mirrored to it, under policy {pol.name}"
         if shadow
-        else f"canary {version} deployed at {weights['canary']}% under policy {pol.name}"
+        else f"canary {version} deployed at {target.canary.weight}% under policy {pol.name}"
     )
-    with ctx.engine.begin() as conn:
-        ctx.ledger.update(
-            conn,
-            rollout_id,
-            phase=phase,
-            canary_weight=weights["canary"],
-            step_started_at=ctx.clock() + SETTLE_S,
-        )
-        _record(
-            ctx,
-            conn,
-            ctx.ledger.get(rollout_id, conn),
-            Phase.PENDING,
-            phase,
-            "start",
-            actor,
-            started,
-            weights["canary"],
-        )
+    _write(
+        ctx,
+        Entry(rollout_id, Phase.PENDING, phase, "start", actor, started, target.canary.weight),
+        phase=phase,
+        canary_weight=target.canary.weight,
+        step_started_at=ctx.clock() + SETTLE_S,
+    )
+    previous_canary, control_version = assignment.canary.version, assignment.control.version
     if previous_canary not in (None, version, baseline_version, control_version):
         _retire(ctx, previous_canary)
     return ctx.ledger.get(rollout_id)
@@ -362,7 +327,7 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
 def evaluate(
     ctx: Context, tick: int | None = None, actor: str = "scheduler", interval_s: int | None = None
 ) -> dict[str, Any] | None:
-    """One evaluation of the active rollout: read → decide → apply → record. Safe to run twice.
+    """One evaluation of the active rollout: read → decide → plan → record → apply. Safe to run twice.
 
     `tick` is the epoch second the scheduled interval starts at; a tick already recorded is not run again,
     and ticks skipped since the last one are counted (with `interval_s`) and shown in the ledger.
@@ -373,105 +338,27 @@ def evaluate(
     if rollout is None or rollout.phase is Phase.PENDING:
         return None
     policy = Policy.from_dict(rollout.policy_params)
-    now = ctx.clock()
-    assignment = ctx.traffic_store.load()
-    versions_by_role = _versions_by_role(rollout, assignment)
-    endpoints = ctx.deployer.endpoints()
-    backlog = ctx.log_backlog.waiting({v: endpoints[v] for v in versions_by_role.values() if v in endpoints})
-    label_window_s = _label_window_s(ctx, policy)
-    if not backlog:  # rows still being replayed would be passed over by the label job's watermark
-        _close_labels(ctx, label_window_s, now, start_at=rollout.started_at)
-    with read_snapshot(ctx.engine) as conn:
-        evaluations, last_tick = ctx.ledger.evaluations(conn, rollout.id)
-        running_p = ctx.ledger.last_stat(conn, rollout.id, "running_p_values") or {}
-        if tick is not None and last_tick is not None and tick <= last_tick:
-            return None  # this tick (or a later one) already ran
-        try:
-            obs = _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s)
-        except SQLAlchemyError as exc:
-            obs = None
-            failure = f"metrics could not be read: {exc.__class__.__name__}"
+    reading = read_evaluation(ctx, rollout, policy, tick)
+    if reading is None:
+        return None  # this tick (or a later one) already ran
+    decision = _decision(rollout, policy, reading)
+    missed = _missed_ticks(tick, reading.last_tick, interval_s or ctx.settings.eval_interval_s)
+    return _act(ctx, rollout, decision, actor, tick=tick, obs=reading.obs, missed_ticks=missed)
+
+
+def _decision(rollout: Rollout, policy: Policy, reading: Reading) -> Decision:
+    """decide() on what was read, unless the rollout is paused or the reading cannot be judged."""
     if rollout.phase is Phase.PAUSED:
         decision = Decision(Action.HOLD, "rollout is paused by an operator", rollout.canary_weight)
-    elif obs is None:
-        decision = Decision(Action.NO_DATA, failure, rollout.canary_weight)
-    elif backlog:
-        decision = Decision(Action.NO_DATA, _replaying(backlog), rollout.canary_weight)
+    elif reading.obs is None:
+        decision = Decision(Action.NO_DATA, str(reading.failure), rollout.canary_weight)
+    elif reading.backlog:
+        decision = Decision(Action.NO_DATA, replaying(reading.backlog), rollout.canary_weight)
     else:
-        decision = decide(rollout.state(evaluations, running_p), obs, policy)
+        decision = decide(rollout.state(reading.evaluations, reading.running_p), reading.obs, policy)
     if decision.action is Action.NO_DATA and "running_p_values" not in decision.stats:
-        decision = _carry_running_p(decision, running_p)
-    missed = _missed_ticks(tick, last_tick, interval_s or ctx.settings.eval_interval_s)
-    return _act(ctx, rollout, decision, policy, actor, tick=tick, obs=obs, missed_ticks=missed)
-
-
-def _versions_by_role(rollout: Rollout, assignment) -> dict[str, int | None]:
-    """The versions a rollout compares: its baseline and candidate, and the control in force."""
-    return {
-        "baseline": rollout.baseline_version,
-        "canary": rollout.candidate_version,
-        "control": assignment.get("control", (None, 0))[0],
-    }
-
-
-def _label_window_s(ctx: Context, policy: Policy) -> float:
-    """The attribution window: the policy's own, else the setting."""
-    return ctx.settings.label_window_s if policy.label_window_s is None else policy.label_window_s
-
-
-def _history(ctx: Context, conn, rollout: Rollout) -> list[tuple[float, int]]:
-    """(when, canary weight) of the rollout's start and each advance, from the ledger: its ramp steps."""
-    return ctx.ledger.step_history(conn, rollout.id) or [(rollout.started_at, rollout.canary_weight)]
-
-
-def _settled(ctx: Context, conn, rollout: Rollout, history: list[tuple[float, int]]) -> list[float | None]:
-    """When each step's weights were surely in force. An advance is recorded before it is applied (the
-    traffic write, then the registry's aliases: tens of seconds under load), and the step's clock starts
-    once it is applied and the log has settled (`step_started_at`); the next decision is recorded only
-    after that, under the action lock. So: the current step's own start, and for an earlier step the
-    first decision after its advance, plus the settling."""
-    times = ctx.ledger.decision_times(conn, rollout.id)
-    out: list[float | None] = [None]  # the first step's weights were in force from the window's start
-    for i, (ts, _) in enumerate(history[1:], start=1):  # (`history` may begin after a shadow phase)
-        if i == len(history) - 1:
-            out.append(rollout.step_started_at)
-        else:
-            after = [t for t in times if t > ts]
-            out.append(after[0] + SETTLE_S if after else None)
-    return out
-
-
-def _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s):
-    """decide()'s inputs for the rollout: its window read through the aggregates, per ramp step."""
-    since = policy.window_start(rollout.started_at, now)
-    shadow = rollout.phase is Phase.SHADOW
-    if shadow:
-        # from when the mirror was in force (the deploy before it takes a while): both arms, same requests
-        since = max(since, rollout.step_started_at)
-    control_weight = assignment.get("control", (None, 0))[1] if versions_by_role.get("control") else 0
-    ramp = policy.name == "sequential" and not shadow
-    history = _history(ctx, conn, rollout)
-    lead = next((i for i, (_, w) in enumerate(history) if w > 0), len(history) - 1)
-    if not shadow and lead:
-        # After a shadow phase (the steps at weight 0 before the first weighted one) the split's window
-        # begins once the first step's weights were surely in force, and the steps count from there.
-        since = max(since, _settled(ctx, conn, rollout, history)[lead] or history[lead][0])
-        history = history[lead:]
-    periods = observations.ramp_periods(history, since, control_weight) if ramp else ()
-    return observations.read_observations(
-        queries.SqlMetricsSource(conn),
-        versions=versions_by_role,
-        since=since,
-        step_since=rollout.step_started_at,
-        now=now,
-        label_window_s=label_window_s,
-        settle_s=ctx.settings.log_settle_s,
-        step_weights={r: w for r, (_, w) in assignment.items()},
-        periods=periods,
-        period_settled=_settled(ctx, conn, rollout, history) if ramp else (),
-        # in the shadow phase the candidate's numbers are its answers to the mirrored copies
-        routes={"canary": SHADOW_ROUTE} if shadow else None,
-    )
+        decision = _carry_running_p(decision, reading.running_p)
+    return decision
 
 
 @one_at_a_time
@@ -488,16 +375,16 @@ def check_harm(ctx: Context, actor: str = "harm-check") -> dict[str, Any] | None
     if policy.name != "sequential":
         return None
     now = ctx.clock()
-    assignment = ctx.traffic_store.load()
-    versions_by_role = _versions_by_role(rollout, assignment)
-    label_window_s = _label_window_s(ctx, policy)
+    assignment = Assignment.of(ctx.traffic_store.load())
+    versions_by_role = compared_versions(rollout, assignment)
+    label_window_s = attribution_window_s(ctx, policy)
     with read_snapshot(ctx.engine) as conn:
-        obs = _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s)
+        obs = observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s)
         evaluations, _ = ctx.ledger.evaluations(conn, rollout.id)
     decision = decide_harm(rollout.state(evaluations), obs, policy)
     if decision is None:
         return None
-    return _act(ctx, rollout, decision, policy, actor, obs=obs)
+    return _act(ctx, rollout, decision, actor, obs=obs)
 
 
 @one_at_a_time
@@ -522,23 +409,7 @@ def record_unreachable_tick(
         Decision(Action.NO_DATA, f"{reason}; recorded when it answered again", rollout.canary_weight),
         running_p,
     )
-    return _act(
-        ctx,
-        rollout,
-        decision,
-        Policy.from_dict(rollout.policy_params),
-        actor,
-        tick=tick,
-        missed_ticks=_missed_ticks(tick, last_tick, step),
-    )
-
-
-def _replaying(backlog) -> str:
-    return (
-        "the prediction log is still replaying rows spilled while the database was unreachable ("
-        + "; ".join(map(str, backlog))
-        + "): the arms would be counted unevenly, so nothing is decided until it has"
-    )
+    return _act(ctx, rollout, decision, actor, tick=tick, missed_ticks=_missed_ticks(tick, last_tick, step))
 
 
 def _missed_ticks(tick: int | None, last_tick: int | None, step: int) -> int:
@@ -555,34 +426,30 @@ def _carry_running_p(decision: Decision, running_p: dict) -> Decision:
 @one_at_a_time
 def pause(ctx: Context, rollout_id: int, actor: str) -> Rollout:
     """Freeze a progressing rollout: ticks are recorded but nothing moves."""
-    return _switch(ctx, rollout_id, Phase.PROGRESSING, Phase.PAUSED, "pause", actor)
+    return _switch(ctx, rollout_id, Operator.PAUSE, actor)
 
 
 @one_at_a_time
 def resume(ctx: Context, rollout_id: int, actor: str) -> Rollout:
-    return _switch(ctx, rollout_id, Phase.PAUSED, Phase.PROGRESSING, "resume", actor)
+    return _switch(ctx, rollout_id, Operator.RESUME, actor)
 
 
-def _switch(ctx: Context, rollout_id: int, before: Phase, after: Phase, action: str, actor: str) -> Rollout:
-    """An operator's phase change with its ledger row, refused unless the rollout is in `before`."""
+def _switch(ctx: Context, rollout_id: int, move: Operator, actor: str) -> Rollout:
+    """An operator's phase change with its ledger row, refused unless the transition table allows it."""
     rollout = ctx.ledger.get(rollout_id)
-    if rollout.phase is not before:
+    try:
+        after = transition(rollout.phase, move)
+    except ForbiddenTransition:
+        only = " or ".join(map(str, allowed_from(move)))
         raise RolloutConflict(
-            f"rollout {rollout_id} is {rollout.phase}; only a {before} rollout can {action}"
-        )
-    with ctx.engine.begin() as conn:
-        ctx.ledger.update(conn, rollout_id, phase=after)
-        _record(
-            ctx,
-            conn,
-            rollout,
-            before,
-            after,
-            action,
-            actor,
-            f"{action}d by an operator",
-            rollout.canary_weight,
-        )
+            f"rollout {rollout_id} is {rollout.phase}; only a {only} rollout can {move}"
+        ) from None
+    reason = f"{move}d by an operator"
+    _write(
+        ctx,
+        Entry(rollout_id, rollout.phase, after, str(move), actor, reason, rollout.canary_weight),
+        phase=after,
+    )
     return ctx.ledger.get(rollout_id)
 
 
@@ -632,7 +499,7 @@ def _override(ctx: Context, rollout_id: int, action: Action, actor: str, reason:
         () if evidence is None else evidence.rules,
         stats,
     )
-    _act(ctx, rollout, decision, policy, actor, obs=obs, recorded_as=OVERRIDE_ACTIONS[action])
+    _act(ctx, rollout, decision, actor, obs=obs, recorded_as=OVERRIDE_ACTIONS[action])
     log.warning("override", extra={"rollout_id": rollout_id, "action": str(action), "actor": actor})
     return ctx.ledger.get(rollout_id)
 
@@ -642,12 +509,12 @@ def _evidence_now(ctx: Context, rollout: Rollout, policy: Policy):
     if rollout.phase is not Phase.PROGRESSING and rollout.phase is not Phase.PAUSED:
         return None, None
     now = ctx.clock()
-    assignment = ctx.traffic_store.load()
-    versions_by_role = _versions_by_role(rollout, assignment)
-    label_window_s = _label_window_s(ctx, policy)
+    assignment = Assignment.of(ctx.traffic_store.load())
+    versions_by_role = compared_versions(rollout, assignment)
+    label_window_s = attribution_window_s(ctx, policy)
     try:
         with read_snapshot(ctx.engine) as conn:
-            obs = _observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s)
+            obs = observe(ctx, conn, rollout, policy, assignment, versions_by_role, now, label_window_s)
             evaluations, _ = ctx.ledger.evaluations(conn, rollout.id)
             running_p = ctx.ledger.last_stat(conn, rollout.id, "running_p_values") or {}
     except SQLAlchemyError:
@@ -665,19 +532,11 @@ def restore_previous_baseline(ctx: Context, actor: str) -> dict[str, Any]:
     active = ctx.ledger.active()
     if active is not None:
         rollback_now(ctx, active.id, actor, "the previous baseline was restored (`recsys rollback`)")
-    assignment = ctx.traffic_store.load()
-    current = assignment.get("baseline", (None, 0))[0]
+    assignment = Assignment.of(ctx.traffic_store.load())
+    current = assignment.baseline.version
     ctx.deployer.deploy(previous)
-    control_version, control_weight = assignment.get("control", (None, 0))
-    canary_version, canary_weight = assignment.get("canary", (None, 0))
-    apply_assignment(
-        ctx,
-        {
-            "baseline": (previous, 100 - control_weight - canary_weight),
-            "canary": (canary_version, canary_weight),
-            "control": (control_version, control_weight),
-        },
-    )
+    rest = 100 - assignment.control.weight - assignment.canary.weight
+    apply_assignment(ctx, dataclasses.replace(assignment, baseline=Slot(previous, rest)).as_mapping())
     ctx.registry.promote(previous)
     if current is not None and current != previous:
         ctx.registry.set_alias("previous_baseline", current)
@@ -694,126 +553,69 @@ def _require_active(ctx: Context, rollout_id: int) -> Rollout:
     return rollout
 
 
-def _target(ctx: Context, rollout: Rollout, decision: Decision, policy: Policy) -> dict[str, Any] | None:
-    """The traffic/registry action a decision asks for, as a plain dict stored before it is applied."""
-    assignment = ctx.traffic_store.load()
-    control_version, control_weight = assignment.get("control", (None, 0))
-    has_control = control_version is not None
-    if decision.action is Action.ADVANCE:
-        w = split(decision.next_weight, control_weight, True, has_control)
-        return {"kind": "weights", "canary_weight": w["canary"], "weights": w}
-    if decision.action is Action.PROMOTE:
-        return {"kind": "promote", "weights": split(0, control_weight, False, has_control)}
-    if decision.action in (Action.ROLLBACK, Action.HALT, Action.INCONCLUSIVE):
-        return {"kind": "retire_canary", "weights": split(0, control_weight, False, has_control)}
-    return None
-
-
 def _act(
     ctx: Context,
     rollout: Rollout,
     decision: Decision,
-    policy: Policy,
     actor: str,
     *,
-    tick=None,
-    obs=None,
+    tick: int | None = None,
+    obs: Observations | None = None,
     missed_ticks: int = 0,
     recorded_as: str | None = None,
 ) -> dict[str, Any] | None:
-    """Record the decision and the intended action in one transaction, then apply it, then clear it.
+    """Plan the decision, record the plan and its ledger row in one transaction, apply it, then clear it.
 
     `recorded_as` names the ledger's action when it is not the decision's own (an operator's override)."""
-    target = _target(ctx, rollout, decision, policy)
-    new_phase = TERMINAL_FOR.get(decision.action, rollout.phase)
-    leaves_shadow = rollout.phase is Phase.SHADOW and decision.action is Action.ADVANCE
-    if leaves_shadow:
-        new_phase = Phase.PROGRESSING  # the shadow phase passed: the first step's weight, step_index 0
-    now = ctx.clock()
-    updates: dict[str, Any] = {"phase": new_phase}
-    if target is not None:
-        updates["pending_action"] = {**target, "rollout_id": rollout.id}
-        # After a promotion the candidate carries all of the baseline's traffic: recorded as 100.
-        updates["canary_weight"] = 100 if decision.action is Action.PROMOTE else target["weights"]["canary"]
-    if decision.action is Action.ADVANCE:
-        updates["step_index"] = rollout.step_index + (0 if leaves_shadow else 1)
-        updates["step_started_at"] = now
-    if new_phase.terminal:
-        updates["ended_at"] = now
-        updates["reason"] = decision.reason
+    step = plan(rollout, decision, Assignment.of(ctx.traffic_store.load()))
+    columns = step.columns(rollout.id, ctx.clock(), decision.reason)
     reason = decision.reason + (
         f" ({missed_ticks} scheduled evaluations were missed before this one)" if missed_ticks else ""
     )
+    action = recorded_as or str(decision.action)
+    entry = Entry(
+        rollout.id,
+        step.before,
+        step.after,
+        action,
+        actor,
+        reason,
+        step.canary_weight,
+        tick=tick,
+        decision=decision,
+        obs=obs,
+        missed_ticks=missed_ticks,
+    )
     try:
-        with ctx.engine.begin() as conn:
-            _record(
-                ctx,
-                conn,
-                rollout,
-                rollout.phase,
-                new_phase,
-                recorded_as or str(decision.action),
-                actor,
-                reason,
-                updates.get("canary_weight", rollout.canary_weight),
-                tick=tick,
-                decision=decision,
-                obs=obs,
-                missed_ticks=missed_ticks,
-            )
-            ctx.ledger.update(conn, rollout.id, **updates)
+        _write(ctx, entry, **columns)
     except IntegrityError:
         return None  # this tick was already recorded by another run
-    if target is not None:
-        _apply(ctx, ctx.ledger.get(rollout.id), updates["pending_action"])
+    if step.move is not None:
+        _apply(ctx, rollout, step.move)
         ctx.ledger.clear_pending(
-            rollout.id, step_started_at=ctx.clock() + SETTLE_S if "step_started_at" in updates else None
+            rollout.id, step_started_at=ctx.clock() + SETTLE_S if step.new_step else None
         )
     return {
         "rollout_id": rollout.id,
         "action": str(decision.action),
-        "phase": str(new_phase),
+        "phase": str(step.after),
         "reason": reason,
     }
 
 
-def _apply(ctx: Context, rollout: Rollout, action: dict[str, Any]) -> None:
-    """Carry out a recorded action; every step is idempotent so a crash half-way is finished by a redo."""
-    assignment = ctx.traffic_store.load()
-    control = assignment.get("control", (None, 0))[0]
-    w = action["weights"]
-    _stop_mirror(ctx)  # every action ends a shadow phase: the candidate gets weight, or is retired
-    if action["kind"] == "weights":
-        apply_assignment(
-            ctx,
-            {
-                "baseline": (rollout.baseline_version, w["baseline"]),
-                "canary": (rollout.candidate_version, w["canary"]),
-                "control": (control, w["control"]),
-            },
-        )
-    elif action["kind"] == "promote":
-        apply_assignment(
-            ctx,
-            {
-                "baseline": (rollout.candidate_version, w["baseline"]),
-                "canary": (None, 0),
-                "control": (control, w["control"]),
-            },
-        )
+def _apply(ctx: Context, rollout: Rollout, move: TrafficMove) -> None:
+    """Carry out a recorded move; every step is idempotent so a crash half-way is finished by a redo."""
+    control = Assignment.of(ctx.traffic_store.load()).control.version
+    _stop_mirror(ctx)  # every move ends a shadow phase: the candidate gets weight, or is retired
+    apply_assignment(
+        ctx, move.target(rollout.baseline_version, rollout.candidate_version, control).as_mapping()
+    )
+    if move.kind is MoveKind.PROMOTE:
         ctx.fault_point("AFTER_TRAFFIC_WRITE")
         ctx.registry.promote(rollout.candidate_version)
         if rollout.baseline_version not in (None, rollout.candidate_version, control):
             _retire(ctx, rollout.baseline_version, archive=False)
-    elif action["kind"] == "retire_canary":
-        apply_assignment(
-            ctx,
-            {
-                "baseline": (rollout.baseline_version, w["baseline"]),
-                "canary": (None, 0),
-                "control": (control, w["control"]),
-            },
-        )
+    elif move.kind is MoveKind.RETIRE_CANARY:
         ctx.fault_point("AFTER_TRAFFIC_WRITE")
         if ctx.registry.version_for("canary") == rollout.candidate_version:
             ctx.registry.remove_alias("canary")
@@ -831,22 +633,18 @@ def _stop_mirror(ctx: Context) -> None:
 
 
 def _complete_pending(ctx: Context, rollout: Rollout) -> None:
-    """A previous run recorded an action and died before finishing it: finish it now."""
+    """A previous run recorded a move and died before finishing it: finish it now."""
+    move = rollout.pending
+    if move is None:
+        return
     log.warning("completing a half-applied action", extra={"rollout_id": rollout.id})
-    _apply(ctx, rollout, rollout.pending_action)
+    _apply(ctx, rollout, move)
     ctx.ledger.clear_pending(rollout.id)
-    with ctx.engine.begin() as conn:
-        _record(
-            ctx,
-            conn,
-            rollout,
-            rollout.phase,
-            rollout.phase,
-            "recover",
-            "recovery",
-            f"completed the half-applied {rollout.pending_action['kind']} action",
-            rollout.canary_weight,
-        )
+    reason = f"completed the half-applied {move.kind} action"
+    _write(
+        ctx,
+        Entry(rollout.id, rollout.phase, rollout.phase, "recover", "recovery", reason, rollout.canary_weight),
+    )
 
 
 def _retire(ctx: Context, version: int, archive: bool = True) -> None:
@@ -871,87 +669,17 @@ def _in_use(ctx: Context, version: int) -> bool:
     return any(v == version for v, _ in ctx.traffic_store.load().values())
 
 
-def _finish(ctx: Context, rollout: Rollout, phase: Phase, reason: str, actor: str) -> None:
+def _finish(ctx: Context, rollout: Rollout, reason: str, actor: str) -> None:
+    """A rollout whose candidate never started: rolled back, weight 0."""
+    phase = transition(rollout.phase, Operator.START_FAILED)
+    entry = Entry(rollout.id, rollout.phase, phase, "rollback", actor, reason, 0)
+    _write(ctx, entry, phase=phase, ended_at=ctx.clock(), reason=reason, canary_weight=0)
+
+
+def _write(ctx: Context, entry: Entry, **columns: Any) -> None:
+    """The unit of work: the rollout's changed columns and its ledger row, in one transaction (an
+    IntegrityError, a tick already recorded, leaves neither)."""
     with ctx.engine.begin() as conn:
-        ctx.ledger.update(conn, rollout.id, phase=phase, ended_at=ctx.clock(), reason=reason, canary_weight=0)
-        _record(ctx, conn, rollout, rollout.phase, phase, "rollback", actor, reason, 0)
-
-
-def _record(
-    ctx: Context,
-    conn,
-    rollout: Rollout,
-    before: Phase,
-    after: Phase,
-    action: str,
-    actor: str,
-    reason: str,
-    canary_weight: int,
-    *,
-    tick=None,
-    decision: Decision | None = None,
-    obs=None,
-    missed_ticks: int = 0,
-) -> int:
-    arms = {} if obs is None else {r: observations.summarize(a) for r, a in obs.arms.items()}
-    sizes = (
-        {}
-        if obs is None
-        else {
-            r: {"requests": a.requests, "labelled": a.labelled, "step_requests": a.step_requests}
-            for r, a in obs.arms.items()
-        }
-    )
-    if obs is not None and obs.users is not None:  # users per arm beside requests (ledger, API)
-        for r, u in obs.users.arms.items():
-            if r in sizes:
-                sizes[r].update(users=u.users, new_users=u.new_users)
-                arms[r]["users"] = u.users
-    rules = (
-        []
-        if decision is None
-        else [
-            {
-                "name": r.name,
-                "value": r.value,
-                "threshold": r.threshold,
-                "passed": r.passed,
-                "detail": r.detail,
-            }
-            for r in decision.rules
-        ]
-    )
-    stats = dict(decision.stats) if decision is not None else {}
-    if missed_ticks:
-        stats["missed_ticks"] = missed_ticks
-    return ctx.ledger.record(
-        conn,
-        rollout_id=rollout.id,
-        ts=ctx.clock(),
-        tick=tick,
-        phase_before=str(before),
-        phase_after=str(after),
-        action=action,
-        actor=actor,
-        reason=reason,
-        canary_weight=canary_weight,
-        sample_sizes=sizes,
-        metrics=arms,
-        rules=rules,
-        stats=_jsonable(stats),
-    )
-
-
-def _jsonable(value):
-    """Numbers from numpy and infinities become plain JSON values."""
-    import math
-
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+        ctx.ledger.record(conn, **entry.row(ctx.clock()))
+        if columns:
+            ctx.ledger.update(conn, entry.rollout_id, **columns)

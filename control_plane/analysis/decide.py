@@ -9,13 +9,8 @@ import numpy as np
 
 from control_plane.analysis import guardrails, srm, strata
 from control_plane.analysis import sequential as seq
+from control_plane.analysis.jsonable import jsonable as _jsonable
 from control_plane.analysis.policy import (
-    ADVANCE,
-    HALT,
-    HOLD,
-    INCONCLUSIVE,
-    PROMOTE,
-    ROLLBACK,
     Cause,
     Evidence,
     Policy,
@@ -34,14 +29,6 @@ from control_plane.analysis.types import (
     RuleOutcome,
 )
 
-ACTIONS = {
-    HOLD: Action.HOLD,
-    ADVANCE: Action.ADVANCE,
-    PROMOTE: Action.PROMOTE,
-    ROLLBACK: Action.ROLLBACK,
-    HALT: Action.HALT,
-    INCONCLUSIVE: Action.INCONCLUSIVE,
-}
 PROMOTED_WEIGHT = 100  # after a promotion the canary *is* the baseline; the control plane restores the split
 SUPERIORITY_KEY = "accuracy_superiority"  # key of the running p-value in RolloutState.running_p_values
 
@@ -67,12 +54,12 @@ def decide(state: RolloutState, obs: Observations, policy: Policy) -> Decision:
     action, cause, st = evaluate(policy, _evidence(n, state))
     code, why = int(action[0]), Cause(int(cause[0]))
     st = {k: np.asarray(v).reshape(-1)[0].item() for k, v in st.items()}
-    act = ACTIONS[code]
+    act = Action.of_code(code)
     next_weight = {
-        ADVANCE: policy.steps[min(state.step_index + 1, len(policy.steps) - 1)],
-        PROMOTE: PROMOTED_WEIGHT,
-        HOLD: state.canary_weight,
-    }.get(code, 0)
+        Action.ADVANCE: policy.steps[min(state.step_index + 1, len(policy.steps) - 1)],
+        Action.PROMOTE: PROMOTED_WEIGHT,
+        Action.HOLD: state.canary_weight,
+    }.get(act, 0)
     stats = _stats(policy, state, obs, n, st, why)
     reason = _reason(policy, state, n, st, act, why, next_weight)
     return Decision(act, reason, next_weight, _rules(policy, n, st), _jsonable(stats))
@@ -585,21 +572,6 @@ def _num(x: Any) -> float | None:
         return None
     x = float(x)
     return x if math.isfinite(x) else None
-
-
-def _jsonable(x: Any) -> Any:
-    """Plain JSON types all the way down; non-finite numbers become None."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, bool | np.bool_):
-        return bool(x)
-    if isinstance(x, int | np.integer):
-        return int(x)
-    if isinstance(x, float | np.floating):
-        return _num(x)
-    return x
 
 
 def _user_unit(obs: Observations, c: ArmObservation, b: ArmObservation) -> dict | None:

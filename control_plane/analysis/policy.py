@@ -15,6 +15,7 @@ import numpy as np
 
 from control_plane.analysis import guardrails, power, strata
 from control_plane.analysis import sequential as seq
+from control_plane.analysis.types import Action
 
 NAMES = ("sequential", "threshold")
 
@@ -214,8 +215,11 @@ class Cause(IntEnum):
     NOVELTY = 10  # the combined gain passes but the last step's own gain does not (yet): hold
 
 
-# Action codes in the arrays the rules return; decide() maps them to types.Action.
-HOLD, ADVANCE, PROMOTE, ROLLBACK, HALT, INCONCLUSIVE = range(6)
+# types.Action as the rules' arrays hold it (Action.code), under short names for the rule tables.
+HOLD, ADVANCE, PROMOTE, ROLLBACK, HALT, INCONCLUSIVE = (
+    a.code
+    for a in (Action.HOLD, Action.ADVANCE, Action.PROMOTE, Action.ROLLBACK, Action.HALT, Action.INCONCLUSIVE)
+)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,20 @@ class Action(StrEnum):
     INCONCLUSIVE = "inconclusive"  # time limit reached, canary weight to 0
     NO_DATA = "no_data"  # metrics could not be read; nothing decided
 
+    @property
+    def code(self) -> int:
+        """This action as the rules' arrays hold it (policy.evaluate, the simulations); NO_DATA has none."""
+        return _CODES[self]
+
+    @classmethod
+    def of_code(cls, code: int) -> Action:
+        return _BY_CODE[code]
+
+
+# The rules decide many rollouts at once in numpy arrays, where an action is its index here.
+_BY_CODE = (Action.HOLD, Action.ADVANCE, Action.PROMOTE, Action.ROLLBACK, Action.HALT, Action.INCONCLUSIVE)
+_CODES = {a: i for i, a in enumerate(_BY_CODE)}
+
 
 @dataclass(frozen=True)
 class PeriodCounts:
