@@ -23,6 +23,7 @@ from control_plane.analysis.policy import (
     evaluate,
     harm,
 )
+from control_plane.analysis.ranking import on_metric
 from control_plane.analysis.shadow import decide_shadow
 from control_plane.analysis.types import (
     Action,
@@ -63,6 +64,7 @@ def decide(state: RolloutState, obs: Observations, policy: Policy) -> Decision:
     if canary is None or baseline is None:
         missing = " and ".join(r for r in ("baseline", "canary") if r not in obs.arms)
         return Decision(Action.NO_DATA, f"no observations for the {missing}", state.canary_weight)
+    canary, baseline = _on_metric(policy, canary), _on_metric(policy, baseline)
     n = _numbers(state, obs, policy, canary, baseline)
     action, cause, st = evaluate(policy, _evidence(n, state))
     code, why = int(action[0]), Cause(int(cause[0]))
@@ -86,6 +88,7 @@ def decide_harm(state: RolloutState, obs: Observations, policy: Policy) -> Decis
     canary, baseline = obs.arms.get("canary"), obs.arms.get("baseline")
     if canary is None or baseline is None:
         return None
+    canary, baseline = _on_metric(policy, canary), _on_metric(policy, baseline)
     n = _numbers(state, obs, policy, canary, baseline)
     h = harm(policy, _evidence(n, state))
     if not (bool(h["err_harm"][0]) or bool(h["lat_harm"][0])):
@@ -98,6 +101,11 @@ def decide_harm(state: RolloutState, obs: Observations, policy: Policy) -> Decis
     return Decision(Action.ROLLBACK, reason, 0, (), _jsonable(stats))
 
 
+def _on_metric(policy: Policy, arm: ArmObservation) -> ArmObservation:
+    """The arm with `labelled`/`correct` on the policy's decision metric (analysis/ranking.py)."""
+    return on_metric(arm, policy.decision_metric, policy.metric_k)
+
+
 def _numbers(
     state: RolloutState, obs: Observations, policy: Policy, c: ArmObservation, b: ArmObservation
 ) -> dict:
@@ -108,7 +116,7 @@ def _numbers(
     diff, var = est.diff[0], est.var[0]
     users = _user_unit(obs, c, b)  # requests that name users: users are the unit (user_level.py)
     deff = 1.0
-    if users is not None:
+    if users is not None and not policy.decision_metric.ranking:  # per-user sums are of accuracy only
         deff = float(design_effect(users["accuracy_var"], c.correct, c.labelled, b.correct, b.labelled))
         var = var * deff
     tau2 = seq.mixing_variance(2 * p0 * (1 - p0), policy.planned_n, a)
@@ -267,7 +275,7 @@ def _reason(policy: Policy, state: RolloutState, n: dict, st: dict, act: Action,
     """A readable sentence with the numbers behind the action."""
     c, b, lat, err = n["c"], n["b"], n["lat"], n["err"]
     sequential = policy.name == "sequential"
-    acc = f"canary accuracy {_pts(n['diff'])}" + (
+    acc = f"canary {policy.metric_label} {_pts(n['diff'])}" + (
         f" (always-valid bounds {_interval(n)})" if sequential else ""
     )
     errs = f"canary errors {_pct(c.error_rate)} vs baseline {_pct(b.error_rate)} ({_pts(err['diff'])})"
@@ -344,7 +352,7 @@ def _checks(policy: Policy, n: dict, st: dict) -> list[str]:
     m, r, e = _pts(policy.accuracy_margin, False), f"{policy.p99_ratio:.2f}", _pts(policy.error_margin, False)
     if policy.name == "sequential":
         return [
-            f"canary accuracy {_pts(n['diff'])} (always-valid bounds {_interval(n)}, running p="
+            f"canary {policy.metric_label} {_pts(n['diff'])} (always-valid bounds {_interval(n)}, running p="
             f"{_p(st['p_superior'])}) {'exceeds' if st['superior'] else 'not yet above'} margin {m}",
             f"p99 ratio {_ratio(lat['ratio'])} (upper bound {_ratio(lat['upper'])}) "
             f"{'≤' if st['latency_noninferior'] else 'not yet shown ≤'} {r}",
@@ -352,7 +360,7 @@ def _checks(policy: Policy, n: dict, st: dict) -> list[str]:
             f"{'≤' if st['error_noninferior'] else 'not yet shown ≤'} {e}",
         ]
     return [
-        f"canary accuracy {_pts(n['diff'])} {'exceeds' if st['superior'] else 'does not exceed'} margin {m}",
+        f"canary {policy.metric_label} {_pts(n['diff'])} {'exceeds' if st['superior'] else 'does not exceed'} margin {m}",
         f"p99 ratio {_ratio(lat['ratio'])} {'≤' if st['latency_noninferior'] else '>'} {r}",
         f"error diff {_pts(err['diff'])} {'≤' if st['error_noninferior'] else '>'} {e}",
     ]
@@ -452,7 +460,7 @@ def _rules(policy: Policy, n: dict, st: dict) -> tuple[RuleOutcome, ...]:
                 n["diff"],
                 policy.accuracy_margin,
                 bool(st["superior"]) if labels else None,
-                "canary minus baseline accuracy over the window",
+                f"canary minus baseline {policy.metric_label} over the window",
             ),
             RuleOutcome(
                 "p99_ratio",
@@ -479,6 +487,8 @@ def _stats(
     c, b, err, lat = n["c"], n["b"], n["err"], n["lat"]
     return {
         "policy": policy.name,
+        # what the "accuracy" numbers below are of: the policy's decision metric (analysis/ranking.py)
+        "metric": {"name": policy.metric, "k": policy.metric_k, "label": policy.metric_label},
         "cause": why.name.lower(),
         "window_start": obs.window_start,
         "window_end": obs.window_end,
