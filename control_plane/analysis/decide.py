@@ -23,7 +23,7 @@ from control_plane.analysis.policy import (
     evaluate,
     harm,
 )
-from control_plane.analysis.ranking import on_metric
+from control_plane.analysis.ranking import metric_periods, on_metric
 from control_plane.analysis.shadow import decide_shadow
 from control_plane.analysis.types import (
     Action,
@@ -111,7 +111,7 @@ def _numbers(
 ) -> dict:
     """Every estimate and interval shown with a decision, whichever rule acts on them."""
     a, p0 = policy.alpha, policy.planning_accuracy
-    pc, pb = _arm_periods(c), _arm_periods(b)
+    pc, pb = _arm_periods(c, policy), _arm_periods(b, policy)
     est = strata.combine(pc, pb)
     diff, var = est.diff[0], est.var[0]
     users = _user_unit(obs, c, b)  # requests that name users: users are the unit (user_level.py)
@@ -191,9 +191,11 @@ def _numbers(
     }
 
 
-def _arm_periods(arm: ArmObservation) -> strata.ArmPeriods:
+def _arm_periods(arm: ArmObservation, policy: Policy) -> strata.ArmPeriods:
     """One arm's per-step accuracy summaries, shape (1, steps); one period of the pooled counts if the
-    observations were not read per step."""
+    observations were not read per step. A ranking metric's come from its sums (ranking.metric_periods)."""
+    if policy.decision_metric.ranking:
+        return metric_periods(arm, policy.decision_metric, policy.metric_k)
     if arm.periods:
         correct = [[p.correct for p in arm.periods]]
         labelled = [[p.labelled for p in arm.periods]]

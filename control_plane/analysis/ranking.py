@@ -14,11 +14,12 @@ The aggregates keep, per bucket, the exposures closed (`LabelFacts.ranked`) and 
 as counts per position (`LabelFacts.click_positions`), which merge by addition; every metric above, for
 any k, and the sums of its squares are computed from those counts. Pure: no I/O.
 
-The sequential test (policy.py) runs on a metric's sum over the exposures as it runs on accuracy's
-correct over the labelled. Its variance there is the Bernoulli p(1 - p) of the pooled mean; for a value
-in [0, 1] with mean p the variance is at most p(1 - p), so for `mrr` and `ndcg` the test is conservative
-(`MetricSums.sum_sq` gives the sample variance, shown with each decision), and exact in form for
-`ctr_at_k`.
+The sequential test (policy.py) runs on a metric's mean over the exposures as it runs on accuracy's over
+the labelled, per ramp step (strata.py). Each step's variance of the mean is the arm's pooled
+per-exposure sample variance (from the sums and sums of squares, with one pseudo-exposure at 0 and one at
+1 so that a handful of exposures without a click cannot claim a variance of 0) over the step's exposures:
+for `ctr_at_k` that is the Bernoulli p(1 - p) accuracy uses; for `mrr` and `ndcg`, whose values spread
+less than a 0/1 outcome of the same mean, it is smaller, and the test needs fewer exposures.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from enum import StrEnum
 
 import numpy as np
 
+from control_plane.analysis import strata
 from control_plane.analysis.aggregates import SparseCounts
 from control_plane.analysis.types import ArmObservation
 
@@ -112,6 +114,22 @@ def on_metric(arm: ArmObservation, metric: Metric, k: int) -> ArmObservation:
     )
     sums = metric_sums(metric, arm.ranked, arm.click_positions, k)
     return dataclasses.replace(arm, labelled=sums.n, correct=sums.sum, periods=periods)
+
+
+def metric_periods(arm: ArmObservation, metric: Metric, k: int) -> strata.ArmPeriods:
+    """One arm's per-period means of a ranking metric and their variances, shape (1, periods); one
+    period of the pooled sums if the arm was not read per period (strata.proportion_periods' shape)."""
+    parts = arm.periods or (arm,)
+    sums = [metric_sums(metric, p.ranked, p.click_positions, k) for p in parts]
+    pooled = metric_sums(metric, arm.ranked, arm.click_positions, k)
+    m = (pooled.sum + 1.0) / (pooled.n + 2.0)  # with the pseudo-exposures at 0 and at 1
+    unit_var = (pooled.sum_sq + 1.0) / (pooled.n + 2.0) - m * m
+    n = np.asarray([[s.n for s in sums]], dtype=float)
+    total = np.asarray([[s.sum for s in sums]], dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+        var = np.where(n >= strata.MIN_PERIOD_LABELS, unit_var / np.maximum(n, 1), np.inf)
+    return strata.ArmPeriods(n, mean, var)
 
 
 DEFAULT_K = 10  # the k shown for CTR@k where no policy names one (the API's window, /metrics)

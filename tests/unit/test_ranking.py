@@ -120,3 +120,31 @@ def test_a_worse_ranking_is_rolled_back_on_its_metric():
         Policy(metric="ctr_at_k", metric_k=1, planning_accuracy=0.1),
     )
     assert d.action is Action.ROLLBACK and "CTR@1" in d.reason
+
+
+def test_a_ranking_metric_s_variance_comes_from_its_sums_of_squares():
+    from control_plane.analysis import strata
+    from control_plane.analysis.ranking import metric_periods
+
+    clicks = {1: 100, 2: 200, 5: 100}  # among 1,000 exposures
+    a = ranked_arm(1000, 0.8, clicks)
+    values = np.concatenate([np.repeat([1.0, 0.5, 0.2], [100, 200, 100]), np.zeros(600), [0.0, 1.0]])
+    mrr = metric_periods(a, Metric.MRR, 10)
+    assert mrr.mean[0, 0] == pytest.approx(0.22)
+    assert mrr.var[0, 0] == pytest.approx(values.var() / 1000)
+    bernoulli = strata.proportion_periods([[220.0]], [[1000.0]]).var[0, 0]
+    assert mrr.var[0, 0] < 0.75 * bernoulli  # MRR's values spread less than clicks of the same mean
+    ctr = metric_periods(a, Metric.CTR_AT_K, 10)  # 0/1 values: the Bernoulli variance, as for accuracy
+    assert ctr.var[0, 0] == pytest.approx(0.4 * 0.6 / 1000, rel=0.01)
+    none = metric_periods(ranked_arm(5, 0.8, {}), Metric.MRR, 10)  # no click yet: not a variance of 0
+    assert none.mean[0, 0] == 0 and none.var[0, 0] > 0.01
+    stepped = dataclasses.replace(
+        a,
+        periods=(
+            PeriodCounts(600, 600, 0, ranked=600, click_positions=positions(*[1] * 60)),
+            PeriodCounts(400, 400, 0, ranked=0),
+        ),
+    )
+    per_step = metric_periods(stepped, Metric.MRR, 10)
+    assert per_step.mean[0, 0] == pytest.approx(0.1) and np.isnan(per_step.mean[0, 1])
+    assert per_step.var[0, 0] == pytest.approx(mrr.var[0, 0] * 1000 / 600) and per_step.var[0, 1] == np.inf
