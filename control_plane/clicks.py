@@ -29,10 +29,10 @@ from control_plane.analysis.ranking import MAX_POSITION
 from control_plane.db.schema import labels, predictions
 from control_plane.errors import InvalidRequest, LabelConflict, RecsysError
 from control_plane.labels import MAX_ID_LEN, feedback_items, parse_label, request_id_of
+from control_plane.queries import ISSUE_SLACK_S
 from control_plane.request_ids import issued_at
 
 CLICK_FIELDS = frozenset({"request_id", "item_id", "position", "label"})
-ISSUE_SLACK_S = 60.0  # a prediction's logged time is within its latency of its id's issue time
 
 
 @dataclass(frozen=True)

@@ -502,6 +502,7 @@ def _stats(
                 "errors": arm.errors,
                 "labelled": arm.labelled,
                 "correct": arm.correct,
+                "exposures": arm.ranked,  # /recommend answers closed: a ranking metric's sample
                 "latencies": arm.latency.count,
                 "step_requests": arm.step_requests,
             }
