@@ -56,13 +56,25 @@ DEAD_LETTER_GLOB = "rejected-*.jsonl"  # rows the database refused and spill lin
 
 
 # One row of `predictions`, exactly as inserted: a tuple in the table's column order (`COLUMNS`):
-# request_id, ts, model_version, role, route, endpoint, features, score, latency_ms, status, user_key.
+# request_id, ts, model_version, role, route, endpoint, features, score, latency_ms, status, user_key,
+# served (/recommend: the item ids served, in order; None for /predict).
 # A tuple, not a dict: a Bento builds one for every request and pickles it to the writer process,
 # and a dict's ten keys went with every row, pickled and unpickled each time: 1.2 against 0.6 us a
 # row to unpickle, 335 against 243 bytes (docs/performance.md). Files hold rows as JSON objects
 # (`row_dict`), and SQLAlchemy gets dicts.
 PredictionRow = tuple[
-    str, float, int, str, str, str, "list[float] | None", "float | None", float, int, "str | None"
+    str,
+    float,
+    int,
+    str,
+    str,
+    str,
+    "list[float] | None",
+    "float | None",
+    float,
+    int,
+    "str | None",
+    "list[str] | None",
 ]
 
 
@@ -109,7 +121,8 @@ def row_dict(row: PredictionRow) -> dict:
     return dict(zip(COLUMNS, row, strict=True))
 
 
-_OPTIONAL = frozenset({"user_key"})  # added in revision 0003: spill files written before lack it
+# added in revisions 0004 and 0005: spill files written before lack them
+_OPTIONAL = frozenset({"user_key", "served"})
 
 
 def row_from_dict(values: dict) -> PredictionRow:
@@ -137,7 +150,7 @@ def _esc(value: str) -> str:
     return value
 
 
-_LINE = "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n"  # the columns of `COLUMNS`, in order
+_LINE = "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n"  # the columns of `COLUMNS`, in order
 
 
 def _features_json(features: list[float]) -> str:
@@ -152,6 +165,11 @@ def _features_json(features: list[float]) -> str:
         return json.dumps(features)
 
 
+def _served_json(served: list[str]) -> str:
+    """A served list (item ids) as JSON text, formatted by pydantic-core like the features."""
+    return to_json(served).decode()
+
+
 def _floats_text(values: list[float]) -> list[str]:
     """Each float as text that Postgres reads back exactly: the shortest that round-trips, as repr()
     writes it, with NaN and Infinity as words. One pydantic-core call for a whole batch costs 0.1 us
@@ -163,13 +181,24 @@ def _floats_text(values: list[float]) -> list[str]:
 def copy_text(rows: list[PredictionRow]) -> str:
     """The rows in COPY's text format (tab-separated, \\N for NULL), columns in `COLUMNS` order."""
     floats: list[float] = []
-    for _, ts, _, _, _, _, _, score, latency_ms, _, _ in rows:
+    for _, ts, _, _, _, _, _, score, latency_ms, _, _, _ in rows:
         floats += (float(ts), 0.0 if score is None else float(score), float(latency_ms))
     text = _floats_text(floats)
     lines = []
-    for i, (request_id, _, version, role, route, endpoint, features, score, _, status, user) in enumerate(
-        rows
-    ):
+    for i, (
+        request_id,
+        _,
+        version,
+        role,
+        route,
+        endpoint,
+        features,
+        score,
+        _,
+        status,
+        user,
+        served,
+    ) in enumerate(rows):
         lines.append(
             _LINE
             % (
@@ -184,6 +213,7 @@ def copy_text(rows: list[PredictionRow]) -> str:
                 text[3 * i + 2],
                 int(status),
                 _NULL if user is None else _esc(str(user)),
+                _NULL if served is None else _esc(_served_json(served)),
             )
         )
     return "".join(lines)

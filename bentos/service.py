@@ -242,12 +242,20 @@ class Recsys:
             raise
         top = np.argsort(-scores, kind="stable")[:k]
         items = [ScoredItem(item_id=candidates[i].item_id, score=float(scores[i])) for i in top]
-        self._log(info, candidates[top[0]].features, items[0].score, 200)
+        # the served list, in served order: a click sent to /feedback must name one of them at its position
+        self._log(info, candidates[top[0]].features, items[0].score, 200, [it.item_id for it in items])
         return RecommendResponse(
             request_id=info.request_id, items=items, model_version=self.model_version, role=info.role
         )
 
-    def _log(self, info: RequestInfo, features: list[float] | None, score: float | None, status: int) -> None:
+    def _log(
+        self,
+        info: RequestInfo,
+        features: list[float] | None,
+        score: float | None,
+        status: int,
+        served: list[str] | None = None,
+    ) -> None:
         info.logged = True
         self.predlog.log(
             (  # a PredictionRow: the columns of `predictions`, in order
@@ -262,6 +270,7 @@ class Recsys:
                 info.elapsed_ms(),
                 status,
                 None if info.user is None else self.user_keys.user_key(info.user),
+                served,
             )
         )
 

@@ -20,8 +20,9 @@ MAX_BATCH = 1000
 MAX_ID_LEN = 128
 
 
-def parse_labels(body: Any) -> list[tuple[str, int]]:
-    """Accept one `{"request_id", "label"}`, a list of them, or `{"labels": [...]}`; name what is wrong."""
+def feedback_items(body: Any) -> tuple[list, bool]:
+    """The items of a /feedback body (one object, a list, or `{"labels": [...]}`), and whether it was a
+    list (so errors name `labels[i]` rather than `body`); refuses an empty or oversized batch."""
     if isinstance(body, dict) and "labels" in body:
         body = body["labels"]
     items = body if isinstance(body, list) else [body]
@@ -29,22 +30,38 @@ def parse_labels(body: Any) -> list[tuple[str, int]]:
         raise InvalidRequest("no labels given: send {'request_id': ..., 'label': 0 or 1} or a list of them")
     if len(items) > MAX_BATCH:
         raise InvalidRequest(f"too many labels in one request: {len(items)} > {MAX_BATCH}")
+    return items, isinstance(body, list)
+
+
+def request_id_of(item: dict, where: str) -> str:
+    rid = item.get("request_id")
+    if not isinstance(rid, str) or not rid.strip():
+        raise InvalidRequest(f"{where}.request_id must be a non-empty string")
+    if len(rid) > MAX_ID_LEN:
+        raise InvalidRequest(f"{where}.request_id is longer than {MAX_ID_LEN} characters")
+    return rid
+
+
+def parse_label(item: Any, where: str) -> tuple[str, int]:
+    """One `{"request_id", "label"}`; InvalidRequest naming what is wrong."""
+    if not isinstance(item, dict):
+        raise InvalidRequest(f"{where} must be an object with request_id and label")
+    extra = set(item) - {"request_id", "label"}
+    if extra:
+        raise InvalidRequest(f"{where} has unknown field(s): {', '.join(sorted(extra))}")
+    rid, label = request_id_of(item, where), item.get("label")
+    if isinstance(label, bool) or label not in (0, 1):
+        raise InvalidRequest(f"{where}.label must be 0 or 1, got {label!r}")
+    return rid, int(label)
+
+
+def parse_labels(body: Any) -> list[tuple[str, int]]:
+    """Accept one `{"request_id", "label"}`, a list of them, or `{"labels": [...]}`; name what is wrong."""
+    items, listed = feedback_items(body)
     out: dict[str, int] = {}
     for i, item in enumerate(items):
-        where = f"labels[{i}]" if isinstance(body, list) else "body"
-        if not isinstance(item, dict):
-            raise InvalidRequest(f"{where} must be an object with request_id and label")
-        extra = set(item) - {"request_id", "label"}
-        if extra:
-            raise InvalidRequest(f"{where} has unknown field(s): {', '.join(sorted(extra))}")
-        rid, label = item.get("request_id"), item.get("label")
-        if not isinstance(rid, str) or not rid.strip():
-            raise InvalidRequest(f"{where}.request_id must be a non-empty string")
-        if len(rid) > MAX_ID_LEN:
-            raise InvalidRequest(f"{where}.request_id is longer than {MAX_ID_LEN} characters")
-        if isinstance(label, bool) or label not in (0, 1):
-            raise InvalidRequest(f"{where}.label must be 0 or 1, got {label!r}")
-        out[rid] = int(label)  # within one batch the last label for a request wins
+        rid, label = parse_label(item, f"labels[{i}]" if listed else "body")
+        out[rid] = label  # within one batch the last label for a request wins
     return list(out.items())
 
 

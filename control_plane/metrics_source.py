@@ -80,6 +80,8 @@ def sum_labels(facts: Iterable[LabelFacts]) -> LabelFacts:
         log_loss_sum=sum(f.log_loss_sum for f in facts),
         scores_pos=SparseCounts.concat([f.scores_pos for f in facts]),
         scores_neg=SparseCounts.concat([f.scores_neg for f in facts]),
+        ranked=sum(f.ranked for f in facts),
+        click_positions=SparseCounts.concat([f.click_positions for f in facts]),
     )
 
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from control_plane.analysis.aggregates import BUCKET_S, LabelFacts, LatencyHistogram, RequestFacts
+from control_plane.analysis.ranking import ranking_summary
 from control_plane.analysis.types import ArmObservation, Observations, PeriodCounts
 from control_plane.analysis.user_level import UserEvidence
 from control_plane.metrics_source import WEIGHTED, MetricsSource
@@ -111,6 +112,8 @@ def arm_observation(
                 requests=requests(i, True, False),
                 labelled=lab_p.get(i, LabelFacts()).closed,
                 correct=lab_p.get(i, LabelFacts()).correct,
+                ranked=lab_p.get(i, LabelFacts()).ranked,
+                click_positions=lab_p.get(i, LabelFacts()).click_positions,
                 steady_requests=requests(i, True),
             )
             for i in range(len(starts))
@@ -128,6 +131,8 @@ def arm_observation(
         step_requests=step_requests,
         scores=lab.scores_pos.merge(lab.scores_neg),
         periods=periods,
+        ranked=lab.ranked,
+        click_positions=lab.click_positions,
     )
 
 
@@ -233,6 +238,8 @@ def window_counts(
             "labelled": lab.closed,
             "accuracy": lab.accuracy,
             "users": users[role].users if role in users else 0,
+            # /recommend: closed exposures, their clicks, CTR@10, MRR and NDCG (analysis/ranking.py)
+            "ranking": ranking_summary(lab.ranked, lab.click_positions).as_dict(),
         }
     return out
 
@@ -260,6 +267,7 @@ def summarize(arm: ArmObservation) -> dict:
         "log_loss": _round(arm.log_loss),
         "auc": _round(arm.auc),
         "auc_max_error": _round(arm.auc_max_error),
+        "ranking": ranking_summary(arm.ranked, arm.click_positions).as_dict(),
     }
 
 

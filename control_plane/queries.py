@@ -77,8 +77,17 @@ _REQUESTS = _BucketTable("request_buckets", (), ("requests", "errors", "latency"
 _LABELS = _BucketTable(
     "label_buckets",
     ("window_s",),
-    ("closed", "positives", "correct", "log_loss_sum", "scores_pos", "scores_neg"),
-    (0, 0, 0, 0.0, None, None),
+    (
+        "closed",
+        "positives",
+        "correct",
+        "log_loss_sum",
+        "scores_pos",
+        "scores_neg",
+        "ranked",
+        "click_positions",
+    ),
+    (0, 0, 0, 0.0, None, None, 0, None),
 )
 
 
@@ -92,6 +101,8 @@ def _encode(facts: RequestFacts | LabelFacts) -> tuple:
         facts.log_loss_sum,
         facts.scores_pos.to_bytes(),
         facts.scores_neg.to_bytes(),
+        facts.ranked,
+        facts.click_positions.to_bytes(),
     )
 
 
@@ -113,6 +124,8 @@ def _decode_labels(values: Sequence) -> LabelFacts:
         float(values[3]),
         SparseCounts.from_bytes(_blob(values[4])),
         SparseCounts.from_bytes(_blob(values[5])),
+        int(values[6] or 0),
+        SparseCounts.from_bytes(_blob(values[7])),
     )
 
 
@@ -341,6 +354,8 @@ class SqlMetricsSource:
                 log_loss_sum=float(sum(r[3] for r in rows)),
                 scores_pos=_summed(rows, 4),
                 scores_neg=_summed(rows, 5),
+                ranked=sum(int(r[6] or 0) for r in rows),
+                click_positions=_summed(rows, 7),
             )
             for g, rows in self._groups(t, _LABELS, conds, by).items()
         }
@@ -440,6 +455,7 @@ def _closed_facts(
             lab.c.label,
             lab.c.ts,
             p.c.user_key,
+            lab.c.position,
         )
         .select_from(p.outerjoin(lab, joined))
         .where(p.c.ts >= start, p.c.ts < end, p.c.status < 500, p.c.score.is_not(None))
@@ -454,7 +470,8 @@ def _closed_facts(
     label_ts = np.asarray([np.nan if x is None else x for x in cols[7]], dtype=float)
     scores = np.asarray(cols[5], dtype=float)
     outcome = outcomes(ts, label, label_ts, window_s)
-    facts = label_facts(keys, scores, outcome)
+    position = np.asarray([np.nan if x is None else x for x in cols[9]], dtype=float)
+    facts = label_facts(keys, scores, outcome, position)
     users = [i for i, u in enumerate(cols[8]) if u is not None]
     user_facts = user_label_facts(
         (UserKey(user_bucket(ts[i]), cols[8][i], cols[1][i], cols[2][i], cols[3][i]) for i in users),

@@ -5,7 +5,13 @@ Web UI:    locust -f load/locustfile.py --host http://127.0.0.1:8080   (then ope
 Knobs (command line or LOCUST_* environment variables): --predict-weight, --recommend-weight,
 --candidates, --label-share, --label-delay-min, --label-delay-max, --think-min, --think-max,
 --label-token (default: RECSYS_LABEL_TOKEN, else the state directory's label-token file),
---user-pool, --anonymous-share.
+--user-pool, --anonymous-share, --clicks.
+
+With `--clicks`, a /recommend answer is read as a person reads a list (the cascade model): position by
+position from the top, each item clicked with its true click probability, until one is; that click
+goes to /feedback with the item and its position as served (a ranking metric's input, docs/labels.md),
+and a list read to the end without a click gets label 0. Without it, the answer is labelled by its top
+item's truth, as a /predict answer is.
 
 Every request names its user in `X-User-Id` (control_plane/users.py), so the gateway keeps each user on
 one version: each request comes from one of `--user-pool` people (default 10,000, drawn uniformly, so
@@ -52,6 +58,11 @@ def _add_arguments(parser) -> None:
     parser.add_argument("--heavy-users", action="store_true", help="draw people Zipf-like, not uniformly")
     parser.add_argument(
         "--anonymous-share", type=float, default=0.0, help="share of requests without a user id"
+    )
+    parser.add_argument(
+        "--clicks",
+        action="store_true",
+        help="click /recommend lists by the cascade model (item and position)",
     )
     parser.add_argument(
         "--label-token", default="", help="the label-ingest token (default: RECSYS_LABEL_TOKEN or its file)"
@@ -127,10 +138,25 @@ class RecsysUser(FastHttpUser):
             if resp.status_code != 200:
                 resp.failure(f"/recommend answered {resp.status_code}: {resp.text[:200]}")
                 return
-            top = resp.json()["items"][0]["item_id"]
+            served = [it["item_id"] for it in resp.json()["items"]]
             rid = resp.headers["X-Request-Id"]
         self._served(rid)
-        self._label_later(rid, xs[int(top.split("-")[1])])
+        if self.opts.clicks:
+            self._click_later(rid, served, [xs[int(item.split("-")[1])] for item in served])
+        else:
+            self._label_later(rid, xs[int(served[0].split("-")[1])])
+
+    def _click_later(self, rid: str, served: list[str], xs: list[np.ndarray]) -> None:
+        """The cascade model: the list read from the top, each item clicked with its truth until one is."""
+        if random.random() >= self.opts.label_share:
+            return
+        body: dict = {"request_id": rid, "label": 0}
+        for position, (item, x) in enumerate(zip(served, xs, strict=True), 1):
+            if self.rng.random() < float(click_probability(x)):
+                body = {"request_id": rid, "item_id": item, "position": position}
+                break
+        delay = random.uniform(self.opts.label_delay_min, self.opts.label_delay_max)
+        gevent.spawn_later(delay, self._post_feedback, body)
 
     def _label_later(self, rid: str, x: np.ndarray) -> None:
         if random.random() >= self.opts.label_share:
@@ -140,9 +166,12 @@ class RecsysUser(FastHttpUser):
         gevent.spawn_later(delay, self._send_label, rid, clicked)
 
     def _send_label(self, rid: str, label: int) -> None:
+        self._post_feedback({"request_id": rid, "label": label})
+
+    def _post_feedback(self, body: dict) -> None:
         with self.client.post(
             "/feedback",
-            json={"request_id": rid, "label": label},
+            json=body,
             headers=self.label_headers,
             name="/feedback",
             catch_response=True,

@@ -64,9 +64,18 @@ def make_context(settings: Settings, engine: Engine) -> Context:
 
 
 def seed_predictions(
-    engine: Engine, versions: dict[str, int], *, minutes: int = 20, per_minute: int = 6, users: int = 0
+    engine: Engine,
+    versions: dict[str, int],
+    *,
+    minutes: int = 20,
+    per_minute: int = 6,
+    users: int = 0,
+    recommend: bool = False,
 ) -> int:
-    """Weighted predictions over the last `minutes`, labelled, so charts and window metrics have data."""
+    """Weighted predictions over the last `minutes`, labelled, so charts and window metrics have data.
+
+    With `recommend`, they are /recommend answers serving items a, b, c, and each positive label is a
+    click on the item at position i % 3 + 1."""
     now = time.time()
     preds, labs = [], []
     for m in range(minutes):
@@ -82,15 +91,25 @@ def seed_predictions(
                         model_version=version,
                         role=role,
                         route="weighted",
-                        endpoint="predict",
+                        endpoint="recommend" if recommend else "predict",
                         features=None,
                         score=score,
                         latency_ms=10.0 + i + version,
                         status=500 if (role == "canary" and i == 0 and m % 4 == 0) else 200,
                         user_key=f"{role}-user-{i % users}" if users else None,
+                        served=["a", "b", "c"] if recommend else None,
                     )
                 )
-                labs.append(dict(request_id=rid, label=1 if i % 2 else 0, ts=ts + 1))
+                clicked = recommend and i % 2
+                labs.append(
+                    dict(
+                        request_id=rid,
+                        label=1 if i % 2 else 0,
+                        ts=ts + 1,
+                        item_id="abc"[i % 3] if clicked else None,
+                        position=i % 3 + 1 if clicked else None,
+                    )
+                )
     with engine.begin() as conn:
         queries.insert_predictions(conn, preds)
         conn.execute(insert(labels), labs)

@@ -188,6 +188,10 @@ class LabelFacts:
     log_loss_sum: float = 0.0
     scores_pos: SparseCounts = field(default_factory=SparseCounts)
     scores_neg: SparseCounts = field(default_factory=SparseCounts)
+    # Of `closed`, the /recommend exposures (analysis/ranking.py), and the 1-based positions as served
+    # of their clicks within the window (counts per position): the ranking metrics' sums.
+    ranked: int = 0
+    click_positions: SparseCounts = field(default_factory=SparseCounts)
 
     def merge(self, other: LabelFacts) -> LabelFacts:
         return LabelFacts(
@@ -197,6 +201,8 @@ class LabelFacts:
             self.log_loss_sum + other.log_loss_sum,
             self.scores_pos.merge(other.scores_pos),
             self.scores_neg.merge(other.scores_neg),
+            self.ranked + other.ranked,
+            self.click_positions.merge(other.click_positions),
         )
 
     @property
@@ -292,10 +298,20 @@ def outcomes(pred_ts: np.ndarray, label: np.ndarray, label_ts: np.ndarray, windo
     return (within & (label == 1)).astype(np.int64)
 
 
+RANKED_ENDPOINT = "recommend"  # the endpoint whose predictions are exposures of a served list
+
+
 def label_facts(
-    keys: Iterable[tuple], scores: np.ndarray, outcome: np.ndarray
+    keys: Iterable[tuple],
+    scores: np.ndarray,
+    outcome: np.ndarray,
+    click_position: np.ndarray | None = None,
 ) -> dict[BucketKey, LabelFacts]:
-    """Sum closed predictions' outcomes per bucket key (one entry of `keys` per prediction), vectorised."""
+    """Sum closed predictions' outcomes per bucket key (one entry of `keys` per prediction), vectorised.
+
+    `click_position` (NaN or 0 where none) is the 1-based position as served of a /recommend request's
+    click; it counts toward the ranking sums only where the outcome is positive (within the window).
+    """
     scores = np.asarray(scores, dtype=float)
     y = np.asarray(outcome, dtype=np.int64)
     if not len(y):
@@ -303,12 +319,16 @@ def label_facts(
     index: dict[tuple, int] = {}
     inv = np.fromiter((index.setdefault(k, len(index)) for k in keys), dtype=np.int64, count=len(y))
     g = len(index)
+    ranked_key = np.fromiter((k[4] == RANKED_ENDPOINT for k in index), dtype=bool, count=g)
+    pos = np.zeros(len(y)) if click_position is None else np.nan_to_num(np.asarray(click_position, float))
+    clicked = (y == 1) & (pos >= 1) & ranked_key[inv]
+    click_groups, click_pos = inv[clicked], pos[clicked].astype(np.int64)
     p = np.clip(scores, 1e-7, 1 - 1e-7)
     loss = -(y * np.log(p) + (1 - y) * np.log(1 - p))
     right = (scores >= CORRECT_AT) == (y == 1)
     cell = inv * SCORE_BINS + score_bins(scores)
-    pos = np.bincount(cell[y == 1], minlength=g * SCORE_BINS).reshape(g, SCORE_BINS)
-    neg = np.bincount(cell[y == 0], minlength=g * SCORE_BINS).reshape(g, SCORE_BINS)
+    pos_bins = np.bincount(cell[y == 1], minlength=g * SCORE_BINS).reshape(g, SCORE_BINS)
+    neg_bins = np.bincount(cell[y == 0], minlength=g * SCORE_BINS).reshape(g, SCORE_BINS)
     closed = np.bincount(inv, minlength=g)
     positives = np.bincount(inv, weights=y, minlength=g)
     correct = np.bincount(inv, weights=right, minlength=g)
@@ -318,14 +338,19 @@ def label_facts(
         nz = np.flatnonzero(row)
         return SparseCounts(nz, row[nz])
 
+    def clicks(i: int) -> SparseCounts:
+        return SparseCounts.of_bins(click_pos[click_groups == i]) if ranked_key[i] else SparseCounts()
+
     return {
         BucketKey._make(key): LabelFacts(
             int(closed[i]),
             int(positives[i]),
             int(correct[i]),
             float(losses[i]),
-            sparse(pos[i]),
-            sparse(neg[i]),
+            sparse(pos_bins[i]),
+            sparse(neg_bins[i]),
+            int(closed[i]) if ranked_key[i] else 0,
+            clicks(i),
         )
         for key, i in index.items()
     }

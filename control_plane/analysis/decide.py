@@ -18,6 +18,7 @@ from control_plane.analysis.policy import (
     evaluate,
     harm,
 )
+from control_plane.analysis.ranking import metric_periods, on_metric
 from control_plane.analysis.shadow import decide_shadow
 from control_plane.analysis.types import (
     Action,
@@ -50,6 +51,7 @@ def decide(state: RolloutState, obs: Observations, policy: Policy) -> Decision:
     if canary is None or baseline is None:
         missing = " and ".join(r for r in ("baseline", "canary") if r not in obs.arms)
         return Decision(Action.NO_DATA, f"no observations for the {missing}", state.canary_weight)
+    canary, baseline = _on_metric(policy, canary), _on_metric(policy, baseline)
     n = _numbers(state, obs, policy, canary, baseline)
     action, cause, st = evaluate(policy, _evidence(n, state))
     code, why = int(action[0]), Cause(int(cause[0]))
@@ -73,6 +75,7 @@ def decide_harm(state: RolloutState, obs: Observations, policy: Policy) -> Decis
     canary, baseline = obs.arms.get("canary"), obs.arms.get("baseline")
     if canary is None or baseline is None:
         return None
+    canary, baseline = _on_metric(policy, canary), _on_metric(policy, baseline)
     n = _numbers(state, obs, policy, canary, baseline)
     h = harm(policy, _evidence(n, state))
     if not (bool(h["err_harm"][0]) or bool(h["lat_harm"][0])):
@@ -85,17 +88,22 @@ def decide_harm(state: RolloutState, obs: Observations, policy: Policy) -> Decis
     return Decision(Action.ROLLBACK, reason, 0, (), _jsonable(stats))
 
 
+def _on_metric(policy: Policy, arm: ArmObservation) -> ArmObservation:
+    """The arm with `labelled`/`correct` on the policy's decision metric (analysis/ranking.py)."""
+    return on_metric(arm, policy.decision_metric, policy.metric_k)
+
+
 def _numbers(
     state: RolloutState, obs: Observations, policy: Policy, c: ArmObservation, b: ArmObservation
 ) -> dict:
     """Every estimate and interval shown with a decision, whichever rule acts on them."""
     a, p0 = policy.alpha, policy.planning_accuracy
-    pc, pb = _arm_periods(c), _arm_periods(b)
+    pc, pb = _arm_periods(c, policy), _arm_periods(b, policy)
     est = strata.combine(pc, pb)
     diff, var = est.diff[0], est.var[0]
     users = _user_unit(obs, c, b)  # requests that name users: users are the unit (user_level.py)
     deff = 1.0
-    if users is not None:
+    if users is not None and not policy.decision_metric.ranking:  # per-user sums are of accuracy only
         deff = float(design_effect(users["accuracy_var"], c.correct, c.labelled, b.correct, b.labelled))
         var = var * deff
     tau2 = seq.mixing_variance(2 * p0 * (1 - p0), policy.planned_n, a)
@@ -170,9 +178,11 @@ def _numbers(
     }
 
 
-def _arm_periods(arm: ArmObservation) -> strata.ArmPeriods:
+def _arm_periods(arm: ArmObservation, policy: Policy) -> strata.ArmPeriods:
     """One arm's per-step accuracy summaries, shape (1, steps); one period of the pooled counts if the
-    observations were not read per step."""
+    observations were not read per step. A ranking metric's come from its sums (ranking.metric_periods)."""
+    if policy.decision_metric.ranking:
+        return metric_periods(arm, policy.decision_metric, policy.metric_k)
     if arm.periods:
         correct = [[p.correct for p in arm.periods]]
         labelled = [[p.labelled for p in arm.periods]]
@@ -254,7 +264,7 @@ def _reason(policy: Policy, state: RolloutState, n: dict, st: dict, act: Action,
     """A readable sentence with the numbers behind the action."""
     c, b, lat, err = n["c"], n["b"], n["lat"], n["err"]
     sequential = policy.name == "sequential"
-    acc = f"canary accuracy {_pts(n['diff'])}" + (
+    acc = f"canary {policy.metric_label} {_pts(n['diff'])}" + (
         f" (always-valid bounds {_interval(n)})" if sequential else ""
     )
     errs = f"canary errors {_pct(c.error_rate)} vs baseline {_pct(b.error_rate)} ({_pts(err['diff'])})"
@@ -331,7 +341,7 @@ def _checks(policy: Policy, n: dict, st: dict) -> list[str]:
     m, r, e = _pts(policy.accuracy_margin, False), f"{policy.p99_ratio:.2f}", _pts(policy.error_margin, False)
     if policy.name == "sequential":
         return [
-            f"canary accuracy {_pts(n['diff'])} (always-valid bounds {_interval(n)}, running p="
+            f"canary {policy.metric_label} {_pts(n['diff'])} (always-valid bounds {_interval(n)}, running p="
             f"{_p(st['p_superior'])}) {'exceeds' if st['superior'] else 'not yet above'} margin {m}",
             f"p99 ratio {_ratio(lat['ratio'])} (upper bound {_ratio(lat['upper'])}) "
             f"{'≤' if st['latency_noninferior'] else 'not yet shown ≤'} {r}",
@@ -339,7 +349,7 @@ def _checks(policy: Policy, n: dict, st: dict) -> list[str]:
             f"{'≤' if st['error_noninferior'] else 'not yet shown ≤'} {e}",
         ]
     return [
-        f"canary accuracy {_pts(n['diff'])} {'exceeds' if st['superior'] else 'does not exceed'} margin {m}",
+        f"canary {policy.metric_label} {_pts(n['diff'])} {'exceeds' if st['superior'] else 'does not exceed'} margin {m}",
         f"p99 ratio {_ratio(lat['ratio'])} {'≤' if st['latency_noninferior'] else '>'} {r}",
         f"error diff {_pts(err['diff'])} {'≤' if st['error_noninferior'] else '>'} {e}",
     ]
@@ -439,7 +449,7 @@ def _rules(policy: Policy, n: dict, st: dict) -> tuple[RuleOutcome, ...]:
                 n["diff"],
                 policy.accuracy_margin,
                 bool(st["superior"]) if labels else None,
-                "canary minus baseline accuracy over the window",
+                f"canary minus baseline {policy.metric_label} over the window",
             ),
             RuleOutcome(
                 "p99_ratio",
@@ -466,6 +476,8 @@ def _stats(
     c, b, err, lat = n["c"], n["b"], n["err"], n["lat"]
     return {
         "policy": policy.name,
+        # what the "accuracy" numbers below are of: the policy's decision metric (analysis/ranking.py)
+        "metric": {"name": policy.metric, "k": policy.metric_k, "label": policy.metric_label},
         "cause": why.name.lower(),
         "window_start": obs.window_start,
         "window_end": obs.window_end,
@@ -477,6 +489,7 @@ def _stats(
                 "errors": arm.errors,
                 "labelled": arm.labelled,
                 "correct": arm.correct,
+                "exposures": arm.ranked,  # /recommend answers closed: a ranking metric's sample
                 "latencies": arm.latency.count,
                 "step_requests": arm.step_requests,
             }

@@ -15,6 +15,7 @@ import numpy as np
 
 from control_plane.analysis import guardrails, power, strata
 from control_plane.analysis import sequential as seq
+from control_plane.analysis.ranking import MAX_POSITION, Metric
 from control_plane.analysis.types import Action
 
 NAMES = ("sequential", "threshold")
@@ -61,6 +62,20 @@ class Policy:
     # copies, no harm shown, and its error difference and p99 ratio within `error_margin` / `p99_ratio`.
     shadow_percent: int = 0
     shadow_min_duration_s: float = 120.0
+    # What the rule decides on (analysis/ranking.py): "accuracy" (every labelled prediction, as before),
+    # or a /recommend ranking metric over closed exposures: "ctr_at_k" (click at position <= metric_k),
+    # "mrr" (reciprocal rank of the click) or "ndcg". With a ranking metric, accuracy_margin,
+    # planning_accuracy and target_lift are in that metric's units (a proportion, or a mean in [0, 1]).
+    metric: str = Metric.ACCURACY.value
+    metric_k: int = 10  # the k of ctr_at_k
+
+    @property
+    def decision_metric(self) -> Metric:
+        return Metric(self.metric)
+
+    @property
+    def metric_label(self) -> str:
+        return self.decision_metric.label(self.metric_k)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps) if isinstance(self.steps, list) else self.steps)
@@ -147,6 +162,13 @@ def _validate(p: Policy) -> None:
         return isinstance(v, int) and not isinstance(v, bool)
 
     need(p.name in NAMES, "name", f"one of {', '.join(NAMES)}")
+    metrics = [m.value for m in Metric]
+    need(isinstance(p.metric, str) and p.metric in metrics, "metric", f"one of {', '.join(metrics)}")
+    need(
+        is_int(p.metric_k) and 1 <= p.metric_k <= MAX_POSITION,
+        "metric_k",
+        f"an integer from 1 to {MAX_POSITION}",
+    )
     need(
         isinstance(p.steps, tuple)
         and len(p.steps) > 0

@@ -58,7 +58,10 @@ class PeriodCounts:
 
     requests: int
     labelled: int
-    correct: int
+    correct: float  # a count for accuracy; a ranking metric's sum (analysis/ranking.py: on_metric)
+    # /recommend exposures whose window closed in the period, and their clicks' positions (ranking.py)
+    ranked: int = 0
+    click_positions: SparseCounts = field(default_factory=SparseCounts)
     # of `requests`, those after the step's weights were surely in force (the sample-ratio check's);
     # None: the same as `requests`
     steady_requests: int | None = None
@@ -77,7 +80,7 @@ class ArmObservation:
     errors: int  # of those, status >= 500
     latency: LatencyHistogram  # the window's latencies, each quantile within 1 % (aggregates.py)
     labelled: int  # served predictions whose attribution window has closed (positive or negative)
-    correct: int  # of those, (score >= 0.5) == outcome
+    correct: float  # of those, (score >= 0.5) == outcome (a ranking metric's sum: ranking.on_metric)
     log_loss: float | None = None
     auc: float | None = None  # binned: within auc_max_error of the exact AUC
     auc_max_error: float | None = None
@@ -86,6 +89,10 @@ class ArmObservation:
     scores: SparseCounts = field(default_factory=SparseCounts)
     # per period of constant weights (Observations.periods), in order; empty: not read per period
     periods: tuple[PeriodCounts, ...] = ()
+    # /recommend exposures whose attribution window closed, and their clicks' positions as served
+    # (counts per 1-based position): every ranking metric comes from these (analysis/ranking.py)
+    ranked: int = 0
+    click_positions: SparseCounts = field(default_factory=SparseCounts)
 
     @property
     def error_rate(self) -> float:

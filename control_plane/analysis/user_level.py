@@ -60,7 +60,7 @@ def user_bucket(ts: float) -> int:
 
 
 def user_request_facts(rows: Iterable[tuple]) -> dict[UserKey, UserRequests]:
-    """Sum prediction-log rows (the table's column order, user_key last) per user key; rows without a
+    """Sum prediction-log rows (the table's column order, user_key the 11th) per user key; rows without a
     user are left out."""
     out: dict[UserKey, UserRequests] = {}
     for row in rows:

@@ -42,6 +42,9 @@ predictions = Table(
     Column("status", SmallInteger, nullable=False),
     # Keyed hash of the request's X-User-Id (control_plane/users.py), NULL when it named no user.
     Column("user_key", String(64), nullable=True),
+    # /recommend: the item ids served, in served order (the top k); NULL for /predict. A click sent to
+    # /feedback must name one of them at its position (control_plane/clicks.py).
+    Column("served", JSON, nullable=True),
     Index("ix_predictions_version_ts", "model_version", "ts"),
     Index("ix_predictions_ts", "ts"),
 )
@@ -66,6 +69,10 @@ labels = Table(
     Column("label", SmallInteger, nullable=False),
     Column("ts", Float, nullable=False),
     Column("issued_ts", Float, nullable=False, default=_issued_ts),
+    # A click on a /recommend answer: the item clicked and its 1-based position as served, checked
+    # against the served list when the click came (control_plane/clicks.py); NULL for other labels.
+    Column("item_id", String(128), nullable=True),
+    Column("position", SmallInteger, nullable=True),
     Index("ix_labels_ts", "ts"),
     Index("ix_labels_issued_ts", "issued_ts"),
 )
@@ -109,6 +116,9 @@ label_buckets = Table(
     Column("log_loss_sum", Float, nullable=False),
     Column("scores_pos", LargeBinary, nullable=True),
     Column("scores_neg", LargeBinary, nullable=True),
+    # /recommend exposures among `closed`, and their clicks' positions (SparseCounts per position)
+    Column("ranked", BigInteger, nullable=False, server_default="0"),
+    Column("click_positions", LargeBinary, nullable=True),
 )
 
 

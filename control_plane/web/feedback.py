@@ -2,7 +2,9 @@
 
 Labels steer rollouts, so they need a credential of their own (the label-ingest token, not the
 operator's) and may only name request ids a Bento issued (signed ids: control_plane/request_ids.py);
-a request's first label is its outcome (control_plane/labels.py). docs/labels.md says how to run it.
+a request's first label is its outcome (control_plane/labels.py). A click on a /recommend answer names
+the item and its position as served, and is checked against the logged served list (control_plane/
+clicks.py). docs/labels.md says how to run it.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify, request
 
 from control_plane.bounds import load_json_body
+from control_plane.clicks import parse_feedback, record_clicks
 from control_plane.errors import InvalidRequest
-from control_plane.labels import LabelSink, parse_labels
+from control_plane.labels import LabelSink
 from control_plane.web.auth import bearer_ok
 from control_plane.web.errors import Unauthorized
 from control_plane.web.metrics import LABEL_ROWS_EXTENSION
@@ -39,13 +42,17 @@ def feedback():
             "directory's label-token file; not the operator's token)"
         )
     body = load_json_body(request.get_data(cache=True))
-    items = parse_labels(body)
-    forged = [rid for rid, _ in items if w.request_ids is None or not w.request_ids.issued(rid)]
+    fb = parse_feedback(body)
+    forged = [rid for rid in fb.request_ids if w.request_ids is None or not w.request_ids.issued(rid)]
     if forged:
         raise InvalidRequest(
             f"{len(forged)} request id(s) were not issued by this system (no valid signature), e.g. "
             f"{forged[0][:80]!r}: label only the X-Request-Id of an answer from /predict or /recommend"
         )
-    outcome = _sink().record(items)
-    status = 200 if outcome == "stored" else 202
-    return jsonify({"accepted": len(items), "stored": outcome}), status
+    answer: dict = {"accepted": len(fb)}
+    if fb.clicks:  # checked against the served lists, so stored in the database or not at all (503)
+        answer["clicks"] = len(fb.clicks)
+        answer["new_clicks"] = record_clicks(current_ctx().engine, fb.clicks)
+    outcome = _sink().record(fb.labels) if fb.labels else "stored"
+    answer["stored"] = outcome
+    return jsonify(answer), 200 if outcome == "stored" else 202

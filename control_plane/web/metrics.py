@@ -158,14 +158,29 @@ class RolloutCollector(Collector):
             "Distinct users (X-User-Id) with a weighted request over the window",
             labels=["role"],
         )
+        exposures = GaugeMetricFamily(
+            "recsys_window_exposures",
+            "/recommend answers whose attribution window closed over the window",
+            labels=["role"],
+        )
+        ranking = GaugeMetricFamily(
+            "recsys_ranking_metric",
+            "/recommend ranking metrics from clicks over the window: ctr_at_10, mrr, ndcg",
+            labels=["role", "metric"],
+        )
         for role, arm in sorted(window.items()):
+            rank = arm["ranking"]
+            exposures.add_metric([role], rank["exposures"])
+            for name in ("ctr_at_k", "mrr", "ndcg"):
+                if rank[name] is not None:
+                    ranking.add_metric([role, name.replace("_k", f"_{rank['k']}")], rank[name])
             users.add_metric([role], arm["users"])
             requests.add_metric([role], arm["requests"])
             errors.add_metric([role], arm["error_rate"])
             coverage.add_metric([role], arm["labelled"] / arm["requests"] if arm["requests"] else 0.0)
             if arm["accuracy"] is not None:
                 accuracy.add_metric([role], arm["accuracy"])
-        yield from (coverage, accuracy, requests, errors, users)
+        yield from (coverage, accuracy, requests, errors, users, exposures, ranking)
 
 
 def _ledger_summary(ctx: Context) -> tuple[dict[str, int], dict[str, Any] | None]:

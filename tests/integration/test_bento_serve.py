@@ -270,6 +270,17 @@ def test_recommend_ranks_with_one_score_per_candidate(server):
     for it in body["items"]:
         assert it["score"] == pytest.approx(singles[it["item_id"]], abs=1e-12)
     assert len(server.post("/recommend", {"candidates": cands[:2], "k": 10}).json()["items"]) == 2
+    # the served list, in served order, is logged with the row: clicks are checked against it
+    served = {}
+
+    def logged() -> bool:
+        with server.engine.connect() as conn:
+            q = select(predictions.c.served).where(predictions.c.request_id == body["request_id"])
+            served["items"] = conn.execute(q).scalar()
+        return served["items"] is not None
+
+    wait_until(logged, 15, "the /recommend row in postgres")
+    assert served["items"] == [it["item_id"] for it in body["items"]]
 
 
 NAN_ROW = b'{"features": [NaN' + b", 1" * 15 + b"]}"

@@ -45,6 +45,7 @@ def record(request_id: str) -> dict:
         "latency_ms": 1.0,
         "status": 200,
         "user_key": None,
+        "served": None,
     }
 
 
@@ -129,12 +130,14 @@ def test_copy_writes_every_value_back_exactly_nulls_and_escapes_included(pg_url,
         "status": 500,
         "role": "can\\ary",
         "user_key": "k\\ey\tof a user",
+        "served": ["tab\there", "back\\slash", 'quo"te', "new\nline\r", "üñí"],
     }
     plain = {
         **record(f"plain-{tag}"),
         "features": [0.1 * i for i in range(16)],
         "score": 0.123456789012345678,
         "user_key": "0123456789abcdef0123456789abcdef",
+        "served": ["i1", "i2"],
     }
     tiny = {**record(f"tiny-{tag}"), "ts": 1e22, "score": 5e-324, "latency_ms": 1e-7}
     infinite = {**record(f"inf-{tag}"), "score": float("-inf"), "latency_ms": float("inf")}

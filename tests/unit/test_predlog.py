@@ -385,3 +385,16 @@ def test_a_missing_table_is_not_bad_data_the_rows_wait_in_the_spill_file(tmp_pat
     wait_until(lambda: w.stats().rows_spilled == 1)
     w.close()
     assert w.stats().rows_rejected == 0 and [r["request_id"] for r in spill_lines(spill_dir)] == ["req-1"]
+
+
+def test_a_served_list_goes_to_copy_text_as_escaped_json_and_a_row_without_it_reads_back():
+    from bentos.predlog import copy_text
+
+    served = ["a", "tab\there", "new\nline", 'quo"te']
+    line = copy_text([row(1, endpoint="recommend", served=served)])
+    *_, user, last = line.rstrip("\n").split("\t")
+    assert user == "\\N"  # no user named
+    assert last == json.dumps(served, separators=(",", ":")).replace("\\", "\\\\")
+    assert copy_text([row(2)]).rstrip("\n").endswith("\t\\N")  # /predict: no served list
+    old = {k: v for k, v in row_dict(row(3)).items() if k not in ("user_key", "served")}  # an older spill
+    assert row_from_dict(old) == row(3)

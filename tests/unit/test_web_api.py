@@ -589,3 +589,25 @@ def test_a_shadow_rollout_is_shown_on_the_page_in_the_api_and_in_prometheus(clie
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'recsys_shadow_mirror_percent{version="3"} 30.0' in metrics
     assert 'recsys_rollout_phase{phase="shadow",rollout_id="1"} 1.0' in metrics
+
+
+def test_ranking_metrics_in_the_api_prometheus_and_the_decision_metric_on_the_page(client, ctx):
+    seed_predictions(ctx.engine, {"baseline": 1, "control": 2}, recommend=True)
+    services.close_labels(ctx)
+    baseline = client.get("/api/metrics?window_s=3600").get_json()["roles"]["baseline"]
+    ranking = baseline["ranking"]
+    # every baseline answer is a /recommend: each closed one is an exposure; per minute i = 1, 3, 5 of
+    # 6 clicked, at positions 2, 1, 3 (the newest minutes' windows are still open)
+    n = ranking["exposures"]
+    assert n == baseline["labelled"] >= 60 and abs(ranking["clicks"] - n / 2) <= 1
+    assert ranking["mrr"] == pytest.approx((1 / 2 + 1 + 1 / 3) / 6, abs=0.01)
+    assert ranking["ctr_at_k"] == round(ranking["clicks"] / n, 6) and ranking["k"] == 10
+    scrape = client.get("/metrics").get_data(as_text=True)
+    assert f'recsys_window_exposures{{role="baseline"}} {float(n)}' in scrape
+    assert f'recsys_ranking_metric{{metric="ctr_at_10",role="baseline"}} {ranking["ctr_at_k"]}' in scrape
+    assert 'recsys_ranking_metric{metric="mrr",role="baseline"}' in scrape
+    bad = client.post("/api/rollouts", json={"version": 3, "policy": {"metric": "clicks"}}, headers=AUTH)
+    assert bad.status_code == 400 and "policy field metric must be one of" in bad.get_json()["error"]
+    start(client, policy={"metric": "ctr_at_k", "metric_k": 3})
+    page = client.get("/").get_data(as_text=True)
+    assert '<dd id="decision-metric">CTR@3 of /recommend</dd>' in page
