@@ -39,6 +39,7 @@ def sample_rows(n: int) -> list[PredictionRow]:
             0.4 + random.random(),
             200,
             f"{random.randrange(10_000):032x}",  # a user's keyed hash (control_plane/users.py)
+            None,  # served: /predict rows serve no list
         )
         for _ in range(n)
     ]

@@ -100,6 +100,7 @@ def synthetic_rows(rng: np.random.Generator, start: float, n: int, offset: int, 
                 float(lat[k]),
                 503 if bad else 200,
                 None,  # user_key: the scale benchmark's requests name no user
+                None,  # served: /predict rows serve no list
             )
         )
     return rows
