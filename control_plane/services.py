@@ -372,7 +372,7 @@ def check_harm(ctx: Context, actor: str = "harm-check") -> dict[str, Any] | None
     if rollout is None or rollout.phase is not Phase.PROGRESSING or rollout.pending_action:
         return None
     policy = Policy.from_dict(rollout.policy_params)
-    if policy.name != "sequential":
+    if not policy.is_sequential:
         return None
     now = ctx.clock()
     assignment = Assignment.of(ctx.traffic_store.load())

@@ -70,7 +70,7 @@ def decide(state: RolloutState, obs: Observations, policy: Policy) -> Decision:
 def decide_harm(state: RolloutState, obs: Observations, policy: Policy) -> Decision | None:
     """The harm tests alone (the faster harm cadence): a rollback decision if errors or p99 are confidently
     beyond their margin, else None. The same tests `decide()` runs first; no I/O."""
-    if state.phase is not Phase.PROGRESSING or policy.name != "sequential":
+    if state.phase is not Phase.PROGRESSING or not policy.is_sequential:
         return None
     canary, baseline = obs.arms.get("canary"), obs.arms.get("baseline")
     if canary is None or baseline is None:
@@ -263,7 +263,7 @@ def _p(x: float | None) -> str:
 def _reason(policy: Policy, state: RolloutState, n: dict, st: dict, act: Action, why: Cause, nxt: int) -> str:
     """A readable sentence with the numbers behind the action."""
     c, b, lat, err = n["c"], n["b"], n["lat"], n["err"]
-    sequential = policy.name == "sequential"
+    sequential = policy.is_sequential
     acc = f"canary {policy.metric_label} {_pts(n['diff'])}" + (
         f" (always-valid bounds {_interval(n)})" if sequential else ""
     )
@@ -339,7 +339,7 @@ def _checks(policy: Policy, n: dict, st: dict) -> list[str]:
     """The promotion rules, each as a short clause saying whether it holds."""
     lat, err = n["lat"], n["err"]
     m, r, e = _pts(policy.accuracy_margin, False), f"{policy.p99_ratio:.2f}", _pts(policy.error_margin, False)
-    if policy.name == "sequential":
+    if policy.is_sequential:
         return [
             f"canary {policy.metric_label} {_pts(n['diff'])} (always-valid bounds {_interval(n)}, running p="
             f"{_p(st['p_superior'])}) {'exceeds' if st['superior'] else 'not yet above'} margin {m}",
@@ -390,7 +390,7 @@ def _rules(policy: Policy, n: dict, st: dict) -> tuple[RuleOutcome, ...]:
             "seconds at this step",
         ),
     ]
-    if policy.name == "sequential":
+    if policy.is_sequential:
         rules += [
             RuleOutcome(
                 "error_harm",
@@ -530,13 +530,13 @@ def _stats(
             "passed": st.get("recent_holds"),
             "verdict": _novelty_verdict(policy, st, why),
         }
-        if policy.name == "sequential"
+        if policy.is_sequential
         else None,
         # the smallest p so far, shown for reference; no rule acts on it (it would lock in an early effect)
         "running_p_values": {
             SUPERIORITY_KEY: min(st.get("p_superior", 1.0), state.running_p_values.get(SUPERIORITY_KEY, 1.0))
         }
-        if policy.name == "sequential"
+        if policy.is_sequential
         else {},
         "min_labelled_per_arm": policy.labelled_minimum,
         "expected_n": policy.planned_n,

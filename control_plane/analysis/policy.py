@@ -18,7 +18,8 @@ from control_plane.analysis import sequential as seq
 from control_plane.analysis.ranking import MAX_POSITION, Metric
 from control_plane.analysis.types import Action
 
-NAMES = ("sequential", "threshold")
+SEQUENTIAL, THRESHOLD = "sequential", "threshold"
+NAMES = (SEQUENTIAL, THRESHOLD)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,12 @@ class Policy:
     metric_k: int = 10  # the k of ctr_at_k
 
     @property
+    def is_sequential(self) -> bool:
+        """Always-valid tests over all of the rollout's data (and the harm checks between evaluations);
+        otherwise the threshold rule on point estimates over a rolling window. `name` is what is stored."""
+        return self.name == SEQUENTIAL
+
+    @property
     def decision_metric(self) -> Metric:
         return Metric(self.metric)
 
@@ -105,7 +112,7 @@ class Policy:
 
     def window_start(self, started_at: float, now: float) -> float:
         """Where this policy's observations begin: the rollout's start (sequential) or the rolling window."""
-        return started_at if self.name == "sequential" else max(started_at, now - self.window_s)
+        return started_at if self.is_sequential else max(started_at, now - self.window_s)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able settings; `from_dict(to_dict())` gives the same policy back."""
@@ -338,7 +345,7 @@ def _loss_p(ev: Evidence) -> np.ndarray:
 
 def evaluate(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Apply the policy's rule: (action codes, causes, statistics), one element per rollout."""
-    rule = _sequential if policy.name == "sequential" else _threshold
+    rule = _sequential if policy.is_sequential else _threshold
     return rule(policy, ev)
 
 
