@@ -13,7 +13,7 @@ from control_plane.analysis.types import Phase, RolloutState
 from control_plane.bounds import row_int_in_range
 from control_plane.db.schema import decisions, rollouts
 from control_plane.errors import RolloutNotFound
-from control_plane.rollout.plan import TrafficMove
+from control_plane.rollout.plan import RolloutChange, TrafficMove
 
 ACTIVE_PHASES = (Phase.PENDING, Phase.SHADOW, Phase.PROGRESSING, Phase.PAUSED)
 
@@ -135,10 +135,19 @@ class Ledger:
             rows = c.execute(select(rollouts).order_by(rollouts.c.id.desc()).limit(limit)).all()
         return [_rollout(r) for r in rows]
 
-    def update(self, conn: Connection, rollout_id: int, **values) -> None:
-        if "phase" in values:
-            values["phase"] = str(values["phase"])
-        values.setdefault("updated_at", time.time())
+    def update(self, conn: Connection, rollout_id: int, change: RolloutChange) -> None:
+        """Write the columns `change` sets (and `updated_at`); the others keep their values."""
+        values: dict[str, Any] = {
+            "phase": None if change.phase is None else str(change.phase),
+            "canary_weight": change.canary_weight,
+            "step_index": change.step_index,
+            "step_started_at": change.step_started_at,
+            "pending_action": None if change.pending is None else change.pending.to_dict(rollout_id),
+            "ended_at": change.ended_at,
+            "reason": change.reason,
+        }
+        values = {k: v for k, v in values.items() if v is not None}
+        values["updated_at"] = time.time()
         conn.execute(update(rollouts).where(rollouts.c.id == rollout_id).values(**values))
 
     def clear_pending(self, rollout_id: int, step_started_at: float | None = None) -> None:

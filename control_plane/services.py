@@ -29,7 +29,7 @@ from control_plane.retention import RetentionPolicy
 from control_plane.rollout.assignment import Assignment, Slot
 from control_plane.rollout.entry import Entry
 from control_plane.rollout.phases import ForbiddenTransition, Operator, allowed_from, transition
-from control_plane.rollout.plan import MoveKind, TrafficMove, plan
+from control_plane.rollout.plan import MoveKind, RolloutChange, TrafficMove, plan
 from control_plane.rollout_reading import (
     SETTLE_S,
     Reading,
@@ -313,9 +313,9 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
     _write(
         ctx,
         Entry(rollout_id, Phase.PENDING, phase, "start", actor, started, target.canary.weight),
-        phase=phase,
-        canary_weight=target.canary.weight,
-        step_started_at=ctx.clock() + SETTLE_S,
+        RolloutChange(
+            phase=phase, canary_weight=target.canary.weight, step_started_at=ctx.clock() + SETTLE_S
+        ),
     )
     previous_canary, control_version = assignment.canary.version, assignment.control.version
     if previous_canary not in (None, version, baseline_version, control_version):
@@ -448,7 +448,7 @@ def _switch(ctx: Context, rollout_id: int, move: Operator, actor: str) -> Rollou
     _write(
         ctx,
         Entry(rollout_id, rollout.phase, after, str(move), actor, reason, rollout.canary_weight),
-        phase=after,
+        RolloutChange(phase=after),
     )
     return ctx.ledger.get(rollout_id)
 
@@ -568,7 +568,7 @@ def _act(
 
     `recorded_as` names the ledger's action when it is not the decision's own (an operator's override)."""
     step = plan(rollout, decision, Assignment.of(ctx.traffic_store.load()))
-    columns = step.columns(rollout.id, ctx.clock(), decision.reason)
+    change = step.columns(ctx.clock(), decision.reason)
     reason = decision.reason + (
         f" ({missed_ticks} scheduled evaluations were missed before this one)" if missed_ticks else ""
     )
@@ -587,7 +587,7 @@ def _act(
         missed_ticks=missed_ticks,
     )
     try:
-        _write(ctx, entry, **columns)
+        _write(ctx, entry, change)
     except IntegrityError:
         return None  # this tick was already recorded by another run
     if step.move is not None:
@@ -673,13 +673,13 @@ def _finish(ctx: Context, rollout: Rollout, reason: str, actor: str) -> None:
     """A rollout whose candidate never started: rolled back, weight 0."""
     phase = transition(rollout.phase, Operator.START_FAILED)
     entry = Entry(rollout.id, rollout.phase, phase, "rollback", actor, reason, 0)
-    _write(ctx, entry, phase=phase, ended_at=ctx.clock(), reason=reason, canary_weight=0)
+    _write(ctx, entry, RolloutChange(phase=phase, ended_at=ctx.clock(), reason=reason, canary_weight=0))
 
 
-def _write(ctx: Context, entry: Entry, **columns: Any) -> None:
+def _write(ctx: Context, entry: Entry, change: RolloutChange | None = None) -> None:
     """The unit of work: the rollout's changed columns and its ledger row, in one transaction (an
     IntegrityError, a tick already recorded, leaves neither)."""
     with ctx.engine.begin() as conn:
         ctx.ledger.record(conn, **entry.row(ctx.clock()))
-        if columns:
-            ctx.ledger.update(conn, entry.rollout_id, **columns)
+        if change is not None:
+            ctx.ledger.update(conn, entry.rollout_id, change)
