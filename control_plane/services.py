@@ -25,6 +25,7 @@ from control_plane.context import Context
 from control_plane.db.engine import read_snapshot
 from control_plane.errors import InvalidRequest, NoPreviousBaseline, RolloutConflict
 from control_plane.ledger import Rollout
+from control_plane.operator_actions import OperatorAction
 from control_plane.retention import RetentionPolicy
 from control_plane.rollout.assignment import Assignment, Slot
 from control_plane.rollout.entry import Entry
@@ -467,6 +468,17 @@ def promote_now(ctx: Context, rollout_id: int, actor: str, reason: str) -> Rollo
 def rollback_now(ctx: Context, rollout_id: int, actor: str, reason: str) -> Rollout:
     """An operator rolls the canary back at once: an override, recorded as `promote_now` is."""
     return _override(ctx, rollout_id, Action.ROLLBACK, actor, reason)
+
+
+def operate(
+    ctx: Context, rollout_id: int, action: OperatorAction, actor: str, reason: str | None = None
+) -> Rollout:
+    """An operator's action on a rollout, whichever door it came through (CLI, API, web page); the
+    overrides (promote, rollback) need a reason."""
+    if action.overrides:
+        fn = promote_now if action is OperatorAction.PROMOTE else rollback_now
+        return fn(ctx, rollout_id, actor, reason or "")
+    return (pause if action is OperatorAction.PAUSE else resume)(ctx, rollout_id, actor)
 
 
 def _override(ctx: Context, rollout_id: int, action: Action, actor: str, reason: str) -> Rollout:
