@@ -80,10 +80,10 @@ def decide_harm(state: RolloutState, obs: Observations, policy: Policy) -> Decis
     canary, baseline = _on_metric(policy, canary), _on_metric(policy, baseline)
     n = _numbers(state, obs, policy, canary, baseline)
     h = harm(policy, _evidence(n, state))
-    if not (bool(h["err_harm"][0]) or bool(h["lat_harm"][0])):
+    if not (bool(h.err_harm[0]) or bool(h.lat_harm[0])):
         return None
-    why = Cause.ERRORS if bool(h["err_harm"][0]) else Cause.LATENCY
-    st = RuleStats(p_error_harm=float(h["err"]["p_harm"][0]))
+    why = Cause.ERRORS if bool(h.err_harm[0]) else Cause.LATENCY
+    st = RuleStats(p_error_harm=float(h.err["p_harm"][0]))
     stats = _stats(policy, state, obs, n, st, why)
     stats["harm_check"] = True
     reason = _reason(policy, state, n, st, Action.ROLLBACK, why, 0) + " (harm check between evaluations)"

@@ -7,6 +7,7 @@ replications) run exactly the same logic.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Any
@@ -286,8 +287,36 @@ class Evidence:
     loss_p: np.ndarray | None = None
 
 
+class _ReadByName:
+    """Fields read by name too, as the simulation's tables do (`stats["p_superior"]`, `"p_superior" in
+    stats`): only those the rule computed (not None)."""
+
+    def __getitem__(self, name: str) -> Any:
+        value = getattr(self, name) if name in _field_names(type(self)) else None
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in _field_names(type(self)) and getattr(self, name) is not None
+
+
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
 @dataclass(frozen=True)
-class RuleStats:
+class HarmTests(_ReadByName):
+    """The two harm tests (they only ever roll back), one element per rollout."""
+
+    err: dict[str, np.ndarray]  # guardrails.rate_tests: diff, p_harm, p_noninferior, tau2
+    err_harm: np.ndarray  # errors confidently beyond the margin
+    lat_harm: np.ndarray  # p99 ratio confidently beyond the allowance
+
+
+@dataclass(frozen=True)
+class RuleStats(_ReadByName):
     """What a rule computed on the way to its action: arrays with one element per rollout (or replication),
     or Python scalars once `first()` took decide()'s one rollout. None: not computed by this rule (the
     threshold rule has no always-valid tests; the harm check computes only `p_error_harm`)."""
@@ -331,19 +360,6 @@ class RuleStats:
             }
         )
 
-    # Read by name, as the simulation's tables do (`stats["p_superior"]`, `"p_superior" in stats`).
-    def __getitem__(self, name: str) -> Any:
-        value = getattr(self, name, None) if name in _RULE_STATS else None
-        if value is None:
-            raise KeyError(name)
-        return value
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in _RULE_STATS and getattr(self, name) is not None
-
-
-_RULE_STATS = frozenset(f.name for f in dataclasses.fields(RuleStats))
-
 
 def design_effect(user_var, correct_c, labelled_c, correct_b, labelled_b) -> np.ndarray:
     """How much clustering by user inflates the accuracy difference's variance (Kish's design effect):
@@ -372,7 +388,7 @@ def accuracy_estimate(ev: Evidence) -> strata.Combined:
     return strata.combine(ev.periods_c, ev.periods_b)
 
 
-def harm(policy: Policy, ev: Evidence) -> dict[str, np.ndarray]:
+def harm(policy: Policy, ev: Evidence) -> HarmTests:
     """The two harm tests alone (they only ever roll back): what the faster harm cadence runs."""
     err = guardrails.rate_tests(
         ev.errors_c,
@@ -395,7 +411,7 @@ def harm(policy: Policy, ev: Evidence) -> dict[str, np.ndarray]:
         & (ev.latencies_b >= policy.min_latency_samples)
         & (ev.p99_ratio_lower > policy.p99_ratio)  # the bound is at harm_alpha
     )
-    return {"err": err, "err_harm": err_harm, "lat_harm": lat_harm}
+    return HarmTests(err, err_harm, lat_harm)
 
 
 def _loss_p(ev: Evidence) -> np.ndarray:
@@ -455,7 +471,7 @@ def _sequential(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, R
     p_recent = seq.one_sided_p(last_diff, last_var, tau2, policy.accuracy_margin, +1)
     recent_lower = seq.one_sided_bound(last_diff, last_var, tau2, a, +1)
     h = harm(policy, ev)
-    err = h["err"]
+    err = h.err
     labels = g.enough_labels
     sup, ni_err = p_sup <= a, g.enough_requests & (err["p_noninferior"] <= a)
     recent = p_recent <= a
@@ -467,8 +483,8 @@ def _sequential(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, R
     action, cause = _select(
         [
             (g.srm, HALT, Cause.SRM),
-            (h["err_harm"], ROLLBACK, Cause.ERRORS),
-            (h["lat_harm"], ROLLBACK, Cause.LATENCY),
+            (h.err_harm, ROLLBACK, Cause.ERRORS),
+            (h.lat_harm, ROLLBACK, Cause.LATENCY),
             (g.timed_out, INCONCLUSIVE, Cause.TIME_LIMIT),
             (~labels | ~safe, HOLD, Cause.MIN_SAMPLE),
             # a terminal verdict on accuracy is one look: a fixed-sample mismatch there halts instead

@@ -12,7 +12,7 @@ from scipy import stats
 from control_plane.analysis import power
 from control_plane.analysis.aggregates import LatencyHistogram
 from control_plane.analysis.decide import decide
-from control_plane.analysis.policy import Evidence, Policy, evaluate
+from control_plane.analysis.policy import Evidence, Policy, evaluate, harm
 from control_plane.analysis.types import Action, ArmObservation, Observations, Phase, RolloutState
 
 SEQ, THR = Policy(), Policy(name="threshold")
@@ -377,6 +377,14 @@ def test_rule_statistics_are_typed_one_element_per_rollout_and_the_threshold_rul
     assert thr["superior"] is thr.superior
     with pytest.raises(KeyError):
         thr["p_superior"]
+
+
+def test_the_harm_tests_are_typed_and_clear_a_canary_no_worse_than_the_baseline():
+    h = harm(SEQ, two_rollouts())
+    assert h.err_harm.tolist() == [False, False] and h.lat_harm.tolist() == [False, False]
+    assert (h["err_harm"] | h["lat_harm"]).tolist() == [False, False] and h.err["p_harm"].shape == (2,)
+    worse = dataclasses.replace(two_rollouts(), errors_c=np.array([60.0, 0.0]))
+    assert harm(SEQ, worse).err_harm.tolist() == [True, False]
 
 
 def test_errors_roll_back_at_the_harm_alpha_not_the_promotion_alpha():
