@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 
+from control_plane.analysis.policy_names import NAMES
 from control_plane.errors import RecsysError
 from control_plane.operator_actions import OperatorAction
 from control_plane.settings import Settings, parse_weights
@@ -225,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reason", help="why an operator promotes or rolls back now (required for those two)")
     s.add_argument(
         "--policy-name",
-        choices=["sequential", "threshold"],
+        choices=NAMES,
         help="sequential (default: always-valid tests); threshold: the seed's point-estimate rule, UNSAFE "
         "under repeated looks (about 23 %% false promotions of an identical canary), for comparison only",
     )

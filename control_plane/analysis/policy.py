@@ -16,11 +16,9 @@ import numpy as np
 
 from control_plane.analysis import guardrails, power, strata
 from control_plane.analysis import sequential as seq
+from control_plane.analysis.policy_names import NAMES, SEQUENTIAL
 from control_plane.analysis.ranking import MAX_POSITION, Metric
 from control_plane.analysis.types import Action
-
-SEQUENTIAL, THRESHOLD = "sequential", "threshold"
-NAMES = (SEQUENTIAL, THRESHOLD)
 
 
 @dataclass(frozen=True)
