@@ -10,7 +10,7 @@ from typing import Any
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 
 from control_plane import services
-from control_plane.analysis.policy import NAMES
+from control_plane.analysis.policy_names import NAMES
 from control_plane.errors import InvalidRequest
 from control_plane.operator_actions import ROUTE, OperatorAction
 from control_plane.settings import ROLES
