@@ -20,13 +20,13 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 from scipy import special, stats
 
-from control_plane.analysis import guardrails, srm, strata
+from control_plane.analysis import fold, guardrails, srm, strata
 from control_plane.analysis.policy import (
     ADVANCE,
     HALT,
@@ -93,6 +93,7 @@ class Traffic:
     latency_sigma: float = 0.4  # log-normal: p99 is about 2.5 x the median
     control_weight: int = 5
     rate_period_s: float = HOUR  # a swinging rate completes one cycle in this time
+    settle_s: float = 2.0  # the log's settling (settings.log_settle_s): requests count until now less this
 
     @property
     def label_delay_s(self) -> float:  # the name replay.py knows the window by
@@ -212,51 +213,145 @@ def _reported(scenario: Scenario, traffic: Traffic) -> float:
     return scenario.label_coverage * float(special.ndtr(z))
 
 
-def _labelled_minute(rng, served: np.ndarray, accuracy: np.ndarray, traffic: Traffic, q: float):
-    """(labelled, correct as the label job counts it) for one minute of served predictions.
+def _labelled(rng, served: np.ndarray, accuracy: np.ndarray, traffic: Traffic, q: float) -> np.ndarray:
+    """Of each bucket's served predictions, those correct as the label job counts them once their window
+    closes. A true positive whose label is not reported in time (chance 1 - q) reads as a negative: right
+    if the model said no. Each prediction is so counted correct on its own with one same chance, so the
+    count is one binomial draw."""
+    pos = traffic.click_rate
+    p = (1 - pos) * accuracy + pos * (accuracy * q + (1 - accuracy) * (1 - q))
+    return rng.binomial(served, p)
 
-    A true positive whose label is not reported in time reads as a negative: right if the model said no.
-    """
-    pos = rng.binomial(served, traffic.click_rate)
-    right_pos = rng.binomial(pos, accuracy)
-    right_neg = rng.binomial(served - pos, accuracy)
-    seen_right = rng.binomial(right_pos, q)
-    seen_wrong = rng.binomial(pos - right_pos, q)
-    return served, right_neg + seen_right + (pos - right_pos - seen_wrong)
+
+ROLES = ("baseline", "canary", "control")  # the last axis of the per-role arrays, as the weights are stacked
+ARMS = ("baseline", "canary")  # the roles whose labels and errors count
+
+
+class _Records:
+    """Per-bucket aggregates not yet folded: `starts` (buckets,), every other field (reps, roles, buckets)."""
+
+    starts: np.ndarray
+
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self)[1:])
+
+    def __add__(self, other):
+        joined = (np.concatenate([a, b], -1) for a, b in zip(self._arrays(), other._arrays(), strict=True))
+        return type(self)(np.concatenate([self.starts, other.starts]), *joined)
+
+    def rows(self, k: np.ndarray):
+        return type(self)(self.starts, *(a[k] for a in self._arrays()))
+
+    def columns(self, keep: np.ndarray):
+        return type(self)(self.starts[keep], *(a[..., keep] for a in self._arrays()))
 
 
 @dataclass
-class _World:
-    """Running sums of one scenario's replications (arms: "c" canary, "b" baseline)."""
+class RequestRecords(_Records):
+    """What the prediction log's writer adds per bucket and role (ROLES), and the router's own count."""
 
-    reps: int
-    periods: int
-    bins: int
-    visible_n: dict = field(default_factory=dict)  # requests in whole buckets, per arm
-    visible_e: dict = field(default_factory=dict)
-    lat_under: dict = field(default_factory=dict)
-    lat_bins: dict = field(default_factory=dict)
-    lab_n: dict = field(default_factory=dict)  # per period (reps, periods): labelled predictions
-    lab_k: dict = field(default_factory=dict)  # per period: of those, correct
-    roles: np.ndarray = (
-        None  # (reps, periods, 3): logged requests per period and role (baseline, canary, control)
+    starts: np.ndarray
+    logged: np.ndarray  # requests in the prediction log
+    assigned: np.ndarray  # requests the router sent (before any were lost)
+    errors: np.ndarray  # of the logged, failed (none counted for the control)
+
+    @classmethod
+    def empty(cls, reps: int) -> RequestRecords:
+        z = np.zeros((reps, len(ROLES), 0))
+        return cls(np.zeros(0), z, z, z)
+
+
+@dataclass
+class LabelRecords(_Records):
+    """What the label job adds per bucket and arm (ARMS) once the bucket's attribution windows close."""
+
+    starts: np.ndarray
+    labelled: np.ndarray  # served predictions
+    correct: np.ndarray  # of those, correct as the label job counts them
+
+    @classmethod
+    def empty(cls, reps: int) -> LabelRecords:
+        z = np.zeros((reps, len(ARMS), 0))
+        return cls(np.zeros(0), z, z)
+
+
+def _pick(sums, k: np.ndarray):
+    return type(sums)(*(getattr(sums, f.name)[k] for f in fields(sums)))
+
+
+@dataclass(frozen=True)
+class Window:
+    """One evaluation's sums, folded as the worker folds its buckets (analysis/fold.py): requests per role
+    (ROLES on axis 1), closed predictions per arm (ARMS on axis 1)."""
+
+    logged: fold.RequestSums
+    assigned: fold.RequestSums
+    labels: fold.LabelSums
+
+    def __add__(self, other: Window) -> Window:
+        return Window(self.logged + other.logged, self.assigned + other.assigned, self.labels + other.labels)
+
+    def rows(self, k: np.ndarray) -> Window:
+        return Window(_pick(self.logged, k), _pick(self.assigned, k), _pick(self.labels, k))
+
+
+def _per_role(periods: fold.Periods) -> fold.Periods:
+    """Each replication's periods, for every role of it (values: reps, roles, buckets)."""
+    return fold.Periods(periods.starts[:, None, :], periods.settled[:, None, :])
+
+
+def fold_requests(
+    records: RequestRecords, periods: fold.Periods, *, until: float, assigned: bool = True
+) -> tuple[fold.RequestSums, fold.RequestSums | None]:
+    """(logged, assigned): the records' requests wholly in [0, until), folded by the worker's fold (the
+    router's counts too, unless `assigned` is False)."""
+    p, roles = _per_role(periods), len(ROLES)
+    if not assigned:
+        logged = fold.fold_requests(
+            records.starts, records.logged, records.errors, since=0.0, until=until, periods=p
+        )
+        return logged, None
+    both = fold.fold_requests(
+        records.starts,
+        np.concatenate([records.logged, records.assigned], 1),
+        np.concatenate([records.errors, np.zeros_like(records.assigned)], 1),
+        since=0.0,
+        until=until,
+        periods=p,
     )
-    assigned: np.ndarray = None  # (reps, 3): requests per role as the router counted them
-
-    def __post_init__(self):
-        for a in "cb":
-            self.visible_n[a] = np.zeros(self.reps)
-            self.visible_e[a] = np.zeros(self.reps)
-            self.lat_under[a] = np.zeros(self.reps, np.int64)
-            self.lat_bins[a] = np.zeros((self.reps, self.bins + 1), np.int64)
-            self.lab_n[a] = np.zeros((self.reps, self.periods))
-            self.lab_k[a] = np.zeros((self.reps, self.periods))
-        self.roles = np.zeros((self.reps, self.periods, 3))
-        self.assigned = np.zeros((self.reps, 3))
+    return (
+        fold.RequestSums(*(getattr(both, f.name)[:, :roles] for f in fields(both))),
+        fold.RequestSums(*(getattr(both, f.name)[:, roles:] for f in fields(both))),
+    )
 
 
-def run_scenario(scenario: Scenario, policy: Policy, traffic: Traffic, reps: int, seed: int) -> Outcome:
-    """Replay one policy on `reps` independent streams of one scenario until every rollout has ended."""
+def fold_labels(records: LabelRecords, periods: fold.Periods, *, until: float) -> fold.LabelSums:
+    """The records' closed predictions wholly in [0, until), folded by the worker's fold."""
+    return fold.fold_labels(
+        records.starts, records.labelled, records.correct, since=0.0, until=until, periods=_per_role(periods)
+    )
+
+
+@dataclass
+class Trace:
+    """What a run made and what it folded, for checking it against the worker's path: every minute's
+    records, and per evaluation its time, the window folded so far and the periods it was folded with."""
+
+    requests: list[RequestRecords] = field(default_factory=list)
+    labels: list[LabelRecords] = field(default_factory=list)
+    windows: list[tuple[float, Window, fold.Periods]] = field(default_factory=list)
+
+
+def run_scenario(
+    scenario: Scenario, policy: Policy, traffic: Traffic, reps: int, seed: int, trace: Trace | None = None
+) -> Outcome:
+    """Replay one policy on `reps` independent streams of one scenario until every rollout has ended.
+
+    Each minute makes its 5 s buckets' aggregate records at once (requests, errors, served predictions
+    and the correct ones, per role); at each evaluation the records now inside the window are folded by
+    the worker's `fold` and added to the running sums (sums over disjoint buckets add up), and the rest
+    wait. `trace` keeps the records and each evaluation's window (the compaction of ended rollouts is
+    then left out, so rows stay the replications)."""
     rng = np.random.default_rng(seed)
     grid = _TailGrid(traffic)
     dt, bucket = traffic.eval_interval_s, traffic.bucket_s
@@ -266,104 +361,115 @@ def run_scenario(scenario: Scenario, policy: Policy, traffic: Traffic, reps: int
     horizon = int(np.ceil(policy.max_duration_s / dt)) + 1
     lag = int(np.ceil(traffic.label_window_s / dt))  # minutes before a minute's predictions are labelled
     base = traffic.base_accuracy if scenario.base_accuracy is None else scenario.base_accuracy
-    err = {"c": traffic.base_error_rate + scenario.error_diff, "b": traffic.base_error_rate}
+    err = np.array([traffic.base_error_rate, traffic.base_error_rate + scenario.error_diff])
     ratio = {"c": scenario.latency_ratio, "b": 1.0}
     q = _reported(scenario, traffic)
     phase = rng.uniform(0, 2 * np.pi, reps)
-    w = _World(reps, len(steps), grid.bins)
-    # per minute, per arm: served predictions and correct ones, waiting for their window to close
-    served_hist = {a: np.zeros((horizon + 1, reps)) for a in "cb"}
-    correct_hist = {a: np.zeros((horizon + 1, reps)) for a in "cb"}
-    step_hist = np.zeros((horizon + 1, reps), np.int64)
+    lat_under = {a: np.zeros(reps, np.int64) for a in "cb"}
+    lat_bins = {a: np.zeros((reps, grid.bins + 1), np.int64) for a in "cb"}
     win = int(np.ceil(policy.window_s / dt))
-    windowed = policy.name == "threshold"
+    sequential = policy.name == "sequential"
+    windowed = not sequential
+    # the rolling window's sums (threshold): per evaluation, cumulative over the folded increments
     cum = {(a, m): np.zeros((horizon + 1, reps)) for a in "cb" for m in "nesk"} if windowed else {}
     ring = {a: np.zeros((win + 1, reps, grid.bins + 2), np.int32) for a in "cb"} if windowed else {}
+    all_weights = np.stack(
+        [100 - steps - traffic.control_weight, steps, np.full(len(steps), traffic.control_weight)], 1
+    )
     step_idx = np.zeros(reps, np.int64)
     step_start = np.zeros(reps)
+    # each replication's periods of constant weights: the step's start, +inf until it begins
+    period_starts = np.full((reps, len(steps)), np.inf)
+    period_starts[:, 0] = 0.0
     running = np.ones(reps)
     lat_lower = np.zeros(reps)
     active = np.ones(reps, bool)
     out_action, out_cause = np.full(reps, -1), np.full(reps, -1)
     out_time, out_evals = np.full(reps, np.nan), np.zeros(reps, np.int64)
     novelty_held = np.full(reps, np.nan)
-    pending = {a: np.zeros(reps) for a in "cb"}  # the newest bucket: not whole until the next one starts
-    pending_e = {a: np.zeros(reps) for a in "cb"}
+    pending_req = RequestRecords.empty(reps)  # made, not yet inside the window (the log settles)
+    pending_lab = LabelRecords.empty(reps)  # made, their attribution windows not yet closed
+    periods = fold.Periods(period_starts, period_starts)
+    total = Window(
+        *fold_requests(pending_req, periods, until=0.0), fold_labels(pending_lab, periods, until=0.0)
+    )
     orig = np.arange(reps)  # the replications still simulated, by their index in the outcome
+    offsets = np.arange(per_eval) * bucket
     for t in range(1, horizon + 1):
+        t0 = (t - 1) * dt
+        starts = t0 + offsets
         w_c = steps[step_idx]
         weights = np.stack(
             [100 - w_c - traffic.control_weight, w_c, np.full(reps, traffic.control_weight)], 1
         )
-        minute_n = {a: np.zeros(reps) for a in "cb"}
-        minute_e = {a: np.zeros(reps) for a in "cb"}
-        for j in range(per_eval):
-            now = (t - 1) * dt + (j + 1) * bucket
-            lam = _rate(scenario, traffic, now - bucket / 2, phase) * bucket / 100.0
-            # the bucket that ended at now-bucket is whole: it counts from now on
-            for a in "cb":
-                w.visible_n[a] += pending[a]
-                w.visible_e[a] += pending_e[a]
-            for i, a in ((1, "c"), (0, "b")):
-                n = rng.poisson(lam * weights[:, i])
-                w.assigned[:, i] += n  # the router's own count, before anything is lost
-                if a == "c" and scenario.srm_loss:
-                    n = rng.binomial(n, 1.0 - scenario.srm_loss)
-                e = rng.binomial(n, err[a])
-                pending[a], pending_e[a] = n.astype(float), e.astype(float)
-                minute_n[a] += n
-                minute_e[a] += e
-                w.roles[np.arange(reps), step_idx, i] += n
-            n_k = rng.poisson(lam * traffic.control_weight)
-            w.assigned[:, 2] += n_k
-            w.roles[np.arange(reps), step_idx, 2] += n_k
-            if j == per_eval - 1 or (j + 1) % harm_every:
-                continue
-            # the harm job, between evaluations: requests and errors of whole buckets, last minute's p99 bound
-            ev = _harm_evidence(w, lat_lower)
-            h = harm(policy, ev) if policy.name == "sequential" else None
-            if h is not None:
+        lam = _rate(scenario, traffic, starts + bucket / 2, phase[:, None]) * bucket / 100.0
+        assigned = rng.poisson(lam[:, None, :] * weights[:, :, None])  # (reps, roles, buckets)
+        logged = assigned.copy()
+        if scenario.srm_loss:
+            logged[:, 1] = rng.binomial(assigned[:, 1], 1.0 - scenario.srm_loss)
+        errors = np.zeros_like(logged)
+        errors[:, :2] = rng.binomial(logged[:, :2], err[:, None])
+        mid = starts + bucket / 2
+        acc_b = np.clip(base + scenario.drift_per_h * mid / HOUR, 0.0, 1.0)
+        acc_c = np.clip(acc_b + scenario.lift_at(mid), 0.0, 1.0)
+        served = logged[:, :2] - errors[:, :2]
+        correct = _labelled(rng, served, np.stack([acc_b, acc_c]), traffic, q)
+        minute_req = RequestRecords(starts, logged, assigned, errors)
+        minute_lab = LabelRecords(starts, served, correct)
+        if trace is not None:
+            trace.requests.append(minute_req)
+            trace.labels.append(minute_lab)
+        pending_req, pending_lab = pending_req + minute_req, pending_lab + minute_lab
+        for a, i in (("b", 0), ("c", 1)):
+            under, counts = grid.sample(rng, logged[:, i].sum(axis=1), ratio[a])
+            lat_under[a] += under
+            lat_bins[a] += counts
+            if windowed:
+                ring[a][t % (win + 1), :, 0] = lat_under[a]
+                ring[a][t % (win + 1), :, 1:] = lat_bins[a]
+        periods = fold.Periods(period_starts, period_starts)  # the sim's weights apply at once
+        # the harm job, between evaluations: requests and errors of the buckets whole by then
+        if sequential:
+            for j in range(harm_every, per_eval, harm_every):
+                now = t0 + j * bucket
+                seen = (
+                    total.logged
+                    + fold_requests(pending_req, periods, until=now - traffic.settle_s, assigned=False)[0]
+                )
+                h = harm(policy, _harm_evidence(seen, lat_under, lat_bins, lat_lower))
                 hit = active & (h["err_harm"] | h["lat_harm"])
                 o = orig[hit]
                 out_action[o], out_time[o], out_evals[o] = ROLLBACK, now, t - 1
                 out_cause[o] = np.where(h["err_harm"][hit], int(Cause.ERRORS), int(Cause.LATENCY))
                 active &= ~hit
         now = t * dt
-        t_mid = now - dt / 2
-        acc_b = np.clip(base + scenario.drift_per_h * t_mid / HOUR, 0.0, 1.0)
-        acc_c = np.clip(acc_b + float(scenario.lift_at(t_mid)), 0.0, 1.0)
-        acc = {"b": np.full(reps, acc_b), "c": np.full(reps, acc_c)}
-        for a in "cb":
-            served = minute_n[a] - minute_e[a]
-            lab, corr = _labelled_minute(rng, served.astype(np.int64), acc[a], traffic, q)
-            served_hist[a][t], correct_hist[a][t] = lab, corr
-            under, counts = grid.sample(rng, minute_n[a].astype(np.int64), ratio[a])
-            w.lat_under[a] += under
-            w.lat_bins[a] += counts
-            if windowed:
-                for m, v in (("n", minute_n[a]), ("e", minute_e[a]), ("s", lab), ("k", corr)):
-                    cum[a, m][t] = cum[a, m][t - 1] + v
-                ring[a][t % (win + 1), :, 0] = w.lat_under[a]
-                ring[a][t % (win + 1), :, 1:] = w.lat_bins[a]
-        step_hist[t] = step_idx
-        closed = t - lag  # this minute's predictions have just had their window close
-        if closed >= 1:
-            for a in "cb":
-                w.lab_n[a][np.arange(reps), step_hist[closed]] += served_hist[a][closed]
-                w.lab_k[a][np.arange(reps), step_hist[closed]] += correct_hist[a][closed]
-        ev = _evidence(policy, grid, w, cum, ring, t, lag, win) if windowed else _evidence(policy, grid, w)
-        all_weights = np.broadcast_to(
-            np.stack(
-                [100 - steps - traffic.control_weight, steps, np.full(len(steps), traffic.control_weight)], 1
-            ),
-            w.roles.shape,
+        until = now - traffic.settle_s
+        labels_before = min(until, now - traffic.label_window_s)
+        new = Window(
+            *fold_requests(pending_req, periods, until=until),
+            fold_labels(pending_lab, periods, until=labels_before),
         )
-        fixed, valid = srm.stratified_p_values(w.roles, all_weights, policy.srm_expected_n, policy.srm_p)
+        total = total + new
+        # what was folded leaves: requests once inside the window, labels once their windows closed
+        pending_req = pending_req.columns(~fold.inside(pending_req.starts, 0.0, until))
+        pending_lab = pending_lab.columns(~fold.inside(pending_lab.starts, 0.0, labels_before))
+        if trace is not None:
+            trace.windows.append((now, total, fold.Periods(period_starts.copy(), period_starts.copy())))
+        if windowed:
+            for a, i in (("b", 0), ("c", 1)):
+                inc = (
+                    new.logged.requests[:, i],
+                    new.logged.errors[:, i],
+                    new.labels.labelled[:, i],
+                    new.labels.correct[:, i],
+                )
+                for m, v in zip("nesk", inc, strict=True):
+                    cum[a, m][t] = cum[a, m][t - 1] + v
+            ev = _window_evidence(policy, grid, lat_under, lat_bins, cum, ring, t, lag, win)
+        else:
+            ev = _evidence(policy, grid, total, lat_under, lat_bins, all_weights)
         ev = replace(
             ev,
-            srm_p=valid,
-            srm_p_fixed=fixed,
-            loss_p=srm.loss_p_values(w.assigned, w.roles.sum(axis=1), policy.srm_p),
             elapsed_s=np.full(reps, now),
             step_elapsed_s=now - step_start,
             step_index=step_idx.astype(float),
@@ -377,24 +483,23 @@ def run_scenario(scenario: Scenario, policy: Policy, traffic: Traffic, reps: int
         o = orig[done]
         out_action[o], out_cause[o], out_time[o], out_evals[o] = action[done], cause[done], now, t
         adv = active & (action == ADVANCE)
-        step_idx = np.where(adv, np.minimum(step_idx + 1, len(steps) - 1), step_idx)
+        nxt = np.minimum(step_idx + 1, len(steps) - 1)
+        moved = adv & (nxt > step_idx)
+        period_starts[moved, nxt[moved]] = now
+        step_idx = np.where(adv, nxt, step_idx)
         step_start = np.where(adv, now, step_start)
         if "p_superior" in st:
             running = np.where(active, np.minimum(running, st["p_superior"]), running)
         active &= ~done
         if not active.any():
             break
-        if active.sum() < 0.6 * len(active):  # simulate only the rollouts still running
+        if trace is None and active.sum() < 0.6 * len(active):  # simulate only the rollouts still running
             k = np.flatnonzero(active)
             orig, phase, step_idx, step_start = orig[k], phase[k], step_idx[k], step_start[k]
-            running, lat_lower, active = running[k], lat_lower[k], active[k]
-            step_hist = step_hist[:, k]
-            w.roles, w.assigned, w.reps = w.roles[k], w.assigned[k], len(k)
+            running, lat_lower, active, period_starts = running[k], lat_lower[k], active[k], period_starts[k]
+            pending_req, pending_lab, total = pending_req.rows(k), pending_lab.rows(k), total.rows(k)
             for a in "cb":
-                pending[a], pending_e[a] = pending[a][k], pending_e[a][k]
-                served_hist[a], correct_hist[a] = served_hist[a][:, k], correct_hist[a][:, k]
-                for d in (w.visible_n, w.visible_e, w.lat_under, w.lat_bins, w.lab_n, w.lab_k):
-                    d[a] = d[a][k]
+                lat_under[a], lat_bins[a] = lat_under[a][k], lat_bins[a][k]
                 if windowed:
                     ring[a] = ring[a][:, k]
                     for m in "nesk":
@@ -403,23 +508,13 @@ def run_scenario(scenario: Scenario, policy: Policy, traffic: Traffic, reps: int
     return Outcome(out_action, out_cause, out_time, out_evals, novelty_held)
 
 
-def _harm_evidence(w: _World, lat_lower: np.ndarray) -> Evidence:
-    """What the harm job reads between evaluations: whole buckets' requests and errors."""
-    zeros = np.zeros(w.reps)
-    n_lat = {a: (w.lat_under[a] + w.lat_bins[a].sum(axis=1)).astype(float) for a in "cb"}
-    return Evidence(
-        requests_c=w.visible_n["c"],
-        errors_c=w.visible_e["c"],
-        requests_b=w.visible_n["b"],
-        errors_b=w.visible_e["b"],
-        labelled_c=zeros,
-        correct_c=zeros,
-        labelled_b=zeros,
-        correct_b=zeros,
-        latencies_c=n_lat["c"],
-        latencies_b=n_lat["b"],
+def _base_evidence(requests, errors, labelled, correct, latencies, **rest) -> Evidence:
+    """The rules' inputs with everything not given neutral (no latency shift, no sample-ratio signal)."""
+    n = len(requests[0])
+    zeros = np.zeros(n)
+    neutral = dict(
         p99_ratio=zeros + 1.0,
-        p99_ratio_lower=lat_lower,
+        p99_ratio_lower=zeros,
         p99_ratio_upper=zeros + np.inf,
         srm_p=zeros + 1.0,
         srm_p_fixed=zeros + 1.0,
@@ -428,44 +523,104 @@ def _harm_evidence(w: _World, lat_lower: np.ndarray) -> Evidence:
         step_index=zeros,
         running_p=zeros + 1.0,
     )
+    return Evidence(
+        requests_c=requests[1],
+        errors_c=errors[1],
+        requests_b=requests[0],
+        errors_b=errors[0],
+        labelled_c=labelled[1],
+        correct_c=correct[1],
+        labelled_b=labelled[0],
+        correct_b=correct[0],
+        latencies_c=latencies[1],
+        latencies_b=latencies[0],
+        **{**neutral, **rest},
+    )
+
+
+def _latency_counts(lat: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(baseline, canary) latencies counted, from (under the grid, cumulative bins) per arm."""
+    return tuple((lat[a][0] + lat[a][1][:, -1]).astype(float) for a in "bc")
+
+
+def _harm_evidence(
+    seen: fold.RequestSums, lat_under: dict, lat_bins: dict, lat_lower: np.ndarray
+) -> Evidence:
+    """What the harm job reads between evaluations: whole buckets' requests and errors (baseline,
+    canary), and the latency bound of the last evaluation."""
+    zeros = np.zeros(len(lat_lower))
+    return _base_evidence(
+        [seen.requests[:, i] for i in (0, 1)],
+        [seen.errors[:, i] for i in (0, 1)],
+        (zeros, zeros),
+        (zeros, zeros),
+        tuple((lat_under[a] + lat_bins[a].sum(axis=1)).astype(float) for a in "bc"),
+        p99_ratio_lower=lat_lower,
+    )
 
 
 def _evidence(
+    policy: Policy, grid: _TailGrid, total: Window, lat_under: dict, lat_bins: dict, all_weights: np.ndarray
+) -> Evidence:
+    """The sequential rule's inputs: every folded sum since the start, per step, and the sample-ratio
+    checks over the steps' steady requests (as decide() builds them from the worker's observations)."""
+    lat = {a: (lat_under[a], np.cumsum(lat_bins[a], axis=1)) for a in "cb"}
+    roles = np.swapaxes(total.logged.period_steady, 1, 2)  # (reps, periods, roles)
+    fixed, valid = srm.stratified_p_values(
+        roles, np.broadcast_to(all_weights, roles.shape), policy.srm_expected_n, policy.srm_p
+    )
+    labels = total.labels
+    return _base_evidence(
+        [total.logged.requests[:, i] for i in (0, 1)],
+        [total.logged.errors[:, i] for i in (0, 1)],
+        [labels.labelled[:, i] for i in (0, 1)],
+        [labels.correct[:, i] for i in (0, 1)],
+        _latency_counts(lat),
+        **_latency_fields(policy, grid, lat, policy.name == "sequential"),
+        srm_p=valid,
+        srm_p_fixed=fixed,
+        loss_p=srm.loss_p_values(total.assigned.requests, total.logged.requests, policy.srm_p),
+        periods_c=strata.proportion_periods(labels.period_correct[:, 1], labels.period_labelled[:, 1]),
+        periods_b=strata.proportion_periods(labels.period_correct[:, 0], labels.period_labelled[:, 0]),
+    )
+
+
+def _window_evidence(
     policy: Policy,
     grid: _TailGrid,
-    w: _World,
-    cum: dict | None = None,
-    ring: dict | None = None,
-    t: int = 0,
-    lag: int = 0,
-    win: int = 0,
+    lat_under: dict,
+    lat_bins: dict,
+    cum: dict,
+    ring: dict,
+    t: int,
+    lag: int,
+    win: int,
 ) -> Evidence:
-    """The rule's inputs at minute t: all data since the start, per step (sequential), or the rolling
-    window's pooled counts (threshold)."""
-    if ring:
-        start = max(t - win, 0)
-        lab_t = max(t - lag, 0)
+    """The threshold rule's inputs at minute t: the rolling window's pooled sums (requests folded in the
+    last `win` evaluations, labels of the predictions made in them)."""
+    start = max(t - win, 0)
 
-        def since(a: str, m: str, until: int) -> np.ndarray:
-            return cum[a, m][until] - cum[a, m][min(start, until)]
+    def since(a: str, m: str, first: int) -> np.ndarray:
+        return cum[a, m][t] - cum[a, m][min(first, t)]
 
-        lat = {}
-        for a in "cb":
-            old = ring[a][start % (win + 1)] if t > win else np.zeros_like(ring[a][0])
-            lat[a] = (w.lat_under[a] - old[:, 0], np.cumsum(w.lat_bins[a] - old[:, 1:], axis=1))
-        counts = {
-            a: (since(a, "n", t), since(a, "e", t), since(a, "s", lab_t), since(a, "k", lab_t)) for a in "cb"
-        }
-        periods = {}
-    else:
-        lat = {a: (w.lat_under[a], np.cumsum(w.lat_bins[a], axis=1)) for a in "cb"}
-        counts = {
-            a: (w.visible_n[a], w.visible_e[a], w.lab_n[a].sum(axis=1), w.lab_k[a].sum(axis=1)) for a in "cb"
-        }
-        periods = {a: strata.proportion_periods(w.lab_k[a], w.lab_n[a]) for a in "cb"}
+    lat = {}
+    for a in "cb":
+        old = ring[a][start % (win + 1)] if t > win else np.zeros_like(ring[a][0])
+        lat[a] = (lat_under[a] - old[:, 0], np.cumsum(lat_bins[a] - old[:, 1:], axis=1))
+    return _base_evidence(
+        [since(a, "n", start) for a in "bc"],
+        [since(a, "e", start) for a in "bc"],
+        [since(a, "s", start + lag) for a in "bc"],
+        [since(a, "k", start + lag) for a in "bc"],
+        _latency_counts(lat),
+        **_latency_fields(policy, grid, lat, policy.name == "sequential"),
+    )
+
+
+def _latency_fields(policy: Policy, grid: _TailGrid, lat: dict, sequential: bool) -> dict:
+    """The p99 ratio's point estimate and, for the sequential policy, its always-valid bounds."""
     p99 = {a: grid.p99(*lat[a]) for a in "cb"}
-    n_lat = {a: (lat[a][0] + lat[a][1][:, -1]).astype(float) for a in "cb"}
-    if policy.name == "sequential":
+    if sequential:
         a, ha = policy.alpha / 2, policy.harm_alpha / 2
         lo_c, _ = grid.bounds(*lat["c"], ha, policy.harm_expected_n)
         _, hi_b = grid.bounds(*lat["b"], ha, policy.harm_expected_n)
@@ -477,30 +632,11 @@ def _evidence(
         lower, upper = np.zeros_like(p99["c"]), np.full_like(p99["c"], np.inf)
     with np.errstate(divide="ignore", invalid="ignore"):
         point = np.where(p99["b"] > 0, p99["c"] / p99["b"], np.inf)
-    zeros = np.zeros_like(point)
-    return Evidence(
-        requests_c=counts["c"][0],
-        errors_c=counts["c"][1],
-        requests_b=counts["b"][0],
-        errors_b=counts["b"][1],
-        labelled_c=counts["c"][2],
-        correct_c=counts["c"][3],
-        labelled_b=counts["b"][2],
-        correct_b=counts["b"][3],
-        latencies_c=n_lat["c"],
-        latencies_b=n_lat["b"],
-        p99_ratio=point,
-        p99_ratio_lower=np.asarray(lower, dtype=float),
-        p99_ratio_upper=np.asarray(upper, dtype=float),
-        srm_p=zeros + 1.0,
-        srm_p_fixed=zeros + 1.0,
-        elapsed_s=zeros,
-        step_elapsed_s=zeros,
-        step_index=zeros,
-        running_p=zeros + 1.0,
-        periods_c=periods.get("c"),
-        periods_b=periods.get("b"),
-    )
+    return {
+        "p99_ratio": point,
+        "p99_ratio_lower": np.asarray(lower, float),
+        "p99_ratio_upper": np.asarray(upper, float),
+    }
 
 
 def false_rollback(scenario: Scenario, policy: Policy, out: Outcome) -> np.ndarray:
