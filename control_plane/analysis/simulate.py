@@ -1,27 +1,28 @@
-"""`recsys simulate`: replay both policies on synthetic streams with known truth, many times over.
+"""`recsys simulate`'s core: replay both policies on synthetic streams with known truth, many times over.
 
-Every replication is a rollout. Requests arrive per 5 s bucket (Poisson, at a rate that may swing over
-the hour), split by the step's weights; a bucket counts once it is whole, as in the aggregates
-(analysis/aggregates.py); a prediction counts as labelled once its attribution window has closed, and its
-outcome is positive only if its positive label was reported within the window (label delays per class,
-partial coverage). Accuracy may drift for both arms, and a canary's gain may decay (novelty). Every
-minute the policy's own rules decide (`policy.evaluate`, vectorised over replications) on the same
-evidence the worker builds: per-step accuracy summaries combined by `strata.combine`, the sample-ratio
-check pooled over steps by `srm.stratified_p_values`; between minutes the harm tests (`policy.harm`) run
-on their own faster cadence, as the worker's harm job does. So what is measured here is what runs in
-production; `--through-aggregates` replays a few rollouts row by row through the aggregates and the
-worker's observation builder as a check of the shortcut.
+Every replication is a rollout. Each minute makes its 5 s buckets' aggregate records at once, per role:
+requests (Poisson, at a rate that may swing over the hour, split by the step's weights) as the router
+counted them and as the log kept them, errors, served predictions and, for each bucket, those the label
+job will count correct once its attribution window has closed (a positive outcome counts only if its label
+was reported within the window: label delays per class, partial coverage). Accuracy may drift for both
+arms, and a canary's gain may decay (novelty). The records are folded into each evaluation's window by
+the worker's own fold (analysis/fold.py: whole buckets only, the log's settling, each bucket's ramp step,
+the steady requests of the sample-ratio check), and every minute the policy's own rules decide
+(`policy.evaluate`, vectorised over replications) on that evidence: per-step accuracy summaries combined
+by `strata.combine`, the sample-ratio check pooled over steps by `srm.stratified_p_values`; between
+minutes the harm tests (`policy.harm`) run on their own faster cadence, as the worker's harm job does.
+tests/unit/test_simulate_fold.py checks that the worker's observation builder, reading the same records
+from a metrics source, sees the same numbers. Returns typed results (`Report`, `Row`); the command line
+(control_plane/simulate_cli.py) prints and writes them.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from scipy import special, stats
@@ -653,15 +654,44 @@ def false_rollback(scenario: Scenario, policy: Policy, out: Outcome) -> np.ndarr
     return (rb & wrong) | halted_wrongly
 
 
-def interval(hits: np.ndarray) -> tuple[float, float, float]:
+class Rate(NamedTuple):
+    """A share of replications with its exact (Clopper-Pearson) 95 % interval."""
+
+    share: float
+    lo: float
+    hi: float
+
+
+def interval(hits: np.ndarray) -> Rate:
     """Share of True and its exact (Clopper-Pearson) 95 % interval."""
     n, k = len(hits), int(np.sum(hits))
     lo = 0.0 if k == 0 else float(stats.beta.ppf(0.025, k, n - k + 1))
     hi = 1.0 if k == n else float(stats.beta.ppf(0.975, k + 1, n - k))
-    return k / n, lo, hi
+    return Rate(k / n, lo, hi)
 
 
-def summarize(scenario: Scenario, policy: Policy, out: Outcome, traffic: Traffic | None = None) -> dict:
+@dataclass(frozen=True)
+class Row:
+    """One scenario under one policy: each rate with its 95 % interval, and the times to decide."""
+
+    scenario: str
+    kind: str
+    reps: int
+    promoted: Rate
+    rolled_back: Rate
+    halted: Rate
+    inconclusive: Rate
+    false_promotion: Rate | None  # only where promoting is wrong
+    power: Rate | None  # only where promoting is right
+    false_rollback: Rate
+    rollback_within_2: Rate
+    halted_before_verdict: Rate | None  # only with a sample loss
+    median_min: float | None
+    p90_min: float | None
+    median_promote_min: float | None
+
+
+def summarize(scenario: Scenario, policy: Policy, out: Outcome, traffic: Traffic | None = None) -> Row:
     """The table row of one scenario under one policy: each rate with its 95 % interval."""
     traffic = traffic or Traffic()
     promoted = out.action == PROMOTE
@@ -669,24 +699,23 @@ def summarize(scenario: Scenario, policy: Policy, out: Outcome, traffic: Traffic
     null = not scenario.better(policy) and scenario.novelty_tau_s is None
     # within two evaluations: by the second scheduled evaluation (harm checks may come in between)
     in_two = (out.action == ROLLBACK) & (out.time_s <= 2 * traffic.eval_interval_s + 1e-9)
-    row = {
-        "scenario": scenario.name,
-        "kind": _kind(scenario, policy),
-        "reps": len(out.action),
-        "promoted": interval(promoted),
-        "rolled_back": interval(out.action == ROLLBACK),
-        "halted": interval(out.action == HALT),
-        "inconclusive": interval(out.action == INCONCLUSIVE),
-        "false_promotion": interval(promoted) if null else None,
-        "power": interval(promoted) if scenario.better(policy) and not scenario.srm_loss else None,
-        "false_rollback": interval(false_rollback(scenario, policy, out)),
-        "rollback_within_2": interval(in_two),
-        "halted_before_verdict": interval(out.action == HALT) if scenario.srm_loss else None,
-        "median_min": float(np.median(decided)) if len(decided) else None,
-        "p90_min": float(np.percentile(decided, 90)) if len(decided) else None,
-        "median_promote_min": float(np.median(out.time_s[promoted] / 60.0)) if promoted.any() else None,
-    }
-    return row
+    return Row(
+        scenario=scenario.name,
+        kind=_kind(scenario, policy),
+        reps=len(out.action),
+        promoted=interval(promoted),
+        rolled_back=interval(out.action == ROLLBACK),
+        halted=interval(out.action == HALT),
+        inconclusive=interval(out.action == INCONCLUSIVE),
+        false_promotion=interval(promoted) if null else None,
+        power=interval(promoted) if scenario.better(policy) and not scenario.srm_loss else None,
+        false_rollback=interval(false_rollback(scenario, policy, out)),
+        rollback_within_2=interval(in_two),
+        halted_before_verdict=interval(out.action == HALT) if scenario.srm_loss else None,
+        median_min=float(np.median(decided)) if len(decided) else None,
+        p90_min=float(np.percentile(decided, 90)) if len(decided) else None,
+        median_promote_min=float(np.median(out.time_s[promoted] / 60.0)) if promoted.any() else None,
+    )
 
 
 def _kind(scenario: Scenario, policy: Policy) -> str:
@@ -699,14 +728,14 @@ def _kind(scenario: Scenario, policy: Policy) -> str:
     return "better" if scenario.better(policy) else "not better"
 
 
-def _ci(x: tuple[float, float, float] | None) -> str:
+def _ci(x: Rate | None) -> str:
     if x is None:
         return "—"
     p, lo, hi = x
     return f"{100 * p:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def _pct(x: tuple[float, float, float] | None) -> str:
+def _pct(x: Rate | None) -> str:
     return "—" if x is None else f"{100 * x[0]:.1f} %"
 
 
@@ -714,7 +743,7 @@ def _min(x: float | None) -> str:
     return "—" if x is None else f"{x:.0f}"
 
 
-def table(policy: Policy, rows: list[dict]) -> str:
+def table(policy: Policy, rows: list[Row]) -> str:
     """One policy's results as a markdown table (rates with 95 % intervals)."""
     head = (
         "| scenario | kind | promoted | false promotion [95 % CI] | rolled back | rolled back within 2 evals "
@@ -722,44 +751,40 @@ def table(policy: Policy, rows: list[dict]) -> str:
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n"
     )
     body = "".join(
-        f"| {r['scenario']} | {r['kind']} | {_pct(r['promoted'])} | {_ci(r['false_promotion'])} "
-        f"| {_pct(r['rolled_back'])} | {_ci(r['rollback_within_2']) if r['kind'] == 'guardrail' else '—'} "
-        f"| {_pct(r['halted'])} | {_pct(r['inconclusive'])} | {_ci(r['false_rollback'])} "
-        f"| {_min(r['median_min'])} | {_min(r['p90_min'])} |\n"
+        f"| {r.scenario} | {r.kind} | {_pct(r.promoted)} | {_ci(r.false_promotion)} "
+        f"| {_pct(r.rolled_back)} | {_ci(r.rollback_within_2) if r.kind == 'guardrail' else '—'} "
+        f"| {_pct(r.halted)} | {_pct(r.inconclusive)} | {_ci(r.false_rollback)} "
+        f"| {_min(r.median_min)} | {_min(r.p90_min)} |\n"
         for r in rows
     )
     return f"### policy: {policy.name}\n\n{head}{body}"
 
 
-def targets(policy: Policy, rows: list[dict]) -> tuple[str, bool]:
+def targets(policy: Policy, rows: list[Row]) -> tuple[str, bool]:
     """The issue's targets checked against the sequential policy's rows: (markdown list, all met)."""
-    by = {r["scenario"]: r for r in rows}
+    by = {r.scenario: r for r in rows}
     checks: list[tuple[str, bool]] = []
-    nulls = [
-        r for r in rows if r["false_promotion"] is not None and r["kind"] in ("not better", "sample loss")
-    ]
-    worst = max(nulls, key=lambda r: r["false_promotion"][0])
-    worst_hi = max(nulls, key=lambda r: r["false_promotion"][2])
+    nulls = [r for r in rows if r.false_promotion is not None and r.kind in ("not better", "sample loss")]
+    worst = max(nulls, key=lambda r: r.false_promotion.share)
+    worst_hi = max(nulls, key=lambda r: r.false_promotion.hi)
     checks.append(
         (
             f"false promotions ≤ 5 % (upper 95 % end ≤ 6.5 %) in every scenario not better than the margin: "
-            f"worst {_ci(worst['false_promotion'])} ({worst['scenario']}); highest upper end "
-            f"{100 * worst_hi['false_promotion'][2]:.1f} % ({worst_hi['scenario']})",
-            worst["false_promotion"][0] <= 0.05 and worst_hi["false_promotion"][2] <= 0.065,
+            f"worst {_ci(worst.false_promotion)} ({worst.scenario}); highest upper end "
+            f"{100 * worst_hi.false_promotion.hi:.1f} % ({worst_hi.scenario})",
+            worst.false_promotion.share <= 0.05 and worst_hi.false_promotion.hi <= 0.065,
         )
     )
     for r in rows:
-        if r["kind"] == "novelty":
-            checks.append(
-                (f"{r['scenario']}: promoted {_ci(r['promoted'])} (≤ 10 %)", r["promoted"][0] <= 0.10)
-            )
+        if r.kind == "novelty":
+            checks.append((f"{r.scenario}: promoted {_ci(r.promoted)} (≤ 10 %)", r.promoted.share <= 0.10))
     if "accuracy +2 pts" in by:
         r = by["accuracy +2 pts"]
         checks.append(
             (
-                f"power at +2 pts, 20 req/s, within 6 h: {_ci(r['power'])} (≥ 90 %), median time to promote "
-                f"{_min(r['median_promote_min'])} min",
-                r["power"][0] >= 0.90,
+                f"power at +2 pts, 20 req/s, within 6 h: {_ci(r.power)} (≥ 90 %), median time to promote "
+                f"{_min(r.median_promote_min)} min",
+                r.power.share >= 0.90,
             )
         )
     for name in ("errors +5 pts", "errors +5 pts, traffic ±50 %"):
@@ -767,165 +792,142 @@ def targets(policy: Policy, rows: list[dict]) -> tuple[str, bool]:
             r = by[name]
             checks.append(
                 (
-                    f"{name}: rolled back within two evaluations {_ci(r['rollback_within_2'])} (≥ 95 %)",
-                    r["rollback_within_2"][0] >= 0.95,
+                    f"{name}: rolled back within two evaluations {_ci(r.rollback_within_2)} (≥ 95 %)",
+                    r.rollback_within_2.share >= 0.95,
                 )
             )
     if "A/A" in by:
         r = by["A/A"]
         checks.append(
             (
-                f"A/A (canary equal to the baseline): false rollbacks {_ci(r['false_rollback'])} (≤ 10 %)",
-                r["false_rollback"][0] <= 0.10,
+                f"A/A (canary equal to the baseline): false rollbacks {_ci(r.false_rollback)} (≤ 10 %)",
+                r.false_rollback.share <= 0.10,
             )
         )
     for r in rows:
-        if r["kind"] == "sample loss" and "2 %" in r["scenario"]:
+        if r.kind == "sample loss" and "2 %" in r.scenario:
             checks.append(
                 (
-                    f"{r['scenario']}: halted before any promotion or futility rollback "
-                    f"{_ci(r['halted'])} (≥ 80 %)",
-                    r["halted"][0] >= 0.80,
+                    f"{r.scenario}: halted before any promotion or futility rollback "
+                    f"{_ci(r.halted)} (≥ 80 %)",
+                    r.halted.share >= 0.80,
                 )
             )
     lines = "\n".join(f"- {'✅' if ok else '❌'} {text}" for text, ok in checks)
     return lines + "\n", all(ok for _, ok in checks)
 
 
-def power_curve(results: dict[str, list[tuple[Scenario, dict]]], path: Path, margin: float) -> None:
-    """P(promote) against the true accuracy lift (constant lift, 20 req/s, nothing else changed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, pairs in results.items():
-        pts = sorted(
-            (s.lift * 100, r["promoted"]) for s, r in pairs if s == replace(Scenario(s.name), lift=s.lift)
-        )
-        if len(pts) < 2:
-            continue
-        x = [p[0] for p in pts]
-        y = [p[1][0] for p in pts]
-        ax.plot(x, y, marker="o", label=name)
-        ax.fill_between(x, [p[1][1] for p in pts], [p[1][2] for p in pts], alpha=0.2)
-    ax.axhline(0.9, color="grey", ls="--", lw=0.8, label="90 % power")
-    ax.axhline(0.05, color="red", ls=":", lw=0.8, label="5 % false promotions")
-    ax.axvline(margin * 100, color="black", ls=":", lw=0.8, label="margin")
-    ax.set(
-        xlabel="true accuracy lift (pts)", ylabel="P(promote) within 6 h", ylim=(0, 1.02), title="Power curve"
-    )
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def power_table(pairs: list[tuple[Scenario, dict]]) -> str:
-    """The power curve's points as text: lift, P(promote) with its interval, median minutes to promote."""
+def power_points(pairs: list[tuple[Scenario, Row]]) -> list[tuple[Scenario, Row]]:
+    """The rows of a constant lift with nothing else changed (20 req/s, no drift ...), by lift: the power
+    curve's points."""
     pts = [(s, r) for s, r in pairs if s == replace(Scenario(s.name), lift=s.lift)]
+    return sorted(pts, key=lambda p: p[0].lift)
+
+
+def power_table(pairs: list[tuple[Scenario, Row]]) -> str:
+    """The power curve's points as text: lift, P(promote) with its interval, median minutes to promote."""
     lines = ["| true lift | P(promote) [95 % CI] | median min to promote |", "|--:|--:|--:|"]
     lines += [
-        f"| {100 * s.lift:+.1f} pts | {_ci(r['promoted'])} | {_min(r['median_promote_min'])} |"
-        for s, r in sorted(pts, key=lambda p: p[0].lift)
+        f"| {100 * s.lift:+.1f} pts | {_ci(r.promoted)} | {_min(r.median_promote_min)} |"
+        for s, r in power_points(pairs)
     ]
     return "\n".join(lines) + "\n"
 
 
-def _one_run(
-    scenario: Scenario, policy: Policy, traffic: Traffic, reps: int, seed: int
-) -> tuple[dict, float]:
+def _one_run(scenario: Scenario, policy: Policy, traffic: Traffic, reps: int, seed: int) -> tuple[Row, float]:
     """One scenario under one policy (in a worker process): its table row and the CPU seconds it took."""
     cpu = time.process_time()
     out = run_scenario(scenario, policy, traffic, reps, seed)
     return summarize(scenario, policy, out, traffic), time.process_time() - cpu
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run every scenario under the sequential policy (and a few under the threshold rule); print and write
-    the tables, the targets and the power curve."""
-    p = argparse.ArgumentParser(prog="recsys simulate", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--reps", type=int, default=None, help="replications per scenario (default 600, quick 150)"
-    )
-    p.add_argument("--out", default="sim-results", help="directory for simulation.md and power_curve.png")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="150 replications: a quick look, not the report")
-    p.add_argument(
-        "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="scenarios run in parallel (default 2)"
-    )
-    p.add_argument(
-        "--through-aggregates",
-        type=int,
-        default=0,
-        metavar="N",
-        help="also run N replications of a few scenarios through the production path: rows, aggregates, "
-        "the worker's observation builder and decide() (control_plane/replay.py)",
-    )
-    argv = list(argv) if argv is not None else None
-    if argv and argv[0] == "--":  # `recsys simulate -- --reps 10` passes the separator through
-        argv = argv[1:]
-    args = p.parse_args(argv)
-    reps = args.reps or (150 if args.quick else 600)
-    if reps < 1:
-        p.error("--reps must be positive")
+def _heavy_users(policy: Policy, reps: int, seed: int) -> tuple[str, float]:
+    """The heavy-user A/A table (simulate_users.py), in a worker process beside the scenarios."""
+    from control_plane.analysis.simulate_users import HeavyUsers, heavy_user_table
+
+    cpu = time.process_time()
+    return heavy_user_table(policy, HeavyUsers(), reps, seed), time.process_time() - cpu
+
+
+@dataclass(frozen=True)
+class Report:
+    """A whole simulation: every row under each policy, the targets checked, and the report as markdown."""
+
+    reps: int
+    seed: int
+    jobs: int
+    traffic: Traffic
+    policy: Policy  # the sequential policy the targets are about
+    sequential: list[tuple[Scenario, Row]]
+    threshold: list[tuple[Scenario, Row]]  # the seed's rule, on THRESHOLD_SCENARIOS only
+    targets: str
+    met: bool
+    markdown: str
+    elapsed_s: float
+    cpu_s: float
+
+
+def run_all(reps: int, seed: int, jobs: int, progress: Callable[[str], None] | None = None) -> Report:
+    """Every scenario under the sequential policy (and a few under the threshold rule) and the heavy-user
+    A/A, spread over `jobs` processes; seeded per scenario, so the result does not depend on `jobs`."""
     traffic, seq_policy, thr_policy = Traffic(), Policy(name="sequential"), Policy(name="threshold")
     started, cpu_started = time.perf_counter(), time.process_time()
-    runs = [(s, seq_policy, args.seed * 1000 + i) for i, s in enumerate(SCENARIOS)]
+    runs = [(s, seq_policy, seed * 1000 + i) for i, s in enumerate(SCENARIOS)]
     runs += [
-        (s, thr_policy, args.seed * 1000 + i)
-        for i, s in enumerate(SCENARIOS)
-        if s.name in THRESHOLD_SCENARIOS
+        (s, thr_policy, seed * 1000 + i) for i, s in enumerate(SCENARIOS) if s.name in THRESHOLD_SCENARIOS
     ]
-    results: dict[str, list[tuple[Scenario, dict]]] = {"sequential": [], "threshold": []}
+    results: dict[str, list[tuple[Scenario, Row]]] = {"sequential": [], "threshold": []}
     child_cpu = 0.0
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = [pool.submit(_one_run, s, pol, traffic, reps, seed) for s, pol, seed in runs]
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+        # the longest job first, so that it does not finish alone at the end
+        users = pool.submit(_heavy_users, seq_policy, min(reps, 200), seed)
+        futures = [pool.submit(_one_run, s, pol, traffic, reps, run_seed) for s, pol, run_seed in runs]
         for (s, pol, _), future in zip(runs, futures, strict=True):
             row, cpu = future.result()
             child_cpu += cpu
             results[pol.name].append((s, row))
-            print(f"  {pol.name:10s} {s.name}: {cpu:.1f} s CPU", file=sys.stderr, flush=True)
+            if progress:
+                progress(f"  {pol.name:10s} {s.name}: {cpu:.1f} s CPU")
+        users_table, cpu = users.result()
+        child_cpu += cpu
     elapsed = time.perf_counter() - started
     cpu = child_cpu + time.process_time() - cpu_started
     seq_rows = [r for _, r in results["sequential"]]
     checks, met = targets(seq_policy, seq_rows)
     doc = (
-        f"# Simulation: {reps} replications per scenario (seed {args.seed})\n\n"
+        f"# Simulation: {reps} replications per scenario (seed {seed})\n\n"
         f"Traffic: {traffic}\n\nPolicy defaults: {seq_policy.to_dict()}\n\n"
         "Each rate is the share of replications, with its exact 95 % interval. False promotion: promoted "
         "although the truth is not better than the margin (scenarios of kind *not better* and *sample loss*; "
         "novelty is judged on its own). False rollback: rolled back for a cause the truth does not support, "
         "or halted without a sample loss. Rolled back within 2 evals: by the second scheduled evaluation "
         "(2 min), counting the harm checks that run every "
-        f"{traffic.harm_interval_s:.0f} s in between; requests count once their 5 s bucket is whole. "
+        f"{traffic.harm_interval_s:.0f} s in between; requests count once their 5 s bucket is whole and the "
+        "log has settled, every number folded from per-bucket aggregates by the worker's fold "
+        "(analysis/fold.py). "
         "Times: minutes to a promote/rollback/halt decision (inconclusive runs end at the 6 h limit).\n\n"
         f"## Targets (sequential policy)\n\n{checks}\n"
         f"{table(seq_policy, seq_rows)}\n"
         f"### Power curve (sequential; constant lift, 20 req/s)\n\n{power_table(results['sequential'])}\n"
         "### The threshold rule, for comparison (unsafe under repeated looks)\n\n"
         f"{table(thr_policy, [r for _, r in results['threshold']])}\n"
-        f"Run time: {elapsed:.0f} s wall clock with {args.jobs} worker processes, {cpu:.0f} s of CPU in all\n"
+        f"Run time: {elapsed:.0f} s wall clock with {jobs} worker processes, {cpu:.0f} s of CPU in all\n"
+        f"\n{users_table}"
     )
-    # Users as the unit: the heavy-user A/A scenario, request-level beside user-level (simulate_users.py).
-    from control_plane.analysis.simulate_users import HeavyUsers, heavy_user_table
-
-    doc += "\n" + heavy_user_table(seq_policy, HeavyUsers(), min(reps, 200), args.seed)
-    if args.through_aggregates > 0:
-        # replay.py builds on this module (Scenario, Traffic), so it is imported here, not at the top.
-        from control_plane.replay import replay_table
-
-        picked = [s for s in SCENARIOS if s.name in REPLAY_SCENARIOS]
-        doc += "\n" + replay_table(picked, seq_policy, traffic, args.through_aggregates, args.seed)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "simulation.md").write_text(doc)
-    power_curve(results, out_dir / "power_curve.png", seq_policy.accuracy_margin)
-    print(doc)
-    print(f"wrote {out_dir / 'simulation.md'} and {out_dir / 'power_curve.png'}")
-    print("all targets met" if met else "NOT all targets met")
-    return 0
+    return Report(
+        reps=reps,
+        seed=seed,
+        jobs=jobs,
+        traffic=traffic,
+        policy=seq_policy,
+        sequential=results["sequential"],
+        threshold=results["threshold"],
+        targets=checks,
+        met=met,
+        markdown=doc,
+        elapsed_s=elapsed,
+        cpu_s=cpu,
+    )
 
 
 REPLAY_SCENARIOS = ("A/A", "accuracy +3 pts", "errors +5 pts", "+0.8 pt, both arms +2 pts/h (drift)")
