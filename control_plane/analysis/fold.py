@@ -80,6 +80,11 @@ def inside(starts: np.ndarray, since: float, until: float) -> np.ndarray:
     return (s >= since) & (s + BUCKET_S <= until)
 
 
+def totals(starts: np.ndarray, values: np.ndarray, *, since: float, until: float) -> np.ndarray:
+    """The sum of the values (..., buckets) of the buckets wholly in [since, until): a window's total."""
+    return np.asarray(values, dtype=float) @ inside(starts, since, until).astype(float)
+
+
 def period_of(starts: np.ndarray, periods: Periods) -> np.ndarray:
     """The period in force at each bucket's start (the first one for buckets before it began), shape
     (..., buckets) for periods of shape (..., periods)."""
@@ -114,10 +119,9 @@ def fold_requests(
     ends = np.concatenate([periods.starts[..., 1:], np.full(periods.starts.shape[:-1] + (1,), np.inf)], -1)
     s = starts[:, None]
     steady = member & (s >= periods.settled[..., None, :]) & (s + BUCKET_S <= ends[..., None, :])
-    on = mask.astype(float)
     return RequestSums(
-        np.asarray(requests, dtype=float) @ on,
-        np.asarray(errors, dtype=float) @ on,
+        totals(starts, requests, since=since, until=until),
+        totals(starts, errors, since=since, until=until),
         _sum(requests, member.astype(float)),
         _sum(requests, steady.astype(float)),
     )
@@ -137,6 +141,10 @@ def fold_labels(
     starts = np.asarray(starts, dtype=float)
     mask = inside(starts, since, until)
     member = _membership(starts, periods, mask).astype(float)
-    on = mask.astype(float)
     n, k = np.asarray(labelled, dtype=float), np.asarray(correct, dtype=float)
-    return LabelSums(n @ on, k @ on, _sum(n, member), _sum(k, member))
+    return LabelSums(
+        totals(starts, n, since=since, until=until),
+        totals(starts, k, since=since, until=until),
+        _sum(n, member),
+        _sum(k, member),
+    )

@@ -18,6 +18,8 @@ from a metrics source, sees the same numbers. Returns typed results (`Report`, `
 
 from __future__ import annotations
 
+import functools
+import operator
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -174,30 +176,52 @@ class _TailGrid:
         counts = np.bincount(rows * (self.bins + 1) + idx, minlength=len(n) * (self.bins + 1))
         return n - tail, counts.reshape(len(n), self.bins + 1)
 
-    def order_stat(self, under: np.ndarray, cum: np.ndarray, k: np.ndarray, upper: bool) -> np.ndarray:
+    def tail(self, under: np.ndarray, bins: np.ndarray) -> _Tail:
+        """Latencies counted per replication: below the grid, and per bin (+ overflow), made searchable."""
+        cum = np.cumsum(bins, axis=1)
+        # the rows laid end to end, each lifted above the one before (counts stay far below 2**40), so
+        # that one search finds every row's rank
+        lift = np.arange(len(cum), dtype=float) * 2.0**40
+        return _Tail(under, cum, (cum + lift[:, None]).ravel(), lift)
+
+    def order_stat(self, tail: _Tail, k: np.ndarray, upper: bool) -> np.ndarray:
         """The k-th smallest latency (1-based) per replication, from the tail's cumulative bin counts;
         conservative outside the grid."""
-        n = under + cum[:, -1]
+        under, cum = tail.under, tail.cum
+        n = tail.n
         j = np.clip(k - under, 1, None)
-        idx = np.minimum((cum < j[:, None]).sum(axis=1), self.bins)
+        # per row, how many cumulative counts lie below j
+        idx = np.searchsorted(tail.flat, j + tail.lift) - np.arange(len(cum)) * cum.shape[1]
+        idx = np.minimum(idx, self.bins)
         value = np.exp(self.lo + (idx + 0.5) * self.width)
         value = np.where(idx >= self.bins, np.inf, value)  # overflow: beyond the grid
         below = np.exp(self.lo) if upper else 0.0  # inside the uncounted bulk: only "below the grid" is known
         value = np.where(k <= under, below, value)
         return np.where(k < 1, 0.0, np.where(k > n, np.inf, value))
 
-    def p99(self, under: np.ndarray, cum: np.ndarray) -> np.ndarray:
+    def p99(self, tail: _Tail) -> np.ndarray:
         """Point estimate of the p99 (the ceil(0.99 n)-th smallest)."""
-        n = under + cum[:, -1]
-        return self.order_stat(under, cum, np.maximum(np.ceil(n * Q), 1), upper=True)
+        return self.order_stat(tail, np.maximum(np.ceil(tail.n * Q), 1), upper=True)
 
-    def bounds(
-        self, under: np.ndarray, cum: np.ndarray, alpha: float, expected_n: float
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def bounds(self, tail: _Tail, alpha: float, expected_n: float) -> tuple[np.ndarray, np.ndarray]:
         """Always-valid lower and upper bound of the p99, each one-sided at alpha."""
-        n = under + cum[:, -1]
-        lo_k, hi_k = guardrails.quantile_ranks(n, Q, alpha, expected_n)
-        return self.order_stat(under, cum, lo_k, upper=False), self.order_stat(under, cum, hi_k, upper=True)
+        lo_k, hi_k = guardrails.quantile_ranks(tail.n, Q, alpha, expected_n)
+        return self.order_stat(tail, lo_k, upper=False), self.order_stat(tail, hi_k, upper=True)
+
+
+@dataclass(frozen=True)
+class _Tail:
+    """One arm's latencies per replication on the grid: the count below it, the cumulative bin counts,
+    and those laid end to end for searching (`_TailGrid.tail`)."""
+
+    under: np.ndarray
+    cum: np.ndarray
+    flat: np.ndarray
+    lift: np.ndarray
+
+    @property
+    def n(self) -> np.ndarray:
+        return self.under + self.cum[:, -1]
 
 
 def _rate(scenario: Scenario, traffic: Traffic, t: float, phase: np.ndarray) -> np.ndarray:
@@ -276,6 +300,29 @@ class LabelRecords(_Records):
         return cls(np.zeros(0), z, z)
 
 
+@dataclass
+class _Queue:
+    """Records waiting to be folded, a minute's at a time, oldest first."""
+
+    empty: _Records  # what `due` gives when nothing is due
+    minutes: list = field(default_factory=list)
+
+    def due(self, until: float):
+        """The waiting records that may lie inside [0, until), joined (the rest start later)."""
+        parts = [m for m in self.minutes if m.starts[0] < until]
+        return functools.reduce(operator.add, parts) if parts else self.empty
+
+    def fold_done(self, until: float) -> None:
+        """Drop the buckets inside [0, until): they have been folded."""
+        kept = [
+            m if m.starts[0] >= until else m.columns(~fold.inside(m.starts, 0.0, until)) for m in self.minutes
+        ]
+        self.minutes = [m for m in kept if len(m.starts)]
+
+    def rows(self, k: np.ndarray) -> None:
+        self.empty, self.minutes = self.empty.rows(k), [m.rows(k) for m in self.minutes]
+
+
 def _pick(sums, k: np.ndarray):
     return type(sums)(*(getattr(sums, f.name)[k] for f in fields(sums)))
 
@@ -302,24 +349,19 @@ def _per_role(periods: fold.Periods) -> fold.Periods:
 
 
 def fold_requests(
-    records: RequestRecords, periods: fold.Periods, *, until: float, assigned: bool = True
-) -> tuple[fold.RequestSums, fold.RequestSums | None]:
-    """(logged, assigned): the records' requests wholly in [0, until), folded by the worker's fold (the
-    router's counts too, unless `assigned` is False)."""
-    p, roles = _per_role(periods), len(ROLES)
-    if not assigned:
-        logged = fold.fold_requests(
-            records.starts, records.logged, records.errors, since=0.0, until=until, periods=p
-        )
-        return logged, None
+    records: RequestRecords, periods: fold.Periods, *, until: float
+) -> tuple[fold.RequestSums, ...]:
+    """(logged, assigned): the records' requests wholly in [0, until), folded by the worker's fold."""
+    records = records.columns(records.starts < until)  # the rest cannot be inside yet: not worth folding
     both = fold.fold_requests(
         records.starts,
         np.concatenate([records.logged, records.assigned], 1),
         np.concatenate([records.errors, np.zeros_like(records.assigned)], 1),
         since=0.0,
         until=until,
-        periods=p,
+        periods=_per_role(periods),
     )
+    roles = len(ROLES)
     return (
         fold.RequestSums(*(getattr(both, f.name)[:, :roles] for f in fields(both))),
         fold.RequestSums(*(getattr(both, f.name)[:, roles:] for f in fields(both))),
@@ -328,6 +370,7 @@ def fold_requests(
 
 def fold_labels(records: LabelRecords, periods: fold.Periods, *, until: float) -> fold.LabelSums:
     """The records' closed predictions wholly in [0, until), folded by the worker's fold."""
+    records = records.columns(records.starts < until)  # the rest cannot be inside yet: not worth folding
     return fold.fold_labels(
         records.starts, records.labelled, records.correct, since=0.0, until=until, periods=_per_role(periods)
     )
@@ -388,11 +431,12 @@ def run_scenario(
     out_action, out_cause = np.full(reps, -1), np.full(reps, -1)
     out_time, out_evals = np.full(reps, np.nan), np.zeros(reps, np.int64)
     novelty_held = np.full(reps, np.nan)
-    pending_req = RequestRecords.empty(reps)  # made, not yet inside the window (the log settles)
-    pending_lab = LabelRecords.empty(reps)  # made, their attribution windows not yet closed
+    pending_req = _Queue(RequestRecords.empty(reps))  # made, not yet inside the window (the log settles)
+    pending_lab = _Queue(LabelRecords.empty(reps))  # made, their attribution windows not yet closed
     periods = fold.Periods(period_starts, period_starts)
     total = Window(
-        *fold_requests(pending_req, periods, until=0.0), fold_labels(pending_lab, periods, until=0.0)
+        *fold_requests(pending_req.empty, periods, until=0.0),
+        fold_labels(pending_lab.empty, periods, until=0.0),
     )
     orig = np.arange(reps)  # the replications still simulated, by their index in the outcome
     offsets = np.arange(per_eval) * bucket
@@ -420,7 +464,8 @@ def run_scenario(
         if trace is not None:
             trace.requests.append(minute_req)
             trace.labels.append(minute_lab)
-        pending_req, pending_lab = pending_req + minute_req, pending_lab + minute_lab
+        pending_req.minutes.append(minute_req)
+        pending_lab.minutes.append(minute_lab)
         for a, i in (("b", 0), ("c", 1)):
             under, counts = grid.sample(rng, logged[:, i].sum(axis=1), ratio[a])
             lat_under[a] += under
@@ -433,11 +478,16 @@ def run_scenario(
         if sequential:
             for j in range(harm_every, per_eval, harm_every):
                 now = t0 + j * bucket
-                seen = (
-                    total.logged
-                    + fold_requests(pending_req, periods, until=now - traffic.settle_s, assigned=False)[0]
-                )
-                h = harm(policy, _harm_evidence(seen, lat_under, lat_bins, lat_lower))
+                # the harm job needs the window's totals only
+                seen_until = now - traffic.settle_s
+                due = pending_req.due(seen_until)
+                seen = [
+                    total.logged.requests[:, :2]
+                    + fold.totals(due.starts, due.logged[:, :2], since=0.0, until=seen_until),
+                    total.logged.errors[:, :2]
+                    + fold.totals(due.starts, due.errors[:, :2], since=0.0, until=seen_until),
+                ]
+                h = harm(policy, _harm_evidence(*seen, lat_under, lat_bins, lat_lower))
                 hit = active & (h["err_harm"] | h["lat_harm"])
                 o = orig[hit]
                 out_action[o], out_time[o], out_evals[o] = ROLLBACK, now, t - 1
@@ -447,13 +497,13 @@ def run_scenario(
         until = now - traffic.settle_s
         labels_before = min(until, now - traffic.label_window_s)
         new = Window(
-            *fold_requests(pending_req, periods, until=until),
-            fold_labels(pending_lab, periods, until=labels_before),
+            *fold_requests(pending_req.due(until), periods, until=until),
+            fold_labels(pending_lab.due(labels_before), periods, until=labels_before),
         )
         total = total + new
         # what was folded leaves: requests once inside the window, labels once their windows closed
-        pending_req = pending_req.columns(~fold.inside(pending_req.starts, 0.0, until))
-        pending_lab = pending_lab.columns(~fold.inside(pending_lab.starts, 0.0, labels_before))
+        pending_req.fold_done(until)
+        pending_lab.fold_done(labels_before)
         if trace is not None:
             trace.windows.append((now, total, fold.Periods(period_starts.copy(), period_starts.copy())))
         if windowed:
@@ -498,7 +548,9 @@ def run_scenario(
             k = np.flatnonzero(active)
             orig, phase, step_idx, step_start = orig[k], phase[k], step_idx[k], step_start[k]
             running, lat_lower, active, period_starts = running[k], lat_lower[k], active[k], period_starts[k]
-            pending_req, pending_lab, total = pending_req.rows(k), pending_lab.rows(k), total.rows(k)
+            pending_req.rows(k)
+            pending_lab.rows(k)
+            total = total.rows(k)
             for a in "cb":
                 lat_under[a], lat_bins[a] = lat_under[a][k], lat_bins[a][k]
                 if windowed:
@@ -540,19 +592,19 @@ def _base_evidence(requests, errors, labelled, correct, latencies, **rest) -> Ev
 
 
 def _latency_counts(lat: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(baseline, canary) latencies counted, from (under the grid, cumulative bins) per arm."""
-    return tuple((lat[a][0] + lat[a][1][:, -1]).astype(float) for a in "bc")
+    """(baseline, canary) latencies counted, from each arm's tail."""
+    return tuple(lat[a].n.astype(float) for a in "bc")
 
 
 def _harm_evidence(
-    seen: fold.RequestSums, lat_under: dict, lat_bins: dict, lat_lower: np.ndarray
+    requests: np.ndarray, errors: np.ndarray, lat_under: dict, lat_bins: dict, lat_lower: np.ndarray
 ) -> Evidence:
     """What the harm job reads between evaluations: whole buckets' requests and errors (baseline,
     canary), and the latency bound of the last evaluation."""
     zeros = np.zeros(len(lat_lower))
     return _base_evidence(
-        [seen.requests[:, i] for i in (0, 1)],
-        [seen.errors[:, i] for i in (0, 1)],
+        [requests[:, i] for i in (0, 1)],
+        [errors[:, i] for i in (0, 1)],
         (zeros, zeros),
         (zeros, zeros),
         tuple((lat_under[a] + lat_bins[a].sum(axis=1)).astype(float) for a in "bc"),
@@ -565,7 +617,7 @@ def _evidence(
 ) -> Evidence:
     """The sequential rule's inputs: every folded sum since the start, per step, and the sample-ratio
     checks over the steps' steady requests (as decide() builds them from the worker's observations)."""
-    lat = {a: (lat_under[a], np.cumsum(lat_bins[a], axis=1)) for a in "cb"}
+    lat = {a: grid.tail(lat_under[a], lat_bins[a]) for a in "cb"}
     roles = np.swapaxes(total.logged.period_steady, 1, 2)  # (reps, periods, roles)
     fixed, valid = srm.stratified_p_values(
         roles, np.broadcast_to(all_weights, roles.shape), policy.srm_expected_n, policy.srm_p
@@ -607,7 +659,7 @@ def _window_evidence(
     lat = {}
     for a in "cb":
         old = ring[a][start % (win + 1)] if t > win else np.zeros_like(ring[a][0])
-        lat[a] = (lat_under[a] - old[:, 0], np.cumsum(lat_bins[a] - old[:, 1:], axis=1))
+        lat[a] = grid.tail(lat_under[a] - old[:, 0], lat_bins[a] - old[:, 1:])
     return _base_evidence(
         [since(a, "n", start) for a in "bc"],
         [since(a, "e", start) for a in "bc"],
@@ -620,13 +672,13 @@ def _window_evidence(
 
 def _latency_fields(policy: Policy, grid: _TailGrid, lat: dict, sequential: bool) -> dict:
     """The p99 ratio's point estimate and, for the sequential policy, its always-valid bounds."""
-    p99 = {a: grid.p99(*lat[a]) for a in "cb"}
+    p99 = {a: grid.p99(lat[a]) for a in "cb"}
     if sequential:
         a, ha = policy.alpha / 2, policy.harm_alpha / 2
-        lo_c, _ = grid.bounds(*lat["c"], ha, policy.harm_expected_n)
-        _, hi_b = grid.bounds(*lat["b"], ha, policy.harm_expected_n)
-        _, hi_c = grid.bounds(*lat["c"], a, policy.planned_n)
-        lo_b, _ = grid.bounds(*lat["b"], a, policy.planned_n)
+        lo_c, _ = grid.bounds(lat["c"], ha, policy.harm_expected_n)
+        _, hi_b = grid.bounds(lat["b"], ha, policy.harm_expected_n)
+        _, hi_c = grid.bounds(lat["c"], a, policy.planned_n)
+        lo_b, _ = grid.bounds(lat["b"], a, policy.planned_n)
         lower, _ = guardrails.ratio_bounds(lo_c, 0.0, 1.0, hi_b)
         _, upper = guardrails.ratio_bounds(0.0, hi_c, lo_b, 1.0)
     else:
