@@ -177,22 +177,15 @@ class _TailGrid:
         return n - tail, counts.reshape(len(n), self.bins + 1)
 
     def tail(self, under: np.ndarray, bins: np.ndarray) -> _Tail:
-        """Latencies counted per replication: below the grid, and per bin (+ overflow), made searchable."""
-        cum = np.cumsum(bins, axis=1)
-        # the rows laid end to end, each lifted above the one before (counts stay far below 2**40), so
-        # that one search finds every row's rank
-        lift = np.arange(len(cum), dtype=float) * 2.0**40
-        return _Tail(under, cum, (cum + lift[:, None]).ravel(), lift)
+        """Latencies counted per replication: below the grid, and per bin (+ overflow), cumulated."""
+        return _Tail(under, np.cumsum(bins, axis=1))
 
     def order_stat(self, tail: _Tail, k: np.ndarray, upper: bool) -> np.ndarray:
         """The k-th smallest latency (1-based) per replication, from the tail's cumulative bin counts;
         conservative outside the grid."""
-        under, cum = tail.under, tail.cum
-        n = tail.n
+        under, cum, n = tail.under, tail.cum, tail.n
         j = np.clip(k - under, 1, None)
-        # per row, how many cumulative counts lie below j
-        idx = np.searchsorted(tail.flat, j + tail.lift) - np.arange(len(cum)) * cum.shape[1]
-        idx = np.minimum(idx, self.bins)
+        idx = np.minimum((cum < j[:, None]).sum(axis=1), self.bins)
         value = np.exp(self.lo + (idx + 0.5) * self.width)
         value = np.where(idx >= self.bins, np.inf, value)  # overflow: beyond the grid
         below = np.exp(self.lo) if upper else 0.0  # inside the uncounted bulk: only "below the grid" is known
@@ -211,13 +204,11 @@ class _TailGrid:
 
 @dataclass(frozen=True)
 class _Tail:
-    """One arm's latencies per replication on the grid: the count below it, the cumulative bin counts,
-    and those laid end to end for searching (`_TailGrid.tail`)."""
+    """One arm's latencies per replication on the grid: the count below it and the cumulative bin counts
+    (`_TailGrid.tail`)."""
 
     under: np.ndarray
     cum: np.ndarray
-    flat: np.ndarray
-    lift: np.ndarray
 
     @property
     def n(self) -> np.ndarray:
