@@ -324,14 +324,14 @@ class Window:
     (ROLES on axis 1), closed predictions per arm (ARMS on axis 1)."""
 
     logged: fold.RequestSums
-    assigned: fold.RequestSums
+    assigned: np.ndarray  # (reps, roles): requests the router sent in the window's buckets
     labels: fold.LabelSums
 
     def __add__(self, other: Window) -> Window:
         return Window(self.logged + other.logged, self.assigned + other.assigned, self.labels + other.labels)
 
     def rows(self, k: np.ndarray) -> Window:
-        return Window(_pick(self.logged, k), _pick(self.assigned, k), _pick(self.labels, k))
+        return Window(_pick(self.logged, k), self.assigned[k], _pick(self.labels, k))
 
 
 def _per_role(periods: fold.Periods) -> fold.Periods:
@@ -339,24 +339,14 @@ def _per_role(periods: fold.Periods) -> fold.Periods:
     return fold.Periods(periods.starts[:, None, :], periods.settled[:, None, :])
 
 
-def fold_requests(
-    records: RequestRecords, periods: fold.Periods, *, until: float
-) -> tuple[fold.RequestSums, ...]:
-    """(logged, assigned): the records' requests wholly in [0, until), folded by the worker's fold."""
+def fold_requests(records: RequestRecords, periods: fold.Periods, *, until: float) -> tuple:
+    """(logged, assigned): the records' requests wholly in [0, until) folded by the worker's fold, and
+    the router's counts over the same buckets (totals only)."""
     records = records.columns(records.starts < until)  # the rest cannot be inside yet: not worth folding
-    both = fold.fold_requests(
-        records.starts,
-        np.concatenate([records.logged, records.assigned], 1),
-        np.concatenate([records.errors, np.zeros_like(records.assigned)], 1),
-        since=0.0,
-        until=until,
-        periods=_per_role(periods),
+    logged = fold.fold_requests(
+        records.starts, records.logged, records.errors, since=0.0, until=until, periods=_per_role(periods)
     )
-    roles = len(ROLES)
-    return (
-        fold.RequestSums(*(getattr(both, f.name)[:, :roles] for f in fields(both))),
-        fold.RequestSums(*(getattr(both, f.name)[:, roles:] for f in fields(both))),
-    )
+    return logged, fold.totals(records.starts, records.assigned, since=0.0, until=until)
 
 
 def fold_labels(records: LabelRecords, periods: fold.Periods, *, until: float) -> fold.LabelSums:
@@ -466,23 +456,31 @@ def run_scenario(
                 ring[a][t % (win + 1), :, 1:] = lat_bins[a]
         periods = fold.Periods(period_starts, period_starts)  # the sim's weights apply at once
         # the harm job, between evaluations: requests and errors of the buckets whole by then
-        if sequential:
-            for j in range(harm_every, per_eval, harm_every):
-                now = t0 + j * bucket
-                # the harm job needs the window's totals only
-                seen_until = now - traffic.settle_s
-                due = pending_req.due(seen_until)
-                seen = [
-                    total.logged.requests[:, :2]
-                    + fold.totals(due.starts, due.logged[:, :2], since=0.0, until=seen_until),
-                    total.logged.errors[:, :2]
-                    + fold.totals(due.starts, due.errors[:, :2], since=0.0, until=seen_until),
-                ]
-                h = harm(policy, _harm_evidence(*seen, lat_under, lat_bins, lat_lower))
-                hit = active & (h["err_harm"] | h["lat_harm"])
+        checks = [t0 + j * bucket for j in range(harm_every, per_eval, harm_every)] if sequential else []
+        if checks:
+            # the harm job's checks of this minute, judged at once (rows: check by replication): each
+            # reads the window's totals, the due buckets counted as the fold counts them by then
+            due = pending_req.due(checks[-1] - traffic.settle_s)
+
+            untils = [c - traffic.settle_s for c in checks]
+            n_lat = [
+                np.tile((lat_under[a] + lat_bins[a].sum(axis=1)).astype(float), len(checks)) for a in "bc"
+            ]
+            h = harm(
+                policy,
+                _harm_evidence(
+                    _seen(due.starts, due.logged[:, :2], total.logged.requests[:, :2], untils),
+                    _seen(due.starts, due.errors[:, :2], total.logged.errors[:, :2], untils),
+                    n_lat,
+                    np.tile(lat_lower, len(checks)),
+                ),
+            )
+            for i, now in enumerate(checks):
+                err_harm, lat_harm = (h[key][i * reps : (i + 1) * reps] for key in ("err_harm", "lat_harm"))
+                hit = active & (err_harm | lat_harm)
                 o = orig[hit]
                 out_action[o], out_time[o], out_evals[o] = ROLLBACK, now, t - 1
-                out_cause[o] = np.where(h["err_harm"][hit], int(Cause.ERRORS), int(Cause.LATENCY))
+                out_cause[o] = np.where(err_harm[hit], int(Cause.ERRORS), int(Cause.LATENCY))
                 active &= ~hit
         now = t * dt
         until = now - traffic.settle_s
@@ -587,18 +585,24 @@ def _latency_counts(lat: dict) -> tuple[np.ndarray, np.ndarray]:
     return tuple(lat[a].n.astype(float) for a in "bc")
 
 
+def _seen(starts: np.ndarray, values: np.ndarray, window: np.ndarray, untils: list[float]) -> np.ndarray:
+    """The window's totals at each of several times, stacked (rows: time by replication): what is already
+    folded plus the waiting buckets whole by then, as the fold counts them."""
+    return np.concatenate([window + fold.totals(starts, values, since=0.0, until=u) for u in untils])
+
+
 def _harm_evidence(
-    requests: np.ndarray, errors: np.ndarray, lat_under: dict, lat_bins: dict, lat_lower: np.ndarray
+    requests: np.ndarray, errors: np.ndarray, latencies: list[np.ndarray], lat_lower: np.ndarray
 ) -> Evidence:
     """What the harm job reads between evaluations: whole buckets' requests and errors (baseline,
-    canary), and the latency bound of the last evaluation."""
+    canary), the latencies counted and the latency bound of the last evaluation."""
     zeros = np.zeros(len(lat_lower))
     return _base_evidence(
         [requests[:, i] for i in (0, 1)],
         [errors[:, i] for i in (0, 1)],
         (zeros, zeros),
         (zeros, zeros),
-        tuple((lat_under[a] + lat_bins[a].sum(axis=1)).astype(float) for a in "bc"),
+        tuple(latencies),
         p99_ratio_lower=lat_lower,
     )
 
@@ -623,7 +627,7 @@ def _evidence(
         **_latency_fields(policy, grid, lat, policy.name == "sequential"),
         srm_p=valid,
         srm_p_fixed=fixed,
-        loss_p=srm.loss_p_values(total.assigned.requests, total.logged.requests, policy.srm_p),
+        loss_p=srm.loss_p_values(total.assigned, total.logged.requests, policy.srm_p),
         periods_c=strata.proportion_periods(labels.period_correct[:, 1], labels.period_labelled[:, 1]),
         periods_b=strata.proportion_periods(labels.period_correct[:, 0], labels.period_labelled[:, 0]),
     )
