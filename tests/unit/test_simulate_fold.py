@@ -10,7 +10,8 @@ import pytest
 
 from control_plane.analysis.aggregates import BucketKey, LabelFacts, RequestFacts
 from control_plane.analysis.policy import Policy
-from control_plane.analysis.simulate import ARMS, ROLES, Scenario, Trace, Traffic, run_scenario
+from control_plane.analysis.sim_records import ARMS, ROLES, Trace
+from control_plane.analysis.simulate import Scenario, Traffic, run_scenario
 from control_plane.metrics_source import MemoryMetricsSource
 from control_plane.observations import read_observations
 
