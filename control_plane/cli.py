@@ -179,7 +179,7 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from control_plane.analysis.simulate import main
+    from control_plane.simulate_cli import main
 
     return main(args.rest)
 
