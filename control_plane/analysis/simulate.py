@@ -272,7 +272,7 @@ def run_scenario(
     lat_under = {a: np.zeros(reps, np.int64) for a in "cb"}
     lat_bins = {a: np.zeros((reps, grid.bins + 1), np.int64) for a in "cb"}
     win = int(np.ceil(policy.window_s / dt))
-    sequential = policy.name == "sequential"
+    sequential = policy.is_sequential
     windowed = not sequential
     # the rolling window's sums (threshold): per evaluation, cumulative over the folded increments
     cum = {(a, m): np.zeros((horizon + 1, reps)) for a in "cb" for m in "nesk"} if windowed else {}
@@ -503,7 +503,7 @@ def _evidence(
         [labels.labelled[:, i] for i in (0, 1)],
         [labels.correct[:, i] for i in (0, 1)],
         _latency_counts(lat),
-        **_latency_fields(policy, grid, lat, policy.name == "sequential"),
+        **_latency_fields(policy, grid, lat, policy.is_sequential),
         srm_p=valid,
         srm_p_fixed=fixed,
         loss_p=srm.loss_p_values(total.assigned, total.logged.requests, policy.srm_p),
@@ -540,7 +540,7 @@ def _window_evidence(
         [since(a, "s", start + lag) for a in "bc"],
         [since(a, "k", start + lag) for a in "bc"],
         _latency_counts(lat),
-        **_latency_fields(policy, grid, lat, policy.name == "sequential"),
+        **_latency_fields(policy, grid, lat, policy.is_sequential),
     )
 
 
