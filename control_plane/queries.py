@@ -410,6 +410,7 @@ class SqlMetricsSource:
                 s.c.ts >= lo,
                 s.c.ts < hi,
                 s.c.pair_key.is_not(None),
+                b.c.pair_key.is_not(None),  # lets the planner use the partial index for the join
                 b.c.model_version == baseline_version,
                 b.c.route == WEIGHTED,
                 # the copy leaves Traefik with the live request: their times differ by latencies at most

@@ -203,7 +203,8 @@ def row(
     }
 
 
-def test_the_shadow_copies_join_the_baseline_answers_on_their_pair_key(engine):
+def seed_pairs(engine) -> tuple[float, float]:
+    """Baseline and shadow rows, some paired, two labels; returns (now, the window's start)."""
     now = 1_800_000_000.0
     t = now - 600
     base = [
@@ -225,6 +226,11 @@ def test_the_shadow_copies_join_the_baseline_answers_on_their_pair_key(engine):
     with engine.begin() as conn:
         queries.insert_predictions(conn, base + shadow)
     record_labels(engine, [(base[0]["request_id"], 1), (base[1]["request_id"], 1)], t + 10)
+    return now, t
+
+
+def test_the_shadow_copies_join_the_baseline_answers_on_their_pair_key(engine):
+    now, t = seed_pairs(engine)
     with engine.connect() as conn:
         src = queries.SqlMetricsSource(conn)
         facts = src.pairs(3, 2, t, now, 60.0, now)
