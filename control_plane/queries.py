@@ -370,7 +370,8 @@ class SqlMetricsSource:
         window_s: float,
         labels_before: float,
     ) -> PairedFacts:
-        """The paired sums of the shadow's copies logged in [since, until) joined on their pair key
+        """The paired sums of the shadow's copies logged in [since, until) (its whole buckets, so no more
+        copies than the arm's count) joined on their pair key
         with the baseline's live answers to the same requests (analysis/paired.py), the baseline
         request's outcome counted once its attribution window closed before `labels_before`.
 
@@ -379,7 +380,8 @@ class SqlMetricsSource:
         (partial: rows outside a shadow phase have no key); its cost follows the mirrored requests
         of the shadow phase, not the traffic's total."""
         s, b = predictions.alias("s"), predictions.alias("b")
-        lo, hi = float(since), float(until)
+        # the whole buckets of [since, until), as the arms' own counts read them (`_where`)
+        lo, hi = float(math.ceil(since / BUCKET_S) * BUCKET_S), float(math.floor(until / BUCKET_S) * BUCKET_S)
         rows = self.conn.execute(
             select(
                 s.c.score,

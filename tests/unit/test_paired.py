@@ -235,6 +235,9 @@ def test_the_shadow_copies_join_the_baseline_answers_on_their_pair_key(engine):
         src = queries.SqlMetricsSource(conn)
         facts = src.pairs(3, 2, t, now, 60.0, now)
         open_labels = src.pairs(3, 2, t, now, 60.0, t + 30)  # no attribution window closed yet
+        # whole buckets only, as the arms' counts: [t, t + 5) holds k1-k3, [t, t + 4.9) no whole bucket
+        first_bucket = src.pairs(3, 2, t, t + 5, 60.0, now).pairs
+        partial = src.pairs(3, 2, t, t + 4.9, 60.0, now).pairs
     assert facts.pairs == 3
     assert facts.score_diff.total == pytest.approx(-0.4 - 0.1 + 0.1)
     assert facts.latency_diff == Moments(3, 12.0, 48.0)
@@ -243,6 +246,7 @@ def test_the_shadow_copies_join_the_baseline_answers_on_their_pair_key(engine):
     # shadow 0.7 wrong, baseline 0.6 wrong (0)
     assert facts.correct_diff == Moments(3, -1.0, 1.0)
     assert open_labels.correct_diff == Moments() and open_labels.pairs == 3
+    assert (first_bucket, partial) == (3, 0)
 
 
 def test_the_shadow_decision_reports_the_pairs_and_gates_as_before(engine):
