@@ -404,6 +404,7 @@ class PredictionLogWriter(_WriterBase):
         the caller is a request, which must not wait for an fsync. After close() the row is spilled
         here: nothing else would write it.
         """
+        # Not shared with ProcessLogWriter.log: this one wakes its thread and settles late rows for close().
         if not self._closed and len(self._rows) < self.max_queue:
             self._rows.append(row)
             if len(self._rows) >= self._wake_at:

@@ -232,6 +232,7 @@ class ProcessLogWriter(_WriterBase):
         cost an fsync on the serving path for every request, and raised with the disk full. Past
         another `max_queue` rows there, or with the disk full, it is counted lost.
         """
+        # Not shared with PredictionLogWriter.log: no thread to wake here; late rows go to the child's replay.
         if not self._closed and len(self._rows) < self.max_queue:
             self._rows.append(row)
             return

@@ -11,9 +11,9 @@ import logging
 import threading
 from collections.abc import Callable
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
-from control_plane.db.schema import traffic_config
+from control_plane.queries import version_roles
 from control_plane.settings import ROLES
 
 log = logging.getLogger("recsys.roles")
@@ -62,11 +62,8 @@ class RoleWatcher:
         try:
             if self._engine is None:
                 self._engine = self._engine_factory()
-            stmt = select(traffic_config.c.role, traffic_config.c.weight).where(
-                traffic_config.c.version == self.version
-            )
             with self._engine.connect() as conn:
-                rows = [(r.role, r.weight) for r in conn.execute(stmt)]
+                rows = version_roles(conn, self.version)
         except Exception as exc:
             if not self._failing:
                 log.warning("role lookup failed, keeping role %r: %s", self.role, exc)

@@ -14,7 +14,9 @@ import json
 import logging
 import sys
 
+from control_plane.analysis.policy_names import NAMES
 from control_plane.errors import RecsysError
+from control_plane.operator_actions import OperatorAction
 from control_plane.settings import Settings, parse_weights
 
 
@@ -135,19 +137,12 @@ def cmd_canary(args) -> int:
     if rollout is None:
         print("No rollout is running.", file=sys.stderr)
         return 1
-    fn = {
-        "pause": services.pause,
-        "resume": services.resume,
-        "promote": services.promote_now,
-        "rollback": services.rollback_now,
-    }[args.action]
-    if args.action in ("promote", "rollback"):  # overrides of the analysis: a reason is required
-        if not (args.reason or "").strip():
-            print(f"error: `canary {args.action}` overrides the analysis; give --reason", file=sys.stderr)
-            return 2
-        _print(fn(ctx, rollout.id, actor=f"cli:{getpass.getuser()}", reason=args.reason).to_dict())
-        return 0
-    _print(fn(ctx, rollout.id, actor="cli").to_dict())
+    move = OperatorAction(args.action)
+    if move.overrides and not (args.reason or "").strip():
+        print(f"error: `canary {args.action}` overrides the analysis; give --reason", file=sys.stderr)
+        return 2
+    actor = f"cli:{getpass.getuser()}" if move.overrides else "cli"
+    _print(services.operate(ctx, rollout.id, move, actor, args.reason if move.overrides else None).to_dict())
     return 0
 
 
@@ -184,7 +179,7 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from control_plane.analysis.simulate import main
+    from control_plane.simulate_cli import main
 
     return main(args.rest)
 
@@ -225,13 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="promote/rollback during a rollout override the analysis: they need --reason, and the "
         "ledger, the UI and /metrics mark them as overrides.",
     )
-    s.add_argument("action", choices=["start", "status", "pause", "resume", "promote", "rollback"])
+    s.add_argument("action", choices=["start", "status", *OperatorAction])
     s.add_argument("--version", type=int)
     s.add_argument("--rollout", type=int)
     s.add_argument("--reason", help="why an operator promotes or rolls back now (required for those two)")
     s.add_argument(
         "--policy-name",
-        choices=["sequential", "threshold"],
+        choices=NAMES,
         help="sequential (default: always-valid tests); threshold: the seed's point-estimate rule, UNSAFE "
         "under repeated looks (about 23 %% false promotions of an identical canary), for comparison only",
     )

@@ -6,16 +6,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from control_plane.analysis.types import Phase, RolloutState
+from control_plane.analysis.types import Action, Phase, RolloutState
 from control_plane.bounds import row_int_in_range
 from control_plane.db.schema import decisions, rollouts
 from control_plane.errors import RolloutNotFound
-from control_plane.rollout.plan import TrafficMove
+from control_plane.rollout.plan import RolloutChange, TrafficMove
 
 ACTIVE_PHASES = (Phase.PENDING, Phase.SHADOW, Phase.PROGRESSING, Phase.PAUSED)
+# Ledger actions that are evaluations (the analysis or an operator deciding), not pause/resume/start.
+EVALUATION_ACTIONS = tuple(str(a) for a in Action)
 
 
 @dataclass(frozen=True)
@@ -135,10 +137,19 @@ class Ledger:
             rows = c.execute(select(rollouts).order_by(rollouts.c.id.desc()).limit(limit)).all()
         return [_rollout(r) for r in rows]
 
-    def update(self, conn: Connection, rollout_id: int, **values) -> None:
-        if "phase" in values:
-            values["phase"] = str(values["phase"])
-        values.setdefault("updated_at", time.time())
+    def update(self, conn: Connection, rollout_id: int, change: RolloutChange) -> None:
+        """Write the columns `change` sets (and `updated_at`); the others keep their values."""
+        values: dict[str, Any] = {
+            "phase": None if change.phase is None else str(change.phase),
+            "canary_weight": change.canary_weight,
+            "step_index": change.step_index,
+            "step_started_at": change.step_started_at,
+            "pending_action": None if change.pending is None else change.pending.to_dict(rollout_id),
+            "ended_at": change.ended_at,
+            "reason": change.reason,
+        }
+        values = {k: v for k, v in values.items() if v is not None}
+        values["updated_at"] = time.time()
         conn.execute(update(rollouts).where(rollouts.c.id == rollout_id).values(**values))
 
     def clear_pending(self, rollout_id: int, step_started_at: float | None = None) -> None:
@@ -161,6 +172,24 @@ class Ledger:
             stmt = stmt.where(decisions.c.rollout_id == rollout_id)
         with self.engine.connect() as c:
             return [dict(r._mapping) for r in c.execute(stmt).all()]
+
+    def action_counts(self) -> dict[str, int]:
+        """Ledger rows per action (every action ever recorded, operators' included)."""
+        with self.engine.connect() as c:
+            rows = c.execute(select(decisions.c.action, func.count()).group_by(decisions.c.action)).all()
+        return {str(action): int(n) for action, n in rows}
+
+    def last_evaluation(self) -> dict[str, Any] | None:
+        """`ts`, `stats` and `rules` of the newest row that is an evaluation (an Action: the analysis or
+        an operator deciding, not a start, pause or resume); None before the first."""
+        with self.engine.connect() as c:
+            row = c.execute(
+                select(decisions.c.ts, decisions.c.stats, decisions.c.rules)
+                .where(decisions.c.action.in_(EVALUATION_ACTIONS))
+                .order_by(decisions.c.id.desc())
+                .limit(1)
+            ).first()
+        return None if row is None else dict(row._mapping)
 
     def last_stat(self, conn: Connection, rollout_id: int, key: str) -> Any:
         """`stats[key]` of the rollout's newest scheduled evaluation (running statistics carry over)."""

@@ -7,12 +7,13 @@ can start up to a bucket (5 s) later and end up to a bucket earlier than asked.
 
 from __future__ import annotations
 
-import math
-from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from control_plane.analysis.aggregates import BUCKET_S, LabelFacts, LatencyHistogram, RequestFacts
+import numpy as np
+
+from control_plane.analysis import fold
+from control_plane.analysis.aggregates import LabelFacts, LatencyHistogram, RequestFacts, SparseCounts
 from control_plane.analysis.paired import PairedFacts
 from control_plane.analysis.ranking import ranking_summary
 from control_plane.analysis.types import ArmObservation, Observations, PeriodCounts
@@ -54,6 +55,65 @@ def _one(groups: dict, empty):
     return groups.get(None, empty)
 
 
+def _by_start(key) -> int:
+    return key.start
+
+
+def period_counts(
+    source: MetricsSource,
+    version: int,
+    *,
+    route: str,
+    since: float,
+    until: float,
+    labels_before: float,
+    label_window_s: float,
+    periods: fold.Periods,
+) -> tuple[PeriodCounts, ...]:
+    """One version's requests and labelled predictions per ramp period: its buckets read one by one and
+    folded by `fold`, as the simulation folds the buckets it makes."""
+    req = source.requests(since, until, by=_by_start, version=version, route=route)
+    lab = source.labels(since, labels_before, label_window_s, by=_by_start, version=version, route=route)
+    r_starts, l_starts = sorted(req), sorted(lab)
+    r = fold.fold_requests(
+        np.array(r_starts, dtype=float),
+        np.array([req[s].requests for s in r_starts], dtype=float),
+        np.array([req[s].errors for s in r_starts], dtype=float),
+        since=since,
+        until=until,
+        periods=periods,
+    )
+    lb = fold.fold_labels(
+        np.array(l_starts, dtype=float),
+        np.array([lab[s].closed for s in l_starts], dtype=float),
+        np.array([lab[s].correct for s in l_starts], dtype=float),
+        since=since,
+        until=labels_before,
+        periods=periods,
+    )
+    # The ranking metrics' sums (exposures, clicks per position) per period, over the same buckets.
+    ranked = [0] * len(periods)
+    clicks = [SparseCounts() for _ in range(len(periods))]
+    if l_starts:
+        l_arr = np.array(l_starts, dtype=float)
+        counted = fold.inside(l_arr, since, labels_before)
+        for s, ok, i in zip(l_starts, counted, fold.period_of(l_arr, periods), strict=True):
+            if ok and lab[s].ranked:
+                ranked[i] += lab[s].ranked
+                clicks[i] = clicks[i].merge(lab[s].click_positions)
+    return tuple(
+        PeriodCounts(
+            requests=int(r.period_requests[i]),
+            labelled=int(lb.period_labelled[i]),
+            correct=int(lb.period_correct[i]),
+            ranked=ranked[i],
+            click_positions=clicks[i],
+            steady_requests=int(r.period_steady[i]),
+        )
+        for i in range(len(periods))
+    )
+
+
 def arm_observation(
     source: MetricsSource,
     version: int | None,
@@ -86,38 +146,15 @@ def arm_observation(
     )
     periods: tuple[PeriodCounts, ...] = ()
     if period_starts:
-        starts = list(period_starts)
-        settled = [
-            (period_settled[i] if i < len(period_settled) else None) or s for i, s in enumerate(starts)
-        ]
-
-        def period(key) -> int:
-            return max(bisect_right(starts, key.start) - 1, 0)
-
-        ends = [*starts[1:], math.inf]
-
-        def steady(key) -> tuple[int, bool]:
-            """The period, and whether the bucket lies wholly where the period's weights were surely in
-            force: after they settled, and ending before the next step's advance."""
-            i = period(key)
-            return i, key.start >= settled[i] and key.start + BUCKET_S <= ends[i]
-
-        req_p = source.requests(since, until, by=steady, version=version, route=route)
-        lab_p = source.labels(since, labels_before, label_window_s, by=period, version=version, route=route)
-
-        def requests(i: int, *states: bool) -> int:
-            return sum(req_p.get((i, s), RequestFacts()).requests for s in states)
-
-        periods = tuple(
-            PeriodCounts(
-                requests=requests(i, True, False),
-                labelled=lab_p.get(i, LabelFacts()).closed,
-                correct=lab_p.get(i, LabelFacts()).correct,
-                ranked=lab_p.get(i, LabelFacts()).ranked,
-                click_positions=lab_p.get(i, LabelFacts()).click_positions,
-                steady_requests=requests(i, True),
-            )
-            for i in range(len(starts))
+        periods = period_counts(
+            source,
+            version,
+            route=route,
+            since=since,
+            until=until,
+            labels_before=labels_before,
+            label_window_s=label_window_s,
+            periods=fold.Periods.of(period_starts, period_settled),
         )
     return ArmObservation(
         version=version,

@@ -6,6 +6,7 @@
 - `close_label_windows`: the label job: counts outcomes of predictions whose attribution window has
   closed since its watermark.
 - partitions, retention and roll-up statements for retention.py.
+- `version_roles`: the Bento's role lookup (bentos/roles.py) in the control plane's `traffic_config`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from control_plane.db.schema import (
     labels,
     predictions,
     request_buckets,
+    traffic_config,
     user_labels,
     user_requests,
 )
@@ -790,3 +792,9 @@ def insert_labels_rows(conn: Connection, rows: list[dict]) -> None:
     """Labels as stored rows (tests and benchmarks that stamp their own arrival times)."""
     if rows:
         conn.execute(insert(labels), rows)
+
+
+def version_roles(conn: Connection, version: int) -> list[tuple[str, int]]:
+    """(role, weight) of every `traffic_config` row naming `version`: what a Bento reads to know its role."""
+    stmt = select(traffic_config.c.role, traffic_config.c.weight).where(traffic_config.c.version == version)
+    return [(r.role, r.weight) for r in conn.execute(stmt)]

@@ -130,7 +130,7 @@ def observe(
         # from when the mirror was in force (the deploy before it takes a while): both arms, same requests
         since = max(since, rollout.step_started_at)
     control_weight = assignment.control.weight if versions_by_role.get("control") else 0
-    ramp = policy.name == "sequential" and not shadow
+    ramp = policy.is_sequential and not shadow
     history = _history(ctx, conn, rollout)
     lead = next((i for i, (_, w) in enumerate(history) if w > 0), len(history) - 1)
     if not shadow and lead:

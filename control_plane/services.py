@@ -25,11 +25,12 @@ from control_plane.context import Context
 from control_plane.db.engine import read_snapshot
 from control_plane.errors import InvalidRequest, NoPreviousBaseline, RolloutConflict
 from control_plane.ledger import Rollout
+from control_plane.operator_actions import OperatorAction
 from control_plane.retention import RetentionPolicy
 from control_plane.rollout.assignment import Assignment, Slot
 from control_plane.rollout.entry import Entry
 from control_plane.rollout.phases import ForbiddenTransition, Operator, allowed_from, transition
-from control_plane.rollout.plan import MoveKind, TrafficMove, plan
+from control_plane.rollout.plan import MoveKind, RolloutChange, TrafficMove, plan
 from control_plane.rollout_reading import (
     SETTLE_S,
     Reading,
@@ -313,9 +314,9 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
     _write(
         ctx,
         Entry(rollout_id, Phase.PENDING, phase, "start", actor, started, target.canary.weight),
-        phase=phase,
-        canary_weight=target.canary.weight,
-        step_started_at=ctx.clock() + SETTLE_S,
+        RolloutChange(
+            phase=phase, canary_weight=target.canary.weight, step_started_at=ctx.clock() + SETTLE_S
+        ),
     )
     previous_canary, control_version = assignment.canary.version, assignment.control.version
     if previous_canary not in (None, version, baseline_version, control_version):
@@ -372,7 +373,7 @@ def check_harm(ctx: Context, actor: str = "harm-check") -> dict[str, Any] | None
     if rollout is None or rollout.phase is not Phase.PROGRESSING or rollout.pending_action:
         return None
     policy = Policy.from_dict(rollout.policy_params)
-    if policy.name != "sequential":
+    if not policy.is_sequential:
         return None
     now = ctx.clock()
     assignment = Assignment.of(ctx.traffic_store.load())
@@ -448,7 +449,7 @@ def _switch(ctx: Context, rollout_id: int, move: Operator, actor: str) -> Rollou
     _write(
         ctx,
         Entry(rollout_id, rollout.phase, after, str(move), actor, reason, rollout.canary_weight),
-        phase=after,
+        RolloutChange(phase=after),
     )
     return ctx.ledger.get(rollout_id)
 
@@ -467,6 +468,17 @@ def promote_now(ctx: Context, rollout_id: int, actor: str, reason: str) -> Rollo
 def rollback_now(ctx: Context, rollout_id: int, actor: str, reason: str) -> Rollout:
     """An operator rolls the canary back at once: an override, recorded as `promote_now` is."""
     return _override(ctx, rollout_id, Action.ROLLBACK, actor, reason)
+
+
+def operate(
+    ctx: Context, rollout_id: int, action: OperatorAction, actor: str, reason: str | None = None
+) -> Rollout:
+    """An operator's action on a rollout, whichever door it came through (CLI, API, web page); the
+    overrides (promote, rollback) need a reason."""
+    if action.overrides:
+        fn = promote_now if action is OperatorAction.PROMOTE else rollback_now
+        return fn(ctx, rollout_id, actor, reason or "")
+    return (pause if action is OperatorAction.PAUSE else resume)(ctx, rollout_id, actor)
 
 
 def _override(ctx: Context, rollout_id: int, action: Action, actor: str, reason: str) -> Rollout:
@@ -568,7 +580,7 @@ def _act(
 
     `recorded_as` names the ledger's action when it is not the decision's own (an operator's override)."""
     step = plan(rollout, decision, Assignment.of(ctx.traffic_store.load()))
-    columns = step.columns(rollout.id, ctx.clock(), decision.reason)
+    change = step.columns(ctx.clock(), decision.reason)
     reason = decision.reason + (
         f" ({missed_ticks} scheduled evaluations were missed before this one)" if missed_ticks else ""
     )
@@ -587,7 +599,7 @@ def _act(
         missed_ticks=missed_ticks,
     )
     try:
-        _write(ctx, entry, **columns)
+        _write(ctx, entry, change)
     except IntegrityError:
         return None  # this tick was already recorded by another run
     if step.move is not None:
@@ -673,13 +685,13 @@ def _finish(ctx: Context, rollout: Rollout, reason: str, actor: str) -> None:
     """A rollout whose candidate never started: rolled back, weight 0."""
     phase = transition(rollout.phase, Operator.START_FAILED)
     entry = Entry(rollout.id, rollout.phase, phase, "rollback", actor, reason, 0)
-    _write(ctx, entry, phase=phase, ended_at=ctx.clock(), reason=reason, canary_weight=0)
+    _write(ctx, entry, RolloutChange(phase=phase, ended_at=ctx.clock(), reason=reason, canary_weight=0))
 
 
-def _write(ctx: Context, entry: Entry, **columns: Any) -> None:
+def _write(ctx: Context, entry: Entry, change: RolloutChange | None = None) -> None:
     """The unit of work: the rollout's changed columns and its ledger row, in one transaction (an
     IntegrityError, a tick already recorded, leaves neither)."""
     with ctx.engine.begin() as conn:
         ctx.ledger.record(conn, **entry.row(ctx.clock()))
-        if columns:
-            ctx.ledger.update(conn, entry.rollout_id, **columns)
+        if change is not None:
+            ctx.ledger.update(conn, entry.rollout_id, change)

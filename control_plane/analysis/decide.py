@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from control_plane.analysis.policy import (
     Cause,
     Evidence,
     Policy,
+    RuleStats,
     design_effect,
     evaluate,
     harm,
@@ -55,7 +57,7 @@ def decide(state: RolloutState, obs: Observations, policy: Policy) -> Decision:
     n = _numbers(state, obs, policy, canary, baseline)
     action, cause, st = evaluate(policy, _evidence(n, state))
     code, why = int(action[0]), Cause(int(cause[0]))
-    st = {k: np.asarray(v).reshape(-1)[0].item() for k, v in st.items()}
+    st = st.first()
     act = Action.of_code(code)
     next_weight = {
         Action.ADVANCE: policy.steps[min(state.step_index + 1, len(policy.steps) - 1)],
@@ -70,7 +72,7 @@ def decide(state: RolloutState, obs: Observations, policy: Policy) -> Decision:
 def decide_harm(state: RolloutState, obs: Observations, policy: Policy) -> Decision | None:
     """The harm tests alone (the faster harm cadence): a rollback decision if errors or p99 are confidently
     beyond their margin, else None. The same tests `decide()` runs first; no I/O."""
-    if state.phase is not Phase.PROGRESSING or policy.name != "sequential":
+    if state.phase is not Phase.PROGRESSING or not policy.is_sequential:
         return None
     canary, baseline = obs.arms.get("canary"), obs.arms.get("baseline")
     if canary is None or baseline is None:
@@ -78,14 +80,47 @@ def decide_harm(state: RolloutState, obs: Observations, policy: Policy) -> Decis
     canary, baseline = _on_metric(policy, canary), _on_metric(policy, baseline)
     n = _numbers(state, obs, policy, canary, baseline)
     h = harm(policy, _evidence(n, state))
-    if not (bool(h["err_harm"][0]) or bool(h["lat_harm"][0])):
+    if not (bool(h.err_harm[0]) or bool(h.lat_harm[0])):
         return None
-    why = Cause.ERRORS if bool(h["err_harm"][0]) else Cause.LATENCY
-    st = {"p_error_harm": float(h["err"]["p_harm"][0])}
+    why = Cause.ERRORS if bool(h.err_harm[0]) else Cause.LATENCY
+    st = RuleStats(p_error_harm=float(h.err["p_harm"][0]))
     stats = _stats(policy, state, obs, n, st, why)
     stats["harm_check"] = True
     reason = _reason(policy, state, n, st, Action.ROLLBACK, why, 0) + " (harm check between evaluations)"
     return Decision(Action.ROLLBACK, reason, 0, (), _jsonable(stats))
+
+
+@dataclass(frozen=True)
+class Numbers:
+    """Every estimate and interval of one evaluation, whichever rule acts on them (the reason, the
+    rules and the stored statistics are written from these)."""
+
+    c: ArmObservation  # the canary, on the policy's decision metric
+    b: ArmObservation  # the baseline, likewise
+    pc: strata.ArmPeriods  # per-step summaries, canary
+    pb: strata.ArmPeriods  # per-step summaries, baseline
+    periods: strata.Combined  # the per-step differences combined
+    diff: float  # the combined difference (canary minus baseline)
+    var: float  # its variance (scaled by the design effect when users are the unit)
+    tau2: float  # the always-valid mixture's variance
+    acc_lower: float  # the difference's always-valid bounds
+    acc_upper: float
+    recent_diff: float  # the current step's own difference, variance and lower bound (novelty)
+    recent_var: float
+    recent_lower: float
+    err: dict[str, float]  # guardrails.rate_tests: diff, p_harm, p_noninferior, tau2
+    err_lower: float
+    err_upper: float
+    lat: dict[str, Any]  # guardrails.p99_ratio: p99s, ratio and its bounds
+    srm: dict[str, Any] | None  # the sample-ratio check; None: too little traffic
+    srm_p: float | None  # its always-valid p
+    loss: dict[str, Any] | None  # the log-loss check against the router's counts; None: not known
+    step_obs: dict[str, int]  # this step's requests (or first-assigned users) per role
+    weights: dict[str, int]  # this step's weights
+    elapsed_s: float
+    step_elapsed_s: float
+    users: dict[str, Any] | None  # users as the unit (_user_unit); None: requests are
+    deff: float  # the design effect applied to the variances
 
 
 def _on_metric(policy: Policy, arm: ArmObservation) -> ArmObservation:
@@ -95,7 +130,7 @@ def _on_metric(policy: Policy, arm: ArmObservation) -> ArmObservation:
 
 def _numbers(
     state: RolloutState, obs: Observations, policy: Policy, c: ArmObservation, b: ArmObservation
-) -> dict:
+) -> Numbers:
     """Every estimate and interval shown with a decision, whichever rule acts on them."""
     a, p0 = policy.alpha, policy.planning_accuracy
     pc, pb = _arm_periods(c, policy), _arm_periods(b, policy)
@@ -148,34 +183,34 @@ def _numbers(
                 srm.loss_p_values([[obs.assigned[r] for r in roles]], [logged], policy.srm_p)[0]
             ),
         }
-    return {
-        "c": c,
-        "b": b,
-        "pc": pc,
-        "pb": pb,
-        "periods": est,
-        "recent_diff": float(recent_diff[0]),
-        "recent_var": float(recent_var[0]),
-        "loss": loss,
-        "diff": float(diff),
-        "var": float(var),
-        "tau2": float(tau2),
-        "recent_lower": float(seq.one_sided_bound(recent_diff[0], recent_var[0], tau2, a, +1)),
-        "acc_lower": float(seq.one_sided_bound(diff, var, tau2, a, +1)),
-        "acc_upper": float(seq.one_sided_bound(diff, var, tau2, a, -1)),
-        "err": {k: float(v) for k, v in err.items()},
-        "err_lower": float(err_lower),
-        "err_upper": float(err_upper),
-        "lat": lat,
-        "srm": srm_check,
-        "srm_p": None if srm_check is None else srm_check["p_always_valid"],
-        "step_obs": step_obs,
-        "weights": dict(obs.step_weights),
-        "elapsed_s": obs.now - state.started_at,
-        "step_elapsed_s": obs.now - state.step_started_at,
-        "users": users,
-        "deff": deff,
-    }
+    return Numbers(
+        c=c,
+        b=b,
+        pc=pc,
+        pb=pb,
+        periods=est,
+        recent_diff=float(recent_diff[0]),
+        recent_var=float(recent_var[0]),
+        loss=loss,
+        diff=float(diff),
+        var=float(var),
+        tau2=float(tau2),
+        recent_lower=float(seq.one_sided_bound(recent_diff[0], recent_var[0], tau2, a, +1)),
+        acc_lower=float(seq.one_sided_bound(diff, var, tau2, a, +1)),
+        acc_upper=float(seq.one_sided_bound(diff, var, tau2, a, -1)),
+        err={k: float(v) for k, v in err.items()},
+        err_lower=float(err_lower),
+        err_upper=float(err_upper),
+        lat=lat,
+        srm=srm_check,
+        srm_p=None if srm_check is None else srm_check["p_always_valid"],
+        step_obs=step_obs,
+        weights=dict(obs.step_weights),
+        elapsed_s=obs.now - state.started_at,
+        step_elapsed_s=obs.now - state.step_started_at,
+        users=users,
+        deff=deff,
+    )
 
 
 def _arm_periods(arm: ArmObservation, policy: Policy) -> strata.ArmPeriods:
@@ -202,9 +237,9 @@ def _period_requests(obs: Observations) -> list[tuple[dict[str, int], dict[str, 
     ]
 
 
-def _evidence(n: dict, state: RolloutState) -> Evidence:
+def _evidence(n: Numbers, state: RolloutState) -> Evidence:
     """The numbers as the rules' one-element arrays."""
-    c, b, lat = n["c"], n["b"], n["lat"]
+    c, b, lat = n.c, n.b, n.lat
 
     def arr(x: float) -> np.ndarray:
         return np.array([x], dtype=float)
@@ -223,16 +258,16 @@ def _evidence(n: dict, state: RolloutState) -> Evidence:
         p99_ratio=arr(lat["ratio"] if math.isfinite(lat["ratio"]) else np.inf),
         p99_ratio_lower=arr(lat["lower"]),
         p99_ratio_upper=arr(lat["upper"]),
-        srm_p=arr(1.0 if n["srm"] is None else n["srm"]["p_always_valid"]),
-        srm_p_fixed=arr(1.0 if n["srm"] is None else n["srm"]["p"]),
-        elapsed_s=arr(n["elapsed_s"]),
-        step_elapsed_s=arr(n["step_elapsed_s"]),
+        srm_p=arr(1.0 if n.srm is None else n.srm["p_always_valid"]),
+        srm_p_fixed=arr(1.0 if n.srm is None else n.srm["p"]),
+        elapsed_s=arr(n.elapsed_s),
+        step_elapsed_s=arr(n.step_elapsed_s),
         step_index=arr(state.step_index),
         running_p=arr(state.running_p_values.get(SUPERIORITY_KEY, 1.0)),
-        periods_c=n["pc"],
-        periods_b=n["pb"],
-        loss_p=None if n["loss"] is None else arr(n["loss"]["p_always_valid"]),
-        accuracy_var=None if n["users"] is None else arr(n["users"]["accuracy_var"]),
+        periods_c=n.pc,
+        periods_b=n.pb,
+        loss_p=None if n.loss is None else arr(n.loss["p_always_valid"]),
+        accuracy_var=None if n.users is None else arr(n.users["accuracy_var"]),
     )
 
 
@@ -243,9 +278,9 @@ def _pts(x: float | None, signed: bool = True) -> str:
     return f"{100 * x:+.1f} pts" if signed else f"{100 * x:.1f} pts"
 
 
-def _interval(n: dict) -> str:
+def _interval(n: Numbers) -> str:
     """The accuracy difference's two one-sided always-valid bounds: [+1.2, +3.6] pts."""
-    return f"[{100 * n['acc_lower']:+.1f}, {100 * n['acc_upper']:+.1f}] pts"
+    return f"[{100 * n.acc_lower:+.1f}, {100 * n.acc_upper:+.1f}] pts"
 
 
 def _pct(x: float) -> str:
@@ -260,35 +295,37 @@ def _p(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2g}"
 
 
-def _reason(policy: Policy, state: RolloutState, n: dict, st: dict, act: Action, why: Cause, nxt: int) -> str:
+def _reason(
+    policy: Policy, state: RolloutState, n: Numbers, st: RuleStats, act: Action, why: Cause, nxt: int
+) -> str:
     """A readable sentence with the numbers behind the action."""
-    c, b, lat, err = n["c"], n["b"], n["lat"], n["err"]
-    sequential = policy.name == "sequential"
-    acc = f"canary {policy.metric_label} {_pts(n['diff'])}" + (
+    c, b, lat, err = n.c, n.b, n.lat, n.err
+    sequential = policy.is_sequential
+    acc = f"canary {policy.metric_label} {_pts(n.diff)}" + (
         f" (always-valid bounds {_interval(n)})" if sequential else ""
     )
     errs = f"canary errors {_pct(c.error_rate)} vs baseline {_pct(b.error_rate)} ({_pts(err['diff'])})"
     p99 = f"p99 {lat['p99_canary']:.1f} ms vs {lat['p99_baseline']:.1f} ms (ratio {_ratio(lat['ratio'])})"
     step = f"step {state.step_index + 1} of {len(policy.steps)} at {policy.steps[state.step_index]}%"
-    if why is Cause.SRM and n["loss"] is not None and n["loss"]["p_always_valid"] < policy.srm_p:
-        lost = ", ".join(f"{r} {n['loss']['logged'][r]}/{k}" for r, k in n["loss"]["assigned"].items())
+    if why is Cause.SRM and n.loss is not None and n.loss["p_always_valid"] < policy.srm_p:
+        lost = ", ".join(f"{r} {n.loss['logged'][r]}/{k}" for r, k in n.loss["assigned"].items())
         return (
             f"requests missing from the log: logged/assigned by the router {lost} (always-valid "
-            f"p={_p(n['loss']['p_always_valid'])} < {policy.srm_p:g}); halting, nothing is promoted"
+            f"p={_p(n.loss['p_always_valid'])} < {policy.srm_p:g}); halting, nothing is promoted"
         )
     if why is Cause.SRM:
-        seen = ", ".join(f"{r} {k}" for r, k in n["step_obs"].items())
-        want = ", ".join(f"{r} {w}%" for r, w in n["weights"].items())
+        seen = ", ".join(f"{r} {k}" for r, k in n.step_obs.items())
+        want = ", ".join(f"{r} {w}%" for r, w in n.weights.items())
         return (
-            f"sample-ratio mismatch: {'users first assigned in' if n['users'] else 'requests of'} this step "
+            f"sample-ratio mismatch: {'users first assigned in' if n.users else 'requests of'} this step "
             f"{seen} against weights {want} (chi-square "
-            f"{n['srm']['chi_square']:.1f}, p={_p(n['srm']['p'])}, always-valid p={_p(n['srm_p'])} < "
+            f"{n.srm['chi_square']:.1f}, p={_p(n.srm['p'])}, always-valid p={_p(n.srm_p)} < "
             f"{policy.srm_p:g}); halting, nothing is promoted"
         )
     if why is Cause.ERRORS and sequential:
         return (
             f"{errs}: confidently worse than the {_pts(policy.error_margin, False)} margin (always-valid "
-            f"lower bound {_pts(n['err_lower'])}, p={_p(err['p_harm'])}); rolling back"
+            f"lower bound {_pts(n.err_lower)}, p={_p(err['p_harm'])}); rolling back"
         )
     if why is Cause.ERRORS:
         return f"{errs}: more than twice the {_pts(policy.error_margin, False)} margin worse; rolling back"
@@ -301,7 +338,7 @@ def _reason(policy: Policy, state: RolloutState, n: dict, st: dict, act: Action,
         return f"canary {p99}: above {1 + 2 * (policy.p99_ratio - 1):.2f}, twice the allowance; rolling back"
     if why is Cause.TIME_LIMIT:
         return (
-            f"no decision after {n['elapsed_s'] / 3600:.1f} h (limit {policy.max_duration_s / 3600:.1f} h): "
+            f"no decision after {n.elapsed_s / 3600:.1f} h (limit {policy.max_duration_s / 3600:.1f} h): "
             f"inconclusive; {acc}"
         )
     if why is Cause.MIN_SAMPLE:
@@ -311,21 +348,21 @@ def _reason(policy: Policy, state: RolloutState, n: dict, st: dict, act: Action,
             f" latencies {c.latency.count}/{b.latency.count} (need {policy.min_latency_samples})"
         )
     if why is Cause.ACCURACY_WORSE:
-        return f"{acc}: confidently below the baseline (p={_p(st.get('p_worse'))}); rolling back"
+        return f"{acc}: confidently below the baseline (p={_p(st.p_worse)}); rolling back"
     if why is Cause.FUTILITY:
         return (
             f"{acc}: confidently below the {_pts(policy.accuracy_margin, False)} margin "
-            f"(p={_p(st.get('p_futile'))}), so it cannot be promoted; rolling back"
+            f"(p={_p(st.p_futile)}), so it cannot be promoted; rolling back"
         )
     if why is Cause.NOVELTY:
         return (
-            f"{acc}, running p={_p(st.get('p_superior'))}, exceeds margin {_pts(policy.accuracy_margin, False)} "
+            f"{acc}, running p={_p(st.p_superior)}, exceeds margin {_pts(policy.accuracy_margin, False)} "
             f"overall, but not yet in the last step on its own (step {state.step_index + 1}: "
-            f"{_pts(n['recent_diff'])}, always-valid lower bound {_pts(n['recent_lower'])}, "
-            f"p={_p(st.get('p_recent'))}): novelty check blocks the promotion; holding"
+            f"{_pts(n.recent_diff)}, always-valid lower bound {_pts(n.recent_lower)}, "
+            f"p={_p(st.p_recent)}): novelty check blocks the promotion; holding"
         )
     if why is Cause.STEP_TIME:
-        return f"{step} has run {n['step_elapsed_s']:.0f} s of the {policy.step_min_duration_s:.0f} s minimum; holding"
+        return f"{step} has run {n.step_elapsed_s:.0f} s of the {policy.step_min_duration_s:.0f} s minimum; holding"
     checks = _checks(policy, n, st)
     if act is Action.ADVANCE and sequential:
         return f"no harm at {step}: {errs}, {p99}; {acc} so far: advancing to {nxt}%"
@@ -335,69 +372,69 @@ def _reason(policy: Policy, state: RolloutState, n: dict, st: dict, act: Action,
     return f"{'; '.join(checks)}: {verdict}"
 
 
-def _checks(policy: Policy, n: dict, st: dict) -> list[str]:
+def _checks(policy: Policy, n: Numbers, st: RuleStats) -> list[str]:
     """The promotion rules, each as a short clause saying whether it holds."""
-    lat, err = n["lat"], n["err"]
+    lat, err = n.lat, n.err
     m, r, e = _pts(policy.accuracy_margin, False), f"{policy.p99_ratio:.2f}", _pts(policy.error_margin, False)
-    if policy.name == "sequential":
+    if policy.is_sequential:
         return [
-            f"canary {policy.metric_label} {_pts(n['diff'])} (always-valid bounds {_interval(n)}, running p="
-            f"{_p(st['p_superior'])}) {'exceeds' if st['superior'] else 'not yet above'} margin {m}",
+            f"canary {policy.metric_label} {_pts(n.diff)} (always-valid bounds {_interval(n)}, running p="
+            f"{_p(st.p_superior)}) {'exceeds' if st.superior else 'not yet above'} margin {m}",
             f"p99 ratio {_ratio(lat['ratio'])} (upper bound {_ratio(lat['upper'])}) "
-            f"{'≤' if st['latency_noninferior'] else 'not yet shown ≤'} {r}",
-            f"error diff {_pts(err['diff'])} (upper bound {_pts(n['err_upper'])}, p={_p(err['p_noninferior'])}) "
-            f"{'≤' if st['error_noninferior'] else 'not yet shown ≤'} {e}",
+            f"{'≤' if st.latency_noninferior else 'not yet shown ≤'} {r}",
+            f"error diff {_pts(err['diff'])} (upper bound {_pts(n.err_upper)}, p={_p(err['p_noninferior'])}) "
+            f"{'≤' if st.error_noninferior else 'not yet shown ≤'} {e}",
         ]
     return [
-        f"canary {policy.metric_label} {_pts(n['diff'])} {'exceeds' if st['superior'] else 'does not exceed'} margin {m}",
-        f"p99 ratio {_ratio(lat['ratio'])} {'≤' if st['latency_noninferior'] else '>'} {r}",
-        f"error diff {_pts(err['diff'])} {'≤' if st['error_noninferior'] else '>'} {e}",
+        f"canary {policy.metric_label} {_pts(n.diff)} {'exceeds' if st.superior else 'does not exceed'} margin {m}",
+        f"p99 ratio {_ratio(lat['ratio'])} {'≤' if st.latency_noninferior else '>'} {r}",
+        f"error diff {_pts(err['diff'])} {'≤' if st.error_noninferior else '>'} {e}",
     ]
 
 
-def _rules(policy: Policy, n: dict, st: dict) -> tuple[RuleOutcome, ...]:
+def _rules(policy: Policy, n: Numbers, st: RuleStats) -> tuple[RuleOutcome, ...]:
     """Each rule checked at this evaluation, with what it compared."""
-    a, lat, err = policy.alpha, n["lat"], n["err"]
-    labels, reqs, lats = st["enough_labels"], st["enough_requests"], st["enough_latency"]
-    srm_ok = None if n["srm_p"] is None else n["srm_p"] >= policy.srm_p
+    a, lat, err = policy.alpha, n.lat, n.err
+    labels, reqs, lats = st.enough_labels, st.enough_requests, st.enough_latency
+    srm_ok = None if n.srm_p is None else n.srm_p >= policy.srm_p
     rules = [
         RuleOutcome(
             "sample_ratio",
-            n["srm_p"],
+            n.srm_p,
             policy.srm_p,
             srm_ok,
             "always-valid p of the chi-square of step requests vs weights",
         ),
         RuleOutcome(
             "time_limit",
-            n["elapsed_s"],
+            n.elapsed_s,
             policy.max_duration_s,
-            n["elapsed_s"] < policy.max_duration_s,
+            n.elapsed_s < policy.max_duration_s,
             "seconds since the rollout started",
         ),
         RuleOutcome(
             "min_sample",
-            float(min(n["c"].labelled, n["b"].labelled)),
+            float(min(n.c.labelled, n.b.labelled)),
             float(policy.labelled_minimum),
             bool(labels),
             "labelled predictions in the smaller arm",
         ),
         RuleOutcome(
             "step_duration",
-            n["step_elapsed_s"],
+            n.step_elapsed_s,
             policy.step_min_duration_s,
-            bool(st["step_done"]),
+            bool(st.step_done),
             "seconds at this step",
         ),
     ]
-    if policy.name == "sequential":
+    if policy.is_sequential:
         rules += [
             RuleOutcome(
                 "error_harm",
                 err["p_harm"],
                 policy.harm_alpha,
                 (err["p_harm"] > policy.harm_alpha) if reqs else None,
-                f"always-valid p that errors exceed the margin; lower bound {_pts(n['err_lower'])}",
+                f"always-valid p that errors exceed the margin; lower bound {_pts(n.err_lower)}",
             ),
             RuleOutcome(
                 "latency_harm",
@@ -408,37 +445,37 @@ def _rules(policy: Policy, n: dict, st: dict) -> tuple[RuleOutcome, ...]:
             ),
             RuleOutcome(
                 "accuracy_superiority",
-                st["p_superior"],
+                st.p_superior,
                 a,
-                bool(st["superior"]) if labels else None,
+                bool(st.superior) if labels else None,
                 f"always-valid p of gain > margin, per-step differences combined; bounds {_interval(n)}",
             ),
             RuleOutcome(
                 "novelty_last_step",
-                st["p_recent"],
+                st.p_recent,
                 a,
-                bool(st["recent_holds"]) if labels else None,
-                f"the last step's own always-valid p of gain > margin; lower bound {_pts(n['recent_lower'])}",
+                bool(st.recent_holds) if labels else None,
+                f"the last step's own always-valid p of gain > margin; lower bound {_pts(n.recent_lower)}",
             ),
             RuleOutcome(
                 "accuracy_futility",
-                st["p_futile"],
+                st.p_futile,
                 a,
-                (st["p_futile"] > a) if labels else None,
+                (st.p_futile > a) if labels else None,
                 "always-valid p that the gain is below the margin",
             ),
             RuleOutcome(
                 "error_noninferiority",
                 err["p_noninferior"],
                 a,
-                bool(st["error_noninferior"]) if reqs else None,
-                f"always-valid p that errors are within the margin; upper bound {_pts(n['err_upper'])}",
+                bool(st.error_noninferior) if reqs else None,
+                f"always-valid p that errors are within the margin; upper bound {_pts(n.err_upper)}",
             ),
             RuleOutcome(
                 "latency_noninferiority",
                 lat["upper"],
                 policy.p99_ratio,
-                bool(st["latency_noninferior"]) if lats else None,
+                bool(st.latency_noninferior) if lats else None,
                 "always-valid upper bound of the p99 ratio",
             ),
         ]
@@ -446,23 +483,23 @@ def _rules(policy: Policy, n: dict, st: dict) -> tuple[RuleOutcome, ...]:
         rules += [
             RuleOutcome(
                 "accuracy_gain",
-                n["diff"],
+                n.diff,
                 policy.accuracy_margin,
-                bool(st["superior"]) if labels else None,
+                bool(st.superior) if labels else None,
                 f"canary minus baseline {policy.metric_label} over the window",
             ),
             RuleOutcome(
                 "p99_ratio",
                 lat["ratio"],
                 policy.p99_ratio,
-                bool(st["latency_noninferior"]) if lats else None,
+                bool(st.latency_noninferior) if lats else None,
                 "canary p99 over baseline p99 over the window",
             ),
             RuleOutcome(
                 "error_diff",
                 err["diff"],
                 policy.error_margin,
-                bool(st["error_noninferior"]) if reqs else None,
+                bool(st.error_noninferior) if reqs else None,
                 "canary minus baseline error rate over the window",
             ),
         ]
@@ -470,10 +507,10 @@ def _rules(policy: Policy, n: dict, st: dict) -> tuple[RuleOutcome, ...]:
 
 
 def _stats(
-    policy: Policy, state: RolloutState, obs: Observations, n: dict, st: dict, why: Cause
+    policy: Policy, state: RolloutState, obs: Observations, n: Numbers, st: RuleStats, why: Cause
 ) -> dict[str, Any]:
     """Estimates, intervals, p-values and sample sizes, as stored with the decision."""
-    c, b, err, lat = n["c"], n["b"], n["err"], n["lat"]
+    c, b, err, lat = n.c, n.b, n.err, n.lat
     return {
         "policy": policy.name,
         # what the "accuracy" numbers below are of: the policy's decision metric (analysis/ranking.py)
@@ -481,8 +518,8 @@ def _stats(
         "cause": why.name.lower(),
         "window_start": obs.window_start,
         "window_end": obs.window_end,
-        "elapsed_s": n["elapsed_s"],
-        "step_elapsed_s": n["step_elapsed_s"],
+        "elapsed_s": n.elapsed_s,
+        "step_elapsed_s": n.step_elapsed_s,
         "samples": {
             role: {
                 "requests": arm.requests,
@@ -498,65 +535,68 @@ def _stats(
         "accuracy": {
             "canary": c.accuracy,
             "baseline": b.accuracy,
-            "diff": n["diff"],
-            "lower": n["acc_lower"],
-            "upper": n["acc_upper"],
-            "tau2": n["tau2"],
-            "p_superior": st.get("p_superior"),
-            "p_futile": st.get("p_futile"),
-            "p_worse": st.get("p_worse"),
+            "diff": n.diff,
+            "lower": n.acc_lower,
+            "upper": n.acc_upper,
+            "tau2": n.tau2,
+            "p_superior": st.p_superior,
+            "p_futile": st.p_futile,
+            "p_worse": st.p_worse,
             "margin": policy.accuracy_margin,
         },
         "errors": {
             "canary": c.error_rate,
             "baseline": b.error_rate,
             "diff": err["diff"],
-            "lower": n["err_lower"],
-            "upper": n["err_upper"],
+            "lower": n.err_lower,
+            "upper": n.err_upper,
             "p_harm": err["p_harm"],
             "p_noninferior": err["p_noninferior"],
             "margin": policy.error_margin,
         },
         "latency": {**lat, "max_ratio": policy.p99_ratio},
-        "srm": {**(n["srm"] or {}), "step_requests": n["step_obs"], "weights": dict(obs.step_weights)},
-        "log_loss_check": n["loss"],
+        "srm": {**(n.srm or {}), "step_requests": n.step_obs, "weights": dict(obs.step_weights)},
+        "log_loss_check": n.loss,
         "steps": _steps(obs, n),
         "novelty": {
             "rule": "promote only if the last step's own always-valid lower bound exceeds the margin",
             "step": state.step_index + 1,
-            "diff": n["recent_diff"],
-            "lower": n["recent_lower"],
-            "p": st.get("p_recent"),
-            "passed": st.get("recent_holds"),
+            "diff": n.recent_diff,
+            "lower": n.recent_lower,
+            "p": st.p_recent,
+            "passed": st.recent_holds,
             "verdict": _novelty_verdict(policy, st, why),
         }
-        if policy.name == "sequential"
+        if policy.is_sequential
         else None,
         # the smallest p so far, shown for reference; no rule acts on it (it would lock in an early effect)
         "running_p_values": {
-            SUPERIORITY_KEY: min(st.get("p_superior", 1.0), state.running_p_values.get(SUPERIORITY_KEY, 1.0))
+            SUPERIORITY_KEY: min(
+                1.0 if st.p_superior is None else st.p_superior,
+                state.running_p_values.get(SUPERIORITY_KEY, 1.0),
+            )
         }
-        if policy.name == "sequential"
+        if policy.is_sequential
         else {},
         "min_labelled_per_arm": policy.labelled_minimum,
         "expected_n": policy.planned_n,
-        "unit": "request" if n["users"] is None else "user",
-        "users": None if n["users"] is None else n["users"]["arms"],
+        "unit": "request" if n.users is None else "user",
+        "users": None if n.users is None else n.users["arms"],
     }
 
 
-def _novelty_verdict(policy: Policy, st: dict, why: Cause) -> str:
+def _novelty_verdict(policy: Policy, st: RuleStats, why: Cause) -> str:
     """Which check blocked or allowed a promotion at this evaluation."""
     if why is Cause.NOVELTY:
         return "blocked: the last step's own gain is not yet above the margin"
-    if why is Cause.PASSED and st.get("superior"):
+    if why is Cause.PASSED and st.superior:
         return "allowed: the last step's own gain is above the margin"
     return "not reached"
 
 
-def _steps(obs: Observations, n: dict) -> list[dict[str, Any]]:
+def _steps(obs: Observations, n: Numbers) -> list[dict[str, Any]]:
     """Per step: its start, weights, each arm's labelled/correct, and the step's own difference."""
-    est: strata.Combined = n["periods"]
+    est: strata.Combined = n.periods
     starts = obs.periods or ((obs.window_start, dict(obs.step_weights)),)
     out = []
     for i, (start, weights) in enumerate(starts):
@@ -568,10 +608,10 @@ def _steps(obs: Observations, n: dict) -> list[dict[str, Any]]:
                 "step": i + 1,
                 "start": start,
                 "weights": dict(weights),
-                "canary_labelled": int(n["pc"].n[0, i]),
-                "baseline_labelled": int(n["pb"].n[0, i]),
-                "canary_accuracy": _num(n["pc"].mean[0, i]),
-                "baseline_accuracy": _num(n["pb"].mean[0, i]),
+                "canary_labelled": int(n.pc.n[0, i]),
+                "baseline_labelled": int(n.pb.n[0, i]),
+                "canary_accuracy": _num(n.pc.mean[0, i]),
+                "baseline_accuracy": _num(n.pb.mean[0, i]),
                 "diff": _num(est.period_diff[0, i]),
                 "se": _num(math.sqrt(v)) if math.isfinite(v) else None,
             }

@@ -7,7 +7,8 @@ replications) run exactly the same logic.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Any
 
@@ -15,10 +16,9 @@ import numpy as np
 
 from control_plane.analysis import guardrails, power, strata
 from control_plane.analysis import sequential as seq
+from control_plane.analysis.policy_names import NAMES, SEQUENTIAL
 from control_plane.analysis.ranking import MAX_POSITION, Metric
 from control_plane.analysis.types import Action
-
-NAMES = ("sequential", "threshold")
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,12 @@ class Policy:
     metric_k: int = 10  # the k of ctr_at_k
 
     @property
+    def is_sequential(self) -> bool:
+        """Always-valid tests over all of the rollout's data (and the harm checks between evaluations);
+        otherwise the threshold rule on point estimates over a rolling window. `name` is what is stored."""
+        return self.name == SEQUENTIAL
+
+    @property
     def decision_metric(self) -> Metric:
         return Metric(self.metric)
 
@@ -105,7 +111,7 @@ class Policy:
 
     def window_start(self, started_at: float, now: float) -> float:
         """Where this policy's observations begin: the rollout's start (sequential) or the rolling window."""
-        return started_at if self.name == "sequential" else max(started_at, now - self.window_s)
+        return started_at if self.is_sequential else max(started_at, now - self.window_s)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able settings; `from_dict(to_dict())` gives the same policy back."""
@@ -279,6 +285,80 @@ class Evidence:
     loss_p: np.ndarray | None = None
 
 
+class _ReadByName:
+    """Fields read by name too, as the simulation's tables do (`stats["p_superior"]`, `"p_superior" in
+    stats`): only those the rule computed (not None)."""
+
+    def __getitem__(self, name: str) -> Any:
+        value = getattr(self, name) if name in _field_names(type(self)) else None
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in _field_names(type(self)) and getattr(self, name) is not None
+
+
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+@dataclass(frozen=True)
+class HarmTests(_ReadByName):
+    """The two harm tests (they only ever roll back), one element per rollout."""
+
+    err: dict[str, np.ndarray]  # guardrails.rate_tests: diff, p_harm, p_noninferior, tau2
+    err_harm: np.ndarray  # errors confidently beyond the margin
+    lat_harm: np.ndarray  # p99 ratio confidently beyond the allowance
+
+
+@dataclass(frozen=True)
+class RuleStats(_ReadByName):
+    """What a rule computed on the way to its action: arrays with one element per rollout (or replication),
+    or Python scalars once `first()` took decide()'s one rollout. None: not computed by this rule (the
+    threshold rule has no always-valid tests; the harm check computes only `p_error_harm`)."""
+
+    # the gates and the clock, both rules (_common)
+    enough_requests: Any = None
+    enough_latency: Any = None
+    enough_labels: Any = None
+    srm: Any = None
+    srm_suspect: Any = None
+    timed_out: Any = None
+    step_done: Any = None
+    last_step: Any = None
+    # the estimates and what the promotion needs, both rules
+    accuracy_diff: Any = None
+    error_diff: Any = None
+    superior: Any = None
+    error_noninferior: Any = None
+    latency_noninferior: Any = None
+    # the sequential rule's always-valid tests
+    accuracy_var: Any = None
+    accuracy_tau2: Any = None
+    p_superior: Any = None
+    p_futile: Any = None
+    p_worse: Any = None
+    recent_diff: Any = None
+    recent_var: Any = None
+    recent_lower: Any = None
+    p_recent: Any = None
+    recent_holds: Any = None
+    p_error_harm: Any = None
+    p_error_noninferior: Any = None
+    error_tau2: Any = None
+
+    def first(self) -> RuleStats:
+        """The first rollout's statistics as Python scalars (bool, float): decide() judges one rollout."""
+        return RuleStats(
+            **{
+                f.name: None if (v := getattr(self, f.name)) is None else np.asarray(v).reshape(-1)[0].item()
+                for f in dataclasses.fields(self)
+            }
+        )
+
+
 def design_effect(user_var, correct_c, labelled_c, correct_b, labelled_b) -> np.ndarray:
     """How much clustering by user inflates the accuracy difference's variance (Kish's design effect):
     the users-as-clusters (delta-method) variance of the pooled difference over its requests-as-units
@@ -306,7 +386,7 @@ def accuracy_estimate(ev: Evidence) -> strata.Combined:
     return strata.combine(ev.periods_c, ev.periods_b)
 
 
-def harm(policy: Policy, ev: Evidence) -> dict[str, np.ndarray]:
+def harm(policy: Policy, ev: Evidence) -> HarmTests:
     """The two harm tests alone (they only ever roll back): what the faster harm cadence runs."""
     err = guardrails.rate_tests(
         ev.errors_c,
@@ -329,16 +409,16 @@ def harm(policy: Policy, ev: Evidence) -> dict[str, np.ndarray]:
         & (ev.latencies_b >= policy.min_latency_samples)
         & (ev.p99_ratio_lower > policy.p99_ratio)  # the bound is at harm_alpha
     )
-    return {"err": err, "err_harm": err_harm, "lat_harm": lat_harm}
+    return HarmTests(err, err_harm, lat_harm)
 
 
 def _loss_p(ev: Evidence) -> np.ndarray:
     return np.ones_like(np.asarray(ev.srm_p, dtype=float)) if ev.loss_p is None else ev.loss_p
 
 
-def evaluate(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+def evaluate(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, RuleStats]:
     """Apply the policy's rule: (action codes, causes, statistics), one element per rollout."""
-    rule = _sequential if policy.name == "sequential" else _threshold
+    rule = _sequential if policy.is_sequential else _threshold
     return rule(policy, ev)
 
 
@@ -352,25 +432,24 @@ def _select(
     return action, cause
 
 
-def _common(policy: Policy, ev: Evidence) -> dict[str, np.ndarray]:
+def _common(policy: Policy, ev: Evidence) -> RuleStats:
     """Sample-size gates and the clock, shared by both rules."""
-    return {
-        "enough_requests": (ev.requests_c >= policy.min_requests_per_arm)
+    return RuleStats(
+        enough_requests=(ev.requests_c >= policy.min_requests_per_arm)
         & (ev.requests_b >= policy.min_requests_per_arm),
-        "enough_latency": (ev.latencies_c >= policy.min_latency_samples)
+        enough_latency=(ev.latencies_c >= policy.min_latency_samples)
         & (ev.latencies_b >= policy.min_latency_samples),
-        "enough_labels": (ev.labelled_c >= policy.labelled_minimum)
-        & (ev.labelled_b >= policy.labelled_minimum),
-        "srm": (ev.srm_p < policy.srm_p) | (_loss_p(ev) < policy.srm_p),
+        enough_labels=(ev.labelled_c >= policy.labelled_minimum) & (ev.labelled_b >= policy.labelled_minimum),
+        srm=(ev.srm_p < policy.srm_p) | (_loss_p(ev) < policy.srm_p),
         # a fixed-sample chi-square below srm_p is not enough to halt, but enough to block a promotion
-        "srm_suspect": ev.srm_p_fixed < policy.srm_p,
-        "timed_out": ev.elapsed_s >= policy.max_duration_s,
-        "step_done": ev.step_elapsed_s >= policy.step_min_duration_s,
-        "last_step": ev.step_index >= len(policy.steps) - 1,
-    }
+        srm_suspect=ev.srm_p_fixed < policy.srm_p,
+        timed_out=ev.elapsed_s >= policy.max_duration_s,
+        step_done=ev.step_elapsed_s >= policy.step_min_duration_s,
+        last_step=ev.step_index >= len(policy.steps) - 1,
+    )
 
 
-def _sequential(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+def _sequential(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, RuleStats]:
     """Always-valid tests: superiority by the margin, overall and in the last step on its own, and
     non-inferiority on guardrails to promote."""
     g = _common(policy, ev)
@@ -390,59 +469,60 @@ def _sequential(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, d
     p_recent = seq.one_sided_p(last_diff, last_var, tau2, policy.accuracy_margin, +1)
     recent_lower = seq.one_sided_bound(last_diff, last_var, tau2, a, +1)
     h = harm(policy, ev)
-    err = h["err"]
-    labels = g["enough_labels"]
-    sup, ni_err = p_sup <= a, g["enough_requests"] & (err["p_noninferior"] <= a)
+    err = h.err
+    labels = g.enough_labels
+    sup, ni_err = p_sup <= a, g.enough_requests & (err["p_noninferior"] <= a)
     recent = p_recent <= a
-    ni_lat = g["enough_latency"] & (ev.p99_ratio_upper <= policy.p99_ratio)
-    safe = g["enough_requests"] & g["enough_latency"]
+    ni_lat = g.enough_latency & (ev.p99_ratio_upper <= policy.p99_ratio)
+    safe = g.enough_requests & g.enough_latency
     ready = sup & ni_err & ni_lat
     worse, futile = p_worse <= a, p_fut <= a
     shape = np.broadcast(diff, ev.srm_p, ev.elapsed_s).shape
     action, cause = _select(
         [
-            (g["srm"], HALT, Cause.SRM),
-            (h["err_harm"], ROLLBACK, Cause.ERRORS),
-            (h["lat_harm"], ROLLBACK, Cause.LATENCY),
-            (g["timed_out"], INCONCLUSIVE, Cause.TIME_LIMIT),
+            (g.srm, HALT, Cause.SRM),
+            (h.err_harm, ROLLBACK, Cause.ERRORS),
+            (h.lat_harm, ROLLBACK, Cause.LATENCY),
+            (g.timed_out, INCONCLUSIVE, Cause.TIME_LIMIT),
             (~labels | ~safe, HOLD, Cause.MIN_SAMPLE),
             # a terminal verdict on accuracy is one look: a fixed-sample mismatch there halts instead
-            ((worse | futile) & g["srm_suspect"], HALT, Cause.SRM),
+            ((worse | futile) & g.srm_suspect, HALT, Cause.SRM),
             (worse, ROLLBACK, Cause.ACCURACY_WORSE),
             (futile, ROLLBACK, Cause.FUTILITY),
-            (~g["step_done"], HOLD, Cause.STEP_TIME),
+            (~g.step_done, HOLD, Cause.STEP_TIME),
             # earlier steps advance once safe; the efficacy decision is taken at the last step
-            (~g["last_step"], ADVANCE, Cause.PASSED),
-            (ready & g["srm_suspect"], HALT, Cause.SRM),
+            (~g.last_step, ADVANCE, Cause.PASSED),
+            (ready & g.srm_suspect, HALT, Cause.SRM),
             (ready & ~recent, HOLD, Cause.NOVELTY),
             (ready, PROMOTE, Cause.PASSED),
         ],
         shape,
     )
-    stats = {
-        "accuracy_diff": diff,
-        "accuracy_var": var,
-        "accuracy_tau2": np.broadcast_to(tau2, shape),
-        "p_superior": p_sup,
-        "p_futile": p_fut,
-        "p_worse": p_worse,
-        "recent_diff": last_diff,
-        "recent_var": last_var,
-        "recent_lower": recent_lower,
-        "p_recent": p_recent,
-        "recent_holds": recent,
-        "error_diff": err["diff"],
-        "p_error_harm": err["p_harm"],
-        "p_error_noninferior": err["p_noninferior"],
-        "error_tau2": err["tau2"],
-        "superior": sup,
-        "error_noninferior": ni_err,
-        "latency_noninferior": ni_lat,
-    }
-    return action, cause, {**stats, **g}
+    stats = replace(
+        g,
+        accuracy_diff=diff,
+        accuracy_var=var,
+        accuracy_tau2=np.broadcast_to(tau2, shape),
+        p_superior=p_sup,
+        p_futile=p_fut,
+        p_worse=p_worse,
+        recent_diff=last_diff,
+        recent_var=last_var,
+        recent_lower=recent_lower,
+        p_recent=p_recent,
+        recent_holds=recent,
+        error_diff=err["diff"],
+        p_error_harm=err["p_harm"],
+        p_error_noninferior=err["p_noninferior"],
+        error_tau2=err["tau2"],
+        superior=sup,
+        error_noninferior=ni_err,
+        latency_noninferior=ni_lat,
+    )
+    return action, cause, stats
 
 
-def _threshold(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+def _threshold(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, RuleStats]:
     """The user's rule on point estimates over the window; 'clearly broken' guardrails are twice the margin."""
     g = _common(policy, ev)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -451,33 +531,34 @@ def _threshold(policy: Policy, ev: Evidence) -> tuple[np.ndarray, np.ndarray, di
         err_c = np.where(ev.requests_c > 0, ev.errors_c / np.maximum(ev.requests_c, 1), 0.0)
         err_b = np.where(ev.requests_b > 0, ev.errors_b / np.maximum(ev.requests_b, 1), 0.0)
     diff, err_diff = acc_c - acc_b, err_c - err_b
-    err_broken = g["enough_requests"] & (err_diff > 2 * policy.error_margin)
-    lat_broken = g["enough_latency"] & (ev.p99_ratio > 1 + 2 * (policy.p99_ratio - 1))
+    err_broken = g.enough_requests & (err_diff > 2 * policy.error_margin)
+    lat_broken = g.enough_latency & (ev.p99_ratio > 1 + 2 * (policy.p99_ratio - 1))
     acc_ok, err_ok = diff > policy.accuracy_margin, err_diff <= policy.error_margin
     lat_ok = ev.p99_ratio <= policy.p99_ratio
-    ready = g["enough_labels"] & g["enough_requests"] & g["enough_latency"]
+    ready = g.enough_labels & g.enough_requests & g.enough_latency
     shape = np.broadcast(diff, ev.srm_p, ev.elapsed_s).shape
     passed = acc_ok & err_ok & lat_ok
     action, cause = _select(
         [
-            (g["srm"], HALT, Cause.SRM),
-            (g["timed_out"], INCONCLUSIVE, Cause.TIME_LIMIT),
+            (g.srm, HALT, Cause.SRM),
+            (g.timed_out, INCONCLUSIVE, Cause.TIME_LIMIT),
             # the user's rule: no decision, not even a rollback, before the minimum sample
             (~ready, HOLD, Cause.MIN_SAMPLE),
             (err_broken, ROLLBACK, Cause.ERRORS),
             (lat_broken, ROLLBACK, Cause.LATENCY),
-            (~g["step_done"], HOLD, Cause.STEP_TIME),
-            (passed & g["last_step"] & g["srm_suspect"], HALT, Cause.SRM),
-            (passed & g["last_step"], PROMOTE, Cause.PASSED),
+            (~g.step_done, HOLD, Cause.STEP_TIME),
+            (passed & g.last_step & g.srm_suspect, HALT, Cause.SRM),
+            (passed & g.last_step, PROMOTE, Cause.PASSED),
             (passed, ADVANCE, Cause.PASSED),
         ],
         shape,
     )
-    stats = {
-        "accuracy_diff": diff,
-        "error_diff": err_diff,
-        "superior": acc_ok,
-        "error_noninferior": err_ok,
-        "latency_noninferior": lat_ok,
-    }
-    return action, cause, {**stats, **g}
+    stats = replace(
+        g,
+        accuracy_diff=diff,
+        error_diff=err_diff,
+        superior=acc_ok,
+        error_noninferior=err_ok,
+        latency_noninferior=lat_ok,
+    )
+    return action, cause, stats

@@ -84,21 +84,24 @@ def run_heavy_users(policy: Policy, pop: HeavyUsers, reps: int, seed: int) -> di
     rate = weight / weight.sum(1, keepdims=True) * pop.rate_per_s * dt  # requests a minute
     acc = np.clip(rng.normal(pop.base_accuracy, pop.accuracy_sd, (reps, u)), 0.0, 1.0)
     place = rng.random((reps, u))  # the user's place on the gateway's hash line
-    first = np.full((reps, u), -1)  # arm of the first request: 0 baseline, 1 canary, 2 control
     steps = np.array(policy.steps)
     horizon = int(np.ceil(policy.max_duration_s / dt)) + 1
     delay = int(np.ceil(pop.label_delay_s / dt))
     results = {}
+    population = (rate, acc, place)
     for unit in ("request", "user"):
         sub = np.random.default_rng(rng.integers(1 << 62))
-        step_idx, step_start = np.zeros(reps, np.int64), np.zeros(reps)
-        running, active = np.ones(reps), np.ones(reps, bool)
+        rate, acc, place = population
+        n_rows = reps
+        step_idx, step_start = np.zeros(n_rows, np.int64), np.zeros(n_rows)
+        running, active = np.ones(n_rows), np.ones(n_rows, bool)
         out = np.full(reps, -1)
+        orig = np.arange(reps)  # the replications still simulated, by their index in `out`
         # per arm (0 baseline, 1 canary) and user: requests, errors, served, correct; labels lag `delay`
-        cum = np.zeros((2, 4, reps, u))
+        cum = np.zeros((2, 4, n_rows, u))
         lagged = [cum[:, 2:].copy() for _ in range(delay + 1)]
-        first[:] = -1
-        new_users = np.zeros((reps, 3))
+        first = np.full((n_rows, u), -1)  # arm of the first request: 0 baseline, 1 canary, 2 control
+        new_users = np.zeros((n_rows, 3))
         for t in range(1, horizon + 1):
             w_c = steps[step_idx][:, None] / 100.0
             arm = np.where(place < pop.control_share, 2, np.where(place >= 1.0 - w_c, 1, 0))
@@ -118,12 +121,12 @@ def run_heavy_users(policy: Policy, pop: HeavyUsers, reps: int, seed: int) -> di
             lagged.append(cum[:, 2:].copy())
             labelled = lagged.pop(0)  # served and correct as of `delay` minutes ago
             lab_c, lab_b = labelled[1], labelled[0]
-            ev = _evidence(policy, cum, lab_c, lab_b, reps)
+            ev = _evidence(policy, cum, lab_c, lab_b, n_rows)
             weights = np.stack(
                 [
                     100 - steps[step_idx] - 100 * pop.control_share,
                     steps[step_idx],
-                    np.full(reps, 100 * pop.control_share),
+                    np.full(n_rows, 100 * pop.control_share),
                 ],
                 axis=1,
             )
@@ -131,7 +134,7 @@ def run_heavy_users(policy: Policy, pop: HeavyUsers, reps: int, seed: int) -> di
                 ev,
                 srm_p=srm.always_valid_srm_p(new_users, weights, policy.planned_n, policy.srm_p),
                 srm_p_fixed=srm.srm_p_values(new_users, weights),
-                elapsed_s=np.full(reps, t * dt),
+                elapsed_s=np.full(n_rows, t * dt),
                 step_elapsed_s=t * dt - step_start,
                 step_index=step_idx.astype(float),
                 running_p=running,
@@ -142,7 +145,7 @@ def run_heavy_users(policy: Policy, pop: HeavyUsers, reps: int, seed: int) -> di
             )
             action, _, stats = evaluate(policy, ev)
             done = active & np.isin(action, (PROMOTE, ROLLBACK, HALT, INCONCLUSIVE))
-            out[done] = action[done]
+            out[orig[done]] = action[done]
             adv = active & (action == ADVANCE)
             step_idx = np.where(adv, np.minimum(step_idx + 1, len(steps) - 1), step_idx)
             step_start = np.where(adv, t * dt, step_start)
@@ -151,6 +154,13 @@ def run_heavy_users(policy: Policy, pop: HeavyUsers, reps: int, seed: int) -> di
             active &= ~done
             if not active.any():
                 break
+            if active.sum() < 0.6 * n_rows:  # simulate only the rollouts still running
+                k = np.flatnonzero(active)
+                orig, rate, acc, place, first = orig[k], rate[k], acc[k], place[k], first[k]
+                step_idx, step_start, running, active = step_idx[k], step_start[k], running[k], active[k]
+                cum, new_users = cum[:, :, k], new_users[k]
+                lagged = [x[:, :, k] for x in lagged]
+                n_rows = len(k)
         results[unit] = UnitOutcome(unit, out)
     return results
 

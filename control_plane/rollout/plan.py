@@ -7,7 +7,7 @@ move, then clears it; a crash in between is finished by applying the stored move
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -55,6 +55,19 @@ class TrafficMove:
         return cls(MoveKind(d["kind"]), {r: int(w) for r, w in d["weights"].items()})
 
 
+@dataclass(frozen=True)
+class RolloutChange:
+    """The rollout columns one ledger write changes (Ledger.update); None leaves a column as it is."""
+
+    phase: Phase | None = None
+    canary_weight: int | None = None
+    step_index: int | None = None
+    step_started_at: float | None = None
+    pending: TrafficMove | None = None  # stored as the rollout's pending action until it is applied
+    ended_at: float | None = None
+    reason: str | None = None
+
+
 class RolloutPosition(Protocol):
     """What plan() reads of a rollout (ledger.Rollout has it)."""
 
@@ -77,19 +90,16 @@ class Plan:
     step_index: int
     new_step: bool  # the canary moved to a step's weight: the step's clock restarts once it is applied
 
-    def columns(self, rollout_id: int, now: float, reason: str) -> dict[str, Any]:
+    def columns(self, now: float, reason: str) -> RolloutChange:
         """The rollout's columns to write with the decision's ledger row."""
-        out: dict[str, Any] = {"phase": self.after}
+        change = RolloutChange(phase=self.after)
         if self.move is not None:
-            out["pending_action"] = self.move.to_dict(rollout_id)
-            out["canary_weight"] = self.canary_weight
+            change = replace(change, pending=self.move, canary_weight=self.canary_weight)
         if self.new_step:
-            out["step_index"] = self.step_index
-            out["step_started_at"] = now
+            change = replace(change, step_index=self.step_index, step_started_at=now)
         if self.after.terminal:
-            out["ended_at"] = now
-            out["reason"] = reason
-        return out
+            change = replace(change, ended_at=now, reason=reason)
+        return change
 
 
 _RETIRES = (Action.ROLLBACK, Action.HALT, Action.INCONCLUSIVE)

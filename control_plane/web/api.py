@@ -9,6 +9,7 @@ from flask import Blueprint, jsonify, request, url_for
 from control_plane import observations, queries, services
 from control_plane.bounds import check_row_int, load_json_body
 from control_plane.errors import InvalidRequest, RolloutConflict
+from control_plane.operator_actions import ROUTE, OperatorAction
 from control_plane.web.auth import WRITE_METHODS, bearer_ok
 from control_plane.web.errors import Unauthorized
 from control_plane.web.wiring import api_token, current_ctx
@@ -18,13 +19,6 @@ bp = Blueprint("api", __name__, url_prefix="/api")
 ACTOR = "api"
 MAX_WINDOW_S = 7 * 24 * 3600
 MAX_BUCKETS = 2000
-OPERATOR_ACTIONS = {
-    "pause": services.pause,
-    "resume": services.resume,
-    "promote": services.promote_now,
-    "rollback": services.rollback_now,
-}
-OVERRIDES = ("promote", "rollback")  # these two override the analysis: a reason is required
 
 
 @bp.before_request
@@ -125,7 +119,7 @@ def start_rollout():
     return resp
 
 
-@bp.post("/rollouts/<int:rollout_id>/<any(pause, resume, promote, rollback):action>")
+@bp.post(f"/rollouts/<int:rollout_id>/{ROUTE}")
 def operate(rollout_id: int, action: str):
     """Pause/resume; or promote/roll back now, an override of the analysis: the body must give
     {"reason": "..."}, and the ledger records it with the evidence at that moment."""
@@ -133,15 +127,14 @@ def operate(rollout_id: int, action: str):
     # 404 for an unknown id before the action lock, not after waiting behind an action in progress
     # (measured: 12 s for ids of 2^31 and more behind a rollout's start on a fresh stack).
     ctx.ledger.get(rollout_id)
-    fn = OPERATOR_ACTIONS[action]
-    if action in OVERRIDES:
+    move, reason = OperatorAction(action), None
+    if move.overrides:
         reason = _body().get("reason")
         if not isinstance(reason, str) or not reason.strip():
             raise InvalidRequest(
                 f"{action} now overrides the analysis: send a JSON body with a non-empty 'reason' string"
             )
-        return jsonify(fn(ctx, rollout_id, ACTOR, reason).to_dict())
-    return jsonify(fn(ctx, rollout_id, ACTOR).to_dict())
+    return jsonify(services.operate(ctx, rollout_id, move, ACTOR, reason).to_dict())
 
 
 @bp.post("/rollouts/<int:rollout_id>/evaluate")

@@ -18,17 +18,12 @@ from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 
 from control_plane import services
-from control_plane.analysis.types import Action, Phase
+from control_plane.analysis.types import Phase
 from control_plane.context import Context
-from control_plane.db.schema import decisions
 
 log = logging.getLogger(__name__)
-
-# Ledger actions that are evaluations (the analysis or an operator deciding), not pause/resume/start.
-EVALUATION_ACTIONS = tuple(str(a) for a in Action)
 
 
 class RolloutCollector(Collector):
@@ -92,7 +87,7 @@ class RolloutCollector(Collector):
                 phase.add_metric([str(latest[0].id), str(p)], 1 if latest[0].phase is p else 0)
         yield phase
 
-        counts, last_eval = _ledger_summary(ctx)
+        counts, last_eval = ctx.ledger.action_counts(), ctx.ledger.last_evaluation()
         total = CounterMetricFamily("recsys_decisions", "Ledger rows by action", labels=["action"])
         for action, n in sorted(counts.items()):
             total.add_metric([action], n)
@@ -181,21 +176,6 @@ class RolloutCollector(Collector):
             if arm["accuracy"] is not None:
                 accuracy.add_metric([role], arm["accuracy"])
         yield from (coverage, accuracy, requests, errors, users, exposures, ranking)
-
-
-def _ledger_summary(ctx: Context) -> tuple[dict[str, int], dict[str, Any] | None]:
-    """Ledger rows per action, and the newest evaluation row (with its stats and rules)."""
-    with ctx.engine.connect() as conn:
-        counts = dict(
-            conn.execute(select(decisions.c.action, func.count()).group_by(decisions.c.action)).all()
-        )
-        row = conn.execute(
-            select(decisions.c.ts, decisions.c.stats, decisions.c.rules)
-            .where(decisions.c.action.in_(EVALUATION_ACTIONS))
-            .order_by(decisions.c.id.desc())
-            .limit(1)
-        ).first()
-    return {str(k): int(v) for k, v in counts.items()}, None if row is None else dict(row._mapping)
 
 
 def flatten_numbers(value: Any, prefix: str = "") -> Iterator[tuple[str, float]]:

@@ -10,8 +10,9 @@ from typing import Any
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 
 from control_plane import services
-from control_plane.analysis.policy import NAMES
+from control_plane.analysis.policy_names import NAMES
 from control_plane.errors import InvalidRequest
+from control_plane.operator_actions import ROUTE, OperatorAction
 from control_plane.settings import ROLES
 from control_plane.web.auth import WRITE_METHODS, log_in, log_out, operator_logged_in, token_matches
 from control_plane.web.errors import Unauthorized
@@ -23,12 +24,6 @@ bp = Blueprint("ui", __name__)
 ACTOR = "ui:operator"
 POLICIES = NAMES
 OPEN_WRITES = {"ui.login", "ui.logout"}  # CSRF still applies to these
-OPERATOR_ACTIONS: dict[str, tuple[Callable, str]] = {
-    "pause": (services.pause, "paused"),
-    "resume": (services.resume, "resumed"),
-    "promote": (services.promote_now, "promoted"),
-    "rollback": (services.rollback_now, "rolled back"),
-}
 
 
 @bp.before_request
@@ -124,17 +119,15 @@ def set_traffic():
     return _done("Weights set: " + ", ".join(f"{r} {w}%" for r, w in weights.items()) + ".")
 
 
-@bp.post("/ui/rollouts/<int:rollout_id>/<any(pause, resume, promote, rollback):action>")
+@bp.post(f"/ui/rollouts/<int:rollout_id>/{ROUTE}")
 def operate(rollout_id: int, action: str):
-    fn, done = OPERATOR_ACTIONS[action]
-    if action in ("promote", "rollback"):  # overrides of the analysis: a reason is required
-        reason = request.form.get("reason", "").strip()
-        if not reason:
-            raise InvalidRequest(f"{action} now overrides the analysis: give a reason")
-        rollout = fn(current_ctx(), rollout_id, ACTOR, reason)
-        return _done(f"Rollout {rollout_id} {done} by override; it is now {rollout.phase}.")
-    rollout = fn(current_ctx(), rollout_id, ACTOR)
-    return _done(f"Rollout {rollout_id} {done}; it is now {rollout.phase}.")
+    move = OperatorAction(action)
+    reason = request.form.get("reason", "").strip() if move.overrides else None
+    if move.overrides and not reason:
+        raise InvalidRequest(f"{action} now overrides the analysis: give a reason")
+    rollout = services.operate(current_ctx(), rollout_id, move, ACTOR, reason)
+    how = " by override" if move.overrides else ""
+    return _done(f"Rollout {rollout_id} {move.done}{how}; it is now {rollout.phase}.")
 
 
 @bp.post("/ui/rollback")

@@ -12,7 +12,7 @@ from scipy import stats
 from control_plane.analysis import power
 from control_plane.analysis.aggregates import LatencyHistogram
 from control_plane.analysis.decide import decide
-from control_plane.analysis.policy import Policy
+from control_plane.analysis.policy import Evidence, Policy, evaluate, harm
 from control_plane.analysis.types import Action, ArmObservation, Observations, Phase, RolloutState
 
 SEQ, THR = Policy(), Policy(name="threshold")
@@ -331,6 +331,60 @@ def test_sample_sizes_come_from_a_power_calculation():
 def test_window_starts_at_the_rollout_for_sequential_and_rolls_for_threshold():
     assert SEQ.window_start(100.0, 10_000.0) == 100.0
     assert THR.window_start(100.0, 10_000.0) == 10_000.0 - THR.window_s
+
+
+def test_the_policy_says_which_rule_it_follows_and_stores_its_name():
+    assert SEQ.is_sequential and not THR.is_sequential
+    assert Policy.from_dict(THR.to_dict()).name == "threshold" == THR.to_dict()["name"]
+
+
+def two_rollouts() -> Evidence:
+    """The rules' arrays for two rollouts: one an hour into its last step, one a minute into its first."""
+    cols = dict(
+        requests_c=[5000, 50],
+        errors_c=[10, 0],
+        requests_b=[5000, 50],
+        errors_b=[10, 0],
+        labelled_c=[4000, 10],
+        correct_c=[3400, 8],
+        labelled_b=[4000, 10],
+        correct_b=[3100, 8],
+        latencies_c=[5000, 50],
+        latencies_b=[5000, 50],
+        p99_ratio=[1.0, 1.0],
+        p99_ratio_lower=[0.9, 0.9],
+        p99_ratio_upper=[1.01, 1.01],
+        srm_p=[1.0, 1.0],
+        srm_p_fixed=[1.0, 1.0],
+        elapsed_s=[HOUR, 60.0],
+        step_elapsed_s=[HOUR, 60.0],
+        step_index=[2, 0],
+        running_p=[1.0, 1.0],
+    )
+    return Evidence(**{k: np.asarray(v, dtype=float) for k, v in cols.items()})
+
+
+def test_rule_statistics_are_typed_one_element_per_rollout_and_the_threshold_rule_runs_no_tests():
+    _, _, st = evaluate(SEQ, two_rollouts())
+    assert st.enough_labels.tolist() == [True, False] and st.p_superior.shape == (2,)
+    one = st.first()
+    assert isinstance(one.enough_labels, bool) and isinstance(one.p_superior, float)
+    assert one.p_superior == float(st.p_superior[0]) and one.enough_labels is True
+    _, _, thr = evaluate(THR, two_rollouts())
+    assert thr.p_superior is None and thr.first().p_superior is None
+    # read by name (the simulation's tables): only what the rule computed
+    assert "superior" in thr and "p_superior" not in thr and "nonsense" not in thr
+    assert thr["superior"] is thr.superior
+    with pytest.raises(KeyError):
+        thr["p_superior"]
+
+
+def test_the_harm_tests_are_typed_and_clear_a_canary_no_worse_than_the_baseline():
+    h = harm(SEQ, two_rollouts())
+    assert h.err_harm.tolist() == [False, False] and h.lat_harm.tolist() == [False, False]
+    assert (h["err_harm"] | h["lat_harm"]).tolist() == [False, False] and h.err["p_harm"].shape == (2,)
+    worse = dataclasses.replace(two_rollouts(), errors_c=np.array([60.0, 0.0]))
+    assert harm(SEQ, worse).err_harm.tolist() == [True, False]
 
 
 def test_errors_roll_back_at_the_harm_alpha_not_the_promotion_alpha():

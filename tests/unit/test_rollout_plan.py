@@ -9,7 +9,7 @@ import pytest
 from control_plane.analysis.types import Action, Decision, Phase
 from control_plane.rollout.assignment import Assignment, Slot
 from control_plane.rollout.phases import ForbiddenTransition
-from control_plane.rollout.plan import MoveKind, Plan, TrafficMove, plan
+from control_plane.rollout.plan import MoveKind, Plan, RolloutChange, TrafficMove, plan
 
 P, S, PA = Phase.PROGRESSING, Phase.SHADOW, Phase.PAUSED
 
@@ -149,30 +149,25 @@ def test_plan_refuses_what_the_phase_does_not_allow(phase, action):
 
 def test_columns_of_an_advance_store_the_move_and_restart_the_step():
     step = plan(Position(P), Decision(Action.ADVANCE, "why", 50), WITH_CONTROL)
-    assert step.columns(7, now=100.0, reason="why") == {
-        "phase": P,
-        "pending_action": {
-            "kind": "weights",
-            "weights": weights(45, 50, 5),
-            "canary_weight": 50,
-            "rollout_id": 7,
-        },
-        "canary_weight": 50,
-        "step_index": 2,
-        "step_started_at": 100.0,
-    }
+    assert step.columns(now=100.0, reason="why") == RolloutChange(
+        phase=P,
+        pending=move(MoveKind.WEIGHTS, 45, 50, 5),
+        canary_weight=50,
+        step_index=2,
+        step_started_at=100.0,
+    )
 
 
 def test_columns_of_an_ending_record_when_and_why():
     step = plan(Position(P), Decision(Action.ROLLBACK, "errors", 0), WITH_CONTROL)
-    columns = step.columns(7, now=100.0, reason="errors")
-    assert (columns["phase"], columns["ended_at"], columns["reason"]) == (Phase.ROLLED_BACK, 100.0, "errors")
-    assert "step_index" not in columns and "step_started_at" not in columns
+    change = step.columns(now=100.0, reason="errors")
+    assert (change.phase, change.ended_at, change.reason) == (Phase.ROLLED_BACK, 100.0, "errors")
+    assert change.step_index is None and change.step_started_at is None
 
 
 def test_columns_of_a_hold_change_only_the_phase():
     step = plan(Position(P), Decision(Action.HOLD, "wait", 25), WITH_CONTROL)
-    assert step.columns(7, now=100.0, reason="wait") == {"phase": P}
+    assert step.columns(now=100.0, reason="wait") == RolloutChange(phase=P)
 
 
 @pytest.mark.parametrize("kind", list(MoveKind))

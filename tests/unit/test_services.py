@@ -21,6 +21,7 @@ from control_plane.deployer.memory import InMemoryDeployer
 from control_plane.errors import ActionBusy, DeployFailed, InvalidRequest, RolloutConflict
 from control_plane.log_backlog import InMemoryLogBacklog
 from control_plane.registry.memory import InMemoryRegistry
+from control_plane.rollout.plan import MoveKind, RolloutChange, TrafficMove
 from control_plane.settings import Settings
 from control_plane.traffic.memory import InMemoryRouter
 from control_plane.traffic_ops import apply_assignment
@@ -117,6 +118,28 @@ def test_starting_a_canary_deploys_it_at_the_first_steps_weight(ctx):
     assert ctx.router.get_backends()["canary"].version == 3
     assert ctx.registry.version_for("canary") == 3
     assert ledger_rows(ctx) == 1
+
+
+def test_a_ledger_update_writes_only_the_columns_it_sets_and_the_move_as_stored(ctx):
+    rollout = services.start_canary(ctx, 3, FAST, actor="test")
+    moved = TrafficMove(MoveKind.WEIGHTS, {"baseline": 70, "canary": 25, "control": 5})
+    with ctx.engine.begin() as conn:
+        ctx.ledger.update(conn, rollout.id, RolloutChange(pending=moved, canary_weight=25))
+    after = ctx.ledger.get(rollout.id)
+    assert after.pending_action == {
+        "kind": "weights",
+        "weights": {"baseline": 70, "canary": 25, "control": 5},
+        "canary_weight": 25,
+        "rollout_id": rollout.id,
+    }
+    assert after.pending == moved and after.canary_weight == 25
+    assert (after.phase, after.step_index, after.step_started_at, after.ended_at, after.reason) == (
+        rollout.phase,
+        rollout.step_index,
+        rollout.step_started_at,
+        None,
+        None,
+    )
 
 
 def test_a_canary_that_cannot_start_never_receives_weight(ctx):

@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from control_plane import simulate_cli
 from control_plane.analysis import simulate
 from control_plane.analysis.policy import HALT, PROMOTE, ROLLBACK, Cause, Policy
 from control_plane.analysis.simulate import Scenario, Traffic, run_scenario
@@ -76,7 +77,7 @@ def test_main_writes_the_tables_and_the_power_curve(tmp_path, monkeypatch, capsy
         "SCENARIOS",
         (Scenario("A/A"), Scenario("accuracy +3 pts", lift=0.03), Scenario("errors +5 pts", error_diff=0.05)),
     )
-    assert simulate.main(["--reps", "20", "--out", str(tmp_path), "--seed", "3"]) == 0
+    assert simulate_cli.main(["--reps", "20", "--out", str(tmp_path), "--seed", "3"]) == 0
     text = (tmp_path / "simulation.md").read_text()
     assert (
         "### policy: sequential" in text

@@ -533,6 +533,16 @@ def test_an_operator_rolls_back_the_canary_from_the_page(client, ctx):
     assert "rolled back" in page and "Override</strong> by ui:operator: users complain" in page
 
 
+def test_an_operator_pauses_and_resumes_from_the_page_without_a_reason(client, ctx):
+    rollout = services.start_canary(ctx, 3, None, "test")
+    log_in(client)
+    token = csrf_token(client.get("/").get_data(as_text=True))
+    for action, phase, said in (("pause", Phase.PAUSED, "paused"), ("resume", Phase.PROGRESSING, "resumed")):
+        resp = client.post(f"/ui/rollouts/{rollout.id}/{action}", data={"csrf_token": token})
+        assert resp.status_code == 303 and ctx.ledger.get(rollout.id).phase is phase
+        assert f"Rollout {rollout.id} {said}; it is now {phase}." in client.get("/").get_data(as_text=True)
+
+
 def test_ui_forms_start_a_canary_and_set_weights(client, ctx):
     log_in(client)
     token = csrf_token(client.get("/").get_data(as_text=True))
