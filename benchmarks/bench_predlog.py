@@ -40,6 +40,7 @@ def sample_rows(n: int) -> list[PredictionRow]:
             200,
             f"{random.randrange(10_000):032x}",  # a user's keyed hash (control_plane/users.py)
             None,  # served: /predict rows serve no list
+            None,  # pair_key: no shadow phase
         )
         for _ in range(n)
     ]

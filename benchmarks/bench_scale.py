@@ -101,6 +101,7 @@ def synthetic_rows(rng: np.random.Generator, start: float, n: int, offset: int, 
                 503 if bad else 200,
                 None,  # user_key: the scale benchmark's requests name no user
                 None,  # served: /predict rows serve no list
+                None,  # pair_key: no shadow phase
             )
         )
     return rows

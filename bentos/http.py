@@ -44,6 +44,10 @@ SHADOW_PREFIX = "/shadow"
 SHADOW_ROUTE = "shadow"
 # The client's X-Request-ID is kept in front of the id the Bento issues (control_plane/request_ids.py).
 MAX_REQUEST_ID_CHARS = MAX_CLIENT_ID_CHARS
+# During a shadow phase the gateway's `pairkey` plugin gives every request this header before Traefik's
+# mirror copies it, so the baseline's row and the shadow's copy log the same key (predictions.pair_key).
+PAIR_HEADER = "x-recsys-pair"
+MAX_PAIR_KEY_CHARS = 128  # predictions.pair_key is String(128)
 
 
 @dataclass(slots=True)
@@ -59,6 +63,7 @@ class RequestInfo:
     in_handler: bool = False  # the model endpoint's code started (past body parsing and validation)
     logged: bool = False  # the handler wrote its predictions row
     user: str | None = None  # the X-User-Id it named (valid, or the request was refused)
+    pair_key: str | None = None  # the key its shadow copy shares with it (`pair_key`), if any
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000.0
@@ -169,6 +174,7 @@ class RequestGate:
             ts=time.time(),
             started=started,
             user=headers.get("x-user-id"),
+            pair_key=headers.get(PAIR_HEADER) or None,  # checked by _refusal below
         )
         extra_headers = [
             (b"x-request-id", request_id.encode()),
@@ -236,6 +242,14 @@ def _refusal(scope, headers: dict[str, str], supplied_id: str | None, limit: int
     if supplied_id is not None and not valid_request_id(supplied_id):
         return 400, (
             f"X-Request-ID must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces"
+        )
+    pair = headers.get(PAIR_HEADER)
+    if pair is not None and not (
+        0 < len(pair) <= MAX_PAIR_KEY_CHARS and pair.isascii() and pair.isprintable() and " " not in pair
+    ):
+        return (
+            400,
+            f"X-Recsys-Pair must be 1 to {MAX_PAIR_KEY_CHARS} printable ASCII characters without spaces",
         )
     user = headers.get("x-user-id")
     if user is not None and (problem := user_id_problem(user)) is not None:

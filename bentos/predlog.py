@@ -57,7 +57,8 @@ DEAD_LETTER_GLOB = "rejected-*.jsonl"  # rows the database refused and spill lin
 
 # One row of `predictions`, exactly as inserted: a tuple in the table's column order (`COLUMNS`):
 # request_id, ts, model_version, role, route, endpoint, features, score, latency_ms, status, user_key,
-# served (/recommend: the item ids served, in order; None for /predict).
+# served (/recommend: the item ids served, in order; None for /predict), pair_key (the gateway's
+# X-Recsys-Pair during a shadow phase, shared by the baseline's row and the shadow's copy; else None).
 # A tuple, not a dict: a Bento builds one for every request and pickles it to the writer process,
 # and a dict's ten keys went with every row, pickled and unpickled each time: 1.2 against 0.6 us a
 # row to unpickle, 335 against 243 bytes (docs/performance.md). Files hold rows as JSON objects
@@ -75,6 +76,7 @@ PredictionRow = tuple[
     int,
     "str | None",
     "list[str] | None",
+    "str | None",
 ]
 
 
@@ -121,8 +123,8 @@ def row_dict(row: PredictionRow) -> dict:
     return dict(zip(COLUMNS, row, strict=True))
 
 
-# added in revisions 0004 and 0005: spill files written before lack them
-_OPTIONAL = frozenset({"user_key", "served"})
+# added in revisions 0004, 0005 and 0006: spill files written before lack them
+_OPTIONAL = frozenset({"user_key", "served", "pair_key"})
 
 
 def row_from_dict(values: dict) -> PredictionRow:
@@ -150,7 +152,7 @@ def _esc(value: str) -> str:
     return value
 
 
-_LINE = "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n"  # the columns of `COLUMNS`, in order
+_LINE = "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n"  # the columns of `COLUMNS`, in order
 
 
 def _features_json(features: list[float]) -> str:
@@ -181,7 +183,7 @@ def _floats_text(values: list[float]) -> list[str]:
 def copy_text(rows: list[PredictionRow]) -> str:
     """The rows in COPY's text format (tab-separated, \\N for NULL), columns in `COLUMNS` order."""
     floats: list[float] = []
-    for _, ts, _, _, _, _, _, score, latency_ms, _, _, _ in rows:
+    for _, ts, _, _, _, _, _, score, latency_ms, _, _, _, _ in rows:
         floats += (float(ts), 0.0 if score is None else float(score), float(latency_ms))
     text = _floats_text(floats)
     lines = []
@@ -198,6 +200,7 @@ def copy_text(rows: list[PredictionRow]) -> str:
         status,
         user,
         served,
+        pair,
     ) in enumerate(rows):
         lines.append(
             _LINE
@@ -214,6 +217,7 @@ def copy_text(rows: list[PredictionRow]) -> str:
                 int(status),
                 _NULL if user is None else _esc(str(user)),
                 _NULL if served is None else _esc(_served_json(served)),
+                _NULL if pair is None else _esc(str(pair)),
             )
         )
     return "".join(lines)

@@ -271,6 +271,7 @@ class Recsys:
                 status,
                 None if info.user is None else self.user_keys.user_key(info.user),
                 served,
+                info.pair_key,
             )
         )
 

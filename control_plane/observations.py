@@ -14,10 +14,11 @@ import numpy as np
 
 from control_plane.analysis import fold
 from control_plane.analysis.aggregates import LabelFacts, LatencyHistogram, RequestFacts, SparseCounts
+from control_plane.analysis.paired import PairedFacts
 from control_plane.analysis.ranking import ranking_summary
 from control_plane.analysis.types import ArmObservation, Observations, PeriodCounts
 from control_plane.analysis.user_level import UserEvidence
-from control_plane.metrics_source import WEIGHTED, MetricsSource
+from control_plane.metrics_source import SHADOW_ROUTE, WEIGHTED, MetricsSource
 
 
 def window_ends(now: float, settle_s: float, label_window_s: float) -> tuple[float, float]:
@@ -222,7 +223,26 @@ def read_observations(
         users=user_evidence(source, versions, since, until, label_window_s, step_since),
         periods=tuple((float(start), dict(w)) for start, w in periods),
         assigned=None if assigned is None else dict(assigned),
+        pairs=shadow_pairs(source, versions, routes or {}, since, until, label_window_s, labels_before),
     )
+
+
+def shadow_pairs(
+    source: MetricsSource,
+    versions: Mapping[str, int | None],
+    routes: Mapping[str, str],
+    since: float,
+    until: float,
+    label_window_s: float,
+    labels_before: float,
+) -> PairedFacts | None:
+    """In a shadow phase (the canary read on its shadow copies), the copies paired with the baseline's
+    answers to the same requests; None otherwise, or when the source cannot pair rows."""
+    pairs = getattr(source, "pairs", None)
+    shadow, baseline = versions.get("canary"), versions.get("baseline")
+    if pairs is None or routes.get("canary") != SHADOW_ROUTE or shadow is None or baseline is None:
+        return None
+    return pairs(shadow, baseline, since, until, label_window_s, labels_before)
 
 
 def user_evidence(

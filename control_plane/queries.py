@@ -31,6 +31,7 @@ from control_plane.analysis.aggregates import (
     outcomes,
     request_facts,
 )
+from control_plane.analysis.paired import Pair, PairedFacts, paired_facts
 from control_plane.analysis.user_level import (
     ArmUsers,
     RatioSums,
@@ -51,7 +52,7 @@ from control_plane.db.schema import (
     user_labels,
     user_requests,
 )
-from control_plane.metrics_source import WEIGHTED
+from control_plane.metrics_source import SHADOW_ROUTE, WEIGHTED
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +362,84 @@ class SqlMetricsSource:
             )
             for g, rows in self._groups(t, _LABELS, conds, by).items()
         }
+
+    def pairs(
+        self,
+        shadow_version: int,
+        baseline_version: int,
+        since: float,
+        until: float,
+        window_s: float,
+        labels_before: float,
+    ) -> PairedFacts:
+        """The paired sums of the shadow's copies logged in [since, until) (its whole buckets, so no more
+        copies than the arm's count) joined on their pair key
+        with the baseline's live answers to the same requests (analysis/paired.py), the baseline
+        request's outcome counted once its attribution window closed before `labels_before`.
+
+        The one read of raw rows: the shadow's rows of the window (by `ix_predictions_version_ts`,
+        and on Postgres only the window's partitions), each joined by `ix_predictions_pair_key`
+        (partial: rows outside a shadow phase have no key); its cost follows the mirrored requests
+        of the shadow phase, not the traffic's total."""
+        s, b = predictions.alias("s"), predictions.alias("b")
+        # the whole buckets of [since, until), as the arms' own counts read them (`_where`)
+        lo, hi = float(math.ceil(since / BUCKET_S) * BUCKET_S), float(math.floor(until / BUCKET_S) * BUCKET_S)
+        rows = self.conn.execute(
+            select(
+                s.c.score,
+                b.c.score,
+                s.c.latency_ms,
+                b.c.latency_ms,
+                s.c.status,
+                b.c.status,
+                s.c.served,
+                b.c.served,
+                b.c.ts,
+                labels.c.label,
+                labels.c.ts,
+            )
+            .select_from(
+                s.join(b, b.c.pair_key == s.c.pair_key).outerjoin(
+                    labels,
+                    and_(
+                        labels.c.request_id == b.c.request_id,
+                        labels.c.issued_ts >= lo - 2 * ISSUE_SLACK_S,
+                        labels.c.issued_ts < hi + 2 * ISSUE_SLACK_S,
+                    ),
+                )
+            )
+            .where(
+                s.c.model_version == shadow_version,
+                s.c.route == SHADOW_ROUTE,
+                s.c.ts >= lo,
+                s.c.ts < hi,
+                s.c.pair_key.is_not(None),
+                b.c.pair_key.is_not(None),  # lets the planner use the partial index for the join
+                b.c.model_version == baseline_version,
+                b.c.route == WEIGHTED,
+                # the copy leaves Traefik with the live request: their times differ by latencies at most
+                b.c.ts >= lo - ISSUE_SLACK_S,
+                b.c.ts < hi + ISSUE_SLACK_S,
+            )
+        ).all()
+        return paired_facts(
+            Pair(
+                shadow_score=ss,
+                baseline_score=bs,
+                shadow_latency_ms=float(sl),
+                baseline_latency_ms=float(bl),
+                shadow_status=int(st),
+                baseline_status=int(bt),
+                shadow_served=None if sv is None else tuple(sv),
+                baseline_served=None if bv is None else tuple(bv),
+                outcome=(
+                    None
+                    if bts + window_s > labels_before
+                    else int(label is not None and label == 1 and lts <= bts + window_s)
+                ),
+            )
+            for ss, bs, sl, bl, st, bt, sv, bv, bts, label, lts in rows
+        )
 
     def users(
         self, since: float, until: float, window_s: float, *, step_start: float, route: str | None = WEIGHTED

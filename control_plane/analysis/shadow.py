@@ -4,6 +4,11 @@ Traefik copies `shadow_percent` of the weighted requests to the candidate (route
 baseline answers all of them. The candidate's errors and latencies on the copies are compared with the
 baseline's on the live requests of the same window, with the same always-valid tests the canary steps
 use: a candidate that errors or slows down is rolled back here, before any user is answered by it.
+
+When the copies carry the gateway's pair key, the evidence also holds the paired differences on the
+identical requests (analysis/paired.py): score drift, top-k overlap, latency and errors per pair, and
+the always-valid paired test of the accuracy difference once labels close. They are reported, not
+gated on: the gate above decides as without them.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import math
 
 import numpy as np
 
-from control_plane.analysis import guardrails
+from control_plane.analysis import guardrails, paired
 from control_plane.analysis.aggregates import SCORE_BINS, SparseCounts
 from control_plane.analysis.policy import Policy
 from control_plane.analysis.types import (
@@ -159,10 +164,41 @@ def decide_shadow(state: RolloutState, obs: Observations, policy: Policy) -> Dec
             },
             "latency": {**{k: _num(v) for k, v in lat.items()}, "max_ratio": policy.p99_ratio},
             "scores": score_drift(c.scores, b.scores),
+            "paired": None
+            if obs.pairs is None
+            else paired.summary(obs.pairs, policy.alpha, policy.planned_n),
         },
         "samples": {role: _sample(arm) for role, arm in obs.arms.items()},
     }
+    if obs.pairs is not None and obs.pairs.pairs:
+        reason += "; " + paired_line(stats["shadow"]["paired"])
     return Decision(action, reason, weight, rules, stats)
+
+
+def paired_line(p: dict) -> str:
+    """The paired numbers in a sentence, for the decision's reason."""
+    acc = p["accuracy"]
+    parts = [f"paired on {p['pairs']} identical requests"]
+    if p["score"]["mean_abs_diff"] is not None:
+        parts.append(
+            f"score |diff| {p['score']['mean_abs_diff']:.3f} (mean diff {p['score']['mean_diff']:+.3f})"
+        )
+    if p["top_k_overlap"]["mean"] is not None:
+        parts.append(f"top-k overlap {100 * p['top_k_overlap']['mean']:.0f}%")
+    if p["latency_ms"]["mean_diff"] is not None:
+        parts.append(f"latency {p['latency_ms']['mean_diff']:+.1f} ms")
+    e = p["errors"]
+    parts.append(
+        f"errors shadow only {e['shadow_only']}, baseline only {e['baseline_only']}, both {e['both']}"
+    )
+    if acc["lower"] is not None:
+        parts.append(
+            f"accuracy diff {100 * acc['mean']:+.2f} pts on {acc['n']} labelled pairs, always-valid "
+            f"{100 * (1 - acc['alpha']):.0f}% interval [{100 * acc['lower']:+.2f}, {100 * acc['upper']:+.2f}]"
+        )
+    elif acc["n"]:
+        parts.append(f"accuracy diff {100 * acc['mean']:+.2f} pts on {acc['n']} labelled pairs")
+    return ", ".join(parts)
 
 
 def score_drift(shadow: SparseCounts, baseline: SparseCounts) -> dict:

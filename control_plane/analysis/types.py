@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from control_plane.analysis.aggregates import LatencyHistogram, SparseCounts
+from control_plane.analysis.paired import PairedFacts
 from control_plane.analysis.user_level import UserEvidence
 
 
@@ -118,6 +119,9 @@ class Observations:
     periods: tuple[tuple[float, dict[str, int]], ...] = ()
     # requests per role as the router counted them over the window; None: not known
     assigned: dict[str, int] | None = None
+    # Shadow phase: the shadow's copies joined with the baseline's answers to the same requests
+    # (analysis/paired.py); None: not a shadow phase, or a source that cannot pair rows
+    pairs: PairedFacts | None = None
 
 
 @dataclass(frozen=True)

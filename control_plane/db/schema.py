@@ -17,6 +17,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 from control_plane.request_ids import issued_at
@@ -45,7 +46,16 @@ predictions = Table(
     # /recommend: the item ids served, in served order (the top k); NULL for /predict. A click sent to
     # /feedback must name one of them at its position (control_plane/clicks.py).
     Column("served", JSON, nullable=True),
+    # The pair key the gateway gave the request during a shadow phase (header X-Recsys-Pair), logged by
+    # the baseline and by the shadow's copy alike so that the two answers can be joined; else NULL.
+    Column("pair_key", String(128), nullable=True),
     Index("ix_predictions_version_ts", "model_version", "ts"),
+    Index(
+        "ix_predictions_pair_key",
+        "pair_key",
+        postgresql_where=text("pair_key IS NOT NULL"),
+        sqlite_where=text("pair_key IS NOT NULL"),
+    ),
     Index("ix_predictions_ts", "ts"),
 )
 

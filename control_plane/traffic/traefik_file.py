@@ -24,7 +24,13 @@ from control_plane.traffic.base import (
     merge_backends,
     validate_weights,
 )
-from control_plane.traffic.user_assignment import DEFAULT_SEED, STICKY_COOKIE, USER_HEADER, plugin_config
+from control_plane.traffic.user_assignment import (
+    DEFAULT_SEED,
+    STICKY_COOKIE,
+    USER_HEADER,
+    pair_plugin_config,
+    plugin_config,
+)
 
 DYNAMIC_FILENAME = "recsys.yml"
 
@@ -49,6 +55,9 @@ LABEL_RATE_MIDDLEWARE = "recsys-label-rate"
 LENGTH_REQUIRED_ROUTER = "length-required"
 LENGTH_REQUIRED_MIDDLEWARE = "recsys-length-required"
 USER_ASSIGN_MIDDLEWARE = "recsys-user-assign"
+# During a shadow phase (with the plugin loaded) the gateway's routers give each request a pair key
+# before the mirror copies it, so its two answers can be joined (control_plane/analysis/paired.py).
+PAIR_KEY_MIDDLEWARE = "recsys-pair-key"
 ROUTE_HEADER = "X-Recsys-Route"
 VERSION_HEADER = "X-Model-Version"
 ROLE_HEADER = "X-Model-Role"
@@ -206,6 +215,11 @@ def render_dynamic_config(
                 }
             }
             gateway_service = MIRROR_SERVICE
+        # The pair key costs a plugin call per request: only while a mirror runs, and only where the
+        # plugin is loaded (the same `userassign` plugin, in its pair-key mode).
+        pair = [PAIR_KEY_MIDDLEWARE] if gateway_service == MIRROR_SERVICE and opts.user_assignment else []
+        if pair:
+            middlewares[PAIR_KEY_MIDDLEWARE] = {"plugin": pair_plugin_config()}
         if opts.user_assignment:
             # The plugin names the user's child in this cookie; a browser without a user id is given
             # one by the weighted service and keeps its version while the weights allow it.
@@ -230,6 +244,7 @@ def render_dynamic_config(
                     ROUTE_WEIGHTED_MIDDLEWARE,
                     BODY_LIMIT_MIDDLEWARE,
                     USER_ASSIGN_MIDDLEWARE,
+                    *pair,
                     RETRY_MIDDLEWARE,
                 ],
                 "service": gateway_service,  # the shadow phase's mirror too
@@ -238,7 +253,7 @@ def render_dynamic_config(
             "entryPoints": [opts.entrypoint],
             "rule": PREDICTION_PATHS_RULE,
             "priority": GATEWAY_PRIORITY,
-            "middlewares": [ROUTE_WEIGHTED_MIDDLEWARE, BODY_LIMIT_MIDDLEWARE, RETRY_MIDDLEWARE],
+            "middlewares": [ROUTE_WEIGHTED_MIDDLEWARE, BODY_LIMIT_MIDDLEWARE, *pair, RETRY_MIDDLEWARE],
             "service": gateway_service,
         }
         for role in ROLES:

@@ -26,6 +26,7 @@ PLUGIN_ALIAS = "userassign"  # the key under experimental.localPlugins and a mid
 PLUGIN_MODULE = "recsys/userassign"
 PLUGIN_SOURCE = Path(__file__).with_name("userassign")
 USER_HEADER = "X-User-Id"
+PAIR_HEADER = "X-Recsys-Pair"  # the pair key shared by a request and its shadow copy (bentos/http.py)
 STICKY_COOKIE = "recsys_arm"
 DEFAULT_SEED = "recsys"
 BUCKETS = 10_000
@@ -84,6 +85,12 @@ def plugin_config(
         if role in services
     ]
     return {PLUGIN_ALIAS: {"header": USER_HEADER, "cookieName": STICKY_COOKIE, "seed": seed, "arms": arms}}
+
+
+def pair_plugin_config(header: str = PAIR_HEADER) -> dict[str, Any]:
+    """The `plugin:` block of the pair-key middleware: the same plugin in its pair-key mode, which gives
+    each request a fresh random key in `header` (replacing a client's) before Traefik's mirror copies it."""
+    return {PLUGIN_ALIAS: {"pairHeader": header}}
 
 
 def install_plugin(workdir: Path | str) -> Path:

@@ -34,3 +34,53 @@ def test_sqlite_migration_is_idempotent(tmp_path):
     engine = make_engine(url)
     assert set(_tables_and_columns(engine)) == {t.name for t in metadata.sorted_tables}
     engine.dispose()
+
+
+def _pair_key_index(engine) -> list[dict]:
+    return [i for i in inspect(engine).get_indexes("predictions") if i["name"] == "ix_predictions_pair_key"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_0006_adds_the_pair_key_and_its_partial_index_and_goes_back(backend, tmp_path):
+    """Revision 0006 on both databases: the nullable column, the index on it (partial: rows without a key
+    are not in it), a row written before it reads back with no key, and the downgrade removes both."""
+    from alembic import command
+
+    from control_plane.db.engine import alembic_config
+    from tests.conftest import fresh_database
+
+    def run(url: str) -> None:
+        cfg = alembic_config(url)
+        command.upgrade(cfg, "head")
+        command.downgrade(cfg, "0005")
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO predictions (request_id, ts, model_version, role, route, endpoint, latency_ms, "
+                    "status) VALUES ('old', 1700000000.5, 1, 'baseline', 'weighted', 'predict', 1.0, 200)"
+                )
+            )
+        command.upgrade(cfg, "0006")
+        (index,) = _pair_key_index(engine)
+        assert index["column_names"] == ["pair_key"]
+        where = index.get("dialect_options", {}).get(f"{backend}_where")
+        assert where is not None and "pair_key IS NOT NULL" in str(where)
+        with engine.connect() as conn:
+            assert (
+                conn.execute(text("SELECT pair_key FROM predictions WHERE request_id = 'old'")).scalar()
+                is None
+            )
+        command.downgrade(cfg, "0005")
+        engine.dispose()
+        engine = make_engine(url)
+        assert not _pair_key_index(engine)
+        assert "pair_key" not in {c["name"] for c in inspect(engine).get_columns("predictions")}
+        engine.dispose()
+        command.upgrade(cfg, "head")
+
+    if backend == "sqlite":
+        run(f"sqlite:///{tmp_path / 'x.db'}")
+    else:
+        with fresh_database() as url:
+            run(url)

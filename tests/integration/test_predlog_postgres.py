@@ -46,6 +46,7 @@ def record(request_id: str) -> dict:
         "status": 200,
         "user_key": None,
         "served": None,
+        "pair_key": None,
     }
 
 
@@ -131,6 +132,7 @@ def test_copy_writes_every_value_back_exactly_nulls_and_escapes_included(pg_url,
         "role": "can\\ary",
         "user_key": "k\\ey\tof a user",
         "served": ["tab\there", "back\\slash", 'quo"te', "new\nline\r", "üñí"],
+        "pair_key": "pa\\ir\tkey",
     }
     plain = {
         **record(f"plain-{tag}"),
@@ -138,6 +140,7 @@ def test_copy_writes_every_value_back_exactly_nulls_and_escapes_included(pg_url,
         "score": 0.123456789012345678,
         "user_key": "0123456789abcdef0123456789abcdef",
         "served": ["i1", "i2"],
+        "pair_key": "0123456789abcdef0123456789abcdef",
     }
     tiny = {**record(f"tiny-{tag}"), "ts": 1e22, "score": 5e-324, "latency_ms": 1e-7}
     infinite = {**record(f"inf-{tag}"), "score": float("-inf"), "latency_ms": float("inf")}

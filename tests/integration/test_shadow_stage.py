@@ -27,6 +27,7 @@ from control_plane.analysis.types import Phase
 from control_plane.context import bootstrap
 from control_plane.settings import Settings
 from control_plane.traffic.static import render_static_config
+from control_plane.traffic.user_assignment import install_plugin
 from control_plane.traffic_ops import apply_assignment
 from tests.conftest import free_port, wait_for
 from tests.integration._canary_world import FEATURES
@@ -144,10 +145,12 @@ def test_a_faulty_candidate_is_stopped_in_the_shadow_phase_and_answers_no_user(
     gateway_port, api_port = free_port(), free_port()
     dynamic = ctx.router.dynamic_dir
     dynamic.mkdir(parents=True, exist_ok=True)  # Traefik's file provider needs it before it starts
+    # the plugin (RECSYS_USER_ASSIGNMENT is on by default): its pair-key mode pairs the mirrored copies
+    install_plugin(work)
     (tmp_path / "traefik.yml").write_text(
         render_static_config(
             dynamic_dir=dynamic, gateway_port=gateway_port, api_port=api_port,
-            access_log_path=tmp_path / "access.log", log_level="WARN",
+            access_log_path=tmp_path / "access.log", log_level="WARN", user_plugin=True,
         )
     )  # fmt: skip
     serve = [str(BIN / "bentoml"), "serve", "--host", "127.0.0.1", "--port"]
@@ -183,6 +186,13 @@ def test_a_faulty_candidate_is_stopped_in_the_shadow_phase_and_answers_no_user(
 
     final = ctx.ledger.get(rollout.id)
     decisions = ctx.ledger.decisions(rollout_id=rollout.id, limit=500)
+    # Every mirrored copy that both Bentos logged is paired with the live answer to the same request.
+    shadow_ticks = [d for d in decisions if d["phase_before"] == "shadow" and d["stats"].get("shadow")]
+    paired = max(
+        (d["stats"]["shadow"]["paired"] or {"pairs": 0} for d in shadow_ticks), key=lambda p: p["pairs"]
+    )
+    assert paired["pairs"] >= 50, paired
+    assert paired["score"]["n"] >= 1 and paired["errors"]["baseline_only"] == 0, paired
     if fault == "none":  # the control: the same candidate without a fault passes the shadow phase
         assert final.phase is Phase.PROGRESSING and final.canary_weight == 10, [
             d["reason"] for d in decisions

@@ -392,9 +392,15 @@ def test_a_served_list_goes_to_copy_text_as_escaped_json_and_a_row_without_it_re
 
     served = ["a", "tab\there", "new\nline", 'quo"te']
     line = copy_text([row(1, endpoint="recommend", served=served)])
-    *_, user, last = line.rstrip("\n").split("\t")
-    assert user == "\\N"  # no user named
+    *_, user, last, pair = line.rstrip("\n").split("\t")
+    assert user == "\\N" and pair == "\\N"  # no user named, no shadow phase
     assert last == json.dumps(served, separators=(",", ":")).replace("\\", "\\\\")
-    assert copy_text([row(2)]).rstrip("\n").endswith("\t\\N")  # /predict: no served list
-    old = {k: v for k, v in row_dict(row(3)).items() if k not in ("user_key", "served")}  # an older spill
-    assert row_from_dict(old) == row(3)
+    assert copy_text([row(2)]).rstrip("\n").endswith("\t\\N\t\\N")  # /predict: no served list
+    old = {k: v for k, v in row_dict(row(3)).items() if k not in ("user_key", "served", "pair_key")}
+    assert row_from_dict(old) == row(3)  # a spill line written before these columns
+
+
+def test_a_pair_key_is_the_last_column_of_copy_text():
+    from bentos.predlog import copy_text
+
+    assert copy_text([row(1, pair_key="0f" * 16)]).rstrip("\n").split("\t")[-1] == "0f" * 16

@@ -32,7 +32,13 @@ class FakeState:
     def answer(self, info, body: bytes) -> tuple[int, bytes]:
         self.reads.append(len(body))
         assert current_request.get() is info  # log lines and the handler read the same record
-        fields = {"request_id": info.request_id, "route": info.route, "role": info.role, "n": len(body)}
+        fields = {
+            "request_id": info.request_id,
+            "route": info.route,
+            "role": info.role,
+            "n": len(body),
+            "pair_key": info.pair_key,
+        }
         return 200, json.dumps(fields).encode()
 
     def request_finished(self, info, status: int) -> None:
@@ -126,6 +132,24 @@ def test_a_copy_from_traefik_s_mirror_under_the_shadow_path_is_route_shadow(clie
     headers = {"x-recsys-route": header} if header else {}
     answer = client.post("/shadow/predict", content=b"{}", headers=headers)
     assert answer.status_code == 200 and answer.json()["route"] == "shadow"
+
+
+def test_the_gateway_s_pair_key_reaches_the_row_of_the_live_answer_and_of_its_shadow_copy(client):
+    key = "9f" * 16
+    live = client.post(
+        "/predict", content=b"{}", headers={"x-recsys-pair": key, "x-recsys-route": "weighted"}
+    )
+    copy = client.post("/shadow/predict", content=b"{}", headers={"x-recsys-pair": key})
+    assert live.json()["pair_key"] == copy.json()["pair_key"] == key
+    assert live.json()["request_id"] != copy.json()["request_id"]
+    assert client.post("/predict", content=b"{}").json()["pair_key"] is None  # no shadow phase: no key
+
+
+@pytest.mark.parametrize("bad", [b"x" * 129, b"has space", "caf\u00e9".encode()])
+def test_an_unusable_pair_key_is_refused_naming_it(client, state, bad):
+    r = client.post("/predict", content=b"{}", headers={b"x-recsys-pair": bad})
+    assert r.status_code == 400 and "X-Recsys-Pair" in r.json()["error"]
+    assert state.reads == []
 
 
 def test_the_shadow_prefix_alone_is_no_endpoint(client):

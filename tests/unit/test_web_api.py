@@ -621,3 +621,46 @@ def test_ranking_metrics_in_the_api_prometheus_and_the_decision_metric_on_the_pa
     start(client, policy={"metric": "ctr_at_k", "metric_k": 3})
     page = client.get("/").get_data(as_text=True)
     assert '<dd id="decision-metric">CTR@3 of /recommend</dd>' in page
+
+
+def test_the_page_and_the_api_show_the_shadow_phase_s_paired_differences(client, ctx):
+    import numpy as np
+
+    from control_plane.analysis.paired import Pair, paired_facts, summary
+
+    rollout = services.start_canary(ctx, 3, None, "test")
+    rng = np.random.default_rng(3)
+    pairs = [
+        Pair(float(b) + 0.02, float(b), 12.0, 10.0, 200, 200, outcome=int(b > 0.4))
+        for b in rng.uniform(0.1, 0.9, 300)
+    ]
+    paired = summary(paired_facts(pairs), 0.05, 500)
+    shadow = {
+        "requests": {"shadow": 300, "baseline": 1500},
+        "errors": {"shadow": 0.0, "baseline": 0.0},
+        "latency": {"p99_canary": 12.0, "p99_baseline": 10.0, "ratio": 1.2},
+        "paired": paired,
+    }
+    with ctx.engine.begin() as conn:
+        ctx.ledger.record(
+            conn,
+            rollout_id=rollout.id,
+            ts=rollout.started_at + 1,
+            tick=1,
+            phase_before="shadow",
+            phase_after="shadow",
+            action="hold",
+            actor="controller",
+            reason="shadow: holding",
+            canary_weight=0,
+            sample_sizes={},
+            metrics={},
+            rules=[],
+            stats={"phase": "shadow", "shadow": shadow},
+        )
+    html = client.get("/").get_data(as_text=True)
+    assert 'id="shadow-paired"' in html and "on 300 identical requests" in html
+    assert "labelled pairs" in html  # the accuracy difference (every pair closed)
+    got = client.get(f"/api/decisions?rollout_id={rollout.id}", headers=AUTH).get_json()["decisions"][0]
+    assert got["stats"]["shadow"]["paired"]["score"]["mean_diff"] == pytest.approx(0.02)
+    assert got["stats"]["shadow"]["paired"]["accuracy"]["n"] == 300

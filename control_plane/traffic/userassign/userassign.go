@@ -8,10 +8,17 @@
 // weight from the baseline takes buckets only from the baseline's end: its users never leave it, and
 // at weight 0 every one of them is back on the baseline. Requests without the header pass untouched
 // (the weighted split, or a browser's own sticky cookie).
+//
+// Configured with `pairHeader` instead, the same plugin gives every request a fresh pair key in that
+// header (16 random bytes, hex), replacing any the client sent. It is attached only to the gateway's
+// routers during a shadow phase, before Traefik's mirror copies the request, so the baseline's answer
+// and the shadow's copy log the same key and can be joined.
 package userassign
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"hash/crc32"
 	"net/http"
@@ -33,6 +40,7 @@ type Config struct {
 	CookieName string `json:"cookieName,omitempty"`
 	Seed       string `json:"seed,omitempty"`
 	Arms       []Arm  `json:"arms,omitempty"`
+	PairHeader string `json:"pairHeader,omitempty"` // set: the pair-key mode, nothing else is read
 }
 
 // CreateConfig returns the defaults.
@@ -51,8 +59,27 @@ type Assign struct {
 	lines   [][]string // the same, each as a Cookie header of one line
 }
 
+// Pair is the pair-key mode's middleware.
+type Pair struct {
+	next   http.Handler
+	header string // canonical form, for a direct map write
+}
+
+func (p *Pair) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
+	var key [16]byte
+	if _, err := rand.Read(key[:]); err == nil {
+		req.Header[p.header] = []string{hex.EncodeToString(key[:])}
+	} else {
+		delete(req.Header, p.header) // no key rather than a shared one
+	}
+	p.next.ServeHTTP(rw, req)
+}
+
 // New checks the configuration and precomputes each arm's upper bucket bound.
 func New(ctx context.Context, next http.Handler, config *Config, name string) (http.Handler, error) {
+	if config.PairHeader != "" {
+		return &Pair{next: next, header: textproto.CanonicalMIMEHeaderKey(config.PairHeader)}, nil
+	}
 	if config.Header == "" || config.CookieName == "" {
 		return nil, fmt.Errorf("%s: header and cookieName must be set", name)
 	}
