@@ -4,7 +4,8 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install up down status demo test test-unit bench bench-scale bench-users soak simulate fmt lint precommit clean system-deps
+.PHONY: install up down status demo test test-unit test-compose bench bench-scale bench-users soak simulate fmt lint precommit clean \
+	system-deps compose-images compose-up compose-down compose-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,8 +28,19 @@ status: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/recsys demo
 
-test: $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider --durations=15
+# The compose tier (tests/compose: image builds, a whole stack in Docker) runs beside the other tiers, in
+# a second pytest session, since most of its time is spent waiting (downloads, containers starting,
+# rollout steps); its output follows the others'. docs/containers.md has the timings.
+test: system-deps $(STAMP)
+	@mkdir -p .recsys; \
+	$(BIN)/pytest -q -p no:cacheprovider --durations=5 tests/compose >.recsys/compose-tier.log 2>&1 & compose=$$!; \
+	$(BIN)/pytest -q -p no:cacheprovider --durations=15 --ignore=tests/compose; status=$$?; \
+	wait $$compose; compose_status=$$?; \
+	echo "--- compose tier (tests/compose) ---"; cat .recsys/compose-tier.log; \
+	[ $$status = 0 ] && [ $$compose_status = 0 ]
+
+test-compose: system-deps $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider --durations=5 tests/compose
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
@@ -66,14 +78,62 @@ precommit: $(STAMP)
 clean: down
 	rm -rf .recsys sim-results bench-results
 
-# System packages the integration tests use (Debian): compose validation, promtool, headless Chromium, wrk.
+# System packages the tests use (Debian): Docker and docker-compose (the compose tier), debootstrap (its
+# base image), promtool, headless Chromium, wrk. Installed with apt when run as root; otherwise the
+# missing ones are named and the target fails. Starts dockerd when Docker is installed but not running.
+SYSTEM_DEPS := docker:docker.io dockerd:docker.io docker-compose:docker-compose debootstrap:debootstrap \
+	promtool:prometheus chromium:chromium wrk:wrk
 system-deps:
 	@missing=""; \
-	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
-	command -v promtool >/dev/null || missing="$$missing prometheus"; \
-	command -v chromium >/dev/null || missing="$$missing chromium"; \
-	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	for pair in $(SYSTEM_DEPS); do \
+	  command -v "$${pair%%:*}" >/dev/null || [ -x "/usr/sbin/$${pair%%:*}" ] || \
+	    case " $$missing " in *" $${pair#*:} "*) ;; *) missing="$$missing $${pair#*:}";; esac; \
+	done; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "The tests need these Debian packages:$$missing (as root: apt-get install$$missing)" >&2; exit 1; \
+	  fi; \
 	fi
+	@if ! /usr/bin/docker version >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "starting dockerd (log: /var/log/dockerd.log)"; \
+	    setsid dockerd >/var/log/dockerd.log 2>&1 < /dev/null & \
+	    for i in $$(seq 60); do /usr/bin/docker version >/dev/null 2>&1 && break; sleep 1; done; \
+	  fi; \
+	  /usr/bin/docker version >/dev/null 2>&1 || { echo "The Docker engine does not answer (start dockerd as root)" >&2; exit 1; }; \
+	fi
+
+# The production shape in containers (docker-compose.yml). RECSYS_IMAGES=local builds every image here
+# from Debian's packages and PyPI; RECSYS_IMAGES=official uses the official images (pulled). The secrets
+# (passwords, tokens) are created once in COMPOSE_SECRETS and passed with --env-file.
+RECSYS_IMAGES ?= local
+COMPOSE_PROJECT_NAME ?= recsys
+COMPOSE_SECRETS ?= .recsys/compose.env
+COMPOSE_FILES := docker-compose.yml$(if $(filter local,$(RECSYS_IMAGES)),:infra/docker/compose.local.yml)
+DOCKER_GID ?= $(shell stat -c %g /var/run/docker.sock 2>/dev/null || echo 0)
+COMPOSE := COMPOSE_FILE=$(COMPOSE_FILES) COMPOSE_PROJECT_NAME=$(COMPOSE_PROJECT_NAME) DOCKER_GID=$(DOCKER_GID) \
+	docker-compose --env-file $(COMPOSE_SECRETS)
+GATEWAY := http://127.0.0.1:$${RECSYS_GATEWAY_PORT:-8080}
+
+compose-images:
+	RECSYS_IMAGES=$(RECSYS_IMAGES) infra/docker/build-images.sh
+
+$(COMPOSE_SECRETS):
+	infra/docker/compose-secrets.sh $(COMPOSE_SECRETS)
+
+compose-up: compose-images $(COMPOSE_SECRETS)
+	@t0=$$(date +%s); \
+	$(COMPOSE) up -d && \
+	python3 infra/docker/wait_gateway.py "$(GATEWAY)" 600 && \
+	echo "compose stack up in $$(( $$(date +%s) - t0 )) s: gateway $(GATEWAY), control plane http://127.0.0.1:$${RECSYS_CONTROL_PLANE_PORT:-8090}/"
+
+# KEEP_DATA=1 keeps the volumes (Postgres, MLflow, Redis, Prometheus, state) for the next compose-up.
+compose-down: $(COMPOSE_SECRETS)
+	$(COMPOSE) down --remove-orphans $(if $(KEEP_DATA),,--volumes) --timeout 20
+
+# `make demo` against the compose stack: the story runs in a container on the stack's network.
+compose-demo: $(COMPOSE_SECRETS)
+	$(COMPOSE) run --rm --no-deps seed recsys demo

@@ -44,6 +44,13 @@ def cmd_down(args) -> int:
     return 0
 
 
+def cmd_seed(args) -> int:
+    from control_plane.stack.containers import seed
+
+    seed(args.settings)
+    return 0
+
+
 def cmd_status(args) -> int:
     from control_plane.stack.local import print_urls, status
 
@@ -199,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         fn=cmd_up
     )
     sub.add_parser("down", help="stop the local stack").set_defaults(fn=cmd_down)
+    sub.add_parser(
+        "seed", help="compose start-up step: train if empty, deploy and route every role's version"
+    ).set_defaults(fn=cmd_seed)
     s = sub.add_parser("status", help="processes, versions, roles, weights, health")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_status)

@@ -50,12 +50,9 @@ class Context:
 
 
 def bootstrap(settings: Settings | None = None) -> Context:
-    """Build the real Context from settings: database, MLflow registry, Traefik file, local deployer."""
+    """Build the real Context from settings: database, MLflow registry, Traefik file, deployer."""
     from control_plane.db.engine import make_engine
-    from control_plane.deployer.fixed import FixedDeployer
-    from control_plane.deployer.local import LocalDeployer
     from control_plane.registry.mlflow_registry import MlflowRegistry
-    from control_plane.stack.prometheus_config import write_bento_targets
     from control_plane.traffic.traefik_file import GatewayOptions, TraefikFileRouter
 
     settings = settings or Settings.from_env()
@@ -78,12 +75,24 @@ def bootstrap(settings: Settings | None = None) -> Context:
                 user_assignment=settings.user_assignment,
             ),
         ),
-        deployer=(
-            FixedDeployer(settings.bento_urls)
-            if settings.bento_urls
-            else LocalDeployer(settings, on_endpoints=partial(write_bento_targets, settings))
-        ),
+        deployer=_deployer(settings),
     )
+
+
+def _deployer(settings: Settings) -> Deployer:
+    """Containers through the Docker gate, fixed endpoints (Kubernetes), or local processes."""
+    if settings.docker_host:
+        from control_plane.deployer.docker import DockerDeployer
+
+        return DockerDeployer(settings)
+    if settings.bento_urls:
+        from control_plane.deployer.fixed import FixedDeployer
+
+        return FixedDeployer(settings.bento_urls)
+    from control_plane.deployer.local import LocalDeployer
+    from control_plane.stack.prometheus_config import write_bento_targets
+
+    return LocalDeployer(settings, on_endpoints=partial(write_bento_targets, settings))
 
 
 def kubernetes_parts(settings: Settings, clients=None) -> tuple[TrafficRouter, Deployer]:

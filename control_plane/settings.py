@@ -183,8 +183,17 @@ class Settings:
     bentoml_home: Path = _env("BENTOML_HOME", Path(".recsys/bentoml"))  # unset: <state_dir>/bentoml
     # How Traefik reaches the control plane; empty: bind_host:control_plane_port
     control_plane_url: str = _env("RECSYS_CONTROL_PLANE_URL", "")
-    # Fixed endpoints (compose): version -> URL
+    # How load and checks reach the gateway; empty: 127.0.0.1:gateway_port
+    gateway_url: str = _env("RECSYS_GATEWAY_URL", "")
+    # Fixed endpoints (Kubernetes): version -> URL
     bento_urls: dict[int, str] = _env("RECSYS_BENTO_URLS", factory=dict, parse=parse_bento_urls, child=False)
+    # Containers (docker-compose.yml): the Docker gate's address turns the DockerDeployer on; each version
+    # runs as <docker_project>-bento-v<N> on docker_network (empty: <docker_project>_default), built FROM
+    # app_image.
+    docker_host: str = _env("RECSYS_DOCKER_HOST", "")
+    docker_project: str = _env("RECSYS_DOCKER_PROJECT", "recsys")
+    docker_network: str = _env("RECSYS_DOCKER_NETWORK", "")
+    app_image: str = _env("RECSYS_APP_IMAGE", "recsys-app:0.1.0")
     # Traefik: its fasthttp proxy to the Bentos, and which requests its access log keeps (problems,
     # all or off); control_plane/traffic/static.py says why each is the default.
     traefik_fast_proxy: bool = _env("RECSYS_TRAEFIK_FAST_PROXY", True, render=_on_off)
@@ -267,6 +276,14 @@ class Settings:
         return self.control_plane_url or f"http://{self.bind_host}:{self.control_plane_port}"
 
     @property
+    def effective_docker_network(self) -> str:
+        return self.docker_network or f"{self.docker_project}_default"
+
+    @property
+    def effective_gateway_url(self) -> str:
+        return self.gateway_url or f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
     def effective_redis_url(self) -> str:
         """REDIS_URL, or the embedded redis-server the local stack runs (with its password)."""
         auth = f":{self.redis_password}@" if self.redis_password else ""
@@ -290,6 +307,13 @@ class Settings:
     @property
     def mlflow_artifact_root(self) -> Path:
         return self.state_dir / "mlartifacts"
+
+    @property
+    def training_artifact_location(self) -> str | None:
+        """Where training stores a new version: an MLflow server's own artifact store, else a local directory."""
+        if self.mlflow_tracking_uri.startswith(("http://", "https://")):
+            return None
+        return str(self.mlflow_artifact_root)
 
     @property
     def traefik_dynamic_dir(self) -> Path:

@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
         f"accuracy margin {policy['accuracy_margin'] * 100:.0f} pt, p99 ≤ {args.p99_ratio}× baseline, "
         f"errors ≤ +{policy['error_margin'] * 100:.1f} pt; evaluations every {args.interval} s."
     )
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
     load = start_load(settings, args.users, settings.log_dir / "demo-locust.log", args.csv, args.ok_log)
     ok = True
     try:
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
             services_rollback(ctx, active.id)
         better = _version_with_profile(ctx, "better") or train_and_register(
             tracking_uri=settings.mlflow_tracking_uri,
-            artifact_location=str(settings.mlflow_artifact_root),
+            artifact_location=settings.training_artifact_location,
             model_name=settings.registered_model_name,
             profile="better",
             progress=False,
@@ -150,10 +151,13 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
         _say(f"\n1) The better candidate (version {better}) as a canary.")
         good, r1 = run_story(ctx, better, Phase.PROMOTED, policy, args.timeout)
         ok &= good
+        active = ctx.ledger.active()
+        if active is not None:  # the story timed out: end its rollout, or the next could not start
+            services_rollback(ctx, active.id)
         _say("\n2) Training a worse candidate and trying it as a canary.")
         worse = train_and_register(
             tracking_uri=settings.mlflow_tracking_uri,
-            artifact_location=str(settings.mlflow_artifact_root),
+            artifact_location=settings.training_artifact_location,
             model_name=settings.registered_model_name,
             profile="worse",
             progress=False,

@@ -30,7 +30,7 @@ def start_locust(settings: Settings, users: int, log_path: Path, *options: str) 
         "-r",
         str(users),
         "--host",
-        f"http://127.0.0.1:{settings.gateway_port}",
+        settings.effective_gateway_url,
         *options,
     ]
     with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor

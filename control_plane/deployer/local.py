@@ -54,6 +54,22 @@ def bento_program(settings: Settings, version: int) -> Program:
     )
 
 
+def build_version_bento(settings: Settings, version: int) -> str:
+    """Build (or reuse) the Bento of registry version `version` in settings.bentoml_home; its tag."""
+    # Built in this process into settings.bentoml_home, which `bentoml serve` (or the Bento image's build)
+    # serves from (without it, a caller such as `make soak` built into ~/bentoml and every Bento failed to
+    # start). bentos.build imports BentoML and MLflow only when it builds.
+    try:
+        return bento_build.build_bento(
+            version,
+            tracking_uri=settings.mlflow_tracking_uri,
+            model_name=settings.registered_model_name,
+            bentoml_home=settings.bentoml_home,
+        )
+    except Exception as exc:  # the registry or BentoML refused: nothing was started
+        raise DeployFailed(f"could not build the Bento for version {version}: {exc}") from exc
+
+
 class LocalDeployer:
     """Builds the version's Bento if needed, runs it under supervisord, waits for /readyz.
 
@@ -77,18 +93,7 @@ class LocalDeployer:
         return f"http://{self.settings.bind_host}:{bento_port(self.settings, version)}"
 
     def build(self, version: int) -> str:
-        # The Bento is built in this process into settings.bentoml_home, which `bentoml serve` serves
-        # from (without it, a caller such as `make soak` built into ~/bentoml and every Bento failed to
-        # start). bentos.build imports BentoML and MLflow only when it builds.
-        try:
-            return bento_build.build_bento(
-                version,
-                tracking_uri=self.settings.mlflow_tracking_uri,
-                model_name=self.settings.registered_model_name,
-                bentoml_home=self.settings.bentoml_home,
-            )
-        except Exception as exc:  # the registry or BentoML refused: nothing was started
-            raise DeployFailed(f"could not build the Bento for version {version}: {exc}") from exc
+        return build_version_bento(self.settings, version)
 
     def _start(self, version: int) -> None:
         self.supervisor.add(bento_program(self.settings, version))

@@ -64,7 +64,7 @@ def _redis_up(url: str) -> bool:
 def gateway_answers(settings: Settings) -> bool:
     body = json.dumps({"features": [0.0] * 16}).encode()
     req = urllib.request.Request(
-        f"http://127.0.0.1:{settings.gateway_port}/predict",
+        f"{settings.effective_gateway_url}/predict",
         data=body,
         headers={"Content-Type": "application/json"},
     )
@@ -113,9 +113,10 @@ def ensure_models(ctx) -> dict[str, int]:
         for alias, profile in STARTING_PROFILES:
             version = train_and_register(
                 tracking_uri=ctx.settings.mlflow_tracking_uri,
-                artifact_location=str(ctx.settings.mlflow_artifact_root),
+                artifact_location=ctx.settings.training_artifact_location,
                 model_name=ctx.settings.registered_model_name,
                 profile=profile,
+                progress=False,
             )
             registry.set_alias(alias, version)
             _say(f"  registered version {version} ({profile}) as {alias}")

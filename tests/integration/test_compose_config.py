@@ -12,21 +12,29 @@ import yaml
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
+# The secrets docker-compose.yml requires (make compose-up creates them: infra/docker/compose-secrets.sh).
+SECRETS = {
+    "POSTGRES_PASSWORD": "pg-secret",
+    "REDIS_PASSWORD": "redis-secret",
+    "RECSYS_API_TOKEN": "operator-secret",
+    "RECSYS_LABEL_TOKEN": "label-secret",
+    "RECSYS_REQUEST_ID_KEY": "id-key",
+    "MLFLOW_SECRET_KEY": "csrf-key",
+}
+BASE_ENV = {"PATH": "/usr/bin:/bin:/usr/local/bin", **SECRETS}
 LONG_RUNNING = (
     "postgres",
     "redis",
     "mlflow",
+    "docker-gate",
     "traefik",
-    "bento-baseline",
-    "bento-canary",
-    "bento-control",
     "control-plane",
     "worker",
     "scheduler",
     "prometheus",
     "grafana",
 )
-ONE_SHOT = ("migrate", "traefik-init")
+ONE_SHOT = ("migrate", "state-init", "seed")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +43,7 @@ def compose():
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("docker-compose is not installed (.ci/run installs it)")
-    env = {"PATH": "/usr/bin:/bin:/usr/local/bin"}
+    env = BASE_ENV
     check = subprocess.run([binary, "config", "-q"], cwd=REPO, env=env, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
     out = subprocess.run([binary, "config"], cwd=REPO, env=env, capture_output=True, text=True, check=True)
@@ -56,13 +64,23 @@ def test_long_running_services_have_health_checks(compose, name):
     [
         ("mlflow", {"postgres": "service_healthy"}),
         ("migrate", {"postgres": "service_healthy"}),
-        ("traefik", {"traefik-init": "service_completed_successfully"}),
-        ("bento-baseline", {"postgres": "service_healthy", "migrate": "service_completed_successfully"}),
-        ("bento-canary", {"postgres": "service_healthy", "migrate": "service_completed_successfully"}),
-        ("bento-control", {"postgres": "service_healthy", "migrate": "service_completed_successfully"}),
+        ("traefik", {"state-init": "service_completed_successfully"}),
+        (
+            "seed",
+            {
+                "mlflow": "service_healthy",
+                "migrate": "service_completed_successfully",
+                "docker-gate": "service_healthy",
+            },
+        ),
         (
             "control-plane",
-            {"postgres": "service_healthy", "redis": "service_healthy", "mlflow": "service_healthy"},
+            {
+                "postgres": "service_healthy",
+                "redis": "service_healthy",
+                "mlflow": "service_healthy",
+                "seed": "service_completed_successfully",
+            },
         ),
         ("worker", {"redis": "service_healthy", "migrate": "service_completed_successfully"}),
         ("scheduler", {"redis": "service_healthy"}),
@@ -84,25 +102,46 @@ def test_app_services_get_the_production_urls(compose):
         env = compose["services"][name]["environment"]
         assert env["DATABASE_URL"].startswith("postgresql+psycopg2://recsys:")
         assert env["DATABASE_URL"].endswith("@postgres:5432/recsys")
-        assert env["REDIS_URL"] == "redis://redis:6379/0"
+        assert env["REDIS_URL"] == env["RQ_REDIS_URL"] == "redis://:redis-secret@redis:6379/0"
+        assert env["RECSYS_DOCKER_HOST"] == "tcp://docker-gate:2375"
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == (
+            "operator",
+            "operator-secret",
+        )
+        assert (env["RECSYS_LABEL_TOKEN"], env["RECSYS_REQUEST_ID_KEY"]) == ("label-secret", "id-key")
     assert "control_plane.web.app:create_app" in compose["services"]["control-plane"]["command"]
+    assert compose["services"]["control-plane"]["command"][:3] == ["python", "-m", "control_plane.web.server"]
+    # JSON jobs, never pickle; no password on any command line.
     assert compose["services"]["worker"]["command"] == [
         "rq",
         "worker",
-        "--url",
-        "redis://redis:6379/0",
+        "--serializer",
+        "json",
         "--worker-class",
         "control_plane.worker_metrics.MetricsWorker",
         "recsys",
     ]
-    assert compose["services"]["scheduler"]["command"] == [
-        "python",
-        "-m",
-        "control_plane.jobs",
-        "--url",
-        "redis://redis:6379/0",
-    ]
+    assert compose["services"]["scheduler"]["command"] == ["python", "-m", "control_plane.jobs"]
+    for name, service in compose["services"].items():
+        assert "redis-secret" not in str(service.get("command", "")), name
+
+
+def test_secrets_are_required_not_defaulted():
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (.ci/run installs it)")
+    env = {k: v for k, v in BASE_ENV.items() if k != "REDIS_PASSWORD"}
+    check = subprocess.run([binary, "config", "-q"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert check.returncode != 0 and "REDIS_PASSWORD" in check.stderr, check.stderr
+
+
+def test_mlflow_runs_its_basic_auth_app(compose):
+    mlflow = compose["services"]["mlflow"]
+    command = " ".join(mlflow["command"])
+    assert "--app-name basic-auth" in command
+    assert mlflow["environment"]["MLFLOW_FLASK_SERVER_SECRET_KEY"] == "csrf-key"
+    assert "operator-secret" not in command  # the admin password reaches the ini file from the environment
 
 
 def test_traefik_runs_the_official_image_with_the_repo_config(compose):
@@ -117,16 +156,55 @@ def test_traefik_runs_the_official_image_with_the_repo_config(compose):
     for name in ("traefik", "control-plane", "worker"):
         volumes = compose["services"][name]["volumes"]
         assert any(v.startswith("traefik-state:/var/lib/recsys/traefik") for v in volumes), name
-    assert (REPO / "infra/traefik/dynamic/recsys.yml").exists()
 
 
-def test_bentos_run_pinned_images_one_per_role(compose):
-    images = {
-        role: compose["services"][f"bento-{role}"]["image"] for role in ("baseline", "canary", "control")
-    }
-    assert images == {"baseline": "recsys:v2", "canary": "recsys:v3", "control": "recsys:v1"}
-    for role in images:
-        assert compose["services"][f"bento-{role}"]["environment"]["RECSYS_ROLE"] == role
+def test_only_the_docker_gate_holds_the_socket_on_an_internal_network(compose):
+    """Bentos are the DockerDeployer's containers, not services; it reaches Docker only through the gate."""
+    holders = [
+        name
+        for name, service in compose["services"].items()
+        if any("docker.sock" in str(v) for v in service.get("volumes", []))
+    ]
+    assert holders == ["docker-gate"]
+    assert list(compose["services"]["docker-gate"]["networks"]) == ["docker-api"]
+    assert compose["networks"]["docker-api"]["internal"] is True
+    assert not [name for name in compose["services"] if name.startswith("bento")]
+    for name in ("seed", "control-plane", "worker"):
+        assert "docker-api" in compose["services"][name]["networks"], name
+
+
+def test_the_local_build_path_swaps_images_only():
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (.ci/run installs it)")
+    env = {**BASE_ENV, "COMPOSE_FILE": "docker-compose.yml:infra/docker/compose.local.yml"}
+    local = yaml.safe_load(
+        subprocess.run(
+            [binary, "config"], cwd=REPO, env=env, capture_output=True, text=True, check=True
+        ).stdout
+    )
+    official = yaml.safe_load(
+        subprocess.run(
+            [binary, "config"],
+            cwd=REPO,
+            env=BASE_ENV,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+
+    def normal(value):  # merging files reorders lists and spells an empty network {} instead of null
+        if isinstance(value, list):
+            return sorted(map(str, value))
+        if isinstance(value, dict):
+            return {k: normal(v) or None for k, v in value.items()}
+        return value
+
+    for name, service in official["services"].items():
+        changed = {k for k in service if normal(service[k]) != normal(local["services"][name].get(k))}
+        assert changed <= {"image"}, (name, changed)
+    assert local["services"]["postgres"]["image"] == "recsys-postgres:bookworm"
 
 
 def test_no_image_is_latest_and_ports_stay_on_loopback(compose):

@@ -202,9 +202,16 @@ def test_local_and_compose_scrape_the_same_jobs(settings):
 def test_compose_scrapes_the_compose_services():
     targets = _targets(yaml.safe_load(COMPOSE_CONFIG.read_text()))
     assert targets["traefik"] == ["traefik:8081"]
-    assert sorted(targets["bentos"]) == ["bento-baseline:3000", "bento-canary:3000", "bento-control:3000"]
     assert targets["control-plane"] == ["control-plane:8090"]
     assert targets["worker"] == ["worker:9101"]
+
+
+def test_compose_finds_the_bento_containers_where_the_deployer_lists_them():
+    """The DockerDeployer writes bento_targets_path() with RECSYS_STATE_DIR=/var/lib/recsys (compose)."""
+    config = yaml.safe_load(COMPOSE_CONFIG.read_text())
+    bentos = next(j for j in config["scrape_configs"] if j["job_name"] == "bentos")
+    in_compose = Settings(state_dir=Path("/var/lib/recsys"))
+    assert bentos["file_sd_configs"][0]["files"] == [str(bento_targets_path(in_compose))]
 
 
 def test_the_local_config_scrapes_the_settings_ports_on_loopback(settings):

@@ -384,16 +384,6 @@ def test_compose_static_config_is_the_rendered_one_for_a_container():
     assert committed == rendered
 
 
-def test_compose_dynamic_seed_reads_back_as_the_default_split():
-    router = TraefikFileRouter(REPO / "infra/traefik/dynamic")
-    assert router.get_weights() == SPLIT
-    assert {role: b.version for role, b in router.get_backends().items()} == {
-        "baseline": 2,
-        "canary": 3,
-        "control": 1,
-    }
-
-
 # --- TrafficStore (SQLite here; Postgres in tests/integration) -----------------------------------
 
 
