@@ -588,7 +588,7 @@ def close_label_windows(
 # (Traefik sends the copy as it forwards the request: milliseconds apart): a bucket's pairs are summed
 # once the log has settled this long past its end.
 PAIR_SLACK_S = 5.0
-PAIRS_PART = 0  # pair_watermarks.window_s of pair_buckets (the sums that need no label)
+PAIRS_PART = -1  # pair_watermarks.window_s of pair_buckets (the sums that need no label)
 _PAIR_VALUES = (
     "pairs",
     "scored",

@@ -220,7 +220,7 @@ pair_label_buckets = Table(
     Column("baseline_only_right", BigInteger, nullable=False),
 )
 
-# Per version pair and part (window_s 0: pair_buckets; else pair_label_buckets of that window): shadow
+# Per version pair and part (window_s -1: pair_buckets; else pair_label_buckets of that window): shadow
 # copies logged before `summed_until` have been summed.
 pair_watermarks = Table(
     "pair_watermarks",

@@ -237,6 +237,8 @@ def test_the_evaluation_and_the_upkeep_sum_the_shadow_phase_s_pairs(ctx):  # noq
     # the pairs settled by the tick: all but the newest seconds'
     assert got["pairs"] == want.pairs and 200 <= got["pairs"] < 300, got
     assert got["score"]["mean_diff"] == pytest.approx(0.05, abs=0.005)
+    # the stack's attribution window is 0 s here: every summed pair's outcome is known (none positive)
+    assert got["accuracy"]["n"] == want.correct_diff.n == got["pairs"]
     ctx.clock.t += 30
     with ctx.engine.connect() as conn:
         logged = queries.raw_pairs(conn, 3, 2, rollout.step_started_at, ctx.clock(), 0, 0).pairs
