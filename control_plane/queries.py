@@ -584,10 +584,11 @@ def close_label_windows(
 
 
 # --- the pair job -------------------------------------------------------------
-# Whether a shadow copy and the live request it copies arrive at their Bentos within this of each other
-# (Traefik sends the copy as it forwards the request: milliseconds apart): a bucket's pairs are summed
-# once the log has settled this long past its end.
-PAIR_SLACK_S = 5.0
+# A bucket's pairs are summed once the log has settled (`settle_s`: how late a logged row lands after
+# its time) this much more past the bucket's end: a shadow copy and the live request it copies reach
+# their Bentos milliseconds apart (Traefik sends the copy as it forwards the request), so the copy's
+# partner is logged by then too. Kept small: the shadow decision's pairs lag its arms' counts by it.
+PAIR_SLACK_S = 0.5
 PAIRS_PART = -1  # pair_watermarks.window_s of pair_buckets (the sums that need no label)
 _PAIR_VALUES = (
     "pairs",

@@ -136,14 +136,15 @@ def test_the_job_sums_each_bucket_once_as_it_settles_and_its_outcomes_once_their
     job(engine, T0 + 200, start_at=T0)
     with engine.connect() as conn:
         src = queries.SqlMetricsSource(conn)
-        assert queries.pair_watermark(conn, 3, 2) == math.floor(settled / BUCKET_S) * BUCKET_S
-        assert (
-            queries.pair_watermark(conn, 3, 2, int(WINDOW_S))
-            == math.floor((settled - WINDOW_S) / BUCKET_S) * BUCKET_S
+        mark, label_mark = (
+            queries.pair_watermark(conn, 3, 2, p) for p in (queries.PAIRS_PART, int(WINDOW_S))
         )
+        assert mark == math.floor(settled / BUCKET_S) * BUCKET_S
+        assert label_mark == math.floor((settled - WINDOW_S) / BUCKET_S) * BUCKET_S
         got = src.pairs(3, 2, T0, T0 + 300, WINDOW_S, T0 + 300)
-        # the pairs up to the watermark, their outcomes a window earlier
-        assert_same(got, queries.raw_pairs(conn, 3, 2, T0, T0 + 190, WINDOW_S, T0 + 190))
+        # the pairs up to the watermark, their outcomes up to the other (their windows closed by then)
+        assert_same(got, queries.raw_pairs(conn, 3, 2, T0, mark, WINDOW_S, label_mark + WINDOW_S))
+        assert 0 < got.correct_diff.n < got.pairs
     # tick by tick (every 10 s) the same as in one go: each bucket summed once
     counts = [job(engine, t, start_at=T0) for t in np.arange(T0 + 210, T0 + 500, 10.0)]
     assert job(engine, T0 + 500, start_at=T0) == 0  # nothing new: nothing read, nothing added
@@ -172,12 +173,14 @@ def test_the_watermarks_start_at_the_shadow_phase_and_skip_to_a_later_one(engine
     job(engine, T0 + 60, start_at=T0 + 30)  # a shadow phase from T0 + 30
     with engine.connect() as conn:
         first = queries.SqlMetricsSource(conn).pairs(3, 2, T0, T0 + 120, WINDOW_S, T0)
-    job(engine, T0 + 200, start_at=T0 + 90)  # another one, from T0 + 90: [T0 + 50, T0 + 90) is never read
+        mark = queries.pair_watermark(conn, 3, 2)
+    assert T0 + 50 <= mark < T0 + 60
+    job(engine, T0 + 200, start_at=T0 + 90)  # another one, from T0 + 90: [mark, T0 + 90) is never read
     with engine.connect() as conn:
         src = queries.SqlMetricsSource(conn)
         pairs = src.pairs(3, 2, T0, T0 + 120, WINDOW_S, T0).pairs
         assert pairs == first.pairs + queries.raw_pairs(conn, 3, 2, T0 + 90, T0 + 120, WINDOW_S, T0).pairs
-        assert first.pairs == queries.raw_pairs(conn, 3, 2, T0 + 30, T0 + 50, WINDOW_S, T0).pairs
+        assert first.pairs == queries.raw_pairs(conn, 3, 2, T0 + 30, mark, WINDOW_S, T0).pairs
     assert first.pairs > 50
 
 
