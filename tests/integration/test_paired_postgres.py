@@ -43,3 +43,16 @@ def test_the_pair_buckets_read_the_same_as_the_rows_on_postgres(pg_engine):
             want = queries.raw_pairs(conn, 3, 2, since, until, WINDOW_S, labels_before)
             assert want.pairs > 500 and want.correct_diff.n > 0
             assert_same(src.pairs(3, 2, since, until, WINDOW_S, labels_before), want)
+
+
+def test_two_pair_jobs_at_once_take_turns_and_count_each_pair_once(pg_engine):
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = 1_800_000_000.0
+    shadow_traffic(pg_engine, t0, 240, 10)
+    with ThreadPoolExecutor(4) as pool:
+        added = list(pool.map(lambda _: job(pg_engine, t0 + 400, start_at=t0), range(4)))
+    with pg_engine.connect() as conn:
+        want = queries.raw_pairs(conn, 3, 2, t0, t0 + 240, WINDOW_S, t0 + 400)
+        assert_same(queries.SqlMetricsSource(conn).pairs(3, 2, t0, t0 + 240, WINDOW_S, t0 + 400), want)
+    assert sum(added) == want.pairs > 1500 and want.correct_diff.n > 0
