@@ -38,3 +38,15 @@ def test_the_schema_benchmark_times_every_variant_of_the_table(capsys):
     lines = [re.fullmatch(r"\s*([\d.]+) us of the backend's time a row  (.+)", line) for line in report]
     assert [m.group(2) for m in lines] == list(VARIANTS)
     assert all(float(m.group(1)) > 0 for m in lines)
+
+
+def test_the_pairs_benchmark_reads_the_same_pairs_from_the_buckets_as_from_the_rows(capsys):
+    from bench_pairs import main as pairs_main
+
+    assert pairs_main(["--sizes", "sqlite:300,pg:300", "--repeat", "2", "--window-s", "600"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == ["sqlite", "postgresql"]
+    for r in rows:
+        assert int(r[1].replace(",", "")) == 300  # every mirrored request paired (bench_pairs asserts
+        assert 0 < int(r[2].replace(",", "")) < 300  # the bucket read equals the raw join's counts)
+        assert float(r[3]) > 0 and float(r[4].replace(",", "")) > 0

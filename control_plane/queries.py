@@ -5,12 +5,16 @@
   bucket key (not per row); `insert_predictions` does the same for rows written without a writer.
 - `close_label_windows`: the label job: counts outcomes of predictions whose attribution window has
   closed since its watermark.
+- `sum_pairs`: the pair job: sums a shadow phase's settled pairs (its copies joined on their pair key
+  with the baseline's answers) per bucket, and their outcomes once their windows have closed;
+  `raw_pairs` recomputes the same sums from the rows.
 - partitions, retention and roll-up statements for retention.py.
 - `version_roles`: the Bento's role lookup (bentos/roles.py) in the control plane's `traffic_config`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -31,7 +35,15 @@ from control_plane.analysis.aggregates import (
     outcomes,
     request_facts,
 )
-from control_plane.analysis.paired import Pair, PairedFacts, paired_facts
+from control_plane.analysis.paired import (
+    CorrectCounts,
+    Moments,
+    Pair,
+    PairedFacts,
+    PairKey,
+    paired_facts,
+    paired_facts_by_key,
+)
 from control_plane.analysis.user_level import (
     ArmUsers,
     RatioSums,
@@ -46,6 +58,9 @@ from control_plane.db.schema import (
     label_buckets,
     label_watermarks,
     labels,
+    pair_buckets,
+    pair_label_buckets,
+    pair_watermarks,
     predictions,
     request_buckets,
     traffic_config,
@@ -372,74 +387,37 @@ class SqlMetricsSource:
         window_s: float,
         labels_before: float,
     ) -> PairedFacts:
-        """The paired sums of the shadow's copies logged in [since, until) (its whole buckets, so no more
-        copies than the arm's count) joined on their pair key
-        with the baseline's live answers to the same requests (analysis/paired.py), the baseline
-        request's outcome counted once its attribution window closed before `labels_before`.
+        """The paired sums of the shadow's copies logged in [since, until) (its whole buckets, as the arms'
+        own counts read them) joined on their pair key with the baseline's live answers to the same
+        requests (analysis/paired.py), with the accuracy difference of the buckets whose attribution
+        window (`window_s`) closed before `labels_before`.
 
-        The one read of raw rows: the shadow's rows of the window (by `ix_predictions_version_ts`,
-        and on Postgres only the window's partitions), each joined by `ix_predictions_pair_key`
-        (partial: rows outside a shadow phase have no key); its cost follows the mirrored requests
-        of the shadow phase, not the traffic's total."""
-        s, b = predictions.alias("s"), predictions.alias("b")
-        # the whole buckets of [since, until), as the arms' own counts read them (`_where`)
-        lo, hi = float(math.ceil(since / BUCKET_S) * BUCKET_S), float(math.floor(until / BUCKET_S) * BUCKET_S)
-        rows = self.conn.execute(
+        Two grouped sums over the bucket tables the pair job (`sum_pairs`) keeps: their cost follows
+        the window's buckets, not the mirrored requests served. `raw_pairs` computes the same from the
+        rows."""
+        lo, hi = _whole_buckets(since, until)
+        pb, lb = pair_buckets, pair_label_buckets
+        key = [pb.c.shadow_version == shadow_version, pb.c.baseline_version == baseline_version]
+        row = self.conn.execute(
+            select(*(func.sum(getattr(pb.c, c)) for c in _PAIR_VALUES)).where(
+                *key, pb.c.bucket_start >= lo, pb.c.bucket_start < hi
+            )
+        ).one()
+        counts = self.conn.execute(
             select(
-                s.c.score,
-                b.c.score,
-                s.c.latency_ms,
-                b.c.latency_ms,
-                s.c.status,
-                b.c.status,
-                s.c.served,
-                b.c.served,
-                b.c.ts,
-                labels.c.label,
-                labels.c.ts,
+                func.sum(lb.c.labelled), func.sum(lb.c.shadow_only_right), func.sum(lb.c.baseline_only_right)
+            ).where(
+                lb.c.window_s == int(window_s),
+                lb.c.shadow_version == shadow_version,
+                lb.c.baseline_version == baseline_version,
+                lb.c.bucket_start >= lo,
+                lb.c.bucket_start < hi,
+                # every baseline answer of the bucket had its window closed (as `raw_pairs` per pair)
+                lb.c.bucket_start <= labels_before - BUCKET_S - int(window_s),
             )
-            .select_from(
-                s.join(b, b.c.pair_key == s.c.pair_key).outerjoin(
-                    labels,
-                    and_(
-                        labels.c.request_id == b.c.request_id,
-                        labels.c.issued_ts >= lo - 2 * ISSUE_SLACK_S,
-                        labels.c.issued_ts < hi + 2 * ISSUE_SLACK_S,
-                    ),
-                )
-            )
-            .where(
-                s.c.model_version == shadow_version,
-                s.c.route == SHADOW_ROUTE,
-                s.c.ts >= lo,
-                s.c.ts < hi,
-                s.c.pair_key.is_not(None),
-                b.c.pair_key.is_not(None),  # lets the planner use the partial index for the join
-                b.c.model_version == baseline_version,
-                b.c.route == WEIGHTED,
-                # the copy leaves Traefik with the live request: their times differ by latencies at most
-                b.c.ts >= lo - ISSUE_SLACK_S,
-                b.c.ts < hi + ISSUE_SLACK_S,
-            )
-        ).all()
-        return paired_facts(
-            Pair(
-                shadow_score=ss,
-                baseline_score=bs,
-                shadow_latency_ms=float(sl),
-                baseline_latency_ms=float(bl),
-                shadow_status=int(st),
-                baseline_status=int(bt),
-                shadow_served=None if sv is None else tuple(sv),
-                baseline_served=None if bv is None else tuple(bv),
-                outcome=(
-                    None
-                    if bts + window_s > labels_before
-                    else int(label is not None and label == 1 and lts <= bts + window_s)
-                ),
-            )
-            for ss, bs, sl, bl, st, bt, sv, bv, bts, label, lts in rows
-        )
+        ).one()
+        correct = CorrectCounts(*(int(x or 0) for x in counts))
+        return _decode_pairs(row, correct.moments)
 
     def users(
         self, since: float, until: float, window_s: float, *, step_start: float, route: str | None = WEIGHTED
@@ -605,6 +583,295 @@ def close_label_windows(
             counted += sum(f.closed for f in facts.values())
 
 
+# --- the pair job -------------------------------------------------------------
+# A bucket's pairs are summed once the log has settled (`settle_s`: how late a logged row lands after
+# its time) this much more past the bucket's end: a shadow copy and the live request it copies reach
+# their Bentos milliseconds apart (Traefik sends the copy as it forwards the request), so the copy's
+# partner is logged by then too. Kept small: the shadow decision's pairs lag its arms' counts by it.
+PAIR_SLACK_S = 0.5
+PAIRS_PART = -1  # pair_watermarks.window_s of pair_buckets (the sums that need no label)
+_PAIR_VALUES = (
+    "pairs",
+    "scored",
+    "score_sum",
+    "score_squares",
+    "score_abs_sum",
+    "latency_sum",
+    "latency_squares",
+    "shadow_slower",
+    "both_errors",
+    "shadow_only_errors",
+    "baseline_only_errors",
+    "ranked",
+    "overlap_sum",
+)
+
+
+def _whole_buckets(since: float, until: float) -> tuple[float, float]:
+    """[lo, hi): the whole buckets of [since, until), as the arms' own counts read them (`_where`)."""
+    return float(math.ceil(since / BUCKET_S) * BUCKET_S), float(math.floor(until / BUCKET_S) * BUCKET_S)
+
+
+def _encode_pairs(f: PairedFacts) -> dict:
+    sd, ld = f.score_diff, f.latency_diff
+    return dict(
+        zip(
+            _PAIR_VALUES,
+            (f.pairs, sd.n, sd.total, sd.squares, f.score_abs_diff, ld.total, ld.squares, f.shadow_slower,
+             f.both_errors, f.shadow_only_errors, f.baseline_only_errors, f.ranked, f.overlap_sum),
+            strict=True,
+        )
+    )  # fmt: skip
+
+
+def _decode_pairs(row: Sequence, correct: Moments) -> PairedFacts:
+    """PairedFacts from the sums of `_PAIR_VALUES` (None: no row) and the labelled pairs' moments."""
+    v = dict(zip(_PAIR_VALUES, (0 if x is None else x for x in row), strict=True))
+    pairs = int(v["pairs"])
+    return PairedFacts(
+        pairs=pairs,
+        score_diff=Moments(int(v["scored"]), float(v["score_sum"]), float(v["score_squares"])),
+        score_abs_diff=float(v["score_abs_sum"]),
+        latency_diff=Moments(pairs, float(v["latency_sum"]), float(v["latency_squares"])),
+        shadow_slower=int(v["shadow_slower"]),
+        both_errors=int(v["both_errors"]),
+        shadow_only_errors=int(v["shadow_only_errors"]),
+        baseline_only_errors=int(v["baseline_only_errors"]),
+        ranked=int(v["ranked"]),
+        overlap_sum=float(v["overlap_sum"]),
+        correct_diff=correct,
+    )
+
+
+@dataclass(frozen=True)
+class _PairRow:
+    """One shadow copy joined with the baseline's answer to the same request (and its label, if read)."""
+
+    shadow_ts: float
+    baseline_ts: float
+    pair: Pair  # its outcome not set
+    label: int | None = None
+    label_ts: float | None = None
+
+    def outcome(self, window_s: float) -> int:
+        """1 when a positive label arrived within the baseline request's attribution window (`outcomes`)."""
+        return int(self.label == 1 and self.label_ts <= self.baseline_ts + window_s)
+
+
+def _pair_rows(
+    conn: Connection, shadow_version: int, baseline_version: int, lo: float, hi: float, *, with_labels: bool
+) -> list[_PairRow]:
+    """The shadow's copies logged in [lo, hi) joined on their pair key with the baseline's live answers,
+    and with the baseline request's label when `with_labels`.
+
+    A read of raw rows, for the pair job's new buckets and for `raw_pairs`: the shadow's rows of the
+    span (by `ix_predictions_version_ts`, and on Postgres only the span's partitions), each joined by
+    `ix_predictions_pair_key` (partial: rows outside a shadow phase have no key)."""
+    s, b = predictions.alias("s"), predictions.alias("b")
+    columns = [s.c.ts, b.c.ts, s.c.score, b.c.score, s.c.latency_ms, b.c.latency_ms, s.c.status, b.c.status,
+               s.c.served, b.c.served]  # fmt: skip
+    joined = s.join(b, b.c.pair_key == s.c.pair_key)
+    if with_labels:
+        columns += [labels.c.label, labels.c.ts]
+        joined = joined.outerjoin(
+            labels,
+            and_(
+                labels.c.request_id == b.c.request_id,
+                labels.c.issued_ts >= lo - 2 * ISSUE_SLACK_S,
+                labels.c.issued_ts < hi + 2 * ISSUE_SLACK_S,
+            ),
+        )
+    rows = conn.execute(
+        select(*columns)
+        .select_from(joined)
+        .where(
+            s.c.model_version == shadow_version,
+            s.c.route == SHADOW_ROUTE,
+            s.c.ts >= lo,
+            s.c.ts < hi,
+            s.c.pair_key.is_not(None),
+            b.c.pair_key.is_not(None),  # lets the planner use the partial index for the join
+            # (SQLite would rather range-scan the baseline's rows by version and time for each copy:
+            # quadratic in the span's copies; its version is only filtered on, not looked up)
+            (b.c.model_version + 0 if conn.dialect.name == "sqlite" else b.c.model_version)
+            == baseline_version,
+            b.c.route == WEIGHTED,
+            # the copy leaves Traefik with the live request: their times differ by latencies at most
+            b.c.ts >= lo - ISSUE_SLACK_S,
+            b.c.ts < hi + ISSUE_SLACK_S,
+        )
+    ).all()
+    return [
+        _PairRow(
+            float(r[0]),
+            float(r[1]),
+            Pair(
+                shadow_score=r[2],
+                baseline_score=r[3],
+                shadow_latency_ms=float(r[4]),
+                baseline_latency_ms=float(r[5]),
+                shadow_status=int(r[6]),
+                baseline_status=int(r[7]),
+                shadow_served=None if r[8] is None else tuple(r[8]),
+                baseline_served=None if r[9] is None else tuple(r[9]),
+            ),
+            *((r[10], r[11]) if with_labels else ()),
+        )
+        for r in rows
+    ]
+
+
+def raw_pairs(
+    conn: Connection,
+    shadow_version: int,
+    baseline_version: int,
+    since: float,
+    until: float,
+    window_s: float,
+    labels_before: float,
+) -> PairedFacts:
+    """`SqlMetricsSource.pairs` recomputed from the raw rows: every pair of the window's whole buckets,
+    each baseline request's outcome counted once its window closed before `labels_before`.
+
+    Its cost grows with the mirrored requests of the window: for checks and recomputation, never on
+    the evaluation's path."""
+    lo, hi = _whole_buckets(since, until)
+    return paired_facts(
+        dataclasses.replace(
+            r.pair, outcome=None if r.baseline_ts + window_s > labels_before else r.outcome(window_s)
+        )
+        for r in _pair_rows(conn, shadow_version, baseline_version, lo, hi, with_labels=True)
+    )
+
+
+def _lock_pair_watermark(
+    conn: Connection, shadow_version: int, baseline_version: int, part: int, start: float
+) -> float:
+    """The part's watermark, locked until the transaction ends: created at `start` if new, moved up to
+    it if behind (no pair before `start` is read: the shadow phase begins there)."""
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    w = pair_watermarks
+    key = (
+        w.c.shadow_version == shadow_version,
+        w.c.baseline_version == baseline_version,
+        w.c.window_s == part,
+    )
+    # The insert also takes SQLite's write lock first, so two jobs never read the same watermark.
+    conn.execute(
+        dialect_insert(w)
+        .values(
+            shadow_version=shadow_version,
+            baseline_version=baseline_version,
+            window_s=part,
+            summed_until=start,
+        )
+        .on_conflict_do_nothing()
+    )
+    q = select(w.c.summed_until).where(*key)
+    if dialect == "postgresql":
+        q = q.with_for_update()
+    mark = float(conn.execute(q).scalar_one())
+    if mark < start:
+        conn.execute(w.update().where(*key).values(summed_until=start))
+        mark = start
+    return mark
+
+
+def _insert_pair_facts(conn: Connection, part: int, facts: dict[PairKey, PairedFacts]) -> None:
+    """New rows (each bucket is summed once, under its watermark's lock)."""
+    keys = [
+        {"bucket_start": k.start, "shadow_version": k.shadow_version, "baseline_version": k.baseline_version}
+        for k in facts
+    ]
+    if part == PAIRS_PART:
+        rows = [{**k, **_encode_pairs(f)} for k, f in zip(keys, facts.values(), strict=True)]
+        conn.execute(insert(pair_buckets), rows)
+        return
+    rows = [
+        {**k, "window_s": part, **dataclasses.asdict(CorrectCounts.of(f.correct_diff))}
+        for k, f in zip(keys, facts.values(), strict=True)
+        if f.correct_diff.n
+    ]
+    if rows:
+        conn.execute(insert(pair_label_buckets), rows)
+
+
+def sum_pairs(
+    engine: Engine,
+    *,
+    shadow_version: int,
+    baseline_version: int,
+    window_s: float,
+    now: float,
+    settle_s: float,
+    start_at: float,
+    span_s: float = CLOSE_SPAN_S,
+) -> int:
+    """The pair job: add to pair_buckets every bucket of shadow copies whose pairs are all logged
+    (`settle_s` and PAIR_SLACK_S past its end), and to pair_label_buckets every bucket whose baseline
+    answers' attribution window (`window_s`) has closed too.
+
+    Each part has its watermark, from `start_at` (the shadow phase's start); each step is one transaction
+    that holds it, sums at most `span_s` of the shadow's time and moves it: the cost follows the copies
+    newly settled, a second run finds nothing to do, and two runs at once take turns. Copies written
+    after the watermark passed their time (a replay after a long outage) are left out, as by the label
+    job. Returns how many pairs were added to pair_buckets.
+    """
+    ready = now - settle_s - PAIR_SLACK_S
+    start = math.floor(start_at / BUCKET_S) * BUCKET_S
+    added = 0
+    for part, until in ((PAIRS_PART, ready), (int(window_s), ready - window_s)):
+        cutoff = math.floor(until / BUCKET_S) * BUCKET_S
+        while True:
+            with engine.begin() as conn:
+                mark = _lock_pair_watermark(conn, shadow_version, baseline_version, part, start)
+                if mark >= cutoff:
+                    break
+                end = min(cutoff, mark + span_s)
+                rows = _pair_rows(
+                    conn, shadow_version, baseline_version, mark, end, with_labels=part != PAIRS_PART
+                )
+                facts = paired_facts_by_key(
+                    (
+                        PairKey(int(r.shadow_ts // BUCKET_S * BUCKET_S), shadow_version, baseline_version),
+                        r.pair
+                        if part == PAIRS_PART
+                        else dataclasses.replace(r.pair, outcome=r.outcome(part)),
+                    )
+                    for r in rows
+                )
+                if facts:
+                    _insert_pair_facts(conn, part, facts)
+                conn.execute(
+                    pair_watermarks.update()
+                    .where(
+                        pair_watermarks.c.shadow_version == shadow_version,
+                        pair_watermarks.c.baseline_version == baseline_version,
+                        pair_watermarks.c.window_s == part,
+                    )
+                    .values(summed_until=end)
+                )
+                if part == PAIRS_PART:
+                    added += len(rows)
+    return added
+
+
+def pair_watermark(
+    conn: Connection, shadow_version: int, baseline_version: int, window_s: int = PAIRS_PART
+) -> float | None:
+    w = pair_watermarks
+    q = select(w.c.summed_until).where(
+        w.c.shadow_version == shadow_version,
+        w.c.baseline_version == baseline_version,
+        w.c.window_s == window_s,
+    )
+    return conn.execute(q).scalar()
+
+
 def label_watermark(conn: Connection, window_s: float) -> float | None:
     q = select(label_watermarks.c.closed_until).where(label_watermarks.c.window_s == int(window_s))
     return conn.execute(q).scalar()
@@ -720,6 +987,16 @@ def delete_labels_before(conn: Connection, cutoff: float, batch: int) -> int:
 def delete_buckets_before(conn: Connection, cutoff: float) -> int:
     n = conn.execute(request_buckets.delete().where(request_buckets.c.bucket_start < cutoff)).rowcount
     return n + conn.execute(label_buckets.delete().where(label_buckets.c.bucket_start < cutoff)).rowcount
+
+
+def delete_pair_buckets_before(conn: Connection, cutoff: float) -> int:
+    """Paired sums serve a shadow phase's decisions only: kept as long as the fine buckets (and never
+    an open rollout's: the caller's cutoff), then deleted, not rolled up."""
+    n = conn.execute(pair_buckets.delete().where(pair_buckets.c.bucket_start < cutoff)).rowcount
+    return (
+        n
+        + conn.execute(pair_label_buckets.delete().where(pair_label_buckets.c.bucket_start < cutoff)).rowcount
+    )
 
 
 def delete_user_buckets_before(conn: Connection, cutoff: float) -> int:

@@ -1,5 +1,9 @@
 """Bounded storage: raw rows kept for a retention window, aggregates for a year, partitions made ahead.
 
+Fine (5-second) buckets are rolled up into hourly ones after `fine_s`; the shadow phase's paired sums
+(pair_buckets, pair_label_buckets) are deleted then instead, as nothing reads them once their rollout
+is over.
+
 On Postgres `predictions` and `labels` are partitioned by hour of prediction time (a label's by the
 time its request id was issued): retention drops whole partitions
 (no row-by-row delete, no vacuum debt) and creates the next day's ahead of the writers. On SQLite it
@@ -64,6 +68,8 @@ def apply(
         gone = queries.delete_buckets_before(conn, now - policy.aggregate_s)
         # Per-user rows serve a rollout's user-level tests only: kept as long as the raw rows.
         gone += queries.delete_user_buckets_before(conn, cutoff)
+        # Paired sums serve a shadow phase's decisions only: they go with the fine buckets.
+        gone += queries.delete_pair_buckets_before(conn, rollup_before)
     return RetentionReport(
         cutoff,
         partitions_created=preds.created + labs.created,

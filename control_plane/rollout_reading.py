@@ -1,7 +1,7 @@
 """What a rollout's evaluation reads: its observations per ramp step from the aggregates, and its ledger so far.
 
 The service layer's read step (services.evaluate: read → decide → plan → record → apply); writes nothing but
-the label job's watermark (close_window).
+the label job's and the pair job's watermarks (close_window, sum_shadow_pairs).
 """
 
 from __future__ import annotations
@@ -40,6 +40,26 @@ def close_window(ctx: Context, window_s: float, now: float, start_at: float) -> 
         return 0
 
 
+def sum_shadow_pairs(ctx: Context, rollout: Rollout, window_s: float, now: float) -> int:
+    """Sum the settled pairs of a rollout in its shadow phase (the pair job, from the phase's start);
+    0 in any other phase, or if the database fails."""
+    if rollout.phase is not Phase.SHADOW or rollout.baseline_version is None:
+        return 0
+    try:
+        return queries.sum_pairs(
+            ctx.engine,
+            shadow_version=rollout.candidate_version,
+            baseline_version=rollout.baseline_version,
+            window_s=window_s,
+            now=now,
+            settle_s=ctx.settings.log_settle_s,
+            start_at=rollout.step_started_at,
+        )
+    except SQLAlchemyError as exc:
+        log.warning("pairs not summed: %s", exc.__class__.__name__)
+        return 0
+
+
 @dataclass(frozen=True)
 class Reading:
     """What one evaluation read: the rollout's ledger so far, and its observations or why there are none."""
@@ -60,8 +80,9 @@ def read_evaluation(ctx: Context, rollout: Rollout, policy: Policy, tick: int | 
     endpoints = ctx.deployer.endpoints()
     backlog = ctx.log_backlog.waiting({v: endpoints[v] for v in versions_by_role.values() if v in endpoints})
     label_window_s = attribution_window_s(ctx, policy)
-    if not backlog:  # rows still being replayed would be passed over by the label job's watermark
+    if not backlog:  # rows still being replayed would be passed over by the jobs' watermarks
         close_window(ctx, label_window_s, now, start_at=rollout.started_at)
+        sum_shadow_pairs(ctx, rollout, label_window_s, now)
     obs, failure = None, None
     with read_snapshot(ctx.engine) as conn:
         evaluations, last_tick = ctx.ledger.evaluations(conn, rollout.id)

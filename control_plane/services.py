@@ -40,6 +40,7 @@ from control_plane.rollout_reading import (
     observe,
     read_evaluation,
     replaying,
+    sum_shadow_pairs,
 )
 from control_plane.settings import ROLES
 from control_plane.traffic.base import InvalidWeights, Mirror, TrafficStateUnreadable, validate_weights
@@ -167,14 +168,28 @@ def close_labels(ctx: Context) -> int:
     return sum(close_window(ctx, w, now, start_at) for w, start_at in windows.items())
 
 
+def sum_active_pairs(ctx: Context) -> int:
+    """The scheduled pair job: the active rollout's settled pairs while it is in its shadow phase, from
+    its watermarks; waits while a Bento's log is replaying rows (as close_labels)."""
+    rollout = ctx.ledger.active()
+    if rollout is None or rollout.phase is not Phase.SHADOW:
+        return 0
+    if ctx.log_backlog.waiting(ctx.deployer.endpoints()):
+        return 0
+    window_s = attribution_window_s(ctx, Policy.from_dict(rollout.policy_params))
+    return sum_shadow_pairs(ctx, rollout, window_s, ctx.clock())
+
+
 def maintain(ctx: Context) -> dict[str, Any]:
-    """The scheduled upkeep: close attribution windows, then apply retention (services.retention)."""
+    """The scheduled upkeep: close attribution windows and sum settled shadow pairs, then apply retention
+    (services.retention)."""
     closed = close_labels(ctx)
+    paired = sum_active_pairs(ctx)
     rollout = ctx.ledger.active()
     s = ctx.settings
     policy = RetentionPolicy(s.retention_s, s.aggregate_fine_retention_s, s.aggregate_retention_s)
     report = retention.apply(ctx.engine, policy, ctx.clock(), None if rollout is None else rollout.started_at)
-    return {"labels_closed": closed, **dataclasses.asdict(report)}
+    return {"labels_closed": closed, "pairs_summed": paired, **dataclasses.asdict(report)}
 
 
 # --- checks before the lock --------------------------------------------------

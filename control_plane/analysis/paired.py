@@ -99,6 +99,43 @@ class PairedFacts:
         )
 
 
+@dataclass(frozen=True, order=True)
+class PairKey:
+    """What paired sums are kept per (the pair_buckets tables): the bucket of the shadow copy's time
+    and the two versions that answered."""
+
+    start: int
+    shadow_version: int
+    baseline_version: int
+
+
+@dataclass(frozen=True)
+class CorrectCounts:
+    """The accuracy difference of labelled pairs as counts: each pair's difference is -1, 0 or 1, so
+    its n, sum and sum of squares are the labelled pairs and those only one version got right."""
+
+    labelled: int = 0
+    shadow_only_right: int = 0
+    baseline_only_right: int = 0
+
+    @classmethod
+    def of(cls, m: Moments) -> CorrectCounts:
+        return cls(m.n, round((m.squares + m.total) / 2), round((m.squares - m.total) / 2))
+
+    @property
+    def moments(self) -> Moments:
+        s, b = self.shadow_only_right, self.baseline_only_right
+        return Moments(self.labelled, float(s - b), float(s + b))
+
+
+def paired_facts_by_key(keyed: Iterable[tuple[PairKey, Pair]]) -> dict[PairKey, PairedFacts]:
+    """The sums of each key's pairs (what the pair job adds per bucket)."""
+    groups: dict[PairKey, list[Pair]] = {}
+    for key, p in keyed:
+        groups.setdefault(key, []).append(p)
+    return {key: paired_facts(ps) for key, ps in groups.items()}
+
+
 def top_k_overlap(shadow: Iterable[str], baseline: Iterable[str]) -> float:
     """|shadow ∩ baseline| / k, k the longer list's length: 1 when both serve the same items."""
     s, b = list(shadow), list(baseline)

@@ -174,6 +174,63 @@ label_watermarks = Table(
     Column("closed_until", Float, nullable=False),
 )
 
+
+def _pair_key() -> list[Column]:
+    """What a paired row is kept per (analysis/paired.py: PairKey): the bucket of the shadow copy's time
+    and the two versions answering the same requests."""
+    return [
+        Column("bucket_start", BigInteger, primary_key=True),
+        Column("shadow_version", Integer, primary_key=True),
+        Column("baseline_version", Integer, primary_key=True),
+    ]
+
+
+# The paired sums of a shadow phase (analysis/paired.py: PairedFacts), per BUCKET_S of the shadow copy's
+# time: the shadow's copies joined on their pair key with the baseline's live answers, summed once by
+# the pair job (queries.sum_pairs) as its watermark passes the bucket. The shadow decision reads these,
+# never the raw rows; pruned with the fine buckets (retention.py).
+pair_buckets = Table(
+    "pair_buckets",
+    metadata,
+    *_pair_key(),
+    Column("pairs", BigInteger, nullable=False),
+    Column("scored", BigInteger, nullable=False),  # pairs where both scored
+    Column("score_sum", Float, nullable=False),  # shadow minus baseline score, over `scored`
+    Column("score_squares", Float, nullable=False),
+    Column("score_abs_sum", Float, nullable=False),
+    Column("latency_sum", Float, nullable=False),  # shadow minus baseline latency (ms), over `pairs`
+    Column("latency_squares", Float, nullable=False),
+    Column("shadow_slower", BigInteger, nullable=False),
+    Column("both_errors", BigInteger, nullable=False),
+    Column("shadow_only_errors", BigInteger, nullable=False),
+    Column("baseline_only_errors", BigInteger, nullable=False),
+    Column("ranked", BigInteger, nullable=False),
+    Column("overlap_sum", Float, nullable=False),
+)
+
+# The same pairs' outcomes once the baseline request's attribution window (`window_s`) has closed:
+# how many were labelled, and how many of them only the shadow, or only the baseline, got right.
+pair_label_buckets = Table(
+    "pair_label_buckets",
+    metadata,
+    Column("window_s", Integer, primary_key=True),
+    *_pair_key(),
+    Column("labelled", BigInteger, nullable=False),
+    Column("shadow_only_right", BigInteger, nullable=False),
+    Column("baseline_only_right", BigInteger, nullable=False),
+)
+
+# Per version pair and part (window_s -1: pair_buckets; else pair_label_buckets of that window): shadow
+# copies logged before `summed_until` have been summed.
+pair_watermarks = Table(
+    "pair_watermarks",
+    metadata,
+    Column("shadow_version", Integer, primary_key=True),
+    Column("baseline_version", Integer, primary_key=True),
+    Column("window_s", Integer, primary_key=True),
+    Column("summed_until", Float, nullable=False),
+)
+
 # The weights in force and which version holds each role; survives restarts.
 traffic_config = Table(
     "traffic_config",

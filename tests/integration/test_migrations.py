@@ -84,3 +84,48 @@ def test_0006_adds_the_pair_key_and_its_partial_index_and_goes_back(backend, tmp
     else:
         with fresh_database() as url:
             run(url)
+
+
+PAIR_TABLES = {"pair_buckets", "pair_label_buckets", "pair_watermarks"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_0007_adds_the_pair_buckets_and_goes_back(backend, tmp_path):
+    """Revision 0007 on both databases: the three tables of the paired sums, keyed as declared, and the
+    downgrade removes them and nothing else."""
+    from alembic import command
+
+    from control_plane.db.engine import alembic_config
+    from tests.conftest import fresh_database
+
+    def run(url: str) -> None:
+        cfg = alembic_config(url)
+        command.upgrade(cfg, "head")
+        command.downgrade(cfg, "0006")
+        engine = make_engine(url)
+        before = set(inspect(engine).get_table_names())
+        engine.dispose()
+        assert not PAIR_TABLES & before
+        command.upgrade(cfg, "0007")
+        engine.dispose()
+        engine = make_engine(url)
+        insp = inspect(engine)
+        assert set(insp.get_table_names()) >= PAIR_TABLES
+        for table in PAIR_TABLES:
+            declared = metadata.tables[table]
+            assert {c["name"] for c in insp.get_columns(table)} == {c.name for c in declared.columns}
+            assert set(insp.get_pk_constraint(table)["constrained_columns"]) == {
+                c.name for c in declared.primary_key
+            }
+        command.downgrade(cfg, "0006")
+        engine.dispose()
+        engine = make_engine(url)
+        assert set(inspect(engine).get_table_names()) == before
+        engine.dispose()
+        command.upgrade(cfg, "head")
+
+    if backend == "sqlite":
+        run(f"sqlite:///{tmp_path / 'x.db'}")
+    else:
+        with fresh_database() as url:
+            run(url)

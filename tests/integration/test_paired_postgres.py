@@ -1,5 +1,6 @@
 """The shadow copies' join on pair_key through Postgres: partitioned `predictions` and `labels`, migrated
-through 0006: the same rows give the same sums as on SQLite (JSON served lists, labels by issued_ts)."""
+through 0007: the same rows give the same sums as on SQLite (JSON served lists, labels by issued_ts),
+and the pair job's buckets read the same as the rows recomputed."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from sqlalchemy import text
 
 from control_plane import queries
 from control_plane.analysis.paired import Moments
-from tests.unit.test_paired import seed_pairs
+from tests.unit.test_pair_buckets import WINDOW_S, assert_same, job, shadow_traffic
+from tests.unit.test_paired import seed_pairs, settle_pairs
 
 pytestmark = pytest.mark.integration
 
@@ -17,8 +19,40 @@ def test_the_join_on_pair_key_sums_the_same_on_postgres(pg_engine):
     now, t = seed_pairs(pg_engine)
     with pg_engine.connect() as conn:
         conn.execute(text("ANALYZE predictions"))
+    assert settle_pairs(pg_engine, now, start_at=t - 200) == 3
+    with pg_engine.connect() as conn:
         facts = queries.SqlMetricsSource(conn).pairs(3, 2, t, now, 60.0, now)
+        assert queries.raw_pairs(conn, 3, 2, t, now, 60.0, now) == facts
     assert facts.pairs == 3
     assert facts.latency_diff == Moments(3, 12.0, 48.0)
     assert (facts.ranked, facts.overlap_sum) == (1, pytest.approx(0.5))
     assert facts.correct_diff == Moments(3, -1.0, 1.0)
+
+
+def test_the_pair_buckets_read_the_same_as_the_rows_on_postgres(pg_engine):
+    t0 = 1_800_000_000.0
+    with pg_engine.begin() as conn:
+        queries.create_partitions(conn, t0 - 3600, t0 + 3600)
+        queries.create_partitions(conn, t0 - 3600, t0 + 3600, "labels")
+    shadow_traffic(pg_engine, t0, 120, 10)
+    for now in (t0 + 40, t0 + 100, t0 + 300):  # three ticks
+        job(pg_engine, now, start_at=t0)
+    with pg_engine.connect() as conn:
+        src = queries.SqlMetricsSource(conn)
+        for since, until, labels_before in [(t0, t0 + 300, t0 + 300), (t0 + 7, t0 + 93, t0 + 80)]:
+            want = queries.raw_pairs(conn, 3, 2, since, until, WINDOW_S, labels_before)
+            assert want.pairs > 500 and want.correct_diff.n > 0
+            assert_same(src.pairs(3, 2, since, until, WINDOW_S, labels_before), want)
+
+
+def test_two_pair_jobs_at_once_take_turns_and_count_each_pair_once(pg_engine):
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = 1_800_000_000.0
+    shadow_traffic(pg_engine, t0, 240, 10)
+    with ThreadPoolExecutor(4) as pool:
+        added = list(pool.map(lambda _: job(pg_engine, t0 + 400, start_at=t0), range(4)))
+    with pg_engine.connect() as conn:
+        want = queries.raw_pairs(conn, 3, 2, t0, t0 + 240, WINDOW_S, t0 + 400)
+        assert_same(queries.SqlMetricsSource(conn).pairs(3, 2, t0, t0 + 240, WINDOW_S, t0 + 400), want)
+    assert sum(added) == want.pairs > 1500 and want.correct_diff.n > 0

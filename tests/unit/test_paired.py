@@ -229,10 +229,25 @@ def seed_pairs(engine) -> tuple[float, float]:
     return now, t
 
 
+def settle_pairs(engine, now: float, *, start_at: float, window_s: float = 60.0) -> int:
+    """The pair job at `now`: every pair of the rows seeded before it settled (log settling 2 s)."""
+    return queries.sum_pairs(
+        engine,
+        shadow_version=3,
+        baseline_version=2,
+        window_s=window_s,
+        now=now,
+        settle_s=2.0,
+        start_at=start_at,
+    )
+
+
 def test_the_shadow_copies_join_the_baseline_answers_on_their_pair_key(engine):
     now, t = seed_pairs(engine)
+    assert settle_pairs(engine, now, start_at=t - 200) == 3
     with engine.connect() as conn:
         src = queries.SqlMetricsSource(conn)
+        assert queries.raw_pairs(conn, 3, 2, t, now, 60.0, now) == src.pairs(3, 2, t, now, 60.0, now)
         facts = src.pairs(3, 2, t, now, 60.0, now)
         open_labels = src.pairs(3, 2, t, now, 60.0, t + 30)  # no attribution window closed yet
         # whole buckets only, as the arms' counts: [t, t + 5) holds k1-k3, [t, t + 4.9) no whole bucket
@@ -261,6 +276,7 @@ def test_the_shadow_decision_reports_the_pairs_and_gates_as_before(engine):
         rows.append(row(ts + 0.01, 3, SHADOW_ROUTE, min(1.0, b + 0.05), f"p{i}", role="canary"))
     with engine.begin() as conn:
         queries.insert_predictions(conn, rows)
+    settle_pairs(engine, now, start_at=t)
     policy = Policy.from_dict({**FAST_POLICY, "shadow_percent": 100, "shadow_min_duration_s": 60})
     with engine.connect() as conn:
         obs = observations.read_observations(
