@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from control_plane.deployer.docker_api import DockerApi
-from control_plane.deployer.docker_gate import BENTO_DOCKERFILE, BENTO_LABEL
+from control_plane.deployer.docker_gate import BENTO_DOCKERFILE, BENTO_LABEL, SPILL_TARGET, spill_volume
 from control_plane.deployer.local import build_version_bento, is_ready
 from control_plane.errors import DeployFailed
 from control_plane.settings import Settings
@@ -92,6 +92,9 @@ class DockerDeployer:
             "RECSYS_MAX_BODY_BYTES": str(s.max_body_bytes),
             # The Bento signs the request ids it issues; /feedback checks them with the same key.
             "RECSYS_REQUEST_ID_KEY": ensure_request_id_key(s),
+            # Rows the database did not take, on the project's spill volume: a restarted container (the
+            # same version) replays them.
+            "RECSYS_SPILL_DIR": f"{SPILL_TARGET}/v{version}",
         }
         return {
             "Image": self.image(version),
@@ -104,6 +107,9 @@ class DockerDeployer:
                 "RestartPolicy": {"Name": "unless-stopped"},
                 "ReadonlyRootfs": True,
                 "Tmpfs": {"/tmp": "rw,nosuid,nodev,size=256m"},
+                "Mounts": [
+                    {"Type": "volume", "Source": spill_volume(s.docker_project), "Target": SPILL_TARGET}
+                ],
                 "CapDrop": ["ALL"],
                 "SecurityOpt": ["no-new-privileges"],
                 "Init": True,

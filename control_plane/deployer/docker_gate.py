@@ -38,6 +38,10 @@ log = logging.getLogger("recsys.docker_gate")
 
 BENTO_DOCKERFILE = Path(__file__).with_name("bento.Dockerfile")
 BENTO_LABEL = "recsys.bento"
+# The one mount a Bento may have: the project's spill volume (declared in docker-compose.yml, so
+# `docker-compose down --volumes` removes it), where it keeps the rows the database did not take until it
+# replays them, so that a crashed Bento's replacement finds them.
+SPILL_TARGET = "/var/spool/recsys"
 MAX_BODY_BYTES = 1 << 30  # a Bento's build context: its model and sources, a few MB here
 _VERSION_PREFIX = re.compile(r"^/v\d+\.\d+(/.*)$")
 
@@ -57,9 +61,15 @@ HOST_CONFIG_FIELDS = frozenset(
         "CapDrop",
         "SecurityOpt",
         "Init",
+        "Mounts",
     }
 )
 SECURITY_OPTS = frozenset({"no-new-privileges", "no-new-privileges:true"})
+
+
+def spill_volume(project: str) -> str:
+    """The compose volume `bento-spill` of `project`, as docker-compose names it."""
+    return f"{project}_bento-spill"
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,10 @@ class GateConfig:
     app_image: str
     image_repo: str = "recsys-bento"
     dockerfile: bytes = b""
+
+    @property
+    def spill_volume(self) -> str:
+        return spill_volume(self.project)
 
     def container_name(self) -> re.Pattern[str]:
         return re.compile(rf"^{re.escape(self.project)}-bento-v(\d+)$")
@@ -210,6 +224,12 @@ def _check_create(req: GateRequest, cfg: GateConfig) -> Verdict:
         return _deny("the only security option allowed is no-new-privileges")
     if any(not str(path).startswith("/tmp") for path in (host.get("Tmpfs") or {})):
         return _deny("tmpfs mounts are allowed under /tmp only")
+    spill = {"Type": "volume", "Source": cfg.spill_volume, "Target": SPILL_TARGET}
+    mounts = host.get("Mounts") or []
+    if not isinstance(mounts, list) or any(
+        not isinstance(m, dict) or {k: v for k, v in m.items() if k != "ReadOnly"} != spill for m in mounts
+    ):
+        return _deny(f"the only mount allowed is volume {cfg.spill_volume} at {SPILL_TARGET}")
     labels = {
         str(k): str(v) for k, v in (spec.get("Labels") or {}).items() if not str(k).startswith("com.docker")
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -16,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.compose.conftest import DOCKER
 from tests.conftest import wait_for
 
 # The first test also builds the images (cold: about 15 minutes here) and starts the stack.
@@ -212,6 +214,34 @@ def test_postgres_restarted_loses_no_logged_prediction(compose_stack):
     assert answered >= len(results) - 5, Counter(status for _, status, _ in results)
     wait_for(lambda: _logged(compose_stack, prefix) >= answered, 180, "every answered request logged")
     assert len(_roles(compose_stack)) == 3
+
+
+def test_rows_spilled_by_a_bento_that_dies_are_replayed_by_its_restarted_container(compose_stack):
+    """Postgres down: the baseline's Bento answers and spills to the project's spill volume; killed, its
+    container restarted by the restart policy finds the files and replays them once Postgres is back."""
+    prefix = f"spill-{uuid.uuid4().hex[:8]}-"
+    baseline = _roles(compose_stack)["baseline"]
+    name = f"{compose_stack.project}-bento-v{baseline}"
+    compose_stack.compose("stop", "postgres")
+    try:
+        answered = 0
+        for i in range(100):
+            status, headers = compose_stack.predict(
+                {"X-Request-Id": f"{prefix}{i}", "X-Model-Role": "baseline"}
+            )
+            answered += status == 200 and headers.get("x-model-version") == str(baseline)
+        assert answered == 100
+        spilled = f'test -n "$(ls -A /var/spool/recsys/v{baseline} 2>/dev/null)"'
+        wait_for(
+            lambda: subprocess.run([DOCKER, "exec", name, "sh", "-c", spilled]).returncode == 0,
+            60,
+            "the baseline's rows in its spill directory",
+        )
+        time.sleep(2)  # the spill file's last rows written before the kill
+        os.kill(int(compose_stack.docker("inspect", "-f", "{{.State.Pid}}", name)), signal.SIGKILL)
+    finally:
+        compose_stack.compose("start", "postgres")
+    wait_for(lambda: _logged(compose_stack, prefix) == 100, 180, "the 100 spilled rows replayed")
 
 
 def test_the_demo_story_runs_in_containers_and_moves_mlflow_aliases(compose_stack):

@@ -38,6 +38,11 @@ def test_the_deployers_own_container_spec_passes_and_is_stamped_for_compose():
     assert sent["Labels"]["recsys.bento"] == "3"
     assert sent["NetworkingConfig"] == {"EndpointsConfig": {"recsys_default": {"Aliases": ["bento-v3"]}}}
     assert sent["HostConfig"]["ReadonlyRootfs"] is True
+    # its one mount: the project's spill volume, a directory per version in it
+    assert sent["HostConfig"]["Mounts"] == [
+        {"Type": "volume", "Source": "recsys_bento-spill", "Target": "/var/spool/recsys"}
+    ]
+    assert "RECSYS_SPILL_DIR=/var/spool/recsys/v3" in sent["Env"]
 
 
 @pytest.mark.parametrize(
@@ -49,6 +54,42 @@ def test_the_deployers_own_container_spec_passes_and_is_stamped_for_compose():
         {"HostConfig": {"NetworkMode": "host"}},
         {"HostConfig": {"NetworkMode": "recsys_default", "SecurityOpt": ["seccomp=unconfined"]}},
         {"HostConfig": {"NetworkMode": "recsys_default", "Tmpfs": {"/etc": ""}}},
+        {
+            "HostConfig": {
+                "NetworkMode": "recsys_default",
+                "Mounts": [{"Type": "bind", "Source": "/", "Target": "/h"}],
+            }
+        },
+        {
+            "HostConfig": {
+                "NetworkMode": "recsys_default",
+                "Mounts": [{"Type": "volume", "Source": "other_data", "Target": "/var/spool/recsys"}],
+            }
+        },
+        {
+            "HostConfig": {
+                "NetworkMode": "recsys_default",
+                "Mounts": [{"Type": "volume", "Source": "recsys_bento-spill", "Target": "/etc"}],
+            }
+        },
+        {
+            "HostConfig": {
+                "NetworkMode": "recsys_default",
+                "Mounts": [
+                    {
+                        "Type": "volume",
+                        "Source": "recsys_bento-spill",
+                        "Target": "/var/spool/recsys",
+                        "VolumeOptions": {
+                            "DriverConfig": {
+                                "Name": "local",
+                                "Options": {"type": "none", "o": "bind", "device": "/"},
+                            }
+                        },
+                    }
+                ],
+            }
+        },
         {"Image": "debian:bookworm"},
         {"Image": "recsys-bento:v4"},
         {"Entrypoint": ["/bin/sh"]},
