@@ -15,7 +15,7 @@ import numpy as np
 from control_plane.analysis import fold
 from control_plane.analysis.aggregates import LabelFacts, LatencyHistogram, RequestFacts, SparseCounts
 from control_plane.analysis.paired import PairedFacts
-from control_plane.analysis.ranking import ranking_summary
+from control_plane.analysis.ranking import DEFAULT_K, ranking_summary
 from control_plane.analysis.types import ArmObservation, Observations, PeriodCounts
 from control_plane.analysis.user_level import UserEvidence
 from control_plane.metrics_source import SHADOW_ROUTE, WEIGHTED, MetricsSource
@@ -188,6 +188,7 @@ def read_observations(
     periods: Sequence[tuple[float, Mapping[str, int]]] = (),
     assigned: Mapping[str, int] | None = None,
     period_settled: Sequence[float | None] = (),
+    metric_k: int = DEFAULT_K,
 ) -> Observations:
     """Every role's window (its ends from `window_ends`), as the decision function takes it.
 
@@ -196,7 +197,7 @@ def read_observations(
     first; each arm's numbers are then read per step too. `period_settled[i]`, when known, is when step
     i's weights were surely in force (its advance applied and the log settled): the requests before it
     count for the estimates but not for the sample-ratio check. `assigned` is the router's own count of
-    requests per role.
+    requests per role. `metric_k` is the k of the per-user CTR@k sums (the policy's).
     """
     until, labels_before = window_ends(now, settle_s, label_window_s)
     arms = {
@@ -220,7 +221,7 @@ def read_observations(
         window_end=until,
         arms=arms,
         step_weights=dict(step_weights),
-        users=user_evidence(source, versions, since, until, label_window_s, step_since),
+        users=user_evidence(source, versions, since, until, label_window_s, step_since, metric_k),
         periods=tuple((float(start), dict(w)) for start, w in periods),
         assigned=None if assigned is None else dict(assigned),
         pairs=shadow_pairs(source, versions, routes or {}, since, until, label_window_s, labels_before),
@@ -252,13 +253,14 @@ def user_evidence(
     until: float,
     label_window_s: float,
     step_since: float,
+    metric_k: int = DEFAULT_K,
 ) -> UserEvidence | None:
     """Per role, the users of the window, when the source keeps per-user aggregates and requests named
-    users; None otherwise (then every test counts requests)."""
+    users; None otherwise (then every test counts requests). `metric_k`: the k of their CTR@k sums."""
     users = getattr(source, "users", None)
     if users is None:
         return None
-    by_arm = users(since, until, label_window_s, step_start=step_since)
+    by_arm = users(since, until, label_window_s, step_start=step_since, ctr_k=metric_k)
     arms = {
         role: by_arm[(version, role)]
         for role, version in versions.items()

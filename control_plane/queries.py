@@ -26,6 +26,7 @@ from sqlalchemy import Connection, Engine, and_, func, insert, select, text
 from control_plane.analysis.aggregates import (
     BUCKET_S,
     CORRECT_AT,
+    RANKED_ENDPOINT,
     BucketKey,
     LabelFacts,
     LatencyHistogram,
@@ -44,11 +45,13 @@ from control_plane.analysis.paired import (
     paired_facts,
     paired_facts_by_key,
 )
+from control_plane.analysis.ranking import DEFAULT_K
 from control_plane.analysis.user_level import (
     ArmUsers,
+    RankingUsers,
     RatioSums,
     UserKey,
-    UserLabels,
+    UserLabelFacts,
     UserRequests,
     user_bucket,
     user_label_facts,
@@ -64,6 +67,7 @@ from control_plane.db.schema import (
     predictions,
     request_buckets,
     traffic_config,
+    user_clicks,
     user_labels,
     user_requests,
 )
@@ -278,19 +282,35 @@ def add_user_facts(cursor, dialect: str, facts: dict[UserKey, UserRequests]) -> 
     )
 
 
-def add_user_labels(cursor, dialect: str, window_s: int, facts: dict[UserKey, UserLabels]) -> None:
-    """Add per-user closed predictions to user_labels (the label job, beside label_buckets)."""
-    if not facts:
-        return
-    _add_rows(
-        cursor,
-        dialect,
-        "user_labels",
-        ("window_s", *_USER_KEYS),
-        ("closed", "correct"),
-        [(window_s, *k.row(), f.closed, f.correct) for k, f in facts.items()],
-        "closed = user_labels.closed + excluded.closed, correct = user_labels.correct + excluded.correct",
-    )
+def add_user_labels(cursor, dialect: str, window_s: int, facts: UserLabelFacts) -> None:
+    """Add per-user closed predictions to user_labels, and their clicks per position to user_clicks
+    (the label job, beside label_buckets)."""
+    if facts.labels:
+        _add_rows(
+            cursor,
+            dialect,
+            "user_labels",
+            ("window_s", *_USER_KEYS),
+            ("closed", "correct", "ranked", "mrr_sum", "ndcg_sum"),
+            [
+                (window_s, *k.row(), f.closed, f.correct, f.ranked, f.mrr, f.ndcg)
+                for k, f in facts.labels.items()
+            ],
+            ", ".join(
+                f"{c} = user_labels.{c} + excluded.{c}"
+                for c in ("closed", "correct", "ranked", "mrr_sum", "ndcg_sum")
+            ),
+        )
+    if facts.clicks:
+        _add_rows(
+            cursor,
+            dialect,
+            "user_clicks",
+            ("window_s", *_USER_KEYS, "position"),
+            ("clicks",),
+            [(window_s, *k.row(), n) for k, n in facts.clicks.items()],
+            "clicks = user_clicks.clicks + excluded.clicks",
+        )
 
 
 _PREDICTION_COLUMNS = tuple(str(c.name) for c in predictions.columns)
@@ -420,12 +440,20 @@ class SqlMetricsSource:
         return _decode_pairs(row, correct.moments)
 
     def users(
-        self, since: float, until: float, window_s: float, *, step_start: float, route: str | None = WEIGHTED
+        self,
+        since: float,
+        until: float,
+        window_s: float,
+        *,
+        step_start: float,
+        route: str | None = WEIGHTED,
+        ctr_k: int = DEFAULT_K,
     ) -> dict[tuple[int, str], ArmUsers]:
         """Per (version, role): its users in [since, until) (user buckets from the one holding `since`),
-        their requests, how many were first seen (in any arm) at or after `step_start`, and the sums of
-        their closed and correct predictions for the user-level accuracy. Three grouped queries over
-        the per-user tables: the cost follows the users active in the window, not their requests."""
+        their requests, how many were first seen (in any arm) at or after `step_start`, the sums of
+        their closed and correct predictions for the user-level accuracy, and of their closed /recommend
+        exposures for the ranking metrics (MRR, NDCG, and CTR at `ctr_k`). Grouped queries over the
+        per-user tables: the cost follows the users active in the window, not their requests."""
         p = {"lo": user_bucket(since), "hi": until, "route": route, "w": int(window_s)}
         route_cond = "" if route is None else " AND route = :route"
         where = f"bucket_start >= :lo AND bucket_start < :hi{route_cond}"
@@ -461,7 +489,61 @@ class SqlMetricsSource:
         ):
             sums = RatioSums(int(k), float(n), float(y), float(nn), float(yy), float(yn))
             out.setdefault((int(version), role), {"users": 0, "requests": 0})["accuracy"] = sums
+        for key, ranking in self._user_ranking(where, p, ctr_k).items():
+            out.setdefault(key, {"users": 0, "requests": 0})["ranking"] = ranking
         return {key: ArmUsers(**values) for key, values in out.items()}
+
+    def _user_ranking(self, where: str, p: dict, k: int) -> dict[tuple[int, str], RankingUsers]:
+        """Per (version, role): the per-user sums of the ranking metrics over the users with a closed
+        exposure (n_i their exposures), and their clicks per position."""
+        per_user = (
+            "SELECT user_key, model_version, role, SUM(ranked) AS n, SUM(mrr_sum) AS m, SUM(ndcg_sum) AS g "
+            f"FROM user_labels WHERE window_s = :w AND {where} GROUP BY user_key, model_version, role"
+        )
+        found: dict[tuple[int, str], dict] = {}
+        for version, role, users, n, nn, m, mm, mn, g, gg, gn in self.conn.execute(
+            text(
+                "SELECT model_version, role, COUNT(*), SUM(n), SUM(n * n), SUM(m), SUM(m * m), SUM(m * n), "
+                f"SUM(g), SUM(g * g), SUM(g * n) FROM ({per_user}) t WHERE n > 0 GROUP BY model_version, role"
+            ),
+            p,
+        ):
+            base = (int(users), float(n))
+            found[(int(version), role)] = {
+                "k": int(k),
+                "mrr": RatioSums(*base, float(m), float(nn), float(mm), float(mn)),
+                "ndcg": RatioSums(*base, float(g), float(nn), float(gg), float(gn)),
+                "ctr": RatioSums(*base, 0.0, float(nn), 0.0, 0.0),
+            }
+        if not found:
+            return {}
+        for version, role, y, yy, yn in self.conn.execute(
+            text(
+                "SELECT t.model_version, t.role, SUM(c.y), SUM(c.y * c.y), SUM(c.y * t.n) "
+                f"FROM ({per_user}) t JOIN (SELECT user_key, model_version, role, SUM(clicks) AS y "
+                f"FROM user_clicks WHERE window_s = :w AND position <= :k AND {where} "
+                "GROUP BY user_key, model_version, role) c "
+                "ON c.user_key = t.user_key AND c.model_version = t.model_version AND c.role = t.role "
+                "WHERE t.n > 0 GROUP BY t.model_version, t.role"
+            ),
+            {**p, "k": int(k)},
+        ):
+            arm = found.get((int(version), role))
+            if arm is not None:
+                arm["ctr"] = dataclasses.replace(arm["ctr"], y=float(y), yy=float(yy), yn=float(yn))
+        positions: dict[tuple[int, str], list[tuple[int, int]]] = {}
+        for version, role, position, clicks in self.conn.execute(
+            text(
+                "SELECT model_version, role, position, SUM(clicks) FROM user_clicks "
+                f"WHERE window_s = :w AND {where} GROUP BY model_version, role, position"
+            ),
+            p,
+        ):
+            positions.setdefault((int(version), role), []).append((int(position), int(clicks)))
+        for key, arm in found.items():
+            pc = sorted(positions.get(key, []))
+            arm["clicks"] = SparseCounts([q for q, _ in pc], [c for _, c in pc])
+        return {key: RankingUsers(**arm) for key, arm in found.items()}
 
 
 def _summed(rows: list[tuple], column: int) -> SparseCounts:
@@ -491,7 +573,7 @@ def _lock_watermark(conn: Connection, window_s: int, start_at: float) -> float:
 
 def _closed_facts(
     conn: Connection, window_s: int, start: float, end: float
-) -> tuple[dict[BucketKey, LabelFacts], dict[UserKey, UserLabels]]:
+) -> tuple[dict[BucketKey, LabelFacts], UserLabelFacts]:
     """Outcomes of the served predictions of [start, end), each joined to its label (if any): per
     bucket key, and per user key for the rows that named a user."""
     p, lab = predictions, labels
@@ -520,7 +602,7 @@ def _closed_facts(
         .where(p.c.ts >= start, p.c.ts < end, p.c.status < 500, p.c.score.is_not(None))
     ).all()
     if not rows:
-        return {}, {}
+        return {}, UserLabelFacts()
     cols = list(zip(*rows, strict=True))
     ts = np.asarray(cols[0], dtype=float)
     starts = ((ts // BUCKET_S) * BUCKET_S).astype(np.int64).tolist()
@@ -532,9 +614,13 @@ def _closed_facts(
     position = np.asarray([np.nan if x is None else x for x in cols[9]], dtype=float)
     facts = label_facts(keys, scores, outcome, position)
     users = [i for i, u in enumerate(cols[8]) if u is not None]
+    # a click counts where it counts in label_facts: a /recommend exposure's, within the window
+    clicked = np.where((outcome == 1) & (np.nan_to_num(position) >= 1), np.nan_to_num(position), 0)
     user_facts = user_label_facts(
         (UserKey(user_bucket(ts[i]), cols[8][i], cols[1][i], cols[2][i], cols[3][i]) for i in users),
         ((scores[i] >= CORRECT_AT) == bool(outcome[i]) for i in users),
+        (cols[4][i] == RANKED_ENDPOINT for i in users),
+        (int(clicked[i]) for i in users),
     )
     return facts, user_facts
 
@@ -1001,6 +1087,7 @@ def delete_pair_buckets_before(conn: Connection, cutoff: float) -> int:
 
 def delete_user_buckets_before(conn: Connection, cutoff: float) -> int:
     n = conn.execute(user_requests.delete().where(user_requests.c.bucket_start < cutoff)).rowcount
+    n += conn.execute(user_clicks.delete().where(user_clicks.c.bucket_start < cutoff)).rowcount
     return n + conn.execute(user_labels.delete().where(user_labels.c.bucket_start < cutoff)).rowcount
 
 

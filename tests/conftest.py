@@ -120,7 +120,7 @@ def pg_engine(pg_url):
         conn.execute(
             text(
                 "TRUNCATE predictions, labels, request_buckets, label_buckets, label_watermarks, traffic_config,"
-                " user_requests, user_labels, pair_buckets, pair_label_buckets, pair_watermarks,"
+                " user_requests, user_labels, user_clicks, pair_buckets, pair_label_buckets, pair_watermarks,"
                 " decisions, rollouts RESTART IDENTITY CASCADE"
             )
         )

@@ -20,7 +20,7 @@ from control_plane.analysis.policy import (
     evaluate,
     harm,
 )
-from control_plane.analysis.ranking import metric_periods, on_metric
+from control_plane.analysis.ranking import metric_periods, metric_sums, on_metric, unit_variance
 from control_plane.analysis.shadow import decide_shadow
 from control_plane.analysis.types import (
     Action,
@@ -31,6 +31,7 @@ from control_plane.analysis.types import (
     RolloutState,
     RuleOutcome,
 )
+from control_plane.analysis.user_level import MetricTotals
 
 PROMOTED_WEIGHT = 100  # after a promotion the canary *is* the baseline; the control plane restores the split
 SUPERIORITY_KEY = "accuracy_superiority"  # key of the running p-value in RolloutState.running_p_values
@@ -136,10 +137,14 @@ def _numbers(
     pc, pb = _arm_periods(c, policy), _arm_periods(b, policy)
     est = strata.combine(pc, pb)
     diff, var = est.diff[0], est.var[0]
-    users = _user_unit(obs, c, b)  # requests that name users: users are the unit (user_level.py)
+    users = _user_unit(obs, policy, c, b)  # requests that name users: users are the unit (user_level.py)
     deff = 1.0
-    if users is not None and not policy.decision_metric.ranking:  # per-user sums are of accuracy only
-        deff = float(design_effect(users["accuracy_var"], c.correct, c.labelled, b.correct, b.labelled))
+    if users is not None:  # the decision metric's per-user sums: accuracy or a ranking metric
+        deff = float(
+            design_effect(
+                users["accuracy_var"], c.correct, c.labelled, b.correct, b.labelled, users["request_var"]
+            )
+        )
         var = var * deff
     tau2 = seq.mixing_variance(2 * p0 * (1 - p0), policy.planned_n, a)
     recent_diff, recent_var = strata.period_at(est.period_diff, est.period_var, [state.step_index])
@@ -268,6 +273,9 @@ def _evidence(n: Numbers, state: RolloutState) -> Evidence:
         periods_b=n.pb,
         loss_p=None if n.loss is None else arr(n.loss["p_always_valid"]),
         accuracy_var=None if n.users is None else arr(n.users["accuracy_var"]),
+        request_var=None
+        if n.users is None or n.users["request_var"] is None
+        else arr(n.users["request_var"]),
     )
 
 
@@ -627,19 +635,40 @@ def _num(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _user_unit(obs: Observations, c: ArmObservation, b: ArmObservation) -> dict | None:
-    """With users in both arms: the accuracy difference's variance with users as clusters (predictions
-    without a user each a cluster of one), users first assigned in this step per role, and per-arm
-    users and requests for the record. None when no request named a user."""
+def _metric_totals(policy: Policy, role: str, arm: ArmObservation, obs: Observations) -> MetricTotals:
+    """A ranking metric's totals over an arm's closed exposures (users' and anonymous): the anonymous
+    exposures' squared values are the arm's less its users' (from their clicks per position)."""
+    metric, k = policy.decision_metric, policy.metric_k
+    pooled = metric_sums(metric, arm.ranked, arm.click_positions, k)
+    users = obs.users.arms.get(role) if obs.users is not None else None
+    users_sq = 0.0 if users is None else metric_sums(metric, 0, users.ranking.clicks, k).sum_sq
+    return MetricTotals(pooled.n, pooled.sum, pooled.sum_sq - users_sq, unit_variance(pooled))
+
+
+def _user_unit(obs: Observations, policy: Policy, c: ArmObservation, b: ArmObservation) -> dict | None:
+    """With users in both arms: the decision metric's difference's variance with users as clusters
+    (predictions without a user each a cluster of one), for a ranking metric also its requests-as-units
+    variance, users first assigned in this step per role, and per-arm users and requests for the
+    record. None when no request named a user."""
     if obs.users is None:
         return None
-    totals = {"canary": (c.labelled, c.correct), "baseline": (b.labelled, b.correct)}
-    est = obs.users.accuracy_diff(totals)
+    request_var = None
+    if policy.decision_metric.ranking:
+        totals = {
+            role: _metric_totals(policy, role, arm, obs) for role, arm in (("canary", c), ("baseline", b))
+        }
+        est = obs.users.metric_diff(policy.decision_metric.value, policy.metric_k, totals)
+        request_var = sum(t.unit_var / t.units if t.units else math.inf for t in totals.values())
+    else:
+        est = obs.users.accuracy_diff(
+            {"canary": (c.labelled, c.correct), "baseline": (b.labelled, b.correct)}
+        )
     if est is None:
         return None
     new = obs.users.new_users()
     return {
         "accuracy_var": float(est[1]),
+        "request_var": request_var,
         "new_users": new if sum(new.values()) else {},
         "arms": {
             role: {"users": arm.users, "requests": arm.requests, "new_users": arm.new_users}

@@ -276,6 +276,9 @@ class Evidence:
     # The pooled accuracy difference's variance with users as the unit (analysis/user_level.py); None:
     # requests are the unit. The ramp-aware variance is scaled by the design effect it implies.
     accuracy_var: np.ndarray | None = None
+    # The same difference's variance with requests as the unit, when the decision metric is a ranking
+    # metric (its per-exposure variance, not the binomial one); None: the binomial one of the counts.
+    request_var: np.ndarray | None = None
     # Accuracy per period of constant weights (one per step), the arms' means and variances of the mean
     # (strata.ArmPeriods); None: one period, from the pooled counts above.
     periods_c: strata.ArmPeriods | None = None
@@ -359,12 +362,14 @@ class RuleStats(_ReadByName):
         )
 
 
-def design_effect(user_var, correct_c, labelled_c, correct_b, labelled_b) -> np.ndarray:
+def design_effect(user_var, correct_c, labelled_c, correct_b, labelled_b, request_var=None) -> np.ndarray:
     """How much clustering by user inflates the accuracy difference's variance (Kish's design effect):
     the users-as-clusters (delta-method) variance of the pooled difference over its requests-as-units
     variance, at least 1. The ramp-aware estimate's per-step variances are scaled by it, since the steps
-    are not read per user."""
-    _, request_var = seq.proportion_diff(correct_c, labelled_c, correct_b, labelled_b)
+    are not read per user. `request_var`: the requests-as-units variance when the metric is not a
+    proportion (a ranking metric's, analysis/ranking.py); None: the two proportions' binomial one."""
+    if request_var is None:
+        _, request_var = seq.proportion_diff(correct_c, labelled_c, correct_b, labelled_b)
     request_var = np.asarray(request_var, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         deff = np.asarray(user_var, dtype=float) / request_var
@@ -374,7 +379,9 @@ def design_effect(user_var, correct_c, labelled_c, correct_b, labelled_b) -> np.
 def _clustering(ev: Evidence) -> np.ndarray | float:
     if ev.accuracy_var is None:
         return 1.0
-    return design_effect(ev.accuracy_var, ev.correct_c, ev.labelled_c, ev.correct_b, ev.labelled_b)
+    return design_effect(
+        ev.accuracy_var, ev.correct_c, ev.labelled_c, ev.correct_b, ev.labelled_b, ev.request_var
+    )
 
 
 def accuracy_estimate(ev: Evidence) -> strata.Combined:

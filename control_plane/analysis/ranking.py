@@ -116,14 +116,19 @@ def on_metric(arm: ArmObservation, metric: Metric, k: int) -> ArmObservation:
     return dataclasses.replace(arm, labelled=sums.n, correct=sums.sum, periods=periods)
 
 
+def unit_variance(pooled: MetricSums) -> float:
+    """The per-exposure variance the request-level test takes: the pooled sample variance with one
+    pseudo-exposure at 0 and one at 1 (module docstring)."""
+    m = (pooled.sum + 1.0) / (pooled.n + 2.0)
+    return (pooled.sum_sq + 1.0) / (pooled.n + 2.0) - m * m
+
+
 def metric_periods(arm: ArmObservation, metric: Metric, k: int) -> strata.ArmPeriods:
     """One arm's per-period means of a ranking metric and their variances, shape (1, periods); one
     period of the pooled sums if the arm was not read per period (strata.proportion_periods' shape)."""
     parts = arm.periods or (arm,)
     sums = [metric_sums(metric, p.ranked, p.click_positions, k) for p in parts]
-    pooled = metric_sums(metric, arm.ranked, arm.click_positions, k)
-    m = (pooled.sum + 1.0) / (pooled.n + 2.0)  # with the pseudo-exposures at 0 and at 1
-    unit_var = (pooled.sum_sq + 1.0) / (pooled.n + 2.0) - m * m
+    unit_var = unit_variance(metric_sums(metric, arm.ranked, arm.click_positions, k))
     n = np.asarray([[s.n for s in sums]], dtype=float)
     total = np.asarray([[s.sum for s in sums]], dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -18,10 +18,13 @@ Pure functions and values; no I/O. decide.py takes `UserEvidence` for the canary
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from control_plane.analysis.aggregates import SparseCounts
 
 # Width of a per-user aggregate bucket: a user-level window is read in whole buckets of this width
 # (its start rounded down to it); one row per active user and bucket.
@@ -51,8 +54,34 @@ class UserRequests:
 
 @dataclass(frozen=True)
 class UserLabels:
+    """A user key's closed predictions: how many and how many right; of them the closed /recommend
+    exposures (`ranked`) and the sums of their reciprocal ranks and NDCG gains (0 without a click)."""
+
     closed: int
     correct: int
+    ranked: int = 0
+    mrr: float = 0.0
+    ndcg: float = 0.0
+
+
+@dataclass(frozen=True)
+class UserClickKey:
+    """What a per-user click count is kept per: a user key and the click's position (1 = first)."""
+
+    user: UserKey
+    position: int
+
+    def row(self) -> tuple:
+        return (*self.user.row(), self.position)
+
+
+@dataclass(frozen=True)
+class UserLabelFacts:
+    """What the label job adds per user: closed predictions per user key, and the clicks of the user's
+    closed /recommend exposures counted per position (CTR@k for any k is read from these)."""
+
+    labels: dict[UserKey, UserLabels] = field(default_factory=dict)
+    clicks: dict[UserClickKey, int] = field(default_factory=dict)
 
 
 def user_bucket(ts: float) -> int:
@@ -79,13 +108,33 @@ def user_request_facts(rows: Iterable[tuple]) -> dict[UserKey, UserRequests]:
     return out
 
 
-def user_label_facts(keys: Iterable[UserKey], correct: Iterable[bool]) -> dict[UserKey, UserLabels]:
-    """Sum closed predictions (one key and whether it was right, each) per user key."""
-    out: dict[UserKey, UserLabels] = {}
-    for key, ok in zip(keys, correct, strict=True):
-        seen = out.get(key, UserLabels(0, 0))
-        out[key] = UserLabels(seen.closed + 1, seen.correct + int(ok))
-    return out
+def user_label_facts(
+    keys: Iterable[UserKey],
+    correct: Iterable[bool],
+    ranked: Iterable[bool] | None = None,
+    click_position: Iterable[int] | None = None,
+) -> UserLabelFacts:
+    """Sum closed predictions per user key: one key and whether it was right each, and, when given,
+    whether it was a /recommend exposure and the position of its click within the window (0: none)."""
+    keys, correct = list(keys), list(correct)
+    ranked = [False] * len(keys) if ranked is None else list(ranked)
+    pos = [0] * len(keys) if click_position is None else [int(p) for p in click_position]
+    labels: dict[UserKey, UserLabels] = {}
+    clicks: dict[UserClickKey, int] = {}
+    for key, ok, exposure, p in zip(keys, correct, ranked, pos, strict=True):
+        seen = labels.get(key, UserLabels(0, 0))
+        clicked = bool(exposure) and p >= 1
+        labels[key] = UserLabels(
+            seen.closed + 1,
+            seen.correct + int(ok),
+            seen.ranked + int(bool(exposure)),
+            seen.mrr + (1.0 / p if clicked else 0.0),
+            seen.ndcg + (1.0 / math.log2(1.0 + p) if clicked else 0.0),
+        )
+        if clicked:
+            ck = UserClickKey(key, p)
+            clicks[ck] = clicks.get(ck, 0) + 1
+    return UserLabelFacts(labels, clicks)
 
 
 @dataclass(frozen=True)
@@ -108,11 +157,15 @@ class RatioSums:
         return cls(int(keep.sum()), na.sum(), ya.sum(), (na * na).sum(), (ya * ya).sum(), (ya * na).sum())
 
 
-def with_singletons(s: RatioSums, labelled: int, correct: int) -> RatioSums:
-    """`s` plus the arm's predictions that named no user, each a cluster of its own (n = 1): `labelled`
-    and `correct` are the arm's totals, users' and anonymous alike."""
-    n, y = max(labelled - s.n, 0.0), min(max(correct - s.y, 0.0), max(labelled - s.n, 0.0))
-    return RatioSums(s.users + int(n), s.n + n, s.y + y, s.nn + n, s.yy + y, s.yn + y)
+def with_singletons(s: RatioSums, labelled: float, correct: float, squares: float | None = None) -> RatioSums:
+    """`s` plus the arm's units that named no user, each a cluster of its own (n = 1): `labelled` and
+    `correct` are the arm's totals (units and their values' sum), users' and anonymous alike. `squares`
+    is the anonymous units' sum of squared values; None: values are 0 or 1 (accuracy, CTR@k), so it is
+    their sum."""
+    n = max(labelled - s.n, 0.0)
+    y = min(max(correct - s.y, 0.0), n)
+    yy = y if squares is None else min(max(squares, 0.0), y)  # values in [0, 1]: y^2 <= y
+    return RatioSums(s.users + int(n), s.n + n, s.y + y, s.nn + n, s.yy + yy, s.yn + y)
 
 
 @dataclass(frozen=True)
@@ -125,8 +178,9 @@ class ArmEstimate:
     units: float
 
 
-def ratio_estimate(s: RatioSums) -> ArmEstimate:
-    """R = y / n and its delta-method variance, users as clusters (module docstring)."""
+def ratio_estimate(s: RatioSums, unit_var: float | None = None) -> ArmEstimate:
+    """R = y / n and its delta-method variance, users as clusters (module docstring). `unit_var` is the
+    per-unit variance of the request-level test (None: a 0/1 outcome's R(1 - R))."""
     if s.users == 0 or s.n <= 0:
         return ArmEstimate(float("nan"), float("inf"), s.users, s.n)
     r = s.y / s.n
@@ -135,13 +189,44 @@ def ratio_estimate(s: RatioSums) -> ArmEstimate:
     resid = max(s.yy - 2 * r * s.yn + r * r * s.nn, 0.0)
     # Never below the binomial variance of the same units: a user-level test must not be bolder than
     # the request-level one when users happen to agree within themselves more than chance would.
-    floor = r * (1 - r) / s.n
+    floor = (r * (1 - r) if unit_var is None else unit_var) / s.n
     return ArmEstimate(r, max(s.users / (s.users - 1) * resid / (s.n * s.n), floor), s.users, s.n)
 
 
 def diff_estimate(canary: ArmEstimate, baseline: ArmEstimate) -> tuple[float, float]:
     """Canary minus baseline, and the variance of that difference (independent arms)."""
     return canary.mean - baseline.mean, canary.variance + baseline.variance
+
+
+@dataclass(frozen=True)
+class RankingUsers:
+    """An arm's users' sums for the /recommend ranking metrics (analysis/ranking.py): per user, n_i its
+    closed exposures and y_i the sum of the metric's per-exposure values (CTR@k: clicks at position <= k;
+    MRR: 1/position; NDCG: 1/log2(1 + position)); and the users' clicks per position over the arm, from
+    which the users' sum of squared values follows (for the exposures that named no user)."""
+
+    k: int = 10  # the k of `ctr`
+    ctr: RatioSums = field(default_factory=RatioSums)
+    mrr: RatioSums = field(default_factory=RatioSums)
+    ndcg: RatioSums = field(default_factory=RatioSums)
+    clicks: SparseCounts = field(default_factory=SparseCounts)
+
+    def sums(self, metric: str, k: int) -> RatioSums | None:
+        """The per-user sums of `metric` (a ranking.Metric value); None for CTR at another k."""
+        if metric == "ctr_at_k":
+            return self.ctr if k == self.k else None
+        return {"mrr": self.mrr, "ndcg": self.ndcg}.get(metric)
+
+
+@dataclass(frozen=True)
+class MetricTotals:
+    """An arm's totals over all its units, users' and anonymous: how many, the sum of their values, and
+    the anonymous units' sum of squared values (None: values are 0 or 1)."""
+
+    units: float
+    total: float
+    anonymous_squares: float | None = None
+    unit_var: float | None = None  # the request-level per-unit variance (None: R(1 - R))
 
 
 @dataclass(frozen=True)
@@ -152,6 +237,7 @@ class ArmUsers:
     requests: int = 0  # their requests
     new_users: int = 0  # users whose first request (in any arm) came since the current step began
     accuracy: RatioSums = field(default_factory=RatioSums)  # y = correct, n = closed per user
+    ranking: RankingUsers = field(default_factory=RankingUsers)  # n = closed exposures per user
 
     def accuracy_estimate(self) -> ArmEstimate:
         return ratio_estimate(self.accuracy)
@@ -167,13 +253,31 @@ class UserEvidence:
         """(diff, variance) of canary minus baseline accuracy with users as the unit; None without users
         in both. `totals` (role -> (labelled, correct) over all predictions) adds the predictions that
         named no user, each its own cluster."""
+        tot = None if totals is None else {r: MetricTotals(*t) for r, t in totals.items()}
+        return self.ratio_diff(lambda arm: arm.accuracy, tot)
+
+    def metric_diff(
+        self, metric: str, k: int, totals: dict[str, MetricTotals] | None = None
+    ) -> tuple[float, float] | None:
+        """The same for a /recommend ranking metric (a ranking.Metric value; `k` for CTR@k) over closed
+        exposures: y_i the user's sum of the metric's values, n_i the user's exposures."""
+        return self.ratio_diff(lambda arm: arm.ranking.sums(metric, k), totals)
+
+    def ratio_diff(
+        self, pick: Callable[[ArmUsers], RatioSums | None], totals: dict[str, MetricTotals] | None
+    ) -> tuple[float, float] | None:
         c, b = self.arms.get("canary"), self.arms.get("baseline")
-        if c is None or b is None or c.accuracy.users == 0 or b.accuracy.users == 0:
+        if c is None or b is None:
+            return None
+        sums = {"canary": pick(c), "baseline": pick(b)}
+        if any(s is None or s.users == 0 for s in sums.values()):
             return None
         est = {}
-        for role, arm in (("canary", c), ("baseline", b)):
-            sums = arm.accuracy if totals is None else with_singletons(arm.accuracy, *totals[role])
-            est[role] = ratio_estimate(sums)
+        for role, s in sums.items():
+            t = None if totals is None else totals[role]
+            if t is not None:
+                s = with_singletons(s, t.units, t.total, t.anonymous_squares)
+            est[role] = ratio_estimate(s, None if t is None else t.unit_var)
         return diff_estimate(est["canary"], est["baseline"])
 
     def new_users(self) -> dict[str, int]:

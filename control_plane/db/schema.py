@@ -164,6 +164,23 @@ user_labels = Table(
     *_user_key(),
     Column("closed", BigInteger, nullable=False),
     Column("correct", BigInteger, nullable=False),
+    # of `closed`, the /recommend exposures, and the sums of their clicks' 1/position and
+    # 1/log2(1 + position) (the user's MRR and NDCG totals; analysis/ranking.py)
+    Column("ranked", BigInteger, nullable=False, server_default="0"),
+    Column("mrr_sum", Float, nullable=False, server_default="0"),
+    Column("ndcg_sum", Float, nullable=False, server_default="0"),
+)
+
+# The same users' clicks within the window on their closed /recommend exposures, per position as served:
+# a user's CTR@k, for the k a policy names, is the sum over positions <= k. One row per user key and
+# position clicked, added by the label job with user_labels.
+user_clicks = Table(
+    "user_clicks",
+    metadata,
+    Column("window_s", Integer, primary_key=True),
+    *_user_key(),
+    Column("position", Integer, primary_key=True),
+    Column("clicks", BigInteger, nullable=False),
 )
 
 # Per attribution window: predictions before `closed_until` have been counted in label_buckets.

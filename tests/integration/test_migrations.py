@@ -129,3 +129,61 @@ def test_0007_adds_the_pair_buckets_and_goes_back(backend, tmp_path):
     else:
         with fresh_database() as url:
             run(url)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_0008_adds_the_user_ranking_sums_and_goes_back(backend, tmp_path):
+    """Revision 0008 on both databases: user_labels' three ranking columns (a row written before reads
+    back with no exposure) and the user_clicks table keyed as declared; the downgrade removes them."""
+    from alembic import command
+
+    from control_plane.db.engine import alembic_config
+    from tests.conftest import fresh_database
+
+    added = {"ranked", "mrr_sum", "ndcg_sum"}
+
+    def run(url: str) -> None:
+        cfg = alembic_config(url)
+        command.upgrade(cfg, "head")
+        command.downgrade(cfg, "0007")
+        engine = make_engine(url)
+        insp = inspect(engine)
+        assert "user_clicks" not in insp.get_table_names()
+        assert not added & {c["name"] for c in insp.get_columns("user_labels")}
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO user_labels (window_s, bucket_start, user_key, model_version, role, route, "
+                    "closed, correct) VALUES (60, 900, 'u', 1, 'baseline', 'weighted', 5, 4)"
+                )
+            )
+        engine.dispose()
+        command.upgrade(cfg, "0008")
+        engine = make_engine(url)
+        insp = inspect(engine)
+        declared = metadata.tables["user_clicks"]
+        assert {c["name"] for c in insp.get_columns("user_clicks")} == {c.name for c in declared.columns}
+        assert set(insp.get_pk_constraint("user_clicks")["constrained_columns"]) == {
+            c.name for c in declared.primary_key
+        }
+        with engine.connect() as conn:
+            old = conn.execute(
+                text("SELECT closed, correct, ranked, mrr_sum, ndcg_sum FROM user_labels")
+            ).one()
+        assert tuple(old) == (5, 4, 0, 0.0, 0.0)
+        command.downgrade(cfg, "0007")
+        engine.dispose()
+        engine = make_engine(url)
+        insp = inspect(engine)
+        assert "user_clicks" not in insp.get_table_names()
+        assert not added & {c["name"] for c in insp.get_columns("user_labels")}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT closed FROM user_labels")).scalar() == 5
+        engine.dispose()
+        command.upgrade(cfg, "head")
+
+    if backend == "sqlite":
+        run(f"sqlite:///{tmp_path / 'x.db'}")
+    else:
+        with fresh_database() as url:
+            run(url)
