@@ -12,6 +12,12 @@ a unit) and once with the user-level one (analysis/user_level.py: delta method, 
 arm a cluster). The sample-ratio check counts users at first assignment in both, so the two differ
 only in the unit of the accuracy test. Latency is the same in both arms and taken as known (this
 scenario is about the accuracy test); errors are drawn per request at the same rate.
+
+A policy deciding on a /recommend ranking metric (MRR, NDCG, CTR@k) runs the same scenario on it: each
+request is an exposure, each user clicks with a probability of its own (`base_ctr`, `ctr_sd`), half of
+the clicks at position 1 and half at position 3, and the metric's per-exposure values are summed per
+user with their squares. The request-level test then takes the metric's per-exposure variance
+(ranking.unit_variance), the user-level one the delta method over users floored at it, as decide() does.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from control_plane.analysis import srm
+from control_plane.analysis import srm, strata
 from control_plane.analysis.policy import (
     ADVANCE,
     HALT,
@@ -31,6 +37,7 @@ from control_plane.analysis.policy import (
     Policy,
     evaluate,
 )
+from control_plane.analysis.ranking import gain
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,8 @@ class HeavyUsers:
     label_delay_s: float = 300.0
     eval_interval_s: float = 60.0
     control_share: float = 0.05
+    base_ctr: float = 0.3  # a ranking metric's scenario: the users' own click rates
+    ctr_sd: float = 0.12
 
 
 @dataclass(frozen=True)
@@ -66,13 +75,20 @@ def _ratio_sums(n: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, ...]:
     return has.sum(1), n.sum(1), c.sum(1), (n * n).sum(1), (c * c).sum(1), (c * n).sum(1)
 
 
-def _delta_var(k, sn, sc, snn, scc, scn) -> np.ndarray:
-    """user_level.ratio_estimate, vectorised over replications."""
+def _delta_var(k, sn, sc, snn, scc, scn, unit_var=None) -> np.ndarray:
+    """user_level.ratio_estimate, vectorised over replications (`unit_var` per replication: the floor's
+    per-unit variance; None: r(1 - r))."""
     with np.errstate(divide="ignore", invalid="ignore"):
         r = np.where(sn > 0, sc / sn, np.nan)
         resid = np.maximum(scc - 2 * r * scn + r * r * snn, 0.0)
         var = np.where(k > 1, k / np.maximum(k - 1, 1) * resid / (sn * sn), np.inf)
-        return np.maximum(var, r * (1 - r) / sn)
+        return np.maximum(var, (r * (1 - r) if unit_var is None else unit_var) / sn)
+
+
+def _unit_var(n: np.ndarray, y: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """ranking.unit_variance, vectorised: the per-exposure variance with pseudo-exposures at 0 and 1."""
+    m = (y + 1.0) / (n + 2.0)
+    return (yy + 1.0) / (n + 2.0) - m * m
 
 
 def run_heavy_users(policy: Policy, pop: HeavyUsers, reps: int, seed: int) -> dict[str, UnitOutcome]:
@@ -82,7 +98,10 @@ def run_heavy_users(policy: Policy, pop: HeavyUsers, reps: int, seed: int) -> di
     heavy = rng.random((reps, u)) < pop.heavy_share
     weight = np.where(heavy, pop.heavy_factor, 1.0)
     rate = weight / weight.sum(1, keepdims=True) * pop.rate_per_s * dt  # requests a minute
-    acc = np.clip(rng.normal(pop.base_accuracy, pop.accuracy_sd, (reps, u)), 0.0, 1.0)
+    ranking = policy.decision_metric.ranking
+    mean, sd = (pop.base_ctr, pop.ctr_sd) if ranking else (pop.base_accuracy, pop.accuracy_sd)
+    acc = np.clip(rng.normal(mean, sd, (reps, u)), 0.0, 1.0)  # a user's accuracy, or click rate
+    top, low = gain(policy.decision_metric, np.array([1, 3]), policy.metric_k) if ranking else (1.0, 1.0)
     place = rng.random((reps, u))  # the user's place on the gateway's hash line
     steps = np.array(policy.steps)
     horizon = int(np.ceil(policy.max_duration_s / dt)) + 1
@@ -97,8 +116,9 @@ def run_heavy_users(policy: Policy, pop: HeavyUsers, reps: int, seed: int) -> di
         running, active = np.ones(n_rows), np.ones(n_rows, bool)
         out = np.full(reps, -1)
         orig = np.arange(reps)  # the replications still simulated, by their index in `out`
-        # per arm (0 baseline, 1 canary) and user: requests, errors, served, correct; labels lag `delay`
-        cum = np.zeros((2, 4, n_rows, u))
+        # per arm (0 baseline, 1 canary) and user: requests, errors, served, correct (a ranking metric:
+        # its values' sum), the values' squares; labels lag `delay`
+        cum = np.zeros((2, 5, n_rows, u))
         lagged = [cum[:, 2:].copy() for _ in range(delay + 1)]
         first = np.full((n_rows, u), -1)  # arm of the first request: 0 baseline, 1 canary, 2 control
         new_users = np.zeros((n_rows, 3))
@@ -108,6 +128,9 @@ def run_heavy_users(policy: Policy, pop: HeavyUsers, reps: int, seed: int) -> di
             n = sub.poisson(rate)
             e = sub.binomial(n, pop.error_rate)
             k = sub.binomial(n - e, acc)
+            at_top = sub.binomial(k, 0.5)  # a ranking metric's clicks: half at position 1, half at 3
+            value = at_top * top + (k - at_top) * low if ranking else k
+            squares = at_top * top * top + (k - at_top) * low * low if ranking else k
             fresh = (first < 0) & (n > 0)
             first = np.where(fresh, arm, first)
             for a in range(3):
@@ -117,11 +140,16 @@ def run_heavy_users(policy: Policy, pop: HeavyUsers, reps: int, seed: int) -> di
                 cum[a, 0] += n * m
                 cum[a, 1] += e * m
                 cum[a, 2] += (n - e) * m
-                cum[a, 3] += k * m
+                cum[a, 3] += value * m
+                cum[a, 4] += squares * m
             lagged.append(cum[:, 2:].copy())
             labelled = lagged.pop(0)  # served and correct as of `delay` minutes ago
             lab_c, lab_b = labelled[1], labelled[0]
             ev = _evidence(policy, cum, lab_c, lab_b, n_rows)
+            unit_c = _unit_var(*(lab_c[i].sum(1) for i in range(3))) if ranking else None
+            unit_b = _unit_var(*(lab_b[i].sum(1) for i in range(3))) if ranking else None
+            if ranking:  # the request-level test on the metric's own per-exposure variance
+                ev = replace(ev, periods_c=_periods(lab_c, unit_c), periods_b=_periods(lab_b, unit_b))
             weights = np.stack(
                 [
                     100 - steps[step_idx] - 100 * pop.control_share,
@@ -138,9 +166,12 @@ def run_heavy_users(policy: Policy, pop: HeavyUsers, reps: int, seed: int) -> di
                 step_elapsed_s=t * dt - step_start,
                 step_index=step_idx.astype(float),
                 running_p=running,
-                accuracy_var=_delta_var(*_ratio_sums(lab_c[0], lab_c[1]))
-                + _delta_var(*_ratio_sums(lab_b[0], lab_b[1]))
+                accuracy_var=_delta_var(*_ratio_sums(lab_c[0], lab_c[1]), unit_c)
+                + _delta_var(*_ratio_sums(lab_b[0], lab_b[1]), unit_b)
                 if unit == "user"
+                else None,
+                request_var=_request_var(lab_c, unit_c, lab_b, unit_b)
+                if unit == "user" and ranking
                 else None,
             )
             action, _, stats = evaluate(policy, ev)
@@ -163,6 +194,22 @@ def run_heavy_users(policy: Policy, pop: HeavyUsers, reps: int, seed: int) -> di
                 n_rows = len(k)
         results[unit] = UnitOutcome(unit, out)
     return results
+
+
+def _request_var(lab_c, unit_c, lab_b, unit_b) -> np.ndarray:
+    """The pooled ranking-metric difference's variance with exposures as the unit (inf before any)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return unit_c / lab_c[0].sum(1) + unit_b / lab_b[0].sum(1)
+
+
+def _periods(lab: np.ndarray, unit_var: np.ndarray) -> strata.ArmPeriods:
+    """One period of an arm's pooled ranking metric per replication, shape (reps, 1), as
+    ranking.metric_periods gives it."""
+    n, y = lab[0].sum(1)[:, None], lab[1].sum(1)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(n > 0, y / np.maximum(n, 1), np.nan)
+        var = np.where(n >= strata.MIN_PERIOD_LABELS, unit_var[:, None] / np.maximum(n, 1), np.inf)
+    return strata.ArmPeriods(n, mean, var)
 
 
 def _evidence(policy: Policy, cum: np.ndarray, lab_c, lab_b, reps: int) -> Evidence:
@@ -197,6 +244,7 @@ def _evidence(policy: Policy, cum: np.ndarray, lab_c, lab_b, reps: int) -> Evide
 def heavy_user_table(policy: Policy, pop: HeavyUsers, reps: int, seed: int) -> str:
     """The scenario's result as markdown: false promotions (and the rest) per unit of analysis."""
     res = run_heavy_users(policy, pop, reps, seed)
+    metric = f", {policy.metric_label}" if policy.decision_metric.ranking else ""
     head = "| unit of analysis | false promotion | rolled back | halted | inconclusive |\n|---|---|---|---|---|\n"
     body = "".join(
         f"| {o.unit} | {100 * o.share(PROMOTE):.1f}% | {100 * o.share(ROLLBACK):.1f}% "
@@ -204,7 +252,7 @@ def heavy_user_table(policy: Policy, pop: HeavyUsers, reps: int, seed: int) -> s
         for o in res.values()
     )
     return (
-        f"### heavy-user A/A ({policy.name}, {reps} replications)\n\n{pop}\n\n{head}{body}\n"
+        f"### heavy-user A/A ({policy.name}{metric}, {reps} replications)\n\n{pop}\n\n{head}{body}\n"
         "Both arms run the same model; every promotion is false. Request-level: each request a unit; "
         "user-level: each user in each arm a cluster (delta method). The sample-ratio check counts users "
         "at first assignment in both.\n"

@@ -86,5 +86,9 @@ def test_main_writes_the_tables_and_the_power_curve(tmp_path, monkeypatch, capsy
     )
     assert "## Targets" in text and "errors +5 pts: rolled back within two evaluations" in text
     assert "| +3.0 pts |" in text, "the power curve's points are tabulated"
+    assert "### heavy-user A/A (sequential, 20 replications)" in text
+    assert (
+        "### heavy-user A/A (sequential, MRR, 20 replications)" in text
+    )  # users as the unit on a ranking metric
     assert (tmp_path / "power_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "false promotion" in capsys.readouterr().out
