@@ -15,7 +15,7 @@ import numpy as np
 from control_plane.analysis import fold
 from control_plane.analysis.aggregates import LabelFacts, LatencyHistogram, RequestFacts, SparseCounts
 from control_plane.analysis.paired import PairedFacts
-from control_plane.analysis.ranking import DEFAULT_K, ranking_summary
+from control_plane.analysis.ranking import ranking_summary
 from control_plane.analysis.types import ArmObservation, Observations, PeriodCounts
 from control_plane.analysis.user_level import UserEvidence
 from control_plane.metrics_source import SHADOW_ROUTE, WEIGHTED, MetricsSource
@@ -188,7 +188,7 @@ def read_observations(
     periods: Sequence[tuple[float, Mapping[str, int]]] = (),
     assigned: Mapping[str, int] | None = None,
     period_settled: Sequence[float | None] = (),
-    metric_k: int = DEFAULT_K,
+    metric_k: int | None = None,
 ) -> Observations:
     """Every role's window (its ends from `window_ends`), as the decision function takes it.
 
@@ -197,7 +197,8 @@ def read_observations(
     first; each arm's numbers are then read per step too. `period_settled[i]`, when known, is when step
     i's weights were surely in force (its advance applied and the log settled): the requests before it
     count for the estimates but not for the sample-ratio check. `assigned` is the router's own count of
-    requests per role. `metric_k` is the k of the per-user CTR@k sums (the policy's).
+    requests per role. `metric_k`: a ranking policy's k, for the per-user ranking sums (CTR at
+    that k, MRR, NDCG); None: the users' accuracy sums only.
     """
     until, labels_before = window_ends(now, settle_s, label_window_s)
     arms = {
@@ -253,10 +254,10 @@ def user_evidence(
     until: float,
     label_window_s: float,
     step_since: float,
-    metric_k: int = DEFAULT_K,
+    metric_k: int | None = None,
 ) -> UserEvidence | None:
     """Per role, the users of the window, when the source keeps per-user aggregates and requests named
-    users; None otherwise (then every test counts requests). `metric_k`: the k of their CTR@k sums."""
+    users; None otherwise (then every test counts requests). `metric_k`: read_observations'."""
     users = getattr(source, "users", None)
     if users is None:
         return None

@@ -45,7 +45,6 @@ from control_plane.analysis.paired import (
     paired_facts,
     paired_facts_by_key,
 )
-from control_plane.analysis.ranking import DEFAULT_K
 from control_plane.analysis.user_level import (
     ArmUsers,
     RankingUsers,
@@ -447,12 +446,13 @@ class SqlMetricsSource:
         *,
         step_start: float,
         route: str | None = WEIGHTED,
-        ctr_k: int = DEFAULT_K,
+        ctr_k: int | None = None,
     ) -> dict[tuple[int, str], ArmUsers]:
         """Per (version, role): its users in [since, until) (user buckets from the one holding `since`),
         their requests, how many were first seen (in any arm) at or after `step_start`, the sums of
         their closed and correct predictions for the user-level accuracy, and of their closed /recommend
-        exposures for the ranking metrics (MRR, NDCG, and CTR at `ctr_k`). Grouped queries over the
+        exposures for the ranking metrics (MRR, NDCG, and CTR at `ctr_k`; None: no ranking sums, an
+        accuracy policy's read, which then costs what it did before them). Grouped queries over the
         per-user tables: the cost follows the users active in the window, not their requests."""
         p = {"lo": user_bucket(since), "hi": until, "route": route, "w": int(window_s)}
         route_cond = "" if route is None else " AND route = :route"
@@ -489,7 +489,7 @@ class SqlMetricsSource:
         ):
             sums = RatioSums(int(k), float(n), float(y), float(nn), float(yy), float(yn))
             out.setdefault((int(version), role), {"users": 0, "requests": 0})["accuracy"] = sums
-        for key, ranking in self._user_ranking(where, p, ctr_k).items():
+        for key, ranking in ({} if ctr_k is None else self._user_ranking(where, p, ctr_k)).items():
             out.setdefault(key, {"users": 0, "requests": 0})["ranking"] = ranking
         return {key: ArmUsers(**values) for key, values in out.items()}
 

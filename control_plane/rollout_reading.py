@@ -173,7 +173,8 @@ def observe(
         period_settled=_settled(ctx, conn, rollout, history) if ramp else (),
         # in the shadow phase the candidate's numbers are its answers to the mirrored copies
         routes={"canary": SHADOW_ROUTE} if shadow else None,
-        metric_k=policy.metric_k,
+        # a ranking policy reads its users' ranking sums too (CTR at its k)
+        metric_k=policy.metric_k if policy.decision_metric.ranking else None,
     )
 
 

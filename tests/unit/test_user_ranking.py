@@ -122,6 +122,9 @@ def test_the_label_job_keeps_per_user_ranking_sums_for_any_k(tmp_path):
             queries.insert_predictions(conn, batch)
 
     check_user_ranking(engine, insert)
+    with engine.connect() as conn:  # without a k (an accuracy policy's read): no ranking sums read
+        plain = queries.SqlMetricsSource(conn).users(T0, T0 + USER_BUCKET_S, WINDOW_S, step_start=T0)
+    assert plain[(2, "canary")].accuracy.users == 2 and plain[(2, "canary")].ranking == RankingUsers()
     with engine.begin() as conn:  # retention deletes the users' clicks with their buckets
         assert queries.delete_user_buckets_before(conn, T0 + USER_BUCKET_S) > 0
         assert conn.exec_driver_sql("SELECT count(*) FROM user_clicks").scalar() == 0
@@ -237,3 +240,33 @@ def test_ctr_at_another_k_than_the_users_sums_falls_back_to_requests():
 def test_the_users_squares_come_from_their_clicks_per_position():
     clicks = SparseCounts.of_bins(np.array([1, 2, 2, 4]))
     assert metric_sums(Metric.MRR, 0, clicks, 10).sum_sq == pytest.approx(1 + 2 * 0.25 + 1 / 16)
+
+
+def test_only_a_ranking_policy_s_read_asks_for_the_users_ranking_sums():
+    from control_plane.observations import read_observations
+
+    asked = []
+
+    class Source:
+        def requests(self, *a, **kw):
+            return {}
+
+        def labels(self, *a, **kw):
+            return {}
+
+        def users(self, since, until, window_s, *, step_start, ctr_k=None):
+            asked.append(ctr_k)
+            return {}
+
+    for k in (None, 7):
+        read_observations(
+            Source(),
+            versions={"baseline": 1, "canary": 2},
+            since=0.0,
+            step_since=0.0,
+            now=1000.0,
+            label_window_s=60,
+            step_weights={"baseline": 90, "canary": 10},
+            metric_k=k,
+        )
+    assert asked == [None, 7]
