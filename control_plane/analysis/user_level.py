@@ -13,6 +13,11 @@ so an arm needs only six sums over its users (`RatioSums`), which SQL computes f
 aggregate tables (queries.SqlMetricsSource.users) and the simulation from its draws. With one request
 per user it is the binomial variance p(1 - p)/n up to N/(N - 1).
 
+A /recommend ranking metric (analysis/ranking.py) is the same ratio over closed exposures: n_i the user's
+exposures, y_i the sum of the metric's per-exposure values (CTR@k: clicks at position <= k; MRR:
+1/position; NDCG: 1/log2(1 + position)); `RankingUsers` holds its six sums per metric, and the floor is
+the request-level test's per-exposure variance instead of R(1 - R).
+
 Pure functions and values; no I/O. decide.py takes `UserEvidence` for the canary and the baseline.
 """
 
