@@ -513,7 +513,9 @@ def test_a_bento_that_crashes_under_load_costs_at_most_two_seconds_of_its_traffi
         back_at = time.time()
 
         def split_serves_it_again() -> bool:  # Traefik's health check (every 2 s) must take it back
-            return any(a.version == str(version) and a.status == 200 and a.t > back_at for a in list(traffic.answers))
+            return any(
+                a.version == str(version) and a.status == 200 and a.t > back_at for a in list(traffic.answers)
+            )
 
         wait_for(split_serves_it_again, 30, f"the weighted split sends traffic to {name} again")
         time.sleep(1)
