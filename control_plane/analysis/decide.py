@@ -23,6 +23,7 @@ from control_plane.analysis.policy import (
 from control_plane.analysis.ranking import metric_periods, metric_sums, on_metric, unit_variance
 from control_plane.analysis.shadow import decide_shadow
 from control_plane.analysis.types import (
+    PROMOTED_WEIGHT,
     Action,
     ArmObservation,
     Decision,
@@ -33,7 +34,6 @@ from control_plane.analysis.types import (
 )
 from control_plane.analysis.user_level import MetricTotals
 
-PROMOTED_WEIGHT = 100  # after a promotion the canary *is* the baseline; the control plane restores the split
 SUPERIORITY_KEY = "accuracy_superiority"  # key of the running p-value in RolloutState.running_p_values
 
 

@@ -7,7 +7,6 @@ replications) run exactly the same logic.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Any
@@ -288,27 +287,8 @@ class Evidence:
     loss_p: np.ndarray | None = None
 
 
-class _ReadByName:
-    """Fields read by name too, as the simulation's tables do (`stats["p_superior"]`, `"p_superior" in
-    stats`): only those the rule computed (not None)."""
-
-    def __getitem__(self, name: str) -> Any:
-        value = getattr(self, name) if name in _field_names(type(self)) else None
-        if value is None:
-            raise KeyError(name)
-        return value
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in _field_names(type(self)) and getattr(self, name) is not None
-
-
-@functools.cache
-def _field_names(cls: type) -> frozenset[str]:
-    return frozenset(f.name for f in dataclasses.fields(cls))
-
-
 @dataclass(frozen=True)
-class HarmTests(_ReadByName):
+class HarmTests:
     """The two harm tests (they only ever roll back), one element per rollout."""
 
     err: dict[str, np.ndarray]  # guardrails.rate_tests: diff, p_harm, p_noninferior, tau2
@@ -317,7 +297,7 @@ class HarmTests(_ReadByName):
 
 
 @dataclass(frozen=True)
-class RuleStats(_ReadByName):
+class RuleStats:
     """What a rule computed on the way to its action: arrays with one element per rollout (or replication),
     or Python scalars once `first()` took decide()'s one rollout. None: not computed by this rule (the
     threshold rule has no always-valid tests; the harm check computes only `p_error_harm`)."""

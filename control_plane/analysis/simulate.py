@@ -355,7 +355,7 @@ def run_scenario(
                 ),
             )
             for i, now in enumerate(checks):
-                err_harm, lat_harm = (h[key][i * reps : (i + 1) * reps] for key in ("err_harm", "lat_harm"))
+                err_harm, lat_harm = (a[i * reps : (i + 1) * reps] for a in (h.err_harm, h.lat_harm))
                 hit = active & (err_harm | lat_harm)
                 o = orig[hit]
                 out_action[o], out_time[o], out_evals[o] = ROLLBACK, now, t - 1
@@ -407,8 +407,8 @@ def run_scenario(
         period_starts[moved, nxt[moved]] = now
         step_idx = np.where(adv, nxt, step_idx)
         step_start = np.where(adv, now, step_start)
-        if "p_superior" in st:
-            running = np.where(active, np.minimum(running, st["p_superior"]), running)
+        if st.p_superior is not None:
+            running = np.where(active, np.minimum(running, st.p_superior), running)
         active &= ~done
         if not active.any():
             break

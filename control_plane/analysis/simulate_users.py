@@ -181,7 +181,7 @@ def run_heavy_users(policy: Policy, pop: HeavyUsers, reps: int, seed: int) -> di
             step_idx = np.where(adv, np.minimum(step_idx + 1, len(steps) - 1), step_idx)
             step_start = np.where(adv, t * dt, step_start)
             new_users[adv] = 0  # the check counts users first assigned in the current step
-            running = np.where(active, stats["p_superior"], running)
+            running = np.where(active, stats.p_superior, running)
             active &= ~done
             if not active.any():
                 break

@@ -27,6 +27,11 @@ class Phase(StrEnum):
         return self in {Phase.PROMOTED, Phase.ROLLED_BACK, Phase.HALTED, Phase.INCONCLUSIVE}
 
 
+# The candidate's weight right after a promotion: it *is* the baseline then, carrying all of the
+# baseline's traffic, until the control plane restores the split.
+PROMOTED_WEIGHT = 100
+
+
 class Action(StrEnum):
     """What one evaluation asks the control plane to do."""
 

@@ -11,11 +11,9 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
-from control_plane.analysis.types import Action, Decision, Phase
+from control_plane.analysis.types import PROMOTED_WEIGHT, Action, Decision, Phase
 from control_plane.rollout.assignment import EMPTY, Assignment, Slot
 from control_plane.rollout.phases import transition
-
-PROMOTED_WEIGHT = 100  # after a promotion the candidate carries all of the baseline's traffic
 
 
 class MoveKind(StrEnum):

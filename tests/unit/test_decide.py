@@ -371,18 +371,13 @@ def test_rule_statistics_are_typed_one_element_per_rollout_and_the_threshold_rul
     assert isinstance(one.enough_labels, bool) and isinstance(one.p_superior, float)
     assert one.p_superior == float(st.p_superior[0]) and one.enough_labels is True
     _, _, thr = evaluate(THR, two_rollouts())
-    assert thr.p_superior is None and thr.first().p_superior is None
-    # read by name (the simulation's tables): only what the rule computed
-    assert "superior" in thr and "p_superior" not in thr and "nonsense" not in thr
-    assert thr["superior"] is thr.superior
-    with pytest.raises(KeyError):
-        thr["p_superior"]
+    assert thr.p_superior is None and thr.first().p_superior is None and thr.superior is not None
 
 
 def test_the_harm_tests_are_typed_and_clear_a_canary_no_worse_than_the_baseline():
     h = harm(SEQ, two_rollouts())
     assert h.err_harm.tolist() == [False, False] and h.lat_harm.tolist() == [False, False]
-    assert (h["err_harm"] | h["lat_harm"]).tolist() == [False, False] and h.err["p_harm"].shape == (2,)
+    assert h.err["p_harm"].shape == (2,)
     worse = dataclasses.replace(two_rollouts(), errors_c=np.array([60.0, 0.0]))
     assert harm(SEQ, worse).err_harm.tolist() == [True, False]
 
