@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 .PHONY: install up down status demo test test-unit test-compose bench bench-scale bench-users soak simulate fmt lint precommit clean \
-	system-deps compose-images compose-up compose-down compose-demo
+	system-deps need-wrk compose-images compose-up compose-down compose-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,7 +44,7 @@ test-unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
 # The benchmarks are scripts in benchmarks/ (not packaged); docs/performance.md keeps what each found.
-bench: $(STAMP)
+bench: $(STAMP) need-wrk
 	$(PY) benchmarks/bench.py
 
 # The window filled through the Bentos' writer at 1, 5 and 20 million rows (Postgres) and 1 and 5 million
@@ -53,7 +53,7 @@ bench-scale: $(STAMP)
 	$(PY) benchmarks/bench_scale.py $(if $(SIZES),--sizes $(SIZES),)
 
 # Traefik's CPU per request with and without the user-assignment plugin, side by side (docs/users.md).
-bench-users: $(STAMP)
+bench-users: $(STAMP) need-wrk
 	PYTHONPATH=. $(PY) benchmarks/bench_user_assignment.py
 
 soak: $(STAMP)
@@ -103,6 +103,13 @@ system-deps:
 	  fi; \
 	  /usr/bin/docker version >/dev/null 2>&1 || { echo "The Docker engine does not answer (start dockerd as root)" >&2; exit 1; }; \
 	fi
+
+# The benchmarks' load generator alone (make system-deps installs it with the rest).
+need-wrk:
+	@command -v wrk >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing: wrk"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	  else echo "The benchmarks need wrk (as root: apt-get install wrk)" >&2; exit 1; fi; }
 
 # The production shape in containers (docker-compose.yml). RECSYS_IMAGES=local builds every image here
 # from Debian's packages and PyPI; RECSYS_IMAGES=official uses the official images (pulled). The secrets

@@ -8,6 +8,9 @@ bodies with an `X-User-Id` drawn from 10,000 ids (and, with the plugin, without 
 CPU (user + system, from /proc) over the requests wrk counted is its CPU per request; the variants
 alternate within each round, and the medians of the per-round ratios are compared. One process for
 all variants: two Traefiks measured side by side differed by up to 15 % with the same configuration.
+Two more variants measure the shadow phase's pair key: a mirror of 10 % of the requests to the canary's
+backend with the plugin's pair-key middleware on the routers (as the control plane writes it) and the
+same file without it; their ratio is the pair key's own cost.
 
     PYTHONPATH=. python benchmarks/bench_user_assignment.py --rounds 5 --duration 10
 """
@@ -28,10 +31,12 @@ from pathlib import Path
 
 import httpx
 import psutil
+import yaml
 
 from control_plane.stack.programs import traefik_env
 from control_plane.traffic import Backend, TraefikFileRouter, render_static_config
-from control_plane.traffic.traefik_file import GatewayOptions
+from control_plane.traffic.base import Mirror
+from control_plane.traffic.traefik_file import PAIR_KEY_MIDDLEWARE, GatewayOptions
 from control_plane.traffic.user_assignment import install_plugin
 
 TRAEFIK = Path(sys.executable).with_name("traefik")
@@ -99,10 +104,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _router(root: Path, urls: dict[str, str], plugin: bool) -> TraefikFileRouter:
-    """Write the dynamic configuration with or without user assignment."""
-    router = TraefikFileRouter(root / "dynamic", options=GatewayOptions(user_assignment=plugin))
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    plugin: bool
+    users: bool
+    mirror: bool = False  # a shadow phase: MIRROR_PERCENT of the requests copied to the canary's version
+    pair_key: bool = True  # with the mirror and the plugin: the pair-key middleware on the routers
+
+
+MIRROR_PERCENT = 10
+VARIANTS = (
+    Variant("no plugin, user ids", plugin=False, users=True),
+    Variant("plugin, user ids", plugin=True, users=True),
+    Variant("plugin, no user ids", plugin=True, users=False),
+    # the shadow phase's pair key (X-Recsys-Pair, the plugin's pair-key mode), with and without it
+    Variant("shadow, pair key", plugin=True, users=True, mirror=True),
+    Variant("shadow, no pair key", plugin=True, users=True, mirror=True, pair_key=False),
+)
+
+
+def _router(root: Path, urls: dict[str, str], variant: Variant) -> TraefikFileRouter:
+    """Write the dynamic configuration of `variant`."""
+    router = TraefikFileRouter(root / "dynamic", options=GatewayOptions(user_assignment=variant.plugin))
     router.apply({role: Backend(VERSIONS[role], urls[role]) for role in VERSIONS}, SPLIT)
+    router.set_mirror(Mirror(VERSIONS["canary"], MIRROR_PERCENT) if variant.mirror else None)
+    if variant.mirror and not variant.pair_key:  # the same file without the pair-key middleware
+        config = yaml.safe_load(router.path.read_text())
+        for r in config["http"]["routers"].values():
+            r["middlewares"] = [m for m in r.get("middlewares", []) if m != PAIR_KEY_MIDDLEWARE]
+        del config["http"]["middlewares"][PAIR_KEY_MIDDLEWARE]
+        tmp = root / f"{router.path.name}.tmp"  # outside the watched directory, then renamed into it
+        tmp.write_text(yaml.safe_dump(config))
+        os.replace(tmp, router.path)
     return router
 
 
@@ -119,7 +153,7 @@ def _start_traefik(root: Path, urls: dict[str, str]) -> tuple[subprocess.Popen, 
             user_plugin=True,
         )
     )
-    _router(root, urls, plugin=True)
+    _router(root, urls, VARIANTS[1])
     log = open(root / "traefik.log", "w")  # noqa: SIM115 (closed with the process)
     proc = subprocess.Popen(
         [str(TRAEFIK), f"--configFile={root / 'traefik.yml'}"],
@@ -173,24 +207,21 @@ def run(rounds: int, duration_s: int, connections: int, workdir: Path) -> list[S
         proc, url = _start_traefik(root, urls)
         procs.append(proc)
         scripts = {}
-        for name, users in (("users", True), ("anonymous", False)):  # the same bodies, with or without ids
-            scripts[name] = workdir / f"{name}.lua"
-            scripts[name].write_text(f"USERS = {'true' if users else 'false'}\nBODY = '{BODY}'\n{LUA}")
-        variants = [
-            ("no plugin, user ids", False, scripts["users"]),
-            ("plugin, user ids", True, scripts["users"]),
-            ("plugin, no user ids", True, scripts["anonymous"]),
-        ]
+        for users in (True, False):  # the same bodies, with or without ids
+            scripts[users] = workdir / f"{'users' if users else 'anonymous'}.lua"
+            scripts[users].write_text(f"USERS = {'true' if users else 'false'}\nBODY = '{BODY}'\n{LUA}")
         samples = []
         for r in range(rounds):
-            order = variants if r % 2 == 0 else variants[::-1]
-            for name, plugin, script in order:
-                _router(root, urls, plugin)
+            order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+            for variant in order:
+                _router(root, urls, variant)
                 time.sleep(2.0)  # past the providers throttle and the reload
-                _wrk(url, script, 1, connections)  # warm up (new connections, Yaegi's first calls)
+                _wrk(
+                    url, scripts[variant.users], 1, connections
+                )  # warm up (new connections, Yaegi's first calls)
                 cpu0, t0 = _cpu(proc.pid), time.perf_counter()
-                n = _wrk(url, script, duration_s, connections)
-                samples.append(Sample(name, n, time.perf_counter() - t0, _cpu(proc.pid) - cpu0))
+                n = _wrk(url, scripts[variant.users], duration_s, connections)
+                samples.append(Sample(variant.name, n, time.perf_counter() - t0, _cpu(proc.pid) - cpu0))
         return samples
     finally:
         for p in procs + backends:
@@ -203,7 +234,7 @@ def report(samples: list[Sample]) -> dict:
     for s in samples:
         by.setdefault(s.variant, []).append(s)
     base = by["no plugin, user ids"]
-    return {
+    out = {
         name: {
             "traefik_us_per_request_median": statistics.median(s.us_per_request for s in group),
             "requests_per_s_median": statistics.median(s.requests / s.seconds for s in group),
@@ -215,6 +246,12 @@ def report(samples: list[Sample]) -> dict:
         }
         for name, group in by.items()
     }
+    if "shadow, pair key" in by:  # the pair key's own cost, against the same round's mirror without it
+        with_key, without = by["shadow, pair key"], by["shadow, no pair key"]
+        out["shadow, pair key"]["cpu_vs_shadow_without_pair_key"] = statistics.median(
+            a.us_per_request / b.us_per_request for a, b in zip(with_key, without, strict=True)
+        )
+    return out
 
 
 def main() -> int:
@@ -231,6 +268,11 @@ def main() -> int:
         print(
             f"{name:22s} Traefik {row['traefik_us_per_request_median']:6.1f} us/request "
             f"(x{row['cpu_vs_no_plugin']:.3f})  {row['requests_per_s_median']:7.0f} requests/s"
+            + (
+                f"  pair key x{row['cpu_vs_shadow_without_pair_key']:.3f} of the shadow phase without it"
+                if "cpu_vs_shadow_without_pair_key" in row
+                else ""
+            )
         )
     if args.out:
         args.out.write_text(
