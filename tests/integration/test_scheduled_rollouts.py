@@ -16,10 +16,11 @@ from control_plane import services
 from control_plane.analysis.types import Phase
 from control_plane.context import bootstrap
 from control_plane.jobs import WORKER_SERIALIZER, schedule_evaluations
+from control_plane.rollout_reading import SETTLE_S
 from control_plane.settings import Settings
 from control_plane.traffic_ops import apply_assignment
 from tests.conftest import ready_servers
-from tests.traffic_rows import FAST_POLICY, feed
+from tests.traffic_rows import FAST_POLICY, feed, traefik_split
 from training.train import train_and_register
 
 pytestmark = pytest.mark.integration
@@ -95,11 +96,20 @@ def world(models, pg_url, pg_engine, redis_url, tmp_path):
 
 def run_until_done(ctx, env, rollout_id, accuracy, error_rate, timeout_s=90) -> Phase:
     # Windows count whole 5-second buckets, so each step's rows count up to 5 s later than they used to.
+    # Traffic pauses for a while after each weight change: a step's sample-ratio check counts from
+    # SETTLE_S after the change, because Traefik takes that long to follow it and requests served meanwhile
+    # follow the old weights, while `feed` follows the file at once; rows stamped in between, at the new
+    # weights, would count toward the step before and fail its sample-ratio check.
     schedule_evaluations(env["REDIS_URL"], 1)
     rng = np.random.default_rng(0)
     deadline = time.monotonic() + timeout_s
+    split, changed_at = None, 0.0
     while time.monotonic() < deadline:
-        feed(ctx, 1500, accuracy, rng, error_rate)
+        now_split = traefik_split(ctx)
+        if now_split != split:
+            split, changed_at = now_split, Path(ctx.router.path).stat().st_mtime
+        if time.time() - changed_at >= SETTLE_S + 3:  # rows are stamped within the last second
+            feed(ctx, 1500, accuracy, rng, error_rate)
         rollout = ctx.ledger.get(rollout_id)
         if rollout.phase.terminal and rollout.pending_action is None:  # decided, and the action applied
             return rollout.phase
