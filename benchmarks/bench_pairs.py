@@ -31,7 +31,7 @@ from sqlalchemy import create_engine, text
 
 from control_plane import queries
 from control_plane.db.engine import make_engine, migrate
-from control_plane.metrics_source import SHADOW_ROUTE
+from control_plane.metrics_source import SHADOW_ROUTE, PairQuery
 from control_plane.request_ids import RequestIdSigner
 
 PG_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -138,13 +138,13 @@ def measure(engine_name: str, url: str, n: int, window_s: float, repeat: int) ->
         catch_up_s = time.perf_counter() - t0
         with engine.connect() as conn:
             src = queries.SqlMetricsSource(conn)
-            args = (SHADOW, BASELINE, start, start + window_s, WINDOW_LABEL_S, now)
-            facts = src.pairs(*args)
-            assert facts.pairs == summed and facts == src.pairs(*args)
-            raw = queries.raw_pairs(conn, *args)
+            query = PairQuery(SHADOW, BASELINE, start, start + window_s, WINDOW_LABEL_S, now)
+            facts = src.pairs(query)
+            assert facts.pairs == summed and facts == src.pairs(query)
+            raw = queries.raw_pairs(conn, query)
             assert raw.pairs == facts.pairs and raw.correct_diff.n == facts.correct_diff.n
-            bucket_ms = _median_ms(lambda: src.pairs(*args), repeat)
-            raw_ms = _median_ms(lambda: queries.raw_pairs(conn, *args), repeat)
+            bucket_ms = _median_ms(lambda: src.pairs(query), repeat)
+            raw_ms = _median_ms(lambda: queries.raw_pairs(conn, query), repeat)
 
         ticks = []
         for _ in range(repeat):  # the window's last minute new to both parts, as a tick finds it
@@ -154,7 +154,7 @@ def measure(engine_name: str, url: str, n: int, window_s: float, repeat: int) ->
             ticks.append(time.perf_counter() - t0)
         tick_ms = 1000 * statistics.median(ticks)
         with engine.connect() as conn:
-            again = queries.SqlMetricsSource(conn).pairs(*args)
+            again = queries.SqlMetricsSource(conn).pairs(query)
             assert (again.pairs, again.correct_diff.n) == (facts.pairs, facts.correct_diff.n)
         return {
             "engine": engine_name,

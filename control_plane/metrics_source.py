@@ -8,11 +8,16 @@ the simulation; a column store or Prometheus could answer the same two questions
 Both questions take the buckets lying wholly in [since, until) and sum them per group: `by` maps a
 bucket's key to its group (None: one group, the total; `lambda k: k`: every bucket on its own; a ramp
 step, a chart bucket or a role: per period or per series).
+
+A source that can pair a shadow's copies with the baseline's answers (`queries.SqlMetricsSource`) also
+answers `pairs(PairQuery)`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 from control_plane.analysis.aggregates import (
@@ -56,6 +61,25 @@ class MetricsSource(Protocol):
     ) -> dict[Hashable, LabelFacts]:
         """Outcomes of predictions whose attribution window (`window_s`) has closed, per group of buckets."""
         ...
+
+
+@dataclass(frozen=True)
+class PairQuery:
+    """A shadow phase's paired read: the shadow's copies logged in [since, until) joined with the
+    baseline's answers to the same requests, with the outcomes of those whose attribution window
+    (`window_s`) closed before `labels_before`."""
+
+    shadow_version: int
+    baseline_version: int
+    since: float
+    until: float
+    window_s: float
+    labels_before: float
+
+    def whole_buckets(self) -> tuple[float, float]:
+        """[lo, hi): the whole buckets of [since, until), as the arms' own counts read them."""
+        lo = math.ceil(self.since / BUCKET_S) * BUCKET_S
+        return float(lo), float(math.floor(self.until / BUCKET_S) * BUCKET_S)
 
 
 def group_of(by: GroupBy, key: BucketKey) -> Hashable:

@@ -18,7 +18,7 @@ from control_plane.analysis.paired import PairedFacts
 from control_plane.analysis.ranking import ranking_summary
 from control_plane.analysis.types import ArmObservation, Observations, PeriodCounts
 from control_plane.analysis.user_level import UserEvidence
-from control_plane.metrics_source import SHADOW_ROUTE, WEIGHTED, MetricsSource
+from control_plane.metrics_source import SHADOW_ROUTE, WEIGHTED, MetricsSource, PairQuery
 
 
 def window_ends(now: float, settle_s: float, label_window_s: float) -> tuple[float, float]:
@@ -244,7 +244,7 @@ def shadow_pairs(
     shadow, baseline = versions.get("canary"), versions.get("baseline")
     if pairs is None or routes.get("canary") != SHADOW_ROUTE or shadow is None or baseline is None:
         return None
-    return pairs(shadow, baseline, since, until, label_window_s, labels_before)
+    return pairs(PairQuery(shadow, baseline, since, until, label_window_s, labels_before))
 
 
 def user_evidence(

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import Connection, Engine, and_, func, insert, select, text
+from sqlalchemy import Connection, Engine, Table, and_, func, insert, select, text
 
 from control_plane.analysis.aggregates import (
     BUCKET_S,
@@ -70,7 +70,7 @@ from control_plane.db.schema import (
     user_labels,
     user_requests,
 )
-from control_plane.metrics_source import SHADOW_ROUTE, WEIGHTED
+from control_plane.metrics_source import SHADOW_ROUTE, WEIGHTED, PairQuery
 
 log = logging.getLogger(__name__)
 
@@ -397,15 +397,7 @@ class SqlMetricsSource:
             for g, rows in self._groups(t, _LABELS, conds, by).items()
         }
 
-    def pairs(
-        self,
-        shadow_version: int,
-        baseline_version: int,
-        since: float,
-        until: float,
-        window_s: float,
-        labels_before: float,
-    ) -> PairedFacts:
+    def pairs(self, query: PairQuery) -> PairedFacts:
         """The paired sums of the shadow's copies logged in [since, until) (its whole buckets, as the arms'
         own counts read them) joined on their pair key with the baseline's live answers to the same
         requests (analysis/paired.py), with the accuracy difference of the buckets whose attribution
@@ -414,25 +406,19 @@ class SqlMetricsSource:
         Two grouped sums over the bucket tables the pair job (`sum_pairs`) keeps: their cost follows
         the window's buckets, not the mirrored requests served. `raw_pairs` computes the same from the
         rows."""
-        lo, hi = _whole_buckets(since, until)
+        window_s = int(query.window_s)
         pb, lb = pair_buckets, pair_label_buckets
-        key = [pb.c.shadow_version == shadow_version, pb.c.baseline_version == baseline_version]
         row = self.conn.execute(
-            select(*(func.sum(getattr(pb.c, c)) for c in _PAIR_VALUES)).where(
-                *key, pb.c.bucket_start >= lo, pb.c.bucket_start < hi
-            )
+            select(*(func.sum(getattr(pb.c, c)) for c in _PAIR_VALUES)).where(*_pair_conds(pb, query))
         ).one()
         counts = self.conn.execute(
             select(
                 func.sum(lb.c.labelled), func.sum(lb.c.shadow_only_right), func.sum(lb.c.baseline_only_right)
             ).where(
-                lb.c.window_s == int(window_s),
-                lb.c.shadow_version == shadow_version,
-                lb.c.baseline_version == baseline_version,
-                lb.c.bucket_start >= lo,
-                lb.c.bucket_start < hi,
+                lb.c.window_s == window_s,
+                *_pair_conds(lb, query),
                 # every baseline answer of the bucket had its window closed (as `raw_pairs` per pair)
-                lb.c.bucket_start <= labels_before - BUCKET_S - int(window_s),
+                lb.c.bucket_start <= query.labels_before - BUCKET_S - window_s,
             )
         ).one()
         correct = CorrectCounts(*(int(x or 0) for x in counts))
@@ -693,9 +679,16 @@ _PAIR_VALUES = (
 )
 
 
-def _whole_buckets(since: float, until: float) -> tuple[float, float]:
-    """[lo, hi): the whole buckets of [since, until), as the arms' own counts read them (`_where`)."""
-    return float(math.ceil(since / BUCKET_S) * BUCKET_S), float(math.floor(until / BUCKET_S) * BUCKET_S)
+def _pair_conds(table: Table, query: PairQuery) -> list:
+    """The rows of a pair table (`pair_buckets`, `pair_label_buckets`) of the query's versions and whole
+    buckets."""
+    lo, hi = query.whole_buckets()
+    return [
+        table.c.shadow_version == query.shadow_version,
+        table.c.baseline_version == query.baseline_version,
+        table.c.bucket_start >= lo,
+        table.c.bucket_start < hi,
+    ]
 
 
 def _encode_pairs(f: PairedFacts) -> dict:
@@ -807,26 +800,20 @@ def _pair_rows(
     ]
 
 
-def raw_pairs(
-    conn: Connection,
-    shadow_version: int,
-    baseline_version: int,
-    since: float,
-    until: float,
-    window_s: float,
-    labels_before: float,
-) -> PairedFacts:
+def raw_pairs(conn: Connection, query: PairQuery) -> PairedFacts:
     """`SqlMetricsSource.pairs` recomputed from the raw rows: every pair of the window's whole buckets,
     each baseline request's outcome counted once its window closed before `labels_before`.
 
     Its cost grows with the mirrored requests of the window: for checks and recomputation, never on
     the evaluation's path."""
-    lo, hi = _whole_buckets(since, until)
+    lo, hi = query.whole_buckets()
+    window_s = query.window_s
+    rows = _pair_rows(conn, query.shadow_version, query.baseline_version, lo, hi, with_labels=True)
     return paired_facts(
         dataclasses.replace(
-            r.pair, outcome=None if r.baseline_ts + window_s > labels_before else r.outcome(window_s)
+            r.pair, outcome=None if r.baseline_ts + window_s > query.labels_before else r.outcome(window_s)
         )
-        for r in _pair_rows(conn, shadow_version, baseline_version, lo, hi, with_labels=True)
+        for r in rows
     )
 
 

@@ -9,6 +9,7 @@ from sqlalchemy import text
 
 from control_plane import queries
 from control_plane.analysis.paired import Moments
+from control_plane.metrics_source import PairQuery
 from tests.unit.test_pair_buckets import WINDOW_S, assert_same, job, shadow_traffic
 from tests.unit.test_paired import seed_pairs, settle_pairs
 
@@ -21,8 +22,9 @@ def test_the_join_on_pair_key_sums_the_same_on_postgres(pg_engine):
         conn.execute(text("ANALYZE predictions"))
     assert settle_pairs(pg_engine, now, start_at=t - 200) == 3
     with pg_engine.connect() as conn:
-        facts = queries.SqlMetricsSource(conn).pairs(3, 2, t, now, 60.0, now)
-        assert queries.raw_pairs(conn, 3, 2, t, now, 60.0, now) == facts
+        query = PairQuery(3, 2, t, now, 60.0, now)
+        facts = queries.SqlMetricsSource(conn).pairs(query)
+        assert queries.raw_pairs(conn, query) == facts
     assert facts.pairs == 3
     assert facts.latency_diff == Moments(3, 12.0, 48.0)
     assert (facts.ranked, facts.overlap_sum) == (1, pytest.approx(0.5))
@@ -40,9 +42,10 @@ def test_the_pair_buckets_read_the_same_as_the_rows_on_postgres(pg_engine):
     with pg_engine.connect() as conn:
         src = queries.SqlMetricsSource(conn)
         for since, until, labels_before in [(t0, t0 + 300, t0 + 300), (t0 + 7, t0 + 93, t0 + 80)]:
-            want = queries.raw_pairs(conn, 3, 2, since, until, WINDOW_S, labels_before)
+            query = PairQuery(3, 2, since, until, WINDOW_S, labels_before)
+            want = queries.raw_pairs(conn, query)
             assert want.pairs > 500 and want.correct_diff.n > 0
-            assert_same(src.pairs(3, 2, since, until, WINDOW_S, labels_before), want)
+            assert_same(src.pairs(query), want)
 
 
 def test_two_pair_jobs_at_once_take_turns_and_count_each_pair_once(pg_engine):
@@ -53,6 +56,7 @@ def test_two_pair_jobs_at_once_take_turns_and_count_each_pair_once(pg_engine):
     with ThreadPoolExecutor(4) as pool:
         added = list(pool.map(lambda _: job(pg_engine, t0 + 400, start_at=t0), range(4)))
     with pg_engine.connect() as conn:
-        want = queries.raw_pairs(conn, 3, 2, t0, t0 + 240, WINDOW_S, t0 + 400)
-        assert_same(queries.SqlMetricsSource(conn).pairs(3, 2, t0, t0 + 240, WINDOW_S, t0 + 400), want)
+        query = PairQuery(3, 2, t0, t0 + 240, WINDOW_S, t0 + 400)
+        want = queries.raw_pairs(conn, query)
+        assert_same(queries.SqlMetricsSource(conn).pairs(query), want)
     assert sum(added) == want.pairs > 1500 and want.correct_diff.n > 0

@@ -16,7 +16,7 @@ from control_plane import queries, retention, services
 from control_plane.analysis.aggregates import BUCKET_S
 from control_plane.analysis.paired import CorrectCounts, Moments, PairedFacts
 from control_plane.db.engine import make_engine, migrate
-from control_plane.metrics_source import SHADOW_ROUTE
+from control_plane.metrics_source import SHADOW_ROUTE, PairQuery
 from tests.traffic_rows import FAST_POLICY
 from tests.unit.test_paired import row
 from tests.unit.test_services import ctx  # noqa: F401  (the fixture)
@@ -119,8 +119,9 @@ def test_the_bucket_read_equals_the_raw_rows_recomputed_on_the_same_data(engine)
             (T0 + 100, T0 + 105, now),  # one bucket
             (T0 + 100, T0 + 104.9, now),  # no whole bucket
         ]:
-            want = queries.raw_pairs(conn, 3, 2, since, until, WINDOW_S, labels_before)
-            assert_same(src.pairs(3, 2, since, until, WINDOW_S, labels_before), want)
+            query = PairQuery(3, 2, since, until, WINDOW_S, labels_before)
+            want = queries.raw_pairs(conn, query)
+            assert_same(src.pairs(query), want)
             checked.append(want)
     everything, partial, unlabelled, one, none = checked
     assert everything.pairs > 4000 and everything.correct_diff.n > 2000
@@ -141,30 +142,31 @@ def test_the_job_sums_each_bucket_once_as_it_settles_and_its_outcomes_once_their
         )
         assert mark == math.floor(settled / BUCKET_S) * BUCKET_S
         assert label_mark == math.floor((settled - WINDOW_S) / BUCKET_S) * BUCKET_S
-        got = src.pairs(3, 2, T0, T0 + 300, WINDOW_S, T0 + 300)
+        got = src.pairs(PairQuery(3, 2, T0, T0 + 300, WINDOW_S, T0 + 300))
         # the pairs up to the watermark, their outcomes up to the other (their windows closed by then)
-        assert_same(got, queries.raw_pairs(conn, 3, 2, T0, mark, WINDOW_S, label_mark + WINDOW_S))
+        assert_same(got, queries.raw_pairs(conn, PairQuery(3, 2, T0, mark, WINDOW_S, label_mark + WINDOW_S)))
         assert 0 < got.correct_diff.n < got.pairs
     # tick by tick (every 10 s) the same as in one go: each bucket summed once
     counts = [job(engine, t, start_at=T0) for t in np.arange(T0 + 210, T0 + 500, 10.0)]
     assert job(engine, T0 + 500, start_at=T0) == 0  # nothing new: nothing read, nothing added
     assert max(counts) <= 2 * 5 * 10  # a tick sums the pairs of its new buckets only
     with engine.connect() as conn:
-        got = queries.SqlMetricsSource(conn).pairs(3, 2, T0, T0 + 300, WINDOW_S, T0 + 500)
-        assert_same(got, queries.raw_pairs(conn, 3, 2, T0, T0 + 300, WINDOW_S, T0 + 500))
+        query = PairQuery(3, 2, T0, T0 + 300, WINDOW_S, T0 + 500)
+        assert_same(queries.SqlMetricsSource(conn).pairs(query), queries.raw_pairs(conn, query))
 
 
 def test_the_bucket_read_needs_no_raw_row(engine):
     shadow_traffic(engine, T0, 60, 10)
     job(engine, T0 + 300, start_at=T0)
+    query = PairQuery(3, 2, T0, T0 + 60, WINDOW_S, T0 + 300)
     with engine.connect() as conn:
-        before = queries.SqlMetricsSource(conn).pairs(3, 2, T0, T0 + 60, WINDOW_S, T0 + 300)
+        before = queries.SqlMetricsSource(conn).pairs(query)
     with engine.begin() as conn:
         conn.execute(queries.predictions.delete())
         conn.execute(queries.labels.delete())
     with engine.connect() as conn:
-        assert queries.raw_pairs(conn, 3, 2, T0, T0 + 60, WINDOW_S, T0 + 300) == PairedFacts()
-        assert queries.SqlMetricsSource(conn).pairs(3, 2, T0, T0 + 60, WINDOW_S, T0 + 300) == before
+        assert queries.raw_pairs(conn, query) == PairedFacts()
+        assert queries.SqlMetricsSource(conn).pairs(query) == before
     assert before.pairs > 400 and before.correct_diff.n > 200
 
 
@@ -172,15 +174,18 @@ def test_the_watermarks_start_at_the_shadow_phase_and_skip_to_a_later_one(engine
     shadow_traffic(engine, T0, 120, 5)
     job(engine, T0 + 60, start_at=T0 + 30)  # a shadow phase from T0 + 30
     with engine.connect() as conn:
-        first = queries.SqlMetricsSource(conn).pairs(3, 2, T0, T0 + 120, WINDOW_S, T0)
+        first = queries.SqlMetricsSource(conn).pairs(PairQuery(3, 2, T0, T0 + 120, WINDOW_S, T0))
         mark = queries.pair_watermark(conn, 3, 2)
     assert T0 + 50 <= mark < T0 + 60
     job(engine, T0 + 200, start_at=T0 + 90)  # another one, from T0 + 90: [mark, T0 + 90) is never read
     with engine.connect() as conn:
         src = queries.SqlMetricsSource(conn)
-        pairs = src.pairs(3, 2, T0, T0 + 120, WINDOW_S, T0).pairs
-        assert pairs == first.pairs + queries.raw_pairs(conn, 3, 2, T0 + 90, T0 + 120, WINDOW_S, T0).pairs
-        assert first.pairs == queries.raw_pairs(conn, 3, 2, T0 + 30, mark, WINDOW_S, T0).pairs
+        pairs = src.pairs(PairQuery(3, 2, T0, T0 + 120, WINDOW_S, T0)).pairs
+        assert (
+            pairs
+            == first.pairs + queries.raw_pairs(conn, PairQuery(3, 2, T0 + 90, T0 + 120, WINDOW_S, T0)).pairs
+        )
+        assert first.pairs == queries.raw_pairs(conn, PairQuery(3, 2, T0 + 30, mark, WINDOW_S, T0)).pairs
     assert first.pairs > 50
 
 
@@ -201,7 +206,7 @@ def test_retention_prunes_the_paired_sums_with_the_fine_buckets(engine):
     def counts():
         with engine.connect() as conn:
             src = queries.SqlMetricsSource(conn)
-            return [src.pairs(3, 2, t, t + 60, WINDOW_S, now).pairs for t in (T0, T0 + 8 * hour)]
+            return [src.pairs(PairQuery(3, 2, t, t + 60, WINDOW_S, now)).pairs for t in (T0, T0 + 8 * hour)]
 
     old, new = counts()
     assert old > 0 and new > 0
@@ -236,7 +241,7 @@ def test_the_evaluation_and_the_upkeep_sum_the_shadow_phase_s_pairs(ctx):  # noq
     got = first["stats"]["shadow"]["paired"]
     with ctx.engine.connect() as conn:
         mark = queries.pair_watermark(conn, 3, 2)
-        want = queries.raw_pairs(conn, 3, 2, rollout.step_started_at, mark, 0, mark)
+        want = queries.raw_pairs(conn, PairQuery(3, 2, rollout.step_started_at, mark, 0, mark))
     # the pairs settled by the tick: all but the newest seconds'
     assert got["pairs"] == want.pairs and 200 <= got["pairs"] < 300, got
     assert got["score"]["mean_diff"] == pytest.approx(0.05, abs=0.005)
@@ -244,7 +249,7 @@ def test_the_evaluation_and_the_upkeep_sum_the_shadow_phase_s_pairs(ctx):  # noq
     assert got["accuracy"]["n"] == want.correct_diff.n == got["pairs"]
     ctx.clock.t += 30
     with ctx.engine.connect() as conn:
-        logged = queries.raw_pairs(conn, 3, 2, rollout.step_started_at, ctx.clock(), 0, 0).pairs
+        logged = queries.raw_pairs(conn, PairQuery(3, 2, rollout.step_started_at, ctx.clock(), 0, 0)).pairs
     assert services.maintain(ctx)["pairs_summed"] == logged - got["pairs"] > 0  # the rest, once
     paired_minute(ctx, 2)
     services.evaluate(ctx, tick=2)

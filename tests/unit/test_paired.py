@@ -25,7 +25,7 @@ from control_plane.analysis.policy import Policy
 from control_plane.analysis.types import Phase, RolloutState
 from control_plane.db.engine import make_engine, migrate
 from control_plane.labels import record_labels
-from control_plane.metrics_source import SHADOW_ROUTE
+from control_plane.metrics_source import SHADOW_ROUTE, PairQuery
 from control_plane.traffic.base import Backend, Mirror
 from control_plane.traffic.traefik_file import (
     GATEWAY_ROUTER,
@@ -247,12 +247,13 @@ def test_the_shadow_copies_join_the_baseline_answers_on_their_pair_key(engine):
     assert settle_pairs(engine, now, start_at=t - 200) == 3
     with engine.connect() as conn:
         src = queries.SqlMetricsSource(conn)
-        assert queries.raw_pairs(conn, 3, 2, t, now, 60.0, now) == src.pairs(3, 2, t, now, 60.0, now)
-        facts = src.pairs(3, 2, t, now, 60.0, now)
-        open_labels = src.pairs(3, 2, t, now, 60.0, t + 30)  # no attribution window closed yet
+        query = PairQuery(3, 2, t, now, 60.0, now)
+        assert queries.raw_pairs(conn, query) == src.pairs(query)
+        facts = src.pairs(query)
+        open_labels = src.pairs(PairQuery(3, 2, t, now, 60.0, t + 30))  # no attribution window closed yet
         # whole buckets only, as the arms' counts: [t, t + 5) holds k1-k3, [t, t + 4.9) no whole bucket
-        first_bucket = src.pairs(3, 2, t, t + 5, 60.0, now).pairs
-        partial = src.pairs(3, 2, t, t + 4.9, 60.0, now).pairs
+        first_bucket = src.pairs(PairQuery(3, 2, t, t + 5, 60.0, now)).pairs
+        partial = src.pairs(PairQuery(3, 2, t, t + 4.9, 60.0, now)).pairs
     assert facts.pairs == 3
     assert facts.score_diff.total == pytest.approx(-0.4 - 0.1 + 0.1)
     assert facts.latency_diff == Moments(3, 12.0, 48.0)
