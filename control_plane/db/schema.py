@@ -192,14 +192,23 @@ label_watermarks = Table(
 )
 
 
-def _pair_key() -> list[Column]:
-    """What a paired row is kept per (analysis/paired.py: PairKey): the bucket of the shadow copy's time
-    and the two versions answering the same requests."""
+def _version_pair() -> list[Column]:
+    """The two versions answering the same requests in a shadow phase: the shadow and the baseline."""
     return [
-        Column("bucket_start", BigInteger, primary_key=True),
         Column("shadow_version", Integer, primary_key=True),
         Column("baseline_version", Integer, primary_key=True),
     ]
+
+
+def _pair_key() -> list[Column]:
+    """What a paired row is kept per (analysis/paired.py: PairKey): the bucket of the shadow copy's time
+    and the two versions answering the same requests."""
+    return [Column("bucket_start", BigInteger, primary_key=True), *_version_pair()]
+
+
+def _sums(kind: type, *names: str) -> list[Column]:
+    """Additive sums of one type, not null."""
+    return [Column(name, kind, nullable=False) for name in names]
 
 
 # The paired sums of a shadow phase (analysis/paired.py: PairedFacts), per BUCKET_S of the shadow copy's
@@ -210,19 +219,12 @@ pair_buckets = Table(
     "pair_buckets",
     metadata,
     *_pair_key(),
-    Column("pairs", BigInteger, nullable=False),
-    Column("scored", BigInteger, nullable=False),  # pairs where both scored
-    Column("score_sum", Float, nullable=False),  # shadow minus baseline score, over `scored`
-    Column("score_squares", Float, nullable=False),
-    Column("score_abs_sum", Float, nullable=False),
-    Column("latency_sum", Float, nullable=False),  # shadow minus baseline latency (ms), over `pairs`
-    Column("latency_squares", Float, nullable=False),
-    Column("shadow_slower", BigInteger, nullable=False),
-    Column("both_errors", BigInteger, nullable=False),
-    Column("shadow_only_errors", BigInteger, nullable=False),
-    Column("baseline_only_errors", BigInteger, nullable=False),
-    Column("ranked", BigInteger, nullable=False),
-    Column("overlap_sum", Float, nullable=False),
+    *_sums(BigInteger, "pairs", "scored"),  # scored: the pairs where both scored
+    # shadow minus baseline: the score over `scored`, the latency (ms) over `pairs`
+    *_sums(Float, "score_sum", "score_squares", "score_abs_sum", "latency_sum", "latency_squares"),
+    *_sums(BigInteger, "shadow_slower", "both_errors", "shadow_only_errors", "baseline_only_errors"),
+    *_sums(BigInteger, "ranked"),
+    *_sums(Float, "overlap_sum"),
 )
 
 # The same pairs' outcomes once the baseline request's attribution window (`window_s`) has closed:
@@ -232,9 +234,7 @@ pair_label_buckets = Table(
     metadata,
     Column("window_s", Integer, primary_key=True),
     *_pair_key(),
-    Column("labelled", BigInteger, nullable=False),
-    Column("shadow_only_right", BigInteger, nullable=False),
-    Column("baseline_only_right", BigInteger, nullable=False),
+    *_sums(BigInteger, "labelled", "shadow_only_right", "baseline_only_right"),
 )
 
 # Per version pair and part (window_s -1: pair_buckets; else pair_label_buckets of that window): shadow
@@ -242,8 +242,7 @@ pair_label_buckets = Table(
 pair_watermarks = Table(
     "pair_watermarks",
     metadata,
-    Column("shadow_version", Integer, primary_key=True),
-    Column("baseline_version", Integer, primary_key=True),
+    *_version_pair(),
     Column("window_s", Integer, primary_key=True),
     Column("summed_until", Float, nullable=False),
 )

@@ -21,44 +21,40 @@ branch_labels = None
 depends_on = None
 
 
-def _key_columns() -> list:
+def _versions() -> list:
     return [
-        sa.Column("bucket_start", sa.BigInteger, primary_key=True),
         sa.Column("shadow_version", sa.Integer, primary_key=True),
         sa.Column("baseline_version", sa.Integer, primary_key=True),
     ]
+
+
+def _key_columns() -> list:
+    return [sa.Column("bucket_start", sa.BigInteger, primary_key=True), *_versions()]
+
+
+def _sums(kind, *names: str) -> list:
+    return [sa.Column(name, kind, nullable=False) for name in names]
 
 
 def upgrade() -> None:
     op.create_table(
         "pair_buckets",
         *_key_columns(),
-        sa.Column("pairs", sa.BigInteger, nullable=False),
-        sa.Column("scored", sa.BigInteger, nullable=False),
-        sa.Column("score_sum", sa.Float, nullable=False),
-        sa.Column("score_squares", sa.Float, nullable=False),
-        sa.Column("score_abs_sum", sa.Float, nullable=False),
-        sa.Column("latency_sum", sa.Float, nullable=False),
-        sa.Column("latency_squares", sa.Float, nullable=False),
-        sa.Column("shadow_slower", sa.BigInteger, nullable=False),
-        sa.Column("both_errors", sa.BigInteger, nullable=False),
-        sa.Column("shadow_only_errors", sa.BigInteger, nullable=False),
-        sa.Column("baseline_only_errors", sa.BigInteger, nullable=False),
-        sa.Column("ranked", sa.BigInteger, nullable=False),
-        sa.Column("overlap_sum", sa.Float, nullable=False),
+        *_sums(sa.BigInteger, "pairs", "scored"),
+        *_sums(sa.Float, "score_sum", "score_squares", "score_abs_sum", "latency_sum", "latency_squares"),
+        *_sums(sa.BigInteger, "shadow_slower", "both_errors", "shadow_only_errors", "baseline_only_errors"),
+        *_sums(sa.BigInteger, "ranked"),
+        *_sums(sa.Float, "overlap_sum"),
     )
     op.create_table(
         "pair_label_buckets",
         sa.Column("window_s", sa.Integer, primary_key=True),
         *_key_columns(),
-        sa.Column("labelled", sa.BigInteger, nullable=False),
-        sa.Column("shadow_only_right", sa.BigInteger, nullable=False),
-        sa.Column("baseline_only_right", sa.BigInteger, nullable=False),
+        *_sums(sa.BigInteger, "labelled", "shadow_only_right", "baseline_only_right"),
     )
     op.create_table(
         "pair_watermarks",
-        sa.Column("shadow_version", sa.Integer, primary_key=True),
-        sa.Column("baseline_version", sa.Integer, primary_key=True),
+        *_versions(),
         sa.Column("window_s", sa.Integer, primary_key=True),
         sa.Column("summed_until", sa.Float, nullable=False),
     )
