@@ -10,10 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from control_plane.analysis import fold
-from control_plane.analysis.aggregates import LabelFacts, LatencyHistogram, RequestFacts, SparseCounts
+from control_plane.analysis.aggregates import LabelFacts, LatencyHistogram, RequestFacts
 from control_plane.analysis.paired import PairedFacts
 from control_plane.analysis.ranking import ranking_summary
 from control_plane.analysis.types import ArmObservation, Observations, PeriodCounts
@@ -59,6 +57,13 @@ def _by_start(key) -> int:
     return key.start
 
 
+def _columns(groups: dict, *fields: str) -> list[list]:
+    """Buckets grouped `_by_start`: their starts, oldest first, then each named field of their facts in
+    the same order (fold's inputs)."""
+    starts = sorted(groups)
+    return [starts, *([getattr(groups[s], f) for s in starts] for f in fields)]
+
+
 def period_counts(
     source: MetricsSource,
     version: int,
@@ -74,40 +79,21 @@ def period_counts(
     folded by `fold`, as the simulation folds the buckets it makes."""
     req = source.requests(since, until, by=_by_start, version=version, route=route)
     lab = source.labels(since, labels_before, label_window_s, by=_by_start, version=version, route=route)
-    r_starts, l_starts = sorted(req), sorted(lab)
-    r = fold.fold_requests(
-        np.array(r_starts, dtype=float),
-        np.array([req[s].requests for s in r_starts], dtype=float),
-        np.array([req[s].errors for s in r_starts], dtype=float),
-        since=since,
-        until=until,
-        periods=periods,
-    )
+    r = fold.fold_requests(*_columns(req, "requests", "errors"), since=since, until=until, periods=periods)
     lb = fold.fold_labels(
-        np.array(l_starts, dtype=float),
-        np.array([lab[s].closed for s in l_starts], dtype=float),
-        np.array([lab[s].correct for s in l_starts], dtype=float),
-        since=since,
-        until=labels_before,
-        periods=periods,
+        *_columns(lab, "closed", "correct"), since=since, until=labels_before, periods=periods
     )
-    # The ranking metrics' sums (exposures, clicks per position) per period, over the same buckets.
-    ranked = [0] * len(periods)
-    clicks = [SparseCounts() for _ in range(len(periods))]
-    if l_starts:
-        l_arr = np.array(l_starts, dtype=float)
-        counted = fold.inside(l_arr, since, labels_before)
-        for s, ok, i in zip(l_starts, counted, fold.period_of(l_arr, periods), strict=True):
-            if ok and lab[s].ranked:
-                ranked[i] += lab[s].ranked
-                clicks[i] = clicks[i].merge(lab[s].click_positions)
+    # the ranking metrics' sums (exposures, clicks per position) per period, over the same buckets
+    rk = fold.fold_ranking(
+        *_columns(lab, "ranked", "click_positions"), since=since, until=labels_before, periods=periods
+    )
     return tuple(
         PeriodCounts(
             requests=int(r.period_requests[i]),
             labelled=int(lb.period_labelled[i]),
             correct=int(lb.period_correct[i]),
-            ranked=ranked[i],
-            click_positions=clicks[i],
+            ranked=rk.period_ranked[i],
+            click_positions=rk.period_click_positions[i],
             steady_requests=int(r.period_steady[i]),
         )
         for i in range(len(periods))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from control_plane.analysis.aggregates import BUCKET_S
+from control_plane.analysis.aggregates import BUCKET_S, SparseCounts
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,14 @@ class LabelSums:
             self.period_labelled + other.period_labelled,
             self.period_correct + other.period_correct,
         )
+
+
+@dataclass(frozen=True)
+class RankingSums:
+    """Closed /recommend exposures and their clicks' positions (counts per position), per period."""
+
+    period_ranked: tuple[int, ...]
+    period_click_positions: tuple[SparseCounts, ...]
 
 
 def inside(starts: np.ndarray, since: float, until: float) -> np.ndarray:
@@ -148,3 +156,26 @@ def fold_labels(
         _sum(n, member),
         _sum(k, member),
     )
+
+
+def fold_ranking(
+    starts: np.ndarray,
+    ranked: Sequence[int],
+    click_positions: Sequence[SparseCounts],
+    *,
+    since: float,
+    until: float,
+    periods: Periods,
+) -> RankingSums:
+    """The ranking metrics' sums of the buckets wholly in [since, until) (`until`: where attribution
+    windows have closed), per period: their closed exposures and their clicks' positions. One row of
+    buckets (no leading axes): click positions are merged, not added as arrays."""
+    starts = np.asarray(starts, dtype=float)
+    period_ranked = [0] * len(periods)
+    period_clicks = [SparseCounts() for _ in range(len(periods))]
+    counted, period = inside(starts, since, until), period_of(starts, periods)
+    for ok, i, n, clicks in zip(counted, period, ranked, click_positions, strict=True):
+        if ok and n:
+            period_ranked[i] += n
+            period_clicks[i] = period_clicks[i].merge(clicks)
+    return RankingSums(tuple(period_ranked), tuple(period_clicks))

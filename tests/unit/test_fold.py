@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from control_plane.analysis import fold
+from control_plane.analysis.aggregates import SparseCounts
 
 STARTS = np.arange(0, 60, 5, dtype=float)  # twelve 5 s buckets: [0, 5) ... [55, 60)
 
@@ -49,3 +50,15 @@ def test_each_row_may_have_its_own_periods_and_folds_as_on_its_own():
         assert together.period_labelled[row].tolist() == alone.period_labelled.tolist()
         assert together.period_correct[row].tolist() == alone.period_correct.tolist()
         assert together.labelled[row] == alone.labelled == values[row].sum()
+
+
+def test_ranking_sums_go_to_the_period_in_force_and_count_only_whole_buckets():
+    periods = fold.Periods.of([0.0, 30.0])
+    ranked = [2] * 12
+    clicks = [SparseCounts.of_bins([1, 3]) for _ in range(12)]
+    # [0, 58): the bucket at 55 ends after the window
+    sums = fold.fold_ranking(STARTS, ranked, clicks, since=0.0, until=58.0, periods=periods)
+    assert sums.period_ranked == (12, 10)
+    assert sums.period_click_positions == (SparseCounts([1, 3], [6, 6]), SparseCounts([1, 3], [5, 5]))
+    empty = fold.fold_ranking(np.array([]), [], [], since=0.0, until=60.0, periods=periods)
+    assert empty == fold.RankingSums((0, 0), (SparseCounts(), SparseCounts()))
