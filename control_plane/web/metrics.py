@@ -104,23 +104,17 @@ class RolloutCollector(Collector):
         last_ts = GaugeMetricFamily(
             "recsys_rollout_last_evaluation_timestamp_seconds", "When the latest evaluation was recorded"
         )
-        stat = GaugeMetricFamily(
-            "recsys_last_evaluation_stat", "Numeric statistics behind the latest evaluation", labels=["name"]
+        stat = _gauge(
+            "recsys_last_evaluation_stat", "Numeric statistics behind the latest evaluation", "name"
         )
-        rule_value = GaugeMetricFamily(
-            "recsys_last_evaluation_rule_value",
-            "Value each rule compared at the latest evaluation",
-            labels=["rule"],
+        rule_value = _gauge(
+            "recsys_last_evaluation_rule_value", "Value each rule compared at the latest evaluation", "rule"
         )
-        rule_threshold = GaugeMetricFamily(
-            "recsys_last_evaluation_rule_threshold",
-            "Threshold of each rule at the latest evaluation",
-            labels=["rule"],
+        rule_threshold = _gauge(
+            "recsys_last_evaluation_rule_threshold", "Threshold of each rule at the latest evaluation", "rule"
         )
-        rule_passed = GaugeMetricFamily(
-            "recsys_last_evaluation_rule_passed",
-            "1 if the rule held, 0 if not (absent: no data)",
-            labels=["rule"],
+        rule_passed = _gauge(
+            "recsys_last_evaluation_rule_passed", "1 if the rule held, 0 if not (absent: no data)", "rule"
         )
         if last_eval is not None:
             last_ts.add_metric([], last_eval["ts"])
@@ -136,32 +130,25 @@ class RolloutCollector(Collector):
         yield from (last_ts, stat, rule_value, rule_threshold, rule_passed)
 
         window = services.window_counts(ctx)
-        coverage = GaugeMetricFamily(
-            "recsys_label_coverage", "Labelled predictions / requests over the window", labels=["role"]
-        )
-        accuracy = GaugeMetricFamily(
-            "recsys_accuracy", "Accuracy of labelled predictions over the window", labels=["role"]
-        )
-        requests = GaugeMetricFamily(
-            "recsys_window_requests", "Weighted requests over the window", labels=["role"]
-        )
-        errors = GaugeMetricFamily(
-            "recsys_window_error_rate", "Share of 5xx over the window", labels=["role"]
-        )
-        users = GaugeMetricFamily(
+        coverage = _gauge("recsys_label_coverage", "Labelled predictions / requests over the window", "role")
+        accuracy = _gauge("recsys_accuracy", "Accuracy of labelled predictions over the window", "role")
+        requests = _gauge("recsys_window_requests", "Weighted requests over the window", "role")
+        errors = _gauge("recsys_window_error_rate", "Share of 5xx over the window", "role")
+        users = _gauge(
             "recsys_window_users",
             "Distinct users (X-User-Id) with a weighted request over the window",
-            labels=["role"],
+            "role",
         )
-        exposures = GaugeMetricFamily(
+        exposures = _gauge(
             "recsys_window_exposures",
             "/recommend answers whose attribution window closed over the window",
-            labels=["role"],
+            "role",
         )
-        ranking = GaugeMetricFamily(
+        ranking = _gauge(
             "recsys_ranking_metric",
             "/recommend ranking metrics from clicks over the window: ctr_at_10, mrr, ndcg",
-            labels=["role", "metric"],
+            "role",
+            "metric",
         )
         for role, arm in sorted(window.items()):
             rank = arm["ranking"]
@@ -176,6 +163,11 @@ class RolloutCollector(Collector):
             if arm["accuracy"] is not None:
                 accuracy.add_metric([role], arm["accuracy"])
         yield from (coverage, accuracy, requests, errors, users, exposures, ranking)
+
+
+def _gauge(name: str, documentation: str, *labels: str) -> GaugeMetricFamily:
+    """A gauge family with these label names."""
+    return GaugeMetricFamily(name, documentation, labels=list(labels))
 
 
 def flatten_numbers(value: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
