@@ -14,7 +14,7 @@ from control_plane import queries
 from control_plane.analysis.ranking import Metric, metric_sums
 from control_plane.db.schema import predictions
 from control_plane.web.app import create_app
-from tests.unit.test_clicks import prediction, rid_at
+from tests.prediction_rows import prediction, rid_at
 from tests.web_support import LABEL_HEADERS, make_context, make_settings
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,9 @@ from sqlalchemy import text
 from control_plane import queries
 from control_plane.analysis.paired import Moments
 from control_plane.metrics_source import PairQuery
-from tests.unit.test_pair_buckets import WINDOW_S, assert_same, job, shadow_traffic
-from tests.unit.test_paired import seed_pairs, settle_pairs
+from tests.prediction_rows import settle_pairs
+from tests.unit.test_pair_buckets import WINDOW_S, assert_same, shadow_traffic
+from tests.unit.test_paired import seed_pairs
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +39,7 @@ def test_the_pair_buckets_read_the_same_as_the_rows_on_postgres(pg_engine):
         queries.create_partitions(conn, t0 - 3600, t0 + 3600, "labels")
     shadow_traffic(pg_engine, t0, 120, 10)
     for now in (t0 + 40, t0 + 100, t0 + 300):  # three ticks
-        job(pg_engine, now, start_at=t0)
+        settle_pairs(pg_engine, now, start_at=t0)
     with pg_engine.connect() as conn:
         src = queries.SqlMetricsSource(conn)
         for since, until, labels_before in [(t0, t0 + 300, t0 + 300), (t0 + 7, t0 + 93, t0 + 80)]:
@@ -54,7 +55,7 @@ def test_two_pair_jobs_at_once_take_turns_and_count_each_pair_once(pg_engine):
     t0 = 1_800_000_000.0
     shadow_traffic(pg_engine, t0, 240, 10)
     with ThreadPoolExecutor(4) as pool:
-        added = list(pool.map(lambda _: job(pg_engine, t0 + 400, start_at=t0), range(4)))
+        added = list(pool.map(lambda _: settle_pairs(pg_engine, t0 + 400, start_at=t0), range(4)))
     with pg_engine.connect() as conn:
         query = PairQuery(3, 2, t0, t0 + 240, WINDOW_S, t0 + 400)
         want = queries.raw_pairs(conn, query)

@@ -20,11 +20,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from control_plane import observations, queries
+from control_plane import queries
 from control_plane.analysis.aggregates import BUCKET_S, RELATIVE_ACCURACY
 from control_plane.db.engine import make_engine, migrate
 from control_plane.errors import LabelConflict
 from control_plane.labels import record_labels
+from tests.prediction_rows import insert_rows, prediction, read_step
 
 WINDOW_S = 30
 T0 = 1_000_000.0  # a bucket boundary
@@ -127,18 +128,15 @@ def test_the_aggregates_count_what_the_raw_rows_count(migrated, tmp_path_factory
     shutil.copy(migrated, path)
     engine = make_engine(f"sqlite:///{path}")
     rows = [
-        {
-            "request_id": p.rid,
-            "ts": p.ts,
-            "model_version": p.version,
-            "role": "baseline" if p.version == 1 else "canary",
-            "route": "weighted",
-            "endpoint": "predict",
-            "features": None,
-            "score": p.score,
-            "latency_ms": p.latency_ms,
-            "status": p.status,
-        }
+        prediction(
+            p.rid,
+            p.ts,
+            version=p.version,
+            role="baseline" if p.version == 1 else "canary",
+            score=p.score,
+            latency_ms=p.latency_ms,
+            status=p.status,
+        )
         for p in preds
     ]
     written = rows + [rows[i] for i in dup]  # a replay writes some rows again
@@ -156,11 +154,10 @@ def test_the_aggregates_count_what_the_raw_rows_count(migrated, tmp_path_factory
     queries.close_label_windows(engine, window_s=WINDOW_S, now=later, settle_s=0, start_at=T0)
 
     with engine.connect() as conn:
-        obs = observations.read_observations(
-            queries.SqlMetricsSource(conn),
+        obs = read_step(
+            conn,
             versions={"baseline": 1, "canary": 2},
             since=T0,
-            step_since=T0,
             now=later,
             label_window_s=WINDOW_S,
             step_weights={"baseline": 50, "canary": 50},
@@ -195,33 +192,12 @@ def _rank_auc(scores: np.ndarray, y: np.ndarray) -> float:
     return float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def test_a_second_run_of_the_label_job_at_the_same_time_counts_nothing(tmp_path):
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    migrate(url)
-    engine = make_engine(url)
-    rows = [
-        {
-            "request_id": f"r{i}",
-            "ts": T0 + i,
-            "model_version": 1,
-            "role": "baseline",
-            "route": "weighted",
-            "endpoint": "predict",
-            "features": None,
-            "score": 0.9,
-            "latency_ms": 3.0,
-            "status": 200,
-        }
-        for i in range(100)
-    ]
-    with engine.begin() as conn:
-        queries.insert_predictions(conn, rows)
+def test_a_second_run_of_the_label_job_at_the_same_time_counts_nothing(engine):
+    rows = [prediction(f"r{i}", T0 + i, score=0.9) for i in range(100)]
+    insert_rows(engine, rows)
     kw = {"window_s": WINDOW_S, "now": T0 + 200, "settle_s": 0, "start_at": T0}
     assert queries.close_label_windows(engine, **kw) == 100
     assert queries.close_label_windows(engine, **kw) == 0
     # Later, only what has closed since is read: the cost follows the newly closed predictions.
-    with engine.begin() as conn:
-        queries.insert_predictions(
-            conn, [{**r, "request_id": f"s{i}", "ts": T0 + 200 + i} for i, r in enumerate(rows[:10])]
-        )
+    insert_rows(engine, [{**r, "request_id": f"s{i}", "ts": T0 + 200 + i} for i, r in enumerate(rows[:10])])
     assert queries.close_label_windows(engine, **{**kw, "now": T0 + 300}) == 10

@@ -4,7 +4,6 @@ request's label, the label job's ranking sums, and /feedback's answers (SQLite).
 from __future__ import annotations
 
 import time
-import uuid
 
 import pytest
 from sqlalchemy import select
@@ -13,45 +12,14 @@ from bentos.schemas import MAX_CANDIDATES
 from control_plane import queries
 from control_plane.analysis.ranking import MAX_POSITION, Metric, metric_sums
 from control_plane.clicks import Click, ClickNotLogged, parse_feedback, record_clicks
-from control_plane.db.engine import make_engine, migrate
 from control_plane.db.schema import labels
 from control_plane.errors import InvalidRequest, LabelConflict
 from control_plane.labels import record_labels
 from control_plane.web import create_app
-from tests.web_support import LABEL_HEADERS, SIGNER, make_context, make_settings
+from tests.prediction_rows import prediction, rid_at
+from tests.web_support import LABEL_HEADERS, make_context, make_settings
 
 WINDOW_S = 60
-
-
-def rid_at(ts: float) -> str:
-    """A request id as a Bento issues it at `ts` (its fresh part begins with the time in ns)."""
-    return SIGNER.issue(f"{int(ts * 1e9):016x}{uuid.uuid4().hex[:16]}")
-
-
-def prediction(rid: str, ts: float, endpoint: str = "recommend", served=None, version: int = 1) -> dict:
-    return {
-        "request_id": rid,
-        "ts": ts,
-        "model_version": version,
-        "role": "baseline",
-        "route": "weighted",
-        "endpoint": endpoint,
-        "features": None,
-        "score": 0.7,
-        "latency_ms": 3.0,
-        "status": 200,
-        "user_key": None,
-        "served": served,
-    }
-
-
-@pytest.fixture
-def engine(tmp_path):
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    migrate(url)
-    engine = make_engine(url)
-    yield engine
-    engine.dispose()
 
 
 # --- the body ---------------------------------------------------------------

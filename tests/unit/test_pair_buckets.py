@@ -15,23 +15,12 @@ import pytest
 from control_plane import queries, retention, services
 from control_plane.analysis.aggregates import BUCKET_S
 from control_plane.analysis.paired import CorrectCounts, Moments, PairedFacts
-from control_plane.db.engine import make_engine, migrate
 from control_plane.metrics_source import SHADOW_ROUTE, PairQuery
+from tests.prediction_rows import PAIR_SETTLE_S, insert_rows, paired_row, settle_pairs
 from tests.traffic_rows import FAST_POLICY
-from tests.unit.test_paired import row
 from tests.unit.test_services import ctx  # noqa: F401  (the fixture)
 
 WINDOW_S = 60.0
-SETTLE_S = 2.0
-
-
-@pytest.fixture
-def engine(tmp_path):
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    migrate(url)
-    engine = make_engine(url)
-    yield engine
-    engine.dispose()
 
 
 def shadow_traffic(engine, t0: float, seconds: int, per_s: int, seed: int = 1) -> list[dict]:
@@ -54,40 +43,28 @@ def shadow_traffic(engine, t0: float, seconds: int, per_s: int, seed: int = 1) -
         b_score = None if b_err else float(rng.random())
         s_score = None if s_err else float(np.clip((b_score or 0.5) + rng.normal(0.02, 0.1), 0, 1))
         if kind > 0.97:  # a tester's override: not the live split
-            base.append(row(ts, 2, "override", b_score, key))
+            base.append(paired_row(ts, 2, "override", b_score, key))
         elif kind > 0.95:  # not mirrored
-            base.append(row(ts, 2, "weighted", b_score, None))
+            base.append(paired_row(ts, 2, "weighted", b_score, None))
             continue
         elif kind > 0.93:  # the live row never logged
             pass
         else:
-            live = row(ts, 2, "weighted", b_score, key, status=500 if b_err else 200,
-                       latency=float(rng.gamma(4, 1.5)), served=served)  # fmt: skip
+            live = paired_row(ts, 2, "weighted", b_score, key, status=500 if b_err else 200,
+                              latency=float(rng.gamma(4, 1.5)), served=served)  # fmt: skip
             base.append(live)
             if not b_err and rng.random() < 0.6:
                 late = rng.random() < 0.2
                 labels.append((live["request_id"], int(rng.random() < 0.4), ts + (90 if late else 20)))
         shadow.append(
-            row(ts + float(rng.uniform(0.001, 0.05)), 3, SHADOW_ROUTE, s_score, key, role="canary",
-                status=500 if s_err else 200, latency=float(rng.gamma(4, 1.6)),
-                served=None if served is None else list(rng.permutation(served)))
+            paired_row(ts + float(rng.uniform(0.001, 0.05)), 3, SHADOW_ROUTE, s_score, key, role="canary",
+                       status=500 if s_err else 200, latency=float(rng.gamma(4, 1.6)),
+                       served=None if served is None else list(rng.permutation(served)))
         )  # fmt: skip
     with engine.begin() as conn:
         queries.insert_predictions(conn, base + shadow)
         queries.insert_labels_rows(conn, [{"request_id": r, "label": y, "ts": t} for r, y, t in labels])
     return base + shadow
-
-
-def job(engine, now: float, start_at: float, window_s: float = WINDOW_S) -> int:
-    return queries.sum_pairs(
-        engine,
-        shadow_version=3,
-        baseline_version=2,
-        window_s=window_s,
-        now=now,
-        settle_s=SETTLE_S,
-        start_at=start_at,
-    )
 
 
 def assert_same(got: PairedFacts, want: PairedFacts) -> None:
@@ -108,7 +85,7 @@ T0 = 1_800_000_000.0
 def test_the_bucket_read_equals_the_raw_rows_recomputed_on_the_same_data(engine):
     shadow_traffic(engine, T0, 300, 20)
     now = T0 + 600
-    assert job(engine, now, start_at=T0) > 4000
+    assert settle_pairs(engine, now, start_at=T0) > 4000
     with engine.connect() as conn:
         src = queries.SqlMetricsSource(conn)
         checked = []
@@ -133,8 +110,8 @@ def test_the_bucket_read_equals_the_raw_rows_recomputed_on_the_same_data(engine)
 
 def test_the_job_sums_each_bucket_once_as_it_settles_and_its_outcomes_once_their_window_closed(engine):
     shadow_traffic(engine, T0, 300, 5)
-    settled = (T0 + 200) - SETTLE_S - queries.PAIR_SLACK_S  # what has settled at T0 + 200
-    job(engine, T0 + 200, start_at=T0)
+    settled = (T0 + 200) - PAIR_SETTLE_S - queries.PAIR_SLACK_S  # what has settled at T0 + 200
+    settle_pairs(engine, T0 + 200, start_at=T0)
     with engine.connect() as conn:
         src = queries.SqlMetricsSource(conn)
         mark, label_mark = (
@@ -147,8 +124,8 @@ def test_the_job_sums_each_bucket_once_as_it_settles_and_its_outcomes_once_their
         assert_same(got, queries.raw_pairs(conn, PairQuery(3, 2, T0, mark, WINDOW_S, label_mark + WINDOW_S)))
         assert 0 < got.correct_diff.n < got.pairs
     # tick by tick (every 10 s) the same as in one go: each bucket summed once
-    counts = [job(engine, t, start_at=T0) for t in np.arange(T0 + 210, T0 + 500, 10.0)]
-    assert job(engine, T0 + 500, start_at=T0) == 0  # nothing new: nothing read, nothing added
+    counts = [settle_pairs(engine, t, start_at=T0) for t in np.arange(T0 + 210, T0 + 500, 10.0)]
+    assert settle_pairs(engine, T0 + 500, start_at=T0) == 0  # nothing new: nothing read, nothing added
     assert max(counts) <= 2 * 5 * 10  # a tick sums the pairs of its new buckets only
     with engine.connect() as conn:
         query = PairQuery(3, 2, T0, T0 + 300, WINDOW_S, T0 + 500)
@@ -157,7 +134,7 @@ def test_the_job_sums_each_bucket_once_as_it_settles_and_its_outcomes_once_their
 
 def test_the_bucket_read_needs_no_raw_row(engine):
     shadow_traffic(engine, T0, 60, 10)
-    job(engine, T0 + 300, start_at=T0)
+    settle_pairs(engine, T0 + 300, start_at=T0)
     query = PairQuery(3, 2, T0, T0 + 60, WINDOW_S, T0 + 300)
     with engine.connect() as conn:
         before = queries.SqlMetricsSource(conn).pairs(query)
@@ -172,12 +149,13 @@ def test_the_bucket_read_needs_no_raw_row(engine):
 
 def test_the_watermarks_start_at_the_shadow_phase_and_skip_to_a_later_one(engine):
     shadow_traffic(engine, T0, 120, 5)
-    job(engine, T0 + 60, start_at=T0 + 30)  # a shadow phase from T0 + 30
+    settle_pairs(engine, T0 + 60, start_at=T0 + 30)  # a shadow phase from T0 + 30
     with engine.connect() as conn:
         first = queries.SqlMetricsSource(conn).pairs(PairQuery(3, 2, T0, T0 + 120, WINDOW_S, T0))
         mark = queries.pair_watermark(conn, 3, 2)
     assert T0 + 50 <= mark < T0 + 60
-    job(engine, T0 + 200, start_at=T0 + 90)  # another one, from T0 + 90: [mark, T0 + 90) is never read
+    # another one, from T0 + 90: [mark, T0 + 90) is never read
+    settle_pairs(engine, T0 + 200, start_at=T0 + 90)
     with engine.connect() as conn:
         src = queries.SqlMetricsSource(conn)
         pairs = src.pairs(PairQuery(3, 2, T0, T0 + 120, WINDOW_S, T0)).pairs
@@ -200,7 +178,7 @@ def test_retention_prunes_the_paired_sums_with_the_fine_buckets(engine):
     now = T0 + 10 * hour
     shadow_traffic(engine, T0, 60, 2)
     shadow_traffic(engine, T0 + 8 * hour, 60, 2, seed=2)
-    job(engine, now, start_at=T0)
+    settle_pairs(engine, now, start_at=T0)
     policy = retention.RetentionPolicy(raw_s=9 * hour, fine_s=5 * hour, aggregate_s=24 * hour)
 
     def counts():
@@ -227,10 +205,9 @@ def paired_minute(context, seed: int) -> None:
     for i in range(300):
         ts = context.clock.t - 61 + i * 0.2
         key, b = uuid.uuid4().hex, float(rng.random())
-        rows.append(row(ts, 2, "weighted", b, key))
-        rows.append(row(ts + 0.01, 3, SHADOW_ROUTE, min(1.0, b + 0.05), key, role="canary"))
-    with context.engine.begin() as conn:
-        queries.insert_predictions(conn, rows)
+        rows.append(paired_row(ts, 2, "weighted", b, key))
+        rows.append(paired_row(ts + 0.01, 3, SHADOW_ROUTE, min(1.0, b + 0.05), key, role="canary"))
+    insert_rows(context.engine, rows)
 
 
 def test_the_evaluation_and_the_upkeep_sum_the_shadow_phase_s_pairs(ctx):  # noqa: F811

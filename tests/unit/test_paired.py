@@ -4,12 +4,12 @@ decision's evidence."""
 
 from __future__ import annotations
 
-import uuid
+import functools
 
 import numpy as np
 import pytest
 
-from control_plane import observations, queries
+from control_plane import queries
 from control_plane.analysis.decide import decide
 from control_plane.analysis.paired import (
     Moments,
@@ -23,7 +23,6 @@ from control_plane.analysis.paired import (
 )
 from control_plane.analysis.policy import Policy
 from control_plane.analysis.types import Phase, RolloutState
-from control_plane.db.engine import make_engine, migrate
 from control_plane.labels import record_labels
 from control_plane.metrics_source import SHADOW_ROUTE, PairQuery
 from control_plane.traffic.base import Backend, Mirror
@@ -35,8 +34,8 @@ from control_plane.traffic.traefik_file import (
     render_dynamic_config,
 )
 from control_plane.traffic.user_assignment import PAIR_HEADER, PLUGIN_ALIAS
+from tests.prediction_rows import insert_rows, paired_row, read_step, settle_pairs
 from tests.traffic_rows import FAST_POLICY
-from tests.web_support import SIGNER
 
 BACKENDS = {"baseline": Backend(2, "http://127.0.0.1:3102"), "canary": Backend(3, "http://127.0.0.1:3103")}
 WEIGHTS = {"baseline": 100, "canary": 0}
@@ -170,76 +169,29 @@ def test_no_pairs_or_no_variance_is_nothing_to_test():
 
 
 # --- the SQL join ---------------------------------------------------------------------
-@pytest.fixture
-def engine(tmp_path):
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    migrate(url)
-    engine = make_engine(url)
-    yield engine
-    engine.dispose()
-
-
-def rid_at(ts: float) -> str:
-    return SIGNER.issue(f"{int(ts * 1e9):016x}{uuid.uuid4().hex[:16]}")
-
-
-def row(
-    ts, version, route, score, pair_key, *, status=200, latency=5.0, served=None, role="baseline"
-) -> dict:
-    return {
-        "request_id": rid_at(ts),
-        "ts": ts,
-        "model_version": version,
-        "role": role,
-        "route": route,
-        "endpoint": "recommend" if served else "predict",
-        "features": None,
-        "score": score,
-        "latency_ms": latency,
-        "status": status,
-        "user_key": None,
-        "served": served,
-        "pair_key": pair_key,
-    }
-
-
 def seed_pairs(engine) -> tuple[float, float]:
     """Baseline and shadow rows, some paired, two labels; returns (now, the window's start)."""
     now = 1_800_000_000.0
     t = now - 600
     base = [
-        row(t + 1, 2, "weighted", 0.8, "k1"),
-        row(t + 2, 2, "weighted", 0.3, "k2"),
-        row(t + 3, 2, "weighted", 0.6, "k3", served=["a", "b"]),
-        row(t + 4, 2, "weighted", 0.6, None),  # not mirrored: no key
-        row(t + 5, 2, "weighted", 0.6, "k5"),  # mirrored, the copy not logged (yet)
-        row(t + 6, 2, "override", 0.6, "k6"),  # a tester's override: not the live split
+        paired_row(t + 1, 2, "weighted", 0.8, "k1"),
+        paired_row(t + 2, 2, "weighted", 0.3, "k2"),
+        paired_row(t + 3, 2, "weighted", 0.6, "k3", served=["a", "b"]),
+        paired_row(t + 4, 2, "weighted", 0.6, None),  # not mirrored: no key
+        paired_row(t + 5, 2, "weighted", 0.6, "k5"),  # mirrored, the copy not logged (yet)
+        paired_row(t + 6, 2, "override", 0.6, "k6"),  # a tester's override: not the live split
     ]
     shadow = [
-        row(t + 1.01, 3, SHADOW_ROUTE, 0.4, "k1", latency=9.0, role="canary"),
-        row(t + 2.01, 3, SHADOW_ROUTE, 0.2, "k2", latency=9.0, role="canary"),
-        row(t + 3.01, 3, SHADOW_ROUTE, 0.7, "k3", latency=9.0, served=["b", "c"], role="canary"),
-        row(t + 6.01, 3, SHADOW_ROUTE, 0.9, "k6", role="canary"),
-        row(t + 7.01, 3, SHADOW_ROUTE, 0.9, "k7", role="canary"),  # its baseline row is missing
-        row(t - 100, 3, SHADOW_ROUTE, 0.9, "k1", role="canary"),  # before the window
+        paired_row(t + 1.01, 3, SHADOW_ROUTE, 0.4, "k1", latency=9.0, role="canary"),
+        paired_row(t + 2.01, 3, SHADOW_ROUTE, 0.2, "k2", latency=9.0, role="canary"),
+        paired_row(t + 3.01, 3, SHADOW_ROUTE, 0.7, "k3", latency=9.0, served=["b", "c"], role="canary"),
+        paired_row(t + 6.01, 3, SHADOW_ROUTE, 0.9, "k6", role="canary"),
+        paired_row(t + 7.01, 3, SHADOW_ROUTE, 0.9, "k7", role="canary"),  # its baseline row is missing
+        paired_row(t - 100, 3, SHADOW_ROUTE, 0.9, "k1", role="canary"),  # before the window
     ]
-    with engine.begin() as conn:
-        queries.insert_predictions(conn, base + shadow)
+    insert_rows(engine, base + shadow)
     record_labels(engine, [(base[0]["request_id"], 1), (base[1]["request_id"], 1)], t + 10)
     return now, t
-
-
-def settle_pairs(engine, now: float, *, start_at: float, window_s: float = 60.0) -> int:
-    """The pair job at `now`: every pair of the rows seeded before it settled (log settling 2 s)."""
-    return queries.sum_pairs(
-        engine,
-        shadow_version=3,
-        baseline_version=2,
-        window_s=window_s,
-        now=now,
-        settle_s=2.0,
-        start_at=start_at,
-    )
 
 
 def test_the_shadow_copies_join_the_baseline_answers_on_their_pair_key(engine):
@@ -273,32 +225,22 @@ def test_the_shadow_decision_reports_the_pairs_and_gates_as_before(engine):
     for i in range(400):
         ts = t + i * 0.5
         b = float(rng.random())
-        rows.append(row(ts, 2, "weighted", b, f"p{i}"))
-        rows.append(row(ts + 0.01, 3, SHADOW_ROUTE, min(1.0, b + 0.05), f"p{i}", role="canary"))
-    with engine.begin() as conn:
-        queries.insert_predictions(conn, rows)
+        rows.append(paired_row(ts, 2, "weighted", b, f"p{i}"))
+        rows.append(paired_row(ts + 0.01, 3, SHADOW_ROUTE, min(1.0, b + 0.05), f"p{i}", role="canary"))
+    insert_rows(engine, rows)
     settle_pairs(engine, now, start_at=t)
     policy = Policy.from_dict({**FAST_POLICY, "shadow_percent": 100, "shadow_min_duration_s": 60})
     with engine.connect() as conn:
-        obs = observations.read_observations(
-            queries.SqlMetricsSource(conn),
+        read = functools.partial(
+            read_step,
+            conn,
             versions={"baseline": 2, "canary": 3},
             since=t,
-            step_since=t,
-            now=now,
-            label_window_s=60.0,
-            step_weights={"baseline": 100, "canary": 0},
-            routes={"canary": SHADOW_ROUTE},
-        )
-        plain = observations.read_observations(
-            queries.SqlMetricsSource(conn),
-            versions={"baseline": 2, "canary": 3},
-            since=t,
-            step_since=t,
             now=now,
             label_window_s=60.0,
             step_weights={"baseline": 100, "canary": 0},
         )
+        obs, plain = read(routes={"canary": SHADOW_ROUTE}), read()
     assert plain.pairs is None  # not a shadow phase: nothing is paired
     state = RolloutState(Phase.SHADOW, 0, 0, t, t)
     d = decide(state, obs, policy)

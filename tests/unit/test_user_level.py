@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -18,8 +19,8 @@ from control_plane.analysis.user_level import (
     UserEvidence,
     ratio_estimate,
 )
-from control_plane.db.engine import make_engine, migrate
 from control_plane.users import MAX_USER_ID_CHARS, UserKeyer, user_id_problem
+from tests.prediction_rows import insert_rows, prediction
 
 T0 = 1_000_000 * USER_BUCKET_S
 
@@ -124,32 +125,15 @@ def test_evidence_needs_both_arms():
 
 
 def _row(i: int, ts: float, user: str | None, role: str = "baseline", score: float = 0.8) -> dict:
-    return {
-        "request_id": f"r{i}",
-        "ts": ts,
-        "model_version": {"baseline": 1, "canary": 2}[role],
-        "role": role,
-        "route": "weighted",
-        "endpoint": "predict",
-        "features": None,
-        "score": score,
-        "latency_ms": 2.0,
-        "status": 200 if i % 10 else 503,
-        "user_key": user,
-    }
+    version = {"baseline": 1, "canary": 2}[role]
+    status = 200 if i % 10 else 503
+    return prediction(
+        f"r{i}", ts, version=version, role=role, score=score, latency_ms=2.0, status=status, user_key=user
+    )
 
 
-def test_user_aggregates_follow_the_rows_and_read_back_per_arm(tmp_path):
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    migrate(url)
-    engine = make_engine(url)
-
-    def insert(batch: list[dict]) -> None:
-        with engine.begin() as conn:
-            queries.insert_predictions(conn, batch)
-
-    check_user_aggregates(engine, insert)
-    engine.dispose()
+def test_user_aggregates_follow_the_rows_and_read_back_per_arm(engine):
+    check_user_aggregates(engine, functools.partial(insert_rows, engine))
 
 
 def check_user_aggregates(engine, insert) -> None:

@@ -5,6 +5,7 @@ exposures, and decide() on a heavy-user data set."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from control_plane.analysis.user_level import (
     user_label_facts,
     with_singletons,
 )
-from control_plane.db.engine import make_engine, migrate
+from tests.prediction_rows import insert_rows, prediction
 from tests.unit.test_decide import BIG_B, BIG_C, arm, observations, state
 
 T0 = 1_000_000 * USER_BUCKET_S
@@ -35,19 +36,17 @@ WINDOW_S = 60
 
 
 def _row(i: int, ts: float, user: str | None, role: str, endpoint: str = "recommend", status: int = 200):
-    return {
-        "request_id": f"q{i}",
-        "ts": ts,
-        "model_version": {"baseline": 1, "canary": 2}[role],
-        "role": role,
-        "route": "weighted",
-        "endpoint": endpoint,
-        "features": None,
-        "score": 0.7,
-        "latency_ms": 2.0,
-        "status": status,
-        "user_key": user,
-    }
+    version = {"baseline": 1, "canary": 2}[role]
+    return prediction(
+        f"q{i}",
+        ts,
+        version=version,
+        role=role,
+        endpoint=endpoint,
+        latency_ms=2.0,
+        status=status,
+        user_key=user,
+    )
 
 
 def check_user_ranking(engine, insert) -> None:
@@ -112,23 +111,14 @@ def check_user_ranking(engine, insert) -> None:
     assert arms[(2, "canary")].ranking.ctr.users == 2  # the heavy user and c1; anonymous rows are no user
 
 
-def test_the_label_job_keeps_per_user_ranking_sums_for_any_k(tmp_path):
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    migrate(url)
-    engine = make_engine(url)
-
-    def insert(batch: list[dict]) -> None:
-        with engine.begin() as conn:
-            queries.insert_predictions(conn, batch)
-
-    check_user_ranking(engine, insert)
+def test_the_label_job_keeps_per_user_ranking_sums_for_any_k(engine):
+    check_user_ranking(engine, functools.partial(insert_rows, engine))
     with engine.connect() as conn:  # without a k (an accuracy policy's read): no ranking sums read
         plain = queries.SqlMetricsSource(conn).users(T0, T0 + USER_BUCKET_S, WINDOW_S, step_start=T0)
     assert plain[(2, "canary")].accuracy.users == 2 and plain[(2, "canary")].ranking == RankingUsers()
     with engine.begin() as conn:  # retention deletes the users' clicks with their buckets
         assert queries.delete_user_buckets_before(conn, T0 + USER_BUCKET_S) > 0
         assert conn.exec_driver_sql("SELECT count(*) FROM user_clicks").scalar() == 0
-    engine.dispose()
 
 
 def test_user_label_facts_sum_each_metric_per_user_and_count_clicks_per_position():
