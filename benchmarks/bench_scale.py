@@ -53,13 +53,14 @@ from control_plane.deployer.memory import InMemoryDeployer
 from control_plane.log_backlog import InMemoryLogBacklog
 from control_plane.registry.memory import InMemoryRegistry
 from control_plane.request_ids import issued_at
+from control_plane.rollout.assignment import Assignment, Slot
 from control_plane.settings import Settings
 from control_plane.traffic.memory import InMemoryRouter
 from control_plane.traffic_ops import apply_assignment
 
 PG_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 HOUR_S = 3600
-VERSIONS = {"baseline": (1, 85), "canary": (2, 10), "control": (3, 5)}
+ASSIGNMENT = Assignment(Slot(1, 85), Slot(2, 10), Slot(3, 5))
 LABEL_WINDOW_S = 300
 CHUNK = 50_000
 YEAR_S = 365 * 86400
@@ -77,8 +78,8 @@ def synthetic_rows(rng: np.random.Generator, start: float, n: int, offset: int, 
     """`n` prediction-log rows (tuples, as a Bento logs them) spread evenly over the hour."""
     i = np.arange(offset, offset + n)
     ts = start + i * (HOUR_S / total)
-    pick = rng.choice(3, size=n, p=[w / 100 for _, w in VERSIONS.values()])
-    roles = list(VERSIONS)
+    pick = rng.choice(3, size=n, p=[w / 100 for w in ASSIGNMENT.weights.values()])
+    roles = list(ASSIGNMENT.slots)
     scores = rng.random(n)
     lat = rng.lognormal(np.log(4.0), 0.4, n) * (1 + 0.05 * (pick == 1))
     err = rng.random(n) < 0.005
@@ -91,7 +92,7 @@ def synthetic_rows(rng: np.random.Generator, start: float, n: int, offset: int, 
             (
                 uuid.uuid4().hex,
                 float(ts[k]),
-                VERSIONS[role][0],
+                ASSIGNMENT.slot(role).version,
                 role,
                 "weighted",
                 "predict",
@@ -148,7 +149,9 @@ def fill(url: str, engine, n: int, start: float, spill: Path) -> dict:
     """The hour's predictions through the Bentos' writer, then their labels; seconds taken for each."""
     rng = np.random.default_rng(n)
     # One writer per version, as each Bento has its own.
-    writers = {v: PredictionLogWriter(url, spill, max_queue=4 * CHUNK).start() for v, _ in VERSIONS.values()}
+    writers = {
+        v: PredictionLogWriter(url, spill, max_queue=4 * CHUNK).start() for v in ASSIGNMENT.versions.values()
+    }
     t0 = time.perf_counter()
     written_labels = 0
     label_s = 0.0
@@ -184,11 +187,11 @@ def synthesize(engine, n: int, start: float) -> dict:
     rng = np.random.default_rng(n)
     t0 = time.perf_counter()
     buckets = int(HOUR_S // BUCKET_S)
-    for role, (version, weight) in VERSIONS.items():
-        per_bucket = rng.poisson(n * weight / 100 / buckets, size=buckets)
+    for role, slot in ASSIGNMENT.slots.items():
+        per_bucket = rng.poisson(n * slot.weight / 100 / buckets, size=buckets)
         requests, labels = {}, {}
         for b, m in enumerate(per_bucket.tolist()):
-            key = BucketKey(int(start) + b * BUCKET_S, version, role, "weighted", "predict")
+            key = BucketKey(int(start) + b * BUCKET_S, slot.version, role, "weighted", "predict")
             lat = rng.lognormal(np.log(4.0), 0.4, m)
             errors = int((rng.random(m) < 0.005).sum())
             requests[key] = RequestFacts(m, errors, LatencyHistogram(SparseCounts.of_bins(latency_bins(lat))))
@@ -224,7 +227,7 @@ def context(engine, url: str, state: Path, clock: Clock) -> Context:
         ctx.deployer.deploy(v)
     registry.set_alias("baseline", 1)
     registry.set_alias("control", 3)
-    apply_assignment(ctx, {"baseline": (1, 95), "canary": (None, 0), "control": (3, 5)})
+    apply_assignment(ctx, Assignment(baseline=Slot(1, 95), control=Slot(3, 5)))
     return ctx
 
 
@@ -271,7 +274,7 @@ def measure(engine_name: str, url: str, n: int, synthetic: bool = False) -> dict
     # The rollout began with the hour; the label job then closes its windows (the first evaluation
     # would, in a shorter step): its time is the label work of an hour of traffic.
     services.start_canary(ctx, 2, {"step_min_duration_s": 0, "max_duration_s": 4 * HOUR_S}, actor="bench")
-    apply_assignment(ctx, {r: v for r, v in VERSIONS.items()})
+    apply_assignment(ctx, ASSIGNMENT)
     clock.t = end + LABEL_WINDOW_S  # every prediction of the hour has had its window closed
     t0 = time.perf_counter()
     closed = services.close_labels(ctx)
@@ -284,13 +287,13 @@ def measure(engine_name: str, url: str, n: int, synthetic: bool = False) -> dict
         with read_snapshot(engine) as conn:
             obs = observations.read_observations(
                 queries.SqlMetricsSource(conn),
-                versions={r: v for r, (v, _) in VERSIONS.items()},
+                versions=ASSIGNMENT.versions,
                 since=rollout.started_at,
                 step_since=rollout.step_started_at,
                 now=clock.t,
                 label_window_s=LABEL_WINDOW_S,
                 settle_s=ctx.settings.log_settle_s,
-                step_weights={r: w for r, (_, w) in VERSIONS.items()},
+                step_weights=ASSIGNMENT.weights,
             )
         return decide(rollout.state(0, {}), obs, policy)
 
@@ -379,7 +382,7 @@ def year_of_aggregates(
     r: dict, fine_days: float = Settings.aggregate_fine_retention_s / 86400
 ) -> tuple[float, float]:
     """GB a year of aggregates takes at the default bucket and three arms: without and with the roll-up."""
-    arms = len(VERSIONS)
+    arms = len(ASSIGNMENT.slots)
     per_fine = r["req_bucket_bytes_per_row"] + r["label_bucket_bytes_per_row"]
     flat = per_fine * arms * YEAR_S / BUCKET_S / 1e9
     rolled = (

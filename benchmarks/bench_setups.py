@@ -150,10 +150,11 @@ def create_database(stack: ExitStack, kind: str, workdir: Path, pg_admin_url: st
 def seed_roles(database_url: str, versions: dict[str, int]) -> None:
     """traffic_config as the control plane keeps it, so that every Bento logs its role."""
     from control_plane.db.engine import make_engine
+    from control_plane.rollout.assignment import Assignment, Slot
     from control_plane.traffic.store import TrafficStore
 
     engine = make_engine(database_url)
-    TrafficStore(engine).save({role: (versions[role], WEIGHTS[role]) for role in versions})
+    TrafficStore(engine).save(Assignment(**{role: Slot(versions[role], WEIGHTS[role]) for role in versions}))
     engine.dispose()
 
 

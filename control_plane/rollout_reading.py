@@ -75,7 +75,7 @@ class Reading:
 def read_evaluation(ctx: Context, rollout: Rollout, policy: Policy, tick: int | None) -> Reading | None:
     """decide()'s inputs, read in one snapshot; None when `tick` (or a later one) was already recorded."""
     now = ctx.clock()
-    assignment = Assignment.of(ctx.traffic_store.load())
+    assignment = ctx.traffic_store.load()
     versions_by_role = compared_versions(rollout, assignment)
     endpoints = ctx.deployer.endpoints()
     backlog = ctx.log_backlog.waiting({v: endpoints[v] for v in versions_by_role.values() if v in endpoints})

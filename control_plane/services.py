@@ -27,7 +27,7 @@ from control_plane.errors import InvalidRequest, NoPreviousBaseline, RolloutConf
 from control_plane.ledger import Rollout
 from control_plane.operator_actions import OperatorAction
 from control_plane.retention import RetentionPolicy
-from control_plane.rollout.assignment import Assignment, Slot
+from control_plane.rollout.assignment import Slot
 from control_plane.rollout.entry import Entry
 from control_plane.rollout.phases import ForbiddenTransition, Operator, allowed_from, transition
 from control_plane.rollout.plan import MoveKind, RolloutChange, TrafficMove, plan
@@ -68,7 +68,7 @@ def one_at_a_time(fn: F) -> F:
 def versions(ctx: Context) -> list[dict[str, Any]]:
     """Every registered version with its aliases, stage, role, weight and endpoint."""
     assignment = ctx.traffic_store.load()
-    role_of = {v: r for r, (v, _) in assignment.items() if v is not None}
+    role_of = {v: r for r, v in assignment.versions.items() if v is not None}
     endpoints = ctx.deployer.endpoints()
     out = []
     for info in ctx.registry.versions():
@@ -81,7 +81,7 @@ def versions(ctx: Context) -> list[dict[str, Any]]:
                 "profile": info.profile,
                 "metrics": info.metrics,
                 "role": role,
-                "weight": assignment[role][1] if role else 0,
+                "weight": assignment.slot(role).weight if role else 0,
                 "endpoint": endpoints.get(info.version),
             }
         )
@@ -89,10 +89,8 @@ def versions(ctx: Context) -> list[dict[str, Any]]:
 
 
 def traffic(ctx: Context) -> dict[str, Any]:
-    assignment = ctx.traffic_store.load()
     return {
-        "weights": {r: w for r, (_, w) in assignment.items()},
-        "versions": {r: v for r, (v, _) in assignment.items()},
+        **ctx.traffic_store.load().to_json(),
         "router_weights": ctx.router.get_weights(),
         "shadow": _mirror_info(ctx),
     }
@@ -112,16 +110,18 @@ def window_metrics(ctx: Context, window_s: int | None = None) -> dict[str, Any]:
     now = ctx.clock()
     since = now - (window_s or ctx.settings.window_s)
     assignment = ctx.traffic_store.load()
+    if assignment.empty:  # nothing saved yet: no role to read
+        return {"since": since, "now": now, "roles": {}}
     with ctx.engine.connect() as conn:
         obs = observations.read_observations(
             queries.SqlMetricsSource(conn),
-            versions={r: v for r, (v, _) in assignment.items()},
+            versions=assignment.versions,
             since=since,
             step_since=since,
             now=now,
             label_window_s=ctx.settings.label_window_s,
             settle_s=ctx.settings.log_settle_s,
-            step_weights={r: w for r, (_, w) in assignment.items()},
+            step_weights=assignment.weights,
         )
     users = {} if obs.users is None else obs.users.arms
     return {
@@ -140,11 +140,10 @@ def window_counts(ctx: Context, window_s: int | None = None) -> dict[str, dict[s
     What /metrics shows on every scrape: aggregates only, so a scrape does not read the window's rows.
     """
     now = ctx.clock()
-    assignment = ctx.traffic_store.load()
     with ctx.engine.connect() as conn:
         return observations.window_counts(
             queries.SqlMetricsSource(conn),
-            versions={r: v for r, (v, _) in assignment.items()},
+            versions=ctx.traffic_store.load().versions,
             since=now - (window_s or ctx.settings.window_s),
             now=now,
             label_window_s=ctx.settings.label_window_s,
@@ -230,13 +229,12 @@ def set_weights(ctx: Context, weights: dict[str, Any], actor: str) -> dict[str, 
         raise RolloutConflict(
             f"rollout {active.id} is {active.phase}; pause or end it before changing weights by hand"
         )
-    assignment = Assignment.of(ctx.traffic_store.load())
+    assignment = ctx.traffic_store.load()
     for role, weight in clean.items():
         if weight and assignment.slot(role).version is None:
             raise InvalidRequest(f"role {role!r} has no deployed version, so it cannot take weight {weight}")
-    new = {r: (assignment.slot(r).version, clean.get(r, 0)) for r in ROLES}
     try:
-        apply_assignment(ctx, new)
+        apply_assignment(ctx, assignment.with_weights(clean))
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
     log.info("weights set", extra={"weights": clean, "actor": actor})
@@ -253,17 +251,13 @@ def deploy_role(ctx: Context, version: int, role: str, actor: str) -> dict[str, 
     if active is not None and role in ("baseline", "canary"):
         raise RolloutConflict(f"rollout {active.id} is running; end it before redeploying the {role}")
     ctx.deployer.deploy(version)
-    assignment = Assignment.of(ctx.traffic_store.load())
+    assignment = ctx.traffic_store.load()
     replaced, weight = assignment.slot(role).version, assignment.slot(role).weight
-    others = {r: a for r, a in assignment.as_mapping().items() if r != role}
-    apply_assignment(
-        ctx,
-        {**others, role: (version, 0)}
-        if any(w for _, w in others.values())
-        else {**others, role: (version, weight)},
-    )
+    deployed = assignment.with_slot(role, Slot(version, weight))
+    others_weigh = any(w for r, w in assignment.weights.items() if r != role)
+    apply_assignment(ctx, assignment.with_slot(role, Slot(version, 0)) if others_weigh else deployed)
     ctx.registry.set_alias(role, version)
-    apply_assignment(ctx, {**others, role: (version, weight)})
+    apply_assignment(ctx, deployed)
     if replaced not in (None, version):
         _retire(ctx, replaced, archive=role != "baseline")
     log.info("deployed", extra={"version": version, "role": role, "actor": actor})
@@ -289,7 +283,7 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
             "with RECSYS_DEPLOYER=kubernetes set it to 0"
         )
     ctx.registry.get(version)  # raises VersionNotFound
-    assignment = Assignment.of(ctx.traffic_store.load())
+    assignment = ctx.traffic_store.load()
     baseline_version = assignment.baseline.version
     if version == baseline_version:
         raise InvalidRequest(f"version {version} is already the baseline")
@@ -315,7 +309,7 @@ def start_canary(ctx: Context, version: int, policy: dict | None, actor: str) ->
     shadow = pol.shadow_percent > 0
     # With a shadow phase the candidate holds the canary role at weight 0: only Traefik's mirror reaches it.
     target = assignment.with_canary(0 if shadow else pol.steps[0], version)
-    apply_assignment(ctx, target.as_mapping())
+    apply_assignment(ctx, target)
     if shadow:
         ctx.router.set_mirror(Mirror(version=version, percent=pol.shadow_percent))
     ctx.registry.set_alias("canary", version)
@@ -391,7 +385,7 @@ def check_harm(ctx: Context, actor: str = "harm-check") -> dict[str, Any] | None
     if not policy.is_sequential:
         return None
     now = ctx.clock()
-    assignment = Assignment.of(ctx.traffic_store.load())
+    assignment = ctx.traffic_store.load()
     versions_by_role = compared_versions(rollout, assignment)
     label_window_s = attribution_window_s(ctx, policy)
     with read_snapshot(ctx.engine) as conn:
@@ -536,7 +530,7 @@ def _evidence_now(ctx: Context, rollout: Rollout, policy: Policy):
     if rollout.phase is not Phase.PROGRESSING and rollout.phase is not Phase.PAUSED:
         return None, None
     now = ctx.clock()
-    assignment = Assignment.of(ctx.traffic_store.load())
+    assignment = ctx.traffic_store.load()
     versions_by_role = compared_versions(rollout, assignment)
     label_window_s = attribution_window_s(ctx, policy)
     try:
@@ -559,11 +553,11 @@ def restore_previous_baseline(ctx: Context, actor: str) -> dict[str, Any]:
     active = ctx.ledger.active()
     if active is not None:
         rollback_now(ctx, active.id, actor, "the previous baseline was restored (`recsys rollback`)")
-    assignment = Assignment.of(ctx.traffic_store.load())
+    assignment = ctx.traffic_store.load()
     current = assignment.baseline.version
     ctx.deployer.deploy(previous)
     rest = 100 - assignment.control.weight - assignment.canary.weight
-    apply_assignment(ctx, dataclasses.replace(assignment, baseline=Slot(previous, rest)).as_mapping())
+    apply_assignment(ctx, assignment.with_slot("baseline", Slot(previous, rest)))
     ctx.registry.promote(previous)
     if current is not None and current != previous:
         ctx.registry.set_alias("previous_baseline", current)
@@ -594,7 +588,7 @@ def _act(
     """Plan the decision, record the plan and its ledger row in one transaction, apply it, then clear it.
 
     `recorded_as` names the ledger's action when it is not the decision's own (an operator's override)."""
-    step = plan(rollout, decision, Assignment.of(ctx.traffic_store.load()))
+    step = plan(rollout, decision, ctx.traffic_store.load())
     change = step.columns(ctx.clock(), decision.reason)
     reason = decision.reason + (
         f" ({missed_ticks} scheduled evaluations were missed before this one)" if missed_ticks else ""
@@ -632,11 +626,9 @@ def _act(
 
 def _apply(ctx: Context, rollout: Rollout, move: TrafficMove) -> None:
     """Carry out a recorded move; every step is idempotent so a crash half-way is finished by a redo."""
-    control = Assignment.of(ctx.traffic_store.load()).control.version
+    control = ctx.traffic_store.load().control.version
     _stop_mirror(ctx)  # every move ends a shadow phase: the candidate gets weight, or is retired
-    apply_assignment(
-        ctx, move.target(rollout.baseline_version, rollout.candidate_version, control).as_mapping()
-    )
+    apply_assignment(ctx, move.target(rollout.baseline_version, rollout.candidate_version, control))
     if move.kind is MoveKind.PROMOTE:
         ctx.fault_point("AFTER_TRAFFIC_WRITE")
         ctx.registry.promote(rollout.candidate_version)
@@ -693,7 +685,7 @@ def _retire(ctx: Context, version: int, archive: bool = True) -> None:
 
 
 def _in_use(ctx: Context, version: int) -> bool:
-    return any(v == version for v, _ in ctx.traffic_store.load().values())
+    return ctx.traffic_store.load().holds(version)
 
 
 def _finish(ctx: Context, rollout: Rollout, reason: str, actor: str) -> None:

@@ -43,11 +43,11 @@ def start_load(
 
 def describe(ctx, rollout_id: int) -> str:
     r = ctx.ledger.get(rollout_id)
-    weights = ctx.traffic_store.load()
+    weights = ctx.traffic_store.load().weights
     last = ctx.ledger.decisions(rollout_id, limit=1)
     sizes = last[0]["sample_sizes"] if last else {}
     n = " ".join(f"{role}:{s.get('requests', 0)}/{s.get('labelled', 0)}" for role, s in sizes.items())
-    w = " ".join(f"{role}={wt}" for role, (_, wt) in sorted(weights.items()))
+    w = " ".join(f"{role}={wt}" for role, wt in sorted(weights.items()))
     reason = last[0]["reason"] if last else "-"
     return f"[{r.phase:<12}] weights {w} | requests/labelled {n or '-'} | {reason}"
 

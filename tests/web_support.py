@@ -16,6 +16,7 @@ from control_plane.deployer.memory import InMemoryDeployer
 from control_plane.log_backlog import InMemoryLogBacklog
 from control_plane.registry.memory import InMemoryRegistry
 from control_plane.request_ids import RequestIdSigner
+from control_plane.rollout.assignment import Assignment, Slot
 from control_plane.settings import Settings
 from control_plane.traffic.memory import InMemoryRouter
 from control_plane.traffic_ops import apply_assignment
@@ -59,7 +60,7 @@ def make_context(settings: Settings, engine: Engine) -> Context:
     deployer.deploy(2)
     registry.set_alias("baseline", 1)
     registry.set_alias("control", 2)
-    apply_assignment(ctx, {"baseline": (1, 95), "canary": (None, 0), "control": (2, 5)})
+    apply_assignment(ctx, Assignment(baseline=Slot(1, 95), control=Slot(2, 5)))
     return ctx
 
 

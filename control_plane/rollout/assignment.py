@@ -1,8 +1,9 @@
 """Which version holds each role and its share of the weighted traffic, as a value with the verbs a
-rollout needs."""
+rollout needs; what the traffic store saves and loads."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -28,23 +29,48 @@ class Assignment:
     canary: Slot = EMPTY
     control: Slot = EMPTY
 
-    @classmethod
-    def of(cls, mapping: Mapping[str, tuple[int | None, int]]) -> Assignment:
-        """From the traffic store's role -> (version, weight); a role left out holds nothing."""
-        return cls(**{r: Slot(*mapping.get(r, (None, 0))) for r in ROLES})
-
-    def as_mapping(self) -> dict[str, tuple[int | None, int]]:
-        """The traffic store's role -> (version, weight)."""
-        return {r: (self.slot(r).version, self.slot(r).weight) for r in ROLES}
-
     def slot(self, role: str) -> Slot:
         if role not in ROLES:
             raise KeyError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
         return getattr(self, role)
 
     @property
+    def slots(self) -> dict[str, Slot]:
+        """Every role's slot, in the roles' order."""
+        return {r: self.slot(r) for r in ROLES}
+
+    @property
+    def versions(self) -> dict[str, int | None]:
+        return {r: s.version for r, s in self.slots.items()}
+
+    @property
     def weights(self) -> dict[str, int]:
-        return {r: self.slot(r).weight for r in ROLES}
+        return {r: s.weight for r, s in self.slots.items()}
+
+    @property
+    def empty(self) -> bool:
+        """No role holds a version or weight: the traffic store before its first save (a saved
+        assignment always has a positive weight)."""
+        return self == Assignment()
+
+    def with_slot(self, role: str, slot: Slot) -> Assignment:
+        """`slot` in `role`; the other roles unchanged."""
+        self.slot(role)  # an unknown role raises KeyError
+        return dataclasses.replace(self, **{role: slot})
+
+    def with_weights(self, weights: Mapping[str, int]) -> Assignment:
+        """Each role's version at its weight in `weights` (a role left out: 0)."""
+        return Assignment(**{r: Slot(s.version, weights.get(r, 0)) for r, s in self.slots.items()})
+
+    def holds(self, version: int) -> bool:
+        """Whether `version` holds some role."""
+        return version in self.versions.values()
+
+    def to_json(self) -> dict[str, dict]:
+        """Weights and versions per role, as the API shows them; both empty before the first save."""
+        if self.empty:
+            return {"weights": {}, "versions": {}}
+        return {"weights": self.weights, "versions": self.versions}
 
     @property
     def _control_weight(self) -> int:

@@ -183,8 +183,7 @@ def up(settings: Settings) -> Settings:
     ctx = bootstrap(settings)
     roles = ensure_models(ctx)
     ctx.traffic_store.seed_if_empty(settings.traffic_weights, roles)
-    assignment = ctx.traffic_store.load()
-    wanted = sorted({v for v, _ in assignment.values() if v is not None})
+    wanted = sorted({v for v in ctx.traffic_store.load().versions.values() if v is not None})
     _say(f"Starting Bentos for versions {wanted} ...")
     with ctx.action_lock.held("startup by recsys up"):  # the web and the worker are up already
         ctx.deployer.start_many(wanted)
@@ -241,14 +240,17 @@ def status(settings: Settings) -> dict:
     }
     if procs:
         ctx = bootstrap(settings)
-        for role, (version, weight) in sorted(ctx.traffic_store.load().items()):
+        assignment = ctx.traffic_store.load()
+        slots = {} if assignment.empty else assignment.slots  # nothing saved yet: no role to show
+        for role, slot in sorted(slots.items()):
+            version = slot.version
             url = f"http://{settings.bind_host}:{bento_port(settings, version)}" if version else None
             healthy = bool(url and is_ready(url))
             out["versions"].append(
                 {
                     "role": role,
                     "version": version,
-                    "weight": weight,
+                    "weight": slot.weight,
                     "healthy": healthy,
                     "url": url,
                     "log": _log_state(url) if healthy else None,

@@ -9,9 +9,8 @@ from sqlalchemy import Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from control_plane.db.schema import traffic_config
+from control_plane.rollout.assignment import Assignment, Slot
 from control_plane.traffic.base import ROLES, InvalidWeights, validate_weights
-
-Assignment = tuple[int | None, int]  # (version holding the role or None, weight)
 
 
 class TrafficStore:
@@ -21,20 +20,19 @@ class TrafficStore:
         self._engine = engine
         self._clock = clock
 
-    def load(self) -> dict[str, Assignment]:
-        """Role -> (version, weight) for every role; empty when nothing was ever saved."""
+    def load(self) -> Assignment:
+        """The assignment in force; `Assignment()` (nothing holds a role) when nothing was ever saved."""
         with self._engine.connect() as conn:
             rows = conn.execute(
                 select(traffic_config.c.role, traffic_config.c.version, traffic_config.c.weight)
             )
-            found = {role: (version, weight) for role, version, weight in rows}
-        if not found:
-            return {}
-        return {role: found.get(role, (None, 0)) for role in ROLES}
+            return Assignment(
+                **{role: Slot(version, weight) for role, version, weight in rows if role in ROLES}
+            )
 
-    def save(self, assignments: Mapping[str, Assignment]) -> None:
-        """Replace the whole assignment (roles left out hold nothing, weight 0) in one transaction."""
-        rows = self._validated(assignments)
+    def save(self, assignment: Assignment) -> None:
+        """Replace the whole assignment in one transaction."""
+        rows = self._validated(assignment)
         with self._engine.begin() as conn:
             self._upsert(conn, rows, overwrite=True)
 
@@ -48,24 +46,20 @@ class TrafficStore:
         effective = {role: clean[role] if versions.get(role) is not None else 0 for role in ROLES}
         if not any(effective.values()):
             return False
-        rows = self._validated({role: (versions.get(role), effective[role]) for role in ROLES})
+        rows = self._validated(
+            Assignment(**{role: Slot(versions.get(role), effective[role]) for role in ROLES})
+        )
         with self._engine.begin() as conn:
             if conn.execute(select(traffic_config.c.role).limit(1)).first() is not None:
                 return False
             # Another process may seed at the same moment: its rows win, ours are dropped.
             return self._upsert(conn, rows, overwrite=False) > 0
 
-    def _validated(self, assignments: Mapping[str, Assignment]) -> list[dict]:
-        unknown = sorted(str(r) for r in assignments if r not in ROLES)
-        if unknown:
-            raise InvalidWeights(
-                f"unknown role(s) {', '.join(map(repr, unknown))}; roles are {', '.join(ROLES)}"
-            )
-        full = {role: tuple(assignments.get(role, (None, 0))) for role in ROLES}
-        weights = validate_weights({role: weight for role, (_, weight) in full.items()})
+    def _validated(self, assignment: Assignment) -> list[dict]:
+        weights = validate_weights(assignment.weights)
         now = self._clock()
         rows = []
-        for role, (version, _) in full.items():
+        for role, version in assignment.versions.items():
             if version is not None and (
                 isinstance(version, bool) or not isinstance(version, int) or version < 0
             ):

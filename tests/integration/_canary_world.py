@@ -21,6 +21,7 @@ from sqlalchemy import insert
 from control_plane import jobs, queries
 from control_plane.context import Context, bootstrap
 from control_plane.db.schema import labels
+from control_plane.rollout.assignment import Assignment, Slot
 from control_plane.settings import Settings
 from control_plane.traffic_ops import apply_assignment
 from tests.conftest import free_port, ready_servers, wait_for
@@ -137,7 +138,7 @@ def canary_world(work: Path, database: str, redis_url: str, **extra_env: str) ->
     try:
         world.serve()
         ctx.registry.set_alias("baseline", 1)
-        apply_assignment(ctx, {"baseline": (1, 100)})
+        apply_assignment(ctx, Assignment(baseline=Slot(1, 100)))
         yield world
     finally:
         world.stop()

@@ -25,6 +25,7 @@ from control_plane.analysis.types import Phase
 from control_plane.context import bootstrap
 from control_plane.db.schema import decisions
 from control_plane.jobs import QUEUE, schedule_evaluations
+from control_plane.rollout.assignment import Assignment, Slot
 from control_plane.settings import Settings
 from control_plane.stack import programs
 from control_plane.stack.local import _redis_up, create_secrets
@@ -113,7 +114,7 @@ def ctx(loop, pg_engine):
         ctx.registry.remove_alias(alias)
     ctx.registry.set_alias("control", 1)
     ctx.registry.set_alias("baseline", 2)
-    apply_assignment(ctx, {"baseline": (2, 95), "control": (1, 5)})
+    apply_assignment(ctx, Assignment(baseline=Slot(2, 95), control=Slot(1, 5)))
     return ctx
 
 
@@ -170,7 +171,7 @@ def test_a_worker_killed_between_the_traffic_write_and_the_alias_move_is_complet
     assert ctx.registry.get(3).stage == "Production"
     assert ctx.registry.version_for("previous_baseline") == 2
     assert ctx.registry.version_for("canary") is None
-    assert {r: v for r, (v, _) in ctx.traffic_store.load().items()} == {
+    assert ctx.traffic_store.load().versions == {
         "baseline": 3,
         "canary": None,
         "control": 1,

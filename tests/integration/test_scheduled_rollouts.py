@@ -16,6 +16,7 @@ from control_plane import services
 from control_plane.analysis.types import Phase
 from control_plane.context import bootstrap
 from control_plane.jobs import WORKER_SERIALIZER, schedule_evaluations
+from control_plane.rollout.assignment import Assignment, Slot
 from control_plane.rollout_reading import SETTLE_S
 from control_plane.settings import Settings
 from control_plane.traffic_ops import apply_assignment
@@ -68,7 +69,7 @@ def world(models, pg_url, pg_engine, redis_url, tmp_path):
         ctx.registry.remove_alias(alias)
     ctx.registry.set_alias("control", 1)
     ctx.registry.set_alias("baseline", 2)
-    apply_assignment(ctx, {"baseline": (2, 95), "control": (1, 5)})
+    apply_assignment(ctx, Assignment(baseline=Slot(2, 95), control=Slot(1, 5)))
     with open(tmp_path / "proc.log", "ab") as log:
         procs = [
             subprocess.Popen(

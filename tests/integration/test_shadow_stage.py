@@ -25,6 +25,7 @@ from sqlalchemy import text
 from control_plane import queries, services
 from control_plane.analysis.types import Phase
 from control_plane.context import bootstrap
+from control_plane.rollout.assignment import Assignment, Slot
 from control_plane.settings import Settings
 from control_plane.traffic.static import render_static_config
 from control_plane.traffic.user_assignment import install_plugin
@@ -165,7 +166,7 @@ def test_a_faulty_candidate_is_stopped_in_the_shadow_phase_and_answers_no_user(
         traefik = [str(TRAEFIK), f"--configFile={tmp_path / 'traefik.yml'}"]
         running.enter_context(process(traefik, env, tmp_path / "traefik.log", work))
         wait_ready(urls[1], v1, tmp_path / "v1.log")
-        apply_assignment(ctx, {"baseline": (1, 100)})
+        apply_assignment(ctx, Assignment(baseline=Slot(1, 100)))
         wait_for(lambda: _answers(gateway), 30, "the gateway answers /predict")
         measured_from = time.time()
         running.enter_context(traffic)

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from control_plane.rollout.assignment import Assignment, Slot
 from control_plane.traffic import InvalidWeights, TrafficStore
 
 pytestmark = pytest.mark.integration
@@ -16,18 +17,18 @@ VERSIONS = {"baseline": 1, "canary": 2, "control": 0}
 
 def test_save_upserts_every_role_and_load_reads_them_back(pg_engine):
     store = TrafficStore(pg_engine)
-    assert store.load() == {}
-    store.save({"baseline": (1, 90), "canary": (2, 10)})
-    store.save({"baseline": (2, 95), "control": (0, 5)})
-    assert store.load() == {"baseline": (2, 95), "canary": (None, 0), "control": (0, 5)}
+    assert store.load().empty
+    store.save(Assignment(Slot(1, 90), Slot(2, 10)))
+    store.save(Assignment(baseline=Slot(2, 95), control=Slot(0, 5)))
+    assert store.load() == Assignment(Slot(2, 95), Slot(None, 0), Slot(0, 5))
 
 
 def test_a_refused_save_changes_nothing(pg_engine):
     store = TrafficStore(pg_engine)
-    store.save({"baseline": (1, 100)})
+    store.save(Assignment(Slot(1, 100)))
     with pytest.raises(InvalidWeights, match="no version"):
-        store.save({"baseline": (1, 90), "canary": (None, 10)})
-    assert store.load()["baseline"] == (1, 100)
+        store.save(Assignment(Slot(1, 90), Slot(None, 10)))
+    assert store.load().baseline == Slot(1, 100)
 
 
 def test_concurrent_seeders_seed_exactly_once(pg_engine):
@@ -43,7 +44,7 @@ def test_concurrent_seeders_seed_exactly_once(pg_engine):
         t.join()
     loaded = TrafficStore(pg_engine).load()
     assert loaded in (
-        {role: (VERSIONS[role], w) for role, w in SPLIT.items()},
-        {"baseline": (1, 100), "canary": (2, 0), "control": (0, 0)},
+        Assignment(**{role: Slot(VERSIONS[role], w) for role, w in SPLIT.items()}),
+        Assignment(Slot(1, 100), Slot(2, 0), Slot(0, 0)),
     )
     assert results.count(True) == 1

@@ -40,17 +40,25 @@ def test_verbs(name, result, expected):
     assert result == expected
 
 
-def test_the_stores_mapping_round_trips_and_a_missing_role_holds_nothing():
-    assert Assignment.of(A.as_mapping()) == A
-    assert Assignment.of({"baseline": (2, 100)}) == Assignment(Slot(2, 100))
-    assert Assignment.of({}).as_mapping() == {
-        "baseline": (None, 0),
-        "canary": (None, 0),
-        "control": (None, 0),
-    }
-
-
-def test_weights_and_an_unknown_role():
+def test_weights_versions_and_an_unknown_role():
     assert A.weights == {"baseline": 70, "canary": 25, "control": 5}
+    assert A.versions == {"baseline": 2, "canary": 3, "control": 1}
+    assert A.holds(3) and not A.holds(4)
     with pytest.raises(KeyError, match="shadow"):
         A.slot("shadow")
+    with pytest.raises(KeyError, match="shadow"):
+        A.with_slot("shadow", Slot(4, 0))
+
+
+def test_one_role_replaced_or_every_weight_set():
+    assert A.with_slot("canary", Slot(4, 0)) == Assignment(Slot(2, 70), Slot(4, 0), Slot(1, 5))
+    assert A.with_weights({"baseline": 90, "control": 10}) == Assignment(Slot(2, 90), Slot(3, 0), Slot(1, 10))
+
+
+def test_nothing_assigned_shows_no_role():
+    assert Assignment().empty and not A.empty
+    assert Assignment().to_json() == {"weights": {}, "versions": {}}
+    assert Assignment(Slot(2, 100)).to_json() == {
+        "weights": {"baseline": 100, "canary": 0, "control": 0},
+        "versions": {"baseline": 2, "canary": None, "control": None},
+    }

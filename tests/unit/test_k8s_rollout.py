@@ -13,6 +13,7 @@ from control_plane.context import Context, kubernetes_parts
 from control_plane.db.engine import make_engine, migrate
 from control_plane.log_backlog import InMemoryLogBacklog
 from control_plane.registry.memory import InMemoryRegistry
+from control_plane.rollout.assignment import Assignment, Slot
 from control_plane.settings import Settings
 from control_plane.traffic.traefik_crd import Mirror, child_name
 from control_plane.traffic.user_assignment import PLUGIN_ALIAS, sticky_cookie_value
@@ -52,7 +53,7 @@ def k8s_context(
     cluster.load(K8S / "base" / "gateway.yaml")
     ctx.deployer.deploy(1)
     ctx.deployer.deploy(2)
-    apply_assignment(ctx, {"baseline": (2, 95), "control": (1, 5)})
+    apply_assignment(ctx, Assignment(baseline=Slot(2, 95), control=Slot(1, 5)))
     baseline = cluster.get("deployments", "bento-v2")
     baseline["spec"]["replicas"] = baseline["status"]["readyReplicas"] = BUSY_BASELINE
     cluster.calls.clear()

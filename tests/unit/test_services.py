@@ -21,6 +21,7 @@ from control_plane.deployer.memory import InMemoryDeployer
 from control_plane.errors import ActionBusy, DeployFailed, InvalidRequest, RolloutConflict
 from control_plane.log_backlog import InMemoryLogBacklog
 from control_plane.registry.memory import InMemoryRegistry
+from control_plane.rollout.assignment import Assignment, Slot
 from control_plane.rollout.plan import MoveKind, RolloutChange, TrafficMove
 from control_plane.settings import Settings
 from control_plane.traffic.memory import InMemoryRouter
@@ -60,7 +61,7 @@ def ctx(tmp_path):
     )
     c.deployer.deploy(1)
     c.deployer.deploy(2)
-    apply_assignment(c, {"baseline": (2, 95), "control": (1, 5)})
+    apply_assignment(c, Assignment(baseline=Slot(2, 95), control=Slot(1, 5)))
     yield c
     c.engine.dispose()
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from control_plane.db.engine import make_engine, migrate
+from control_plane.rollout.assignment import Assignment, Slot
 from control_plane.traffic import (
     Backend,
     InMemoryRouter,
@@ -397,42 +398,41 @@ def store(tmp_path):
 
 
 def test_store_is_empty_until_saved_then_returns_every_role(store):
-    assert store.load() == {}
-    store.save({"baseline": (1, 90), "canary": (2, 10)})
-    assert store.load() == {"baseline": (1, 90), "canary": (2, 10), "control": (None, 0)}
-    store.save({"baseline": (2, 100)})
-    assert store.load() == {"baseline": (2, 100), "canary": (None, 0), "control": (None, 0)}
+    assert store.load() == Assignment() and store.load().empty
+    store.save(Assignment(Slot(1, 90), Slot(2, 10)))
+    assert store.load() == Assignment(Slot(1, 90), Slot(2, 10), Slot(None, 0))
+    store.save(Assignment(Slot(2, 100)))
+    assert store.load() == Assignment(Slot(2, 100))
 
 
 @pytest.mark.parametrize(
-    ("assignments", "message"),
+    ("assignment", "message"),
     [
-        ({"baseline": (1, -5)}, "must not be negative"),
-        ({"baseline": (None, 100)}, "role 'baseline' has weight 100 but no version"),
-        ({"baseline": (1, 0)}, "at least one role must have a positive weight"),
-        ({"shadow": (3, 10), "baseline": (1, 90)}, "unknown role(s) 'shadow'"),
-        ({"baseline": ("1", 100)}, "version for 'baseline' must be a non-negative integer"),
+        (Assignment(Slot(1, -5)), "must not be negative"),
+        (Assignment(Slot(None, 100)), "role 'baseline' has weight 100 but no version"),
+        (Assignment(Slot(1, 0)), "at least one role must have a positive weight"),
+        (Assignment(Slot("1", 100)), "version for 'baseline' must be a non-negative integer"),
     ],
 )
-def test_store_saves_validated_assignments_only(store, assignments, message):
+def test_store_saves_validated_assignments_only(store, assignment, message):
     with pytest.raises(InvalidWeights) as err:
-        store.save(assignments)
+        store.save(assignment)
     assert message in str(err.value)
-    assert store.load() == {}
+    assert store.load().empty
 
 
 def test_seed_fills_an_empty_table_once(store):
     assert store.seed_if_empty(SPLIT, {"baseline": 1, "canary": 2, "control": 0}) is True
-    assert store.load() == {"baseline": (1, 85), "canary": (2, 10), "control": (0, 5)}
+    assert store.load() == Assignment(Slot(1, 85), Slot(2, 10), Slot(0, 5))
     assert store.seed_if_empty({"baseline": 100}, {"baseline": 9}) is False
-    assert store.load()["baseline"] == (1, 85)
+    assert store.load().baseline == Slot(1, 85)
 
 
 def test_seed_gives_roles_without_a_version_no_weight_and_waits_for_a_first_version(store):
     assert store.seed_if_empty(SPLIT, {"baseline": None, "canary": None, "control": None}) is False
-    assert store.load() == {}
+    assert store.load().empty
     assert store.seed_if_empty(SPLIT, {"baseline": 1}) is True
-    assert store.load() == {"baseline": (1, 85), "canary": (None, 0), "control": (None, 0)}
+    assert store.load() == Assignment(Slot(1, 85))
 
 
 def test_seed_refuses_bad_configured_weights(store):
