@@ -6,13 +6,6 @@ from control_plane.rollout.assignment import Assignment
 from control_plane.traffic.base import Backend, validate_weights
 
 
-def split(canary_weight: int, control_weight: int, has_canary: bool, has_control: bool) -> dict[str, int]:
-    """Weights for a canary at `canary_weight`: control keeps its share, the baseline takes the rest."""
-    canary = canary_weight if has_canary else 0
-    control = control_weight if has_control else 0
-    return {"baseline": max(0, 100 - canary - control), "canary": canary, "control": control}
-
-
 def apply_assignment(ctx, assignment: Assignment) -> None:
     """Persist `assignment` in traffic_config, then rewrite the router to match in one atomic write."""
     for role, slot in assignment.slots.items():
