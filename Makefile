@@ -135,9 +135,11 @@ compose-up: compose-images $(COMPOSE_SECRETS)
 	python3 infra/docker/wait_gateway.py "$(GATEWAY)" 600 && \
 	echo "compose stack up in $$(( $$(date +%s) - t0 )) s: gateway $(GATEWAY), control plane http://127.0.0.1:$${RECSYS_CONTROL_PLANE_PORT:-8090}/"
 
-# KEEP_DATA=1 keeps the volumes (Postgres, MLflow, Redis, Prometheus, state) for the next compose-up.
+# KEEP_DATA=1 keeps the volumes (Postgres, MLflow, Redis, Prometheus, state) and the Bento images for
+# the next compose-up.
 compose-down: $(COMPOSE_SECRETS)
 	$(COMPOSE) down --remove-orphans $(if $(KEEP_DATA),,--volumes) --timeout 20
+	$(if $(KEEP_DATA),,infra/docker/remove-bento-images.sh $(COMPOSE_PROJECT_NAME))
 
 # `make demo` against the compose stack: the story runs in a container on the stack's network.
 compose-demo: $(COMPOSE_SECRETS)

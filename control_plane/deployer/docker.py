@@ -16,7 +16,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from control_plane.deployer.docker_api import DockerApi
+from control_plane.deployer.docker_api import DockerApi, DockerApiError
 from control_plane.deployer.docker_gate import BENTO_DOCKERFILE, BENTO_LABEL, SPILL_TARGET, spill_volume
 from control_plane.deployer.local import build_version_bento, is_ready
 from control_plane.errors import DeployFailed
@@ -169,10 +169,19 @@ class DockerDeployer:
         return {v: self._wait_ready(v) for v in versions}
 
     def undeploy(self, version: int) -> None:
+        """Stop and remove the container, then its image (built again if the version comes back)."""
         name = self.container(version)
         self.api.stop(name, timeout_s=10)
         self.api.remove(name)
         self._publish_targets()
+        image = self.image(version)
+        try:
+            kept = self.api.remove_image(image)
+        except DockerApiError as exc:  # the version is retired all the same; its image stays
+            log.warning("could not remove image", extra={"image": image, "reason": str(exc)})
+            return
+        if kept:  # gone already, or a container (another compose project's) still uses it
+            log.info("kept image", extra={"image": image, "reason": kept})
 
     def endpoints(self) -> dict[int, str]:
         out = {}

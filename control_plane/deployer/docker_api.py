@@ -140,6 +140,11 @@ class DockerApi:
     def remove(self, name: str) -> None:
         self._ok("DELETE", f"/containers/{name}", query={"force": "1"}, allow=(404,))
 
+    def remove_image(self, image: str) -> str | None:
+        """`DELETE /images/{image}` without force: None once removed, else why not (404 none, 409 in use)."""
+        status, data = self._ok("DELETE", f"/images/{image}", allow=(404, 409))
+        return None if status < 300 else f"{status} {_message(data)}"
+
     def state(self, name: str) -> ContainerState | None:
         status, data = self._ok("GET", f"/containers/{name}/json", allow=(404,))
         if status == 404:

@@ -6,8 +6,10 @@ network of its own, and the gate forwards a request to the socket only when `che
 
   GET  /_ping, /version                      engine liveness and version
   GET  /images/<repo>:v<N>/json              whether a Bento image exists (its labels)
+  DELETE /images/<repo>:v<N>                 a retired version's image; no option (so never forced)
   POST /build?t=<repo>:v<N>                  only the project's Bento Dockerfile (byte for byte), whose
-                                             single build argument is the app image; it has no RUN step
+                                             single build argument is the app image; it has no RUN step;
+                                             the gate stamps the label recsys.project=<p> on the image
   POST /containers/create?name=<p>-bento-v<N>
                                              image <repo>:v<N> only; on the project network only, no host
                                              ports, mounts, devices, capabilities or privileges (the
@@ -38,6 +40,7 @@ log = logging.getLogger("recsys.docker_gate")
 
 BENTO_DOCKERFILE = Path(__file__).with_name("bento.Dockerfile")
 BENTO_LABEL = "recsys.bento"
+PROJECT_LABEL = "recsys.project"  # on a Bento image: the compose project that built it (make compose-down)
 # The one mount a Bento may have: the project's spill volume (declared in docker-compose.yml, so
 # `docker-compose down --volumes` removes it), where it keeps the rows the database did not take until it
 # replays them, so that a crashed Bento's replacement finds them.
@@ -135,6 +138,13 @@ def check(req: GateRequest, cfg: GateConfig) -> Verdict:
         if cfg.image_name().match(image):
             return Verdict(True, path=plain)
         return _deny(f"image {image!r} is not a Bento image {cfg.image_repo}:v<N>")
+    if method == "DELETE" and path.startswith("/images/"):
+        image = urllib.parse.unquote(path[len("/images/") :])
+        if not cfg.image_name().fullmatch(image):
+            return _deny(f"image {image!r} is not a Bento image {cfg.image_repo}:v<N>")
+        if req.query:
+            return _deny(f"removing an image takes no option ({sorted(req.query)})")
+        return Verdict(True, path=path)
     if method == "POST" and path == "/build":
         return _check_build(req, cfg)
     if method == "POST" and path == "/containers/create":
@@ -184,7 +194,8 @@ def _check_build(req: GateRequest, cfg: GateConfig) -> Verdict:
         return _deny("the build context must be an uncompressed tar with a Dockerfile at its root")
     if dockerfile != cfg.dockerfile:
         return _deny("the build context's Dockerfile is not the project's bento.Dockerfile")
-    return Verdict(True, path=_with_query("/build", q))
+    stamped = {**labels, PROJECT_LABEL: cfg.project}
+    return Verdict(True, path=_with_query("/build", {**q, "labels": json.dumps(stamped)}))
 
 
 def _dockerfile_of(body: bytes) -> bytes | None:

@@ -97,6 +97,20 @@ class ComposeStack:
         )  # fmt: skip
         return sorted(out.split())
 
+    def bento_images(self) -> list[str]:
+        """The Bento images the gate labelled with this project (tagged or not), as name:tag or id."""
+        out = self.docker(
+            "image", "ls", "--filter", f"label=recsys.project={self.project}",
+            "--format", "{{.Repository}}:{{.Tag}}@{{.ID}}",
+        )  # fmt: skip
+        return sorted(out.split())
+
+    def remove_bento_images(self) -> None:
+        """What `make compose-down` does after `docker-compose down --volumes`."""
+        subprocess.run(
+            ["infra/docker/remove-bento-images.sh", self.project], cwd=REPO, capture_output=True, timeout=120
+        )
+
     def predict(self, headers: dict | None = None, timeout: float = 5) -> tuple[int, dict]:
         req = urllib.request.Request(
             f"{self.gateway}/predict",
@@ -191,3 +205,4 @@ def compose_stack():
             print(f"kept compose project {project}: {stack.env}")
         else:
             stack.compose("down", "--remove-orphans", "--volumes", "--timeout", "10", check=False)
+            stack.remove_bento_images()

@@ -267,6 +267,8 @@ def test_the_demo_story_runs_in_containers_and_moves_mlflow_aliases(compose_stac
     assert phases[-2:] == ["promoted", "rolled_back"], rows
     rolled_back = int(rows[-1].split("\t")[0])
     assert f"{compose_stack.project}-bento-v{rolled_back}" not in compose_stack.bento_containers()
+    # its image went with its container
+    assert not any(i.startswith(f"recsys-bento:v{rolled_back}@") for i in compose_stack.bento_images())
 
 
 def test_recsys_deploy_runs_a_new_container_for_a_role(compose_stack):
@@ -281,8 +283,10 @@ def test_recsys_deploy_runs_a_new_container_for_a_role(compose_stack):
     assert _roles(compose_stack)["control"] == candidate != old_control
 
 
-def test_compose_down_leaves_no_container_network_or_volume(compose_stack):
+def test_compose_down_leaves_no_container_network_volume_or_bento_image(compose_stack):
     compose_stack.compose("down", "--remove-orphans", "--volumes", "--timeout", "10")
+    compose_stack.remove_bento_images()
+    assert compose_stack.bento_images() == []
     label = f"label=com.docker.compose.project={compose_stack.project}"
     assert compose_stack.docker("ps", "-a", "--filter", label, "--format", "{{.Names}}") == ""
     assert compose_stack.docker("network", "ls", "--filter", label, "--format", "{{.Name}}") == ""

@@ -146,3 +146,36 @@ def test_only_the_projects_bento_dockerfile_is_built(tmp_path):
     evil = _tar({"Dockerfile": b"FROM recsys-app:0.1.0\nRUN id\n"})
     assert not check(_build(evil), CFG).allowed
     assert not check(req("POST", "/v1.41/build?t=recsys-bento:v3&networkmode=host", context), CFG).allowed
+
+
+def test_a_bento_image_can_be_removed_never_forced_and_no_other_image():
+    verdict = check(req("DELETE", "/v1.41/images/recsys-bento:v3"), CFG)
+    assert verdict.allowed and verdict.path == "/images/recsys-bento:v3"
+    assert check(req("DELETE", "/v1.41/images/recsys-bento%3Av12"), CFG).allowed
+    for target in (
+        "/v1.41/images/recsys-bento:v3?force=1",
+        "/v1.41/images/recsys-bento:v3?noprune=1",
+        "/v1.41/images/recsys-bento:v3?force=0",
+        "/v1.41/images/recsys-app:0.1.0",
+        "/v1.41/images/recsys-postgres:bookworm",
+        "/v1.41/images/recsys-bento:latest",
+        "/v1.41/images/recsys-bento",
+        "/v1.41/images/sha256:0123456789abcdef",
+        "/v1.41/images/other/recsys-bento:v3",
+        "/v1.41/images/recsys-bento:v3%0A",
+        "/v1.41/images/recsys-bento:v3/json",
+        "/v1.41/images/prune",
+    ):
+        assert not check(req("DELETE", target), CFG).allowed, target
+    assert not check(req("POST", "/v1.41/images/prune"), CFG).allowed
+
+
+def test_a_built_image_is_stamped_with_the_project(tmp_path):
+    (tmp_path / "bento.yaml").write_text("name: recsys\n")
+    q = f"t=recsys-bento:v3&buildargs={json.dumps({'APP_IMAGE': 'recsys-app:0.1.0'})}"
+    for labels in ("", '&labels={"recsys.model_version":"3","recsys.project":"other"}'):
+        verdict = check(req("POST", f"/v1.41/build?{q}{labels}", bento_context(tmp_path)), CFG)
+        assert verdict.allowed, verdict.reason
+        sent = json.loads(split_target(verdict.path).query["labels"])
+        assert sent["recsys.project"] == "recsys"
+        assert sent.get("recsys.model_version") == ("3" if labels else None)
