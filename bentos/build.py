@@ -12,7 +12,9 @@ from pathlib import Path
 
 import yaml
 
+from bentos.bentoml_fixes import no_usage_tracking, use_bentoml_home
 from bentos.service_names import bento_tag, model_tag
+from control_plane.settings import Settings
 
 log = logging.getLogger("recsys.build")
 
@@ -37,8 +39,6 @@ def build_bento(
     Into `bentoml_home` when given (the home `bentoml serve` will serve it from), else BentoML's own.
     Idempotent: an existing Bento (or imported model) is reused. Returns the Bento tag.
     """
-    from bentos.bentoml_fixes import no_usage_tracking, use_bentoml_home
-
     if bentoml_home is not None:
         use_bentoml_home(str(bentoml_home))
     no_usage_tracking()
@@ -161,8 +161,6 @@ def _mlflow_uris(uri: str) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     """`recsys build --version N`: print the Bento tag."""
-    from control_plane.settings import Settings
-
     parser = argparse.ArgumentParser(
         prog="recsys build", description="Build the Bento for one registered version."
     )

@@ -45,6 +45,7 @@ from pydantic_core import PydanticSerializationError, to_json
 from sqlalchemy import Engine, text
 
 from bentos.predlog_overflow import OverflowSpiller
+from control_plane.db.engine import make_engine
 from control_plane.db.schema import predictions
 from control_plane.queries import add_request_facts, first_of_each
 
@@ -106,8 +107,6 @@ def default_engine_factory(url: str) -> Callable[[], Engine]:
     """An engine factory for `url` whose statements cannot hang the writer for long."""
 
     def factory() -> Engine:
-        from control_plane.db.engine import make_engine
-
         if url.startswith("postgresql"):
             return make_engine(url, pool_size=2, connect_args={"options": "-c statement_timeout=10000"})
         return make_engine(url)

@@ -48,9 +48,11 @@ import bentoml
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from bentos.bentoml_fixes import gate_first, separate_prometheus_dir
+from bentos.bentoml_fixes import cancel_timeout_timers, die_with_parent, gate_first, separate_prometheus_dir
 from bentos.header_deadline import install as install_header_deadline
 from bentos.http import RequestGate, RequestInfo
+from bentos.logs import use_json_logs
+from bentos.model import CatBoostScorer
 from bentos.schemas import (
     Candidate,
     PredictRequest,
@@ -60,7 +62,10 @@ from bentos.schemas import (
     ScoredItem,
 )
 from bentos.service_names import model_tag
+from control_plane.credentials import ensure_request_id_key
+from control_plane.request_ids import RequestIdSigner
 from control_plane.settings import Settings
+from control_plane.users import UserKeyer
 
 log = logging.getLogger("recsys.bento")
 
@@ -117,12 +122,9 @@ class Recsys:
     bento_model = bentoml.models.BentoModel(model_tag(ARGS.model_version, ARGS.model_name))
 
     def __init__(self) -> None:
-        from bentos.bentoml_fixes import cancel_timeout_timers, die_with_parent
-
         die_with_parent()
-        from bentos.logs import use_json_logs
+        # lazy: 0.5 s of import (SQLAlchemy, SciPy) for workers only, not `bentoml serve`'s parent or build
         from bentos.metrics import ServiceMetrics
-        from bentos.model import CatBoostScorer
         from bentos.predlog import default_engine_factory
         from bentos.roles import RoleWatcher
 
@@ -307,6 +309,7 @@ install_header_deadline(HEADER_TIMEOUT_S)
 
 def _prediction_log(settings: Settings, engine_factory, on_stats):
     """The writer RECSYS_PREDLOG asks for: on (a process of its own, the default), thread, or off."""
+    # lazy: 0.5 s of import (SQLAlchemy, SciPy) for workers only, not `bentoml serve`'s parent or build
     from bentos.predlog import NullLogWriter, PredictionLogWriter
     from bentos.predlog_process import ProcessLogWriter
 
@@ -335,9 +338,6 @@ def _prediction_log(settings: Settings, engine_factory, on_stats):
 
 def _request_id_signer():
     """Signs the ids this Bento issues with the key the control plane checks labels against."""
-    from control_plane.credentials import ensure_request_id_key
-    from control_plane.request_ids import RequestIdSigner
-
     try:
         return RequestIdSigner.from_secret(ensure_request_id_key(settings()))
     except OSError:
@@ -350,9 +350,6 @@ def _request_id_signer():
 
 def _user_keyer(settings):
     """The keyed hash user ids are logged under: one key for every Bento, from the request-id key."""
-    from control_plane.credentials import ensure_request_id_key
-    from control_plane.users import UserKeyer
-
     try:
         return UserKeyer.from_secret(ensure_request_id_key(settings))
     except OSError:

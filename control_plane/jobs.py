@@ -23,6 +23,9 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from control_plane.errors import ActionBusy
+from control_plane.settings import Settings
+
 log = logging.getLogger(__name__)
 
 QUEUE = "recsys"
@@ -75,6 +78,7 @@ def install_context(ctx) -> None:
 def _context():
     global _ctx
     if _ctx is None:
+        # lazy: the Context: 0.7 s of import (SciPy, SQLAlchemy), which the scheduler process never uses
         from control_plane.context import bootstrap
 
         _ctx = bootstrap()
@@ -113,8 +117,8 @@ def evaluate_job(interval_s: int | None = None) -> dict | None:
     When the database does not answer, the tick is kept in Redis and recorded as `no_data` by the first
     later run that reaches the database, before that run evaluates its own tick.
     """
+    # lazy: the service layer: 1.7 s of import (SciPy, SQLAlchemy), which the scheduler process skips
     from control_plane import services
-    from control_plane.errors import ActionBusy
 
     ctx = _context()
     interval_s = interval_s or ctx.settings.eval_interval_s  # the schedule's interval, passed when scheduled
@@ -145,8 +149,8 @@ def evaluate_job(interval_s: int | None = None) -> dict | None:
 
 def harm_job() -> dict | None:
     """The harm checks between evaluations (services.check_harm); records only a rollback."""
+    # lazy: the service layer: 1.7 s of import (SciPy, SQLAlchemy), which the scheduler process skips
     from control_plane import services
-    from control_plane.errors import ActionBusy
 
     try:
         result = services.check_harm(_context())
@@ -167,6 +171,7 @@ def _schedule_harm(scheduler, harm_interval_s: int) -> str | None:
 
 def maintenance_job() -> dict:
     """The scheduled upkeep (services.maintain): label windows closed, retention applied, partitions made."""
+    # lazy: the service layer: 1.7 s of import (SciPy, SQLAlchemy), which the scheduler process skips
     from control_plane import services
 
     result = services.maintain(_context())
@@ -277,8 +282,6 @@ def run_scheduler(redis_url: str, interval_s: int, poll_s: float = 1.0, harm_int
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m control_plane.jobs`: the scheduler process (Redis URL and interval from the settings)."""
-    from control_plane.settings import Settings
-
     settings = Settings.from_env()
     p = argparse.ArgumentParser(prog="python -m control_plane.jobs", description=run_scheduler.__doc__)
     p.add_argument("--url", default=settings.effective_redis_url, help="Redis URL (default: REDIS_URL)")

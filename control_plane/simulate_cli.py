@@ -20,6 +20,7 @@ from control_plane.analysis.simulate import (
     power_points,
     run_all,
 )
+from control_plane.replay import replay_table
 
 
 def power_curve(report: Report, path: Path) -> None:
@@ -90,8 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     report = run_all(reps, args.seed, args.jobs, progress)
     doc = report.markdown
     if args.through_aggregates > 0:
-        from control_plane.replay import replay_table
-
         picked = [s for s in simulate.SCENARIOS if s.name in REPLAY_SCENARIOS]
         doc += "\n" + replay_table(picked, report.policy, report.traffic, args.through_aggregates, args.seed)
     out_dir = Path(args.out)

@@ -8,9 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+from control_plane.analysis.policy import Policy
 from control_plane.analysis.types import Phase
 from control_plane.settings import Settings
 from load.locust_process import start_locust
+from training.train import train_and_register
 
 
 def _say(msg: str = "") -> None:
@@ -53,6 +55,7 @@ def describe(ctx, rollout_id: int) -> str:
 
 
 def run_story(ctx, version: int, expect: Phase, policy: dict, timeout_s: float) -> tuple[bool, int]:
+    # lazy: the service layer: 1.4 s of import (SciPy, SQLAlchemy), which `recsys demo --help` skips
     from control_plane import services
 
     rollout = services.start_canary(ctx, version, policy, actor="demo")
@@ -75,6 +78,7 @@ def run_story(ctx, version: int, expect: Phase, policy: dict, timeout_s: float) 
 
 def ensure_stack(settings: Settings) -> Settings:
     """The stack up; the settings to use with it (a fresh `recsys up` creates the Redis password)."""
+    # lazy: the local stack: 0.65 s of import (SQLAlchemy, rq), which `recsys demo --help` skips
     from control_plane.stack.local import gateway_answers, up
 
     if gateway_answers(settings):
@@ -109,10 +113,9 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
     p.add_argument("--shadow-seconds", type=float, default=20, help="minimum seconds of the shadow phase")
     args = p.parse_args(argv)
 
-    from control_plane.analysis.policy import Policy
+    # lazy: the Context and the jobs: 0.5 s of import (SQLAlchemy, rq), which `recsys demo --help` skips
     from control_plane.context import bootstrap
     from control_plane.jobs import schedule_evaluations
-    from training.train import train_and_register
 
     settings = ensure_stack(settings or Settings.from_env())
     ctx = bootstrap(settings)
@@ -182,6 +185,7 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
 
 
 def services_rollback(ctx, rollout_id: int) -> None:
+    # lazy: the service layer: 1.4 s of import (SciPy, SQLAlchemy), which `recsys demo --help` skips
     from control_plane import services
 
     _say(f"Rollout {rollout_id} was still running: rolling it back first.")

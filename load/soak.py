@@ -32,7 +32,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from control_plane.credentials import ensure_api_token
+from control_plane.db.engine import make_engine
+from control_plane.db.schema import predictions
 from control_plane.settings import Settings
+from control_plane.stack.local import gateway_answers, up
+from control_plane.supervisor import Supervisor
 from load.locust_process import start_locust
 
 MB = 1024 * 1024
@@ -100,8 +105,6 @@ class Result:
 def program_trees(settings: Settings) -> dict[str, list]:
     """supervisord program -> its process and every descendant (psutil.Process objects)."""
     import psutil
-
-    from control_plane.supervisor import Supervisor
 
     out = {}
     for name, info in Supervisor(settings.state_dir).processes().items():
@@ -176,8 +179,6 @@ class MemorySampler:
 
 # --- the control plane -------------------------------------------------------------------------------
 def api(settings: Settings, method: str, path: str, body=None) -> tuple[int, dict]:
-    from control_plane.credentials import ensure_api_token
-
     req = urllib.request.Request(
         f"http://127.0.0.1:{settings.control_plane_port}{path}",
         method=method,
@@ -227,9 +228,6 @@ def ledger(settings: Settings, rollout_id: int) -> list[str]:
 
 def logged_predictions(settings: Settings, since: float, until: float) -> int:
     from sqlalchemy import func, select
-
-    from control_plane.db.engine import make_engine
-    from control_plane.db.schema import predictions
 
     engine = make_engine(settings.database_url)
     try:
@@ -411,9 +409,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-canary", action="store_true", help="do not start a canary during the soak")
     p.add_argument("--out", type=Path, help="write the Markdown table here (default: <logs>/soak/soak.md)")
     args = p.parse_args(argv)
-
-    from control_plane.stack.local import gateway_answers, up
-
     settings = Settings.from_env()
     if not gateway_answers(settings):
         print("The local stack is not up: starting it (recsys up).", flush=True)

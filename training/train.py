@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from control_plane.settings import Settings
 from training.data import FEATURE_NAMES
 from training.profiles import PROFILES, Profile, evaluate, fit, get_profile, holdout_data
 
@@ -120,8 +121,6 @@ def _progress_bar(spec: Profile, *, enabled: bool) -> Iterator[object]:
 
 def main(argv: list[str] | None = None, settings=None) -> int:
     """`recsys train [--profile NAME] [--rows N] [--iterations N]`: print the new version number."""
-    from control_plane.settings import Settings
-
     parser = argparse.ArgumentParser(prog="recsys train", description="Train and register a model version.")
     parser.add_argument("--profile", default="baseline", choices=sorted(PROFILES))
     parser.add_argument("--rows", type=int, default=None, help="training rows (default: the profile's)")

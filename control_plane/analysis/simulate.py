@@ -49,6 +49,7 @@ from control_plane.analysis.sim_records import (
     fold_labels,
     fold_requests,
 )
+from control_plane.analysis.simulate_users import HeavyUsers, heavy_user_table
 
 Q = 0.99  # the latency quantile the guardrail is about
 HOUR = 3600.0
@@ -769,8 +770,6 @@ def _one_run(scenario: Scenario, policy: Policy, traffic: Traffic, reps: int, se
 
 def _heavy_users(policy: Policy, reps: int, seed: int) -> tuple[str, float]:
     """The heavy-user A/A table (simulate_users.py), in a worker process beside the scenarios."""
-    from control_plane.analysis.simulate_users import HeavyUsers, heavy_user_table
-
     cpu = time.process_time()
     return heavy_user_table(policy, HeavyUsers(), reps, seed), time.process_time() - cpu
 

@@ -16,11 +16,13 @@ import tarfile
 import time
 from pathlib import Path
 
+from control_plane.credentials import ensure_request_id_key
 from control_plane.deployer.docker_api import DockerApi, DockerApiError
 from control_plane.deployer.docker_gate import BENTO_DOCKERFILE, BENTO_LABEL, SPILL_TARGET, spill_volume
 from control_plane.deployer.local import build_version_bento, is_ready
 from control_plane.errors import DeployFailed
 from control_plane.settings import Settings
+from control_plane.stack.prometheus_config import write_bento_targets
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,6 @@ class DockerDeployer:
 
     def spec(self, version: int) -> dict:
         """The container: read-only root, /tmp in memory, no privileges, restarted when it dies."""
-        from control_plane.credentials import ensure_request_id_key
-
         s = self.settings
         env = {
             "DATABASE_URL": s.database_url,
@@ -128,8 +128,6 @@ class DockerDeployer:
         self._publish_targets()
 
     def _publish_targets(self) -> None:
-        from control_plane.stack.prometheus_config import write_bento_targets
-
         try:
             write_bento_targets(self.settings, self.endpoints())
         except OSError as exc:  # Prometheus misses a target; deploys go on

@@ -36,6 +36,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from control_plane.deployer.docker_api import API_VERSION, connection
+
 log = logging.getLogger("recsys.docker_gate")
 
 BENTO_DOCKERFILE = Path(__file__).with_name("bento.Dockerfile")
@@ -269,8 +271,6 @@ class _Handler(BaseHTTPRequestHandler):
     socket_path: str
 
     def _handle(self) -> None:
-        from control_plane.deployer.docker_api import API_VERSION, connection
-
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY_BYTES or self.headers.get("Transfer-Encoding"):
             self._refuse(413, "a request body needs a Content-Length of at most 1 GiB")

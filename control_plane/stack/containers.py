@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import time
 
+from control_plane.context import bootstrap
+from control_plane.credentials import ensure_api_token, write_private
 from control_plane.settings import Settings
+from control_plane.stack.local import ensure_models
+from control_plane.traffic.static import ADMIN_FILENAME, render_admin_config
+from control_plane.traffic_ops import sync_router
 
 
 def seed(settings: Settings) -> dict[int, str]:
     """Every role's version deployed and routed; returns version -> URL."""
-    from control_plane.context import bootstrap
-    from control_plane.credentials import ensure_api_token, write_private
-    from control_plane.stack.local import ensure_models
-    from control_plane.traffic.static import ADMIN_FILENAME, render_admin_config
-    from control_plane.traffic_ops import sync_router
-
     t0 = time.monotonic()
     for d in (settings.state_dir, settings.spill_dir, settings.bentoml_home):
         d.mkdir(parents=True, exist_ok=True)
