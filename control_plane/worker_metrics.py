@@ -110,7 +110,9 @@ def _use_multiprocess_files(config: MetricsConfig) -> Path:
         directory = Path(tempfile.mkdtemp(prefix="recsys-worker-metrics-"))
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)  # read by every value, in the horses too
+    # prometheus_client takes its multiprocess directory only from the environment, in every value it
+    # creates (in the horses too): the one environment write outside tests.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     values.ValueClass = values.MultiProcessValue(_process_identifier(os.getpid()))
     return directory
 

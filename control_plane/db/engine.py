@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
@@ -54,6 +54,14 @@ def read_snapshot(engine: Engine) -> Iterator[Connection]:
             conn = conn.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
             yield conn
+
+
+def ping(engine: Engine, timeout_s: float) -> None:
+    """`SELECT 1`, bounded: the engine's connect timeout, and a statement timeout on Postgres."""
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text(f"SET LOCAL statement_timeout = {int(timeout_s * 1000)}"))
+        conn.execute(text("SELECT 1"))
 
 
 def alembic_config(url: str):

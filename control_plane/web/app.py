@@ -10,7 +10,6 @@ from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 from flask_wtf.csrf import CSRFProtect
-from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
 from control_plane.context import Context
@@ -20,6 +19,7 @@ from control_plane.credentials import (
     ensure_request_id_key,
     ensure_secret_key,
 )
+from control_plane.db.engine import ping
 from control_plane.request_ids import RequestIdSigner
 from control_plane.settings import Settings
 from control_plane.web import api, feedback, ui
@@ -109,7 +109,7 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
     def readyz():
         name = _describe_database(wiring.ctx.engine.url if wiring.ctx else settings.database_url)
         try:
-            _ping(wiring.context().engine)
+            ping(wiring.context().engine, READY_TIMEOUT_S)
         except Exception as exc:
             log.warning("not ready", extra={"database": name, "error": exc.__class__.__name__})
             return jsonify(
@@ -118,14 +118,6 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
         return jsonify(status="ready", database=name)
 
     return app
-
-
-def _ping(engine: Engine) -> None:
-    """`SELECT 1`, bounded: the engine's connect timeout, and a statement timeout on Postgres."""
-    with engine.connect() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text(f"SET LOCAL statement_timeout = {READY_TIMEOUT_S * 1000}"))
-        conn.execute(text("SELECT 1"))
 
 
 def _describe_database(url: Any) -> str:
