@@ -8,6 +8,7 @@ sources.json); no document is left unchecked by one or the other.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 import subprocess
@@ -381,3 +382,28 @@ def test_traefiks_static_configuration_loads_the_plugin_from_the_config_map():
     }
     for version in KUBERNETES_VERSIONS:
         kubernetes_validate.validate(pod, version, strict=True)
+
+
+def traefik_chart_schema() -> dict:
+    """The Traefik chart's own values schema, pinned in infra/k8s/schemas/helm with its source."""
+    (source,) = json.loads((SCHEMAS / "helm" / "sources.json").read_text())
+    path = SCHEMAS / "helm" / source["file"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == source["sha256"]
+    return json.loads(path.read_text())
+
+
+def chart_value_errors(values: dict) -> list[str]:
+    schema = traefik_chart_schema()
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    return [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(values)]
+
+
+def test_the_traefik_values_pass_the_charts_pinned_values_schema():
+    # What `helm install -f infra/k8s/traefik/values.yaml` checks first (helm is not installed here).
+    assert chart_value_errors(traefik_values()) == []
+    # The schema is not a blank cheque: a misspelt top-level key and a wrong type are refused.
+    assert any(
+        "'additionalArgument' was unexpected" in e for e in chart_value_errors({"additionalArgument": []})
+    )
+    wrong = {**traefik_values(), "additionalVolumeMounts": {"name": "userassign-plugin"}}
+    assert any("is not of type 'array'" in e for e in chart_value_errors(wrong))
