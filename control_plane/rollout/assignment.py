@@ -62,9 +62,14 @@ class Assignment:
         """Each role's version at its weight in `weights` (a role left out: 0)."""
         return Assignment(**{r: Slot(s.version, weights.get(r, 0)) for r, s in self.slots.items()})
 
+    @property
+    def held(self) -> list[int]:
+        """The versions holding a role, each once, in order: what must be running."""
+        return sorted({v for v in self.versions.values() if v is not None})
+
     def holds(self, version: int) -> bool:
         """Whether `version` holds some role."""
-        return version in self.versions.values()
+        return version in self.held
 
     def to_json(self) -> dict[str, dict]:
         """Weights and versions per role, as the API shows them; both empty before the first save."""

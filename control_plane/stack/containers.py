@@ -31,7 +31,7 @@ def seed(settings: Settings) -> dict[int, str]:
     ctx = bootstrap(settings)
     roles = ensure_models(ctx)
     ctx.traffic_store.seed_if_empty(settings.traffic_weights, roles)
-    wanted = sorted({v for v in ctx.traffic_store.load().versions.values() if v is not None})
+    wanted = ctx.traffic_store.load().held
     print(f"Deploying versions {wanted} ...", flush=True)
     with ctx.action_lock.held("startup by recsys seed"):
         start_many = getattr(ctx.deployer, "start_many", None)  # in parallel where the deployer can

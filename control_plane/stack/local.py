@@ -183,7 +183,7 @@ def up(settings: Settings) -> Settings:
     ctx = bootstrap(settings)
     roles = ensure_models(ctx)
     ctx.traffic_store.seed_if_empty(settings.traffic_weights, roles)
-    wanted = sorted({v for v in ctx.traffic_store.load().versions.values() if v is not None})
+    wanted = ctx.traffic_store.load().held
     _say(f"Starting Bentos for versions {wanted} ...")
     with ctx.action_lock.held("startup by recsys up"):  # the web and the worker are up already
         ctx.deployer.start_many(wanted)

@@ -44,6 +44,7 @@ def test_weights_versions_and_an_unknown_role():
     assert A.weights == {"baseline": 70, "canary": 25, "control": 5}
     assert A.versions == {"baseline": 2, "canary": 3, "control": 1}
     assert A.holds(3) and not A.holds(4)
+    assert A.held == [1, 2, 3] and Assignment(canary=Slot(4, 10)).held == [4]
     with pytest.raises(KeyError, match="shadow"):
         A.slot("shadow")
     with pytest.raises(KeyError, match="shadow"):
